@@ -1,0 +1,70 @@
+"""Boundary types of the attention path: the per-layer paged KV cache and the per-step metadata.
+
+In: built by ``runtime/kv_cache.py`` (LayerKVCache) and ``runtime/model_runner.py``
+(AttentionMetadata). Out: passed explicitly down ``model.forward`` to every attention backend
+and kernel. The exact layout is documented in docs/interfaces.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class LayerKVCache:
+    """One layer's paged K/V cache.
+
+    key, value: [num_blocks, block_size, num_kv_heads, head_dim] (int4: head_dim // 2 uint8)
+    key_scale, value_scale: [num_blocks, block_size, num_kv_heads] float32 for int8/int4
+    key_zero, value_zero: [num_blocks, block_size, num_kv_heads] float32 for int4
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    dtype: str
+    key_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+    key_zero: torch.Tensor | None = None
+    value_zero: torch.Tensor | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.dtype in ("int8", "int4")
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Per-step attention inputs. Sequences are ordered decodes first, then prefill chunks.
+
+    query_start_loc: [num_seqs + 1] int32; seq_lens: [num_seqs] int32 (context incl. this step);
+    block_table: [num_seqs, max_blocks_per_seq] int32; slot_mapping: [num_tokens] int64.
+    """
+
+    num_seqs: int
+    num_decodes: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
