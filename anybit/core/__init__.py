@@ -1,0 +1,1 @@
+"""The scheduler's world: pure Python + CPU torch; never imports triton."""
