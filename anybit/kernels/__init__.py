@@ -2,6 +2,36 @@
 
 Every op has three names: ``_op_kernel`` (``@triton.jit``), ``op(...)`` (launcher: checks shapes
 and dtypes, picks block sizes) and ``ref_op(...)`` (plain torch: the CPU path and the test oracle).
-Import the submodules directly (``from anybit.kernels.attention_decode import ...``); this package
-file imports nothing so that CPU-only code never pays for Triton compilation.
+Import the submodules directly (``from anybit.kernels.attention_decode import ...``).
+
+Interpreter compatibility: under ``TRITON_INTERPRET=1`` (CPU tests) Triton 3.6 turns a scalar
+into a 1-element numpy array, and numpy >= 2.4 refuses ``int()`` of such an array, which breaks
+every loop whose bounds depend on a program id or a loaded value (``range(start, end, BLOCK)``).
+``_patch_interpreter`` makes ``__index__`` take the single element; it only runs in interpreter mode.
 """
+
+from __future__ import annotations
+
+import os
+
+
+def _patch_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - triton missing
+        return
+    if getattr(interpreter, "_anybit_index_patch", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._anybit_index_patch = True
+
+
+_patch_interpreter()

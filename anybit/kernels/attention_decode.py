@@ -10,9 +10,11 @@ query sits at position ``seq_len - 1``.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from anybit.kernels.attention_prefill import _check_attn_args, ref_attend
-from anybit.kernels.kv_cache_ops import gather_kv
+from anybit.kernels.kv_cache_ops import compute_dtype, gather_kv, kv_mode, kv_scale_args, load_kv_tile
 from anybit.layers.attention_meta import LayerKVCache
 
 
@@ -30,4 +32,174 @@ def ref_paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_
     for i, slen in enumerate(seq_lens_cpu):
         k, v = gather_kv(kv_cache, block_table[i], slen)
         out[i] = ref_attend(query[i:i + 1], k, v, scale, sliding_window)[0].to(query.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: split-K (flash-decoding) kernel + reduction
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, seq_lens_ptr,
+                   out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
+                   stride_qs, stride_qh, stride_os, stride_oh,
+                   stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, stride_bt,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE: tl.constexpr, MODE: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr):
+    """Grid (num_seqs, num_kv_heads, NUM_SPLITS). One program = all G query heads of one kv head
+    over one slice of the context; partial (o, lse) go to mid buffers unless NUM_SPLITS == 1."""
+    seq = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    if window > 0:
+        start = tl.maximum(start, seq_len - window)
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0)
+    qsum = tl.sum(q.to(tl.float32), axis=1)
+    q = q.to(CDT)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    bt_row = bt_ptr + seq * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        valid = tok < end
+        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        in_page = (tok % PAGE).to(tl.int64)
+        row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
+        srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
+        kc, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
+        s = tl.dot(q, tl.trans(kc), input_precision=DOT_PREC)
+        if MODE > 0:
+            s = s * ksc[None, :]
+        if MODE == 2:
+            s += qsum[:, None] * kz[None, :]
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        vc, vsc, vz = load_kv_tile(v_ptr, vs_ptr, vz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
+        if MODE == 0:
+            pv = tl.dot(p.to(CDT), vc, input_precision=DOT_PREC)
+        else:
+            pv = tl.dot((p * vsc[None, :]).to(CDT), vc, input_precision=DOT_PREC)
+        if MODE == 2:
+            pv += tl.sum(p * vz[None, :], axis=1)[:, None]
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    l_safe = tl.where(l > 0.0, l, 1.0)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        # mid_o [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM], mid_lse [num_seqs, num_heads, NUM_SPLITS]
+        n_heads = tl.num_programs(1) * G
+        mrow = (seq * n_heads + heads) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + mrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=gmask[:, None])
+        tl.store(mid_lse_ptr + mrow, m + tl.log2(l), mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_os, stride_oh,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (num_seqs, num_heads): merge the NUM_SPLITS partial softmaxes of one query head."""
+    seq = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    base = seq * tl.num_programs(1) + h
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < NUM_SPLITS
+    lse = tl.load(mid_lse_ptr + base * NUM_SPLITS + ks, mask=kmask, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    w = tl.where(kmask & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(mid_o_ptr + (base * NUM_SPLITS + ks)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=kmask[:, None], other=0.0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + seq * stride_os + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, mode: int, device: torch.device):
+    """Host-side choice of (block_n, num_splits, num_warps, num_stages) from shapes only."""
+    block_n = 64 if mode == 0 else 128
+    target = 4 * _num_sms(device)
+    splits = max(1, min(triton.cdiv(target, max(num_seqs * num_kv_heads, 1)),
+                        triton.cdiv(max(max_seq_len, 1), 256), 128))
+    return block_n, splits, 4, 3
+
+
+def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
+                           block_table: torch.Tensor, scale: float, sliding_window, max_seq_len: int,
+                           seq_lens_cpu: list[int] | None = None, *, num_splits: int | None = None,
+                           block_n: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None) -> torch.Tensor:
+    """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
+
+    query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
+    int32 (context incl. the current token); block_table ``[num_seqs, max_blocks_per_seq]`` int32.
+    The context is cut into ``num_splits`` slices of ``tokens_per_split`` (from ``max_seq_len``),
+    each program reads its slice once for all heads of a GQA group; a reduction kernel merges.
+    """
+    _check_attn_args(query, kv_cache, block_table, "paged_attention_decode")
+    mode = kv_mode(kv_cache.dtype)
+    num_seqs, num_heads, head_dim = query.shape
+    nkv = kv_cache.num_kv_heads
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"paged_attention_decode: head_dim must be a power of two >= 16, got {head_dim}")
+    if query.stride(-1) != 1 or kv_cache.key.stride() != kv_cache.value.stride():
+        raise ValueError("paged_attention_decode: query last dim must be contiguous and key/value caches "
+                         "must share strides")
+    if seq_lens.shape != (num_seqs,) or block_table.shape[0] < num_seqs:
+        raise ValueError(f"paged_attention_decode: seq_lens must be [num_seqs={num_seqs}] and block_table "
+                         f"have >= num_seqs rows, got {tuple(seq_lens.shape)} and {tuple(block_table.shape)}")
+    cdt, prec = compute_dtype(query, kv_cache)
+    ks, vs, kz, vz, sstr = kv_scale_args(kv_cache)
+    d_bn, d_splits, d_warps, d_stages = decode_config(num_seqs, nkv, max_seq_len, mode, query.device)
+    block_n = block_n or d_bn
+    splits = num_splits or d_splits
+    tps = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), block_n) * block_n
+    splits = max(1, triton.cdiv(max(max_seq_len, 1), tps))
+    g = num_heads // nkv
+    out = torch.empty_like(query)
+    if num_seqs == 0:
+        return out
+    if splits > 1:
+        mid_o = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+        mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
+    else:
+        mid_o = mid_lse = out
+    kc = kv_cache.key
+    window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
+    _decode_kernel[(num_seqs, nkv, splits)](
+        query, kc, kv_cache.value, ks, vs, kz, vz, block_table, seq_lens, out, mid_o, mid_lse,
+        scale * 1.4426950408889634, window, tps,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), sstr[0], sstr[1], sstr[2], block_table.stride(0),
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=head_dim, BLOCK_N=block_n,
+        PAGE=kv_cache.block_size, MODE=mode, CDT=cdt, DOT_PREC=prec, NUM_SPLITS=splits,
+        num_warps=num_warps or d_warps, num_stages=num_stages or d_stages)
+    if splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            mid_o, mid_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=splits,
+            BLOCK_K=triton.next_power_of_2(splits), num_warps=4)
     return out

@@ -12,7 +12,11 @@ Layout (docs/interfaces.md, ``LayerKVCache``):
 
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 from anybit.layers.attention_meta import LayerKVCache
 
@@ -118,3 +122,173 @@ def ref_reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: Laye
             s_dst.view(-1, s_dst.shape[2])[slots] = scale
         if zero is not None:
             z_dst.view(-1, z_dst.shape[2])[slots] = zero
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------
+_MODE = {"bfloat16": 0, "float16": 0, "float32": 0, "int8": 1, "int4": 2}
+
+
+def kv_mode(dtype: str) -> int:
+    """Kernel constexpr for a cache dtype: 0 float (stored as is), 1 int8, 2 int4."""
+    if dtype not in _MODE:
+        raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, got {dtype!r}")
+    return _MODE[dtype]
+
+
+@triton.jit
+def _round_half_even(y):
+    """torch.round semantics (ties to even) in float32."""
+    r = tl.floor(y + 0.5)
+    tie = (r - y) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _write_one(src_ptr, stride_st, stride_sh, tok, dst_ptr, s_ptr, z_ptr, dst_off, s_off, stride_dh,
+               stride_s_h, n_heads, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Quantize (MODE 1/2) or cast (MODE 0) one token's ``[n_heads, HEAD_DIM]`` and store it."""
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads < n_heads
+    src = src_ptr + tok * stride_st + heads[:, None] * stride_sh
+    dst = dst_ptr + dst_off + heads[:, None] * stride_dh
+    if MODE == 2:
+        offs = tl.arange(0, HEAD_DIM // 2)
+        xe = tl.load(src + 2 * offs[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(src + 2 * offs[None, :] + 1, mask=hmask[:, None], other=0.0).to(tl.float32)
+        lo = tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1))
+        hi = tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1))
+        scale = (hi - lo) / 15.0
+        inv = 1.0 / tl.maximum(scale, 1e-8)
+        qe = tl.minimum(tl.maximum(_round_half_even((xe - lo[:, None]) * inv[:, None]), 0.0), 15.0)
+        qo = tl.minimum(tl.maximum(_round_half_even((xo - lo[:, None]) * inv[:, None]), 0.0), 15.0)
+        packed = qe.to(tl.uint8) | (qo.to(tl.uint8) << 4)
+        tl.store(dst + offs[None, :], packed, mask=hmask[:, None])
+        tl.store(s_ptr + s_off + heads * stride_s_h, scale, mask=hmask)
+        tl.store(z_ptr + s_off + heads * stride_s_h, lo, mask=hmask)
+    else:
+        offs = tl.arange(0, HEAD_DIM)
+        x = tl.load(src + offs[None, :], mask=hmask[:, None], other=0.0)
+        if MODE == 1:
+            xf = x.to(tl.float32)
+            scale = tl.max(tl.abs(xf), axis=1) / 127.0
+            inv = 1.0 / tl.maximum(scale, 1e-8)
+            q = tl.minimum(tl.maximum(_round_half_even(xf * inv[:, None]), -127.0), 127.0)
+            tl.store(dst + offs[None, :], q.to(tl.int8), mask=hmask[:, None])
+            tl.store(s_ptr + s_off + heads * stride_s_h, scale, mask=hmask)
+        else:
+            tl.store(dst + offs[None, :], x.to(dst_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+@triton.jit
+def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, slot_ptr,
+                              n_heads, stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                              PAGE: tl.constexpr, MODE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_H: tl.constexpr):
+    """One program per token; slot < 0 is skipped."""
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        blk = slot // PAGE
+        off = slot % PAGE
+        dst_off = blk * stride_cb + off * stride_ct
+        s_off = blk * stride_sb + off * stride_st
+        _write_one(k_ptr, stride_kt, stride_kh, tok, kc_ptr, ks_ptr, kz_ptr, dst_off, s_off, stride_ch,
+                   stride_sh, n_heads, MODE, HEAD_DIM, BLOCK_H)
+        _write_one(v_ptr, stride_vt, stride_vh, tok, vc_ptr, vs_ptr, vz_ptr, dst_off, s_off, stride_ch,
+                   stride_sh, n_heads, MODE, HEAD_DIM, BLOCK_H)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: LayerKVCache,
+                      slot_mapping: torch.Tensor) -> None:
+    """Triton write of ``key/value [num_tokens, num_kv_heads, head_dim]`` into the paged cache.
+
+    slot_mapping ``[num_tokens]`` int64 (-1 = skip). int8/int4 caches are quantized on write per
+    (token, kv head), see the module docstring. key/value may be strided views (last dim contiguous).
+    """
+    _check_cache_args(key, value, kv_cache, slot_mapping)
+    mode = kv_mode(kv_cache.dtype)
+    kc, vc = kv_cache.key, kv_cache.value
+    if kc.stride() != vc.stride() or kc.stride(-1) != 1:
+        raise ValueError("reshape_and_cache: kv_cache.key and .value must share strides, last dim contiguous")
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("reshape_and_cache: key/value must be contiguous in their last dim")
+    head_dim = key.shape[2]
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"reshape_and_cache: head_dim must be a power of two, got {head_dim}")
+    ks = kv_cache.key_scale if mode else kc
+    vs = kv_cache.value_scale if mode else kc
+    kz = kv_cache.key_zero if mode == 2 else ks
+    vz = kv_cache.value_zero if mode == 2 else vs
+    if mode and (ks is None or vs is None or (mode == 2 and (kz is None or vz is None))):
+        raise ValueError(f"reshape_and_cache: a {kv_cache.dtype} cache needs key/value scales"
+                         f"{' and zeros' if mode == 2 else ''}")
+    sstr = ks.stride() if mode else (0, 0, 0)
+    n_tok = key.shape[0]
+    if n_tok:
+        _reshape_and_cache_kernel[(n_tok,)](
+            key, value, kc, vc, ks, vs, kz, vz, slot_mapping, key.shape[1],
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), sstr[0], sstr[1], sstr[2],
+            PAGE=kv_cache.block_size, MODE=mode, HEAD_DIM=head_dim,
+            BLOCK_H=triton.next_power_of_2(key.shape[1]), num_warps=4)
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def compute_dtype(query: torch.Tensor, kv_cache: LayerKVCache):
+    """(tl dtype of the tensor-core operands, dot input precision) for a query and cache."""
+    if query.dtype not in _TL_DTYPES:
+        raise ValueError(f"query dtype must be bfloat16, float16 or float32, got {query.dtype}")
+    cdt = _TL_DTYPES[kv_cache.key.dtype] if kv_mode(kv_cache.dtype) == 0 else _TL_DTYPES[query.dtype]
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        cdt = tl.float32  # the Triton 3.6 interpreter computes bf16 tl.dot wrongly; fp32 is exact there
+    return cdt, ("ieee" if cdt == tl.float32 else "tf32")
+
+
+def kv_scale_args(kv_cache: LayerKVCache):
+    """(key_scale, value_scale, key_zero, value_zero, strides) with dummies for float caches."""
+    mode = kv_mode(kv_cache.dtype)
+    ks = kv_cache.key_scale if mode else kv_cache.key
+    vs = kv_cache.value_scale if mode else kv_cache.key
+    kz = kv_cache.key_zero if mode == 2 else ks
+    vz = kv_cache.value_zero if mode == 2 else vs
+    if mode and (ks is None or vs is None or kz is None or vz is None):
+        extra = " and zeros" if mode == 2 else ""
+        raise ValueError(f"a {kv_cache.dtype} cache needs key/value scales{extra}")
+    if mode and (ks.stride() != vs.stride() or kz.stride() != ks.stride() or vz.stride() != ks.stride()):
+        raise ValueError("kv_cache scales and zeros must share strides")
+    strides = ks.stride() if mode else (0, 0, 0)
+    return ks, vs, kz, vz, strides
+
+
+@triton.jit
+def load_kv_tile(c_ptr, s_ptr, z_ptr, row, srow, valid, MODE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CDT: tl.constexpr):
+    """Gather ``BLOCK_N`` cached rows of one kv head.
+
+    row/srow ``[BLOCK_N]`` int64 element offsets of each token's head row in the cache and in the
+    scale tensors; valid ``[BLOCK_N]``. Returns ``(codes [BLOCK_N, HEAD_DIM] in CDT, scale
+    [BLOCK_N] f32, zero [BLOCK_N] f32)`` with ``x = codes * scale + zero`` (float caches: the
+    values themselves; scale/zero unused).
+    """
+    if MODE == 2:
+        offs = tl.arange(0, HEAD_DIM // 2)
+        raw = tl.load(c_ptr + row[:, None] + offs[None, :], mask=valid[:, None], other=0)
+        codes = tl.reshape(tl.join(raw & 15, raw >> 4), (BLOCK_N, HEAD_DIM)).to(CDT)
+        scale = tl.load(s_ptr + srow, mask=valid, other=0.0)
+        zero = tl.load(z_ptr + srow, mask=valid, other=0.0)
+    else:
+        offs = tl.arange(0, HEAD_DIM)
+        raw = tl.load(c_ptr + row[:, None] + offs[None, :], mask=valid[:, None], other=0)
+        codes = raw.to(CDT)
+        if MODE == 1:
+            scale = tl.load(s_ptr + srow, mask=valid, other=0.0)
+        else:
+            scale = tl.full([BLOCK_N], 1.0, tl.float32)
+        zero = tl.zeros([BLOCK_N], tl.float32)
+    return codes, scale, zero

@@ -7,6 +7,8 @@ Hugging Face Llama.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,3 +27,62 @@ def ref_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
                          f"{tuple(residual.shape)}")
     new_residual = (x + residual).to(x.dtype)
     return ref_rms_norm(new_residual, weight, eps), new_residual
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
+                     stride_x, stride_r, stride_y, stride_nr,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: y = (x * rsqrt(mean(x^2) + eps)).to(dtype) * w (+ residual add first)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < hidden
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(newr_ptr + row * stride_nr + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / hidden
+    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
+
+
+def _launch_norm(x, residual, weight, eps):
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be [hidden={hidden}], got {tuple(weight.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError("rms_norm: x must be contiguous in its last dim")
+    x2 = x.reshape(-1, hidden)
+    y = torch.empty_like(x2)
+    block = triton.next_power_of_2(hidden)
+    warps = min(max(block // 256, 1), 16)
+    if residual is not None:
+        r2 = residual.reshape(-1, hidden)
+        new_r = torch.empty_like(x2)
+    else:
+        r2, new_r = x2, y
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, new_r, hidden, eps,
+                                         x2.stride(0), r2.stride(0), y.stride(0), new_r.stride(0),
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)
+    return y.view(x.shape), new_r.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton RMSNorm. x ``[..., hidden]``, weight ``[hidden]`` -> y ``[..., hidden]`` in x's dtype."""
+    return _launch_norm(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Triton fused residual add + RMSNorm: returns ``(rms_norm(x + residual), x + residual)``."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"x and residual must match in shape and dtype, got {tuple(x.shape)} {x.dtype} "
+                         f"and {tuple(residual.shape)} {residual.dtype}")
+    return _launch_norm(x, residual, weight, eps)

@@ -9,6 +9,8 @@ second half of each row. Neox style rotates the two halves of the first ``rotary
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _check_rope_args(positions, query, key, cos_sin_cache):
@@ -52,3 +54,70 @@ def ref_rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torc
     half = cs.shape[-1] // 2
     cos, sin = cs[:, None, :half], cs[:, None, half:]
     return _ref_rotate(query, cos, sin, is_neox), _ref_rotate(key, cos, sin, is_neox)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_heads(x_ptr, stride_t, stride_h, tok, n_heads, cos, sin,
+                  IS_NEOX: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """Rotate all heads of one token in place; cos/sin ``[BLOCK_HALF]`` float32."""
+    offs_i = tl.arange(0, BLOCK_HALF)
+    if IS_NEOX:
+        off1 = offs_i
+        off2 = offs_i + HALF
+    else:
+        off1 = 2 * offs_i
+        off2 = 2 * offs_i + 1
+    for h0 in range(0, n_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        mask = (heads[:, None] < n_heads) & (offs_i[None, :] < HALF)
+        base = x_ptr + tok * stride_t + heads[:, None] * stride_h
+        x1 = tl.load(base + off1[None, :], mask=mask, other=0.0)
+        x2 = tl.load(base + off2[None, :], mask=mask, other=0.0)
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        o1 = x1f * cos[None, :] - x2f * sin[None, :]
+        o2 = x2f * cos[None, :] + x1f * sin[None, :]
+        tl.store(base + off1[None, :], o1.to(x1.dtype), mask=mask)
+        tl.store(base + off2[None, :], o2.to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, n_heads, n_kv_heads,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+                   IS_NEOX: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+    """One program per token: rotates its query heads and key heads in place."""
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_HALF)
+    cmask = offs_i < HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + offs_i, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_i, mask=cmask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, tok, n_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, tok, n_kv_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool = True):
+    """Triton rotary embedding, **in place**: returns its inputs ``(query, key)``, rotated.
+
+    positions ``[num_tokens]`` int; query ``[num_tokens, num_heads, head_dim]``; key
+    ``[num_tokens, num_kv_heads, head_dim]`` (views with any token/head strides, last dim
+    contiguous); cos_sin_cache ``[max_positions, rotary_dim]`` float32 (cos | sin).
+    """
+    _check_rope_args(positions, query, key, cos_sin_cache)
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("rotary_embedding: query, key and cos_sin_cache must be contiguous in their "
+                         "last dim")
+    half = cos_sin_cache.shape[-1] // 2
+    n_tok = query.shape[0]
+    if n_tok:
+        _rotary_kernel[(n_tok,)](positions, query, key, cos_sin_cache, query.shape[1], key.shape[1],
+                                 query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+                                 cos_sin_cache.stride(0), IS_NEOX=is_neox, HALF=half,
+                                 BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=8, num_warps=4)
+    return query, key

@@ -1,0 +1,68 @@
+"""Shared builders for the attention / KV-cache kernel tests: caches, block tables, batches."""
+
+from __future__ import annotations
+
+import torch
+
+from anybit.kernels.kv_cache_ops import ref_reshape_and_cache
+from anybit.layers.attention_meta import LayerKVCache
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_cache(dtype: str, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+               device=DEVICE) -> LayerKVCache:
+    """An empty cache filled with random garbage (never zeros), so unwritten reads show up."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    sshape = shape[:3]
+    if dtype == "int8":
+        k = torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
+    elif dtype == "int4":
+        k = torch.randint(0, 256, (*sshape, head_dim // 2), dtype=torch.uint8, device=device)
+    else:
+        k = torch.randn(shape, device=device).to(getattr(torch, dtype))
+    quant = dtype in ("int8", "int4")
+    scales = [torch.rand(sshape, device=device) for _ in range(2)] if quant else [None, None]
+    zeros = [torch.randn(sshape, device=device) for _ in range(2)] if dtype == "int4" else [None, None]
+    return LayerKVCache(key=k, value=k.clone(), dtype=dtype, key_scale=scales[0], value_scale=scales[1],
+                        key_zero=zeros[0], value_zero=zeros[1])
+
+
+def make_batch(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+               cache_dtype: str, block_size: int = 16, q_dtype=torch.float32, seed: int = 0, device=DEVICE):
+    """Random context K/V written into a paged cache through shuffled block tables.
+
+    Returns dict with query [sum(query_lens), num_heads, head_dim], cache, query_start_loc,
+    seq_lens, block_table (pages shuffled, unused entries random), host lists, and the float K/V.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nbs = [(s + block_size - 1) // block_size for s in seq_lens]
+    max_blocks = max(nbs) + 1
+    num_blocks = sum(nbs) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=g, dtype=torch.int32)
+    cache = make_cache(cache_dtype, num_blocks, block_size, num_kv_heads, head_dim, device)
+    used = 0
+    ks, vs = [], []
+    for i, (s, nb) in enumerate(zip(seq_lens, nbs)):
+        table[i, :nb] = perm[used:used + nb].to(torch.int32)
+        used += nb
+        k = torch.randn(s, num_kv_heads, head_dim, generator=g).to(q_dtype)
+        v = torch.randn(s, num_kv_heads, head_dim, generator=g).to(q_dtype)
+        pos = torch.arange(s)
+        slots = table[i, pos // block_size].long() * block_size + pos % block_size
+        ref_reshape_and_cache(k.to(device), v.to(device), cache, slots.to(device))
+        ks.append(k)
+        vs.append(v)
+    query = torch.randn(sum(query_lens), num_heads, head_dim, generator=g).to(q_dtype)
+    qsl = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor(query_lens), 0)
+    return dict(query=query.to(device), cache=cache, query_start_loc=qsl.to(device),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                block_table=table.to(device), query_lens_cpu=list(query_lens), seq_lens_cpu=list(seq_lens),
+                max_query_len=max(query_lens), max_seq_len=max(seq_lens), keys=ks, values=vs)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
