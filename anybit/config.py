@@ -49,9 +49,12 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0
     trust_remote_code: bool = False
+    load_format: str = "auto"  # auto: safetensors; dummy: random weights (benchmarks)
 
     def __post_init__(self):
         _check(bool(self.model), "model", "a local model folder is required")
+        _check(self.load_format in ("auto", "safetensors", "dummy"), "load_format",
+               f"got {self.load_format!r}, allowed: auto, safetensors, dummy")
         _check(self.trust_remote_code is False, "trust_remote_code", "remote code is never run")
         if self.dtype != "auto":
             resolve_dtype(self.dtype, "dtype")

@@ -106,19 +106,22 @@ def resolve_model_dtype(requested: str, arch: ArchConfig, device: torch.device) 
 
 
 def load_model(model_path: str, dtype: torch.dtype, device: torch.device, backend, max_positions: int,
-               hf_config: dict | None = None, progress: bool = True):
-    """Build the model on ``device`` and load its weights. Returns (model, arch_config)."""
+               hf_config: dict | None = None, progress: bool = True, load_format: str = "auto"):
+    """Build the model on ``device`` and load its weights. Returns (model, arch_config).
+    load_format "dummy" fills every weight with seeded random values instead (benchmarks)."""
     from anybit.models.registry import get_model_class
 
     folder = check_model_folder(model_path)
     hf_config = hf_config if hf_config is not None else load_hf_config(folder)
     arch = ArchConfig.from_hf(hf_config)
-    files = weight_files(folder)
     quant_config = _quant_config(hf_config)
     cls = get_model_class(arch.architecture)
     with torch.device(device):
         model = cls(arch, dtype, backend, max_positions, quant_config=quant_config)
-    model.load_weights(iter_safetensors(files, progress=progress))
+    if load_format == "dummy":
+        _fill_random(model)
+    else:
+        model.load_weights(iter_safetensors(weight_files(folder), progress=progress))
     model.eval()
     return model, arch
 
@@ -129,3 +132,17 @@ def _quant_config(hf_config: dict):
     from anybit.quant.config import quant_config_from_hf
 
     return quant_config_from_hf(hf_config)
+
+
+@torch.no_grad()
+def _fill_random(model: torch.nn.Module) -> None:
+    """Random weights for speed benchmarks (speed does not depend on the values)."""
+    if any(type(m.quant_method).__name__ != "UnquantizedMethod" for m in model.modules()
+           if hasattr(m, "quant_method")):
+        raise ValueError("load_format: 'dummy' supports unquantized models only")
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)

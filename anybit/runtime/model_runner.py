@@ -11,7 +11,6 @@ all tokens are flattened into one [num_tokens] batch (see AttentionMetadata).
 from __future__ import annotations
 
 import torch
-from anybit.runtime.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 
 from anybit.config import EngineConfig
 from anybit.core.outputs import RunnerOutput, SampledToken, ScheduledSeq, SchedulerOutput
@@ -20,6 +19,7 @@ from anybit.layers.attention_meta import AttentionMetadata
 from anybit.models.arch import ArchConfig
 from anybit.runtime import kv_cache as kvc
 from anybit.runtime.loader import load_hf_config, load_model, resolve_model_dtype
+from anybit.runtime.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 
 
 class ModelRunner:
@@ -33,7 +33,8 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)
         self.backend = get_attention_backend(config.device.attention_backend, self.device)
         self.model, self.arch = load_model(config.model.model, self.dtype, self.device, self.backend,
-                                           self.max_model_len, hf_config=hf_config, progress=progress)
+                                           self.max_model_len, hf_config=hf_config, progress=progress,
+                                           load_format=config.model.load_format)
         self.block_size = config.cache.block_size
         self.kv_dtype = kvc.resolve_kv_dtype(config.cache, self.dtype)
         sched = config.scheduler

@@ -1,0 +1,159 @@
+"""End-to-end greedy generation throughput: anybit vs transformers.generate, same random model.
+
+Usage:
+  python benchmarks/bench_e2e.py --preset tiny            # CPU: small random model
+  python benchmarks/bench_e2e.py --preset llama3-8b       # GPU: Llama-3-8B-shaped random model, bf16
+
+Both engines get the same prompts (random token ids, equal length, no padding) and generate
+``--gen`` tokens each with EOS ignored. Reported: output tokens/s = batch * gen / wall time
+(prefill included), and the ratio anybit / transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import print_table, write_result  # noqa: E402
+
+PRESETS = {
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=384, max_position_embeddings=2048),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def make_folder(preset: str, path: Path, with_weights: bool) -> None:
+    from tests.model_factory import make_tokenizer
+
+    make_tokenizer(path)
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
+               rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+               torch_dtype="bfloat16", **PRESETS[preset])
+    (path / "config.json").write_text(json.dumps(cfg))
+    if with_weights:
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+        model.save_pretrained(str(path), safe_serialization=True)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_anybit(folder, prompts, gen, dtype, device, backend, repeats, **engine_kw):
+    from anybit import LLM, SamplingParams
+
+    llm = LLM(str(folder), dtype=dtype, device=device, attention_backend=backend, progress=False,
+              max_num_seqs=max(8, len(prompts)), **engine_kw)
+    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        sync()
+        times.append(time.perf_counter() - t)
+        assert all(len(o.outputs[0].token_ids) == gen for o in outs)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return sorted(times)[len(times) // 2]
+
+
+def bench_transformers(folder, preset, prompts, gen, dtype, device, repeats):
+    import transformers
+
+    tdtype = getattr(torch, dtype)
+    if any(Path(folder).glob("*.safetensors")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=tdtype).to(device)
+    else:
+        cfg = transformers.LlamaConfig(**json.loads((Path(folder) / "config.json").read_text()))
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg).to(tdtype)
+    model.eval()
+    ids = torch.tensor(prompts, device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, **kw)
+            sync()
+            times.append(time.perf_counter() - t)
+            assert out.shape[1] == len(prompts[0]) + gen
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backend", default="auto", help="anybit attention backend(s), comma separated")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    dtype = "bfloat16" if gpu else "float32"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_folder(args.preset, folder, with_weights=not gpu)
+        vocab = PRESETS[args.preset]["vocab_size"]
+        gen = torch.Generator().manual_seed(0)
+        for batch in args.batch:
+            prompts = torch.randint(3, vocab, (batch, args.prompt_len), generator=gen).tolist()
+            row = {"preset": args.preset, "batch": batch, "prompt_len": args.prompt_len, "gen": args.gen}
+            engine_kw = {"load_format": "dummy"} if gpu else {}
+            if args.enforce_eager:
+                engine_kw["enforce_eager"] = True
+            for backend in args.backend.split(","):
+                t = bench_anybit(folder, prompts, args.gen, dtype, device, backend, args.repeats,
+                                 **engine_kw)
+                row[f"anybit_{backend}_tok_s"] = batch * args.gen / t
+            if not args.skip_transformers:
+                t = bench_transformers(folder, args.preset, prompts, args.gen, dtype, device, args.repeats)
+                row["transformers_tok_s"] = batch * args.gen / t
+                for backend in args.backend.split(","):
+                    row[f"ratio_{backend}_vs_hf"] = row[f"anybit_{backend}_tok_s"] / row["transformers_tok_s"]
+            rows.append(row)
+            print(row, flush=True)
+    columns = list(rows[0].keys())
+    name = args.name or f"e2e_{args.preset}_{'gpu' if gpu else 'cpu'}"
+    note = (f"output tokens/s = batch*gen/wall time (prefill of {args.prompt_len} tokens included), "
+            "median of repeats; EOS ignored")
+    path = write_result(name, f"Greedy generation, {args.preset} random model, {dtype}, {device}",
+                        columns, rows, [note], out_dir=args.out_dir)
+    print_table(columns, rows)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
