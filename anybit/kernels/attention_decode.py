@@ -54,6 +54,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
+    if split == NUM_SPLITS - 1:
+        end = seq_len  # a context longer than max_seq_len (stale CUDA graph sizing) stays correct
     if window > 0:
         start = tl.maximum(start, seq_len - window)
     offs_g = tl.arange(0, BLOCK_G)
@@ -152,7 +154,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            block_table: torch.Tensor, scale: float, sliding_window, max_seq_len: int,
                            seq_lens_cpu: list[int] | None = None, *, num_splits: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
-                           num_stages: int | None = None) -> torch.Tensor:
+                           num_stages: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -180,7 +183,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     tps = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), block_n) * block_n
     splits = max(1, triton.cdiv(max(max_seq_len, 1), tps))
     g = num_heads // nkv
-    out = torch.empty_like(query)
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
     if num_seqs == 0:
         return out
     if splits > 1:
