@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 
 import httpx
@@ -83,11 +84,18 @@ def test_disconnect_mid_stream_aborts_and_frees(server, http):
 
 @pytest.mark.timeout(60)
 def test_disconnect_while_waiting_for_non_stream_response(server, http):
+    """A raw socket sends a long non-streaming request and closes as soon as it is running."""
     before = _aborted(http)
-    body = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 110, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3),
-                   headers={"Authorization": f"Bearer {API_KEY}"})
+    body = json.dumps({"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 110,
+                       "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 10
+        while server.async_engine.num_active() == 0 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert server.async_engine.num_active() == 1
     stats = server.wait_idle()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
     deadline = time.monotonic() + 10
