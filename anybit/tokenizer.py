@@ -110,6 +110,7 @@ class Tokenizer:
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.add_eos_token = bool(config.get("add_eos_token", False))
 
+        self._token_text_cache: dict[int, str] = {}
         self.chat_template = self._select_template(chat_template)
         self._named_templates = chat_template if isinstance(chat_template, dict) else {}
 
@@ -212,8 +213,17 @@ class Tokenizer:
         return [self._tok.token_to_id(t) for t in tokens]
 
     def decode_token(self, token_id: int) -> str:
-        """Text of one token as shown in logprobs (may be U+FFFD for a partial UTF-8 byte)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        """Text of one token as shown in logprobs (U+FFFD for a partial UTF-8 byte). Keeps the
+        leading space of SentencePiece-style tokens ("\u2581world" -> " world"), which decoding
+        the token alone would strip. Cached per id."""
+        text = self._token_text_cache.get(token_id)
+        if text is None:
+            text = self._tok.decode([token_id], skip_special_tokens=False)
+            raw = self._tok.id_to_token(token_id)
+            if raw and raw.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text
+            self._token_text_cache[token_id] = text
+        return text
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -165,3 +165,32 @@ def test_prompt_context_keeps_leading_space(tok):
     emoji = tok.encode("🙂", add_special_tokens=False)
     d, _, _ = stream(tok, emoji[1:] + out, prompt=emoji[:1])
     assert d.output_text == tok.decode(emoji[1:] + out)
+
+
+@pytest.fixture(scope="module")
+def sp_tok(tmp_path_factory) -> Tokenizer:
+    """A SentencePiece-style (Metaspace) BPE, whose decoder strips the leading space."""
+    from test_tokenizer import CORPUS, SPECIALS
+    from tokenizers import Tokenizer as T
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = T(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    t.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                              show_progress=False))
+    folder = tmp_path_factory.mktemp("sp")
+    t.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    return Tokenizer.from_folder(folder)
+
+
+def test_metaspace_decoder_keeps_spaces_between_steps(sp_tok):
+    prompt = sp_tok.encode("The quick")
+    out = sp_tok.encode(" brown fox jumps", add_special_tokens=False)
+    assert sp_tok.decode(out) == "brown fox jumps"  # decoding alone strips the first space
+    d, deltas, _ = stream(sp_tok, out, prompt=prompt, chunks=1)
+    assert d.output_text == " brown fox jumps" and deltas[0] == " brown"
+    full, head = sp_tok.decode(prompt + out), sp_tok.decode(prompt)
+    assert d.output_text == full[len(head):]
+    assert sp_tok.decode_token(out[0]) == " brown"
