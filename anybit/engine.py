@@ -59,6 +59,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks, self.max_model_len)
         self.core = EngineCore(self.scheduler, self.runner)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.runner.arch.eos_token_ids)
+        self.runner.eos_token_ids = self.eos_token_ids
         self._groups: dict[str, _Group] = {}
         self._children: dict[str, _Child] = {}
 

@@ -47,6 +47,7 @@ class ModelRunner:
                                                 self.kv_dtype, self.device)
         self.sampler = Sampler()
         self.vocab_size = self.arch.vocab_size
+        self.eos_token_ids: set[int] = set(self.arch.eos_token_ids)  # the engine adds the tokenizer's
         self.graph_runner = None
         if self.device.type == "cuda" and not config.device.enforce_eager:
             try:
@@ -118,7 +119,7 @@ class ModelRunner:
             batch = SamplingBatch.build(
                 [s.params for s in sample_seqs], [s.generator for s in sample_seqs],
                 [s.prompt_token_ids for s in sample_seqs], [s.output_token_ids for s in sample_seqs],
-                self.vocab_size, self.device)
+                self.vocab_size, self.device, eos_token_ids=self.eos_token_ids)
             result = self.sampler(logits, batch)
             self._collect_samples(sample_seqs, result, out)
         for i, s in enumerate(seqs):
