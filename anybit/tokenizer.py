@@ -268,13 +268,29 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _template_dict(*args, **kwargs) -> dict:
+    return dict(*args, **kwargs)
+
+
+def _jinja_version_ok() -> bool:
+    parts = []
+    for p in jinja2.__version__.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= (3, 1, 6)
+
+
 @lru_cache(maxsize=16)
 def _compile_template(template: str) -> jinja2.Template:
+    if not _jinja_version_ok():  # older versions have known sandbox escapes (templates are untrusted)
+        raise ImportError(f"chat templates need jinja2 >= 3.1.6, found {jinja2.__version__}; "
+                          "upgrade with `pip install -U jinja2`")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _template_dict
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
@@ -326,7 +342,5 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     try:
         return compiled.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                **variables)
-    except jinja2.exceptions.SecurityError:
-        raise
-    except Exception as e:  # TemplateError from raise_exception, or TypeError/KeyError in the template
+    except Exception as e:  # raise_exception(...), SecurityError, or TypeError/KeyError in the template
         raise ValueError(f"chat_template: rendering failed: {type(e).__name__}: {e}") from e

@@ -146,6 +146,11 @@ def test_chat_template_text_parts_and_errors(pair, tmp_path):
         ours.apply_chat_template([{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="rendering failed"):
         ours.apply_chat_template(MESSAGES[0], chat_template="{{ 1 // 0 }}")
+    with pytest.raises(ValueError, match="unsafe"):  # sandboxed: no access to python internals
+        ours.apply_chat_template(MESSAGES[0], chat_template="{{ ''.__class__.__mro__ }}")
+    with pytest.raises(ValueError, match="unsafe"):  # immutable: templates cannot mutate inputs
+        ours.apply_chat_template(MESSAGES[0], chat_template="{{ messages.append(1) }}")
+    assert ours.apply_chat_template(MESSAGES[0], chat_template="{% set d = dict(a=1) %}{{ d.a }}") == "1"
     with pytest.raises(ValueError, match="invalid Jinja"):
         ours.apply_chat_template(MESSAGES[0], chat_template="{% for %}")
     for bad, where in [([], "messages"), ([{"content": "x"}], "messages\\[0\\].role"),
