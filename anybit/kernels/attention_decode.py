@@ -107,7 +107,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         n_heads = tl.num_programs(1) * G
         mrow = (seq * n_heads + heads) * NUM_SPLITS + split
         tl.store(mid_o_ptr + mrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=gmask[:, None])
-        tl.store(mid_lse_ptr + mrow, m + tl.log2(l), mask=gmask)
+        tl.store(mid_lse_ptr + mrow, tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")), mask=gmask)
 
 
 @triton.jit

@@ -1,0 +1,106 @@
+"""Paged prefill / decode attention: ref_ vs SDPA, Triton kernels vs ref_, quantized-KV quality."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kv_helpers import make_batch, rel_err
+
+from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode
+from anybit.kernels.attention_prefill import paged_attention_prefill, ref_paged_attention_prefill
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# seq_lens / query_lens: full prompts of 1 and 7 tokens, a chunk after a prefix hit ending mid-block
+# (70 = 4*16 + 6), and a 20-token chunk at the end of a 129-token context (block boundary + 1).
+SEQ_LENS, QUERY_LENS = [7, 70, 129, 1], [7, 33, 20, 1]
+DEC_LENS = [1, 16, 17, 129, 300]
+
+
+def _prefill_args(b, window):
+    return (b["query"], b["cache"], b["query_start_loc"], b["seq_lens"], b["block_table"], 0.11, window,
+            b["max_query_len"], b["max_seq_len"])
+
+
+def _decode_args(b, window):
+    return (b["query"], b["cache"], b["seq_lens"], b["block_table"], 0.11, window, b["max_seq_len"])
+
+
+def test_ref_prefill_matches_sdpa():
+    """Independent oracle: one full causal prompt, GQA by repeat_interleave, SDPA in float64."""
+    b = make_batch([45], [45], 4, 2, 64, "float32", device="cpu")
+    out = ref_paged_attention_prefill(*_prefill_args(b, None))
+    k = b["keys"][0].repeat_interleave(2, 1).transpose(0, 1).double()
+    v = b["values"][0].repeat_interleave(2, 1).transpose(0, 1).double()
+    q = b["query"].transpose(0, 1).double()
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.11).transpose(0, 1)
+    assert rel_err(out, ref) < 1e-6
+    # sliding window w: keys at positions p - w < key <= p
+    w = 5
+    pos = torch.arange(45)
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - w)
+    ref_w = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.11).transpose(0, 1)
+    assert rel_err(ref_paged_attention_prefill(*_prefill_args(b, w)), ref_w) < 1e-6
+
+
+def test_ref_decode_is_last_prefill_row():
+    b = make_batch([37, 90], [1, 1], 4, 1, 64, "bfloat16", device="cpu")
+    dec = ref_paged_attention_decode(*_decode_args(b, None))
+    pre = ref_paged_attention_prefill(*_prefill_args(b, None))
+    torch.testing.assert_close(dec, pre)
+
+
+CASES = [  # cache dtype, head_dim, num_heads, num_kv_heads, window, query dtype
+    ("float32", 64, 4, 4, None, torch.float32),
+    ("bfloat16", 128, 4, 1, None, torch.bfloat16),
+    ("float32", 64, 4, 1, 20, torch.float32),
+    ("int8", 64, 4, 1, None, torch.float32),
+    ("int4", 128, 4, 2, 33, torch.float32),
+]
+
+
+def _tol(qdt, device):
+    return 1e-5 if qdt == torch.float32 and device == "cpu" else 1.5e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype,head_dim,nh,nkv,window,qdt", CASES)
+def test_prefill_kernel(device, cache_dtype, head_dim, nh, nkv, window, qdt):
+    b = make_batch(SEQ_LENS, QUERY_LENS, nh, nkv, head_dim, cache_dtype, q_dtype=qdt, device=device)
+    ref = ref_paged_attention_prefill(*_prefill_args(b, window))
+    kw = dict(block_m=16, block_n=16) if device == "cpu" else {}
+    out = paged_attention_prefill(*_prefill_args(b, window), **kw)
+    assert out.dtype == qdt and out.shape == b["query"].shape
+    assert rel_err(out, ref) < _tol(qdt, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("cache_dtype,head_dim,nh,nkv,window,qdt", CASES)
+def test_decode_kernel(device, num_splits, cache_dtype, head_dim, nh, nkv, window, qdt):
+    b = make_batch(DEC_LENS, [1] * len(DEC_LENS), nh, nkv, head_dim, cache_dtype, q_dtype=qdt, device=device)
+    ref = ref_paged_attention_decode(*_decode_args(b, window))
+    out = paged_attention_decode(*_decode_args(b, window), num_splits=num_splits,
+                                 block_n=32 if device == "cpu" else None)
+    assert out.dtype == qdt
+    assert rel_err(out, ref) < _tol(qdt, device)
+
+
+def test_decode_context_longer_than_max_seq_len_stays_correct():
+    """A stale (CUDA-graph) max_seq_len only sizes the splits; the last split runs to seq_len."""
+    b = make_batch([130, 61], [1, 1], 4, 2, 64, "float32", device="cpu")
+    ref = ref_paged_attention_decode(*_decode_args(b, None))
+    args = list(_decode_args(b, None))
+    args[-1] = 40
+    out = paged_attention_decode(*args, num_splits=2, block_n=16)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_kv_quality(device):
+    """int8 / int4 caches vs the bf16 cache on the same random K/V (Gaussian data, 300 tokens)."""
+    outs = {}
+    for dt in ("bfloat16", "int8", "int4"):
+        b = make_batch([300, 77], [1, 1], 4, 1, 64, dt, q_dtype=torch.float32, seed=7, device=device)
+        outs[dt] = paged_attention_decode(*_decode_args(b, None), num_splits=2,
+                                          block_n=64 if device == "cpu" else None)
+    assert rel_err(outs["int8"], outs["bfloat16"]) < 0.02
+    assert rel_err(outs["int4"], outs["bfloat16"]) < 0.2
