@@ -17,6 +17,7 @@ from anybit.core.request import Request
 from anybit.core.scheduler import Scheduler
 from anybit.detokenizer import IncrementalDetokenizer
 from anybit.outputs import CompletionOutput, RequestOutput
+from anybit.runtime.loader import check_model_folder
 from anybit.runtime.model_runner import ModelRunner
 from anybit.runtime.sampler import make_generator
 from anybit.sampling_params import SamplingParams
@@ -52,6 +53,7 @@ class _Group:
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
+        check_model_folder(config.model.model)
         self.tokenizer = Tokenizer.from_folder(config.model.model)
         self.runner = ModelRunner(config, progress=progress)
         self.max_model_len = self.runner.max_model_len
