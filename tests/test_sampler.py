@@ -30,6 +30,11 @@ def test_greedy_is_argmax_any_dtype():
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         logits = torch.randn(7, 50).to(dtype)
+        before = logits.clone()
+        p = SamplingParams(temperature=0.5, repetition_penalty=1.2, min_tokens=5, logprobs=3)
+        out = Sampler()(logits, build([p] * 7, 40, outputs=[[1, 2]] * 7, eos={3}))
+        assert out.sampled_token_ids.max() < 40 and out.top_logprob_ids.max() < 40
+        assert torch.equal(logits, before)  # the caller's logits are not modified
         out = Sampler()(logits, build([SamplingParams(temperature=0)] * 7, 50))
         assert out.sampled_token_ids.dtype == torch.int64
         assert torch.equal(out.sampled_token_ids, logits.float().argmax(-1))
