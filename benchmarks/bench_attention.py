@@ -149,7 +149,7 @@ def bench_prefill(notes, out_dir):
         bm, bn, w, s = best
         t_best = bench(lambda: fn(block_m=bm, block_n=bn, num_warps=w, num_stages=s))  # noqa: B023
         base = sdpa_times(seq_lens)
-        tf = lambda ms: flops / ms / 1e9  # noqa: E731
+        tf = lambda ms, f=flops: f / ms / 1e9  # noqa: E731
         rows.append({"seqs": f"{len(seq_lens)}x{seq_lens[0]}", "tokens": sum(seq_lens),
                      "ours_ms": t_def, "ours_tflops": tf(t_def), "best_cfg_tflops": tf(t_best),
                      "flash_tflops": tf(base["flash"]), "cudnn_tflops": tf(base["cudnn"]),
@@ -186,7 +186,8 @@ def bench_decode(notes, out_dir):
             except Exception as e:  # noqa: BLE001
                 print(f"decode cfg {dtype} {(bn, w, s)} failed: {type(e).__name__}")
                 continue
-            print(f"decode sweep b32 ctx8k {dtype} cfg={(bn, w, s)}: {t * 1e3:.1f} us {nbytes / t / 1e9:.2f} TB/s")
+            print(f"decode sweep b32 ctx8k {dtype} cfg={(bn, w, s)}: {t * 1e3:.1f} us "
+                  f"{nbytes / t / 1e9:.2f} TB/s")
             notes.append(f"sweep b32 ctx8k {dtype} (block_n, warps, stages)={(bn, w, s)}: "
                          f"{nbytes / t / 1e9:.2f} TB/s")
             if t < best_t:
@@ -196,7 +197,7 @@ def bench_decode(notes, out_dir):
             splits = max(1, min(triton.cdiv(mult * sms, 32 * NKV), 8192 // 256))
             t = bench(lambda: fn(num_splits=splits))  # noqa: B023
             notes.append(f"sweep b32 ctx8k {dtype} splits={splits}: {nbytes / t / 1e9:.2f} TB/s")
-        del fn
+        fn = None
         torch.cuda.empty_cache()
     rows = []
     bf16_t = {}
@@ -212,7 +213,7 @@ def bench_decode(notes, out_dir):
                 rows.append({"batch": batch, "context": ctx, "kv_dtype": dtype, "time_us": t * 1e3,
                              "tb_per_s": nbytes / t / 1e9, "best_cfg_tb_per_s": nbytes / t_best / 1e9,
                              "speedup_vs_bf16": bf16_t[(batch, ctx)] / t, "mbytes": nbytes / 1e6})
-                del fn
+                fn = None
                 torch.cuda.empty_cache()
     notes.append(f"best swept configs (block_n, warps, stages): {best}; time_us/tb_per_s use the defaults")
     notes.append("bytes = K+V codes and scales/zeros of every context token + q + out; L2 flushed per call")
