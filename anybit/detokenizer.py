@@ -62,13 +62,19 @@ class IncrementalDetokenizer:
         """The text emitted so far (sum of all deltas)."""
         return self._text[:self._emitted]
 
-    def append(self, new_token_ids: list[int]) -> tuple[str, str | None]:
+    def append(self, new_token_ids: list[int], stop_terminated: bool = False) -> tuple[str, str | None]:
         """Add this step's tokens; returns (new text to emit, matched stop string or None).
 
-        Tokens are processed one at a time; tokens after a matched stop string are ignored."""
+        Tokens are processed one at a time; tokens after a matched stop string are ignored.
+        `stop_terminated=True` says the last token is the EOS / a stop_token_id that finished the
+        request: its text is left out unless include_stop_str_in_output (as vLLM; only visible
+        with skip_special_tokens=False or for non-special stop tokens). Call flush() after it."""
         if self.finished:
             return "", None
         start = self._emitted
+        if stop_terminated and new_token_ids and not self.params.include_stop_str_in_output:
+            new_token_ids = list(new_token_ids)[:-1]
+            self.num_output_tokens += 1
         for tid in new_token_ids:
             self._ids.append(int(tid))
             self.num_output_tokens += 1

@@ -194,3 +194,15 @@ def test_metaspace_decoder_keeps_spaces_between_steps(sp_tok):
     full, head = sp_tok.decode(prompt + out), sp_tok.decode(prompt)
     assert d.output_text == full[len(head):]
     assert sp_tok.decode_token(out[0]) == " brown"
+
+
+def test_stop_token_text_left_out(tok):
+    ids = tok.encode("hello world", add_special_tokens=False) + [tok.eos_token_id]
+    for include, expected in [(False, "hello world"), (True, "hello world</s>")]:
+        d = IncrementalDetokenizer(tok, [], SamplingParams(skip_special_tokens=False,
+                                                           include_stop_str_in_output=include))
+        d.append(ids[:-2])
+        delta, stop = d.append(ids[-2:], stop_terminated=True)
+        assert stop is None
+        d.flush()
+        assert d.output_text == expected
