@@ -14,7 +14,7 @@ import typing
 from anybit.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
 
 _GROUPS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
-_SKIP = {"model", "trust_remote_code"}
+_SKIP = {"model", "trust_remote_code", "seed"}
 _HELP = {
     "dtype": "weights/activations dtype: auto, bfloat16, float16, float32",
     "max_model_len": "context length (default: the model's max_position_embeddings)",
