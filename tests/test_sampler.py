@@ -225,6 +225,10 @@ def test_compute_prompt_logprobs():
 
 
 def test_build_checks_lengths_and_fast_paths():
+    with pytest.raises(ValueError, match="num_rows=1"):
+        Sampler()(torch.zeros(2, 10), build([SamplingParams()], 10))
+    with pytest.raises(ValueError, match="vocab >= 10"):
+        Sampler()(torch.zeros(1, 9), build([SamplingParams()], 10))
     with pytest.raises(ValueError, match="same length"):
         SamplingBatch.build([SamplingParams()], [], [[]], [[]], 10, "cpu")
     b = build([SamplingParams(), SamplingParams(temperature=0)], 10)

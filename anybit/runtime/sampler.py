@@ -239,9 +239,9 @@ class Sampler:
     """Stateless: `Sampler()(logits, batch) -> SamplerOutput` (see module docstring for order)."""
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
-        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
-            raise ValueError(f"Sampler: logits must be [num_rows={batch.num_rows}, vocab], got "
-                             f"{tuple(logits.shape)}")
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows or logits.shape[1] < batch.vocab_size:
+            raise ValueError(f"Sampler: logits must be [num_rows={batch.num_rows}, vocab >= "
+                             f"{batch.vocab_size}], got {tuple(logits.shape)}")
         logits = logits.float()  # no copy when already float32: everything below is out of place
         if logits.shape[1] > batch.vocab_size:  # padded vocab: padding is never sampled nor scored
             logits = logits[:, :batch.vocab_size]
