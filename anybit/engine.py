@@ -171,7 +171,8 @@ class LLMEngine:
                     out.logprobs.append(lp)
                     tok = out.token_ids[len(out.logprobs) - 1]
                     out.cumulative_logprob = (out.cumulative_logprob or 0.0) + lp.get(tok, 0.0)
-            delta, stop = child.detok.append(co.new_token_ids)
+            stop_token = co.finish_reason == "stop" and not isinstance(co.stop_reason, str)
+            delta, stop = child.detok.append(co.new_token_ids, stop_terminated=stop_token)
             out.delta_text += delta
             if stop is not None and co.finish_reason is None:
                 self.scheduler.finish_by_stop_string(co.request_id, stop)
