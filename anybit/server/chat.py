@@ -161,7 +161,7 @@ async def stream(ctx: ServingContext, prep: _Prepared) -> AsyncIterator[bytes]:
             if prep.num_top is not None and new_ids:
                 lp = _logprobs(ctx, new_ids, (comp.logprobs or [])[start:], prep.num_top)
             finish = comp.finish_reason
-            if new_text or new_ids or finish is not None:
+            if new_text or lp is not None or finish is not None:
                 delta = DeltaMessage(content=new_text) if (new_text or finish is None) else DeltaMessage()
                 yield chunk([ChatChunkChoice(index=j, delta=delta, logprobs=lp, finish_reason=finish,
                                              stop_reason=comp.stop_reason if finish else None)])

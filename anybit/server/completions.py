@@ -195,7 +195,7 @@ async def stream(ctx: ServingContext, prep: _Prepared) -> AsyncIterator[bytes]:
             finish = comp.finish_reason
             if prep.prompt_only and finish is not None:
                 finish = "length"
-            if prefix or new_text or new_ids or finish is not None:
+            if prefix or new_text or lp is not None or finish is not None:
                 yield chunk(index, prefix + new_text, lp, finish, comp.stop_reason if finish else None)
             if finish is not None:
                 done.add(index)
