@@ -1,0 +1,1 @@
+"""Model runner, KV cache allocation, loader, sampler, CUDA graphs: tensors in, tokens out."""
