@@ -98,7 +98,8 @@ class GuardMiddleware:
         for key, value in scope.get("headers") or []:
             if key == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_key)
+                given = token.strip().encode("latin-1")
+                return scheme.lower() == "bearer" and hmac.compare_digest(given, self.api_key.encode())
         return False
 
 

@@ -57,6 +57,9 @@ class ServerMetrics:
             ("kv_cache_usage", "anybit_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)"),
             ("num_free_blocks", "anybit_kv_cache_free_blocks", "Free KV-cache blocks"),
             ("num_total_blocks", "anybit_kv_cache_total_blocks", "All KV-cache blocks"),
+            ("num_preemptions", "anybit_num_preemptions", "Preemptions since start (cumulative)"),
+            ("prefix_cache_queries", "anybit_prefix_cache_queries", "Prefix-cache lookups (cumulative)"),
+            ("prefix_cache_hits", "anybit_prefix_cache_hits", "Prefix-cache block hits (cumulative)"),
         ):
             Gauge(name, doc, registry=r).set_function(lambda key=key: float(self._stats().get(key, 0) or 0))
 

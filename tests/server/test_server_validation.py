@@ -57,6 +57,7 @@ BAD = [
     (C, {"prompt": [10**9]}, "prompt"),
     (C, {"prompt": "hi", "echo": 1}, "echo"),
     (C, {"prompt": "hi", "suffix": "tail"}, "suffix"),
+    (C, {"prompt": ["a"] * 300}, "prompt"),
     (CH, {"messages": []}, "messages"),
     (CH, {}, "messages"),
     (CH, {"messages": "hi"}, "messages"),
@@ -129,6 +130,22 @@ def test_body_too_large_gets_413(http):
     r = http.post(C, json={"prompt": "x" * (5 * 1024 * 1024)})
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_chunked_body_too_large_gets_413(http):
+    def chunks():
+        for _ in range(6):
+            yield b"x" * (1024 * 1024)
+
+    r = http.post(C, content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_non_ascii_api_key_is_401_not_500(server):
+    header = "Bearer k\xe9y".encode("latin-1")
+    r = httpx.get(server.base_url + "/v1/models", headers={"Authorization": header})
+    assert r.status_code == 401
 
 
 def test_unknown_route_gets_openai_error(http):
