@@ -62,10 +62,12 @@ def test_200_concurrent_streams_complete_and_free_kv(server):
 
 
 @pytest.mark.timeout(60)
-def test_disconnect_mid_stream_aborts_and_frees(server, http):
+@pytest.mark.parametrize("prompt,n", [("The quick brown fox", 1), (["The quick brown fox", "import os"], 2)])
+def test_disconnect_mid_stream_aborts_and_frees(server, http, prompt, n):
     before = _aborted(http)
-    body = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 100, "stream": True,
+    body = {"model": MODEL_NAME, "prompt": prompt, "n": n, "max_tokens": 100, "stream": True,
             "ignore_eos": True, "temperature": 0}
+    num_requests = len(prompt) if isinstance(prompt, list) else 1
     with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
                       timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -79,7 +81,7 @@ def test_disconnect_mid_stream_aborts_and_frees(server, http):
     stats = server.wait_idle()
     assert server.async_engine.num_active() == 0
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
-    assert _aborted(http) == before + 1
+    assert _aborted(http) == before + num_requests
 
 
 @pytest.mark.timeout(60)
