@@ -231,6 +231,12 @@ def main():
     ap.add_argument("--skip-decode", action="store_true")
     a = ap.parse_args()
     notes: list[str] = []
+    src = torch.randn(512 * 2**20 // 4, device="cuda")
+    dst = torch.empty_like(src)
+    copy_tbs = 2 * src.numel() * 4 / bench(lambda: dst.copy_(src)) / 1e9
+    notes.append(f"device-to-device copy (read + write) measured in this run: {copy_tbs:.2f} TB/s")
+    print(notes[-1])
+    src = dst = None
     check_correctness(notes)
     print(notes[-1])
     tables = []
