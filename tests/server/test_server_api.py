@@ -151,10 +151,17 @@ def test_token_id_prompt(server, client):
     assert a.choices[0].text == b.choices[0].text
 
 
-def test_seeded_output_equals_offline_api(server, client, model_path):
-    from anybit import LLM, SamplingParams
+@pytest.fixture(scope="module")
+def offline_llm(model_path):
+    from anybit import LLM
 
-    llm = LLM(model_path, progress=False, **ENGINE_OPTIONS)
+    return LLM(model_path, progress=False, **ENGINE_OPTIONS)
+
+
+def test_seeded_output_equals_offline_api(server, client, offline_llm):
+    from anybit import SamplingParams
+
+    llm = offline_llm
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=12, n=2)
     offline = llm.generate([PROMPT], params)[0]
     r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, temperature=0.9, top_p=0.95, seed=1234,
@@ -168,3 +175,27 @@ def test_seeded_output_equals_offline_api(server, client, model_path):
     rc = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0.7, seed=99,
                                         max_tokens=10)
     assert rc.choices[0].message.content == offline_chat
+
+
+def test_streamed_echo_scoring_matches_non_stream(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    full = client.completions.create(**kw).choices[0]
+    chunks = [ch.choices[0] for ch in client.completions.create(stream=True, **kw) if ch.choices]
+    assert "".join(c.text for c in chunks) == full.text == PROMPT
+    assert chunks[-1].finish_reason == "length"
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs]
+    assert tokens == full.logprobs.token_logprobs
+
+
+def test_chat_max_completion_tokens_and_stop_token_ids(client, offline_llm):
+    from anybit import SamplingParams
+
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_completion_tokens=3,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    greedy = offline_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    ids = greedy[0].outputs[0].token_ids
+    r2 = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                   extra_body={"stop_token_ids": [ids[2]], "ignore_eos": True})
+    assert r2.choices[0].finish_reason == "stop"
+    assert r2.usage.completion_tokens == ids.index(ids[2]) + 1
