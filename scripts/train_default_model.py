@@ -328,6 +328,7 @@ def save_folder(out, sd, tok, cfg, parts, st, model, dev, amp) -> None:
             "args": st["args"],
             "steps": st["steps"],
             "best_step": st["best_step"],
+            "best_val_loss": min((c["val_loss"] for c in st["curve"]), default=None),
             "train_seconds": round(st["train_s"], 1),
             "tokens_per_second": round(st["tok_per_s"]),
             "train_stream_tokens": st["train_tokens"],
