@@ -30,7 +30,13 @@ from anybit.server.async_engine import (
     QueueFullError,
     RequestAbortedError,
 )
-from anybit.server.errors import OpenAIError, error_body, error_response, from_validation_errors
+from anybit.server.errors import (
+    OpenAIError,
+    error_body,
+    error_response,
+    from_validation_errors,
+    from_value_error,
+)
 from anybit.server.metrics import ServerMetrics
 from anybit.server.protocol import ModelCard, ModelList
 from anybit.server.serving import SSE_DONE, ClientDisconnected, ServingContext, run_unless_disconnected, sse
@@ -112,7 +118,6 @@ def _error_from(exc: BaseException) -> OpenAIError:
     if isinstance(exc, (QueueFullError, NotAcceptingError, EngineDeadError, RequestAbortedError)):
         return OpenAIError(str(exc), status=503, code="service_unavailable")
     if isinstance(exc, ValueError):  # the engine rejected the request
-        from anybit.server.errors import from_value_error
         return from_value_error(exc)
     logger.exception("internal error", exc_info=exc)
     return OpenAIError(f"internal error: {type(exc).__name__}", status=500, code="internal_error")
