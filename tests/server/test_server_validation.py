@@ -5,6 +5,7 @@ queue bound (503)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -102,6 +103,25 @@ def test_server_still_serves_after_bad_requests(http, client):
     r = client.completions.create(model=MODEL_NAME, prompt="hello", max_tokens=3)
     assert len(r.choices) == 1
     assert http.get("/health").status_code == 200
+
+
+def test_bad_requests_during_a_stream_leave_it_intact(server, http):
+    """Malformed requests fired while a stream is running: all 400, the stream finishes normally."""
+    body = {"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 60, "ignore_eos": True,
+            "stream": True, "temperature": 0}
+    texts, codes = [], []
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=60) as c, c.stream("POST", C, json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            texts.append(chunk["choices"][0])
+            if len(codes) < len(BAD):
+                route, bad, _ = BAD[len(codes)]
+                codes.append(http.post(route, json=bad).status_code)
+    assert texts[-1]["finish_reason"] == "length"
+    assert codes and set(codes) == {400}
 
 
 def test_openai_client_raises_bad_request(client):
