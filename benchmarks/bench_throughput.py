@@ -1,0 +1,141 @@
+"""Offline throughput: N requests with random input/output lengths, anybit vs transformers.
+
+Usage (GPU): python benchmarks/bench_throughput.py --num-requests 1000 --hf-requests 128
+Requests: input length uniform in [128, 1024], output length uniform in [64, 512] (fixed seed),
+random token ids, EOS ignored. anybit gets all requests at once (continuous batching).
+transformers gets ``--hf-requests`` of them (the first ones), in batches of ``--hf-batch`` with
+left padding and max_new_tokens = the batch's largest output; only the requested tokens count.
+Reported: output tokens/s for each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_e2e import PRESETS, make_folder, sync  # noqa: E402
+from benchmarks.common import print_table, write_result  # noqa: E402
+
+
+def make_requests(n, vocab, seed, in_range, out_range):
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for _ in range(n):
+        lin = int(torch.randint(in_range[0], in_range[1] + 1, (1,), generator=g))
+        lout = int(torch.randint(out_range[0], out_range[1] + 1, (1,), generator=g))
+        reqs.append((torch.randint(3, vocab, (lin,), generator=g).tolist(), lout))
+    return reqs
+
+
+def run_anybit(folder, reqs, dtype, device, backend, gpu, **kw):
+    from anybit import LLM, SamplingParams
+
+    engine_kw = {"load_format": "dummy"} if gpu else {}
+    llm = LLM(str(folder), dtype=dtype, device=device, attention_backend=backend, progress=False, **engine_kw,
+              **kw)
+    llm.generate([reqs[0][0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+    sync()
+    t = time.perf_counter()
+    outs = llm.generate([p for p, _ in reqs], params)
+    sync()
+    dt = time.perf_counter() - t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert tokens == sum(o for _, o in reqs)
+    stats = llm.engine.get_stats()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache() if gpu else None
+    return tokens / dt, dt, stats
+
+
+def run_hf(folder, reqs, dtype, device, batch):
+    import json
+
+    import transformers
+
+    cfg = transformers.LlamaConfig(**json.loads((Path(folder) / "config.json").read_text()))
+    if any(Path(folder).glob("*.safetensors")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
+        model = model.to(device)
+    else:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.eval()
+    useful = 0
+    sync()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(reqs), batch):
+            chunk = reqs[i:i + batch]
+            width = max(len(p) for p, _ in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, (p, _) in enumerate(chunk):
+                ids[j, width - len(p):] = torch.tensor(p)
+                mask[j, width - len(p):] = 1
+            max_new = max(o for _, o in chunk)
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                           min_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+            useful += sum(o for _, o in chunk)
+    sync()
+    dt = time.perf_counter() - t
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return useful / dt, dt
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=list(PRESETS), default="llama3-8b")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--hf-requests", type=int, default=128)
+    ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--input", type=int, nargs=2, default=[128, 1024])
+    ap.add_argument("--output", type=int, nargs=2, default=[64, 512])
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_folder(args.preset, folder, with_weights=not gpu)
+        vocab = PRESETS[args.preset]["vocab_size"]
+        reqs = make_requests(args.num_requests, vocab, 0, args.input, args.output)
+        tps, dt, stats = run_anybit(folder, reqs, dtype, device, args.backend, gpu,
+                                    max_num_seqs=args.max_num_seqs,
+                                    max_num_batched_tokens=args.max_num_batched_tokens,
+                                    kv_cache_dtype=args.kv_cache_dtype)
+        row = {"preset": args.preset, "requests": args.num_requests, "anybit_backend": args.backend,
+               "kv_cache_dtype": args.kv_cache_dtype, "anybit_out_tok_s": tps, "anybit_wall_s": dt,
+               "preemptions": stats["num_preemptions"]}
+        print(row, flush=True)
+        if args.hf_requests:
+            hf_tps, hf_dt = run_hf(folder, reqs[:args.hf_requests], dtype, device, args.hf_batch)
+            row.update({"hf_requests": args.hf_requests, "hf_batch": args.hf_batch, "hf_out_tok_s": hf_tps,
+                        "ratio_vs_hf": tps / hf_tps})
+    cols = list(row)
+    note = (f"inputs uniform {args.input}, outputs uniform {args.output} tokens, seed 0, random ids, EOS "
+            "ignored; transformers runs a prefix of the requests in left-padded batches, counting only "
+            "requested tokens")
+    write_result(f"e2e_throughput_{'gpu' if gpu else 'cpu'}", "Offline throughput (output tokens/s)", cols,
+                 [row], [note], out_dir=args.out_dir)
+    print_table(cols, [row])
+
+
+if __name__ == "__main__":
+    main()
