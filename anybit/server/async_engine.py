@@ -180,7 +180,7 @@ class AsyncEngine:
                     raise item
                 if timer is not None:
                     timer.on_output(len(item.prompt_token_ids or ()),
-                                    sum(len(c.token_ids) for c in item.outputs))
+                                    sum(len(c.token_ids) for c in item.outputs), len(item.outputs))
                 if item.finished:
                     finished = True
                     if timer is not None:

@@ -86,8 +86,8 @@ class RequestTimer:
         self.prompt_tokens = 0
         self.done = False
 
-    def on_output(self, prompt_tokens: int, total_generated: int) -> None:
-        """Record an output with ``total_generated`` tokens so far over all choices."""
+    def on_output(self, prompt_tokens: int, total_generated: int, num_choices: int = 1) -> None:
+        """Record an output with ``total_generated`` tokens so far over all ``num_choices`` choices."""
         now = time.perf_counter()
         new = total_generated - self.num_generated
         if new <= 0:
@@ -95,11 +95,10 @@ class RequestTimer:
         self.prompt_tokens = prompt_tokens
         if self.last is None:
             self.metrics.ttft.observe(now - self.arrival)
-            if new > 1:
-                self.metrics.itl.observe(0.0)
         else:
-            gap = (now - self.last) / new
-            for _ in range(min(new, 64)):
+            per_choice = max(1, round(new / max(1, num_choices)))
+            gap = (now - self.last) / per_choice
+            for _ in range(min(per_choice, 64)):
                 self.metrics.itl.observe(gap)
         self.metrics.generation_tokens.inc(new)
         self.num_generated = total_generated
