@@ -61,14 +61,27 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     offs_g = tl.arange(0, BLOCK_G)
     gmask = offs_g < G
     heads = kvh * G + offs_g
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None], other=0.0)
-    qsum = tl.sum(q.to(tl.float32), axis=1)
-    q = q.to(CDT)
+    # int4: channels split into even (a) / odd (b) halves matching the low / high nibbles
+    if MODE == 2:
+        offs_a = 2 * tl.arange(0, HEAD_DIM // 2)
+    else:
+        offs_a = tl.arange(0, HEAD_DIM)
+    offs_b = offs_a + 1
+    q_rows = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
+    qa = tl.load(q_rows + offs_a[None, :], mask=gmask[:, None], other=0.0)
+    qsum = tl.sum(qa.to(tl.float32), axis=1)
+    if MODE == 2:
+        acc = tl.zeros([BLOCK_G, HEAD_DIM // 2], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    if MODE == 2:
+        qb = tl.load(q_rows + offs_b[None, :], mask=gmask[:, None], other=0.0)
+        qsum += tl.sum(qb.to(tl.float32), axis=1)
+        qb = qb.to(CDT)
+        acc_b = tl.zeros([BLOCK_G, HEAD_DIM // 2], tl.float32)
+    qa = qa.to(CDT)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     bt_row = bt_ptr + seq * stride_bt
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + tl.arange(0, BLOCK_N)
@@ -77,8 +90,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         in_page = (tok % PAGE).to(tl.int64)
         row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
         srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
-        kc, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
-        s = tl.dot(q, tl.trans(kc), input_precision=DOT_PREC)
+        ka, kb, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
+        s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+        if MODE == 2:
+            s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
         if MODE > 0:
             s = s * ksc[None, :]
         if MODE == 2:
@@ -88,25 +103,33 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        vc, vsc, vz = load_kv_tile(v_ptr, vs_ptr, vz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
+        va, vb, vsc, vz = load_kv_tile(v_ptr, vs_ptr, vz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
         if MODE == 0:
-            pv = tl.dot(p.to(CDT), vc, input_precision=DOT_PREC)
+            pw = p.to(CDT)
         else:
-            pv = tl.dot((p * vsc[None, :]).to(CDT), vc, input_precision=DOT_PREC)
+            pw = (p * vsc[None, :]).to(CDT)
+        acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
         if MODE == 2:
-            pv += tl.sum(p * vz[None, :], axis=1)[:, None]
-        acc = acc * alpha[:, None] + pv
+            zc = tl.sum(p * vz[None, :], axis=1)[:, None]
+            acc += zc
+            acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC) + zc
         m = m_new
     l_safe = tl.where(l > 0.0, l, 1.0)
-    o = acc / l_safe[:, None]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        o_rows = out_ptr + seq * stride_os + heads[:, None] * stride_oh
+        tl.store(o_rows + offs_a[None, :], (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
+        if MODE == 2:
+            tl.store(o_rows + offs_b[None, :], (acc_b / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=gmask[:, None])
     else:
         # mid_o [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM], mid_lse [num_seqs, num_heads, NUM_SPLITS]
         n_heads = tl.num_programs(1) * G
         mrow = (seq * n_heads + heads) * NUM_SPLITS + split
-        tl.store(mid_o_ptr + mrow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=gmask[:, None])
+        mid_rows = mid_o_ptr + mrow[:, None] * HEAD_DIM
+        tl.store(mid_rows + offs_a[None, :], acc / l_safe[:, None], mask=gmask[:, None])
+        if MODE == 2:
+            tl.store(mid_rows + offs_b[None, :], acc_b / l_safe[:, None], mask=gmask[:, None])
         tl.store(mid_lse_ptr + mrow, tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")), mask=gmask)
 
 
@@ -146,7 +169,7 @@ def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, mode: int,
     block_n = 64 if mode == 0 else 128
     target = 4 * _num_sms(device)
     splits = max(1, min(triton.cdiv(target, max(num_seqs * num_kv_heads, 1)),
-                        triton.cdiv(max(max_seq_len, 1), 256), 128))
+                        triton.cdiv(max(max_seq_len, 1), 128), 128))
     return block_n, splits, 4, 3
 
 

@@ -244,7 +244,8 @@ def compute_dtype(query: torch.Tensor, kv_cache: LayerKVCache):
     """(tl dtype of the tensor-core operands, dot input precision) for a query and cache."""
     if query.dtype not in _TL_DTYPES:
         raise ValueError(f"query dtype must be bfloat16, float16 or float32, got {query.dtype}")
-    cdt = _TL_DTYPES[kv_cache.key.dtype] if kv_mode(kv_cache.dtype) == 0 else _TL_DTYPES[query.dtype]
+    # quantized caches: float16 operands (integer codes convert to fp16 by a bit trick, exactly)
+    cdt = _TL_DTYPES[kv_cache.key.dtype] if kv_mode(kv_cache.dtype) == 0 else tl.float16
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         cdt = tl.float32  # the Triton 3.6 interpreter computes bf16 tl.dot wrongly; fp32 is exact there
     return cdt, ("ieee" if cdt == tl.float32 else "tf32")
@@ -267,28 +268,41 @@ def kv_scale_args(kv_cache: LayerKVCache):
 
 
 @triton.jit
+def _codes_to_f16(bits):
+    """uint16 ``0x6400 | c`` (c < 1024) -> float16 ``1024 + c`` by bit cast: no I2F conversions."""
+    return (bits | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def load_kv_tile(c_ptr, s_ptr, z_ptr, row, srow, valid, MODE: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_N: tl.constexpr, CDT: tl.constexpr):
     """Gather ``BLOCK_N`` cached rows of one kv head.
 
     row/srow ``[BLOCK_N]`` int64 element offsets of each token's head row in the cache and in the
-    scale tensors; valid ``[BLOCK_N]``. Returns ``(codes [BLOCK_N, HEAD_DIM] in CDT, scale
-    [BLOCK_N] f32, zero [BLOCK_N] f32)`` with ``x = codes * scale + zero`` (float caches: the
-    values themselves; scale/zero unused).
+    scale tensors; valid ``[BLOCK_N]``. Returns ``(a, b, scale, zero)``:
+    - float caches: a = the rows ``[BLOCK_N, HEAD_DIM]`` in CDT (b = a, scale/zero unused);
+    - int8: a = codes ``[BLOCK_N, HEAD_DIM]``, ``x = a * scale``;
+    - int4: a = even channels, b = odd channels ``[BLOCK_N, HEAD_DIM // 2]``, ``x = code * scale + zero``.
+    Integer codes become float16 through the exponent trick (exact: |code| < 1024), which is much
+    cheaper than integer-to-float conversion instructions; CDT is float16 for quantized caches on GPU.
     """
     if MODE == 2:
         offs = tl.arange(0, HEAD_DIM // 2)
         raw = tl.load(c_ptr + row[:, None] + offs[None, :], mask=valid[:, None], other=0)
-        codes = tl.reshape(tl.join(raw & 15, raw >> 4), (BLOCK_N, HEAD_DIM)).to(CDT)
+        a = (_codes_to_f16((raw & 15).to(tl.uint16)) - 1024.0).to(CDT)
+        b = (_codes_to_f16((raw >> 4).to(tl.uint16)) - 1024.0).to(CDT)
         scale = tl.load(s_ptr + srow, mask=valid, other=0.0)
         zero = tl.load(z_ptr + srow, mask=valid, other=0.0)
     else:
         offs = tl.arange(0, HEAD_DIM)
         raw = tl.load(c_ptr + row[:, None] + offs[None, :], mask=valid[:, None], other=0)
-        codes = raw.to(CDT)
         if MODE == 1:
+            biased = (raw.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
+            a = (_codes_to_f16(biased) - 1152.0).to(CDT)
             scale = tl.load(s_ptr + srow, mask=valid, other=0.0)
         else:
+            a = raw.to(CDT)
             scale = tl.full([BLOCK_N], 1.0, tl.float32)
+        b = a
         zero = tl.zeros([BLOCK_N], tl.float32)
-    return codes, scale, zero
+    return a, b, scale, zero
