@@ -137,6 +137,24 @@ async def _sse_guard(it: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             await it.aclose()
 
 
+async def _first(it: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _prepend(first: bytes | None, it: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        if first is not None:
+            yield first
+        async for item in it:
+            yield item
+    finally:  # closing the outer stream closes the inner one, which aborts its engine request
+        with contextlib.suppress(Exception):
+            await it.aclose()
+
+
 def create_app(ctx: ServingContext, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """Build the app around a ``ServingContext``; the lifespan starts and stops the engine thread."""
@@ -209,7 +227,16 @@ def create_app(ctx: ServingContext, api_key: str | None = None,
                     ValueError) as exc:
                 raise _error_from(exc) from None
             return JSONResponse(data)
-        return StreamingResponse(_sse_guard(result), media_type="text/event-stream",
+        # Wait for the first chunk (the engine accepted the request and produced output) so that
+        # a rejection is still an HTTP error rather than an error event inside a 200 stream.
+        try:
+            first = await run_unless_disconnected(request.receive, _first(result))
+        except (QueueFullError, NotAcceptingError, EngineDeadError, RequestAbortedError,
+                ValueError) as exc:
+            with contextlib.suppress(Exception):
+                await result.aclose()
+            raise _error_from(exc) from None
+        return StreamingResponse(_sse_guard(_prepend(first, result)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")

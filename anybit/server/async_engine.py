@@ -64,6 +64,8 @@ class AsyncEngine:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len: int | None = getattr(engine, "max_model_len", None)
+        cache_config = getattr(getattr(engine, "config", None), "cache", None)
+        self.block_size: int | None = getattr(cache_config, "block_size", None)
         self.max_waiting_requests = max_waiting_requests
         self._idle_poll_s = idle_poll_s
         self._lock = threading.Lock()
@@ -123,6 +125,11 @@ class AsyncEngine:
             self._fail(rid, RequestAbortedError("server shutting down: request aborted after the "
                                                 "graceful-shutdown timeout"))
         return len(ids)
+
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens the whole KV cache holds (one request can never use more), None if unknown."""
+        total = self.stats().get("num_total_blocks")
+        return total * self.block_size if total and self.block_size else None
 
     @property
     def is_alive(self) -> bool:

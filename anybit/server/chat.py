@@ -142,13 +142,16 @@ async def stream(ctx: ServingContext, prep: _Prepared) -> AsyncIterator[bytes]:
         return sse(ChatCompletionChunk(id=prep.request_id, created=created, model=prep.model,
                                        choices=choices, usage=usage))
 
-    yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
-                 for j in range(req.n)])
     sent_tokens: dict[int, int] = {}
     sent_chars: dict[int, int] = {}
     done: set[int] = set()
     completion_tokens = 0
+    first = True
     async for _, out in merge_streams([_stream(ctx, prep)]):
+        if first:  # sent once the engine accepted the request, so a rejection is still an HTTP error
+            first = False
+            yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+                         for j in range(req.n)])
         for comp in out.outputs:
             j = comp.index
             if j in done:

@@ -95,6 +95,21 @@ def resolve_max_tokens(ctx: ServingContext, num_prompt_tokens: int, requested: i
             f"{num_prompt_tokens} tokens (at least one token must be left for the completion)",
             param=prompt_param, code="context_length_exceeded")
     room = limit - num_prompt_tokens
+    capacity = ctx.engine.kv_capacity_tokens()
+    if capacity is not None and capacity < limit:
+        # the engine cannot finish a request that outgrows the whole KV cache: refuse it up front
+        if num_prompt_tokens >= capacity:
+            raise OpenAIError(
+                f"{prompt_param}: the prompt has {num_prompt_tokens} tokens but the KV cache holds only "
+                f"{capacity} tokens", param=prompt_param, code="context_length_exceeded")
+        cap_room = capacity - num_prompt_tokens
+        if requested is None:
+            return min(room, cap_room)
+        if requested > cap_room:
+            raise OpenAIError(
+                f"{param}: {num_prompt_tokens} prompt tokens plus {requested} completion tokens exceed the "
+                f"KV cache of {capacity} tokens; ask for at most {cap_room}",
+                param=param, code="context_length_exceeded")
     if requested is None:
         return room
     if requested > room:

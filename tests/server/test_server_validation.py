@@ -207,3 +207,23 @@ def test_draining_server_refuses_with_503(model_path):
         assert API_KEY  # server without a key accepts requests without Authorization
     finally:
         stop_server(srv)
+
+
+def test_request_larger_than_the_kv_cache_is_refused(model_path):
+    """A KV cache of 4 blocks (64 tokens) cannot hold 100+ tokens: a 400 naming max_tokens, streamed
+    or not, and the engine keeps serving (it used to die on such a request)."""
+    srv = start_server(make_engine(model_path, kv_cache_memory=4 * 8192), api_key=None)
+    try:
+        stats = srv.async_engine.stats()
+        assert stats["num_total_blocks"] <= 8
+        body = {"prompt": "The quick brown fox", "max_tokens": 100}
+        for stream in (False, True):
+            r = httpx.post(srv.base_url + C, json={**body, "stream": stream}, timeout=30)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "max_tokens"
+        r = httpx.post(srv.base_url + CH, json={"messages": MSG}, timeout=30)  # no max_tokens: capped
+        assert r.status_code == 200, r.text
+        ok = httpx.post(srv.base_url + C, json={"prompt": "hi", "max_tokens": 4, "stream": True}, timeout=30)
+        assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+    finally:
+        stop_server(srv)
