@@ -4,7 +4,8 @@ In: the argparse sub-parsers of ``anybit/cli.py`` (which adds the model folder a
 flags built from ``EngineConfig``) and the resulting ``EngineConfig``. Out: an exit code.
 ``add_serve_arguments`` / ``run_serve`` start uvicorn on ``--host`` (127.0.0.1 by default) and
 ``--port``; SIGTERM (or Ctrl-C) stops taking new requests (503), lets running ones finish
-within ``--shutdown-timeout`` seconds, aborts the rest and exits. ``add_chat_arguments`` /
+within ``--shutdown-timeout`` seconds, aborts the rest and exits 0; if the engine thread dies,
+the server exits with status 1. ``add_chat_arguments`` /
 ``run_chat`` run the terminal chat on stdin/stdout. Called by ``anybit/cli.py``.
 """
 
@@ -74,6 +75,15 @@ class GracefulServer:
                 super().__init__(config)
                 self._draining = False
                 self._loop: asyncio.AbstractEventLoop | None = None
+                self.engine_failed = False
+
+            async def on_tick(self, counter: int) -> bool:
+                if async_engine.error is not None and not self.engine_failed:
+                    # a broken engine cannot serve anything: exit so a supervisor can restart us
+                    logger.error("engine failed (%r): shutting the server down", async_engine.error)
+                    self.engine_failed = True
+                    return True
+                return await super().on_tick(counter)
 
             async def startup(self, sockets=None):
                 self._loop = asyncio.get_running_loop()
@@ -116,7 +126,7 @@ def run_serve(args: argparse.Namespace, engine_config: Any) -> int:
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     server.run()
-    return 0
+    return 1 if server.engine_failed else 0
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:

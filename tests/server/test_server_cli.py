@@ -140,3 +140,24 @@ def test_chat_command_reads_a_pipe(model_path):
                           env=_env(), capture_output=True, text=True, timeout=80)
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip().splitlines()) >= 1
+
+
+@pytest.mark.timeout(60)
+def test_server_exits_when_the_engine_dies(model_path):
+    import uvicorn
+
+    from anybit.server.cli import GracefulServer, build_server
+
+    app, async_engine = build_server(make_engine(model_path), ["m"])
+    port = free_port()
+    server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"),
+                            async_engine, 1.0)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    async_engine.error = RuntimeError("simulated engine failure")
+    t.join(15)
+    assert not t.is_alive() and server.engine_failed
