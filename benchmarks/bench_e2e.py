@@ -41,7 +41,8 @@ def make_folder(preset: str, path: Path, with_weights: bool) -> None:
     make_tokenizer(path)
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
                rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-               torch_dtype="bfloat16", **PRESETS[preset])
+               torch_dtype="bfloat16")
+    cfg.update(PRESETS[preset])
     (path / "config.json").write_text(json.dumps(cfg))
     if with_weights:
         import transformers
