@@ -57,3 +57,17 @@ def test_sse_framing():
 def test_model_names():
     assert model_names("/models/tiny-llama/", None) == ["/models/tiny-llama/", "tiny-llama"]
     assert model_names("x", ["served"]) == ["served"]
+
+
+def test_serve_arguments_default_to_loopback():
+    import argparse
+
+    from anybit.server.cli import add_chat_arguments, add_serve_arguments
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    args = p.parse_args([])
+    assert args.host == "127.0.0.1" and args.api_key is None and args.max_request_body_bytes > 0
+    c = argparse.ArgumentParser()
+    add_chat_arguments(c)
+    assert c.parse_args(["--max-tokens", "7"]).max_tokens == 7
