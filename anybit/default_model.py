@@ -53,3 +53,39 @@ def perplexity_windows(docs: list[list[int]], bos_id: int, window: int) -> list[
         for i in range(0, len(d), window - 1):
             out.append([bos_id] + list(d[i : i + window - 1]))
     return out
+
+
+def sample_windows(tokenizer, model_path: str | None = None, max_tokens: int = 3000,
+                   window: int = 1023) -> list[list[int]]:
+    """Windows covering the first ``max_tokens`` scored tokens of the held-out sample."""
+    docs = [tokenizer.encode(t, add_special_tokens=False) for t in load_heldout_sample(model_path)]
+    out, n = [], 0
+    for w in perplexity_windows(docs, tokenizer.bos_token_id, window):
+        take = min(len(w) - 1, max_tokens - n)
+        if take <= 0:
+            break
+        out.append(w[: take + 1])
+        n += take
+    return out
+
+
+def score_nll(llm, windows: list[list[int]]) -> tuple[float, int]:
+    """Mean NLL (nats/token) of every token after the first of each window, scored by an
+    ``anybit.LLM`` through ``prompt_logprobs``; returns ``(mean_nll, num_tokens)``.
+
+    The engine should be built with ``enable_chunked_prefill=False`` and
+    ``max_num_batched_tokens`` >= the longest window so no prompt is split into chunks.
+    """
+    from anybit.sampling_params import SamplingParams
+
+    outs = llm.generate(windows, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))
+    tot, n = 0.0, 0
+    for o, w in zip(outs, windows):
+        lps = o.prompt_logprobs
+        if lps is None or len(lps) != len(w) or any(d is None for d in lps[1:]):
+            got = None if lps is None else (len(lps), sum(d is None for d in lps))
+            raise RuntimeError(f"prompt_logprobs: expected {len(w)} entries (only the first None), got {got}")
+        for tid, d in zip(w[1:], lps[1:]):
+            tot -= d[tid]
+            n += 1
+    return tot / max(n, 1), n

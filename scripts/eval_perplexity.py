@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import train_data as D  # noqa: E402
 
-from anybit.default_model import perplexity_windows  # noqa: E402
+from anybit.default_model import perplexity_windows, score_nll  # noqa: E402
 
 BITS = (8, 6, 5, 4, 3, 2)
 
@@ -99,31 +99,38 @@ def make_windows(tok, docs: list[str], window: int, budget: int) -> list[list[in
 
 def engine_nll(model: str, windows: list[list[int]], kv: str, device: str) -> tuple[float, int]:
     """Mean NLL (nats/token) of the windows' tokens after the first, scored by anybit."""
-    from anybit import LLM, SamplingParams
+    from anybit import LLM
 
     llm = LLM(model, progress=False, kv_cache_dtype=kv, device=device, enable_chunked_prefill=False,
               max_num_batched_tokens=max(4096, max(len(w) for w in windows) + 1))
-    outs = llm.generate(windows, SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))
-    tot, n = 0.0, 0
-    for o, w in zip(outs, windows):
-        lps = o.prompt_logprobs
-        if lps is None or len(lps) != len(w) or any(d is None for d in lps[1:]):
-            got = None if lps is None else (len(lps), sum(d is None for d in lps))
-            raise RuntimeError(f"prompt_logprobs: expected {len(w)} entries (first None), got {got}")
-        for tid, d in zip(w[1:], lps[1:]):
-            tot -= d[tid]
-            n += 1
+    res = score_nll(llm, windows)
     del llm
-    return tot / n, n
+    return res
+
+
+def have_quantize_cli() -> bool:
+    try:
+        from anybit.quant.cli import add_quantize_arguments  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def quantize(src: str, out: str, method: str, bits: int, group: int, calib: str | None) -> float:
-    """Run ``anybit quantize``; returns seconds."""
+    """Run ``anybit quantize`` (or, while it does not exist yet, the RTN fallback for method rtn);
+    returns seconds."""
+    t = time.time()
+    if not have_quantize_cli():
+        if method != "rtn":
+            raise RuntimeError("`anybit quantize` is not available (anybit/quant/cli.py): no GPTQ")
+        from train_quantize_rtn import quantize_folder
+
+        quantize_folder(src, out, bits, group)
+        return time.time() - t
     cmd = [sys.executable, "-m", "anybit.cli", "quantize", src, out, "--bits", str(bits),
            "--group-size", str(group), "--method", method]
     if method == "gptq":
         cmd += ["--calib", calib]
-    t = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
     if r.returncode != 0:
