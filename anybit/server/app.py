@@ -18,6 +18,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -48,6 +49,29 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that watches for the client going away whatever ASGI spec version the
+    server reports (Starlette only does so below 2.4), and always closes its iterator, so the
+    engine request is aborted promptly however the stream ends."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # client gone while sending
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
 
 
 class GuardMiddleware:
@@ -236,8 +260,8 @@ def create_app(ctx: ServingContext, api_key: str | None = None,
             with contextlib.suppress(Exception):
                 await result.aclose()
             raise _error_from(exc) from None
-        return StreamingResponse(_sse_guard(_prepend(first, result)), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return ClosingStreamingResponse(_sse_guard(_prepend(first, result)), media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
     async def create_completion(request: Request):

@@ -62,14 +62,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(engine, api_key: str | None = API_KEY, **kw) -> RunningServer:
+def start_server(engine, api_key: str | None = API_KEY, asgi_spec: str | None = None, **kw) -> RunningServer:
+    """Serve ``engine`` on a free loopback port; ``asgi_spec`` overrides the ASGI spec version
+    uvicorn reports for HTTP (Starlette changes how it notices disconnects at "2.4")."""
     import uvicorn
 
     from anybit.server.cli import build_server
 
     app, async_engine = build_server(engine, [MODEL_NAME, "tiny"], api_key=api_key, **kw)
+    served = app
+    if asgi_spec is not None:
+        async def served(scope, receive, send):
+            if scope["type"] == "http":
+                scope = {**scope, "asgi": {"version": "3.0", "spec_version": asgi_spec}}
+            await app(scope, receive, send)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+    config = uvicorn.Config(served, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

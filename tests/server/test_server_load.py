@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL_NAME
+from tests.server.conftest import API_KEY, MODEL_NAME, make_engine, start_server, stop_server
 
 NUM_CONCURRENT = 200
 
@@ -104,3 +104,21 @@ def test_disconnect_while_waiting_for_non_stream_response(server, http):
     while _aborted(http) < before + 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _aborted(http) == before + 1
+
+
+@pytest.mark.timeout(60)
+def test_disconnect_is_noticed_with_asgi_spec_2_4(model_path):
+    """Starlette stops listening for disconnects at ASGI spec 2.4; the server must not rely on it."""
+    srv = start_server(make_engine(model_path), api_key=None, asgi_spec="2.4")
+    try:
+        body = {"prompt": "The quick brown fox", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.base_url + "/v1/completions", json=body, timeout=30) as r:
+            for i, _ in enumerate(line for line in r.iter_lines() if line.startswith("data: ")):
+                if i == 2:
+                    break
+        stats = srv.wait_idle()
+        assert stats["num_free_blocks"] == stats["num_total_blocks"]
+        text = httpx.get(srv.base_url + "/metrics").text
+        assert 'anybit_request_finished_total{finish_reason="abort"} 1.0' in text
+    finally:
+        stop_server(srv)
