@@ -183,7 +183,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the engine side already dropped it
                     if timer is not None:
-                        timer.finish("abort")
+                        timer.finish("abort" if isinstance(item, RequestAbortedError) else "error")
                     raise item
                 if timer is not None:
                     timer.on_output(len(item.prompt_token_ids or ()),
