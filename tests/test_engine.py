@@ -144,3 +144,29 @@ def test_bad_requests(llm):
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM("whatever", bogus_option=1)
     assert pool_full(llm)
+
+
+@pytest.mark.parametrize("kv", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_batched_torch_decode_matches_reference(kv, window):
+    from anybit.kernels.attention_decode import ref_paged_attention_decode
+    from anybit.kernels.kv_cache_ops import ref_reshape_and_cache
+    from anybit.layers.attention import batched_decode
+    from anybit.layers.attention_meta import LayerKVCache
+    from anybit.models.arch import ArchConfig
+    from anybit.runtime.kv_cache import allocate_kv_caches
+
+    torch.manual_seed(0)
+    arch = ArchConfig("LlamaForCausalLM", 10, 8, 8, 1, 8, 2, 16, 1e-6, 1e4, None, 64, False, False, False,
+                      (None,), None, None, ())
+    cache: LayerKVCache = allocate_kv_caches(arch, 16, 4, kv, torch.device("cpu"))[0]
+    lens = [1, 7, 13]
+    tables = torch.tensor([[3, 0, 0, 0], [5, 1, 0, 0], [2, 4, 6, 7]], dtype=torch.int32)
+    for i, n in enumerate(lens):
+        slots = torch.tensor([int(tables[i, p // 4]) * 4 + p % 4 for p in range(n)])
+        ref_reshape_and_cache(torch.randn(n, 2, 16), torch.randn(n, 2, 16), cache, slots)
+    q = torch.randn(3, 8, 16)
+    want = ref_paged_attention_decode(q, cache, torch.tensor(lens, dtype=torch.int32), tables, 0.25, window,
+                                      13)
+    got = batched_decode(q, cache, tables, lens, 0.25, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -45,10 +45,13 @@ class TorchAttentionBackend:
         ref_reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd > 0:
-            out[:nd] = ref_paged_attention_decode(
-                q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_table[:nd], layer.scale,
-                layer.sliding_window, meta.max_seq_len, seq_lens_cpu=meta.seq_lens_cpu[:nd])
+        if nd == 1:
+            out[:1] = ref_paged_attention_decode(
+                q[:1], kv_cache, meta.seq_lens[:1], meta.block_table[:1], layer.scale,
+                layer.sliding_window, meta.max_seq_len, seq_lens_cpu=meta.seq_lens_cpu[:1])
+        elif nd > 1:
+            out[:nd] = batched_decode(q[:nd], kv_cache, meta.block_table[:nd], meta.seq_lens_cpu[:nd],
+                                      layer.scale, layer.sliding_window)
         if meta.num_seqs > nd:
             qsl = meta.query_start_loc[nd:] - nd
             out[nd:] = ref_paged_attention_prefill(
@@ -56,6 +59,41 @@ class TorchAttentionBackend:
                 layer.sliding_window, meta.max_query_len, meta.max_seq_len,
                 query_lens_cpu=meta.query_lens_cpu[nd:], seq_lens_cpu=meta.seq_lens_cpu[nd:])
         return out.view(num_tokens, layer.num_heads * layer.head_dim)
+
+
+def batched_decode(query: torch.Tensor, kv_cache: LayerKVCache, block_table: torch.Tensor,
+                   seq_lens_cpu: list[int], scale: float, sliding_window: int | None) -> torch.Tensor:
+    """All decode sequences at once (torch path): gather every context padded to the longest,
+    mask the padding (and the window), one batched softmax. Same math as
+    ``ref_paged_attention_decode``, a few ops per layer instead of a few per sequence.
+
+    query [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim] in query's dtype.
+    """
+    from anybit.kernels.kv_cache_ops import ref_dequantize_kv
+
+    num_seqs, num_heads, head_dim = query.shape
+    max_len = max(seq_lens_cpu)
+    nb = -(-max_len // kv_cache.block_size)
+    blocks = block_table[:, :nb].long()
+
+    def take(t):
+        return None if t is None else t[blocks].flatten(1, 2)[:, :max_len]
+
+    k = ref_dequantize_kv(take(kv_cache.key), take(kv_cache.key_scale), take(kv_cache.key_zero),
+                          kv_cache.dtype)
+    v = ref_dequantize_kv(take(kv_cache.value), take(kv_cache.value_scale), take(kv_cache.value_zero),
+                          kv_cache.dtype)
+    nkv = k.shape[2]
+    q = query.float().view(num_seqs, nkv, num_heads // nkv, head_dim)
+    scores = torch.einsum("bkgd,blkd->bkgl", q, k) * scale
+    lens = torch.tensor(seq_lens_cpu, device=query.device).unsqueeze(1)
+    pos = torch.arange(max_len, device=query.device).unsqueeze(0)
+    masked = pos >= lens
+    if sliding_window:
+        masked |= pos <= lens - 1 - sliding_window
+    scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
