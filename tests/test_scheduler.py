@@ -165,3 +165,12 @@ def test_prompt_too_large_for_cache_is_rejected():
     sched, _ = make(num_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="prompt: 20 tokens need"):
         sched.add_request(req("big", list(range(5, 25))))
+
+
+def test_sequence_outgrowing_the_whole_cache_finishes_with_length():
+    sched, runner = make(num_blocks=4, block_size=4)
+    sched.add_request(req("long", [5, 6, 7, 8, 9, 10], max_tokens=100))
+    outputs, finish = run_all(sched, runner)
+    assert finish["long"] == "length"
+    assert len(outputs["long"]) == 4 * 4 - 6 + 1  # the last sampled token needs no slot yet
+    assert sched.kv.pool.check_all_free()

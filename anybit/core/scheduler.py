@@ -103,6 +103,10 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
+            if self.kv.blocks_needed(request.num_computed_tokens + num_new) > self.kv.num_blocks:
+                # the sequence has outgrown the whole cache: it ends here, as at max_model_len
+                self._finish(request.request_id, RequestStatus.FINISHED_LENGTH)
+                continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._preempt_last()
                 preempted.append(victim.request_id)
