@@ -170,3 +170,16 @@ def test_batched_torch_decode_matches_reference(kv, window):
                                       13)
     got = batched_decode(q, cache, tables, lens, 0.25, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_logprobs_with_chunked_prefill(model_dir, llm):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    want = llm.generate(prompt, params)[0].prompt_logprobs
+    chunked = LLM(model_dir, dtype="float32", device="cpu", block_size=8, progress=False,
+                  max_num_batched_tokens=8)
+    got = chunked.generate(prompt, params)[0].prompt_logprobs
+    assert len(got) == len(want) and got[0] is None
+    for a, b in zip(got[1:], want[1:]):
+        assert a.keys() == b.keys()
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)

@@ -141,7 +141,8 @@ class ModelRunner:
             out.sampled[s.request_id] = token
 
     def _prompt_logprobs(self, s: ScheduledSeq, hidden, out: RunnerOutput) -> None:
-        end = min(s.seq_len, s.num_prompt_tokens)
+        # row j of the chunk (position start_pos + j) predicts token start_pos + j + 1
+        end = min(s.seq_len + 1, s.num_prompt_tokens)
         count = end - (s.start_pos + 1)
         if count <= 0:
             out.prompt_logprobs[s.request_id] = []
