@@ -18,6 +18,8 @@ shifted by ``(k % (32//w)) * w`` (the repeated words of a tile come from L1).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from anybit.quant.format import SLICES, PackedWeight, dequantize
@@ -53,24 +55,53 @@ def _check_inputs(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | Non
 if triton is not None:
 
     @triton.jit
-    def _load_codes(q_ptr, stride_qk, offs_k, offs_n, mask_n, K,
-                    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr):
-        """codes ``[BLOCK_K, BLOCK_N]`` int32 of up to three bit-plane slices (widths W0, W1, W2)."""
+    def _load_codes_planes(q_ptr, stride_qk, k0, offs_n, mask_n, K,
+                           W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, BLOCK_K: tl.constexpr):
+        """codes ``[BLOCK_K // P0, P0, BLOCK_N]`` (k = k0 + r*P0 + j) with every word of the widest
+        slice loaded once; narrower slices are re-read W0/W_s times (from L1)."""
         P0: tl.constexpr = 32 // W0
-        ptr = q_ptr + (offs_k[:, None] // P0) * stride_qk + offs_n[None, :]
-        w = tl.load(ptr, mask=mask_n[None, :], other=0)
-        q = (w >> ((offs_k[:, None] % P0) * W0)) & ((1 << W0) - 1)
+        R: tl.constexpr = BLOCK_K // P0
+        r = tl.arange(0, R)
+        j = tl.arange(0, P0)
+        w = tl.load(q_ptr + (k0 // P0 + r)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :],
+                    other=0)
+        q = (w[:, None, :] >> (j * W0)[None, :, None]) & ((1 << W0) - 1)
         if W1 > 0:
             P1: tl.constexpr = 32 // W1
-            row = (K * W0) // 32 + offs_k // P1
+            D1: tl.constexpr = P1 // P0
+            row = (K * W0) // 32 + k0 // P1 + r // D1
             w1 = tl.load(q_ptr + row[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
-            q |= ((w1 >> ((offs_k[:, None] % P1) * W1)) & ((1 << W1) - 1)) << W0
+            sh = ((r % D1) * P0)[:, None] + j[None, :]
+            q |= ((w1[:, None, :] >> (sh * W1)[:, :, None]) & ((1 << W1) - 1)) << W0
         if W2 > 0:
             P2: tl.constexpr = 32 // W2
-            row = (K * (W0 + W1)) // 32 + offs_k // P2
+            D2: tl.constexpr = P2 // P0
+            row = (K * (W0 + W1)) // 32 + k0 // P2 + r // D2
             w2 = tl.load(q_ptr + row[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
-            q |= ((w2 >> ((offs_k[:, None] % P2) * W2)) & ((1 << W2) - 1)) << (W0 + W1)
+            sh = ((r % D2) * P0)[:, None] + j[None, :]
+            q |= ((w2[:, None, :] >> (sh * W2)[:, :, None]) & ((1 << W2) - 1)) << (W0 + W1)
         return q
+
+    @triton.jit
+    def _place_codes(w, w1, w2, magic, E: tl.constexpr, J: tl.constexpr,
+                     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr):
+        """Code J of the tile as the float q * 2^E: bits [E, E+W0) of w (the widest slice, kept in
+        place), code J of the narrower slices w1/w2 (starting at bit 0) moved next to them, and the
+        exponent of 2^23 from ``magic``. Needs E + W0 + W1 + W2 <= 23."""
+        t = (w & (((1 << W0) - 1) << E)) | magic
+        if W1 > 0:
+            S1: tl.constexpr = E + W0 - J * W1
+            if S1 >= 0:
+                t |= (w1 << S1) & (((1 << W1) - 1) << (E + W0))
+            else:
+                t |= (w1 >> (-S1)) & (((1 << W1) - 1) << (E + W0))
+        if W2 > 0:
+            S2: tl.constexpr = E + W0 + W1 - J * W2
+            if S2 >= 0:
+                t |= (w2 << S2) & (((1 << W2) - 1) << (E + W0 + W1))
+            else:
+                t |= (w2 >> (-S2)) & (((1 << W2) - 1) << (E + W0 + W1))
+        return t.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _codes_to_float(q):
@@ -78,41 +109,117 @@ if triton is not None:
         return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, cb_ptr, y_ptr, N, K, G,
-                           stride_xm, stride_qk, stride_sg, stride_ym, stride_ys, k_per_split,
+    def _load_words(q_ptr, stride_qk, k0, r, offs_n, mask_n, K,
+                    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr):
+        """Words ``[R, BLOCK_N]`` of each slice for the K tile at k0 (w0: widest slice, one row per
+        word; w1/w2: the narrower slices' word holding the same codes, or w0 when absent)."""
+        P0: tl.constexpr = 32 // W0
+        w0 = tl.load(q_ptr + (k0 // P0 + r)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :],
+                     other=0)
+        w1 = w0
+        w2 = w0
+        if W1 > 0:
+            P1: tl.constexpr = 32 // W1
+            row1 = (K * W0) // 32 + k0 // P1 + r // (P1 // P0)
+            w1 = tl.load(q_ptr + row1[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+        if W2 > 0:
+            P2: tl.constexpr = 32 // W2
+            row2 = (K * (W0 + W1)) // 32 + k0 // P2 + r // (P2 // P0)
+            w2 = tl.load(q_ptr + row2[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+        return w0, w1, w2
+
+    @triton.jit
+    def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, cb_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
+                           stride_xm, stride_qk, stride_sg, stride_ym, k_per_split, n_iters,
                            W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                           IS_CB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           ITERS: tl.constexpr):
+                           magic, IS_CB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
+        """One row m, BLOCK_N columns, one K split. Works on 2-D ``[R, BLOCK_N]`` word tiles
+        (R = BLOCK_K // P0 words of the widest slice, each loaded once; the next tile's words are
+        loaded before the current one is used) and unrolls the P0 codes of a word
+        (k = k0 + r*P0 + j), so no layout change or reduction happens in the loop. With split-K,
+        the last program of a column tile (counted in ``lock_ptr``) adds the float32 partials."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
+        P0: tl.constexpr = 32 // W0
+        R: tl.constexpr = BLOCK_K // P0
+        r = tl.arange(0, R)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
         k_start = pid_k * k_per_split
-        for i in range(0, ITERS):  # ITERS * BLOCK_K = k_per_split, which divides K
+        x_row = x_ptr + m * stride_xm
+        # n_iters * BLOCK_K = k_per_split, which divides K. ITERS (constexpr) is used only under
+        # TRITON_INTERPRET, whose runtime loop bounds break with numpy >= 2.4; 0 on GPUs.
+        n = ITERS if ITERS > 0 else n_iters
+        nw0, nw1, nw2 = _load_words(q_ptr, stride_qk, k_start, r, offs_n, mask_n, K, W0, W1, W2)
+        for i in range(0, n):
             k0 = k_start + i * BLOCK_K
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m * stride_xm + offs_k).to(tl.float32)
-            q = _load_codes(q_ptr, stride_qk, offs_k, offs_n, mask_n, K, W0, W1, W2)
+            w0, w1, w2 = nw0, nw1, nw2
+            k_next = k_start + tl.minimum(i + 1, n - 1) * BLOCK_K  # prefetch (the last one repeats)
+            nw0, nw1, nw2 = _load_words(q_ptr, stride_qk, k_next, r, offs_n, mask_n, K, W0, W1, W2)
             g = k0 // G
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+            xs = tl.zeros([R], dtype=tl.float32)
             if IS_CB:
-                v = tl.load(cb_ptr + q)
-                acc += s * tl.sum(x[:, None] * v, axis=0)
+                for j in tl.static_range(P0):
+                    xj = tl.load(x_row + k0 + r * P0 + j).to(tl.float32)
+                    q = (w0 >> (j * W0)) & ((1 << W0) - 1)
+                    if W1 > 0:
+                        D1: tl.constexpr = 32 // W1 // P0
+                        q |= ((w1 >> (((r % D1) * P0 + j) * W1)[:, None]) & ((1 << W1) - 1)) << W0
+                    if W2 > 0:
+                        D2: tl.constexpr = 32 // W2 // P0
+                        q |= ((w2 >> (((r % D2) * P0 + j) * W2)[:, None]) & ((1 << W2) - 1)) << (W0 + W1)
+                    part += xj[:, None] * tl.load(cb_ptr + q)
+                acc += s[None, :] * part
             else:
+                # Codes stay in place: bits (w & (mask << e)) | 0x4B000000 are the float 2^23 + q * 2^e
+                # (exact while e + bits <= 23), so q * 2^e costs a LOP3 (two with a narrower slice
+                # shifted next to it) and one FADD, and the 2^-e goes into x (per row, shared by
+                # the columns). Fields above bit 23 - bits are read from w >> 16.
+                w0h = w0 >> 16
+                if W1 > 0:
+                    w1 = w1 >> ((r % (32 // W1 // P0)) * (P0 * W1))[:, None]  # row's codes start at bit 0
+                if W2 > 0:
+                    w2 = w2 >> ((r % (32 // W2 // P0)) * (P0 * W2))[:, None]
+                for j in tl.static_range(P0):
+                    xj = tl.load(x_row + k0 + r * P0 + j).to(tl.float32)
+                    xs += xj
+                    if j * W0 + W0 + W1 + W2 <= 23:
+                        v = _place_codes(w0, w1, w2, magic, j * W0, j, W0, W1, W2)
+                        part += (xj * (1.0 / (1 << (j * W0))))[:, None] * v
+                    else:
+                        v = _place_codes(w0h, w1, w2, magic, j * W0 - 16, j, W0, W1, W2)
+                        part += (xj * (1.0 / (1 << (j * W0 - 16))))[:, None] * v
                 z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                qf = _codes_to_float(q)
-                acc += s * (tl.sum(x[:, None] * qf, axis=0) - z * tl.sum(x, axis=0))
-        y_ptrs = y_ptr + pid_k * stride_ys + m * stride_ym + offs_n
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+                acc += s[None, :] * (part - z[None, :] * xs[:, None])
+        out = tl.sum(acc, axis=0)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, out, mask=mask_n)
+            lock = lock_ptr + m * tl.num_programs(1) + pid_n
+            if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:  # last split of this tile
+                tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for sk in range(0, SPLIT_K):
+                    tot += tl.load(ws_ptr + (sk * M + m) * N + offs_n, mask=mask_n, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
-    def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, cb_ptr, y_ptr, M, N, K, G,
-                           stride_xm, stride_qk, stride_sg, stride_ym, stride_ys, k_per_split,
+    def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, cb_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
+                           stride_xm, stride_qk, stride_sg, stride_ym, k_per_split, n_iters,
                            W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, IS_CB: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, ITERS: tl.constexpr):
+                           GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
+                           ITERS: tl.constexpr):
+        """Tile ``[BLOCK_M, BLOCK_N]`` of y, one K split: codes of the widest slice loaded once per
+        word, dequantized to x's dtype in registers, ``tl.dot`` on tensor cores. SWAP computes
+        ``y^T = W x^T`` so the weight tile is the MMA's A operand (M-dimension = BLOCK_N) and the
+        few rows of x its N-dimension (small M)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -127,24 +234,51 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_start = pid_k * k_per_split
-        for i in range(0, ITERS):  # ITERS * BLOCK_K = k_per_split, which divides K
+        # n_iters * BLOCK_K = k_per_split, which divides K. ITERS (constexpr) is used only under
+        # TRITON_INTERPRET, whose runtime loop bounds break with numpy >= 2.4; 0 on GPUs.
+        for i in range(0, ITERS if ITERS > 0 else n_iters):
             k0 = k_start + i * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None],
                         other=0.0)
-            q = _load_codes(q_ptr, stride_qk, offs_k, offs_n, mask_n, K, W0, W1, W2)
+            q = tl.reshape(_load_codes_planes(q_ptr, stride_qk, k0, offs_n, mask_n, K, W0, W1, W2,
+                                              BLOCK_K), [BLOCK_K, BLOCK_N])
             g = k0 // G
             s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             if IS_CB:
                 w = tl.load(cb_ptr + q) * s[None, :]
             else:
                 z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                w = (_codes_to_float(q) - z[None, :]) * s[None, :]
-            acc = tl.dot(x, w.to(x.dtype), acc)
-        y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                w = _codes_to_float(q) * s[None, :] - (z * s)[None, :]
+            if SWAP:
+                acc = tl.dot(tl.trans(w.to(x.dtype)), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, w.to(x.dtype), acc)
+        if SWAP:
+            acc = tl.trans(acc)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(ws + pid_k * M * N, acc, mask=mask)
+            lock = lock_ptr + pid
+            if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:  # last split of this tile
+                tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for sk in range(0, SPLIT_K):
+                    tot += tl.load(ws + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                         tot.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GEMV_MAX_M = 2  # launcher: GEMV kernel up to this many rows, tensor cores above
 
 
 def _pick_block_k(G: int, K: int, want: int) -> int:
@@ -163,11 +297,11 @@ def _num_sms(device) -> int:
 def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None = None, *,
                  path: str = "auto", block_n: int | None = None, block_k: int | None = None,
                  block_m: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, swap: bool | None = None) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ nothing). x ``[M, K]`` fp16/bf16/fp32, packed ``PackedWeight``
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
-    slice of a fused output). ``path``: "auto" (GEMV for M <= 2, tensor cores above), "gemv",
-    "gemm"; the block/split keywords override the heuristics (benchmarks)."""
+    slice of a fused output). ``path``: "auto" (GEMV for M <= GEMV_MAX_M, tensor cores above),
+    "gemv", "gemm"; the block/split/swap keywords override the heuristics (benchmarks)."""
     if triton is None:
         raise RuntimeError("quant_matmul needs triton; use ref_quant_matmul")
     _check_inputs(x, packed, out)
@@ -176,58 +310,53 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if packed.qweight.device != x.device:
         raise ValueError(f"packed weight on {packed.qweight.device}, x on {x.device}")
     if packed.perm is not None:
-        x = x[:, packed.perm]
+        x = x.index_select(1, packed.perm)
     x = x.contiguous()
     widths = SLICES[packed.bits] + (0, 0)
     is_cb = packed.fmt != "uniform"
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     cb = packed.codebook if packed.codebook is not None else packed.scales
     if path == "auto":
-        path = "gemv" if M <= 2 else "gemm"
+        path = "gemv" if M <= GEMV_MAX_M else "gemm"
     sms = _num_sms(x.device)
     if path == "gemv":
-        BN = block_n or 64
+        BN = block_n or 128
         BK = _pick_block_k(G, K, block_k or 128)
-        tiles_n = triton.cdiv(N, BN) * M
-        warps, stages = num_warps or 4, num_stages or 3
+        tiles = triton.cdiv(N, BN) * M
+        warps, stages = num_warps or 4, num_stages or 1
     elif path == "gemm":
+        if swap is None:
+            swap = M <= 64
         BM = block_m or (16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
-        BN = block_n or (64 if M <= 64 else 128)
+        BN = block_n or (128 if M <= 64 else 128)
         BK = _pick_block_k(G, K, block_k or (128 if M <= 64 else 64))
-        tiles_n = triton.cdiv(N, BN) * triton.cdiv(M, BM)
+        tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
         raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemm")
     k_tiles = K // BK
-    if split_k is None:
-        split_k = max(1, min(k_tiles, (4 * sms + tiles_n - 1) // tiles_n)) if tiles_n < 2 * sms else 1
+    if split_k is None:  # enough programs to fill the GPU ~4 times over
+        split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1
     per = next(d for d in range(triton.cdiv(k_tiles, max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
     split_k = k_tiles // per
-    k_per_split = per * BK
-    if split_k == 1:
-        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-        stride_ys = 0
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if split_k > 1:
+        ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+        locks = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     else:
-        y = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        stride_ys = y.stride(0)
-    stride_ym = y.stride(-2)
-    args = (x, packed.qweight, packed.scales, zeros, cb, y)
+        ws, locks = y, y
+    args = (x, packed.qweight, packed.scales, zeros, cb, y, ws, locks)
+    iters = per if _INTERPRET else 0
     if path == "gemv":
         grid = (M, triton.cdiv(N, BN), split_k)
-        _quant_gemv_kernel[grid](*args, N, K, G, x.stride(0), packed.qweight.stride(0),
-                                 packed.scales.stride(0), stride_ym, stride_ys, k_per_split,
-                                 widths[0], widths[1], widths[2], is_cb, BN, BK, per,
+        _quant_gemv_kernel[grid](*args, M, N, K, G, x.stride(0), packed.qweight.stride(0),
+                                 packed.scales.stride(0), y.stride(0), per * BK, per,
+                                 widths[0], widths[1], widths[2], 0x4B000000, is_cb, BN, BK, split_k, iters,
                                  num_warps=warps, num_stages=stages)
     else:
-        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split_k)
+        grid = (tiles, split_k)
         _quant_gemm_kernel[grid](*args, M, N, K, G, x.stride(0), packed.qweight.stride(0),
-                                 packed.scales.stride(0), stride_ym, stride_ys, k_per_split,
-                                 widths[0], widths[1], widths[2], is_cb, BM, BN, BK, 8, per,
-                                 num_warps=warps, num_stages=stages)
-    if split_k > 1:
-        total = y.sum(0).to(x.dtype)
-        if out is not None:
-            out.copy_(total)
-            return out
-        return total
+                                 packed.scales.stride(0), y.stride(0), per * BK, per,
+                                 widths[0], widths[1], widths[2], is_cb, BM, BN, BK, 8, split_k, swap,
+                                 iters, num_warps=warps, num_stages=stages)
     return y

@@ -103,6 +103,13 @@ class _PackedMethodBase(QuantMethod):
         return y.reshape(*shape[:-1], layer.out_features)
 
 
+def _check_perm(perm: torch.Tensor, sid) -> torch.Tensor:
+    K = perm.numel()
+    if not torch.equal(torch.sort(perm.long().cpu()).values, torch.arange(K)):
+        raise ValueError(f"tensor 'perm' (shard {sid!r}) is not a permutation of 0..{K - 1}")
+    return perm.long()
+
+
 class AnyBitLinearMethod(_PackedMethodBase):
     """Our format; ``specs`` has one QuantSpec per shard (bit widths may differ per shard)."""
 
@@ -127,12 +134,16 @@ class AnyBitLinearMethod(_PackedMethodBase):
                 self._register(layer, "zeros", sid, (K // G, n), torch.float16)
             else:
                 self._register(layer, "codebook", sid, (2 ** spec.bits,), torch.float32)
+            if spec.act_order:
+                self._register(layer, "perm", sid, (K,), torch.int32)
 
     def expected_tensors(self, layer: Linear) -> list[tuple[str, str | None]]:
         out = []
         for sid, spec in zip(layer.shard_ids, self.specs):
             extra = "zeros" if spec.fmt == "uniform" else "codebook"
             out += [("qweight", sid), ("scales", sid), (extra, sid)]
+            if spec.act_order:
+                out.append(("perm", sid))
         return out
 
     def process_after_loading(self, layer: Linear) -> None:
@@ -144,7 +155,8 @@ class AnyBitLinearMethod(_PackedMethodBase):
                 getattr(layer, "qweight" + sfx), getattr(layer, "scales" + sfx),
                 getattr(layer, "zeros" + sfx) if uniform else None, spec.bits,
                 resolve_group_size(spec.group_size, layer.in_features), layer.in_features, n, spec.fmt,
-                None if uniform else getattr(layer, "codebook" + sfx)))
+                None if uniform else getattr(layer, "codebook" + sfx),
+                _check_perm(getattr(layer, "perm" + sfx), sid) if spec.act_order else None))
         self._finish(layer, packed)
 
 

@@ -34,7 +34,7 @@ GPTQ_BITS = (2, 3, 4, 8)
 def _spec_from(d: dict, where: str) -> QuantSpec:
     try:
         return QuantSpec(bits=d.get("bits", 4), group_size=d.get("group_size", 128),
-                         fmt=d.get("format", "uniform"))
+                         fmt=d.get("format", "uniform"), act_order=bool(d.get("act_order", False)))
     except (ValueError, TypeError) as e:
         raise ValueError(f"quantization_config.{where}: {e}") from None
 
@@ -107,7 +107,7 @@ def quant_config_from_hf(hf_config: dict) -> QuantConfig | None:
                          f"allowed: {', '.join(QUANT_METHODS)}")
     skip = tuple(qc.get("modules_to_not_convert") or ())
     if method == "anybit":
-        default = _spec_from(qc, "bits/group_size/format")
+        default = _spec_from({k: v for k, v in qc.items() if k != "act_order"}, "bits/group_size/format")
         modules = None
         if "modules" in qc:
             if not isinstance(qc["modules"], dict):

@@ -24,11 +24,13 @@ from anybit.quant.format import (
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """bits in 1..8; group_size 32/64/128/... or -1 (per output channel); fmt uniform|nf4|fp4|learned."""
+    """bits in 1..8; group_size 32/64/128/... or -1 (per output channel); fmt uniform|nf4|fp4|learned;
+    act_order (GPTQ): columns stored in a permuted order, checkpoint carries a ``perm`` tensor."""
 
     bits: int = 4
     group_size: int = 128
     fmt: str = "uniform"
+    act_order: bool = False
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -37,7 +39,10 @@ class QuantSpec:
             raise ValueError(f"group_size: got {self.group_size}, allowed: a multiple of 32 or -1")
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "format": self.fmt}
+        d = {"bits": self.bits, "group_size": self.group_size, "format": self.fmt}
+        if self.act_order:
+            d["act_order"] = True
+        return d
 
 
 def learn_codebook(W: torch.Tensor, bits: int, group_size: int, iters: int = 20) -> torch.Tensor:
