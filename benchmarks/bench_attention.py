@@ -83,6 +83,12 @@ def check_correctness(notes: list[str]) -> None:
                 out = paged_attention_decode(q, cache, sl, table, D ** -0.5, win, max(seq), num_splits=splits)
                 e = rel(out, ref)
                 assert e < 1e-2, f"decode {dtype} window={win} splits={splits}: rel err {e:.2e}"
+        if dtype == "int8":
+            ref = ref_paged_attention_decode(q, cache, sl, table, D ** -0.5, None, max(seq))
+            for flags in ({"int8_qk": True}, {"int8_qk": True, "int8_pv": True}):
+                e = rel(paged_attention_decode(q, cache, sl, table, D ** -0.5, None, max(seq), **flags), ref)
+                notes.append(f"int8 decode {flags}: rel err vs ref_ (int8 cache, exact math) {e:.2e}")
+                assert e < 2e-2, notes[-1]
         qlens = [1, 17, 129, 700]
         qs = torch.randn(sum(qlens), NH, D, device="cuda", dtype=torch.bfloat16)
         qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32, device="cuda")
@@ -90,8 +96,8 @@ def check_correctness(notes: list[str]) -> None:
             args = (qs, cache, qsl, sl, table, D ** -0.5, win, max(qlens), max(seq))
             e = rel(paged_attention_prefill(*args), ref_paged_attention_prefill(*args))
             assert e < 1e-2, f"prefill {dtype} window={win}: rel err {e:.2e}"
-    notes.append("correctness: decode (splits auto/1/7, window none/100) and prefill (prefix hits, window) "
-                 "vs ref_ on GPU for bf16/int8/int4 caches: all rel err < 1e-2")
+    notes.append("correctness (bf16 query): decode (splits auto/1/7, window none/100) and prefill (prefix hits, "
+                 "window) vs ref_ on GPU for bf16/int8/int4 caches: all rel err < 1e-2")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,17 +170,25 @@ def bench_prefill(notes, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------
-def decode_case(batch, ctx, dtype):
+VARIANTS = {"bfloat16": ("bfloat16", {}), "int8": ("int8", {}), "int8+qk8": ("int8", {"int8_qk": True}),
+            "int8+qk8+pv8": ("int8", {"int8_qk": True, "int8_pv": True}), "int4": ("int4", {})}
+
+
+def decode_case(batch, ctx, variant):
+    dtype, flags = VARIANTS[variant]
     cache, table = paged_batch([ctx] * batch, dtype)
     q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
     sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     nbytes = batch * ctx * NKV * 2 * kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
-    return (lambda **kw: paged_attention_decode(q, cache, sl, table, D ** -0.5, None, ctx, **kw)), nbytes
+    return (lambda **kw: paged_attention_decode(q, cache, sl, table, D ** -0.5, None, ctx, **flags, **kw)), \
+        nbytes
 
 
 def bench_decode(notes, out_dir):
     sweeps = {"bfloat16": [(64, 4, 3), (32, 4, 3), (128, 4, 3), (64, 8, 3), (64, 4, 4), (32, 4, 5)],
               "int8": [(128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 4)],
+              "int8+qk8": [(128, 4, 3), (64, 4, 3), (128, 8, 3)],
+              "int8+qk8+pv8": [(128, 4, 3), (64, 4, 3), (128, 8, 3)],
               "int4": [(128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3), (256, 4, 2)]}
     best = {}
     for dtype, cfgs in sweeps.items():
@@ -203,7 +217,7 @@ def bench_decode(notes, out_dir):
     bf16_t = {}
     for batch in (1, 32, 64):
         for ctx in (4096, 8192, 16384, 32768):
-            for dtype in ("bfloat16", "int8", "int4"):
+            for dtype in VARIANTS:
                 fn, nbytes = decode_case(batch, ctx, dtype)
                 t = bench(fn)
                 bn, w, s = best[dtype]
@@ -219,6 +233,8 @@ def bench_decode(notes, out_dir):
     notes.append("bytes = K+V codes and scales/zeros of every context token + q + out; L2 flushed per call")
     cols = ["batch", "context", "kv_dtype", "time_us", "tb_per_s", "best_cfg_tb_per_s", "speedup_vs_bf16",
             "mbytes"]
+    notes.append("kv_dtype int8+qk8: query quantized per head to int8, QK^T on int8 tensor cores; +pv8: "
+                 "p * v_scale quantized per row to int8 for PV (approximations, off by default)")
     write_result("attention_decode", "Split-K paged decode, 32 q / 8 kv heads, d128 (effective TB/s)", cols,
                  rows, notes, out_dir=out_dir)
     return cols, rows
@@ -229,7 +245,14 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--profile", default=None, help="only run this decode variant at b32/8k (for ncu)")
     a = ap.parse_args()
+    if a.profile:
+        fn, _ = decode_case(32, 8192, a.profile)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        return
     notes: list[str] = []
     src = torch.randn(512 * 2**20 // 4, device="cuda")
     dst = torch.empty_like(src)
@@ -237,8 +260,9 @@ def main():
     notes.append(f"device-to-device copy (read + write) measured in this run: {copy_tbs:.2f} TB/s")
     print(notes[-1])
     src = dst = None
+    n0 = len(notes)
     check_correctness(notes)
-    print(notes[-1])
+    print("\n".join(notes[n0:]))
     tables = []
     if not a.skip_prefill:
         tables.append(bench_prefill(list(notes), a.out))

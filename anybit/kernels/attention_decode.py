@@ -14,7 +14,14 @@ import triton
 import triton.language as tl
 
 from anybit.kernels.attention_prefill import _check_attn_args, ref_attend
-from anybit.kernels.kv_cache_ops import compute_dtype, gather_kv, kv_mode, kv_scale_args, load_kv_tile
+from anybit.kernels.kv_cache_ops import (
+    _round_half_even,
+    compute_dtype,
+    gather_kv,
+    kv_mode,
+    kv_scale_args,
+    load_kv_tile,
+)
 from anybit.layers.attention_meta import LayerKVCache
 
 
@@ -45,7 +52,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, stride_bt,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, MODE: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr):
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS). One program = all G query heads of one kv head
     over one slice of the context; partial (o, lse) go to mid buffers unless NUM_SPLITS == 1."""
     seq = tl.program_id(0).to(tl.int64)
@@ -79,7 +86,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         qsum += tl.sum(qb.to(tl.float32), axis=1)
         qb = qb.to(CDT)
         acc_b = tl.zeros([BLOCK_G, HEAD_DIM // 2], tl.float32)
-    qa = qa.to(CDT)
+    if INT8_QK:  # int8 cache: query quantized per head so raw K codes feed an int8 MMA
+        qf = qa.to(tl.float32)
+        q_scale = tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-20) / 127.0
+        qa = _round_half_even(qf / q_scale[:, None]).to(tl.int8)
+    else:
+        qa = qa.to(CDT)
+    offs_raw = tl.arange(0, HEAD_DIM)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     bt_row = bt_ptr + seq * stride_bt
@@ -90,8 +103,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         in_page = (tok % PAGE).to(tl.int64)
         row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
         srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
-        ka, kb, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
-        s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+        if INT8_QK:
+            kraw = tl.load(k_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
+            ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0)
+            s = tl.dot(qa, tl.trans(kraw)).to(tl.float32) * q_scale[:, None]
+        else:
+            ka, kb, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N,
+                                           CDT)
+            s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
         if MODE == 2:
             s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
         if MODE > 0:
@@ -103,12 +122,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        va, vb, vsc, vz = load_kv_tile(v_ptr, vs_ptr, vz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N, CDT)
-        if MODE == 0:
-            pw = p.to(CDT)
+        if INT8_PV:  # p * v_scale quantized per row to int8 so raw V codes feed an int8 MMA
+            vraw = tl.load(v_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
+            vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+            w = p * vsc[None, :]
+            w_scale = tl.maximum(tl.max(w, axis=1), 1e-30) / 127.0
+            w8 = tl.floor(w / w_scale[:, None] + 0.5).to(tl.int8)
+            acc = acc * alpha[:, None] + tl.dot(w8, vraw).to(tl.float32) * w_scale[:, None]
         else:
-            pw = (p * vsc[None, :]).to(CDT)
-        acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+            va, vb, vsc, vz = load_kv_tile(v_ptr, vs_ptr, vz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N,
+                                           CDT)
+            if MODE == 0:
+                pw = p.to(CDT)
+            else:
+                pw = (p * vsc[None, :]).to(CDT)
+            acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
         if MODE == 2:
             zc = tl.sum(p * vz[None, :], axis=1)[:, None]
             acc += zc
@@ -178,11 +206,15 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            seq_lens_cpu: list[int] | None = None, *, num_splits: int | None = None,
                            block_n: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, int8_qk: bool = False,
+                           int8_pv: bool = False) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
     int32 (context incl. the current token); block_table ``[num_seqs, max_blocks_per_seq]`` int32.
+    int8 caches only: ``int8_qk`` quantizes the query per head to int8 and runs QK^T on int8 tensor
+    cores; ``int8_pv`` quantizes ``p * v_scale`` per row to int8 for an int8 PV product (both
+    approximations beyond the cache's own quantization; off by default).
     The context is cut into ``num_splits`` slices of ``tokens_per_split`` (from ``max_seq_len``),
     each program reads its slice once for all heads of a GQA group; a reduction kernel merges.
     """
@@ -227,6 +259,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         kc.stride(0), kc.stride(1), kc.stride(2), sstr[0], sstr[1], sstr[2], block_table.stride(0),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=head_dim, BLOCK_N=block_n,
         PAGE=kv_cache.block_size, MODE=mode, CDT=cdt, DOT_PREC=prec, NUM_SPLITS=splits,
+        INT8_QK=bool(int8_qk and mode == 1), INT8_PV=bool(int8_pv and mode == 1),
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages)
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
