@@ -35,7 +35,21 @@ PRESETS = {
 }
 
 
-def make_folder(preset: str, path: Path, with_weights: bool) -> None:
+def quant_config(preset: str, bits: int, group_size: int = 128, lm_head_bits: int | None = None) -> dict:
+    """An anybit quantization_config for every Linear of the preset (lm_head at lm_head_bits)."""
+    layers = PRESETS[preset]["num_hidden_layers"]
+    spec = {"bits": bits, "group_size": group_size, "format": "uniform"}
+    modules = {}
+    for i in range(layers):
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            modules[f"model.layers.{i}.{m}"] = spec
+    if lm_head_bits:
+        modules["lm_head"] = {**spec, "bits": lm_head_bits}
+    return {"quant_method": "anybit", "format_version": 1, **spec, "modules": modules}
+
+
+def make_folder(preset: str, path: Path, with_weights: bool, quant: dict | None = None) -> None:
     from tests.model_factory import make_tokenizer
 
     make_tokenizer(path)
@@ -43,6 +57,8 @@ def make_folder(preset: str, path: Path, with_weights: bool) -> None:
                rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                torch_dtype="bfloat16")
     cfg.update(PRESETS[preset])
+    if quant:
+        cfg["quantization_config"] = quant
     (path / "config.json").write_text(json.dumps(cfg))
     if with_weights:
         import transformers
@@ -134,6 +150,9 @@ def main():
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--quant-bits", type=int, nargs="*", default=[],
+                    help="also run anybit with weights at these bit widths (GPU, random codes)")
+    ap.add_argument("--lm-head-bits", type=int, default=None, help="quantize lm_head too (with --quant-bits)")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -155,6 +174,15 @@ def main():
                                         **engine_kw)
                 row[f"anybit_{backend}_tok_s"] = batch * args.gen / t
                 row[f"anybit_{backend}_decode_tok_s"] = batch * (args.gen - 1) / t_dec
+            for bits in args.quant_bits:
+                qdir = folder / f"w{bits}"
+                qdir.mkdir(exist_ok=True)
+                make_folder(args.preset, qdir, with_weights=False,
+                            quant=quant_config(args.preset, bits, lm_head_bits=args.lm_head_bits))
+                t, t_dec = bench_anybit(qdir, prompts, args.gen, dtype, device, "auto", args.repeats,
+                                        **engine_kw)
+                row[f"anybit_w{bits}_tok_s"] = batch * args.gen / t
+                row[f"anybit_w{bits}_decode_tok_s"] = batch * (args.gen - 1) / t_dec
             if not args.skip_transformers:
                 t = bench_transformers(folder, args.preset, prompts, args.gen, dtype, device, args.repeats)
                 row["transformers_tok_s"] = batch * args.gen / t

@@ -136,13 +136,33 @@ def _quant_config(hf_config: dict):
 
 @torch.no_grad()
 def _fill_random(model: torch.nn.Module) -> None:
-    """Random weights for speed benchmarks (speed does not depend on the values)."""
-    if any(type(m.quant_method).__name__ != "UnquantizedMethod" for m in model.modules()
-           if hasattr(m, "quant_method")):
-        raise ValueError("load_format: 'dummy' supports unquantized models only")
+    """Random weights for speed benchmarks (speed does not depend on the values). Quantized
+    layers get random codes, small positive scales and in-range zeros."""
+    from anybit.layers.linear import Linear, UnquantizedMethod
+
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():
+        if not isinstance(module, Linear) or isinstance(module.quant_method, UnquantizedMethod):
+            continue
+        for name, buf in module.named_buffers(recurse=False):
+            base = name.split("__")[0].split(".")[0]
+            if base.startswith("perm"):
+                buf.copy_(torch.randperm(buf.numel(), generator=gen, device=buf.device).to(buf.dtype))
+            elif buf.dtype == torch.int32:
+                buf.random_(-(2 ** 31), 2 ** 31 - 1, generator=gen)
+            elif base.startswith("scales"):
+                buf.uniform_(1e-3, 1e-2, generator=gen)
+            elif base.startswith("zeros"):
+                buf.uniform_(0.0, 3.0, generator=gen)
+            elif base.startswith("codebook"):
+                buf.copy_(torch.linspace(-1, 1, buf.numel(), device=buf.device))
+            else:
+                buf.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.process_after_loading()
