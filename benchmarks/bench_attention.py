@@ -96,8 +96,8 @@ def check_correctness(notes: list[str]) -> None:
             args = (qs, cache, qsl, sl, table, D ** -0.5, win, max(qlens), max(seq))
             e = rel(paged_attention_prefill(*args), ref_paged_attention_prefill(*args))
             assert e < 1e-2, f"prefill {dtype} window={win}: rel err {e:.2e}"
-    notes.append("correctness (bf16 query): decode (splits auto/1/7, window none/100) and prefill (prefix hits, "
-                 "window) vs ref_ on GPU for bf16/int8/int4 caches: all rel err < 1e-2")
+    notes.append("correctness (bf16 query): decode (splits auto/1/7, window none/100) and prefill "
+                 "(prefix hits, window) vs ref_ on GPU for bf16/int8/int4 caches: all rel err < 1e-2")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -104,3 +104,14 @@ def test_quantized_kv_quality(device):
                                           block_n=64 if device == "cpu" else None)
     assert rel_err(outs["int8"], outs["bfloat16"]) < 0.02
     assert rel_err(outs["int4"], outs["bfloat16"]) < 0.2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flags", [{"int8_qk": True}, {"int8_qk": True, "int8_pv": True}])
+def test_decode_int8_mma_variants(device, flags):
+    """Opt-in int8 tensor-core paths: extra error small next to the int8 cache's own error."""
+    b = make_batch([300, 77, 1], [1, 1, 1], 4, 1, 64, "int8", q_dtype=torch.float32, seed=5, device=device)
+    ref = ref_paged_attention_decode(*_decode_args(b, None))
+    out = paged_attention_decode(*_decode_args(b, None), num_splits=2,
+                                 block_n=64 if device == "cpu" else None, **flags)
+    assert rel_err(out, ref) < 1e-2
