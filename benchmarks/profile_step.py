@@ -1,0 +1,115 @@
+"""Where does a decode step's time go? (GPU; Llama-3-8B-shaped dummy weights)
+
+For each batch size: wall time of engine.step() in steady decode, the pure GPU time of the
+captured decode graph (replayed back to back), and the host phases of a step timed with a
+synchronize at each boundary (schedule, input build + replay launch, logits + sampling +
+transfer, scheduler update, detokenize / outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_e2e import make_folder, quant_config  # noqa: E402
+from benchmarks.common import print_table, write_result  # noqa: E402
+
+
+def timed(fn, acc: dict, key: str):
+    def wrapper(*a, **kw):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        r = fn(*a, **kw)
+        torch.cuda.synchronize()
+        acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+        return r
+    return wrapper
+
+
+def profile(folder: Path, batch: int, steps: int) -> dict:
+    from anybit import LLM, SamplingParams
+
+    llm = LLM(str(folder), load_format="dummy", progress=False, max_num_seqs=max(batch, 8))
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 20, ignore_eos=True)
+    for i in range(batch):
+        eng.add_request(f"p{i}", list(range(10, 138)), params)
+    for _ in range(5):
+        eng.step()
+    # 1. wall time of plain steps
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    # 2. pure GPU time of the graph
+    gr = eng.runner.graph_runner
+    b = next(x for x in gr.buckets if x >= batch)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        gr.graphs[b].replay()
+    end.record()
+    torch.cuda.synchronize()
+    graph_ms = start.elapsed_time(end) / steps
+    # 3. phases with syncs at the boundaries
+    acc: dict[str, float] = {}
+    runner, sched = eng.runner, eng.scheduler
+    sched.schedule = timed(sched.schedule, acc, "schedule")
+    gr.run = timed(gr.run, acc, "inputs+replay")
+    runner.model.compute_logits = timed(runner.model.compute_logits, acc, "lm_head")
+    runner.sampler = timed(runner.sampler, acc, "sampler")
+    sched.update_from_output = timed(sched.update_from_output, acc, "update")
+    eng._apply = timed(eng._apply, acc, "detok+outputs")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    synced = (time.perf_counter() - t) / steps
+    row = {"batch": batch, "step_wall_ms": wall * 1e3, "graph_gpu_ms": graph_ms,
+           "host_overhead_ms": wall * 1e3 - graph_ms, "synced_step_ms": synced * 1e3}
+    for k, v in acc.items():
+        row[f"{k}_ms"] = v / steps * 1e3
+    del llm, eng
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--quant-bits", type=int, default=None)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        quant = quant_config("llama3-8b", args.quant_bits, lm_head_bits=8) if args.quant_bits else None
+        make_folder("llama3-8b", folder, with_weights=False, quant=quant)
+        for b in args.batch:
+            row = profile(folder, b, args.steps)
+            row["weights"] = f"w{args.quant_bits}" if args.quant_bits else "bf16"
+            rows.append(row)
+            print(row, flush=True)
+    cols = ["weights"] + [c for c in rows[0] if c != "weights"]
+    name = "e2e_step_profile_" + (f"w{args.quant_bits}" if args.quant_bits else "bf16")
+    write_result(name, "Decode step breakdown (Llama-3-8B shape, triton + CUDA graphs)", cols, rows,
+                 ["step_wall_ms: engine.step() in steady decode; graph_gpu_ms: the captured decode graph "
+                  "replayed back to back (GPU only); phases timed with a synchronize at each boundary"],
+                 out_dir=args.out_dir)
+    print_table(cols, rows)
+
+
+if __name__ == "__main__":
+    main()
