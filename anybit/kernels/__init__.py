@@ -4,6 +4,10 @@ Every op has three names: ``_op_kernel`` (``@triton.jit``), ``op(...)`` (launche
 and dtypes, picks block sizes) and ``ref_op(...)`` (plain torch: the CPU path and the test oracle).
 Import the submodules directly (``from anybit.kernels.attention_decode import ...``).
 
+CPU-only processes: when no CUDA device exists, ``TRITON_INTERPRET=1`` is set (unless already set)
+before any kernel module is imported, so ``@triton.jit`` kernels run through Triton's interpreter
+on CPU tensors (tests) instead of failing; the engine itself uses the ``ref_`` ops on CPU.
+
 Interpreter compatibility: under ``TRITON_INTERPRET=1`` (CPU tests) Triton 3.6 turns a scalar
 into a 1-element numpy array, and numpy >= 2.4 refuses ``int()`` of such an array, which breaks
 every loop whose bounds depend on a program id or a loaded value (``range(start, end, BLOCK)``).
@@ -34,4 +38,16 @@ def _patch_interpreter() -> None:
     interpreter._anybit_index_patch = True
 
 
+def _default_to_interpreter() -> None:
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_default_to_interpreter()
 _patch_interpreter()
