@@ -39,7 +39,7 @@ def profile(folder: Path, batch: int, steps: int) -> dict:
 
     llm = LLM(str(folder), load_format="dummy", progress=False, max_num_seqs=max(batch, 8))
     eng = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 20, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=3 * steps + 20, ignore_eos=True)
     for i in range(batch):
         eng.add_request(f"p{i}", list(range(10, 138)), params)
     for _ in range(5):
