@@ -244,8 +244,12 @@ def compute_dtype(query: torch.Tensor, kv_cache: LayerKVCache):
     """(tl dtype of the tensor-core operands, dot input precision) for a query and cache."""
     if query.dtype not in _TL_DTYPES:
         raise ValueError(f"query dtype must be bfloat16, float16 or float32, got {query.dtype}")
-    # quantized caches: float16 operands (integer codes convert to fp16 by a bit trick, exactly)
-    cdt = _TL_DTYPES[kv_cache.key.dtype] if kv_mode(kv_cache.dtype) == 0 else tl.float16
+    # quantized caches: float16 operands (integer codes convert to fp16 by a bit trick, exactly),
+    # float32 ones for a float32 query (tests, greedy parity with the torch backend)
+    if kv_mode(kv_cache.dtype) == 0:
+        cdt = _TL_DTYPES[kv_cache.key.dtype]
+    else:
+        cdt = tl.float32 if query.dtype == torch.float32 else tl.float16
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         cdt = tl.float32  # the Triton 3.6 interpreter computes bf16 tl.dot wrongly; fp32 is exact there
     return cdt, ("ieee" if cdt == tl.float32 else "tf32")
