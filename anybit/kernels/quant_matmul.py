@@ -164,15 +164,17 @@ if triton is not None:
             part = tl.zeros([R, BLOCK_N], dtype=tl.float32)
             xs = tl.zeros([R], dtype=tl.float32)
             if IS_CB:
+                if W1 > 0:
+                    w1 = w1 >> ((r % (32 // W1 // P0)) * (P0 * W1))[:, None]  # row's codes start at bit 0
+                if W2 > 0:
+                    w2 = w2 >> ((r % (32 // W2 // P0)) * (P0 * W2))[:, None]
                 for j in tl.static_range(P0):
                     xj = tl.load(x_row + k0 + r * P0 + j).to(tl.float32)
                     q = (w0 >> (j * W0)) & ((1 << W0) - 1)
                     if W1 > 0:
-                        D1: tl.constexpr = 32 // W1 // P0
-                        q |= ((w1 >> (((r % D1) * P0 + j) * W1)[:, None]) & ((1 << W1) - 1)) << W0
+                        q |= ((w1 >> (j * W1)) & ((1 << W1) - 1)) << W0
                     if W2 > 0:
-                        D2: tl.constexpr = 32 // W2 // P0
-                        q |= ((w2 >> (((r % D2) * P0 + j) * W2)[:, None]) & ((1 << W2) - 1)) << (W0 + W1)
+                        q |= ((w2 >> (j * W2)) & ((1 << W2) - 1)) << (W0 + W1)
                     part += xj[:, None] * tl.load(cb_ptr + q)
                 acc += s[None, :] * part
             else:
@@ -277,8 +279,57 @@ if triton is not None:
                          tot.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _dequant_kernel(q_ptr, s_ptr, z_ptr, cb_ptr, w_ptr, N, K, G, n_start, stride_qk, stride_sg, stride_wk,
+                        W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, IS_CB: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Dense ``W^T[k, n - n_start]`` in w_ptr's dtype for one ``[BLOCK_K, BLOCK_N]`` tile (the
+        large-M path: dequantize once, then a cuBLAS GEMM)."""
+        k0 = tl.program_id(0) * BLOCK_K
+        offs_n = n_start + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        q = tl.reshape(_load_codes_planes(q_ptr, stride_qk, k0, offs_n, mask_n, K, W0, W1, W2, BLOCK_K),
+                       [BLOCK_K, BLOCK_N])
+        g = k0 // G
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if IS_CB:
+            w = tl.load(cb_ptr + q) * s[None, :]
+        else:
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = _codes_to_float(q) * s[None, :] - (z * s)[None, :]
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(w_ptr + offs_k[:, None] * stride_wk + (offs_n - n_start)[None, :],
+                 w.to(w_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+def dequant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None = None,
+                   chunk_n: int = 16384) -> torch.Tensor:
+    """Large-M path: dequantize ``W^T`` in column chunks of ``chunk_n`` (bounded scratch memory)
+    with ``_dequant_kernel`` and multiply with cuBLAS. x ``[M, K]`` (perm already applied)."""
+    M, K = x.shape
+    N, G = packed.out_features, packed.group_size
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    widths = SLICES[packed.bits] + (0, 0)
+    zeros = packed.zeros if packed.zeros is not None else packed.scales
+    cb = packed.codebook if packed.codebook is not None else packed.scales
+    BN, BK = 128, _pick_block_k(G, K, 64)
+    for n0 in range(0, N, chunk_n):
+        n = min(chunk_n, N - n0)
+        wt = torch.empty(K, n, dtype=x.dtype, device=x.device)
+        _dequant_kernel[(K // BK, triton.cdiv(n, BN))](
+            packed.qweight, packed.scales, zeros, cb, wt, n0 + n, K, G, n0, packed.qweight.stride(0),
+            packed.scales.stride(0), wt.stride(0), widths[0], widths[1], widths[2],
+            packed.fmt != "uniform", BN, BK, num_warps=4)
+        if y.is_contiguous() and n == N:
+            torch.mm(x, wt, out=y)
+        else:
+            y[:, n0:n0 + n].copy_(x @ wt)
+    return y
+
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-GEMV_MAX_M = 2  # launcher: GEMV kernel up to this many rows, tensor cores above
+GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
+DEQUANT_MIN_M = 128  # and from this many rows dequantize to a scratch W^T + cuBLAS
 
 
 def _pick_block_k(G: int, K: int, want: int) -> int:
@@ -317,7 +368,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     cb = packed.codebook if packed.codebook is not None else packed.scales
     if path == "auto":
-        path = "gemv" if M <= GEMV_MAX_M else "gemm"
+        path = "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
+    if path == "dequant":
+        return dequant_matmul(x, packed, out)
     sms = _num_sms(x.device)
     if path == "gemv":
         BN = block_n or 128
@@ -333,7 +386,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemm")
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemm, dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over
         split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1
