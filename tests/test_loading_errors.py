@@ -134,3 +134,13 @@ def test_bad_engine_options(base_dir):
         load(base_dir, dtype="float8")
     with pytest.raises(ValueError, match="kv_cache_memory"):
         load(base_dir, kv_cache_memory=100)
+
+
+def test_bf16_checkpoint_loads_in_every_compute_dtype(tmp_path):
+    path = make_tiny_model(tmp_path / "bf16", arch="llama", dtype="bfloat16")
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        llm = load(path, dtype=dtype)
+        outs[dtype] = llm.generate("def fibonacci(n):", SamplingParams(temperature=0.0, max_tokens=4))[0]
+        assert llm.engine.runner.model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+    assert len(outs["float32"].outputs[0].token_ids) == 4
