@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--corpus", default=None, help="stdlib dir or .tar.xz for GPTQ calibration")
     ap.add_argument("--calib-bytes", type=int, default=400_000)
     ap.add_argument("--max-mb", type=float, default=25.0)
+    ap.add_argument("--quantized", default=None,
+                    help="existing `anybit quantize` output of --src with these settings (skip quantizing)")
     a = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="anybit-ship-")
@@ -65,7 +67,11 @@ def main() -> None:
     calib = os.path.join(work, "calib.txt")
     with open(calib, "w") as f:
         f.write(calib_text(a.corpus, a.calib_bytes))
-    secs = quantize(a.src, out, a.method, a.bits, a.group_size, calib)
+    if a.quantized:
+        shutil.copytree(a.quantized, out)
+        secs = float("nan")
+    else:
+        secs = quantize(a.src, out, a.method, a.bits, a.group_size, calib)
     for name in COPY:
         if not os.path.exists(os.path.join(out, name)) or name.startswith(("heldout", "training")):
             shutil.copy2(os.path.join(a.src, name), os.path.join(out, name))
@@ -81,7 +87,9 @@ def main() -> None:
     info["shipped"] = {
         "quantization": {"method": a.method, "bits": a.bits, "group_size": a.group_size,
                          "calibration_bytes": a.calib_bytes if a.method == "gptq" else 0,
-                         "quantize_seconds": round(secs, 1)},
+                         "quantize_seconds": None if math.isnan(secs) else round(secs, 1),
+                         "command": f"anybit quantize SRC OUT --bits {a.bits} --group-size {a.group_size} "
+                                    f"--method {a.method}" + (" --calib CALIB" * (a.method == "gptq"))},
         "folder_mb": round(mb, 2),
         "test_protocol": {"tokens": n, "window": TEST_WINDOW,
                           "what": "first tokens of heldout_sample.json, anybit engine on CPU (float32)"},
@@ -96,6 +104,9 @@ def main() -> None:
     if os.path.isdir(DEST):
         shutil.rmtree(DEST)
     shutil.copytree(out, DEST)
+    os.chmod(DEST, 0o755)
+    for name in os.listdir(DEST):
+        os.chmod(os.path.join(DEST, name), 0o644)
     shutil.rmtree(work)
     print(json.dumps(info["shipped"], indent=1))
     print(f"installed {DEST} ({mb:.1f} MB)")
