@@ -121,6 +121,8 @@ def quantize_model(model_dir, out_dir, bits: int = 4, group_size: int = 128, met
         raise ValueError(f"method: got {method!r}, allowed: rtn, gptq")
     if method == "gptq" and not calib:
         raise ValueError("--calib FILE is required for --method gptq")
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: output folder already exists (pass overwrite to replace it)")
     default = QuantSpec(bits, group_size, fmt, act_order and method == "gptq")
     cfg = load_hf_config(model_dir)
     if cfg.get("quantization_config"):

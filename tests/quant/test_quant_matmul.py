@@ -1,0 +1,93 @@
+"""quant_matmul (Triton; interpreter on CPU) vs ref_quant_matmul and vs a float dequantization."""
+
+import pytest
+import torch
+
+from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
+from anybit.quant.format import dequantize
+from anybit.quant.rtn import QuantSpec, rtn_quantize
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _packed(N, K, bits, group, fmt="uniform", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, fmt)).to(DEV)
+
+
+def _check(y, ref, tol):
+    assert torch.isfinite(y).all()
+    err = float((y.float() - ref.float()).norm() / ref.float().norm())
+    assert err < tol, err
+
+
+# every bit width, odd M; N and K multiples of the group size but not of 256
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("M", [1, 3, 33])
+def test_every_bit_width(bits, M):
+    pw = _packed(96, 384, bits, 128, seed=bits)
+    x = torch.randn(M, 384, device=DEV)
+    ref = ref_quant_matmul(x, pw)
+    dense = x @ dequantize(pw).to(DEV).t()
+    y = quant_matmul(x, pw)
+    _check(y, ref, 1e-5 if not CUDA else 5e-3)
+    _check(y, dense, 1e-5 if not CUDA else 5e-3)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("path", ["gemv", "gemm", "dequant"])
+def test_group_sizes_and_paths(group, path):
+    K = 160 if group in (32, -1) else 192 if group == 64 else 384
+    pw = _packed(80, K, 3, group, seed=group % 7)
+    x = torch.randn(3 if path != "gemv" else 1, K, device=DEV)
+    _check(quant_matmul(x, pw, path=path), ref_quant_matmul(x, pw), 1e-5 if not CUDA else 5e-3)
+
+
+@pytest.mark.parametrize("fmt, bits", [("nf4", 4), ("fp4", 4), ("learned", 3), ("learned", 5)])
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_codebooks(fmt, bits, path):
+    pw = _packed(64, 192, bits, 64, fmt, seed=3)
+    x = torch.randn(1 if path == "gemv" else 5, 192, device=DEV)
+    _check(quant_matmul(x, pw, path=path), ref_quant_matmul(x, pw), 1e-5 if not CUDA else 5e-3)
+
+
+def test_split_k_and_out_column_slice():
+    pw = _packed(96, 384, 4, 32, seed=5)
+    x = torch.randn(2, 384, device=DEV)
+    ref = ref_quant_matmul(x, pw)
+    for path in ("gemv", "gemm"):
+        out = torch.full((2, 160), float("nan"), device=DEV)
+        quant_matmul(x, pw, out=out[:, 32:128], path=path, split_k=4)
+        _check(out[:, 32:128], ref, 1e-5 if not CUDA else 5e-3)
+        assert torch.isnan(out[:, :32]).all() and torch.isnan(out[:, 128:]).all()
+
+
+def test_act_order_permutation():
+    pw = _packed(32, 128, 4, 32, seed=9)
+    pw.perm = torch.randperm(128, generator=torch.Generator().manual_seed(0)).to(DEV)
+    x = torch.randn(2, 128, device=DEV)
+    dense = x @ dequantize(pw).to(DEV).t()
+    _check(quant_matmul(x, pw), dense, 1e-5 if not CUDA else 5e-3)
+    _check(ref_quant_matmul(x, pw), dense, 1e-6)
+
+
+def test_input_errors():
+    pw = _packed(32, 64, 4, 32)
+    with pytest.raises(ValueError, match="x: expected"):
+        quant_matmul(torch.randn(2, 65, device=DEV), pw)
+    with pytest.raises(ValueError, match="out: expected"):
+        quant_matmul(torch.randn(2, 64, device=DEV), pw, out=torch.empty(2, 31, device=DEV))
+    with pytest.raises(ValueError, match="path"):
+        quant_matmul(torch.randn(2, 64, device=DEV), pw, path="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 7, 64, 300])
+def test_gpu_half_inputs(dtype, M):
+    for bits in (2, 3, 4, 8):
+        pw = _packed(512, 1024, bits, 128, seed=bits)
+        x = torch.randn(M, 1024, device="cuda", dtype=dtype)
+        _check(quant_matmul(x, pw), ref_quant_matmul(x.float(), pw), 1e-2)
