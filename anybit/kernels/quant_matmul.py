@@ -18,6 +18,7 @@ shifted by ``(k % (32//w)) * w`` (the repeated words of a tile come from L1).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -339,9 +340,14 @@ def _pick_block_k(G: int, K: int, want: int) -> int:
     raise ValueError(f"group_size {G} / in_features {K}: need a common divisor in 32, 64, 128")
 
 
+@functools.lru_cache(maxsize=16)
+def _sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
