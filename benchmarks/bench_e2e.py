@@ -73,9 +73,9 @@ def sync():
         torch.cuda.synchronize()
 
 
-def bench_anybit(folder, prompts, gen, dtype, device, backend, repeats, **engine_kw):
-    """Returns (median wall time of the whole generation, median time of the decode phase: from
-    the end of the step that produced every request's first token to the end)."""
+def anybit_runner(folder, prompts, gen, dtype, device, backend, **engine_kw):
+    """A callable that runs one timed generation and returns (wall time, decode-phase time:
+    from the step that gave every request its first token to the end)."""
     from anybit import LLM, SamplingParams
 
     llm = LLM(str(folder), dtype=dtype, device=device, attention_backend=backend, progress=False,
@@ -83,8 +83,10 @@ def bench_anybit(folder, prompts, gen, dtype, device, backend, repeats, **engine
     params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
     engine = llm.engine
-    totals, decodes = [], []
-    for r in range(repeats):
+    counter = iter(range(10**9))
+
+    def run():
+        r = next(counter)
         ids = [f"bench{r}-{i}" for i in range(len(prompts))]
         sync()
         t = time.perf_counter()
@@ -101,15 +103,12 @@ def bench_anybit(folder, prompts, gen, dtype, device, backend, repeats, **engine
         sync()
         t_end = time.perf_counter()
         assert all(c == gen for c in counts.values()), counts
-        totals.append(t_end - t)
-        decodes.append(t_end - t_first)
-    del llm, engine
-    gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return sorted(totals)[len(totals) // 2], sorted(decodes)[len(decodes) // 2]
+        return t_end - t, t_end - t_first
+
+    return run
 
 
-def bench_transformers(folder, preset, prompts, gen, dtype, device, repeats):
+def transformers_runner(folder, prompts, gen, dtype, device):
     import transformers
 
     tdtype = getattr(torch, dtype)
@@ -124,18 +123,27 @@ def bench_transformers(folder, preset, prompts, gen, dtype, device, repeats):
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
-        times = []
-        for _ in range(repeats):
+
+    def run():
+        with torch.no_grad():
             sync()
             t = time.perf_counter()
             out = model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, **kw)
             sync()
-            times.append(time.perf_counter() - t)
             assert out.shape[1] == len(prompts[0]) + gen
-    del model
+            return time.perf_counter() - t, None
+
+    return run
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def free_memory():
     gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return sorted(times)[len(times) // 2]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main():
@@ -166,28 +174,39 @@ def main():
         for batch in args.batch:
             prompts = torch.randint(3, vocab, (batch, args.prompt_len), generator=gen).tolist()
             row = {"preset": args.preset, "batch": batch, "prompt_len": args.prompt_len, "gen": args.gen}
-            engine_kw = {"load_format": "dummy"} if gpu else {}
+            # several engines live at once: each gets a fixed 4 GiB KV cache (enough for the batch)
+            engine_kw = {"load_format": "dummy", "kv_cache_memory": 4 << 30} if gpu else {}
             if args.enforce_eager:
                 engine_kw["enforce_eager"] = True
+            # Every engine is built once and the timed repeats are interleaved round-robin, so a
+            # change in machine load hits all of them alike (the CPU machines are shared).
+            runners = {}
             for backend in args.backend.split(","):
-                t, t_dec = bench_anybit(folder, prompts, args.gen, dtype, device, backend, args.repeats,
-                                        **engine_kw)
-                row[f"anybit_{backend}_tok_s"] = batch * args.gen / t
-                row[f"anybit_{backend}_decode_tok_s"] = batch * (args.gen - 1) / t_dec
+                runners[f"anybit_{backend}"] = anybit_runner(folder, prompts, args.gen, dtype, device,
+                                                             backend, **engine_kw)
             for bits in args.quant_bits:
                 qdir = folder / f"w{bits}"
                 qdir.mkdir(exist_ok=True)
                 make_folder(args.preset, qdir, with_weights=False,
                             quant=quant_config(args.preset, bits, lm_head_bits=args.lm_head_bits))
-                t, t_dec = bench_anybit(qdir, prompts, args.gen, dtype, device, "auto", args.repeats,
-                                        **engine_kw)
-                row[f"anybit_w{bits}_tok_s"] = batch * args.gen / t
-                row[f"anybit_w{bits}_decode_tok_s"] = batch * (args.gen - 1) / t_dec
+                runners[f"anybit_w{bits}"] = anybit_runner(qdir, prompts, args.gen, dtype, device, "auto",
+                                                           **engine_kw)
             if not args.skip_transformers:
-                t = bench_transformers(folder, args.preset, prompts, args.gen, dtype, device, args.repeats)
-                row["transformers_tok_s"] = batch * args.gen / t
-                for backend in args.backend.split(","):
-                    row[f"ratio_{backend}_vs_hf"] = row[f"anybit_{backend}_tok_s"] / row["transformers_tok_s"]
+                runners["transformers"] = transformers_runner(folder, prompts, args.gen, dtype, device)
+            times = {name: [] for name in runners}
+            for _ in range(args.repeats):
+                for name, run in runners.items():
+                    times[name].append(run())
+            for name, ts in times.items():
+                row[f"{name}_tok_s"] = batch * args.gen / median([t for t, _ in ts])
+                if ts[0][1] is not None:
+                    row[f"{name}_decode_tok_s"] = batch * (args.gen - 1) / median([d for _, d in ts])
+            if "transformers" in runners:
+                for name in runners:
+                    if name != "transformers":
+                        row[f"ratio_{name}_vs_hf"] = row[f"{name}_tok_s"] / row["transformers_tok_s"]
+            del runners
+            free_memory()
             rows.append(row)
             print(row, flush=True)
     columns = list(rows[0].keys())
