@@ -366,6 +366,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     N, G = packed.out_features, packed.group_size
     if packed.qweight.device != x.device:
         raise ValueError(f"packed weight on {packed.qweight.device}, x on {x.device}")
+    if M == 0:
+        return out if out is not None else torch.empty(0, N, dtype=x.dtype, device=x.device)
     if packed.perm is not None:
         x = x.index_select(1, packed.perm)
     x = x.contiguous()

@@ -69,7 +69,9 @@ class _PackedMethodBase(QuantMethod):
         buf.copy_(tensor)
 
     def _finish(self, layer: Linear, packed: list[PackedWeight]) -> None:
-        """Merge runs of same-format shards; keep (column start, PackedWeight) on the layer."""
+        """Merge runs of same-format shards; keep (column start, PackedWeight) on the layer.
+        The per-shard checkpoint buffers are dropped afterwards (the merged or converted tensors
+        replace them), so a fused layer holds its weights once."""
         groups: list[tuple[int, list[PackedWeight]]] = []
         start = 0
         for pw in packed:
@@ -80,6 +82,15 @@ class _PackedMethodBase(QuantMethod):
             start += pw.out_features
         layer.quant_parts = [(s, _merge(ps)) for s, ps in groups]
         layer._dense_cache = None
+        bases = ("qweight", "scales", "zeros", "codebook", "perm", "qzeros", "g_idx")
+        for name in list(layer._buffers):
+            if any(name == b or name.startswith(b + "_") for b in bases):
+                del layer._buffers[name]
+        for i, (_, pw) in enumerate(layer.quant_parts):  # keep them visible to state_dict / .to()
+            for field in ("qweight", "scales", "zeros", "codebook", "perm"):
+                t = getattr(pw, field)
+                if t is not None:
+                    layer.register_buffer(f"part{i}_{field}", t, persistent=False)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -147,6 +158,8 @@ class AnyBitLinearMethod(_PackedMethodBase):
         return out
 
     def process_after_loading(self, layer: Linear) -> None:
+        if getattr(layer, "quant_parts", None) is not None:
+            return  # already processed
         packed = []
         for sid, n, spec in zip(layer.shard_ids, layer.output_sizes, self.specs):
             sfx = _suffix(sid)
@@ -206,6 +219,9 @@ class GPTQLinearMethod(_PackedMethodBase):
 
     def process_after_loading(self, layer: Linear) -> None:
         from anybit.quant.format import pack_codes
+
+        if getattr(layer, "quant_parts", None) is not None:
+            return  # already processed
         K, b = layer.in_features, self.spec.bits
         G = resolve_group_size(self.spec.group_size, K)
         packed = []
