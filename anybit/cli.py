@@ -1,4 +1,4 @@
-"""``anybit`` command line: generate | serve | chat | quantize.
+"""``anybit`` command line: generate | serve | chat | quantize | bench.
 
 MODEL is a local Hugging Face-style folder; when it is left out, the built-in default model
 shipped with the package is used.
@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         _model_arg(p)
         add_chat_arguments(p)
         add_engine_args(p)
+    from anybit.bench import add_bench_arguments
+
+    p = sub.add_parser("bench", help="measure generation speed (random prompts, EOS ignored)")
+    _model_arg(p)
+    add_bench_arguments(p)
+    add_engine_args(p)
     try:
         from anybit.quant.cli import add_quantize_arguments
     except ImportError:
@@ -143,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
             config = engine_config_from_args(args, _resolve_model(args.model))
             return (run_serve if args.command == "serve" else run_chat)(args, config)
+        if args.command == "bench":
+            from anybit.bench import run_bench
+
+            return run_bench(args, engine_config_from_args(args, _resolve_model(args.model)))
         if args.command == "quantize":
             from anybit.quant.cli import run_quantize
 

@@ -45,3 +45,13 @@ def test_generate_errors(model_dir, tmp_path, capsys):
     assert "--prompt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", model_dir, "--kv-cache-dtype"])
+
+
+def test_bench_prints_json_rows(model_dir, capsys):
+    assert main(["bench", model_dir, "--batch", "1", "2", "--prompt-len", "8", "--gen", "4", "--repeats", "1",
+                 "--json", "--device", "cpu"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["total_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert main(["bench", model_dir, "--prompt-len", "600", "--device", "cpu"]) == 2
+    assert "max_model_len" in capsys.readouterr().err
