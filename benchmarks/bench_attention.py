@@ -83,8 +83,13 @@ def check_correctness(notes: list[str]) -> None:
                 out = paged_attention_decode(q, cache, sl, table, D ** -0.5, win, max(seq), num_splits=splits)
                 e = rel(out, ref)
                 assert e < 1e-2, f"decode {dtype} window={win} splits={splits}: rel err {e:.2e}"
-        if dtype == "int8":
+        if dtype in ("int8", "int4"):
             ref = ref_paged_attention_decode(q, cache, sl, table, D ** -0.5, None, max(seq))
+            for biased in (True, False):
+                out = paged_attention_decode(q, cache, sl, table, D ** -0.5, None, max(seq), biased=biased)
+                e = rel(out, ref)
+                notes.append(f"{dtype} decode biased={biased}: rel err vs ref_ (bf16 q, out) {e:.2e}")
+        if dtype == "int8":
             for flags in ({"int8_qk": True}, {"int8_qk": True, "int8_pv": True}):
                 e = rel(paged_attention_decode(q, cache, sl, table, D ** -0.5, None, max(seq), **flags), ref)
                 notes.append(f"int8 decode {flags}: rel err vs ref_ (int8 cache, exact math) {e:.2e}")
@@ -170,8 +175,13 @@ def bench_prefill(notes, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------
-VARIANTS = {"bfloat16": ("bfloat16", {}), "int8": ("int8", {}), "int8+qk8": ("int8", {"int8_qk": True}),
-            "int8+qk8+pv8": ("int8", {"int8_qk": True, "int8_pv": True}), "int4": ("int4", {})}
+VARIANTS = {"bfloat16": ("bfloat16", {}), "bfloat16-hf": ("bfloat16", {"heads_first": True}),
+            "int8": ("int8", {}), "int4": ("int4", {}),
+            "int8-seqfirst": ("int8", {"heads_first": False}),
+            "int4-seqfirst": ("int4", {"heads_first": False}),
+            "int8-exact": ("int8", {"biased": False, "heads_first": False}),
+            "int4-exact": ("int4", {"biased": False, "heads_first": False}),
+            "int8+qk8+pv8": ("int8", {"int8_qk": True, "int8_pv": True})}
 
 
 def decode_case(batch, ctx, variant):
@@ -185,11 +195,10 @@ def decode_case(batch, ctx, variant):
 
 
 def bench_decode(notes, out_dir):
-    sweeps = {"bfloat16": [(64, 4, 3), (32, 4, 3), (128, 4, 3), (64, 8, 3), (64, 4, 4), (32, 4, 5)],
-              "int8": [(128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 4)],
-              "int8+qk8": [(128, 4, 3), (64, 4, 3), (128, 8, 3)],
-              "int8+qk8+pv8": [(128, 4, 3), (64, 4, 3), (128, 8, 3)],
-              "int4": [(128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3), (256, 4, 2)]}
+    quant = [(128, 4, 3), (128, 4, 2), (64, 4, 3)]
+    sweeps = {"bfloat16": [(64, 4, 3), (128, 4, 3)], "bfloat16-hf": [(64, 4, 3), (128, 4, 3)],
+              "int8": quant, "int4": quant, "int8-seqfirst": [(128, 4, 3)], "int4-seqfirst": [(128, 4, 3)],
+              "int8-exact": [(128, 4, 3)], "int4-exact": [(128, 4, 3)], "int8+qk8+pv8": [(128, 4, 3)]}
     best = {}
     for dtype, cfgs in sweeps.items():
         fn, nbytes = decode_case(32, 8192, dtype)
@@ -233,8 +242,11 @@ def bench_decode(notes, out_dir):
     notes.append("bytes = K+V codes and scales/zeros of every context token + q + out; L2 flushed per call")
     cols = ["batch", "context", "kv_dtype", "time_us", "tb_per_s", "best_cfg_tb_per_s", "speedup_vs_bf16",
             "mbytes"]
-    notes.append("kv_dtype int8+qk8: query quantized per head to int8, QK^T on int8 tensor cores; +pv8: "
-                 "p * v_scale quantized per row to int8 for PV (approximations, off by default)")
+    notes.append("kv_dtype int8/int4: default path (biased fp16 codes by packed PTX, bias/scales folded into "
+                 "scores and probabilities, grid heads-first); -seqfirst: same, grid (seqs, kv heads, "
+                 "splits); -exact: previous per-element path, seq-first grid; bfloat16-hf: bf16 with the "
+                 "heads-first grid; int8+qk8+pv8: "
+                 "query and p * v_scale quantized to int8 for int8 MMAs (approximation, opt-in)")
     write_result("attention_decode", "Split-K paged decode, 32 q / 8 kv heads, d128 (effective TB/s)", cols,
                  rows, notes, out_dir=out_dir)
     return cols, rows

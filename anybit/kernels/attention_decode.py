@@ -9,6 +9,8 @@ query sits at position ``seq_len - 1``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,7 @@ from anybit.kernels.kv_cache_ops import (
     gather_kv,
     kv_mode,
     kv_scale_args,
+    load_codes_biased,
     load_kv_tile,
 )
 from anybit.layers.attention_meta import LayerKVCache
@@ -52,11 +55,26 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, stride_bt,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, MODE: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr,
+                   BIASED: tl.constexpr, USE_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """Grid (num_seqs, num_kv_heads, NUM_SPLITS). One program = all G query heads of one kv head
-    over one slice of the context; partial (o, lse) go to mid buffers unless NUM_SPLITS == 1."""
-    seq = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
+    over one slice of the context; partial (o, lse) go to mid buffers unless NUM_SPLITS == 1.
+    HEADS_FIRST puts the kv head on grid axis 0 (launched fastest), so the programs of all kv heads
+    of one token range are resident together: their rows of a page (and the 32-byte sectors of the
+    per-token scales, 4 bytes per head) are read from DRAM at about the same time.
+
+    BIASED (int8/int4 caches): codes enter the MMAs as biased fp16 values (kv_cache_ops
+    ``load_codes_biased``); the bias is removed from each score through ``kbias = bias * sum(q)``
+    and from the output once at the end through ``wsum = sum(p * v_scale)`` (carried like ``l``);
+    int4 zero points enter as ``sum(q) * k_zero`` per score and ``zsum = sum(p * v_zero)`` per row."""
+    if HEADS_FIRST:  # grid (num_kv_heads, num_seqs, splits): the kv heads of one token range run together
+        kvh = tl.program_id(0)
+        seq = tl.program_id(1).to(tl.int64)
+        n_kv = tl.num_programs(0)
+    else:
+        seq = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        n_kv = tl.num_programs(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * tokens_per_split
@@ -84,7 +102,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     if MODE == 2:
         qb = tl.load(q_rows + offs_b[None, :], mask=gmask[:, None], other=0.0)
         qsum += tl.sum(qb.to(tl.float32), axis=1)
-        qb = qb.to(CDT)
+        if BIASED:  # odd channels come as 1024 + 16 * code: q / 16 (exact) gives 64 * sum(q) + q . code
+            qb = (qb.to(tl.float32) * 0.0625).to(CDT)
+        else:
+            qb = qb.to(CDT)
         acc_b = tl.zeros([BLOCK_G, HEAD_DIM // 2], tl.float32)
     if INT8_QK:  # int8 cache: query quantized per head so raw K codes feed an int8 MMA
         qf = qa.to(tl.float32)
@@ -96,52 +117,96 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     bt_row = bt_ptr + seq * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        tok = n0 + tl.arange(0, BLOCK_N)
-        valid = tok < end
-        page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        in_page = (tok % PAGE).to(tl.int64)
-        row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
-        srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
-        if INT8_QK:
-            kraw = tl.load(k_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
-            ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0)
-            s = tl.dot(qa, tl.trans(kraw)).to(tl.float32) * q_scale[:, None]
+    if BIASED:
+        if MODE == 2:
+            kbias = 1024.0 * (tl.sum(qa.to(tl.float32), axis=1) + tl.sum(qb.to(tl.float32), axis=1))
         else:
-            ka, kb, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N,
-                                           CDT)
+            kbias = 1152.0 * tl.sum(qa.to(tl.float32), axis=1)
+        wsum = tl.zeros([BLOCK_G], tl.float32)
+        zsum = tl.zeros([BLOCK_G], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            tok = n0 + tl.arange(0, BLOCK_N)
+            valid = tok < end
+            page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+            in_page = (tok % PAGE).to(tl.int64)
+            row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
+            srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
+            ka, kb = load_codes_biased(k_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
+            ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0) * qk_scale  # softmax scale folded in
             s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
-        if MODE == 2:
-            s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
-        if MODE > 0:
-            s = s * ksc[None, :]
-        if MODE == 2:
-            s += qsum[:, None] * kz[None, :]
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        if INT8_PV:  # p * v_scale quantized per row to int8 so raw V codes feed an int8 MMA
-            vraw = tl.load(v_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
-            vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
-            w = p * vsc[None, :]
-            w_scale = tl.maximum(tl.max(w, axis=1), 1e-30) / 127.0
-            w8 = tl.floor(w / w_scale[:, None] + 0.5).to(tl.int8)
-            acc = acc * alpha[:, None] + tl.dot(w8, vraw).to(tl.float32) * w_scale[:, None]
-        else:
-            va, vb, vsc, vz = load_kv_tile(v_ptr, vs_ptr, vz_ptr, row, srow, valid, MODE, HEAD_DIM, BLOCK_N,
-                                           CDT)
-            if MODE == 0:
-                pw = p.to(CDT)
+            if MODE == 2:
+                s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
+                kz = tl.load(kz_ptr + srow, mask=valid, other=0.0) * qk_scale
+                s = (s - kbias[:, None]) * ksc[None, :] + qsum[:, None] * kz[None, :]
             else:
-                pw = (p * vsc[None, :]).to(CDT)
+                s = (s - kbias[:, None]) * ksc[None, :]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            va, vb = load_codes_biased(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
+            vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+            pw = (p * vsc[None, :]).to(CDT)
+            wsum = wsum * alpha + tl.sum(pw.to(tl.float32), axis=1)
             acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+            if MODE == 2:
+                vz = tl.load(vz_ptr + srow, mask=valid, other=0.0)
+                zsum = zsum * alpha + tl.sum(p * vz[None, :], axis=1)
+                acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+            m = m_new
         if MODE == 2:
-            zc = tl.sum(p * vz[None, :], axis=1)[:, None]
-            acc += zc
-            acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC) + zc
-        m = m_new
+            acc = acc - 1024.0 * wsum[:, None] + zsum[:, None]
+            acc_b = (acc_b - 1024.0 * wsum[:, None]) * 0.0625 + zsum[:, None]
+        else:
+            acc = acc - 1152.0 * wsum[:, None]
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            tok = n0 + tl.arange(0, BLOCK_N)
+            valid = tok < end
+            page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+            in_page = (tok % PAGE).to(tl.int64)
+            row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
+            srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
+            if INT8_QK:
+                kraw = tl.load(k_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
+                ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0)
+                s = tl.dot(qa, tl.trans(kraw)).to(tl.float32) * q_scale[:, None]
+            else:
+                ka, kb, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM,
+                                               BLOCK_N, CDT)
+                s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+            if MODE == 2:
+                s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
+            if MODE > 0:
+                s = s * ksc[None, :]
+            if MODE == 2:
+                s += qsum[:, None] * kz[None, :]
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            if INT8_PV:  # p * v_scale quantized per row to int8 so raw V codes feed an int8 MMA
+                vraw = tl.load(v_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
+                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                w = p * vsc[None, :]
+                w_scale = tl.maximum(tl.max(w, axis=1), 1e-30) / 127.0
+                w8 = tl.floor(w / w_scale[:, None] + 0.5).to(tl.int8)
+                acc = acc * alpha[:, None] + tl.dot(w8, vraw).to(tl.float32) * w_scale[:, None]
+            else:
+                va, vb, vsc, vz = load_kv_tile(v_ptr, vs_ptr, vz_ptr, row, srow, valid, MODE, HEAD_DIM,
+                                               BLOCK_N, CDT)
+                if MODE == 0:
+                    pw = p.to(CDT)
+                else:
+                    pw = (p * vsc[None, :]).to(CDT)
+                acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+            if MODE == 2:
+                zc = tl.sum(p * vz[None, :], axis=1)[:, None]
+                acc += zc
+                acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC) + zc
+            m = m_new
     l_safe = tl.where(l > 0.0, l, 1.0)
     if NUM_SPLITS == 1:
         o_rows = out_ptr + seq * stride_os + heads[:, None] * stride_oh
@@ -152,7 +217,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                      mask=gmask[:, None])
     else:
         # mid_o [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM], mid_lse [num_seqs, num_heads, NUM_SPLITS]
-        n_heads = tl.num_programs(1) * G
+        n_heads = n_kv * G
         mrow = (seq * n_heads + heads) * NUM_SPLITS + split
         mid_rows = mid_o_ptr + mrow[:, None] * HEAD_DIM
         tl.store(mid_rows + offs_a[None, :], acc / l_safe[:, None], mask=gmask[:, None])
@@ -207,7 +272,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            block_n: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None,
                            out: torch.Tensor | None = None, int8_qk: bool = False,
-                           int8_pv: bool = False) -> torch.Tensor:
+                           int8_pv: bool = False, biased: bool | None = None,
+                           heads_first: bool | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -215,6 +281,12 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     int8 caches only: ``int8_qk`` quantizes the query per head to int8 and runs QK^T on int8 tensor
     cores; ``int8_pv`` quantizes ``p * v_scale`` per row to int8 for an int8 PV product (both
     approximations beyond the cache's own quantization; off by default).
+    ``biased`` (int8/int4 caches): codes enter the MMAs as biased fp16 values converted by packed
+    integer instructions, bias and scales folded into scores / probabilities (default: on for
+    bf16/fp16 queries on the GPU; float32 queries keep the exact per-element path: the bias
+    cancellation costs ~1e-5 relative error in float32, far below bf16 rounding).
+    ``heads_first``: grid order (num_kv_heads, num_seqs, splits) instead of (num_seqs, num_kv_heads,
+    splits), for DRAM locality of the short per-head rows of quantized caches (default: quantized only).
     The context is cut into ``num_splits`` slices of ``tokens_per_split`` (from ``max_seq_len``),
     each program reads its slice once for all heads of a GQA group; a reduction kernel merges.
     """
@@ -231,6 +303,10 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         raise ValueError(f"paged_attention_decode: seq_lens must be [num_seqs={num_seqs}] and block_table "
                          f"have >= num_seqs rows, got {tuple(seq_lens.shape)} and {tuple(block_table.shape)}")
     cdt, prec = compute_dtype(query, kv_cache)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if biased is None:  # float32 queries keep exact parity with the torch backend (greedy tests)
+        biased = cdt == tl.float16
+    biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
     ks, vs, kz, vz, sstr = kv_scale_args(kv_cache)
     d_bn, d_splits, d_warps, d_stages = decode_config(num_seqs, nkv, max_seq_len, mode, query.device)
     block_n = block_n or d_bn
@@ -252,7 +328,10 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         mid_o = mid_lse = out
     kc = kv_cache.key
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
-    _decode_kernel[(num_seqs, nkv, splits)](
+    if heads_first is None:
+        heads_first = mode > 0
+    grid = (nkv, num_seqs, splits) if heads_first else (num_seqs, nkv, splits)
+    _decode_kernel[grid](
         query, kc, kv_cache.value, ks, vs, kz, vz, block_table, seq_lens, out, mid_o, mid_lse,
         scale * 1.4426950408889634, window, tps,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -260,6 +339,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=head_dim, BLOCK_N=block_n,
         PAGE=kv_cache.block_size, MODE=mode, CDT=cdt, DOT_PREC=prec, NUM_SPLITS=splits,
         INT8_QK=bool(int8_qk and mode == 1), INT8_PV=bool(int8_pv and mode == 1),
+        BIASED=biased, USE_ASM=bool(biased and cdt == tl.float16 and not interpret),
+        HEADS_FIRST=bool(heads_first),
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages)
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -310,3 +310,64 @@ def load_kv_tile(c_ptr, s_ptr, z_ptr, row, srow, valid, MODE: tl.constexpr, HEAD
         b = a
         zero = tl.zeros([BLOCK_N], tl.float32)
     return a, b, scale, zero
+
+
+# Quantized decode fast path: integer codes become *biased* fp16 values in a few packed integer
+# instructions, and the bias is removed once per row/score, not per element.
+#   int8 code c      -> 1152 + c            (xor 0x80 then byte | 0x6400: 1024 + (c + 128))
+#   int4 low nibble  -> 1024 + n            (nibble | 0x6400)
+#   int4 high nibble -> 1024 + 16 * n       (nibble kept in place, | 0x6400: exact, spacing 1)
+# All values are integers below 2048, exact in fp16. PTX per 4 bytes: int8 1 LOP3 + 2 PRMT
+# (4 values), int4 2 PRMT + 4 LOP3 (8 values), instead of an unpack + convert per element.
+INT8_BIAS = 1152.0
+INT4_BIAS = 1024.0
+
+_ASM_I8: tl.constexpr = tl.constexpr("""{
+.reg .b32 u;
+xor.b32 u, $2, 0x80808080;
+prmt.b32 $0, u, 0x64646464, 0x4140;
+prmt.b32 $1, u, 0x64646464, 0x4342;
+}""")
+
+_ASM_U4: tl.constexpr = tl.constexpr("""{
+.reg .b32 t0, t1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
+}""")
+
+
+@triton.jit
+def load_codes_biased(c_ptr, row, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, CDT: tl.constexpr,
+                      USE_ASM: tl.constexpr):
+    """Unmasked gather of cached code rows (``row [BLOCK_N]`` int64 element offsets; rows past
+    the context point into valid pages and hold finite codes), as biased values (see above).
+
+    int8: ``a [BLOCK_N, HEAD_DIM] = 1152 + code`` (b = a); int4: ``a`` = even channels
+    ``1024 + code``, ``b`` = odd channels ``1024 + 16 * code``, each ``[BLOCK_N, HEAD_DIM // 2]``.
+    USE_ASM (GPU) converts with packed PTX; otherwise plain Triton ops give the same values.
+    """
+    if MODE == 2:
+        offs = tl.arange(0, HEAD_DIM // 2)
+        raw = tl.load(c_ptr + row[:, None] + offs[None, :])
+        if USE_ASM:
+            a, b = tl.inline_asm_elementwise(_ASM_U4, "=r,=r,=r,=r,r", [raw], dtype=(tl.float16, tl.float16),
+                                             is_pure=False, pack=4)
+            a = a.to(CDT)
+            b = b.to(CDT)
+        else:
+            a = (raw & 15).to(tl.float32).to(CDT) + 1024.0
+            b = (raw & 240).to(tl.float32).to(CDT) + 1024.0
+    else:
+        offs = tl.arange(0, HEAD_DIM)
+        raw = tl.load(c_ptr + row[:, None] + offs[None, :])
+        if USE_ASM:
+            a = tl.inline_asm_elementwise(_ASM_I8, "=r,=r,r", [raw], dtype=tl.float16, is_pure=False,
+                                          pack=4).to(CDT)
+        else:
+            a = raw.to(tl.float32).to(CDT) + 1152.0
+        b = a
+    return a, b

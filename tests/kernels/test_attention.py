@@ -115,3 +115,28 @@ def test_decode_int8_mma_variants(device, flags):
     out = paged_attention_decode(*_decode_args(b, None), num_splits=2,
                                  block_n=64 if device == "cpu" else None, **flags)
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype,head_dim,nkv,window", [("int8", 64, 1, None), ("int4", 128, 2, 33)])
+def test_decode_biased_codes(device, cache_dtype, head_dim, nkv, window):
+    """Quantized fast path: biased fp16 codes (packed PTX conversion on the GPU), bias and scales
+    folded into scores / probabilities. float32 query on CPU (bias cancellation ~1e-5), bf16 on GPU."""
+    qdt = torch.float32 if device == "cpu" else torch.bfloat16
+    b = make_batch(DEC_LENS, [1] * len(DEC_LENS), 4, nkv, head_dim, cache_dtype, q_dtype=qdt, device=device)
+    ref = ref_paged_attention_decode(*_decode_args(b, window))
+    for splits in (1, 3):
+        out = paged_attention_decode(*_decode_args(b, window), num_splits=splits, biased=True,
+                                     block_n=32 if device == "cpu" else None)
+        assert rel_err(out, ref) < (2e-4 if device == "cpu" else 1.5e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_decode_grid_order(device, heads_first):
+    """Grid (kv heads, seqs, splits) or (seqs, kv heads, splits): same result, GQA with 2 kv heads."""
+    b = make_batch(DEC_LENS, [1] * len(DEC_LENS), 4, 2, 64, "float32", device=device)
+    ref = ref_paged_attention_decode(*_decode_args(b, None))
+    out = paged_attention_decode(*_decode_args(b, None), num_splits=3, heads_first=heads_first,
+                                 block_n=32 if device == "cpu" else None)
+    assert rel_err(out, ref) < _tol(torch.float32, device)
