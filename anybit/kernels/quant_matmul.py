@@ -105,6 +105,31 @@ if triton is not None:
         return t.to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _dequant_tile_fast(q_ptr, s_ptr, z_ptr, stride_qk, stride_sg, k0, G, offs_n, mask_n, magic,
+                           W0: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Experimental (FAST=True; single-slice uniform widths 1/2/4/8, not measured on a GPU
+        yet): dequantized tile ``[BLOCK_K, BLOCK_N]`` float32 with codes kept in place,
+        ``(w >> h) & (mask << e) | 0x4B000000`` = 2^23 + q*2^e (h = 16 for fields above bit
+        23 - W0), and the 2^-e folded into the scale: one shift (constant per position), one LOP3,
+        one FADD and one FFMA per code."""
+        P0: tl.constexpr = 32 // W0
+        R: tl.constexpr = BLOCK_K // P0
+        r = tl.arange(0, R)
+        j = tl.arange(0, P0)
+        w = tl.load(q_ptr + (k0 // P0 + r)[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :],
+                    other=0)
+        h = tl.where(j * W0 + W0 > 23, 16, 0)
+        e = j * W0 - h
+        t = ((w[:, None, :] >> h[None, :, None]) & (((1 << W0) - 1) << e)[None, :, None]) | magic
+        v = t.to(tl.float32, bitcast=True) - 8388608.0  # q * 2^e
+        g = k0 // G
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        c = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e, exact
+        w3 = v * (s[None, None, :] * c[None, :, None]) - (z * s)[None, None, :]
+        return tl.reshape(w3, [BLOCK_K, w3.shape[2]])
+
+    @triton.jit
     def _codes_to_float(q):
         """Exact int -> float32 for 0 <= q < 2^23: (2^23 + q) as bits, minus 2^23."""
         return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -218,7 +243,7 @@ if triton is not None:
                            W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, IS_CB: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr,
-                           ITERS: tl.constexpr):
+                           ITERS: tl.constexpr, FAST: tl.constexpr = False, magic=0x4B000000):
         """Tile ``[BLOCK_M, BLOCK_N]`` of y, one K split: codes of the widest slice loaded once per
         word, dequantized to x's dtype in registers, ``tl.dot`` on tensor cores. SWAP computes
         ``y^T = W x^T`` so the weight tile is the MMA's A operand (M-dimension = BLOCK_N) and the
@@ -249,15 +274,19 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None],
                         other=0.0)
-            q = tl.reshape(_load_codes_planes(q_ptr, stride_qk, k0, offs_n, mask_n, K, W0, W1, W2,
-                                              BLOCK_K), [BLOCK_K, BLOCK_N])
-            g = k0 // G
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if IS_CB:
-                w = tl.load(cb_ptr + q) * s[None, :]
+            if FAST:
+                w = _dequant_tile_fast(q_ptr, s_ptr, z_ptr, stride_qk, stride_sg, k0, G, offs_n, mask_n,
+                                       magic, W0, BLOCK_K)
             else:
-                z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                w = _codes_to_float(q) * s[None, :] - (z * s)[None, :]
+                q = tl.reshape(_load_codes_planes(q_ptr, stride_qk, k0, offs_n, mask_n, K, W0, W1, W2,
+                                                  BLOCK_K), [BLOCK_K, BLOCK_N])
+                g = k0 // G
+                s = tl.load(s_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                if IS_CB:
+                    w = tl.load(cb_ptr + q) * s[None, :]
+                else:
+                    z = tl.load(z_ptr + g * stride_sg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                    w = _codes_to_float(q) * s[None, :] - (z * s)[None, :]
             if SWAP:
                 acc = tl.dot(tl.trans(w.to(x.dtype)), tl.trans(x), acc)
             else:
@@ -354,11 +383,14 @@ def _num_sms(device) -> int:
 def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None = None, *,
                  path: str = "auto", block_n: int | None = None, block_k: int | None = None,
                  block_m: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, swap: bool | None = None) -> torch.Tensor:
+                 num_stages: int | None = None, swap: bool | None = None,
+                 fast_dequant: bool = False) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ nothing). x ``[M, K]`` fp16/bf16/fp32, packed ``PackedWeight``
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
     slice of a fused output). ``path``: "auto" (GEMV for M <= GEMV_MAX_M, tensor cores above),
-    "gemv", "gemm"; the block/split/swap keywords override the heuristics (benchmarks)."""
+    "gemv", "gemm", "dequant"; the block/split/swap keywords override the heuristics (benchmarks);
+    ``fast_dequant`` selects the experimental in-place dequantization of the tensor-core path
+    (single-slice uniform widths only; correct on CPU/interpreter, not yet timed on a GPU)."""
     if triton is None:
         raise RuntimeError("quant_matmul needs triton; use ref_quant_matmul")
     _check_inputs(x, packed, out)
@@ -408,6 +440,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         ws, locks = y, y
     args = (x, packed.qweight, packed.scales, zeros, cb, y, ws, locks)
     iters = per if _INTERPRET else 0
+    fast = bool(fast_dequant) and not is_cb and widths[1] == 0  # experimental, single-slice uniform
     if path == "gemv":
         grid = (M, triton.cdiv(N, BN), split_k)
         _quant_gemv_kernel[grid](*args, M, N, K, G, x.stride(0), packed.qweight.stride(0),
@@ -419,5 +452,5 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         _quant_gemm_kernel[grid](*args, M, N, K, G, x.stride(0), packed.qweight.stride(0),
                                  packed.scales.stride(0), y.stride(0), per * BK, per,
                                  widths[0], widths[1], widths[2], is_cb, BM, BN, BK, 8, split_k, swap,
-                                 iters, num_warps=warps, num_stages=stages)
+                                 iters, fast, num_warps=warps, num_stages=stages)
     return y

@@ -91,3 +91,12 @@ def test_gpu_half_inputs(dtype, M):
         pw = _packed(512, 1024, bits, 128, seed=bits)
         x = torch.randn(M, 1024, device="cuda", dtype=dtype)
         _check(quant_matmul(x, pw), ref_quant_matmul(x.float(), pw), 1e-2)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("swap", [True, False])
+def test_experimental_fast_dequant(bits, swap):
+    pw = _packed(96, 384, bits, 128, seed=11 + bits)
+    x = torch.randn(5, 384, device=DEV)
+    y = quant_matmul(x, pw, path="gemm", swap=swap, fast_dequant=True)
+    _check(y, ref_quant_matmul(x, pw), 1e-5 if not CUDA else 5e-3)
