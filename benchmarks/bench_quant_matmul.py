@@ -173,9 +173,9 @@ def full_variants(M, b):
 
 
 def explore_variants(M, b):
-    """Alternatives to the launcher's choice (recorded to explain the heuristics); W3 and W4."""
+    """Alternatives to the launcher's choice (recorded to explain the heuristics); W2, W3, W4."""
     v = [("anybit", {})]
-    if b not in (3, 4):
+    if b not in (2, 3, 4):
         return v
     if M <= 4:
         v += [("anybit_gemv_bn64", dict(path="gemv", block_n=64)),
@@ -183,6 +183,7 @@ def explore_variants(M, b):
               ("anybit_gemv_sk_hi", dict(path="gemv", split_k=28))]
     if M <= 64:
         v += [("anybit_gemm_swap", dict(path="gemm", swap=True)),
+              ("anybit_gemm_swap_fast", dict(path="gemm", swap=True, fast_dequant=True)),
               ("anybit_gemm_noswap", dict(path="gemm", swap=False)),
               ("anybit_gemm_swap_bn64", dict(path="gemm", swap=True, block_n=64))]
     if M >= 64:
