@@ -108,29 +108,13 @@ def engine_nll(model: str, windows: list[list[int]], kv: str, device: str) -> tu
     return res
 
 
-def have_quantize_cli() -> bool:
-    try:
-        from anybit.quant.cli import add_quantize_arguments  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def quantize(src: str, out: str, method: str, bits: int, group: int, calib: str | None) -> float:
-    """Run ``anybit quantize`` (or, while it does not exist yet, the RTN fallback for method rtn);
-    returns seconds."""
-    t = time.time()
-    if not have_quantize_cli():
-        if method != "rtn":
-            raise RuntimeError("`anybit quantize` is not available (anybit/quant/cli.py): no GPTQ")
-        from train_quantize_rtn import quantize_folder
-
-        quantize_folder(src, out, bits, group)
-        return time.time() - t
+    """Run ``anybit quantize``; returns seconds."""
     cmd = [sys.executable, "-m", "anybit.cli", "quantize", src, out, "--bits", str(bits),
            "--group-size", str(group), "--method", method]
     if method == "gptq":
         cmd += ["--calib", calib]
+    t = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
     if r.returncode != 0:
