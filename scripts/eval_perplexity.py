@@ -43,7 +43,7 @@ BITS = (8, 6, 5, 4, 3, 2)
 
 def configs() -> list[dict]:
     """All rows: bf16, RTN/GPTQ x bits at group 128 (+ group 32 for 3/2 bits), KV int8/int4."""
-    rows = [dict(name="bf16", method="none", bits=16, group_size=None, kv="auto")]
+    rows = [dict(name="bf16", method="none", bits=16, group_size=None, kv="auto", base=True)]
     for method in ("rtn", "gptq"):
         for b in BITS:
             rows.append(dict(name=f"{method}{b}", method=method, bits=b, group_size=128, kv="auto"))
@@ -53,6 +53,20 @@ def configs() -> list[dict]:
         rows.append(dict(name=f"bf16-kv{kv}", method="none", bits=16, group_size=None, kv=kv))
         rows.append(dict(name=f"gptq4-kv{kv}", method="gptq", bits=4, group_size=128, kv=kv))
     return rows
+
+
+def as_is_configs(model: str) -> list[dict]:
+    """``--as-is``: the model folder itself (e.g. the shipped quantized one) with each KV dtype."""
+    with open(os.path.join(model, "config.json")) as f:
+        qc = json.load(f).get("quantization_config") or {}
+    method = qc.get("quant_method", "none")
+    info_path = os.path.join(model, "heldout.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            method = json.load(f).get("shipped", {}).get("quantization", {}).get("method", method)
+    bits, group = qc.get("bits", 16), qc.get("group_size")
+    return [dict(name=f"model-kv{kv}", method=method, bits=bits, group_size=group, kv=kv, base=kv == "auto",
+                 as_is=True) for kv in ("auto", "int8", "int4")]
 
 
 def heldout_docs(model: str, corpus: str | None) -> list[str]:
@@ -136,6 +150,8 @@ def main() -> None:
     ap.add_argument("--calib-bytes", type=int, default=400_000)
     ap.add_argument("--only", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--as-is", action="store_true",
+                    help="evaluate --model itself (no quantization) with KV cache auto/int8/int4")
     ap.add_argument("--keep", default=None, help="folder to keep the quantized checkpoints in")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality.json"))
     a = ap.parse_args()
@@ -144,7 +160,7 @@ def main() -> None:
 
     tok = Tokenizer.from_folder(a.model)
     windows = make_windows(tok, heldout_docs(a.model, a.corpus), a.window, a.tokens)
-    rows_cfg = configs()
+    rows_cfg = as_is_configs(a.model) if a.as_is else configs()
     if a.only:
         keep = set(a.only.split(","))
         rows_cfg = [r for r in rows_cfg if r["name"] in keep]
@@ -158,12 +174,12 @@ def main() -> None:
     for r in rows_cfg:
         t0 = time.time()
         path, qs = a.model, 0.0
-        if r["method"] != "none":
+        if r["method"] != "none" and not r.get("as_is"):
             path = os.path.join(work, f"{r['method']}{r['bits']}g{r['group_size']}")
             if not os.path.isdir(path):
                 qs = quantize(a.model, path, r["method"], r["bits"], r["group_size"], calib)
         nll, n = engine_nll(path, windows, r["kv"], a.device)
-        if r["name"] == "bf16":
+        if r.get("base"):
             base_nll = nll
         row = {"config": r["name"], "weights": "bf16" if r["method"] == "none" else r["method"],
                "bits": r["bits"], "group_size": r["group_size"] or "-",
@@ -178,14 +194,15 @@ def main() -> None:
 
 
 def write_json(a, rows: list[dict], num_windows: int) -> None:
-    dev = "cpu"
-    if a.device != "cpu" and torch.cuda.is_available():
+    dev_is_cuda = a.device != "cpu" and torch.cuda.is_available()
+    if dev_is_cuda:
         dev = torch.cuda.get_device_name()
     else:
         dev = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     res = {
-        "benchmark": "quality",
-        "title": "Default model: held-out perplexity per weight bit width and KV-cache dtype",
+        "benchmark": "quality_shipped" if a.as_is else "quality",
+        "title": ("Shipped default model: held-out perplexity per KV-cache dtype" if a.as_is else
+                  "Default model: held-out perplexity per weight bit width and KV-cache dtype"),
         "device": dev,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -197,12 +214,15 @@ def write_json(a, rows: list[dict], num_windows: int) -> None:
             "Python 3.11 stdlib by scripts/train_default_model.py); perplexity of held-out stdlib files.",
             f"{rows[0]['tokens'] if rows else 0} held-out tokens per row in {num_windows} windows of at most "
             f"{a.window} tokens, each scored after <|bos|>; same tokens for every row.",
-            "Scored through anybit's engine with SamplingParams(prompt_logprobs=0, max_tokens=1); on CPU "
-            "the engine computes in float32 (bf16 weights upcast).",
-            "Quantized with `anybit quantize --method rtn|gptq` (asymmetric uniform, group-wise scales); "
-            f"GPTQ calibration: {a.calib_bytes // 1000} KB of training-split files. weights_mb: "
-            "safetensors bytes on disk (embeddings stay bf16).",
-            "delta_ppl_pct: relative to the bf16 row.",
+            "Scored through anybit's engine with SamplingParams(prompt_logprobs=0, max_tokens=1); "
+            + ("on CUDA: bf16 activations, Triton kernels (quant_matmul, paged attention, KV quantize)."
+               if dev_is_cuda else "on CPU the engine computes in float32 (bf16 weights upcast), torch "
+               "reference ops."),
+            ("The model folder as shipped (scripts/train_ship_model.py), not re-quantized."
+             if a.as_is else "Quantized with `anybit quantize --method rtn|gptq` (asymmetric uniform, "
+             f"group-wise scales); GPTQ calibration: {a.calib_bytes // 1000} KB of training-split files.")
+            + " weights_mb: safetensors bytes on disk (embeddings stay bf16).",
+            "delta_ppl_pct: relative to the " + ("first row (model dtype KV)." if a.as_is else "bf16 row."),
         ],
     }
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
