@@ -195,7 +195,7 @@ def decode_case(batch, ctx, variant):
 
 
 def bench_decode(notes, out_dir):
-    quant = [(128, 4, 3), (128, 4, 2), (64, 4, 3)]
+    quant = [(128, 4, 3), (128, 4, 1), (128, 4, 1, 128), (128, 4, 2, 128), (64, 4, 3, 128)]
     sweeps = {"bfloat16": [(64, 4, 3), (128, 4, 3)], "bfloat16-hf": [(64, 4, 3), (128, 4, 3)],
               "int8": quant, "int4": quant, "int8-seqfirst": [(128, 4, 3)], "int4-seqfirst": [(128, 4, 3)],
               "int8-exact": [(128, 4, 3)], "int4-exact": [(128, 4, 3)], "int8+qk8+pv8": [(128, 4, 3)]}
@@ -203,23 +203,27 @@ def bench_decode(notes, out_dir):
     for dtype, cfgs in sweeps.items():
         fn, nbytes = decode_case(32, 8192, dtype)
         best_t = float("inf")
-        for bn, w, s in cfgs:
+        for cfg in cfgs:
+            bn, w, s, nreg = (*cfg, None)[:4]
             try:
-                t = bench(lambda: fn(block_n=bn, num_warps=w, num_stages=s))  # noqa: B023
+                t = bench(lambda: fn(block_n=bn, num_warps=w, num_stages=s, max_registers=nreg))  # noqa: B023
             except Exception as e:  # noqa: BLE001
-                print(f"decode cfg {dtype} {(bn, w, s)} failed: {type(e).__name__}")
+                print(f"decode cfg {dtype} {cfg} failed: {type(e).__name__}")
                 continue
-            print(f"decode sweep b32 ctx8k {dtype} cfg={(bn, w, s)}: {t * 1e3:.1f} us "
+            print(f"decode sweep b32 ctx8k {dtype} cfg={cfg}: {t * 1e3:.1f} us "
                   f"{nbytes / t / 1e9:.2f} TB/s")
-            notes.append(f"sweep b32 ctx8k {dtype} (block_n, warps, stages)={(bn, w, s)}: "
+            notes.append(f"sweep b32 ctx8k {dtype} (block_n, warps, stages[, maxnreg])={cfg}: "
                          f"{nbytes / t / 1e9:.2f} TB/s")
             if t < best_t:
-                best[dtype], best_t = (bn, w, s), t
-        for mult in (2, 8):  # split-count heuristic: total programs = mult * SMs instead of 4
-            sms = torch.cuda.get_device_properties(0).multi_processor_count
-            splits = max(1, min(triton.cdiv(mult * sms, 32 * NKV), 8192 // 256))
-            t = bench(lambda: fn(num_splits=splits))  # noqa: B023
-            notes.append(f"sweep b32 ctx8k {dtype} splits={splits}: {nbytes / t / 1e9:.2f} TB/s")
+                best[dtype], best_t = (bn, w, s, nreg), t
+        # split count: the launcher picks it from whole waves of resident programs (choose_splits)
+        if dtype in ("bfloat16", "int8", "int4"):
+            for batch in (32, 64):
+                fn, nbytes = decode_case(batch, 8192, dtype)
+                for splits in (1, 2, 3, 4, 6):
+                    t = bench(lambda: fn(num_splits=splits))  # noqa: B023
+                    notes.append(f"sweep b{batch} ctx8k {dtype} splits={splits}: {nbytes / t / 1e9:.2f} TB/s")
+                    print(notes[-1])
         fn = None
         torch.cuda.empty_cache()
     rows = []
@@ -229,8 +233,8 @@ def bench_decode(notes, out_dir):
             for dtype in VARIANTS:
                 fn, nbytes = decode_case(batch, ctx, dtype)
                 t = bench(fn)
-                bn, w, s = best[dtype]
-                t_best = bench(lambda: fn(block_n=bn, num_warps=w, num_stages=s))  # noqa: B023
+                bn, w, s, nreg = best[dtype]
+                t_best = bench(lambda: fn(block_n=bn, num_warps=w, num_stages=s, max_registers=nreg))  # noqa: B023
                 if dtype == "bfloat16":
                     bf16_t[(batch, ctx)] = t
                 rows.append({"batch": batch, "context": ctx, "kv_dtype": dtype, "time_us": t * 1e3,
@@ -238,7 +242,8 @@ def bench_decode(notes, out_dir):
                              "speedup_vs_bf16": bf16_t[(batch, ctx)] / t, "mbytes": nbytes / 1e6})
                 fn = None
                 torch.cuda.empty_cache()
-    notes.append(f"best swept configs (block_n, warps, stages): {best}; time_us/tb_per_s use the defaults")
+    notes.append(f"best swept configs (block_n, warps, stages, maxnreg): {best}; time_us/tb_per_s use the "
+                 "defaults")
     notes.append("bytes = K+V codes and scales/zeros of every context token + q + out; L2 flushed per call")
     cols = ["batch", "context", "kv_dtype", "time_us", "tb_per_s", "best_cfg_tb_per_s", "speedup_vs_bf16",
             "mbytes"]

@@ -4,7 +4,8 @@ Run on the GPU machine: ``python benchmarks/bench_norm_act.py --out DIR``. Llama
 (hidden 4096, intermediate 14336, 32 q / 8 kv heads, head_dim 128), bf16. Each Triton kernel is
 checked against its ``ref_`` first, then timed with ``do_bench`` (median, L2 flushed) next to the
 same math in eager torch. TB/s counts each input read once and each output written once.
-Writes ``norm_act.json``.
+Writes ``norm_act.json``. The ``rotary_and_cache`` row's torch column is the two Triton launches
+(rotary_embedding + reshape_and_cache) that the fused kernel replaces, not eager torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anybit.kernels.activation import ref_silu_and_mul, silu_and_mul  # noqa: E402
 from anybit.kernels.kv_cache_ops import ref_reshape_and_cache, reshape_and_cache  # noqa: E402
 from anybit.kernels.rms_norm import fused_add_rms_norm, ref_fused_add_rms_norm, ref_rms_norm, rms_norm  # noqa: E402
-from anybit.kernels.rope import ref_rotary_embedding, rotary_embedding  # noqa: E402
+from anybit.kernels.rope import (  # noqa: E402
+    ref_rotary_and_cache,
+    ref_rotary_embedding,
+    rotary_and_cache,
+    rotary_embedding,
+)
 from anybit.layers.attention_meta import LayerKVCache  # noqa: E402
 from benchmarks.common import print_table, write_result  # noqa: E402
 
@@ -70,6 +76,12 @@ def cases(tokens: int):
                      ref_rotary_embedding(pos, q, k, cs)[0])),
         ("reshape_and_cache", lambda: reshape_and_cache(k, v, cache, slots),
          lambda: ref_reshape_and_cache(k, v, cache, slots), 4 * k.numel() * e, lambda: 0.0),
+        # fused: q/k rotated in place + K/V written (one launch); vs the two Triton launches it replaces
+        ("rotary_and_cache", lambda: rotary_and_cache(pos, q, k, v, cs, True, cache, slots),
+         lambda: (rotary_embedding(pos, q, k, cs), reshape_and_cache(k, v, cache, slots)),
+         (2 * q.numel() + 4 * k.numel() + 2 * v.numel()) * e,
+         lambda: rel(rotary_and_cache(pos, q.clone(), k.clone(), v, cs, True, cache, slots)[0],
+                     ref_rotary_and_cache(pos, q, k, v, cs, True, cache, slots)[0])),
     ]
 
 

@@ -9,6 +9,7 @@ query sits at position ``seq_len - 1``.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -48,6 +49,16 @@ def ref_paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_
 # ----------------------------------------------------------------------------------------------
 # Triton: split-K (flash-decoding) kernel + reduction
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, seq_lens_ptr,
                    out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
@@ -144,15 +155,20 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
             va, vb = load_codes_biased(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
             vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
             pw = (p * vsc[None, :]).to(CDT)
-            wsum = wsum * alpha + tl.sum(pw.to(tl.float32), axis=1)
-            acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+            # the row sums share one reduction (one cross-warp exchange instead of two or three)
             if MODE == 2:
                 vz = tl.load(vz_ptr + srow, mask=valid, other=0.0)
-                zsum = zsum * alpha + tl.sum(p * vz[None, :], axis=1)
+                ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
+                zsum = zsum * alpha + zs
+            else:
+                ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
+            l = l * alpha + ps
+            wsum = wsum * alpha + ws
+            acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+            if MODE == 2:
                 acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
             m = m_new
         if MODE == 2:
@@ -257,13 +273,43 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
+def blocks_per_sm(mode: int, block_n: int, num_warps: int, num_stages: int, max_registers: int | None) -> int:
+    """Resident programs per SM on Hopper (registers and shared memory from ptxas for d128,
+    G=4: bf16 (64, 4, 3) 128 regs / 39 KB -> 4; quantized (128, 4, 3) 154-168 regs / 59-75 KB -> 3;
+    quantized (128, 4, 1) capped at 128 regs / 41 KB -> 4). Only sizes the split count."""
+    if num_warps != 4:
+        return 2
+    if mode == 0:
+        return 4 if block_n <= 64 else 3
+    if max_registers is not None and max_registers <= 128 and (num_stages == 1 or block_n <= 64):
+        return 4
+    return 3 if block_n <= 128 else 1
+
+
+def choose_splits(pairs: int, max_seq_len: int, capacity: int) -> int:
+    """Splits per (sequence, kv head) from host ints: at least 128 tokens per split; if all
+    programs fit in one wave use as many as allowed, else the fewest splits whose last wave is
+    >= 90% full (programs / capacity close to a whole number of waves), else the fullest."""
+    pairs = max(pairs, 1)
+    max_s = max(1, min(triton.cdiv(max(max_seq_len, 1), 128), 128))
+    if pairs * max_s <= capacity:
+        return max_s
+    best, best_eff = 1, 0.0
+    for s in range(1, max_s + 1):
+        waves = pairs * s / capacity
+        eff = waves / math.ceil(waves)
+        if eff >= 0.9:
+            return s
+        if eff > best_eff:
+            best, best_eff = s, eff
+    return best
+
+
 def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, mode: int, device: torch.device):
     """Host-side choice of (block_n, num_splits, num_warps, num_stages) from shapes only."""
     block_n = 64 if mode == 0 else 128
-    target = 4 * _num_sms(device)
-    splits = max(1, min(triton.cdiv(target, max(num_seqs * num_kv_heads, 1)),
-                        triton.cdiv(max(max_seq_len, 1), 128), 128))
-    return block_n, splits, 4, 3
+    cap = blocks_per_sm(mode, block_n, 4, 3, None) * _num_sms(device)
+    return block_n, choose_splits(num_seqs * num_kv_heads, max_seq_len, cap), 4, 3
 
 
 def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
@@ -273,7 +319,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            num_stages: int | None = None,
                            out: torch.Tensor | None = None, int8_qk: bool = False,
                            int8_pv: bool = False, biased: bool | None = None,
-                           heads_first: bool | None = None) -> torch.Tensor:
+                           heads_first: bool | None = None, max_registers: int | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -287,6 +333,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     cancellation costs ~1e-5 relative error in float32, far below bf16 rounding).
     ``heads_first``: grid order (num_kv_heads, num_seqs, splits) instead of (num_seqs, num_kv_heads,
     splits), for DRAM locality of the short per-head rows of quantized caches (default: quantized only).
+    ``max_registers``: register cap per thread (Triton ``maxnreg``), for occupancy experiments.
     The context is cut into ``num_splits`` slices of ``tokens_per_split`` (from ``max_seq_len``),
     each program reads its slice once for all heads of a GQA group; a reduction kernel merges.
     """
@@ -309,6 +356,10 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
     ks, vs, kz, vz, sstr = kv_scale_args(kv_cache)
     d_bn, d_splits, d_warps, d_stages = decode_config(num_seqs, nkv, max_seq_len, mode, query.device)
+    if num_splits is None and (block_n, num_warps, num_stages, max_registers) != (None,) * 4:
+        cap = blocks_per_sm(mode, block_n or d_bn, num_warps or d_warps, num_stages or d_stages,
+                            max_registers) * _num_sms(query.device)
+        d_splits = choose_splits(num_seqs * nkv, max_seq_len, cap)
     block_n = block_n or d_bn
     splits = num_splits or d_splits
     tps = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), block_n) * block_n
@@ -341,7 +392,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         INT8_QK=bool(int8_qk and mode == 1), INT8_PV=bool(int8_pv and mode == 1),
         BIASED=biased, USE_ASM=bool(biased and cdt == tl.float16 and not interpret),
         HEADS_FIRST=bool(heads_first),
-        num_warps=num_warps or d_warps, num_stages=num_stages or d_stages)
+        num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
+        **({"maxnreg": max_registers} if max_registers else {}))
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=splits,

@@ -12,6 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from anybit.kernels.kv_cache_ops import (
+    _check_cache_args,
+    _write_one,
+    kv_mode,
+    kv_scale_args,
+    ref_reshape_and_cache,
+)
+
 
 def _check_rope_args(positions, query, key, cos_sin_cache):
     if query.dim() != 3 or key.dim() != 3 or query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
@@ -120,4 +128,81 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
                                  query.stride(0), query.stride(1), key.stride(0), key.stride(1),
                                  cos_sin_cache.stride(0), IS_NEOX=is_neox, HALF=half,
                                  BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=8, num_warps=4)
+    return query, key
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused: rotary on q/k + paged K/V cache write (one launch instead of two)
+# ----------------------------------------------------------------------------------------------
+def ref_rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache, slot_mapping: torch.Tensor):
+    """``ref_rotary_embedding`` then ``ref_reshape_and_cache`` of the rotated key and the value.
+    Returns the rotated ``(query, key)`` (new tensors); the cache is written in place."""
+    q, k = ref_rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    ref_reshape_and_cache(k, value, kv_cache, slot_mapping)
+    return q, k
+
+
+@triton.jit
+def _rotary_cache_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr,
+                         vz_ptr, slot_ptr, n_heads, n_kv_heads, stride_qt, stride_qh, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_cs, stride_cb, stride_ct, stride_ch, stride_sb,
+                         stride_st, stride_sh, IS_NEOX: tl.constexpr, HALF: tl.constexpr,
+                         BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr,
+                         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_KH: tl.constexpr):
+    """One program per token: rotate its query and key heads in place, then write the rotated key
+    (read back after a block barrier, as the two-launch path would) and the value into the cache."""
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_HALF)
+    cmask = offs_i < HALF
+    cos = tl.load(cs_ptr + pos * stride_cs + offs_i, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_i, mask=cmask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, tok, n_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, tok, n_kv_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H)
+    tl.debug_barrier()  # the rotated key rows were stored by other threads of this program
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        blk = slot // PAGE
+        off = slot % PAGE
+        dst_off = blk * stride_cb + off * stride_ct
+        s_off = blk * stride_sb + off * stride_st
+        _write_one(k_ptr, stride_kt, stride_kh, tok, kc_ptr, ks_ptr, kz_ptr, dst_off, s_off, stride_ch,
+                   stride_sh, n_kv_heads, MODE, HEAD_DIM, BLOCK_KH)
+        _write_one(v_ptr, stride_vt, stride_vh, tok, vc_ptr, vs_ptr, vz_ptr, dst_off, s_off, stride_ch,
+                   stride_sh, n_kv_heads, MODE, HEAD_DIM, BLOCK_KH)
+
+
+def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool, kv_cache, slot_mapping: torch.Tensor):
+    """Triton ``rotary_embedding`` + ``reshape_and_cache`` in one launch, same results bit for bit.
+
+    query ``[num_tokens, num_heads, head_dim]`` and key ``[num_tokens, num_kv_heads, head_dim]`` are
+    rotated **in place** (returned); the rotated key and ``value`` are written (quantized for
+    int8/int4) into ``kv_cache`` at ``slot_mapping`` (-1 = skip). Views with any token/head strides.
+    """
+    _check_rope_args(positions, query, key, cos_sin_cache)
+    _check_cache_args(key, value, kv_cache, slot_mapping)
+    kc, vc = kv_cache.key, kv_cache.value
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("rotary_and_cache: query, key, value and cos_sin_cache must be contiguous in their "
+                         "last dim")
+    if kc.stride() != vc.stride() or kc.stride(-1) != 1:
+        raise ValueError("rotary_and_cache: kv_cache.key and .value must share strides, last dim contiguous")
+    head_dim = key.shape[2]
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"rotary_and_cache: head_dim must be a power of two, got {head_dim}")
+    mode = kv_mode(kv_cache.dtype)
+    ks, vs, kz, vz, sstr = kv_scale_args(kv_cache)
+    half = cos_sin_cache.shape[-1] // 2
+    n_tok = query.shape[0]
+    if n_tok:
+        _rotary_cache_kernel[(n_tok,)](
+            positions, query, key, value, cos_sin_cache, kc, vc, ks, vs, kz, vz, slot_mapping,
+            query.shape[1], key.shape[1], query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            value.stride(0), value.stride(1), cos_sin_cache.stride(0),
+            kc.stride(0), kc.stride(1), kc.stride(2), sstr[0], sstr[1], sstr[2],
+            IS_NEOX=is_neox, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=8,
+            PAGE=kv_cache.block_size, MODE=mode, HEAD_DIM=head_dim,
+            BLOCK_KH=triton.next_power_of_2(key.shape[1]), num_warps=4)
     return query, key

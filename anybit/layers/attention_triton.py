@@ -6,7 +6,8 @@ fused QKV output), ``positions [num_tokens]``, this layer's ``LayerKVCache`` and
 Called by ``layers/attention.py`` (``Attention.forward``) when the backend is "triton".
 
 The decode path does no host syncs and sizes its grid from host ints only (``max_seq_len``), so
-it can be captured in a CUDA graph. Rotary is applied in place on the q/k projections.
+it can be captured in a CUDA graph. Rotary is applied in place on the q/k projections, in the same
+launch that writes K/V into the cache (``kernels/rope.py: rotary_and_cache``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import torch
 
 from anybit.kernels.attention_decode import paged_attention_decode
 from anybit.kernels.attention_prefill import paged_attention_prefill
-from anybit.kernels.kv_cache_ops import reshape_and_cache
-from anybit.kernels.rope import rotary_embedding
+from anybit.kernels.rope import rotary_and_cache
 from anybit.layers.attention_meta import AttentionMetadata, LayerKVCache
 
 
@@ -31,7 +31,7 @@ def _heads(x: torch.Tensor, num_tokens: int, heads: int, head_dim: int) -> torch
 
 
 class TritonAttentionBackend:
-    """AttentionBackend on CUDA: rope -> reshape_and_cache -> split-K decode + varlen prefill."""
+    """AttentionBackend on CUDA: fused rope + cache write -> split-K decode + varlen prefill."""
 
     name = "triton"
 
@@ -42,8 +42,10 @@ class TritonAttentionBackend:
         q = _heads(query, num_tokens, nh, hd)
         k = _heads(key, num_tokens, nkv, hd)
         v = _heads(value, num_tokens, nkv, hd)
-        q, k = rotary_embedding(positions, q, k, layer.rotary.cos_sin_cache, layer.rotary.is_neox)
-        reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
+        # one launch: rotary on q/k (in place) + K/V write (quantize-on-write) into the paged cache
+        rot = layer.rotary
+        slots = meta.slot_mapping
+        q, k = rotary_and_cache(positions, q, k, v, rot.cos_sin_cache, rot.is_neox, kv_cache, slots)
         out = torch.empty(num_tokens, nh, hd, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
         if nd > 0:

@@ -140,3 +140,13 @@ def test_decode_grid_order(device, heads_first):
     out = paged_attention_decode(*_decode_args(b, None), num_splits=3, heads_first=heads_first,
                                  block_n=32 if device == "cpu" else None)
     assert rel_err(out, ref) < _tol(torch.float32, device)
+
+
+def test_choose_splits_fills_whole_waves():
+    from anybit.kernels.attention_decode import choose_splits
+
+    assert choose_splits(8, 4096, 396) == 32           # one wave even at the most splits: use them all
+    assert choose_splits(256, 8192, 396) == 3          # 768 programs = 1.94 waves of 396
+    assert choose_splits(512, 8192, 396) == 3          # not 2: 1024 programs = 2.59 waves
+    assert choose_splits(256, 8192, 528) == 2          # 512 = 0.97 of a wave
+    assert choose_splits(1, 100, 396) == 1             # at least 128 tokens per split

@@ -57,3 +57,48 @@ def test_rotary_errors():
         ref_rotary_embedding(torch.arange(2), q, k, _cos_sin(8, 64))
     with pytest.raises(ValueError, match="rotary_dim"):
         ref_rotary_embedding(torch.arange(3), q, k, _cos_sin(8, 128))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype,dtype,is_neox", [("bfloat16", torch.bfloat16, True),
+                                                       ("int8", torch.bfloat16, False),
+                                                       ("int4", torch.float32, True)])
+def test_rotary_and_cache_matches_two_launches(device, cache_dtype, dtype, is_neox):
+    """Fused rope + cache write == rotary_embedding then reshape_and_cache, bit for bit (padding slot -1)."""
+    from kv_helpers import make_cache
+
+    from anybit.kernels.kv_cache_ops import reshape_and_cache
+    from anybit.kernels.rope import ref_rotary_and_cache, rotary_and_cache
+
+    g = torch.Generator().manual_seed(11)
+    tokens, nh, nkv, hd = 9, 4, 2, 64
+    qkv = torch.randn(tokens, (nh + 2 * nkv) * hd, generator=g).to(dtype).to(device)
+    pos = torch.randint(0, 300, (tokens,), generator=g).to(device)
+    slots = torch.randperm(5 * 16, generator=g)[:tokens].to(device)
+    slots[3] = -1
+    cs = _cos_sin(300, hd).to(device)
+    caches, outs = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cache = make_cache(cache_dtype, 5, 16, nkv, hd, device=device)
+        buf = qkv.clone()
+        q, k, v = (t.view(tokens, -1, hd) for t in buf.split([nh * hd, nkv * hd, nkv * hd], dim=1))
+        if fused:
+            rotary_and_cache(pos, q, k, v, cs, is_neox, cache, slots)
+        else:
+            rotary_embedding(pos, q, k, cs, is_neox)
+            reshape_and_cache(k, v, cache, slots)
+        caches.append(cache)
+        outs.append(buf)
+    assert torch.equal(outs[0], outs[1])
+    for name in ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero"):
+        a, b = getattr(caches[0], name), getattr(caches[1], name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    # and against the torch reference (query and key rotation)
+    q0 = qkv[:, :nh * hd].view(tokens, nh, hd)
+    k0 = qkv[:, nh * hd:(nh + nkv) * hd].view(tokens, nkv, hd)
+    v0 = qkv[:, (nh + nkv) * hd:].view(tokens, nkv, hd)
+    ref_cache = make_cache(cache_dtype, 5, 16, nkv, hd, device=device)
+    rq, rk = ref_rotary_and_cache(pos, q0, k0, v0, cs, is_neox, ref_cache, slots)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outs[0][:, :nh * hd].view(tokens, nh, hd), rq, atol=tol, rtol=tol)
