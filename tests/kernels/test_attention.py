@@ -125,7 +125,7 @@ def test_decode_biased_codes(device, cache_dtype, head_dim, nkv, window):
     qdt = torch.float32 if device == "cpu" else torch.bfloat16
     b = make_batch(DEC_LENS, [1] * len(DEC_LENS), 4, nkv, head_dim, cache_dtype, q_dtype=qdt, device=device)
     ref = ref_paged_attention_decode(*_decode_args(b, window))
-    for splits in (1, 3):
+    for splits in ((3,) if device == "cpu" else (1, 3)):
         out = paged_attention_decode(*_decode_args(b, window), num_splits=splits, biased=True,
                                      block_n=32 if device == "cpu" else None)
         assert rel_err(out, ref) < (2e-4 if device == "cpu" else 1.5e-2)
