@@ -110,8 +110,12 @@ class DeviceConfig:
     device: str = "auto"  # auto: cuda if available else cpu
     attention_backend: str = "auto"  # auto: triton on cuda, torch on cpu
     enforce_eager: bool = False  # True: no CUDA graphs
+    cpu_threads: int | None = None  # torch threads on CPU; None: about one per 1024 of hidden size
 
     def __post_init__(self):
+        if self.cpu_threads is not None:
+            _check(isinstance(self.cpu_threads, int) and self.cpu_threads >= 1, "cpu_threads",
+                   f"must be an integer >= 1, got {self.cpu_threads!r}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
                f"got {self.device!r}, allowed: auto, cpu, cuda, cuda:N")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
