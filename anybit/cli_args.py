@@ -27,6 +27,7 @@ _HELP = {
     "device": "auto, cpu, cuda, cuda:N",
     "attention_backend": "auto, torch, triton",
     "enforce_eager": "disable CUDA graphs",
+    "admit_batch": "admit waiting requests only when this many sequence slots are free",
     "cpu_threads": "torch threads on CPU (default: about one per 1024 of hidden size)",
 }
 

@@ -93,11 +93,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting_requests: int | None = None  # server back-pressure bound; None: unbounded
+    admit_batch: int = 1  # admit waiting requests only when this many slots are free (or idle)
 
     def __post_init__(self):
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                f"must be >= 1, got {self.max_num_batched_tokens}")
+        _check(self.admit_batch >= 1, "admit_batch", f"must be >= 1, got {self.admit_batch}")
         if self.max_waiting_requests is not None:
             _check(self.max_waiting_requests >= 1, "max_waiting_requests",
                    f"must be >= 1, got {self.max_waiting_requests}")

@@ -174,3 +174,29 @@ def test_sequence_outgrowing_the_whole_cache_finishes_with_length():
     assert finish["long"] == "length"
     assert len(outputs["long"]) == 4 * 4 - 6 + 1  # the last sampled token needs no slot yet
     assert sched.kv.pool.check_all_free()
+
+
+def test_admit_batch_groups_prefills_and_keeps_outputs():
+    rng = random.Random(3)
+    prompts = {f"r{i}": [rng.randrange(5, 200) for _ in range(rng.randrange(3, 12))] for i in range(16)}
+    max_tokens = {rid: rng.randrange(2, 10) for rid in prompts}
+    results, mixed = [], []
+    for admit in (1, 4):
+        sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, admit_batch=admit),
+                          CacheConfig(block_size=8), 200, max_model_len=512)
+        runner = FakeRunner(8)
+        for rid, p in prompts.items():
+            sched.add_request(req(rid, p, max_tokens=max_tokens[rid]))
+        n_mixed = 0
+        outputs: dict[str, list[int]] = {}
+        while sched.num_unfinished:
+            so = sched.schedule()
+            lens = [s.num_new_tokens for s in so.seqs]
+            n_mixed += any(n > 1 for n in lens) and any(n == 1 for n in lens)
+            for co in sched.update_from_output(so, runner.execute(so)):
+                outputs.setdefault(co.request_id, []).extend(co.new_token_ids)
+        assert sched.kv.pool.check_all_free()
+        results.append(outputs)
+        mixed.append(n_mixed)
+    assert results[0] == results[1]  # same tokens, fewer mixed prefill+decode steps
+    assert mixed[1] < mixed[0]

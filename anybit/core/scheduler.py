@@ -120,7 +120,8 @@ class Scheduler:
             break  # the request itself was preempted: everything after it is gone too
 
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        admit = self._may_admit(scheduled)
+        while admit and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.leader_id is not None and self._leader_busy(request):
                 skipped.append(self.waiting.popleft())
@@ -143,6 +144,16 @@ class Scheduler:
         seqs = [self._make_seq(r, n) for r, n in scheduled]
         return SchedulerOutput(seqs=seqs, num_batched_tokens=sum(n for _, n in scheduled),
                                preempted_ids=preempted)
+
+    def _may_admit(self, scheduled: list[tuple[Request, int]]) -> bool:
+        """Admit waiting requests this step? With ``admit_batch`` > 1, only when that many
+        sequence slots are free, or when the step has no decode work, so that prefills come in
+        groups and more steps stay decode-only (those run as CUDA graphs)."""
+        want = self.config.admit_batch
+        if want <= 1 or not self.waiting:
+            return True
+        free = self.config.max_num_seqs - len(self.running)
+        return free >= min(want, len(self.waiting)) or not scheduled
 
     def _leader_busy(self, request: Request) -> bool:
         """An n > 1 sibling waits until the leader's prompt blocks are computed (then it hits
