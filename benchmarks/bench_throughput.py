@@ -107,6 +107,8 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--admit-batch", type=int, nargs="+", default=[1],
+                    help="anybit runs, one per value of the scheduler's admit_batch")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
@@ -116,25 +118,29 @@ def main():
         make_folder(args.preset, folder, with_weights=not gpu)
         vocab = PRESETS[args.preset]["vocab_size"]
         reqs = make_requests(args.num_requests, vocab, 0, args.input, args.output)
-        tps, dt, stats = run_anybit(folder, reqs, dtype, device, args.backend, gpu,
-                                    max_num_seqs=args.max_num_seqs,
-                                    max_num_batched_tokens=args.max_num_batched_tokens,
-                                    kv_cache_dtype=args.kv_cache_dtype)
-        row = {"preset": args.preset, "requests": args.num_requests, "anybit_backend": args.backend,
-               "kv_cache_dtype": args.kv_cache_dtype, "anybit_out_tok_s": tps, "anybit_wall_s": dt,
-               "preemptions": stats["num_preemptions"]}
-        print(row, flush=True)
+        rows = []
+        for admit in args.admit_batch:
+            tps, dt, stats = run_anybit(folder, reqs, dtype, device, args.backend, gpu,
+                                        max_num_seqs=args.max_num_seqs,
+                                        max_num_batched_tokens=args.max_num_batched_tokens,
+                                        kv_cache_dtype=args.kv_cache_dtype, admit_batch=admit)
+            row = {"preset": args.preset, "requests": args.num_requests, "anybit_backend": args.backend,
+                   "kv_cache_dtype": args.kv_cache_dtype, "admit_batch": admit, "anybit_out_tok_s": tps,
+                   "anybit_wall_s": dt, "preemptions": stats["num_preemptions"]}
+            print(row, flush=True)
+            rows.append(row)
         if args.hf_requests:
             hf_tps, hf_dt = run_hf(folder, reqs[:args.hf_requests], dtype, device, args.hf_batch)
-            row.update({"hf_requests": args.hf_requests, "hf_batch": args.hf_batch, "hf_out_tok_s": hf_tps,
-                        "ratio_vs_hf": tps / hf_tps})
-    cols = list(row)
+            for row in rows:
+                row.update({"hf_requests": args.hf_requests, "hf_batch": args.hf_batch,
+                            "hf_out_tok_s": hf_tps, "ratio_vs_hf": row["anybit_out_tok_s"] / hf_tps})
+    cols = list(rows[-1])
     note = (f"inputs uniform {args.input}, outputs uniform {args.output} tokens, seed 0, random ids, EOS "
             "ignored; transformers runs a prefix of the requests in left-padded batches, counting only "
             "requested tokens")
     write_result(f"e2e_throughput_{'gpu' if gpu else 'cpu'}", "Offline throughput (output tokens/s)", cols,
-                 [row], [note], out_dir=args.out_dir)
-    print_table(cols, [row])
+                 rows, [note], out_dir=args.out_dir)
+    print_table(cols, rows)
 
 
 if __name__ == "__main__":
