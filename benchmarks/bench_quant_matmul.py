@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul  # noqa: E402
-from anybit.quant.format import PackedWeight  # noqa: E402
+from anybit.quant.format import PackedWeight, dequantize  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096), (128256, 4096)]
@@ -196,9 +196,79 @@ def explore_variants(M, b):
     return v
 
 
+H2_BITS_BENCH = (2, 4, 8)
+
+
+def check_correctness_h2(log) -> list[dict]:
+    """Packed-half GEMV (PTX and its plain-Triton twin), the old GEMV and the tensor-core paths
+    vs a float32 dequantization, fresh random data: RTN weights (bits 2/3/4/8, group 128 and per
+    channel), bf16 and fp16 x at scale 1 and 300, plus M=1 on the 4096x14336 shape (random codes)."""
+    rows = []
+    torch.manual_seed(1)
+
+    def one(tag, pw, x, ref, kw):
+        out = torch.full((x.shape[0], pw.out_features), float("nan"), device="cuda", dtype=x.dtype)
+        try:
+            y = quant_matmul(x, pw, out=out, **kw)
+            torch.cuda.synchronize()
+            err = float((y.float() - ref).norm() / ref.norm())
+        except Exception as e:  # noqa: BLE001
+            log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
+            y, err = out, float("inf")
+        ok = bool(torch.isfinite(y).all()) and err < 1e-2
+        rows.append(dict(case=tag, kw=str(kw), rel_err=err, ok=ok))
+        if not ok:
+            log(f"FAIL {tag} {kw}: rel err {err:.3e}")
+
+    for bits, g in [(2, 128), (3, 128), (4, 128), (8, 128), (4, -1), (8, 32)]:
+        W = torch.randn(384, 1152, device="cuda")
+        pw = rtn_quantize(W.cpu(), QuantSpec(bits, g, "uniform")).to("cuda")
+        for M in (1, 16):
+            for dtype in (torch.bfloat16, torch.float16):
+                for scale in ((1.0, 300.0) if M == 1 else (1.0,)):
+                    x = (torch.randn(M, 1152, device="cuda") * scale).to(dtype)
+                    ref = ref_quant_matmul(x.float(), pw)
+                    tag = f"b{bits} g{g} M{M} {str(dtype)[6:]} x*{scale:g}"
+                    kws = [dict(), dict(path="gemv"), dict(path="gemm")]
+                    if bits in H2_BITS_BENCH:
+                        kws += [dict(path="gemv_h2"), dict(path="gemv_h2", words_per_asm=1),
+                                dict(path="gemv_h2", use_asm=False), dict(path="gemv_h2", block_n=256),
+                                dict(path="gemm", swap=True, fast_dequant=True)]
+                    for kw in kws:
+                        one(tag, pw, x, ref, kw)
+    for bits in H2_BITS_BENCH:  # a real shape, random codes, K = 14336
+        pw = random_packed(4096, 14336, bits)
+        Wd = dequantize(pw, torch.float32)
+        x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ Wd.t()
+        del Wd
+        for kw in (dict(), dict(path="gemv"), dict(path="gemv_h2", use_asm=False)):
+            one(f"b{bits} 4096x14336 M1 random codes", pw, x, ref, kw)
+    log(f"correctness (h2 set): {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
+        f"{max(r['rel_err'] for r in rows):.2e}")
+    return rows
+
+
+def h2_variants(M, b):
+    """The run of the packed-half GEMV: launcher choice plus the old GEMV and the h2 alternatives."""
+    v = [("anybit", {})]
+    if b not in H2_BITS_BENCH:
+        return v
+    if M == 1:
+        v += [("anybit_gemv_old", dict(path="gemv")),
+              ("anybit_h2", dict(path="gemv_h2")),
+              ("anybit_h2_wpt1", dict(path="gemv_h2", words_per_asm=1)),
+              ("anybit_h2_bn256", dict(path="gemv_h2", block_n=256)),
+              ("anybit_h2_bn64", dict(path="gemv_h2", block_n=64)),
+              ("anybit_h2_triton", dict(path="gemv_h2", use_asm=False))]
+    elif M <= 64:
+        v += [("anybit_gemm_swap_fast", dict(path="gemm", swap=True, fast_dequant=True))]
+    return v
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "explore"], default="full")
+    ap.add_argument("--mode", choices=["full", "explore", "h2"], default="full")
     ap.add_argument("--out", default=None)
     ap.add_argument("--bits", default=None, help="comma list, default 2,3,4,5,6,8")
     ap.add_argument("--ms", default=None)
@@ -211,17 +281,19 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    bits = [int(b) for b in args.bits.split(",")] if args.bits else BITS
-    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
+    h2 = args.mode == "h2"
+    bits = [int(b) for b in args.bits.split(",")] if args.bits else [2, 3, 4, 8] if h2 else BITS
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else [1, 16] if h2 else MS
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     t0 = time.time()
-    corr = check_correctness(log)
+    corr = check_correctness_h2(log) if h2 else check_correctness(log)
     rows = []
-    out = args.out or os.path.join(os.environ.get("OUT", "."), "quant_matmul.json")
+    name = "quant_matmul_h2" if h2 else "quant_matmul_explore" if args.mode == "explore" else "quant_matmul"
+    out = args.out or os.path.join(os.environ.get("OUT", "."), f"{name if h2 else 'quant_matmul'}.json")
 
     def dump():
         result = {
-            "benchmark": "quant_matmul" if args.mode == "full" else "quant_matmul_explore",
+            "benchmark": name,
             "title": "any-bit quant_matmul (group 128) vs cuBLAS bf16 and torch int4, Llama-3-8B shapes",
             "device": torch.cuda.get_device_name(),
             "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
@@ -241,9 +313,19 @@ def main() -> int:
 
     for N, K in shapes:
         explore = args.mode == "explore" or (args.explore_shape and f"{N}x{K}" == args.explore_shape)
-        rows += bench_shape(N, K, ms, bits, explore_variants if explore else full_variants, log)
+        variants = h2_variants if h2 else explore_variants if explore else full_variants
+        rows += bench_shape(N, K, ms, bits, variants, log)
         dump()
         log(f"after {N}x{K}: {time.time() - t0:.0f}s")
+    if h2:  # compact: one line per (shape, M, bits), us and x cuBLAS per variant
+        cub = {(r["shape"], r["M"]): r["time_us"] for r in rows if r["method"] == "cublas_bf16"}
+        keys = sorted({(r["shape"], r["M"], r["bits"]) for r in rows if r["method"].startswith("anybit")},
+                      key=lambda k: (SHAPES.index(tuple(int(v) for v in k[0].split("x"))), k[1], k[2]))
+        for shp, M, b in keys:
+            cells = [f"{r['method'][7:] or 'auto'}={r['time_us']:.1f}({r['speedup']:.2f}x)" for r in rows
+                     if (r["shape"], r["M"], r["bits"]) == (shp, M, b) and r["method"].startswith("anybit")]
+            print(f"{shp} M{M} W{b} cublas={cub[(shp, M)]:.1f} " + " ".join(cells))
+        return 0
     print(f"{'shape':>12} {'M':>5} {'method':>28} {'bits':>4} {'us':>8} {'TB/s':>6} {'x cuBLAS':>8}")
     for r in rows:
         if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit"):

@@ -1,0 +1,103 @@
+"""Packed-half GEMV (``path="gemv_h2"``): the PTX text, checked by a bit-level emulation here,
+and the kernel (plain-Triton twin in the interpreter; the PTX on CUDA) vs ref_quant_matmul."""
+
+import struct
+
+import pytest
+import torch
+
+from anybit.kernels.quant_matmul import _h2_asm, quant_matmul, ref_quant_matmul
+from anybit.quant.rtn import QuantSpec, rtn_quantize
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _h(u: int) -> tuple[float, float]:
+    return tuple(struct.unpack("<e", struct.pack("<H", (u >> s) & 0xFFFF))[0] for s in (0, 16))
+
+
+def _f16(v: float) -> float:
+    return struct.unpack("<e", struct.pack("<e", v))[0]
+
+
+def _emulate(asm: str, words: list[int]) -> list[tuple[float, float]]:
+    """Run the extraction/conversion part of the PTX on ints; return the f16x2 values that meet x."""
+    regs = {f"${i + 1}": w for i, w in enumerate(words)}
+    out = []
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, rest = line.split(None, 1)
+        a = [t.strip() for t in rest.split(",")]
+        val = lambda t: regs[t] if t in regs else int(t, 0)  # noqa: E731
+        if op == "mov.b32" and not a[0].startswith("{"):
+            regs[a[0]] = val(a[1])
+        elif op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> int(a[2])
+        elif op == "lop3.b32":
+            assert a[4] == "0xEA"  # (a & b) | c
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "prmt.b32":
+            by = [(val(t) >> 8 * i) & 0xFF for t in a[1:3] for i in range(4)]
+            sel = int(a[3], 0)
+            regs[a[0]] = sum(by[(sel >> 4 * i) & 0xF] << 8 * i for i in range(4))
+        elif op == "sub.f16x2" or (op == "fma.rn.f16x2" and not a[2].startswith("$")):
+            x, y = _h(val(a[1])), _h(val(a[2]))
+            r = [_f16(x[i] - y[i]) for i in range(2)] if op == "sub.f16x2" else \
+                [_f16(x[i] * y[i] + _h(val(a[3]))[i]) for i in range(2)]
+            regs[a[0]] = sum(struct.unpack("<H", struct.pack("<e", v))[0] << 16 * i for i, v in enumerate(r))
+        elif op in ("mul.f16x2", "fma.rn.f16x2"):
+            out.append(_h(regs[a[1]]))
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("words", [1, 2])
+def test_ptx_gives_centred_codes_in_pair_order(bits, words):
+    P, H, C = 32 // bits, 16 // bits, 1 << (bits - 1)
+    g = torch.Generator().manual_seed(bits * 10 + words)
+    for _ in range(50):
+        qs = torch.randint(0, 2 ** bits, (words, P), generator=g).tolist()
+        got = _emulate(_h2_asm(bits, words), [sum(c << (i * bits) for i, c in enumerate(q)) for q in qs])
+        assert got == [(q[j] - C, q[j + H] - C) for q in qs for j in range(H)]
+
+
+def _packed(N, K, bits, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, "uniform")).to(DEV)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group, words", [(128, 2), (32, 2), (-1, 1)])
+def test_gemv_h2_vs_reference(bits, group, words):
+    K = 384 if group == 128 else 160 if group == 32 else 256
+    pw = _packed(96, K, bits, group, seed=bits + group)
+    for dtype, M, tol in ((torch.bfloat16, 1, 1e-2), (torch.float16, 2, 5e-3), (torch.float32, 1, 2e-3)):
+        x = torch.randn(M, K, device=DEV).to(dtype)
+        ref = ref_quant_matmul(x.float(), pw)
+        y = quant_matmul(x, pw, path="gemv_h2", words_per_asm=words)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        err = float((y.float() - ref).norm() / ref.norm())
+        assert err < tol, (dtype, err)
+
+
+def test_gemv_h2_split_k_out_slice_and_large_x():
+    pw = _packed(80, 512, 4, 64, seed=7)
+    x = torch.randn(1, 512, device=DEV, dtype=torch.bfloat16) * 300  # |x| up to ~1e3: no f16 overflow
+    ref = ref_quant_matmul(x.float(), pw)
+    out = torch.full((1, 160), float("nan"), device=DEV, dtype=torch.bfloat16)
+    quant_matmul(x, pw, out=out[:, 40:120], path="gemv_h2", split_k=4)
+    err = float((out[:, 40:120].float() - ref).norm() / ref.norm())
+    assert err < 1e-2
+    assert torch.isnan(out[:, :40].float()).all() and torch.isnan(out[:, 120:].float()).all()
+
+
+def test_gemv_h2_rejects_other_formats():
+    pw = rtn_quantize(torch.randn(32, 64), QuantSpec(3, 32, "uniform")).to(DEV)
+    with pytest.raises(ValueError, match="gemv_h2"):
+        quant_matmul(torch.randn(1, 64, device=DEV), pw, path="gemv_h2")
+    pw = rtn_quantize(torch.randn(32, 64), QuantSpec(4, 32, "nf4")).to(DEV)
+    with pytest.raises(ValueError, match="gemv_h2"):
+        quant_matmul(torch.randn(1, 64, device=DEV), pw, path="gemv_h2")
