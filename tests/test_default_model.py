@@ -100,3 +100,39 @@ def test_generate_without_model_continues_fibonacci():
     assert body, f"no parsable function body in {text!r}"
     tree = ast.parse(code)
     assert isinstance(tree.body[0], ast.FunctionDef) and tree.body[0].body
+
+
+def test_training_script_tiny_loads_in_transformers(tmp_path):
+    """scripts/train_default_model.py --tiny on a small corpus: the saved folder loads in
+    transformers' LlamaForCausalLM with the same logits as the training-time model."""
+    pytest.importorskip("transformers")
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import train_default_model
+    from train_model import TinyLlama, TinyLlamaConfig
+
+    corpus = tmp_path / "lib"
+    corpus.mkdir()
+    from anybit.default_model import load_heldout_sample
+
+    text = "\n".join(load_heldout_sample())
+    for i in range(60):  # 60 files of ~700 bytes cut from the shipped held-out sample
+        (corpus / f"mod_{i:02d}.py").write_text(text[i * 700:(i + 1) * 700])
+    out = tmp_path / "model"
+    train_default_model.main(["--tiny", "--corpus", str(corpus), "--out", str(out), "--steps", "4"])
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "heldout.json"):
+        assert (out / f).is_file(), f
+
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    with open(out / "config.json") as f:
+        hcfg = json.load(f)
+    cfg = TinyLlamaConfig(**{k: v for k, v in hcfg.items() if k in TinyLlamaConfig.__dataclass_fields__})
+    mine = TinyLlama(cfg).eval()
+    mine.load_state_dict({k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()})
+    x = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, mine(x), rtol=1e-4, atol=1e-4)
