@@ -116,8 +116,13 @@ def transformers_runner(folder, prompts, gen, dtype, device):
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=tdtype).to(device)
     else:
         cfg = transformers.LlamaConfig(**json.loads((Path(folder) / "config.json").read_text()))
-        with torch.device(device):
-            model = transformers.LlamaForCausalLM(cfg).to(tdtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(tdtype)  # build in bf16 directly (an fp32 8B model is 32 GB)
+        try:
+            with torch.device(device):
+                model = transformers.LlamaForCausalLM(cfg).to(tdtype)
+        finally:
+            torch.set_default_dtype(previous)
     model.eval()
     ids = torch.tensor(prompts, device=device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
