@@ -32,7 +32,6 @@ class TorchAttentionBackend:
     name = "torch"
 
     def forward(self, layer, query, key, value, positions, kv_cache, meta):
-        from anybit.kernels.attention_decode import ref_paged_attention_decode
         from anybit.kernels.attention_prefill import ref_paged_attention_prefill
         from anybit.kernels.kv_cache_ops import ref_reshape_and_cache
         from anybit.kernels.rope import ref_rotary_embedding
@@ -45,11 +44,7 @@ class TorchAttentionBackend:
         ref_reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd == 1:
-            out[:1] = ref_paged_attention_decode(
-                q[:1], kv_cache, meta.seq_lens[:1], meta.block_table[:1], layer.scale,
-                layer.sliding_window, meta.max_seq_len, seq_lens_cpu=meta.seq_lens_cpu[:1])
-        elif nd > 1:
+        if nd > 0:
             out[:nd] = batched_decode(q[:nd], kv_cache, meta.block_table[:nd], meta.seq_lens_cpu[:nd],
                                       layer.scale, layer.sliding_window)
         if meta.num_seqs > nd:
@@ -83,16 +78,14 @@ def batched_decode(query: torch.Tensor, kv_cache: LayerKVCache, block_table: tor
                           kv_cache.dtype)
     v = ref_dequantize_kv(take(kv_cache.value), take(kv_cache.value_scale), take(kv_cache.value_zero),
                           kv_cache.dtype)
-    nkv = k.shape[2]
-    q = query.float().view(num_seqs, nkv, num_heads // nkv, head_dim)
-    scores = torch.einsum("bkgd,blkd->bkgl", q, k) * scale
     lens = torch.tensor(seq_lens_cpu, device=query.device).unsqueeze(1)
     pos = torch.arange(max_len, device=query.device).unsqueeze(0)
-    masked = pos >= lens
+    visible = pos < lens
     if sliding_window:
-        masked |= pos <= lens - 1 - sliding_window
-    scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
-    out = torch.einsum("bkgl,blkd->bkgd", torch.softmax(scores, dim=-1), v)
+        visible &= pos > lens - 1 - sliding_window
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float().unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True)  # [num_seqs, heads, 1, d]
     return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
