@@ -27,16 +27,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(engine, batch: int, prompt_len: int, gen: int, seed: int) -> dict:
-    """One timed run of ``batch`` prompts of ``prompt_len`` random tokens, ``gen`` tokens each."""
-    from anybit.sampling_params import SamplingParams
-
-    g = torch.Generator().manual_seed(seed)
-    vocab = engine.vocab_size
-    prompts = torch.randint(min(3, vocab - 1), vocab, (batch, prompt_len), generator=g).tolist()
-    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+def timed_generation(engine, prompts: list[list[int]], params, prefix: str) -> tuple[float, float]:
+    """Run ``prompts`` to completion through ``engine`` (request ids ``prefix-i``). Returns (wall
+    seconds of the whole run, seconds from the end of the step that gave every request its first
+    token to the end). Raises if a request did not produce ``params.max_tokens`` tokens."""
     device = engine.runner.device
-    ids = [f"bench-{seed}-{i}" for i in range(batch)]
+    ids = [f"{prefix}-{i}" for i in range(len(prompts))]
     _sync(device)
     t0 = time.perf_counter()
     for rid, prompt in zip(ids, prompts):
@@ -52,9 +48,23 @@ def measure(engine, batch: int, prompt_len: int, gen: int, seed: int) -> dict:
             t_first = time.perf_counter()
     _sync(device)
     t_end = time.perf_counter()
-    decode = batch * (gen - 1) / (t_end - t_first) if gen > 1 and t_end > t_first else float("nan")
-    return {"batch": batch, "prompt_len": prompt_len, "gen": gen, "ttft_s": t_first - t0,
-            "decode_tok_s": decode, "total_tok_s": batch * gen / (t_end - t0)}
+    if any(c != params.max_tokens for c in counts.values()):
+        raise RuntimeError(f"bench: expected {params.max_tokens} tokens per request, got {counts}")
+    return t_end - t0, t_end - t_first
+
+
+def measure(engine, batch: int, prompt_len: int, gen: int, seed: int) -> dict:
+    """One timed run of ``batch`` prompts of ``prompt_len`` random tokens, ``gen`` tokens each."""
+    from anybit.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.vocab_size
+    prompts = torch.randint(min(3, vocab - 1), vocab, (batch, prompt_len), generator=g).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    total, decode_s = timed_generation(engine, prompts, params, f"bench-{seed}")
+    decode = batch * (gen - 1) / decode_s if gen > 1 and decode_s > 0 else float("nan")
+    return {"batch": batch, "prompt_len": prompt_len, "gen": gen, "ttft_s": total - decode_s,
+            "decode_tok_s": decode, "total_tok_s": batch * gen / total}
 
 
 def run_bench(args, engine_config) -> int:

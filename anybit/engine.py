@@ -25,14 +25,13 @@ from anybit.tokenizer import Tokenizer
 
 
 class _Child:
-    __slots__ = ("group", "index", "detok", "out", "changed")
+    __slots__ = ("group", "index", "detok", "out")
 
     def __init__(self, group, index, detok):
         self.group = group
         self.index = index
         self.detok = detok
         self.out = CompletionOutput(index=index)
-        self.changed = False
 
 
 class _Group:
@@ -160,7 +159,6 @@ class LLMEngine:
             group.prompt_logprobs = list(co.prompt_logprobs)
         if co.num_cached_tokens and child.index == 0:
             group.num_cached_tokens = co.num_cached_tokens
-        child.changed = True
         if co.new_token_ids:
             if group.first_token_time is None:
                 group.first_token_time = time.monotonic()
@@ -196,7 +194,6 @@ class LLMEngine:
                 delta_token_ids=list(o.delta_token_ids)))
             o.delta_text = ""
             o.delta_token_ids = []
-            child.changed = False
         finished = all(c.out.finish_reason is not None for c in group.children)
         if finished:
             self._groups.pop(group.request_id, None)

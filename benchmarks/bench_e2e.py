@@ -77,6 +77,7 @@ def anybit_runner(folder, prompts, gen, dtype, device, backend, **engine_kw):
     """A callable that runs one timed generation and returns (wall time, decode-phase time:
     from the step that gave every request its first token to the end)."""
     from anybit import LLM, SamplingParams
+    from anybit.bench import timed_generation
 
     llm = LLM(str(folder), dtype=dtype, device=device, attention_backend=backend, progress=False,
               max_num_seqs=max(8, len(prompts)), **engine_kw)
@@ -86,24 +87,7 @@ def anybit_runner(folder, prompts, gen, dtype, device, backend, **engine_kw):
     counter = iter(range(10**9))
 
     def run():
-        r = next(counter)
-        ids = [f"bench{r}-{i}" for i in range(len(prompts))]
-        sync()
-        t = time.perf_counter()
-        for rid, prompt in zip(ids, prompts):
-            engine.add_request(rid, prompt, params)
-        counts = dict.fromkeys(ids, 0)
-        t_first = None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                counts[out.request_id] = len(out.outputs[0].token_ids)
-            if t_first is None and all(counts.values()):
-                sync()
-                t_first = time.perf_counter()
-        sync()
-        t_end = time.perf_counter()
-        assert all(c == gen for c in counts.values()), counts
-        return t_end - t, t_end - t_first
+        return timed_generation(engine, prompts, params, f"bench{next(counter)}")
 
     return run
 
