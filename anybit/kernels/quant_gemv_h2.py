@@ -1,14 +1,18 @@
-"""Packed-half GEMV for any-bit weights at M = 1 (uniform 2/4/8 bits, fp16/bf16 x).
+"""Packed-half GEMV for any-bit weights at M = 1 (uniform 2/4/8 bits).
 
 ``_quant_gemv_h2_kernel`` (``quant_matmul(..., path="gemv_h2")``, chosen by the launcher in
 quant_matmul.py): packed half-precision arithmetic (Marlin / FasterTransformer "fast
 int-to-half"): one LOP3 (PRMT for 8 bits) places two codes into the mantissas of an f16x2
-``0x6400 | q`` (= 1024 + q), one ``sub``/``fma.f16x2`` makes it ``q - 2^(b-1)`` exactly, one
-``fma.f16x2`` multiplies two codes by two x values; the f16 lane sums of one word go to float32.
-x is prepared once per call (``_prep_x_h2_kernel``): f16 pairs scaled by 2^-S, and per-word sums
-for the zero term. On CUDA the word's math is one inline-PTX block; elsewhere (interpreter)
-plain Triton ops compute the same function in float32. Shared launcher helpers (block-K choice,
-SM count) live here too. The torch reference is ``ref_quant_matmul`` in quant_matmul.py.
+``0x6400 | q`` (= 1024 + q), one ``fma.f16x2`` makes it ``(q - 2^(b-1)) * 2^-S`` exactly, one
+``fma.f16x2`` multiplies two codes by two x values; the f16 lane sums of the words go to float32
+once. x is converted inside the GEMV (``FUSE_X``, the default): each program turns the x values
+of its own K range into f16 pairs (``cvt.rn.f16x2.f32``, one instruction per pair) and their
+float32 sums (the zero term), so one launch does the whole product; ``fuse_x=False`` keeps the
+older separate preparation kernel for comparison. Split-K partials are added by the last program
+of a column tile in one 2-D load; its counter resets itself, so the persistent counters need no
+memset per call. On CUDA the word's math is inline PTX; elsewhere (interpreter) plain Triton
+computes the same function in float32. Shared launcher helpers (block-K choice, SM count,
+split-K row store) live here too. The torch reference is ``ref_quant_matmul`` in quant_matmul.py.
 """
 
 from __future__ import annotations
@@ -48,22 +52,47 @@ def _num_sms(device) -> int:
     return 4
 
 
+_COUNTERS: dict = {}
+_COUNTERS_MIN = 1 << 16
+
+
+def split_k_counters(device, n: int) -> torch.Tensor:
+    """Persistent zeroed int32 split-K tile counters (>= n) for ``device``. Kernels that use them
+    reset each counter they finish with, so they stay zero between calls (one stream at a time).
+    Allocated outside CUDA-graph capture (the engine warms up before capturing)."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters must be allocated before CUDA-graph capture: run the "
+                               "layer once outside the graph first")
+        buf = torch.zeros(max(n, _COUNTERS_MIN), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def _f16x2(v: float) -> str:
     h = struct.unpack("<H", struct.pack("<e", v))[0]
     return f"0x{h:04X}{h:04X}"
 
 
+# S: codes are (q - C) * 2^-S in f16, so the f16 lane sums stay below 65504 for |x| < 32k
+H2_SHIFT = {2: 4, 4: 5, 8: 8}
+
+
 def _h2_asm(bits: int, words: int) -> str:
     """PTX for the packed-half GEMV: inputs ``$1..$words`` = words of a b-bit slice (b in 2/4/8),
-    then ``H = 16 // b`` x pairs per word (f16x2, x * 2^-S); output ``$0`` = float32
-    ``sum x' (q - C)`` over the words' codes, C = 2^(b-1), the f16 lane sums converted once.
+    then ``H = 16 // b`` x pairs per word (f16x2); output ``$0`` = float32
+    ``sum x (q - C) 2^-S`` over the words' codes, C = 2^(b-1), S = H2_SHIFT[b], the f16 lane sums
+    converted once.
 
     Pair j of a word is codes (j, j + H): bits ``[j*b, j*b+b)`` and ``[j*b+16, ...)``, the lo and
     hi halves of an f16x2. 2/4 bits: ``lop3 (w & mask) | 0x64006400`` (and the same on ``w >> 8``)
-    gives ``1024 + q * 2^(f*b)`` for the field f of a byte; ``sub`` (f = 0) or ``fma`` by 2^(-f*b)
-    with ``-(1024 * 2^(-f*b) + C)`` makes it ``q - C``, exactly. 8 bits: ``prmt`` puts bytes 0/2
-    (then 1/3) under the exponent byte 0x64, minus 1152. Then one ``fma.f16x2`` per pair with x."""
-    H, C = 16 // bits, 1 << (bits - 1)
+    gives ``1024 + q * 2^(f*b)`` for the field f of a byte; ``fma`` by 2^(-f*b-S) with
+    ``-(1024 * 2^(-f*b) + C) 2^-S`` makes it ``(q - C) 2^-S``, exactly. 8 bits: ``prmt`` puts bytes
+    0/2 (then 1/3) under the exponent byte 0x64 (1024 + q), then the same fma. Then one
+    ``fma.f16x2`` per pair with x."""
+    H, C, S = 16 // bits, 1 << (bits - 1), H2_SHIFT[bits]
     ext, fields, consts = [], [], {}
 
     def k(v: float) -> str:
@@ -85,11 +114,8 @@ def _h2_asm(bits: int, words: int) -> str:
                 fields.append((name, f))
     conv = []
     for reg, f in fields:
-        if f == 0:
-            conv.append(f"sub.f16x2 {reg}, {reg}, {k(1024.0 + C)};")
-        else:
-            sc = 2.0 ** (-f * bits)
-            conv.append(f"fma.rn.f16x2 {reg}, {reg}, {k(sc)}, {k(-(1024.0 * sc + C))};")
+        sc = 2.0 ** (-f * bits)
+        conv.append(f"fma.rn.f16x2 {reg}, {reg}, {k(sc * 2.0 ** -S)}, {k(-(1024.0 * sc + C) * 2.0 ** -S)};")
     dot = [f"mul.f16x2 p, {reg}, ${1 + words + i};" if i == 0 else
            f"fma.rn.f16x2 p, {reg}, ${1 + words + i}, p;" for i, (reg, _) in enumerate(fields)]
     assert len(fields) == words * H
@@ -99,42 +125,42 @@ def _h2_asm(bits: int, words: int) -> str:
                      + [f"mov.b32 {n}, {_f16x2(v)};" for v, n in consts.items()] + ext + conv + dot + tail)
 
 
-
 if triton is not None:
     @triton.jit
     def _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n, mask_n, stride_ym,
                            SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Store one row's ``[BLOCK_N]`` float32 partial. Without split-K straight to y; with it to
         the ``[SPLIT_K, M, N]`` workspace, and the last split of the tile (counted in lock_ptr)
-        adds the partials and writes y."""
+        adds the partials, 16 at a time in one 2-D load, writes y and resets the counter."""
         if SPLIT_K == 1:
             tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
         else:
             tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, out, mask=mask_n)
             lock = lock_ptr + m * tl.num_programs(1) + pid_n
             if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:  # last split of this tile
+                sk = tl.arange(0, 16)
                 tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for sk in range(0, SPLIT_K):
-                    tot += tl.load(ws_ptr + (sk * M + m) * N + offs_n, mask=mask_n, other=0.0,
+                for s0 in range(0, SPLIT_K, 16):
+                    rows = s0 + sk
+                    part = tl.load(ws_ptr + (rows[:, None] * M + m) * N + offs_n[None, :],
+                                   mask=(rows[:, None] < SPLIT_K) & mask_n[None, :], other=0.0,
                                    cache_modifier=".cg")
+                    tot += tl.sum(part, axis=0)
                 tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+                tl.atomic_xchg(lock, 0)  # counters stay zero between calls
 
     # ---- M = 1 path with packed half arithmetic (see the module docstring) ------------------------
     _ASM_H2_W2_1: tl.constexpr = tl.constexpr(_h2_asm(2, 1))
-    _ASM_H2_W2_2: tl.constexpr = tl.constexpr(_h2_asm(2, 2))
     _ASM_H2_W4_1: tl.constexpr = tl.constexpr(_h2_asm(4, 1))
     _ASM_H2_W4_2: tl.constexpr = tl.constexpr(_h2_asm(4, 2))
     _ASM_H2_W8_1: tl.constexpr = tl.constexpr(_h2_asm(8, 1))
     _ASM_H2_W8_2: tl.constexpr = tl.constexpr(_h2_asm(8, 2))
 
     @triton.jit
-    def _prep_x_h2_kernel(x_ptr, xq_ptr, xs_ptr, lock_ptr, K, stride_xm, n_locks,
-                          P0: tl.constexpr, XSCALE: tl.constexpr, BLOCK_R: tl.constexpr,
-                          LOCK_BLOCK: tl.constexpr):
-        """x row m -> ``xq [M, K/2]`` int32 f16x2 pairs ``(x[rP+j], x[rP+j+H]) * 2^-S`` at
-        ``r*H + j`` (the pairing of the PTX above), ``xs [M, K/P]`` float32: the sum of the word's
-        x values as rounded in xq (so the zero term matches the dot exactly); program (m, 0) also
-        zeroes row m's split-K counters."""
+    def _prep_x_h2_kernel(x_ptr, xq_ptr, xs_ptr, K, stride_xm, P0: tl.constexpr, BLOCK_R: tl.constexpr):
+        """(``fuse_x=False`` only) x row m -> ``xq [M, K/2]`` int32 f16x2 pairs
+        ``(x[rP+j], x[rP+j+H])`` at ``r*H + j`` (the pairing of the PTX above), ``xs [M, K/P]``
+        float32: the sum of the word's x values as rounded in xq."""
         m = tl.program_id(0)
         pr = tl.program_id(1)
         H: tl.constexpr = P0 // 2
@@ -143,100 +169,189 @@ if triton is not None:
         j = tl.arange(0, H)
         mr = rr < rows
         base = x_ptr + m * stride_xm + rr[:, None] * P0 + j[None, :]
-        lo = (tl.load(base, mask=mr[:, None], other=0.0).to(tl.float32) * (1.0 / XSCALE)).to(tl.float16)
-        hi = (tl.load(base + H, mask=mr[:, None], other=0.0).to(tl.float32) * (1.0 / XSCALE)).to(tl.float16)
-        xs = (tl.sum(lo.to(tl.float32), 1) + tl.sum(hi.to(tl.float32), 1)) * XSCALE
+        lo = tl.load(base, mask=mr[:, None], other=0.0).to(tl.float16)
+        hi = tl.load(base + H, mask=mr[:, None], other=0.0).to(tl.float16)
+        xs = tl.sum(lo.to(tl.float32), 1) + tl.sum(hi.to(tl.float32), 1)
         tl.store(xs_ptr + m * rows + rr, xs, mask=mr)
         lo_b = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         hi_b = hi.to(tl.int16, bitcast=True).to(tl.int32)
         tl.store(xq_ptr + m * (K // 2) + rr[:, None] * H + j[None, :], (hi_b << 16) | lo_b, mask=mr[:, None])
-        if LOCK_BLOCK > 0:  # noqa: SIM102 (constexpr test, then a run-time one)
-            if pr == 0:
-                ol = tl.arange(0, LOCK_BLOCK)
-                tl.store(lock_ptr + m * n_locks + ol, tl.zeros([LOCK_BLOCK], dtype=tl.int32),
-                         mask=ol < n_locks)
 
     @triton.jit
-    def _xp(xq, j):
-        return tl.load(xq + j)[:, None]
+    def _x_pair(xw_row, x_row, xq_row, rows, J: tl.constexpr, P0: tl.constexpr, XKIND: tl.constexpr,
+                USE_ASM: tl.constexpr):
+        """Pair J of the word rows ``rows [R]``: int32 f16x2 of ``(x[rows*P0 + J], x[rows*P0 + J + H])``
+        (first value in the low half) and the float32 sum of the two values. XKIND 0/1: bf16/fp16 x
+        read as int32 words (two values each; J and J + H have the same parity), 2: float32 x,
+        3: pairs prepared by ``_prep_x_h2_kernel`` (the sum then comes from xs)."""
+        H: tl.constexpr = P0 // 2
+        if XKIND == 3:
+            return tl.load(xq_row + rows * H + J), 0.0
+        if XKIND == 2:
+            fa = tl.load(x_row + rows * P0 + J)
+            fc = tl.load(x_row + rows * P0 + J + H)
+        else:
+            a = tl.load(xw_row + rows * H + J // 2)
+            c = tl.load(xw_row + rows * H + (J + H) // 2)
+            if XKIND == 0:
+                if J % 2 == 0:
+                    fa = (a << 16).to(tl.float32, bitcast=True)
+                    fc = (c << 16).to(tl.float32, bitcast=True)
+                else:
+                    fa = (a & -65536).to(tl.float32, bitcast=True)
+                    fc = (c & -65536).to(tl.float32, bitcast=True)
+            else:
+                SH: tl.constexpr = 16 * (J % 2)
+                fa = ((a >> SH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                fc = ((c >> SH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        if USE_ASM:
+            p = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [fc, fa],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            lo = fa.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            p = (fc.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16) | lo
+        return p, fa + fc
 
     @triton.jit
-    def _word_dot_ref(w, xq, W0: tl.constexpr):
-        """Plain-Triton twin of one word's PTX (float32 products, no f16 rounding)."""
+    def _pair_dot_ref(w, p, J: tl.constexpr, W0: tl.constexpr):
+        """Plain-Triton twin of the PTX for one pair: ``[R, BLOCK_N]`` float32
+        ``(x_lo (q_J - C) + x_hi (q_{J+H} - C)) 2^-S`` with x from the f16x2 pair p ``[R]``."""
         C: tl.constexpr = 1 << (W0 - 1)
         MASK: tl.constexpr = (1 << W0) - 1
-        d = tl.zeros(w.shape, dtype=tl.float32)
-        for j in tl.static_range(16 // W0):
-            xw = tl.load(xq + j)
-            xlo = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            xhi = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            qlo = ((w >> (j * W0)) & MASK) - C
-            qhi = ((w >> (j * W0 + 16)) & MASK) - C
-            d += xlo[:, None] * qlo.to(tl.float32) + xhi[:, None] * qhi.to(tl.float32)
-        return d
+        S: tl.constexpr = 4 if W0 == 2 else 5 if W0 == 4 else 8
+        xlo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xhi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        qlo = ((w >> (J * W0)) & MASK) - C
+        qhi = ((w >> (J * W0 + 16)) & MASK) - C
+        return (xlo[:, None] * qlo.to(tl.float32) + xhi[:, None] * qhi.to(tl.float32)) * (1.0 / (1 << S))
 
     @triton.jit
-    def _word_dot_h2(wa, wb, xa, xb, W0: tl.constexpr, WPT: tl.constexpr, USE_ASM: tl.constexpr):
-        """``[R', BLOCK_N]`` float32: sum over the codes of word wa (and wb when WPT == 2) of
-        x' (q - 2^(W0-1)); ``xa``/``xb [R']`` point at each word row's first x pair. One PTX block
-        per element on CUDA (the f16 lane sums of the WPT words go to float32 once); plain Triton
-        in float32 otherwise."""
+    def _dot_w8(w, xw_row, x_row, xq_row, rows, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """One 8-bit word per element: (d ``[R, BLOCK_N]``, x sum ``[R]``)."""
+        p0, s0 = _x_pair(xw_row, x_row, xq_row, rows, 0, 4, XKIND, USE_ASM)
+        p1, s1 = _x_pair(xw_row, x_row, xq_row, rows, 1, 4, XKIND, USE_ASM)
         if USE_ASM:
-            if WPT == 1:
-                if W0 == 4:
-                    d = tl.inline_asm_elementwise(
-                        _ASM_H2_W4_1, "=f" + ",r" * 5,
-                        [wa, _xp(xa, 0), _xp(xa, 1), _xp(xa, 2), _xp(xa, 3)],
-                        dtype=tl.float32, is_pure=True, pack=1)
-                elif W0 == 2:
-                    d = tl.inline_asm_elementwise(
-                        _ASM_H2_W2_1, "=f" + ",r" * 9,
-                        [wa, _xp(xa, 0), _xp(xa, 1), _xp(xa, 2), _xp(xa, 3), _xp(xa, 4), _xp(xa, 5),
-                         _xp(xa, 6), _xp(xa, 7)], dtype=tl.float32, is_pure=True, pack=1)
-                else:
-                    d = tl.inline_asm_elementwise(_ASM_H2_W8_1, "=f" + ",r" * 3, [wa, _xp(xa, 0), _xp(xa, 1)],
-                                                  dtype=tl.float32, is_pure=True, pack=1)
-            else:
-                if W0 == 4:
-                    d = tl.inline_asm_elementwise(
-                        _ASM_H2_W4_2, "=f" + ",r" * 10,
-                        [wa, wb, _xp(xa, 0), _xp(xa, 1), _xp(xa, 2), _xp(xa, 3),
-                         _xp(xb, 0), _xp(xb, 1), _xp(xb, 2), _xp(xb, 3)],
-                        dtype=tl.float32, is_pure=True, pack=1)
-                elif W0 == 2:
-                    d = tl.inline_asm_elementwise(
-                        _ASM_H2_W2_2, "=f" + ",r" * 18,
-                        [wa, wb, _xp(xa, 0), _xp(xa, 1), _xp(xa, 2), _xp(xa, 3), _xp(xa, 4), _xp(xa, 5),
-                         _xp(xa, 6), _xp(xa, 7), _xp(xb, 0), _xp(xb, 1), _xp(xb, 2), _xp(xb, 3), _xp(xb, 4),
-                         _xp(xb, 5), _xp(xb, 6), _xp(xb, 7)], dtype=tl.float32, is_pure=True, pack=1)
-                else:
-                    d = tl.inline_asm_elementwise(
-                        _ASM_H2_W8_2, "=f" + ",r" * 6,
-                        [wa, wb, _xp(xa, 0), _xp(xa, 1), _xp(xb, 0), _xp(xb, 1)],
-                        dtype=tl.float32, is_pure=True, pack=1)
+            d = tl.inline_asm_elementwise(_ASM_H2_W8_1, "=f,r,r,r", [w, p0[:, None], p1[:, None]],
+                                          dtype=tl.float32, is_pure=True, pack=1)
         else:
-            d = _word_dot_ref(wa, xa, W0)
-            if WPT == 2:
-                d += _word_dot_ref(wb, xb, W0)
-        return d
+            d = _pair_dot_ref(w, p0, 0, 8) + _pair_dot_ref(w, p1, 1, 8)
+        return d, s0 + s1
 
     @triton.jit
-    def _quant_gemv_h2_kernel(xq_ptr, xs_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
-                              stride_qk, stride_sg, stride_ym, k_per_split, n_iters,
+    def _dot_w8x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """Two 8-bit words per element (one f16 lane sum)."""
+        a0, s0 = _x_pair(xw_row, x_row, xq_row, ra, 0, 4, XKIND, USE_ASM)
+        a1, s1 = _x_pair(xw_row, x_row, xq_row, ra, 1, 4, XKIND, USE_ASM)
+        b0, s2 = _x_pair(xw_row, x_row, xq_row, rb, 0, 4, XKIND, USE_ASM)
+        b1, s3 = _x_pair(xw_row, x_row, xq_row, rb, 1, 4, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(_ASM_H2_W8_2, "=f" + ",r" * 6,
+                                          [wa, wb, a0[:, None], a1[:, None], b0[:, None], b1[:, None]],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            d = (_pair_dot_ref(wa, a0, 0, 8) + _pair_dot_ref(wa, a1, 1, 8) + _pair_dot_ref(wb, b0, 0, 8)
+                 + _pair_dot_ref(wb, b1, 1, 8))
+        return d, (s0 + s1) + (s2 + s3)
+
+    @triton.jit
+    def _dot_w4(w, xw_row, x_row, xq_row, rows, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        p0, s0 = _x_pair(xw_row, x_row, xq_row, rows, 0, 8, XKIND, USE_ASM)
+        p1, s1 = _x_pair(xw_row, x_row, xq_row, rows, 1, 8, XKIND, USE_ASM)
+        p2, s2 = _x_pair(xw_row, x_row, xq_row, rows, 2, 8, XKIND, USE_ASM)
+        p3, s3 = _x_pair(xw_row, x_row, xq_row, rows, 3, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(_ASM_H2_W4_1, "=f" + ",r" * 5,
+                                          [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            d = (_pair_dot_ref(w, p0, 0, 4) + _pair_dot_ref(w, p1, 1, 4) + _pair_dot_ref(w, p2, 2, 4)
+                 + _pair_dot_ref(w, p3, 3, 4))
+        return d, (s0 + s1) + (s2 + s3)
+
+    @triton.jit
+    def _dot_w4x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        a0, s0 = _x_pair(xw_row, x_row, xq_row, ra, 0, 8, XKIND, USE_ASM)
+        a1, s1 = _x_pair(xw_row, x_row, xq_row, ra, 1, 8, XKIND, USE_ASM)
+        a2, s2 = _x_pair(xw_row, x_row, xq_row, ra, 2, 8, XKIND, USE_ASM)
+        a3, s3 = _x_pair(xw_row, x_row, xq_row, ra, 3, 8, XKIND, USE_ASM)
+        b0, t0 = _x_pair(xw_row, x_row, xq_row, rb, 0, 8, XKIND, USE_ASM)
+        b1, t1 = _x_pair(xw_row, x_row, xq_row, rb, 1, 8, XKIND, USE_ASM)
+        b2, t2 = _x_pair(xw_row, x_row, xq_row, rb, 2, 8, XKIND, USE_ASM)
+        b3, t3 = _x_pair(xw_row, x_row, xq_row, rb, 3, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASM_H2_W4_2, "=f" + ",r" * 10,
+                [wa, wb, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None], b1[:, None],
+                 b2[:, None], b3[:, None]], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            d = (_pair_dot_ref(wa, a0, 0, 4) + _pair_dot_ref(wa, a1, 1, 4) + _pair_dot_ref(wa, a2, 2, 4)
+                 + _pair_dot_ref(wa, a3, 3, 4) + _pair_dot_ref(wb, b0, 0, 4) + _pair_dot_ref(wb, b1, 1, 4)
+                 + _pair_dot_ref(wb, b2, 2, 4) + _pair_dot_ref(wb, b3, 3, 4))
+        return d, ((s0 + s1) + (s2 + s3)) + ((t0 + t1) + (t2 + t3))
+
+    @triton.jit
+    def _dot_w2(w, xw_row, x_row, xq_row, rows, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        p0, s0 = _x_pair(xw_row, x_row, xq_row, rows, 0, 16, XKIND, USE_ASM)
+        p1, s1 = _x_pair(xw_row, x_row, xq_row, rows, 1, 16, XKIND, USE_ASM)
+        p2, s2 = _x_pair(xw_row, x_row, xq_row, rows, 2, 16, XKIND, USE_ASM)
+        p3, s3 = _x_pair(xw_row, x_row, xq_row, rows, 3, 16, XKIND, USE_ASM)
+        p4, s4 = _x_pair(xw_row, x_row, xq_row, rows, 4, 16, XKIND, USE_ASM)
+        p5, s5 = _x_pair(xw_row, x_row, xq_row, rows, 5, 16, XKIND, USE_ASM)
+        p6, s6 = _x_pair(xw_row, x_row, xq_row, rows, 6, 16, XKIND, USE_ASM)
+        p7, s7 = _x_pair(xw_row, x_row, xq_row, rows, 7, 16, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASM_H2_W2_1, "=f" + ",r" * 9,
+                [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None], p4[:, None], p5[:, None],
+                 p6[:, None], p7[:, None]], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            d = (_pair_dot_ref(w, p0, 0, 2) + _pair_dot_ref(w, p1, 1, 2) + _pair_dot_ref(w, p2, 2, 2)
+                 + _pair_dot_ref(w, p3, 3, 2) + _pair_dot_ref(w, p4, 4, 2) + _pair_dot_ref(w, p5, 5, 2)
+                 + _pair_dot_ref(w, p6, 6, 2) + _pair_dot_ref(w, p7, 7, 2))
+        return d, ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+    @triton.jit
+    def _word_dot_h2(wa, wb, xw_row, x_row, xq_row, ra, rb, W0: tl.constexpr, WPT: tl.constexpr,
+                     XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """(``[R', BLOCK_N]`` float32 ``sum x (q - C) 2^-S`` over the codes of word wa (and wb when
+        WPT == 2), ``[R']`` sums of the x values); ra/rb ``[R']`` are the word rows of wa/wb. 2-bit
+        words go one per PTX block (16 codes: 8 products per f16 lane already)."""
+        if W0 == 8:
+            if WPT == 2:
+                d, xs = _dot_w8x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND, USE_ASM)
+            else:
+                d, xs = _dot_w8(wa, xw_row, x_row, xq_row, ra, XKIND, USE_ASM)
+        elif W0 == 4:
+            if WPT == 2:
+                d, xs = _dot_w4x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND, USE_ASM)
+            else:
+                d, xs = _dot_w4(wa, xw_row, x_row, xq_row, ra, XKIND, USE_ASM)
+        else:
+            d, xs = _dot_w2(wa, xw_row, x_row, xq_row, ra, XKIND, USE_ASM)
+            if WPT == 2:
+                d2, xs2 = _dot_w2(wb, xw_row, x_row, xq_row, rb, XKIND, USE_ASM)
+                d += d2
+                xs += xs2
+        return d, xs
+
+    @triton.jit
+    def _quant_gemv_h2_kernel(x_ptr, xq_ptr, xs_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
+                              stride_xm, stride_qk, stride_sg, stride_ym, k_per_split, n_iters,
                               W0: tl.constexpr, XSCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
-                              USE_ASM: tl.constexpr, WPT: tl.constexpr):
+                              USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr):
         """One row m, BLOCK_N columns, one K split, single-slice uniform W0 in {2, 4, 8}:
-        ``y = sum_tiles s * (2^S * sum x'(q - C) - (z - C) * sum x)`` with the word dot of
+        ``y = sum_tiles s * (2^S * sum x (q - C) 2^-S - (z - C) * sum x)`` with the word dot of
         ``_word_dot_h2``. The tile's R = BLOCK_K / P word rows are loaded as WPT slabs of R / WPT
         rows (one PTX block takes one word of each slab); the next tile is loaded before the
         current one is used; g (scale group) is advanced by a counter, no division in the loop;
-        split-K partials are summed by the last program of a column tile, as in the GEMV."""
+        split-K partials are summed by the last program of a column tile. x: ``x_ptr`` (XKIND
+        0/1: the same memory as int32 words, stride in words; 2: float32) or the prepared
+        ``xq_ptr``/``xs_ptr`` (XKIND 3)."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         P0: tl.constexpr = 32 // W0
-        H: tl.constexpr = P0 // 2
         RH: tl.constexpr = BLOCK_K // P0 // WPT
         C: tl.constexpr = 1 << (W0 - 1)
         r = tl.arange(0, RH)
@@ -244,6 +359,7 @@ if triton is not None:
         mask_n = offs_n < N
         acc = tl.zeros([RH, BLOCK_N], dtype=tl.float32)
         k_start = pid_k * k_per_split
+        x_row = x_ptr + m * stride_xm
         xq_row = xq_ptr + m * (K // 2)
         xs_row = xs_ptr + m * (K // P0)
         n = ITERS if ITERS > 0 else n_iters
@@ -271,31 +387,34 @@ if triton is not None:
             g += tl.where(t == tpg, 1, 0)
             t = tl.where(t == tpg, 0, t)
             rows = k0 // P0 + r
-            xs = tl.load(xs_row + rows)
-            if WPT == 2:
-                xs += tl.load(xs_row + rows + RH)
-            d = _word_dot_h2(wa, wb, xq_row + rows * H, xq_row + (rows + RH) * H, W0, WPT, USE_ASM)
+            d, xs = _word_dot_h2(wa, wb, x_row, x_row, xq_row, rows, rows + RH, W0, WPT, XKIND, USE_ASM)
+            if XKIND == 3:
+                xs = tl.load(xs_row + rows)
+                if WPT == 2:
+                    xs += tl.load(xs_row + rows + RH)
             acc += (s * XSCALE) * d  # two FFMA per element
             acc -= (s * (z - C)) * xs[:, None]
         _store_row_split_k(tl.sum(acc, axis=0), y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
                            mask_n, stride_ym, SPLIT_K, BLOCK_N)
 
 
-H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (fp16/bf16 x, CUDA)
+H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (CUDA)
 H2_MAX_M = 1
 H2_WORDS_PER_ASM = 2  # words whose f16 lane sums are added before the float32 conversion
 # BLOCK_N by width: measured on the H200 (benchmarks/results/quant_matmul_h2.json), 256 was the
 # fastest or within 4% for W4 on all four shapes, 128 for W2 and W8.
 H2_BLOCK_N = {2: 128, 4: 256, 8: 128}
-_H2_XSCALE = {2: 16.0, 4: 32.0, 8: 256.0}  # x' = x / XSCALE in f16: lane sums (2 words) < 65504 for |x| < 32k
+H2_PROGRAMS_PER_SM = 4  # split-K target: about this many programs per SM
 
 
 def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_n: int | None = None,
                   block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-                  use_asm: bool | None = None, words_per_asm: int | None = None) -> torch.Tensor:
-    """Packed-half GEMV (uniform, single-slice 2/4/8 bits): x ``[M, K]`` contiguous (perm applied),
-    y ``[M, N]``. Products x * (q - 2^(b-1)) are f16 (x scaled by 2^-S, exact for bf16 x in
-    range), summed in f16 over one word (4/8/2 pairs), then in float32."""
+                  use_asm: bool | None = None, words_per_asm: int | None = None, fuse_x: bool = True,
+                  programs_per_sm: int | None = None) -> torch.Tensor:
+    """Packed-half GEMV (uniform, single-slice 2/4/8 bits): x ``[M, K]`` contiguous (perm applied)
+    fp16/bf16/fp32, y ``[M, N]``. Products x * (q - 2^(b-1)) 2^-S are f16 (x rounded to f16:
+    exact for bf16/fp16 x below 65504), summed in f16 over one or two words, then in float32.
+    ``fuse_x``: convert x inside the GEMV (one launch) or in a separate kernel first."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if packed.fmt != "uniform" or bits not in H2_BITS:
@@ -313,24 +432,30 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     sms = _num_sms(x.device)
     k_tiles = K // BK
     if split_k is None:
-        split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1
+        target = (programs_per_sm or H2_PROGRAMS_PER_SM) * sms
+        split_k = max(1, min(k_tiles, (target + tiles - 1) // tiles)) if 2 * tiles < target else 1
     per = next(d for d in range(triton.cdiv(k_tiles, max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
     split_k = k_tiles // per
-    xq = torch.empty(M, K // 2, dtype=torch.int32, device=x.device)
-    xs = torch.empty(M, K // P0, dtype=torch.float32, device=x.device)
     if split_k > 1:
         ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        locks = torch.empty(tiles, dtype=torch.int32, device=x.device)
+        locks = split_k_counters(x.device, tiles)
     else:
-        ws, locks = y, xq
-    xscale = _H2_XSCALE[bits]
-    BR = 256
-    _prep_x_h2_kernel[(M, triton.cdiv(K // P0, BR))](
-        x, xq, xs, locks, K, x.stride(0), num_n, P0, xscale, BR,
-        triton.next_power_of_2(num_n) if split_k > 1 else 0, num_warps=4)
+        ws, locks = y, y
+    if fuse_x:
+        xkind = {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
+        if xkind < 2 and (x.storage_offset() % 2 or x.stride(0) % 2):
+            x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)  # 4-byte aligned rows
+        xin = x.view(torch.int32) if xkind < 2 else x.float()
+        xq, xs, stride_x = xin, xin, xin.stride(0)
+    else:
+        xkind = 3
+        xq = torch.empty(M, K // 2, dtype=torch.int32, device=x.device)
+        xs = torch.empty(M, K // P0, dtype=torch.float32, device=x.device)
+        _prep_x_h2_kernel[(M, triton.cdiv(K // P0, 256))](x, xq, xs, K, x.stride(0), P0, 256, num_warps=4)
+        xin, stride_x = xq, 0
     _quant_gemv_h2_kernel[(M, num_n, split_k)](
-        xq, xs, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G,
-        packed.qweight.stride(0), packed.scales.stride(0), y.stride(0), per * BK, per,
-        bits, xscale, BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
-        num_warps=num_warps or 4, num_stages=1)
+        xin, xq, xs, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G,
+        stride_x, packed.qweight.stride(0), packed.scales.stride(0), y.stride(0), per * BK, per,
+        bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
+        xkind, num_warps=num_warps or 4, num_stages=1)
     return y

@@ -6,7 +6,8 @@ import struct
 import pytest
 import torch
 
-from anybit.kernels.quant_matmul import _h2_asm, quant_matmul, ref_quant_matmul
+from anybit.kernels.quant_gemv_h2 import H2_SHIFT, _h2_asm, split_k_counters
+from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
 from anybit.quant.rtn import QuantSpec, rtn_quantize
 
 CUDA = torch.cuda.is_available()
@@ -55,13 +56,13 @@ def _emulate(asm: str, words: list[int]) -> list[tuple[float, float]]:
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("words", [1, 2])
-def test_ptx_gives_centred_codes_in_pair_order(bits, words):
-    P, H, C = 32 // bits, 16 // bits, 1 << (bits - 1)
+def test_ptx_gives_scaled_centred_codes_in_pair_order(bits, words):
+    P, H, C, S = 32 // bits, 16 // bits, 1 << (bits - 1), 2.0 ** -H2_SHIFT[bits]
     g = torch.Generator().manual_seed(bits * 10 + words)
     for _ in range(50):
         qs = torch.randint(0, 2 ** bits, (words, P), generator=g).tolist()
         got = _emulate(_h2_asm(bits, words), [sum(c << (i * bits) for i, c in enumerate(q)) for q in qs])
-        assert got == [(q[j] - C, q[j + H] - C) for q in qs for j in range(H)]
+        assert got == [((q[j] - C) * S, (q[j + H] - C) * S) for q in qs for j in range(H)]
 
 
 def _packed(N, K, bits, group, seed):
@@ -70,14 +71,17 @@ def _packed(N, K, bits, group, seed):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("group, words", [(128, 2), (32, 2), (-1, 1)])
-def test_gemv_h2_vs_reference(bits, group, words):
+@pytest.mark.parametrize("group, words, fuse_x", [(128, 2, True), (32, 2, False), (-1, 1, True)])
+def test_gemv_h2_vs_reference(bits, group, words, fuse_x):
+    from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
+
     K = 384 if group == 128 else 160 if group == 32 else 256
     pw = _packed(96, K, bits, group, seed=bits + group)
     for dtype, M, tol in ((torch.bfloat16, 1, 1e-2), (torch.float16, 2, 5e-3), (torch.float32, 1, 2e-3)):
         x = torch.randn(M, K, device=DEV).to(dtype)
         ref = ref_quant_matmul(x.float(), pw)
-        y = quant_matmul(x, pw, path="gemv_h2", words_per_asm=words)
+        y = quant_gemv_h2(x, pw, torch.empty(M, 96, device=DEV, dtype=dtype), words_per_asm=words,
+                          fuse_x=fuse_x)
         assert y.dtype == dtype and torch.isfinite(y).all()
         err = float((y.float() - ref).norm() / ref.norm())
         assert err < tol, (dtype, err)
@@ -92,6 +96,20 @@ def test_gemv_h2_split_k_out_slice_and_large_x():
     err = float((out[:, 40:120].float() - ref).norm() / ref.norm())
     assert err < 1e-2
     assert torch.isnan(out[:, :40].float()).all() and torch.isnan(out[:, 120:].float()).all()
+    assert int(split_k_counters(x.device, 1).abs().sum()) == 0  # the last split resets its counter
+
+
+def test_gemv_h2_x_at_odd_offset_and_repeated_calls():
+    """x as an odd-offset view (the int32 reinterpretation needs a copy) and back-to-back calls
+    sharing the persistent split-K counters give the same result every time."""
+    pw = _packed(64, 256, 4, 128, seed=3)
+    buf = torch.randn(1, 257, device=DEV).to(torch.bfloat16)
+    x = buf[:, 1:]
+    ref = ref_quant_matmul(x.float(), pw)
+    outs = [quant_matmul(x, pw, path="gemv_h2", split_k=2) for _ in range(3)]
+    for y in outs:
+        assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+        assert torch.equal(y, outs[0])
 
 
 def test_gemv_h2_rejects_other_formats():
