@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from anybit.kernels.quant_gemv_h2 import quant_gemv_h2  # noqa: E402
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul  # noqa: E402
 from anybit.quant.format import PackedWeight, dequantize  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
@@ -148,7 +149,7 @@ def bench_shape(N: int, K: int, ms, bits_list, variants, log) -> list[dict]:
             nb = pws[0].nbytes()
             for name, kw in variants(M, b):
                 try:
-                    t = graph_time_us([lambda x=xs[i % 24], p=p, kw=kw: quant_matmul(x, p, **kw)
+                    t = graph_time_us([lambda x=xs[i % 24], p=p, kw=kw: run_variant(x, p, kw)
                                        for i, p in enumerate(pws)])
                 except Exception as e:  # noqa: BLE001
                     log(f"{name} b={b} M={M}: {type(e).__name__}: {str(e)[:200]}")
@@ -166,6 +167,15 @@ def bench_shape(N: int, K: int, ms, bits_list, variants, log) -> list[dict]:
     del Ws, packed, int4
     torch.cuda.empty_cache()
     return rows
+
+
+def run_variant(x, pw, kw, out=None):
+    """quant_matmul with kw, or (kw["direct_h2"]) the packed-half GEMV launcher with its own
+    keywords (fuse_x, programs_per_sm), which quant_matmul does not forward."""
+    if kw.get("direct_h2"):
+        y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
+        return quant_gemv_h2(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_h2"})
+    return quant_matmul(x, pw, out=out, **kw)
 
 
 def full_variants(M, b):
@@ -209,7 +219,7 @@ def check_correctness_h2(log) -> list[dict]:
     def one(tag, pw, x, ref, kw):
         out = torch.full((x.shape[0], pw.out_features), float("nan"), device="cuda", dtype=x.dtype)
         try:
-            y = quant_matmul(x, pw, out=out, **kw)
+            y = run_variant(x, pw, kw, out=out)
             torch.cuda.synchronize()
             err = float((y.float() - ref).norm() / ref.norm())
         except Exception as e:  # noqa: BLE001
@@ -233,6 +243,7 @@ def check_correctness_h2(log) -> list[dict]:
                     if bits in H2_BITS_BENCH:
                         kws += [dict(path="gemv_h2"), dict(path="gemv_h2", words_per_asm=1),
                                 dict(path="gemv_h2", use_asm=False), dict(path="gemv_h2", block_n=256),
+                                dict(direct_h2=True, fuse_x=False), dict(direct_h2=True, block_n=512),
                                 dict(path="gemm", swap=True, fast_dequant=True)]
                     for kw in kws:
                         one(tag, pw, x, ref, kw)
@@ -256,11 +267,14 @@ def h2_variants(M, b):
         return v
     if M == 1:
         v += [("anybit_gemv_old", dict(path="gemv")),
-              ("anybit_h2", dict(path="gemv_h2")),
+              ("anybit_h2_prep", dict(direct_h2=True, fuse_x=False)),
               ("anybit_h2_wpt1", dict(path="gemv_h2", words_per_asm=1)),
+              ("anybit_h2_bn128", dict(path="gemv_h2", block_n=128)),
               ("anybit_h2_bn256", dict(path="gemv_h2", block_n=256)),
-              ("anybit_h2_bn64", dict(path="gemv_h2", block_n=64)),
-              ("anybit_h2_triton", dict(path="gemv_h2", use_asm=False))]
+              ("anybit_h2_bn512", dict(path="gemv_h2", block_n=512)),
+              ("anybit_h2_pps2", dict(direct_h2=True, programs_per_sm=2)),
+              ("anybit_h2_pps8", dict(direct_h2=True, programs_per_sm=8)),
+              ("anybit_h2_w8warps", dict(direct_h2=True, num_warps=8))]
     elif M <= 64:
         v += [("anybit_gemm_swap_fast", dict(path="gemm", swap=True, fast_dequant=True))]
     return v

@@ -34,7 +34,30 @@ def timed(fn, acc: dict, key: str):
     return wrapper
 
 
-def profile(folder: Path, batch: int, steps: int) -> dict:
+def kernel_table(graph, steps: int, top: int = 14) -> list[dict]:
+    """GPU time per decode step by kernel name (torch.profiler over graph replays)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    per: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            d = per.setdefault(e.name, [0, 0.0])
+            d[0] += 1
+            d[1] += e.device_time
+    rows = [{"kernel": k[:60], "calls_per_step": c / steps, "us_per_step": t / steps}
+            for k, (c, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]]
+    total = sum(t for _, t in per.values()) / steps
+    print(f"GPU kernel time per step: {total:.1f} us", flush=True)
+    print_table(["kernel", "calls_per_step", "us_per_step"], rows)
+    return [{"total_us_per_step": total}] + rows
+
+
+def profile(folder: Path, batch: int, steps: int, kernels: bool = False) -> dict:
     from anybit import LLM, SamplingParams
 
     llm = LLM(str(folder), load_format="dummy", progress=False, max_num_seqs=max(batch, 8))
@@ -80,6 +103,8 @@ def profile(folder: Path, batch: int, steps: int) -> dict:
            "host_overhead_ms": wall * 1e3 - graph_ms, "synced_step_ms": synced * 1e3}
     for k, v in acc.items():
         row[f"{k}_ms"] = v / steps * 1e3
+    if kernels:
+        row["kernels"] = kernel_table(gr.graphs[b], steps)
     del llm, eng
     torch.cuda.empty_cache()
     return row
@@ -91,6 +116,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--quant-bits", type=int, default=None)
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time table")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,11 +124,11 @@ def main():
         quant = quant_config("llama3-8b", args.quant_bits, lm_head_bits=8) if args.quant_bits else None
         make_folder("llama3-8b", folder, with_weights=False, quant=quant)
         for b in args.batch:
-            row = profile(folder, b, args.steps)
+            row = profile(folder, b, args.steps, args.kernels)
             row["weights"] = f"w{args.quant_bits}" if args.quant_bits else "bf16"
             rows.append(row)
             print(row, flush=True)
-    cols = ["weights"] + [c for c in rows[0] if c != "weights"]
+    cols = ["weights"] + [c for c in rows[0] if c not in ("weights", "kernels")]
     name = "e2e_step_profile_" + (f"w{args.quant_bits}" if args.quant_bits else "bf16")
     write_result(name, "Decode step breakdown (Llama-3-8B shape, triton + CUDA graphs)", cols, rows,
                  ["step_wall_ms: engine.step() in steady decode; graph_gpu_ms: the captured decode graph "

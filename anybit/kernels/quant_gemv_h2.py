@@ -186,31 +186,34 @@ if triton is not None:
         3: pairs prepared by ``_prep_x_h2_kernel`` (the sum then comes from xs)."""
         H: tl.constexpr = P0 // 2
         if XKIND == 3:
-            return tl.load(xq_row + rows * H + J), 0.0
-        if XKIND == 2:
-            fa = tl.load(x_row + rows * P0 + J)
-            fc = tl.load(x_row + rows * P0 + J + H)
+            p = tl.load(xq_row + rows * H + J)
+            ssum = tl.zeros(rows.shape, dtype=tl.float32)  # the sums come from xs
         else:
-            a = tl.load(xw_row + rows * H + J // 2)
-            c = tl.load(xw_row + rows * H + (J + H) // 2)
-            if XKIND == 0:
-                if J % 2 == 0:
-                    fa = (a << 16).to(tl.float32, bitcast=True)
-                    fc = (c << 16).to(tl.float32, bitcast=True)
-                else:
-                    fa = (a & -65536).to(tl.float32, bitcast=True)
-                    fc = (c & -65536).to(tl.float32, bitcast=True)
+            if XKIND == 2:
+                fa = tl.load(x_row + rows * P0 + J)
+                fc = tl.load(x_row + rows * P0 + J + H)
             else:
-                SH: tl.constexpr = 16 * (J % 2)
-                fa = ((a >> SH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                fc = ((c >> SH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        if USE_ASM:
-            p = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [fc, fa],
-                                          dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            lo = fa.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            p = (fc.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16) | lo
-        return p, fa + fc
+                a = tl.load(xw_row + rows * H + J // 2)
+                c = tl.load(xw_row + rows * H + (J + H) // 2)
+                if XKIND == 0:
+                    if J % 2 == 0:
+                        fa = (a << 16).to(tl.float32, bitcast=True)
+                        fc = (c << 16).to(tl.float32, bitcast=True)
+                    else:
+                        fa = (a & -65536).to(tl.float32, bitcast=True)
+                        fc = (c & -65536).to(tl.float32, bitcast=True)
+                else:
+                    SH: tl.constexpr = 16 * (J % 2)
+                    fa = ((a >> SH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    fc = ((c >> SH) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            if USE_ASM:
+                p = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [fc, fa],
+                                              dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                lo = fa.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                p = (fc.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16) | lo
+            ssum = fa + fc
+        return p, ssum
 
     @triton.jit
     def _pair_dot_ref(w, p, J: tl.constexpr, W0: tl.constexpr):
@@ -336,7 +339,7 @@ if triton is not None:
 
     @triton.jit
     def _quant_gemv_h2_kernel(x_ptr, xq_ptr, xs_ptr, q_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
-                              stride_xm, stride_qk, stride_sg, stride_ym, k_per_split, n_iters,
+                              stride_xm, stride_qk, stride_sg, stride_ym, k_per_split, n_iters, zero,
                               W0: tl.constexpr, XSCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
                               USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr):
@@ -370,6 +373,10 @@ if triton is not None:
         nwb = nwa
         if WPT == 2:
             nwb = tl.load(wp + RH * stride_qk, mask=mask2, other=0)
+        # scales/zeros as [RH, BLOCK_N] rows of one address (run-time row stride ``zero`` = 0): the
+        # same layout as the words, so the x chain is not computed a second time in the layout
+        # Triton would pick for a [1, BLOCK_N] load (repeated rows are L1 hits)
+        sz_off = (r * zero)[:, None] + offs_n[None, :]
         tpg = G // BLOCK_K
         g = k_start // G
         t = (k_start // BLOCK_K) % tpg
@@ -381,8 +388,8 @@ if triton is not None:
             nwa = tl.load(wp, mask=mask2, other=0)
             if WPT == 2:
                 nwb = tl.load(wp + RH * stride_qk, mask=mask2, other=0)
-            s = tl.load(s_ptr + g * stride_sg + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * stride_sg + offs_n[None, :], mask=mask2, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
             t += 1
             g += tl.where(t == tpg, 1, 0)
             t = tl.where(t == tpg, 0, t)
@@ -455,7 +462,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         xin, stride_x = xq, 0
     _quant_gemv_h2_kernel[(M, num_n, split_k)](
         xin, xq, xs, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G,
-        stride_x, packed.qweight.stride(0), packed.scales.stride(0), y.stride(0), per * BK, per,
+        stride_x, packed.qweight.stride(0), packed.scales.stride(0), y.stride(0), per * BK, per, 0,
         bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
         xkind, num_warps=num_warps or 4, num_stages=1)
     return y
