@@ -3,6 +3,10 @@
 Run on the GPU machine: ``python benchmarks/bench_attention.py --out DIR``. Checks every kernel
 against its ``ref_`` on the benchmark's own shapes first, then times with ``triton.testing.do_bench``
 (median, L2 flushed between calls). Writes ``attention_prefill.json`` and ``attention_decode.json``.
+``--variants`` instead runs only the quantized-decode variant sweep (``DECODE_VARIANTS``: bf16, the
+int8/int4 defaults and the register-prefetch / register-cap variants, each checked against ``ref_``
+on the GPU first) at batch 1/32/64 x context 4k-32k, ~2-3 minutes on one H100; writes
+``attention_decode_variants.json``.
 
 Prefill FLOPs (causal): ``2 * num_heads * head_dim * sum(L_i^2)`` (two matmuls, half the square).
 Decode bytes: K and V of every context token (codes + scales/zeros) + query + output.
@@ -11,6 +15,7 @@ Decode bytes: K and V of every context token (codes + scales/zeros) + query + ou
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -257,13 +262,127 @@ def bench_decode(notes, out_dir):
     return cols, rows
 
 
+# ------------------------------------------------------------------------------------------------
+# Quantized decode variant sweep (--variants): name -> (cache dtype, paged_attention_decode kwargs)
+DECODE_VARIANTS = {
+    "bf16": ("bfloat16", {}),
+    "int8": ("int8", {}),                                                # launcher default
+    "int8-s1r128": ("int8", {"prefetch": 0, "num_stages": 1, "max_registers": 128}),  # run 5's best_cfg
+    "int8-pf1": ("int8", {"prefetch": 1}),                               # maxnreg 168: 3 programs/SM
+    "int8-pf1-nocap": ("int8", {"prefetch": 1, "max_registers": 0}),     # ~193 regs: 2 programs/SM
+    "int8-pf2-nocap": ("int8", {"prefetch": 2, "max_registers": 0}),     # ~220 regs: 2 programs/SM
+    "int8+qk8+pv8": ("int8", {"int8_qk": True, "int8_pv": True}),       # opt-in approximation
+    "int4": ("int4", {}),
+    "int4-s1r128": ("int4", {"prefetch": 0, "num_stages": 1, "max_registers": 128}),
+    "int4-pf1": ("int4", {"prefetch": 1}),
+    "int4-pf2": ("int4", {"prefetch": 2}),
+    "int4-pf1-nocap": ("int4", {"prefetch": 1, "max_registers": 0}),
+    "int4-pf2-nocap": ("int4", {"prefetch": 2, "max_registers": 0}),
+}
+
+
+def check_variants(notes: list[str]) -> dict[str, float]:
+    """Every variant vs ref_ on the GPU (bf16 query): odd lengths, windows, split counts, GQA 32/8."""
+    torch.manual_seed(1)
+    seq = [1, 17, 129, 300, 1030, 4097]
+    sl = torch.tensor(seq, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(seq), NH, D, device="cuda", dtype=torch.bfloat16)
+    errs: dict[str, float] = {}
+    for dtype in ("bfloat16", "int8", "int4"):
+        cache, table = paged_batch(seq, dtype)
+        refs = {win: ref_paged_attention_decode(q, cache, sl, table, D ** -0.5, win, max(seq))
+                for win in (None, 100)}
+        for name, (dt, kw) in DECODE_VARIANTS.items():
+            if dt != dtype:
+                continue
+            worst = 0.0
+            try:
+                for win in (None, 100):
+                    for splits in (None, 1, 7):
+                        out = paged_attention_decode(q, cache, sl, table, D ** -0.5, win, max(seq),
+                                                     num_splits=splits, **kw)
+                        worst = max(worst, rel(out, refs[win]))
+            except Exception as e:  # noqa: BLE001 - a broken variant is reported, the sweep goes on
+                notes.append(f"variant {name}: FAILED to run: {type(e).__name__}: {e}")
+                print(notes[-1])
+                worst = float("inf")
+            errs[name] = worst
+            notes.append(f"variant {name}: max rel err vs ref_ (bf16 q/out, window none/100, "
+                         f"splits auto/1/7) {worst:.2e}")
+            print(notes[-1])
+    return errs
+
+
+def bench_decode_variants(notes, out_dir):
+    errs = check_variants(notes)
+    from anybit.kernels import attention_decode as ad
+
+    notes.append(f"launcher defaults in this run: DEFAULT_PREFETCH={ad.DEFAULT_PREFETCH}, "
+                 f"DEFAULT_PREFETCH_MAX_REGISTERS={ad.DEFAULT_PREFETCH_MAX_REGISTERS}")
+    rows = []
+    for batch in (1, 32, 64):
+        for ctx in (4096, 8192, 16384, 32768):
+            sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = None
+            for dtype in ("bfloat16", "int8", "int4"):
+                cache, table = paged_batch([ctx] * batch, dtype)
+                nbytes = batch * ctx * NKV * 2 * kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
+                base = None
+                for name, (dt, kw) in DECODE_VARIANTS.items():
+                    if dt != dtype or errs.get(name, 0.0) > 2e-2:
+                        continue
+                    fn = functools.partial(paged_attention_decode, q, cache, sl, table, D ** -0.5, None, ctx,
+                                           **kw)
+                    out = fn()
+                    base = out if base is None else base  # the dtype's launcher default comes first
+                    t = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+                    if dtype == "bfloat16":
+                        t_bf16 = t
+                    rows.append({"batch": batch, "context": ctx, "variant": name, "kv_dtype": dtype,
+                                 "time_us": t * 1e3, "tb_per_s": nbytes / t / 1e9,
+                                 "speedup_vs_bf16": t_bf16 / t, "vs_default": None,
+                                 "diff_vs_default": rel(out, base), "check_err": errs.get(name)})
+                    print(f"b{batch} ctx{ctx} {name:16s} {t * 1e3:8.1f} us {nbytes / t / 1e9:5.2f} TB/s "
+                          f"x{t_bf16 / t:.2f} vs bf16")
+                cache = table = base = None
+                torch.cuda.empty_cache()
+            for r in rows:
+                if r["batch"] == batch and r["context"] == ctx:
+                    d = next(x for x in rows if x["batch"] == batch and x["context"] == ctx
+                             and x["variant"] == r["kv_dtype"].replace("bfloat16", "bf16"))
+                    r["vs_default"] = d["time_us"] / r["time_us"]
+    notes.append("bytes = K+V codes and scales/zeros of every context token + q + out; L2 flushed per call; "
+                 "do_bench warmup 10 ms, rep 40 ms, median")
+    notes.append("vs_default: speedup over the same dtype's launcher default in the same run; "
+                 "diff_vs_default: rel diff of the outputs (bf16 q/out); check_err: worst rel err vs ref_ "
+                 "in check_variants")
+    notes.append("variants: -pf1 register prefetch (next K tile + this V tile half an iteration ahead), "
+                 "-pf2 (whole next tile one iteration ahead); default cap maxnreg 168, -nocap none; "
+                 "-s1r128: no prefetch, num_stages 1, maxnreg 128 (4 programs/SM); int8+qk8+pv8: int8 MMAs "
+                 "(approximation, opt-in)")
+    cols = ["batch", "context", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "vs_default",
+            "diff_vs_default", "check_err"]
+    write_result("attention_decode_variants",
+                 "Quantized split-K paged decode variants, 32 q / 8 kv heads, d128", cols, rows, notes,
+                 out_dir=out_dir)
+    return cols, rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--profile", default=None, help="only run this decode variant at b32/8k (for ncu)")
+    ap.add_argument("--variants", action="store_true",
+                    help="only the quantized-decode variant sweep (attention_decode_variants.json)")
     a = ap.parse_args()
+    if a.variants:
+        cols, rows = bench_decode_variants([], a.out)
+        if rows:
+            print_table(cols, rows)
+        return
     if a.profile:
         fn, _ = decode_case(32, 8192, a.profile)
         for _ in range(3):

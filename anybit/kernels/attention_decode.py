@@ -18,6 +18,8 @@ import triton.language as tl
 
 from anybit.kernels.attention_prefill import _check_attn_args, ref_attend
 from anybit.kernels.kv_cache_ops import (
+    _ASM_I8,
+    _ASM_U4,
     _round_half_even,
     compute_dtype,
     gather_kv,
@@ -60,16 +62,75 @@ def _add3(a0, b0, c0, a1, b1, c1):
 
 
 @triton.jit
+def _load_words(c_ptr, row, offs_w, valid):
+    """Rows of cached codes as int32 words ``[BLOCK_N, words per row]`` (row offsets in bytes,
+    multiples of 4: checked by the launcher); masked rows read as zero."""
+    wp = (c_ptr + row[:, None]).to(tl.pointer_type(tl.int32)) + offs_w[None, :]
+    return tl.load(wp, mask=valid[:, None], other=0)
+
+
+@triton.jit
+def _words_to_codes(w, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 code words ``[N, W]`` -> biased fp16 tiles, as kv_cache_ops ``load_codes_biased``:
+    int8 ``a = 1152 + code`` ``[N, HEAD_DIM]`` (b = a); int4 ``a`` = even channels ``1024 + code``,
+    ``b`` = odd channels ``1024 + 16 * code``, each ``[N, HEAD_DIM // 2]``. The words are split into
+    bytes and interleaved back by joins along an in-thread axis; the packed PTX conversion then reads
+    4 consecutive bytes = the original word (no data movement expected; checked in SASS)."""
+    N: tl.constexpr = w.shape[0]
+    NB: tl.constexpr = HEAD_DIM if MODE == 1 else HEAD_DIM // 2
+    BT: tl.constexpr = tl.int8 if MODE == 1 else tl.uint8
+    b0 = w.to(BT)
+    b1 = (w >> 8).to(BT)
+    b2 = (w >> 16).to(BT)
+    b3 = (w >> 24).to(BT)
+    raw = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [N, NB])
+    return _bytes_to_codes(raw, MODE, CDT, USE_ASM)
+
+
+@triton.jit
+def _bytes_to_codes(raw, MODE: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.constexpr):
+    if MODE == 2:
+        if USE_ASM:
+            a, b = tl.inline_asm_elementwise(_ASM_U4, "=r,=r,=r,=r,r", [raw], dtype=(tl.float16, tl.float16),
+                                             is_pure=False, pack=4)
+            a = a.to(CDT)
+            b = b.to(CDT)
+        else:
+            a = (raw & 15).to(tl.float32).to(CDT) + 1024.0
+            b = (raw & 240).to(tl.float32).to(CDT) + 1024.0
+    else:
+        if USE_ASM:
+            a = tl.inline_asm_elementwise(_ASM_I8, "=r,=r,r", [raw], dtype=tl.float16, is_pure=False,
+                                          pack=4).to(CDT)
+        else:
+            a = raw.to(tl.float32).to(CDT) + 1152.0
+        b = a
+    return a, b
+
+
+@triton.jit
+def _zeros_or_load(ptr, srow, valid, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int4 zero points of a tile (masked), zeros for other caches."""
+    if MODE == 2:
+        z = tl.load(ptr + srow, mask=valid, other=0.0)
+    else:
+        z = tl.zeros([BLOCK_N], tl.float32)
+    return z
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, seq_lens_ptr,
                    out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
                    stride_qs, stride_qh, stride_os, stride_oh,
                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, stride_bt,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, MODE: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr,
-                   BIASED: tl.constexpr, USE_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr):
-    """Grid (num_seqs, num_kv_heads, NUM_SPLITS). One program = all G query heads of one kv head
-    over one slice of the context; partial (o, lse) go to mid buffers unless NUM_SPLITS == 1.
+                   SPLIT_OUT: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr,
+                   BIASED: tl.constexpr, USE_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr,
+                   PREFETCH: tl.constexpr):
+    """Grid (num_seqs, num_kv_heads, num_splits). One program = all G query heads of one kv head
+    over one slice of the context; partial (o, lse) go to mid buffers when SPLIT_OUT (num_splits > 1;
+    the split count itself is the grid size, not a compile-time constant: fewer compiled variants).
     HEADS_FIRST puts the kv head on grid axis 0 (launched fastest), so the programs of all kv heads
     of one token range are resident together: their rows of a page (and the 32-byte sectors of the
     per-token scales, 4 bytes per head) are read from DRAM at about the same time.
@@ -90,7 +151,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
-    if split == NUM_SPLITS - 1:
+    num_splits = tl.num_programs(2)
+    if split == num_splits - 1:
         end = seq_len  # a context longer than max_seq_len (stale CUDA graph sizing) stays correct
     if window > 0:
         start = tl.maximum(start, seq_len - window)
@@ -135,42 +197,123 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
             kbias = 1152.0 * tl.sum(qa.to(tl.float32), axis=1)
         wsum = tl.zeros([BLOCK_G], tl.float32)
         zsum = tl.zeros([BLOCK_G], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            tok = n0 + tl.arange(0, BLOCK_N)
+        if PREFETCH > 0:
+            # Software pipelining in registers. Raw codes travel as int32 words (4 int8 / 8 int4 codes;
+            # a loop-carried int8 tensor would take one register per byte) and are loaded one
+            # half-iteration (PREFETCH 1: this tile's V at the top, the next tile's K after the
+            # softmax) or one iteration (PREFETCH 2: the whole next tile) before their MMA. Triton's
+            # own pipeliner gives the paged K/V loads one buffer (their rows come from the page table,
+            # loaded in the same iteration), so without this each iteration waits the full DRAM
+            # latency before its first MMA. Loads of rows past the context are masked (no extra bytes).
+            WPR: tl.constexpr = HEAD_DIM // 4 if MODE == 1 else HEAD_DIM // 8  # words per row
+            offs_w = tl.arange(0, WPR)
+            ar = tl.arange(0, BLOCK_N)
+            tok = start + ar
             valid = tok < end
             page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
             in_page = (tok % PAGE).to(tl.int64)
             row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
             srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
-            ka, kb = load_codes_biased(k_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
-            ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0) * qk_scale  # softmax scale folded in
-            s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
-            if MODE == 2:
-                s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
-                kz = tl.load(kz_ptr + srow, mask=valid, other=0.0) * qk_scale
-                s = (s - kbias[:, None]) * ksc[None, :] + qsum[:, None] * kz[None, :]
-            else:
-                s = (s - kbias[:, None]) * ksc[None, :]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            va, vb = load_codes_biased(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
-            vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
-            pw = (p * vsc[None, :]).to(CDT)
-            # the row sums share one reduction (one cross-warp exchange instead of two or three)
-            if MODE == 2:
-                vz = tl.load(vz_ptr + srow, mask=valid, other=0.0)
-                ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
-                zsum = zsum * alpha + zs
-            else:
-                ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
-            l = l * alpha + ps
-            wsum = wsum * alpha + ws
-            acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
-            if MODE == 2:
-                acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
-            m = m_new
+            kraw = _load_words(k_ptr, row, offs_w, valid)
+            ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0) * qk_scale
+            kz = _zeros_or_load(kz_ptr, srow, valid, MODE, BLOCK_N) * qk_scale
+            if PREFETCH == 2:
+                vraw = _load_words(v_ptr, row, offs_w, valid)
+                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                vz = _zeros_or_load(vz_ptr, srow, valid, MODE, BLOCK_N)
+            for n0 in range(start, end, BLOCK_N):
+                if PREFETCH == 1:  # this tile's V: in flight during QK^T and the softmax
+                    vraw = _load_words(v_ptr, row, offs_w, valid)
+                    vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                    vz = _zeros_or_load(vz_ptr, srow, valid, MODE, BLOCK_N)
+                tok_n = n0 + BLOCK_N + ar
+                valid_n = tok_n < end
+                page_n = tl.load(bt_row + tok_n // PAGE, mask=valid_n, other=0).to(tl.int64)
+                in_page_n = (tok_n % PAGE).to(tl.int64)
+                row_n = page_n * stride_cb + in_page_n * stride_ct + kvh * stride_ch
+                srow_n = page_n * stride_sb + in_page_n * stride_st + kvh * stride_sh
+                if PREFETCH == 2:  # the whole next tile: in flight during this iteration
+                    kraw_n = _load_words(k_ptr, row_n, offs_w, valid_n)
+                    ksc_n = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0) * qk_scale
+                    kz_n = _zeros_or_load(kz_ptr, srow_n, valid_n, MODE, BLOCK_N) * qk_scale
+                    vraw_n = _load_words(v_ptr, row_n, offs_w, valid_n)
+                    vsc_n = tl.load(vs_ptr + srow_n, mask=valid_n, other=0.0)
+                    vz_n = _zeros_or_load(vz_ptr, srow_n, valid_n, MODE, BLOCK_N)
+                ka, kb = _words_to_codes(kraw, MODE, HEAD_DIM, CDT, USE_ASM)
+                s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+                if MODE == 2:
+                    s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
+                    s = (s - kbias[:, None]) * ksc[None, :] + qsum[:, None] * kz[None, :]
+                else:
+                    s = (s - kbias[:, None]) * ksc[None, :]
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                if PREFETCH == 1:  # next K tile: in flight during PV and the next iteration's start
+                    kraw = _load_words(k_ptr, row_n, offs_w, valid_n)
+                    ksc = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0) * qk_scale
+                    kz = _zeros_or_load(kz_ptr, srow_n, valid_n, MODE, BLOCK_N) * qk_scale
+                va, vb = _words_to_codes(vraw, MODE, HEAD_DIM, CDT, USE_ASM)
+                pw = (p * vsc[None, :]).to(CDT)
+                if MODE == 2:
+                    ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
+                    zsum = zsum * alpha + zs
+                else:
+                    ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
+                l = l * alpha + ps
+                wsum = wsum * alpha + ws
+                acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+                if MODE == 2:
+                    acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+                m = m_new
+                row = row_n
+                srow = srow_n
+                valid = valid_n
+                if PREFETCH == 2:
+                    kraw = kraw_n
+                    ksc = ksc_n
+                    kz = kz_n
+                    vraw = vraw_n
+                    vsc = vsc_n
+                    vz = vz_n
+        else:
+            for n0 in range(start, end, BLOCK_N):
+                tok = n0 + tl.arange(0, BLOCK_N)
+                valid = tok < end
+                page = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+                in_page = (tok % PAGE).to(tl.int64)
+                row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
+                srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
+                ka, kb = load_codes_biased(k_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
+                ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0) * qk_scale  # softmax scale folded in
+                s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+                if MODE == 2:
+                    s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
+                    kz = tl.load(kz_ptr + srow, mask=valid, other=0.0) * qk_scale
+                    s = (s - kbias[:, None]) * ksc[None, :] + qsum[:, None] * kz[None, :]
+                else:
+                    s = (s - kbias[:, None]) * ksc[None, :]
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                va, vb = load_codes_biased(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
+                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                pw = (p * vsc[None, :]).to(CDT)
+                # the row sums share one reduction (one cross-warp exchange instead of two or three)
+                if MODE == 2:
+                    vz = tl.load(vz_ptr + srow, mask=valid, other=0.0)
+                    ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
+                    zsum = zsum * alpha + zs
+                else:
+                    ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
+                l = l * alpha + ps
+                wsum = wsum * alpha + ws
+                acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+                if MODE == 2:
+                    acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+                m = m_new
         if MODE == 2:
             acc = acc - 1024.0 * wsum[:, None] + zsum[:, None]
             acc_b = (acc_b - 1024.0 * wsum[:, None]) * 0.0625 + zsum[:, None]
@@ -224,7 +367,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                 acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC) + zc
             m = m_new
     l_safe = tl.where(l > 0.0, l, 1.0)
-    if NUM_SPLITS == 1:
+    if not SPLIT_OUT:
         o_rows = out_ptr + seq * stride_os + heads[:, None] * stride_oh
         tl.store(o_rows + offs_a[None, :], (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
                  mask=gmask[:, None])
@@ -232,9 +375,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
             tl.store(o_rows + offs_b[None, :], (acc_b / l_safe[:, None]).to(out_ptr.dtype.element_ty),
                      mask=gmask[:, None])
     else:
-        # mid_o [num_seqs, num_heads, NUM_SPLITS, HEAD_DIM], mid_lse [num_seqs, num_heads, NUM_SPLITS]
+        # mid_o [num_seqs, num_heads, num_splits, HEAD_DIM], mid_lse [num_seqs, num_heads, num_splits]
         n_heads = n_kv * G
-        mrow = (seq * n_heads + heads) * NUM_SPLITS + split
+        mrow = (seq * n_heads + heads) * num_splits + split
         mid_rows = mid_o_ptr + mrow[:, None] * HEAD_DIM
         tl.store(mid_rows + offs_a[None, :], acc / l_safe[:, None], mask=gmask[:, None])
         if MODE == 2:
@@ -243,23 +386,29 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
 
 
 @triton.jit
-def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_os, stride_oh,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (num_seqs, num_heads): merge the NUM_SPLITS partial softmaxes of one query head."""
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_os, stride_oh, num_splits,
+                          HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (num_seqs, num_heads): merge the num_splits (<= BLOCK_K) partial softmaxes of one query head."""
     seq = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     base = seq * tl.num_programs(1) + h
     ks = tl.arange(0, BLOCK_K)
-    kmask = ks < NUM_SPLITS
-    lse = tl.load(mid_lse_ptr + base * NUM_SPLITS + ks, mask=kmask, other=float("-inf"))
+    kmask = ks < num_splits
+    lse = tl.load(mid_lse_ptr + base * num_splits + ks, mask=kmask, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     w = tl.where(kmask & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
     offs_d = tl.arange(0, HEAD_DIM)
-    o = tl.load(mid_o_ptr + (base * NUM_SPLITS + ks)[:, None] * HEAD_DIM + offs_d[None, :],
+    o = tl.load(mid_o_ptr + (base * num_splits + ks)[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=kmask[:, None], other=0.0)
     res = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + seq * stride_os + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
 
+
+# Register prefetch of the quantized tiles (``prefetch`` kwarg): off until measured on a GPU. With
+# prefetch on and no ``max_registers`` given, the cap below applies (168: 3 programs per SM; int8
+# prefetch 1 spills 20 bytes there, int4 none); ``max_registers=0`` means no cap (204-226 regs, 2/SM).
+DEFAULT_PREFETCH = 0
+DEFAULT_PREFETCH_MAX_REGISTERS = 168
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -273,16 +422,20 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
-def blocks_per_sm(mode: int, block_n: int, num_warps: int, num_stages: int, max_registers: int | None) -> int:
+def blocks_per_sm(mode: int, block_n: int, num_warps: int, num_stages: int, max_registers: int | None,
+                  prefetch: int = 0) -> int:
     """Resident programs per SM on Hopper (registers and shared memory from ptxas for d128,
     G=4: bf16 (64, 4, 3) 128 regs / 39 KB -> 4; quantized (128, 4, 3) 154-168 regs / 59-75 KB -> 3;
-    quantized (128, 4, 1) capped at 128 regs / 41 KB -> 4). Only sizes the split count."""
+    quantized (128, 4, 1) capped at 128 regs / 41 KB -> 4; register prefetch (128, 4, 1) 204-226
+    regs -> 2, capped at 168 -> 3). Only sizes the split count."""
     if num_warps != 4:
         return 2
     if mode == 0:
         return 4 if block_n <= 64 else 3
     if max_registers is not None and max_registers <= 128 and (num_stages == 1 or block_n <= 64):
         return 4
+    if prefetch:
+        return 3 if max_registers is not None and max_registers <= 168 else 2
     return 3 if block_n <= 128 else 1
 
 
@@ -319,7 +472,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            num_stages: int | None = None,
                            out: torch.Tensor | None = None, int8_qk: bool = False,
                            int8_pv: bool = False, biased: bool | None = None,
-                           heads_first: bool | None = None, max_registers: int | None = None) -> torch.Tensor:
+                           heads_first: bool | None = None, max_registers: int | None = None,
+                           prefetch: int | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -334,7 +488,12 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     ``heads_first``: grid order (num_kv_heads, num_seqs, splits) instead of (num_seqs, num_kv_heads,
     splits), meant for DRAM locality of the short per-head rows of quantized caches; measured no
     faster on an H200, so off by default.
-    ``max_registers``: register cap per thread (Triton ``maxnreg``), for occupancy experiments.
+    ``max_registers``: register cap per thread (Triton ``maxnreg``), for occupancy experiments
+    (0 = no cap; with ``prefetch`` on, None means ``DEFAULT_PREFETCH_MAX_REGISTERS``).
+    ``prefetch`` (biased quantized path only): 0 off; 1 the next K tile and the current V tile are
+    loaded into registers one half-iteration ahead; 2 the whole next K/V tile one iteration ahead
+    (more registers). Exact same math; default ``DEFAULT_PREFETCH``. Prefetching variants default to
+    ``num_stages=1`` (the loop-carried loads are plain loads; Triton's pipeliner stays out).
     The context is cut into ``num_splits`` slices of ``tokens_per_split`` (from ``max_seq_len``),
     each program reads its slice once for all heads of a GQA group; a reduction kernel merges.
     """
@@ -355,11 +514,22 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     if biased is None:  # float32 queries keep exact parity with the torch backend (greedy tests)
         biased = cdt == tl.float16
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
+    prefetch = int(DEFAULT_PREFETCH if prefetch is None else prefetch) if biased else 0
+    if prefetch not in (0, 1, 2):
+        raise ValueError(f"paged_attention_decode: prefetch must be 0, 1 or 2, got {prefetch}")
+    if prefetch and (kv_cache.key.stride(0) % 4 or kv_cache.key.stride(1) % 4 or kv_cache.key.stride(2) % 4
+                     or kv_cache.key.data_ptr() % 4 or kv_cache.value.data_ptr() % 4):
+        prefetch = 0  # the prefetch path reads the codes as int32 words
+    if prefetch and num_stages is None:
+        num_stages = 1
+    if prefetch and max_registers is None:
+        max_registers = DEFAULT_PREFETCH_MAX_REGISTERS
+    max_registers = max_registers or None  # 0: no cap
     ks, vs, kz, vz, sstr = kv_scale_args(kv_cache)
     d_bn, d_splits, d_warps, d_stages = decode_config(num_seqs, nkv, max_seq_len, mode, query.device)
-    if num_splits is None and (block_n, num_warps, num_stages, max_registers) != (None,) * 4:
+    if num_splits is None and ((block_n, num_warps, num_stages, max_registers) != (None,) * 4 or prefetch):
         cap = blocks_per_sm(mode, block_n or d_bn, num_warps or d_warps, num_stages or d_stages,
-                            max_registers) * _num_sms(query.device)
+                            max_registers, prefetch) * _num_sms(query.device)
         d_splits = choose_splits(num_seqs * nkv, max_seq_len, cap)
     block_n = block_n or d_bn
     splits = num_splits or d_splits
@@ -389,14 +559,14 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), sstr[0], sstr[1], sstr[2], block_table.stride(0),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=head_dim, BLOCK_N=block_n,
-        PAGE=kv_cache.block_size, MODE=mode, CDT=cdt, DOT_PREC=prec, NUM_SPLITS=splits,
+        PAGE=kv_cache.block_size, MODE=mode, CDT=cdt, DOT_PREC=prec, SPLIT_OUT=splits > 1,
         INT8_QK=bool(int8_qk and mode == 1), INT8_PV=bool(int8_pv and mode == 1),
         BIASED=biased, USE_ASM=bool(biased and cdt == tl.float16 and not interpret),
-        HEADS_FIRST=bool(heads_first),
+        HEADS_FIRST=bool(heads_first), PREFETCH=prefetch,
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
         **({"maxnreg": max_registers} if max_registers else {}))
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            mid_o, mid_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=splits,
+            mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, HEAD_DIM=head_dim,
             BLOCK_K=triton.next_power_of_2(splits), num_warps=4)
     return out
