@@ -7,6 +7,7 @@ of R calls over R different weight copies and fresh inputs (R chosen so the copi
 
     python benchmarks/bench_quant_matmul.py --out benchmarks/results/quant_matmul.json
     python benchmarks/bench_quant_matmul.py --mode explore   # block-size / path variants
+    python benchmarks/bench_quant_matmul.py --mode tc        # tensor-core path, M = 2..64 (< ~3 min)
 
 Writes JSON in the repository's benchmark schema (benchmark, title, device, versions, date,
 columns, rows, notes) and prints a table.
@@ -274,21 +275,164 @@ def h2_variants(M, b):
               ("anybit_h2_bn512", dict(path="gemv_h2", block_n=512)),
               ("anybit_h2_pps2", dict(direct_h2=True, programs_per_sm=2)),
               ("anybit_h2_pps8", dict(direct_h2=True, programs_per_sm=8)),
-              ("anybit_h2_w8warps", dict(direct_h2=True, num_warps=8))]
+              ("anybit_h2_w8warps", dict(direct_h2=True, num_warps=8)),
+              ("anybit_h2_pdl", dict(direct_h2=True, pdl=True))]
     elif M <= 64:
         v += [("anybit_gemm_swap_fast", dict(path="gemm", swap=True, fast_dequant=True))]
     return v
 
 
+TC_SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096), (128256, 4096)]
+TC_MS = [2, 4, 8, 16, 32, 64]
+TC_BITS = [2, 4, 8]
+TC_BUDGET_S = 150.0  # alternatives are dropped once the mode has run this long (one GPU, < ~3 min)
+_tc_t0 = [0.0]
+
+
+def check_correctness_tc(log) -> list[dict]:
+    """Packed-half tensor-core kernel (h2_dequant) and its variants vs a float32 dequantization on
+    fresh random data: RTN bits 2/4/8, group 128 / 32 / per channel, M = 2, 16, 33, 64, bf16 and
+    fp16 x (x * 300 once); plus 4096x14336 with random codes at M = 16 and 64."""
+    rows = []
+    torch.manual_seed(2)
+
+    def one(tag, pw, x, ref, kw):
+        out = torch.full((x.shape[0], pw.out_features), float("nan"), device="cuda", dtype=x.dtype)
+        try:
+            y = quant_matmul(x, pw, out=out, **kw)
+            torch.cuda.synchronize()
+            err = float((y.float() - ref).norm() / ref.norm())
+        except Exception as e:  # noqa: BLE001
+            log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
+            y, err = out, float("inf")
+        ok = bool(torch.isfinite(y).all()) and err < 1e-2
+        rows.append(dict(case=tag, kw=str(kw), rel_err=err, ok=ok))
+        if not ok:
+            log(f"FAIL {tag} {kw}: rel err {err:.3e}")
+
+    for bits, g in [(2, 128), (4, 128), (8, 128), (4, -1), (2, 32), (8, 32)]:
+        W = torch.randn(384, 1152, device="cuda")
+        pw = rtn_quantize(W.cpu(), QuantSpec(bits, g, "uniform")).to("cuda")
+        for M in (2, 16, 33, 64):
+            for dtype in (torch.bfloat16, torch.float16):
+                for scale in ((1.0, 300.0) if M == 16 else (1.0,)):
+                    x = (torch.randn(M, 1152, device="cuda") * scale).to(dtype)
+                    ref = ref_quant_matmul(x.float(), pw)
+                    tag = f"b{bits} g{g} M{M} {str(dtype)[6:]} x*{scale:g}"
+                    kws = [dict(), dict(path="gemm", h2_dequant=False)]
+                    if bits in TC_BITS:
+                        kws += [dict(path="gemm", h2_dequant=True),
+                                dict(path="gemm", h2_dequant=True, use_asm=False),
+                                dict(path="gemm", h2_dequant=True, split_k=5),
+                                dict(path="gemm", h2_dequant=True, block_n=256, num_warps=8),
+                                dict(path="gemm", h2_dequant=True, block_n=64)]
+                        if bits != 8 and dtype == torch.bfloat16:
+                            kws.append(dict(path="gemm", h2_dequant=True, bf16_codes=False))
+                    for kw in kws:
+                        one(tag, pw, x, ref, kw)
+    for bits in TC_BITS:  # a real shape, random codes, K = 14336
+        pw = random_packed(4096, 14336, bits)
+        Wd = dequantize(pw, torch.float32)
+        for M in (16, 64):
+            x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ Wd.t()
+            for kw in (dict(), dict(path="gemm", h2_dequant=False, swap=True)):
+                one(f"b{bits} 4096x14336 M{M} random codes", pw, x, ref, kw)
+        del Wd
+    log(f"correctness (tc set): {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
+        f"{max(r['rel_err'] for r in rows):.2e}")
+    return rows
+
+
+def tc_variants(M, b):
+    """The run of the packed-half tensor-core kernel: the launcher's choice ("anybit" = h2 for
+    2 <= M <= 64), the old tensor-core variants, and block / warp / stage / split alternatives
+    (on the first two shapes' M = 16 and 64, and only while the mode is inside TC_BUDGET_S)."""
+    h2 = lambda **kw: dict(path="gemm", h2_dequant=True, **kw)  # noqa: E731
+    v = [("anybit", {}),
+         ("anybit_gemm_old", dict(path="gemm", h2_dequant=False, swap=True)),
+         ("anybit_gemm_old_fast", dict(path="gemm", h2_dequant=False, swap=True, fast_dequant=True))]
+    if M in (16, 64) and time.time() - _tc_t0[0] < TC_BUDGET_S:
+        v += [("anybit_h2_bn256_w8", h2(block_n=256, num_warps=8)),
+              ("anybit_h2_bn64", h2(block_n=64)),
+              ("anybit_h2_s3", h2(num_stages=3)),
+              ("anybit_h2_s6", h2(num_stages=6)),
+              ("anybit_h2_sk4", h2(split_k=4)),
+              ("anybit_h2_sk16", h2(split_k=16))]
+        if b != 8:
+            v.append(("anybit_h2_f16codes", h2(bf16_codes=False)))
+        if M == 64:
+            v.append(("anybit_h2_bm32", h2(block_m=32)))
+    return v
+
+
+def main_tc(args) -> int:
+    """--mode tc: the packed-half tensor-core kernel (M = 2..64) -> quant_matmul_tc.json."""
+    logs = []
+
+    def log(msg):
+        print(msg, flush=True)
+        logs.append(msg)
+
+    _tc_t0[0] = t0 = time.time()
+    bits = [int(b) for b in args.bits.split(",")] if args.bits else TC_BITS
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else TC_MS
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+              else TC_SHAPES)
+    corr = check_correctness_tc(log)
+    log(f"correctness done: {time.time() - t0:.0f}s")
+    rows = []
+    out = args.out or os.path.join(os.environ.get("OUT", "."), "quant_matmul_tc.json")
+
+    def dump():
+        result = {
+            "benchmark": "quant_matmul_tc",
+            "title": "any-bit quant_matmul tensor cores (M = 2..64, group 128) vs cuBLAS bf16, torch int4",
+            "device": torch.cuda.get_device_name(),
+            "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "columns": ["shape", "M", "method", "bits", "time_us", "tbps", "speedup"],
+            "rows": rows,
+            "notes": [
+                "time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB) and 24 "
+                "rotating bf16 inputs, divided by R; tbps counts weights (+scales/zeros) + x + y bytes; "
+                "speedup = cuBLAS time / time; 'anybit' is the launcher's choice (h2_dequant for "
+                "2 <= M <= 64), anybit_gemm_old* the previous tensor-core kernel, anybit_h2_* alternatives",
+                f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} kernel-vs-dequant checks passed "
+                f"(rel err < 1e-2), max {max(r['rel_err'] for r in corr):.2e}"],
+            "correctness": corr,
+            "log": logs,
+        }
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    for N, K in shapes:
+        rows += bench_shape(N, K, ms, bits, tc_variants, log)
+        dump()
+        log(f"after {N}x{K}: {time.time() - t0:.0f}s")
+    cub = {(r["shape"], r["M"]): r["time_us"] for r in rows if r["method"] == "cublas_bf16"}
+    i4 = {(r["shape"], r["M"]): r["time_us"] for r in rows if r["method"] == "torch_int4pack"}
+    keys = {(r["shape"], r["M"], r["bits"]) for r in rows if r["method"].startswith("anybit")}
+    for shp, M, b in sorted(keys):
+        cells = [f"{r['method'][7:] or 'auto'}={r['time_us']:.1f}({r['speedup']:.2f}x)" for r in rows
+                 if (r["shape"], r["M"], r["bits"]) == (shp, M, b) and r["method"].startswith("anybit")]
+        print(f"{shp} M{M} W{b} cublas={cub[(shp, M)]:.1f} int4={i4.get((shp, M), float('nan')):.1f} "
+              + " ".join(cells))
+    dump()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "explore", "h2"], default="full")
+    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc"], default="full")
     ap.add_argument("--out", default=None)
     ap.add_argument("--bits", default=None, help="comma list, default 2,3,4,5,6,8")
     ap.add_argument("--ms", default=None)
     ap.add_argument("--shapes", default=None, help="e.g. 4096x14336,14336x4096")
     ap.add_argument("--explore-shape", default=None, help="also time the alternative variants on this shape")
     args = ap.parse_args()
+    if args.mode == "tc":
+        return main_tc(args)
     logs = []
 
     def log(msg):

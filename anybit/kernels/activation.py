@@ -7,6 +7,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from anybit.kernels.pdl import pdl_enabled, pdl_launch
+
 
 def ref_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x ``[num_tokens, 2*d]`` -> ``silu(x[:, :d]) * x[:, d:]`` ``[num_tokens, d]`` in x's dtype."""
@@ -17,8 +19,13 @@ def ref_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr):
-    """Grid (num_tokens, cdiv(d, BLOCK)); rounds silu to the dtype before the product, like torch."""
+def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    """Grid (num_tokens, cdiv(d, BLOCK)); rounds silu to the dtype before the product, like torch.
+    PDL: waits for the previous kernel first (anybit/kernels/pdl.py)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -41,6 +48,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
     block = min(triton.next_power_of_2(d), 2048)
     if x2.shape[0]:
+        pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, y, d, x2.stride(0), y.stride(0),
-                                                                   BLOCK=block, num_warps=4)
+                                                                   BLOCK=block, PDL=pdl, num_warps=4,
+                                                                   **pdl_launch(x.device))
     return y.view(*x.shape[:-1], d)

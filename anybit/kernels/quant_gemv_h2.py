@@ -23,6 +23,7 @@ import struct
 
 import torch
 
+from anybit.kernels.pdl import pdl_enabled
 from anybit.quant.format import PackedWeight
 
 try:  # Triton is optional on CPU-only installs
@@ -342,7 +343,8 @@ if triton is not None:
                               stride_xm, stride_qk, stride_sg, stride_ym, k_per_split, n_iters, zero,
                               W0: tl.constexpr, XSCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
-                              USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr):
+                              USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr,
+                              PDL: tl.constexpr = False):
         """One row m, BLOCK_N columns, one K split, single-slice uniform W0 in {2, 4, 8}:
         ``y = sum_tiles s * (2^S * sum x (q - C) 2^-S - (z - C) * sum x)`` with the word dot of
         ``_word_dot_h2``. The tile's R = BLOCK_K / P word rows are loaded as WPT slabs of R / WPT
@@ -350,7 +352,8 @@ if triton is not None:
         current one is used; g (scale group) is advanced by a counter, no division in the loop;
         split-K partials are summed by the last program of a column tile. x: ``x_ptr`` (XKIND
         0/1: the same memory as int32 words, stride in words; 2: float32) or the prepared
-        ``xq_ptr``/``xs_ptr`` (XKIND 3)."""
+        ``xq_ptr``/``xs_ptr`` (XKIND 3). PDL: the first weight tile is requested before waiting
+        for the kernel that writes x (anybit/kernels/pdl.py)."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -373,6 +376,9 @@ if triton is not None:
         nwb = nwa
         if WPT == 2:
             nwb = tl.load(wp + RH * stride_qk, mask=mask2, other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # scales/zeros as [RH, BLOCK_N] rows of one address (run-time row stride ``zero`` = 0): the
         # same layout as the words, so the x chain is not computed a second time in the layout
         # Triton would pick for a [1, BLOCK_N] load (repeated rows are L1 hits)
@@ -408,20 +414,41 @@ if triton is not None:
 H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (CUDA)
 H2_MAX_M = 1
 H2_WORDS_PER_ASM = 2  # words whose f16 lane sums are added before the float32 conversion
-# BLOCK_N by width: measured on the H200 (benchmarks/results/quant_matmul_h2.json), 256 was the
-# fastest or within 4% for W4 on all four shapes, 128 for W2 and W8.
-H2_BLOCK_N = {2: 128, 4: 256, 8: 128}
-H2_PROGRAMS_PER_SM = 4  # split-K target: about this many programs per SM
+# BLOCK_N by width, from the H100 run of session 2 (benchmarks/results/quant_matmul_h2.json): W2 512
+# on all four shapes; W8 128; W4 128 for the large matrices, 512 for the small ones (<= 8192 x 8192,
+# i.e. qkv / o_proj), 256 for lm_head-sized N (see h2_block_n).
+H2_BLOCK_N = {2: 512, 4: 128, 8: 128}
+
+
+def h2_block_n(bits: int, N: int, K: int) -> int:
+    if bits == 4 and N <= 8192 and K <= 8192:
+        return 512
+    if bits == 4 and N >= 65536:
+        return 256
+    return H2_BLOCK_N[bits]
+H2_PROGRAMS_PER_SM = 3  # programs resident per SM assumed before the compiled kernel's registers are known
+_RESIDENT: dict = {}  # kernel config -> programs resident per SM (from its register count)
+
+
+def one_wave_split(tiles: int, k_tiles: int, slots: int) -> int:
+    """The largest split-K (a divisor of k_tiles) whose tiles * split programs all fit at once in
+    ``slots`` (resident programs on the GPU), so no second partial wave pays the per-program
+    latency again; 1 when even one split per tile fills the GPU."""
+    for per in range(1, k_tiles + 1):
+        if k_tiles % per == 0 and tiles * (k_tiles // per) <= slots:
+            return k_tiles // per
+    return 1
 
 
 def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_n: int | None = None,
                   block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
                   use_asm: bool | None = None, words_per_asm: int | None = None, fuse_x: bool = True,
-                  programs_per_sm: int | None = None) -> torch.Tensor:
+                  programs_per_sm: int | None = None, pdl: bool | None = None) -> torch.Tensor:
     """Packed-half GEMV (uniform, single-slice 2/4/8 bits): x ``[M, K]`` contiguous (perm applied)
     fp16/bf16/fp32, y ``[M, N]``. Products x * (q - 2^(b-1)) 2^-S are f16 (x rounded to f16:
     exact for bf16/fp16 x below 65504), summed in f16 over one or two words, then in float32.
-    ``fuse_x``: convert x inside the GEMV (one launch) or in a separate kernel first."""
+    ``fuse_x``: convert x inside the GEMV (one launch) or in a separate kernel first; ``pdl``:
+    programmatic dependent launch (None: on where anybit/kernels/pdl.py enables it)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if packed.fmt != "uniform" or bits not in H2_BITS:
@@ -429,7 +456,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if use_asm is None:
         use_asm = x.is_cuda and not _INTERPRET
     P0 = 32 // bits
-    BN = block_n or H2_BLOCK_N[bits]
+    BN = block_n or h2_block_n(bits, N, K)
     BK = _pick_block_k(G, K, block_k or 128)
     wpt = words_per_asm or H2_WORDS_PER_ASM
     if wpt not in (1, 2) or (BK // P0) % wpt:
@@ -438,9 +465,12 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     tiles = num_n * M
     sms = _num_sms(x.device)
     k_tiles = K // BK
+    warps = num_warps or 4
+    xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
+    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm))
     if split_k is None:
-        target = (programs_per_sm or H2_PROGRAMS_PER_SM) * sms
-        split_k = max(1, min(k_tiles, (target + tiles - 1) // tiles)) if 2 * tiles < target else 1
+        per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
+        split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
     per = next(d for d in range(triton.cdiv(k_tiles, max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
     split_k = k_tiles // per
     if split_k > 1:
@@ -449,20 +479,23 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     else:
         ws, locks = y, y
     if fuse_x:
-        xkind = {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
         if xkind < 2 and (x.storage_offset() % 2 or x.stride(0) % 2):
             x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)  # 4-byte aligned rows
         xin = x.view(torch.int32) if xkind < 2 else x.float()
         xq, xs, stride_x = xin, xin, xin.stride(0)
     else:
-        xkind = 3
         xq = torch.empty(M, K // 2, dtype=torch.int32, device=x.device)
         xs = torch.empty(M, K // P0, dtype=torch.float32, device=x.device)
         _prep_x_h2_kernel[(M, triton.cdiv(K // P0, 256))](x, xq, xs, K, x.stride(0), P0, 256, num_warps=4)
         xin, stride_x = xq, 0
-    _quant_gemv_h2_kernel[(M, num_n, split_k)](
+    # the prep kernel of fuse_x=False is not PDL-aware
+    pdl = fuse_x and pdl_enabled(x.device, pdl)
+    kernel = _quant_gemv_h2_kernel[(M, num_n, split_k)](
         xin, xq, xs, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G,
         stride_x, packed.qweight.stride(0), packed.scales.stride(0), y.stride(0), per * BK, per, 0,
         bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
-        xkind, num_warps=num_warps or 4, num_stages=1)
+        xkind, pdl, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+    regs = getattr(kernel, "n_regs", 0) if x.is_cuda else 0
+    if regs and occ_key not in _RESIDENT:  # programs that fit on an SM at once, for the next split choice
+        _RESIDENT[occ_key] = max(1, min(65536 // (-(-regs // 8) * 8 * 32 * warps), 64 // warps))
     return y

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from anybit.kernels.pdl import pdl_enabled, pdl_launch
+
 
 def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x ``[..., hidden]``, weight ``[hidden]`` -> y ``[..., hidden]`` in x's dtype."""
@@ -35,11 +37,16 @@ def ref_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
                      stride_x, stride_r, stride_y, stride_nr,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: y = (x * rsqrt(mean(x^2) + eps)).to(dtype) * w (+ residual add first)."""
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """One program per row: y = (x * rsqrt(mean(x^2) + eps)).to(dtype) * w (+ residual add first).
+    PDL: the weight is loaded before waiting for the previous kernel (anybit/kernels/pdl.py)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -48,7 +55,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / hidden
     normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
@@ -69,9 +75,11 @@ def _launch_norm(x, residual, weight, eps):
     else:
         r2, new_r = x2, y
     if x2.shape[0]:
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, new_r, hidden, eps,
                                          x2.stride(0), r2.stride(0), y.stride(0), new_r.stride(0),
-                                         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+                                         num_warps=warps, **pdl_launch(x.device))
     return y.view(x.shape), new_r.view(x.shape)
 
 

@@ -19,6 +19,7 @@ from anybit.kernels.kv_cache_ops import (
     kv_scale_args,
     ref_reshape_and_cache,
 )
+from anybit.kernels.pdl import pdl_enabled, pdl_launch
 
 
 def _check_rope_args(positions, query, key, cos_sin_cache):
@@ -149,19 +150,25 @@ def _rotary_cache_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, k
                          stride_vt, stride_vh, stride_cs, stride_cb, stride_ct, stride_ch, stride_sb,
                          stride_st, stride_sh, IS_NEOX: tl.constexpr, HALF: tl.constexpr,
                          BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr,
-                         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_KH: tl.constexpr):
+                         MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_KH: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """One program per token: rotate its query and key heads in place, then write the rotated key
-    (read back after a block barrier, as the two-launch path would) and the value into the cache."""
+    (read back after a block barrier, as the two-launch path would) and the value into the cache.
+    PDL: positions, cos/sin and the slot (inputs of the step, not outputs of earlier kernels) are
+    loaded before waiting for the previous kernel (anybit/kernels/pdl.py)."""
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs_i = tl.arange(0, BLOCK_HALF)
     cmask = offs_i < HALF
     cos = tl.load(cs_ptr + pos * stride_cs + offs_i, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_i, mask=cmask, other=0.0).to(tl.float32)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     _rotate_heads(q_ptr, stride_qt, stride_qh, tok, n_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H)
     _rotate_heads(k_ptr, stride_kt, stride_kh, tok, n_kv_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H)
     tl.debug_barrier()  # the rotated key rows were stored by other threads of this program
-    slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
         blk = slot // PAGE
         off = slot % PAGE
@@ -204,5 +211,6 @@ def rotary_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
             kc.stride(0), kc.stride(1), kc.stride(2), sstr[0], sstr[1], sstr[2],
             IS_NEOX=is_neox, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=8,
             PAGE=kv_cache.block_size, MODE=mode, HEAD_DIM=head_dim,
-            BLOCK_KH=triton.next_power_of_2(key.shape[1]), num_warps=4)
+            BLOCK_KH=triton.next_power_of_2(key.shape[1]), PDL=pdl_enabled(query.device), num_warps=4,
+            **pdl_launch(query.device))
     return query, key

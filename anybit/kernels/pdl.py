@@ -1,0 +1,38 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for the decode chain's small kernels.
+
+A kernel launched with ``launch_pdl=True`` may start while the previous kernel in the stream is
+still running. Such a kernel reads nothing the previous kernels write before
+``tl.extra.cuda.gdc_wait()`` (which returns once the previous grid has completed and its memory is
+visible; since every PDL kernel waits, completion is transitive along the chain), so it can use
+the time to load what does not depend on them (weights, scales, positions) and hides the launch
+gap. ``gdc_launch_dependents()`` lets the next kernel start early. Kernels take a ``PDL``
+constexpr: False compiles neither instruction (CPU interpreter, older GPUs, ``ANYBIT_PDL=0``).
+Works under CUDA-graph capture (the dependency becomes a programmatic graph edge).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=8)
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device, want: bool | None = None) -> bool:
+    """True on CUDA devices of compute capability >= 9 unless interpreting, or ``want`` is False,
+    or (``want`` None) ``ANYBIT_PDL=0`` is set."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1" or want is False:
+        return False
+    if want is None and os.environ.get("ANYBIT_PDL", "1") == "0":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Extra launch keywords: ``{"launch_pdl": True}`` when PDL is on for ``device``, else {}."""
+    return {"launch_pdl": True} if pdl_enabled(device) else {}
