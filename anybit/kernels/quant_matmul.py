@@ -14,6 +14,9 @@ Two kernels, chosen by M (rows of x) in ``quant_matmul``:
 
 - ``_quant_gemv_h2_kernel`` (M = 1, uniform 2/4/8 bits, fp16/bf16 x; ``path="gemv_h2"``): packed
   half-precision arithmetic, two codes per instruction; it lives in quant_gemv_h2.py.
+- ``_quant_gemm_h2_kernel`` (2 <= M <= 64, uniform 2/4/8 bits, fp16/bf16 x; ``path="gemm"`` with
+  ``h2_dequant=True``, the "auto" choice on CUDA): the tensor-core path with packed-half
+  dequantization straight into the MMA's registers; it lives in quant_gemm_h2.py.
 
 Codes of a slice of width w are read as whole int32 words: row ``k // (32//w)`` of the slice,
 shifted by ``(k % (32//w)) * w`` (the repeated words of a tile come from L1).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
     _INTERPRET,
     H2_BITS,
@@ -372,7 +376,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
                  block_m: int | None = None, split_k: int | None = None, num_warps: int | None = None,
                  num_stages: int | None = None, swap: bool | None = None,
                  fast_dequant: bool | None = None, use_asm: bool | None = None,
-                 words_per_asm: int | None = None) -> torch.Tensor:
+                 words_per_asm: int | None = None, h2_dequant: bool | None = None,
+                 bf16_codes: bool | None = None) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ nothing). x ``[M, K]`` fp16/bf16/fp32, packed ``PackedWeight``
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
     slice of a fused output). ``path``: "auto" (the packed-half GEMV for M <= H2_MAX_M when the
@@ -382,7 +387,12 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     ``words_per_asm`` (gemv_h2): words (1 or 2) per PTX block, i.e. per float32 conversion;
     ``fast_dequant`` selects the in-place dequantization of the tensor-core path (single-slice
     uniform widths only; None: on under "auto" for FAST_DEQUANT_BITS at M <= FAST_DEQUANT_MAX_M,
-    off for an explicit path="gemm")."""
+    off for an explicit path="gemm"); ``h2_dequant`` (path "gemm") the packed-half tensor-core
+    kernel of quant_gemm_h2.py (uniform 2/4/8 bits; None: on under "auto" for GEMM_H2_MIN_M <= M
+    <= GEMM_H2_MAX_M with fp16/bf16 x on CUDA, off for an explicit path="gemm"; ``use_asm``:
+    inline PTX or its plain-Triton twin, ``bf16_codes``: weights rounded to bf16 instead of f16,
+    default for bf16 x at 2/4 bits). ``num_warps``/``num_stages``/``block_*``/``split_k`` apply to
+    it as well."""
     if triton is None:
         raise RuntimeError("quant_matmul needs triton; use ref_quant_matmul")
     _check_inputs(x, packed, out)
@@ -403,6 +413,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         h2 = (M <= H2_MAX_M and not is_cb and packed.bits in H2_BITS and x.is_cuda and not _INTERPRET
               and x.dtype in (torch.float16, torch.bfloat16))
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
+        if path == "gemm" and h2_dequant is None:
+            h2_dequant = (GEMM_H2_MIN_M <= M <= GEMM_H2_MAX_M and not is_cb and packed.bits in GEMM_H2_BITS
+                          and x.is_cuda and not _INTERPRET and x.dtype in (torch.float16, torch.bfloat16))
         if path == "gemm" and fast_dequant is None:
             fast_dequant = packed.bits in FAST_DEQUANT_BITS and M <= FAST_DEQUANT_MAX_M
     if path == "dequant":
@@ -411,6 +424,11 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemv_h2(x, packed, y, block_n=block_n, block_k=block_k, split_k=split_k,
                              num_warps=num_warps, use_asm=use_asm, words_per_asm=words_per_asm)
+    if path == "gemm" and h2_dequant:
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return quant_gemm_h2(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
+                             split_k=split_k, num_warps=num_warps, num_stages=num_stages, use_asm=use_asm,
+                             bf16_codes=bf16_codes)
     sms = _num_sms(x.device)
     if path == "gemv":
         BN = block_n or 128
