@@ -409,6 +409,10 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_os, stride_oh,
 # prefetch 1 spills 20 bytes there, int4 none); ``max_registers=0`` means no cap (204-226 regs, 2/SM).
 DEFAULT_PREFETCH = 0
 DEFAULT_PREFETCH_MAX_REGISTERS = 168
+# int4 cache at batch >= 16: prefetch 2 by default. H100 (benchmarks/results/attention_decode_variants.json):
+# 1.14-1.27x over no prefetch at batch 32 and 64 (4k-32k), identical output; slower at batch 1
+# (0.76-0.97x). int8 prefetch 2 is not used: its output drifted from the default at long contexts.
+INT4_PREFETCH_MIN_SEQS = 16
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -514,7 +518,9 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     if biased is None:  # float32 queries keep exact parity with the torch backend (greedy tests)
         biased = cdt == tl.float16
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
-    prefetch = int(DEFAULT_PREFETCH if prefetch is None else prefetch) if biased else 0
+    if prefetch is None:
+        prefetch = 2 if mode == 2 and num_seqs >= INT4_PREFETCH_MIN_SEQS else DEFAULT_PREFETCH
+    prefetch = int(prefetch) if biased else 0
     if prefetch not in (0, 1, 2):
         raise ValueError(f"paged_attention_decode: prefetch must be 0, 1 or 2, got {prefetch}")
     if prefetch and (kv_cache.key.stride(0) % 4 or kv_cache.key.stride(1) % 4 or kv_cache.key.stride(2) % 4
