@@ -210,6 +210,23 @@ def explore_variants(M, b):
 H2_BITS_BENCH = (2, 4, 8)
 
 
+def check_one(rows: list, log, tag: str, pw, x, ref, kw: dict) -> None:
+    """One kernel-vs-reference check (output written into a NaN-filled buffer): appends
+    {case, kw, rel_err, ok} to rows, logs errors and failures (rel err >= 1e-2 or non-finite)."""
+    out = torch.full((x.shape[0], pw.out_features), float("nan"), device="cuda", dtype=x.dtype)
+    try:
+        y = run_variant(x, pw, kw, out=out)
+        torch.cuda.synchronize()
+        err = float((y.float() - ref).norm() / ref.norm())
+    except Exception as e:  # noqa: BLE001
+        log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
+        y, err = out, float("inf")
+    ok = bool(torch.isfinite(y).all()) and err < 1e-2
+    rows.append(dict(case=tag, kw=str(kw), rel_err=err, ok=ok))
+    if not ok:
+        log(f"FAIL {tag} {kw}: rel err {err:.3e}")
+
+
 def check_correctness_h2(log) -> list[dict]:
     """Packed-half GEMV (PTX and its plain-Triton twin), the old GEMV and the tensor-core paths
     vs a float32 dequantization, fresh random data: RTN weights (bits 2/3/4/8, group 128 and per
@@ -218,18 +235,7 @@ def check_correctness_h2(log) -> list[dict]:
     torch.manual_seed(1)
 
     def one(tag, pw, x, ref, kw):
-        out = torch.full((x.shape[0], pw.out_features), float("nan"), device="cuda", dtype=x.dtype)
-        try:
-            y = run_variant(x, pw, kw, out=out)
-            torch.cuda.synchronize()
-            err = float((y.float() - ref).norm() / ref.norm())
-        except Exception as e:  # noqa: BLE001
-            log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
-            y, err = out, float("inf")
-        ok = bool(torch.isfinite(y).all()) and err < 1e-2
-        rows.append(dict(case=tag, kw=str(kw), rel_err=err, ok=ok))
-        if not ok:
-            log(f"FAIL {tag} {kw}: rel err {err:.3e}")
+        check_one(rows, log, tag, pw, x, ref, kw)
 
     for bits, g in [(2, 128), (3, 128), (4, 128), (8, 128), (4, -1), (8, 32)]:
         W = torch.randn(384, 1152, device="cuda")
@@ -298,18 +304,7 @@ def check_correctness_tc(log) -> list[dict]:
     torch.manual_seed(2)
 
     def one(tag, pw, x, ref, kw):
-        out = torch.full((x.shape[0], pw.out_features), float("nan"), device="cuda", dtype=x.dtype)
-        try:
-            y = quant_matmul(x, pw, out=out, **kw)
-            torch.cuda.synchronize()
-            err = float((y.float() - ref).norm() / ref.norm())
-        except Exception as e:  # noqa: BLE001
-            log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
-            y, err = out, float("inf")
-        ok = bool(torch.isfinite(y).all()) and err < 1e-2
-        rows.append(dict(case=tag, kw=str(kw), rel_err=err, ok=ok))
-        if not ok:
-            log(f"FAIL {tag} {kw}: rel err {err:.3e}")
+        check_one(rows, log, tag, pw, x, ref, kw)
 
     for bits, g in [(2, 128), (4, 128), (8, 128), (4, -1), (2, 32), (8, 32)]:
         W = torch.randn(384, 1152, device="cuda")
