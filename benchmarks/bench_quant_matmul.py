@@ -249,9 +249,9 @@ def check_correctness_h2(log) -> list[dict]:
                     kws = [dict(), dict(path="gemv"), dict(path="gemm")]
                     if bits in H2_BITS_BENCH:
                         kws += [dict(path="gemv_h2"), dict(path="gemv_h2", words_per_asm=1),
-                                dict(path="gemv_h2", use_asm=False), dict(path="gemv_h2", block_n=256),
-                                dict(direct_h2=True, fuse_x=False), dict(direct_h2=True, block_n=512),
-                                dict(path="gemm", swap=True, fast_dequant=True)]
+                                dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, stages=2),
+                                dict(direct_h2=True, stages=3, block_n=256, num_warps=8),
+                                dict(direct_h2=True, stages=4, block_n=128, num_warps=4)]
                     for kw in kws:
                         one(tag, pw, x, ref, kw)
     for bits in H2_BITS_BENCH:  # a real shape, random codes, K = 14336
@@ -260,7 +260,7 @@ def check_correctness_h2(log) -> list[dict]:
         x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ Wd.t()
         del Wd
-        for kw in (dict(), dict(path="gemv"), dict(path="gemv_h2", use_asm=False)):
+        for kw in (dict(), dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, stages=3)):
             one(f"b{bits} 4096x14336 M1 random codes", pw, x, ref, kw)
     log(f"correctness (h2 set): {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
         f"{max(r['rel_err'] for r in rows):.2e}")
@@ -272,17 +272,13 @@ def h2_variants(M, b):
     v = [("anybit", {})]
     if b not in H2_BITS_BENCH:
         return v
-    if M == 1:
-        v += [("anybit_gemv_old", dict(path="gemv")),
-              ("anybit_h2_prep", dict(direct_h2=True, fuse_x=False)),
-              ("anybit_h2_wpt1", dict(path="gemv_h2", words_per_asm=1)),
-              ("anybit_h2_bn128", dict(path="gemv_h2", block_n=128)),
-              ("anybit_h2_bn256", dict(path="gemv_h2", block_n=256)),
-              ("anybit_h2_bn512", dict(path="gemv_h2", block_n=512)),
-              ("anybit_h2_pps2", dict(direct_h2=True, programs_per_sm=2)),
-              ("anybit_h2_pps8", dict(direct_h2=True, programs_per_sm=8)),
-              ("anybit_h2_w8warps", dict(direct_h2=True, num_warps=8)),
-              ("anybit_h2_pdl", dict(direct_h2=True, pdl=True))]
+    if M == 1:  # session 3: software-pipelined loads (stages >= 2) by block size and warps
+        v.append(("anybit_h2_prep", dict(direct_h2=True, fuse_x=False)))
+        for st in (1, 2, 3, 4):
+            for bn, w in ((128, 4), (128, 8), (256, 4), (256, 8), (512, 8)):
+                v.append((f"anybit_h2_s{st}_bn{bn}_w{w}", dict(direct_h2=True, stages=st, block_n=bn,
+                                                                num_warps=w, pdl=False)))
+        v.append(("anybit_h2_s3_pdl", dict(direct_h2=True, stages=3, pdl=True)))
     elif M <= 64:
         v += [("anybit_gemm_swap_fast", dict(path="gemm", swap=True, fast_dequant=True))]
     return v

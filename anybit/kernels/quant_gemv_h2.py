@@ -344,7 +344,8 @@ if triton is not None:
                               W0: tl.constexpr, XSCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
                               USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr,
-                              PDL: tl.constexpr = False):
+                              PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                              EVEN_N: tl.constexpr = False):
         """One row m, BLOCK_N columns, one K split, single-slice uniform W0 in {2, 4, 8}:
         ``y = sum_tiles s * (2^S * sum x (q - C) 2^-S - (z - C) * sum x)`` with the word dot of
         ``_word_dot_h2``. The tile's R = BLOCK_K / P word rows are loaded as WPT slabs of R / WPT
@@ -369,13 +370,18 @@ if triton is not None:
         xq_row = xq_ptr + m * (K // 2)
         xs_row = xs_ptr + m * (K // P0)
         n = ITERS if ITERS > 0 else n_iters
+        if EVEN_N:  # N % BLOCK_N == 0: no column mask (an all-true mask folds away)
+            mask_n = tl.full([BLOCK_N], 1, tl.int1)
         mask2 = mask_n[None, :]
         wp = q_ptr + (k_start // P0 + r)[:, None] * stride_qk + offs_n[None, :]
         step = (BLOCK_K // P0) * stride_qk
-        nwa = tl.load(wp, mask=mask2, other=0)
+        nwa = tl.zeros([RH, BLOCK_N], dtype=tl.int32)
         nwb = nwa
-        if WPT == 2:
-            nwb = tl.load(wp + RH * stride_qk, mask=mask2, other=0)
+        if STAGES == 1:
+            nwa = tl.load(wp, mask=mask2, other=0)
+            nwb = nwa
+            if WPT == 2:
+                nwb = tl.load(wp + RH * stride_qk, mask=mask2, other=0)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -386,14 +392,21 @@ if triton is not None:
         tpg = G // BLOCK_K
         g = k_start // G
         t = (k_start // BLOCK_K) % tpg
-        for i in range(0, n):
+        for i in tl.range(0, n, num_stages=STAGES):
             k0 = k_start + i * BLOCK_K
-            wa = nwa
-            wb = nwb
-            wp += tl.where(i + 1 < n, step, 0)  # prefetch (the last one repeats)
-            nwa = tl.load(wp, mask=mask2, other=0)
-            if WPT == 2:
-                nwb = tl.load(wp + RH * stride_qk, mask=mask2, other=0)
+            if STAGES == 1:
+                wa = nwa
+                wb = nwb
+                wp += tl.where(i + 1 < n, step, 0)  # prefetch (the last one repeats)
+                nwa = tl.load(wp, mask=mask2, other=0)
+                if WPT == 2:
+                    nwb = tl.load(wp + RH * stride_qk, mask=mask2, other=0)
+            else:  # Triton's pipeliner keeps STAGES - 1 tiles in flight (cp.async to shared memory)
+                wpi = wp + i * step
+                wa = tl.load(wpi, mask=mask2, other=0)
+                wb = wa
+                if WPT == 2:
+                    wb = tl.load(wpi + RH * stride_qk, mask=mask2, other=0)
             s = tl.load(s_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
             t += 1
@@ -432,6 +445,14 @@ def h2_block_n(bits: int, N: int, K: int) -> int:
     if bits == 4 and N >= 65536:
         return 256
     return H2_BLOCK_N[bits]
+H2_STAGES = {2: 1, 4: 1, 8: 1}  # 1: register prefetch by hand; >= 2: Triton's pipeliner (see quant_gemv_h2)
+_SMEM_PER_SM = 227 * 1024  # H100 / H200: shared memory a block may use per SM
+
+
+def h2_stages(bits: int, N: int, K: int) -> int:
+    return H2_STAGES[bits]
+
+
 H2_PROGRAMS_PER_SM = 3  # programs resident per SM assumed before the compiled kernel's registers are known
 _RESIDENT: dict = {}  # kernel config -> programs resident per SM (from its register count)
 
@@ -449,12 +470,15 @@ def one_wave_split(tiles: int, k_tiles: int, slots: int) -> int:
 def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_n: int | None = None,
                   block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
                   use_asm: bool | None = None, words_per_asm: int | None = None, fuse_x: bool = True,
-                  programs_per_sm: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+                  programs_per_sm: int | None = None, pdl: bool | None = None,
+                  stages: int | None = None) -> torch.Tensor:
     """Packed-half GEMV (uniform, single-slice 2/4/8 bits): x ``[M, K]`` contiguous (perm applied)
     fp16/bf16/fp32, y ``[M, N]``. Products x * (q - 2^(b-1)) 2^-S are f16 (x rounded to f16:
     exact for bf16/fp16 x below 65504), summed in f16 over one or two words, then in float32.
     ``fuse_x``: convert x inside the GEMV (one launch) or in a separate kernel first; ``pdl``:
-    programmatic dependent launch (None: on where anybit/kernels/pdl.py enables it)."""
+    programmatic dependent launch (None: on where anybit/kernels/pdl.py enables it); ``stages``:
+    1 = the next weight tile prefetched into registers by hand, >= 2 = Triton's software pipeliner
+    keeps ``stages - 1`` tiles of weights and x in flight (cp.async into shared memory)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if packed.fmt != "uniform" or bits not in H2_BITS:
@@ -473,7 +497,8 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     k_tiles = K // BK
     warps = num_warps or h2_num_warps(bits, N)
     xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
-    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm))
+    stages = stages or h2_stages(bits, N, K)
+    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages)
     if split_k is None:
         per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
         split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
@@ -500,8 +525,11 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         xin, xq, xs, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G,
         stride_x, packed.qweight.stride(0), packed.scales.stride(0), y.stride(0), per * BK, per, 0,
         bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
-        xkind, pdl, num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+        xkind, pdl, stages, N % BN == 0, num_warps=warps, num_stages=stages,
+        **({"launch_pdl": True} if pdl else {}))
     regs = getattr(kernel, "n_regs", 0) if x.is_cuda else 0
     if regs and occ_key not in _RESIDENT:  # programs that fit on an SM at once, for the next split choice
-        _RESIDENT[occ_key] = max(1, min(65536 // (-(-regs // 8) * 8 * 32 * warps), 64 // warps))
+        smem = max(1, getattr(kernel.metadata, "shared", 0) or 1)
+        _RESIDENT[occ_key] = max(1, min(65536 // (-(-regs // 8) * 8 * 32 * warps), 64 // warps,
+                                        _SMEM_PER_SM // smem))
     return y

@@ -71,8 +71,9 @@ def _packed(N, K, bits, group, seed):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("group, words, fuse_x", [(128, 2, True), (32, 2, False), (-1, 1, True)])
-def test_gemv_h2_vs_reference(bits, group, words, fuse_x):
+@pytest.mark.parametrize("group, words, fuse_x, stages", [(128, 2, True, 1), (32, 2, False, 1),
+                                                     (-1, 1, True, 1), (128, 2, True, 3), (32, 1, True, 2)])
+def test_gemv_h2_vs_reference(bits, group, words, fuse_x, stages):
     from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
 
     K = 384 if group == 128 else 160 if group == 32 else 256
@@ -81,7 +82,7 @@ def test_gemv_h2_vs_reference(bits, group, words, fuse_x):
         x = torch.randn(M, K, device=DEV).to(dtype)
         ref = ref_quant_matmul(x.float(), pw)
         y = quant_gemv_h2(x, pw, torch.empty(M, 96, device=DEV, dtype=dtype), words_per_asm=words,
-                          fuse_x=fuse_x)
+                          fuse_x=fuse_x, stages=stages, block_n=32 if stages > 1 else None)
         assert y.dtype == dtype and torch.isfinite(y).all()
         err = float((y.float() - ref).norm() / ref.norm())
         assert err < tol, (dtype, err)

@@ -1,0 +1,54 @@
+"""Run the packed-half GEMV once per configuration, for Nsight Compute (GPU).
+
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section SchedulerStats \\
+        --section WarpStateStats -k regex:_quant_gemv_h2 --launch-skip 3 --launch-count 1 \\
+        python benchmarks/ncu_gemv.py --bits 4 --shape 4096x14336 --config stages=1,block_n=128,num_warps=4
+
+Each configuration is called 4 times (the first compiles and sizes the split; ``--launch-skip 3``
+profiles the last). Shapes are ``NxK`` (out x in features) as in bench_quant_matmul.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anybit.kernels.quant_gemv_h2 import quant_gemv_h2  # noqa: E402
+from benchmarks.bench_quant_matmul import random_packed  # noqa: E402
+
+
+def parse_config(text: str) -> dict:
+    kw = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        kw[key] = {"true": True, "false": False}.get(value.lower())
+        if kw[key] is None:
+            kw[key] = int(value)
+    return kw
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--shape", default="4096x14336", help="NxK (out x in features)")
+    ap.add_argument("--config", default="", help="quant_gemv_h2 keywords, e.g. stages=3,block_n=128")
+    args = ap.parse_args()
+    N, K = (int(v) for v in args.shape.split("x"))
+    pw = random_packed(N, K, args.bits)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    kw = parse_config(args.config)
+    for _ in range(4):
+        quant_gemv_h2(x, pw, y, **kw)
+    torch.cuda.synchronize()
+    print(args.bits, args.shape, kw, "ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
