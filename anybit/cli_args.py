@@ -29,6 +29,8 @@ _HELP = {
     "enforce_eager": "disable CUDA graphs",
     "admit_batch": "admit waiting requests only when this many sequence slots are free",
     "cpu_threads": "torch threads on CPU (default: about one per 1024 of hidden size)",
+    "async_scheduling": "launch decode step N+1 before reading step N's tokens, hiding the host work "
+                        "behind the GPU (same outputs; default None = auto: on with CUDA graphs)",
 }
 
 
@@ -51,7 +53,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             hint = hints[f.name]
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = _HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {default})"
-            if hint is bool:
+            if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                    help=help_text)
                 continue

@@ -97,8 +97,15 @@ class SchedulerConfig:
     # None: max_num_seqs // 8. Grouped prefills leave more decode-only steps, which run as CUDA
     # graphs (+11% offline throughput measured); under light load admission stays immediate.
     admit_batch: int | None = None
+    # launch step N+1 before reading step N's sampled tokens (they stay on the device and become
+    # N+1's input ids); the host reads N, checks stops and detokenizes while N+1 runs. None: on
+    # where it pays (CUDA with graphs), off elsewhere. Outputs are the same either way.
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
+        if self.async_scheduling is not None:
+            _check(isinstance(self.async_scheduling, bool), "async_scheduling",
+                   f"must be True, False or None (auto), got {self.async_scheduling!r}")
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                f"must be >= 1, got {self.max_num_batched_tokens}")

@@ -58,11 +58,21 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.vocab_size
         self.scheduler = Scheduler(config.scheduler, config.cache, self.runner.num_blocks, self.max_model_len)
-        self.core = EngineCore(self.scheduler, self.runner)
+        self.async_scheduling = self._resolve_async_scheduling()
+        self.core = EngineCore(self.scheduler, self.runner, async_scheduling=self.async_scheduling)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.runner.arch.eos_token_ids)
         self.runner.eos_token_ids = self.eos_token_ids
         self._groups: dict[str, _Group] = {}
         self._children: dict[str, _Child] = {}
+
+    def _resolve_async_scheduling(self) -> bool:
+        """SchedulerConfig.async_scheduling, with None (auto) meaning on where decode steps run as
+        CUDA graphs: there the host work it hides is a sizeable part of a step."""
+        want = self.config.scheduler.async_scheduling
+        if want is not None:
+            return want
+        graphs = self.runner.graph_runner
+        return graphs is not None and graphs.enabled
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = True) -> LLMEngine:

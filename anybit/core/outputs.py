@@ -2,6 +2,11 @@
 
 SchedulerOutput: what to compute this step, per sequence. RunnerOutput: what came back.
 EngineCoreOutput: per-request progress handed to the engine (detokenization, streaming).
+
+Async scheduling: a ScheduledSeq with ``input_in_flight`` is a decode whose input token is the
+one the previous step sampled for the same request, not yet read by the host; its
+``token_ids`` is ``[PLACEHOLDER_TOKEN]`` and the runner takes the real id from the previous
+step's device tensor. Its ``output_token_ids`` lacks that token (``num_output_tokens`` counts it).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from anybit.sampling_params import SamplingParams
+
+PLACEHOLDER_TOKEN = -1  # input id of an in-flight decode (see module docstring)
 
 
 @dataclass(slots=True)
@@ -28,10 +35,16 @@ class ScheduledSeq:
     output_token_ids: list[int]
     prompt_logprobs: bool  # return logprobs of the prompt tokens in this chunk
     num_prompt_tokens: int
+    input_in_flight: bool = False  # token_ids[0] is the previous step's not yet read sample
 
     @property
     def num_new_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens before this step's sample, the in-flight one included."""
+        return len(self.output_token_ids) + self.input_in_flight
 
     @property
     def seq_len(self) -> int:

@@ -5,6 +5,10 @@ SchedulerOutput. Out: ``schedule() -> SchedulerOutput`` (decodes and prefill chu
 ``max_num_batched_tokens`` and ``max_num_seqs``) and ``update_from_output() ->
 list[EngineCoreOutput]``. Called by EngineCore.
 
+Async scheduling: ``schedule_overlapped(inflight)`` schedules the step after one whose sampled
+tokens are not read yet (one decode of each in-flight token), or returns None when only
+``schedule()`` with the results in hand can decide the next step.
+
 Policy: running requests first, in arrival order; when blocks run out, the most recently
 started running request is preempted (its blocks freed, its tokens recomputed later; nothing is
 lost). Waiting requests are admitted first-come first-served.
@@ -16,7 +20,13 @@ from collections import deque
 
 from anybit.config import CacheConfig, SchedulerConfig
 from anybit.core.kv_cache_manager import KVCacheManager
-from anybit.core.outputs import EngineCoreOutput, RunnerOutput, ScheduledSeq, SchedulerOutput
+from anybit.core.outputs import (
+    PLACEHOLDER_TOKEN,
+    EngineCoreOutput,
+    RunnerOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+)
 from anybit.core.request import Request, RequestStatus
 
 
@@ -72,6 +82,11 @@ class Scheduler:
 
     def has_pending_outputs(self) -> bool:
         return bool(self._finished_pending)
+
+    def take_pending_outputs(self) -> list[EngineCoreOutput]:
+        """The final outputs of requests finished outside a step (aborts, cache overflow)."""
+        results, self._finished_pending = self._finished_pending, []
+        return results
 
     # ---- scheduling ----------------------------------------------------------------------
     def _preempt_last(self) -> Request:
@@ -179,14 +194,73 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
         )
 
+    # ---- async scheduling ----------------------------------------------------------------
+    def schedule_overlapped(self, inflight: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``inflight``, made before its sampled tokens are known: for every
+        running request, one decode whose input is its in-flight token (a placeholder), with
+        position and KV slot already advanced. Requests whose in-flight token is certainly their
+        last (max_tokens, max_model_len) are left out; one that stops on that token (EOS, stop
+        token or string, abort) has this step's token discarded by ``update_from_output``.
+
+        Returns None when ``schedule()`` could decide differently once the results are in: a
+        running request without an in-flight token (prefill chunk to go, not scheduled), a
+        waiting request it would admit, a token budget or a free block count too small for
+        every decode (no preemption here). The caller then reads ``inflight`` first."""
+        sampling = {s.request_id for s in inflight.seqs if s.sample}
+        if not self.running or any(r.request_id not in sampling for r in self.running):
+            return None
+        todo = [r for r in self.running if not self._last_token_in_flight(r)]
+        if not todo or len(todo) > self.config.max_num_batched_tokens or self._would_admit(todo):
+            return None
+        new_blocks = 0
+        for request in todo:  # in flight: num_computed_tokens + 1 == num_tokens + 1 tokens
+            total = self.kv.blocks_needed(request.num_tokens + 1)
+            if total > self.kv.num_blocks:
+                return None  # schedule() ends it by length
+            new_blocks += max(0, total - len(self.kv.get_block_ids(request.request_id)))
+        if new_blocks > self.kv.num_free_blocks:
+            return None
+        seqs = []
+        for request in todo:
+            if not self.kv.allocate_slots(request, request.num_tokens + 1 - request.num_computed_tokens):
+                raise RuntimeError(f"KV blocks counted free for {request.request_id} were not")
+            seqs.append(self._make_inflight_seq(request))
+        return SchedulerOutput(seqs=seqs, num_batched_tokens=len(seqs))
+
+    def _last_token_in_flight(self, request: Request) -> bool:
+        """The request's in-flight token ends it by length whatever its value."""
+        num_out = len(request.output_token_ids) + 1
+        return num_out >= request.max_tokens or request.num_tokens + 1 >= self.max_model_len
+
+    def _would_admit(self, scheduled: list[Request]) -> bool:
+        """Could schedule() admit a waiting request next to these decodes? (An upper bound: a
+        request that then does not fit only costs one step of overlap.)"""
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return False
+        if self.config.max_num_batched_tokens <= len(scheduled):
+            return False
+        return self._may_admit([(r, 1) for r in scheduled])
+
+    def _make_inflight_seq(self, request: Request) -> ScheduledSeq:
+        """A decode of the token sampled by the in-flight step (position num_tokens: the request's
+        host state lags that step by one token)."""
+        return ScheduledSeq(
+            request_id=request.request_id, token_ids=[PLACEHOLDER_TOKEN], start_pos=request.num_tokens,
+            block_ids=self.kv.get_block_ids(request.request_id), sample=True, params=request.params,
+            generator=request.generator, prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids, prompt_logprobs=False,
+            num_prompt_tokens=request.num_prompt_tokens, input_in_flight=True)
+
     # ---- results -------------------------------------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, out: RunnerOutput) -> list[EngineCoreOutput]:
-        results = self._finished_pending
-        self._finished_pending = []
+        results = self.take_pending_outputs()
         for seq in sched.seqs:
             request = self.requests.get(seq.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted meanwhile
+                continue  # aborted or finished meanwhile (async: a token past the end, discarded)
+            if seq.start_pos != request.num_computed_tokens:
+                raise RuntimeError(f"{request.request_id}: step computed from position {seq.start_pos} "
+                                   f"but the request is at {request.num_computed_tokens}")
             request.num_computed_tokens += seq.num_new_tokens
             prompt_lp = None
             if seq.request_id in out.prompt_logprobs:

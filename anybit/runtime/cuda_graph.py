@@ -1,10 +1,16 @@
 """CUDA graphs for decode steps, one per batch-size bucket.
 
-In: a decode-only batch (every sequence has one new token) from ModelRunner. Out: hidden
-states [num_seqs, hidden] computed by replaying the captured graph of the smallest bucket that
-fits (padding rows write nowhere: slot -1, and read one token of block 0). Only used with the
-Triton attention backend, whose decode path has no host syncs and sizes its grid from
-``max_seq_len`` (fixed to max_model_len at capture).
+In: a decode-only batch (every sequence has one new token) from ModelRunner, and for async
+scheduling the rows whose input id is a token the previous step sampled (still on the device).
+Out: hidden states [num_seqs, hidden] computed by replaying the captured graph of the smallest
+bucket that fits (padding rows write nowhere: slot -1, and read one token of block 0). Only
+used with the Triton attention backend, whose decode path has no host syncs and sizes its grid
+from ``max_seq_len`` (fixed to max_model_len at capture).
+
+Inputs travel in two host->device copies per step (int64: input ids, positions, slots and the
+in-flight rows/sources; int32: seq lens and the used block-table columns), from pinned staging
+buffers that alternate between steps (a buffer is rewritten only after its last copy is done),
+then the in-flight input ids are gathered on the device from the previous step's samples.
 """
 
 from __future__ import annotations
@@ -14,6 +20,30 @@ import torch
 from anybit.layers.attention_meta import AttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class _HostStaging:
+    """Pinned host twins of the device input buffers (numpy views for fast filling) and the
+    event of their last copy to the device."""
+
+    def __init__(self, num_i64: int, num_i32: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.i64 = torch.zeros(num_i64, dtype=torch.int64, pin_memory=pin)
+        self.i32 = torch.zeros(num_i32, dtype=torch.int32, pin_memory=pin)
+        self.i64_np = self.i64.numpy()
+        self.i32_np = self.i32.numpy()
+        self.copied = torch.cuda.Event() if pin else None
+        self.pending = False
+
+    def wait_free(self) -> None:
+        if self.pending:
+            self.copied.synchronize()
+            self.pending = False
+
+    def mark_copied(self) -> None:
+        if self.copied is not None:
+            self.copied.record()
+            self.pending = True
 
 
 class DecodeGraphRunner:
@@ -30,13 +60,20 @@ class DecodeGraphRunner:
         self.pool = None
         self.captured = False
         dev = runner.device
-        n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        n = self.max_batch = self.buckets[-1]
+        # int64 [5, n]: input_ids | positions | slot_mapping | in-flight rows | their sources
+        self._i64 = torch.zeros(5, n, dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slot_mapping, self._inflight_rows, self._inflight_src = \
+            self._i64.unbind(0)
+        # int32 [n + n * max_blocks]: seq_lens | used block-table columns packed [num_seqs, width]
+        self._i32 = torch.zeros(n + n * self.max_blocks, dtype=torch.int32, device=dev)
+        self.seq_lens = self._i32[:n]
         self.block_table = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        self._staging = [_HostStaging(self._i64.numel(), self._i32.numel(), dev) for _ in range(2)]
+        self._turn = 0
 
     def can_run(self, seqs) -> bool:
         if not self.enabled or len(seqs) > self.buckets[-1]:
@@ -46,6 +83,9 @@ class DecodeGraphRunner:
         if not self.captured:
             self.capture()
         return True
+
+    def bucket(self, num_seqs: int) -> int:
+        return next(x for x in self.buckets if x >= num_seqs)
 
     def _meta(self, b: int) -> AttentionMetadata:
         max_len = self.runner.max_model_len
@@ -75,28 +115,47 @@ class DecodeGraphRunner:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def run(self, seqs) -> torch.Tensor:
-        n = len(seqs)
-        b = next(x for x in self.buckets if x >= n)
-        bs = self.runner.block_size
-        ids, pos, slots, lens, rows = [], [], [], [], []
-        width = max(len(s.block_ids) for s in seqs)
+    def prepare_inputs(self, seqs, inflight_rows: list[int] = (), inflight_sources: list[int] = (),
+                       prev_sampled_ids: torch.Tensor | None = None) -> int:
+        """Fill the graph's input buffers for ``seqs`` (decodes) and return the bucket size.
+
+        ``seqs[inflight_rows[i]]`` takes its input id from ``prev_sampled_ids[inflight_sources[i]]``
+        (prev_sampled_ids [num_prev_samples] int64 on the device); the others from token_ids."""
+        n, width = len(seqs), max(len(s.block_ids) for s in seqs)
+        b, cap, bs = self.bucket(n), self.max_batch, self.runner.block_size
+        ids, pos, slots, table = [], [], [], []
         for s in seqs:
             p = s.start_pos
-            ids.append(s.token_ids[0])
+            ids.append(0 if s.input_in_flight else s.token_ids[0])
             pos.append(p)
             slots.append(s.block_ids[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            rows.append(s.block_ids + [0] * (width - len(s.block_ids)))
+            table.extend(s.block_ids)
+            table.extend([0] * (width - len(s.block_ids)))
         pad = b - n
-        ids += [0] * pad
-        pos += [0] * pad
-        slots += [-1] * pad
-        lens += [1] * pad
-        self.input_ids[:b].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(pos), non_blocking=True)
-        self.slot_mapping[:b].copy_(torch.tensor(slots), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self.block_table[:n, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        host = self._staging[self._turn]
+        self._turn ^= 1
+        host.wait_free()
+        a, c = host.i64_np, host.i32_np
+        a[0:b] = ids + [0] * pad
+        a[cap:cap + b] = pos + [0] * pad
+        a[2 * cap:2 * cap + b] = slots + [-1] * pad
+        k = len(inflight_rows)
+        a[3 * cap:3 * cap + k] = inflight_rows
+        a[4 * cap:4 * cap + k] = inflight_sources
+        c[0:b] = [p + 1 for p in pos] + [1] * pad
+        c[cap:cap + n * width] = table
+        self._i64.view(-1).copy_(host.i64, non_blocking=True)
+        self._i32[:cap + n * width].copy_(host.i32[:cap + n * width], non_blocking=True)
+        host.mark_copied()
+        self.block_table[:n, :width].copy_(self._i32[cap:cap + n * width].view(n, width))
+        if k:
+            taken = prev_sampled_ids.index_select(0, self._inflight_src[:k])
+            self.input_ids.index_copy_(0, self._inflight_rows[:k], taken)
+        return b
+
+    @torch.inference_mode()
+    def run(self, seqs, inflight_rows: list[int] = (), inflight_sources: list[int] = (),
+            prev_sampled_ids: torch.Tensor | None = None) -> torch.Tensor:
+        b = self.prepare_inputs(seqs, inflight_rows, inflight_sources, prev_sampled_ids)
         self.graphs[b].replay()
-        return self.outputs[b][:n]
+        return self.outputs[b][:len(seqs)]

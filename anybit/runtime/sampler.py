@@ -54,8 +54,17 @@ class SamplerOutput:
     top_logprobs: Tensor | None = None
 
 
+def _to_device(t: Tensor, device) -> Tensor:
+    """Host tensor -> ``device`` without waiting for the device: through pinned memory on CUDA
+    (a copy from pageable memory may synchronize, which would stall async scheduling)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _col(values: list[float], device) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True).unsqueeze(1)
+    return _to_device(torch.tensor(values, dtype=torch.float32), device).unsqueeze(1)
 
 
 def _token_matrix(rows: list[list[int]], num_rows: int, vocab_size: int, device) -> Tensor:
@@ -69,7 +78,7 @@ def _token_matrix(rows: list[list[int]], num_rows: int, vocab_size: int, device)
         ids_t = torch.tensor(flat, dtype=torch.int64)
         row_t = torch.tensor(row_idx, dtype=torch.int64)
         keep = (ids_t >= 0) & (ids_t < vocab_size)
-        ids_t, row_t = ids_t[keep].to(device), row_t[keep].to(device)
+        ids_t, row_t = _to_device(ids_t[keep], device), _to_device(row_t[keep], device)
         counts.index_put_((row_t, ids_t), torch.ones_like(ids_t, dtype=torch.float32), accumulate=True)
     return counts
 
@@ -114,11 +123,20 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]], vocab_size: int,
-              device: torch.device | str, eos_token_ids: set[int] | None = None) -> SamplingBatch:
+              device: torch.device | str, eos_token_ids: set[int] | None = None,
+              num_output_tokens: list[int] | None = None,
+              pending_output_ids: tuple[Tensor, Tensor] | None = None) -> SamplingBatch:
         """Build the batch for `len(params)` rows. `generators[i]` is row i's own generator (seeded
         request) or None. `eos_token_ids` are masked (with the row's stop_token_ids) for rows that
-        have fewer than min_tokens outputs and do not ignore EOS."""
+        have fewer than min_tokens outputs and do not ignore EOS.
+
+        Async scheduling, where a row's last output token is still on the device:
+        `num_output_tokens[i]` counts row i's outputs (default len(output_token_ids[i])), and
+        `pending_output_ids = (rows [k], token_ids [k])` (int64, on `device`) adds those tokens
+        to the output histories the penalties see."""
         n = len(params)
+        if num_output_tokens is None:
+            num_output_tokens = [len(ids) for ids in output_token_ids]
         if not (len(generators) == len(prompt_token_ids) == len(output_token_ids) == n):
             raise ValueError(f"SamplingBatch.build: params ({n}), generators ({len(generators)}), "
                              f"prompt_token_ids ({len(prompt_token_ids)}) and output_token_ids "
@@ -129,7 +147,7 @@ class SamplingBatch:
         random_rows = [i for i in range(n) if not greedy[i]]
         greedy_mask = None
         if not all_greedy and not all_random:
-            greedy_mask = torch.tensor(greedy, dtype=torch.bool).to(device, non_blocking=True)
+            greedy_mask = _to_device(torch.tensor(greedy, dtype=torch.bool), device)
 
         temperature = top_k = top_p = min_p = None
         max_top_k = 0
@@ -140,7 +158,7 @@ class SamplingBatch:
             ks = [0 if g or p.top_k <= 0 else min(p.top_k, vocab_size) for p, g in zip(params, greedy)]
             if any(ks):
                 max_top_k = max(ks)
-                top_k = torch.tensor(ks, dtype=torch.int64).to(device, non_blocking=True)
+                top_k = _to_device(torch.tensor(ks, dtype=torch.int64), device)
             ps = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
             if any(v < 1.0 for v in ps):
                 top_p = _col(ps, device).squeeze(1)
@@ -151,6 +169,10 @@ class SamplingBatch:
         rep = freq = pres = seen = counts = None
         if any(p.uses_penalties for p in params):
             counts = _token_matrix(output_token_ids, n, vocab_size, device)
+            if pending_output_ids is not None:
+                rows_t, ids_t = pending_output_ids
+                counts.index_put_((rows_t, ids_t), torch.ones_like(ids_t, dtype=torch.float32),
+                                  accumulate=True)
             if any(p.repetition_penalty != 1.0 for p in params):
                 rep = _col([p.repetition_penalty for p in params], device)
                 seen = (_token_matrix(prompt_token_ids, n, vocab_size, device) > 0) | (counts > 0)
@@ -164,14 +186,14 @@ class SamplingBatch:
         ban_rows = ban_ids = None
         pairs = []
         for r, p in enumerate(params):
-            if p.min_tokens and len(output_token_ids[r]) < p.min_tokens:
+            if p.min_tokens and num_output_tokens[r] < p.min_tokens:
                 banned = set(p.stop_token_ids)
                 if eos_token_ids and not p.ignore_eos:
                     banned |= set(eos_token_ids)
                 pairs.extend((r, t) for t in sorted(banned) if 0 <= t < vocab_size)
         if pairs:
-            ban_rows = torch.tensor([r for r, _ in pairs], dtype=torch.int64).to(device, non_blocking=True)
-            ban_ids = torch.tensor([t for _, t in pairs], dtype=torch.int64).to(device, non_blocking=True)
+            ban_rows = _to_device(torch.tensor([r for r, _ in pairs], dtype=torch.int64), device)
+            ban_ids = _to_device(torch.tensor([t for _, t in pairs], dtype=torch.int64), device)
 
         lp = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -247,8 +269,8 @@ class Sampler:
             logits = logits[:, :batch.vocab_size]
         logits = apply_penalties(logits, batch)
         if batch.ban_rows is not None:
-            logits = logits.index_put((batch.ban_rows, batch.ban_ids),
-                                      torch.tensor(float("-inf"), device=logits.device))
+            logits = logits.index_put((batch.ban_rows, batch.ban_ids),  # a fill, not a host copy
+                                      torch.full((), float("-inf"), device=logits.device))
 
         logprobs = None
         if batch.max_num_logprobs is not None:
