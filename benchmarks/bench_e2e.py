@@ -147,6 +147,8 @@ def main():
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--compare-sync", action="store_true",
+                    help="also run every anybit engine with async scheduling off (rows *_sync_tok_s)")
     ap.add_argument("--quant-bits", type=int, nargs="*", default=[],
                     help="also run anybit with weights at these bit widths (GPU, random codes)")
     ap.add_argument("--lm-head-bits", type=int, default=None, help="quantize lm_head too (with --quant-bits)")
@@ -173,6 +175,10 @@ def main():
             for backend in args.backend.split(","):
                 runners[f"anybit_{backend}"] = anybit_runner(folder, prompts, args.gen, dtype, device,
                                                              backend, **engine_kw)
+                if args.compare_sync:
+                    runners[f"anybit_{backend}_sync"] = anybit_runner(
+                        folder, prompts, args.gen, dtype, device, backend, async_scheduling=False,
+                        **engine_kw)
             for bits in args.quant_bits:
                 qdir = folder / f"w{bits}"
                 qdir.mkdir(exist_ok=True)
@@ -180,6 +186,9 @@ def main():
                             quant=quant_config(args.preset, bits, lm_head_bits=args.lm_head_bits))
                 runners[f"anybit_w{bits}"] = anybit_runner(qdir, prompts, args.gen, dtype, device, "auto",
                                                            **engine_kw)
+                if args.compare_sync:
+                    runners[f"anybit_w{bits}_sync"] = anybit_runner(
+                        qdir, prompts, args.gen, dtype, device, "auto", async_scheduling=False, **engine_kw)
             if not args.skip_transformers:
                 runners["transformers"] = transformers_runner(folder, prompts, args.gen, dtype, device)
             times = {name: [] for name in runners}
