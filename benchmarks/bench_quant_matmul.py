@@ -249,9 +249,10 @@ def check_correctness_h2(log) -> list[dict]:
                     kws = [dict(), dict(path="gemv"), dict(path="gemm")]
                     if bits in H2_BITS_BENCH:
                         kws += [dict(path="gemv_h2"), dict(path="gemv_h2", words_per_asm=1),
-                                dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, stages=2),
-                                dict(direct_h2=True, stages=3, block_n=256, num_warps=8),
-                                dict(direct_h2=True, stages=4, block_n=128, num_warps=4)]
+                                dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, zfold=False),
+                                dict(direct_h2=True, zfold=True, block_n=256, num_warps=8),
+                                dict(direct_h2=True, zfold=True, block_n=512, num_warps=4),
+                                dict(direct_h2=True, zfold=True, stages=2)]
                     for kw in kws:
                         one(tag, pw, x, ref, kw)
     for bits in H2_BITS_BENCH:  # a real shape, random codes, K = 14336
@@ -260,7 +261,7 @@ def check_correctness_h2(log) -> list[dict]:
         x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ Wd.t()
         del Wd
-        for kw in (dict(), dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, stages=3)):
+        for kw in (dict(), dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, zfold=False)):
             one(f"b{bits} 4096x14336 M1 random codes", pw, x, ref, kw)
     log(f"correctness (h2 set): {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
         f"{max(r['rel_err'] for r in rows):.2e}")
@@ -272,13 +273,15 @@ def h2_variants(M, b):
     v = [("anybit", {})]
     if b not in H2_BITS_BENCH:
         return v
-    if M == 1:  # session 3: software-pipelined loads (stages >= 2) by block size and warps
-        v.append(("anybit_h2_prep", dict(direct_h2=True, fuse_x=False)))
-        for st in (1, 2, 3, 4):
-            for bn, w in ((128, 4), (128, 8), (256, 4), (256, 8), (512, 8)):
-                v.append((f"anybit_h2_s{st}_bn{bn}_w{w}", dict(direct_h2=True, stages=st, block_n=bn,
-                                                                num_warps=w, pdl=False)))
-        v.append(("anybit_h2_s3_pdl", dict(direct_h2=True, stages=3, pdl=True)))
+    if M == 1:  # session 3: zero point folded into the code conversion (zfold) by block size and warps
+        v.append(("anybit_h2_nofold", dict(direct_h2=True, zfold=False)))
+        for bn, w in ((128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8)):
+            for pps in (None, 4):
+                v.append((f"anybit_h2_z_bn{bn}_w{w}" + (f"_pps{pps}" if pps else ""),
+                          dict(direct_h2=True, zfold=True, block_n=bn, num_warps=w, programs_per_sm=pps,
+                               pdl=False)))
+        v.append(("anybit_h2_z_s2", dict(direct_h2=True, zfold=True, stages=2, pdl=False)))
+        v.append(("anybit_h2_z_pdl", dict(direct_h2=True, zfold=True, pdl=True)))
     elif M <= 64:
         v += [("anybit_gemm_swap_fast", dict(path="gemm", swap=True, fast_dequant=True))]
     return v

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import weakref
 
 import torch
 
@@ -81,7 +82,7 @@ def _f16x2(v: float) -> str:
 H2_SHIFT = {2: 4, 4: 5, 8: 8}
 
 
-def _h2_asm(bits: int, words: int) -> str:
+def _h2_asm(bits: int, words: int, zfold: bool = False) -> str:
     """PTX for the packed-half GEMV: inputs ``$1..$words`` = words of a b-bit slice (b in 2/4/8),
     then ``H = 16 // b`` x pairs per word (f16x2); output ``$0`` = float32
     ``sum x (q - C) 2^-S`` over the words' codes, C = 2^(b-1), S = H2_SHIFT[b], the f16 lane sums
@@ -92,7 +93,13 @@ def _h2_asm(bits: int, words: int) -> str:
     gives ``1024 + q * 2^(f*b)`` for the field f of a byte; ``fma`` by 2^(-f*b-S) with
     ``-(1024 * 2^(-f*b) + C) 2^-S`` makes it ``(q - C) 2^-S``, exactly. 8 bits: ``prmt`` puts bytes
     0/2 (then 1/3) under the exponent byte 0x64 (1024 + q), then the same fma. Then one
-    ``fma.f16x2`` per pair with x."""
+    ``fma.f16x2`` per pair with x.
+
+    ``zfold``: the zero point is folded into the code conversion: two more inputs, the column's
+    table word t (``gemv_table``: f16 s in the low half, f16 ``-z 2^-S`` in the high half) and the
+    float32 accumulator; the fma's addend becomes ``K_f + (-z 2^-S, -z 2^-S)`` (one ``add.f16x2``
+    per field) so the codes come out as ``(q - z) 2^-S``, exact for integer z, and the output is
+    ``acc + s * sum x (q - z) 2^-S``: no x sums and no zero term outside."""
     H, C, S = 16 // bits, 1 << (bits - 1), H2_SHIFT[bits]
     ext, fields, consts = [], [], {}
 
@@ -113,17 +120,34 @@ def _h2_asm(bits: int, words: int) -> str:
                 name = f"a{wi}_{half * (8 // bits) + f}"
                 ext.append(f"lop3.b32 {name}, {reg}, 0x{mask | mask << 16:08X}, 0x64006400, 0xEA;")
                 fields.append((name, f))
-    conv = []
+    conv, zadd = [], []
+    t_in, acc_in = f"${1 + words + len(fields)}", f"${2 + words + len(fields)}"
     for reg, f in fields:
         sc = 2.0 ** (-f * bits)
-        conv.append(f"fma.rn.f16x2 {reg}, {reg}, {k(sc * 2.0 ** -S)}, {k(-(1024.0 * sc + C) * 2.0 ** -S)};")
+        if zfold:  # addend -(1024 sc + z) 2^-S = K_f + zz, built once per field
+            if f"c{f}" not in zadd[0::2]:
+                zadd += [f"c{f}", f"add.rn.f16x2 c{f}, zz, {k(-1024.0 * sc * 2.0 ** -S)};"]
+            conv.append(f"fma.rn.f16x2 {reg}, {reg}, {k(sc * 2.0 ** -S)}, c{f};")
+        else:
+            addend = k(-(1024.0 * sc + C) * 2.0 ** -S)
+            conv.append(f"fma.rn.f16x2 {reg}, {reg}, {k(sc * 2.0 ** -S)}, {addend};")
     dot = [f"mul.f16x2 p, {reg}, ${1 + words + i};" if i == 0 else
            f"fma.rn.f16x2 p, {reg}, ${1 + words + i}, p;" for i, (reg, _) in enumerate(fields)]
     assert len(fields) == words * H
     regs = [r for r, _ in fields] + [f"u{wi}" for wi in range(words) if bits != 8] + ["p", *consts.values()]
-    tail = ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 $0, f0, f1;", "}"]
+    head = []
+    if zfold:
+        regs += ["zz", *zadd[0::2]]
+        head = [f"prmt.b32 zz, {t_in}, 0, 0x3232;", *zadd[1::2]]
+    lanes = ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;"]
+    if zfold:
+        tail = lanes + ["add.f32 f0, f0, f1;", f"mov.b32 {{lo, hi}}, {t_in};", "cvt.f32.f16 f1, lo;",
+                        f"fma.rn.f32 $0, f0, f1, {acc_in};", "}"]
+    else:
+        tail = lanes + ["add.f32 $0, f0, f1;", "}"]
+    movs = [f"mov.b32 {n}, {_f16x2(v)};" for v, n in consts.items()]
     return "\n".join(["{", f".reg .b32 {', '.join(regs)};", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;"]
-                     + [f"mov.b32 {n}, {_f16x2(v)};" for v, n in consts.items()] + ext + conv + dot + tail)
+                     + movs + head + ext + conv + dot + tail)
 
 
 if triton is not None:
@@ -156,6 +180,11 @@ if triton is not None:
     _ASM_H2_W4_2: tl.constexpr = tl.constexpr(_h2_asm(4, 2))
     _ASM_H2_W8_1: tl.constexpr = tl.constexpr(_h2_asm(8, 1))
     _ASM_H2_W8_2: tl.constexpr = tl.constexpr(_h2_asm(8, 2))
+    _ASMZ_H2_W2_1: tl.constexpr = tl.constexpr(_h2_asm(2, 1, True))
+    _ASMZ_H2_W4_1: tl.constexpr = tl.constexpr(_h2_asm(4, 1, True))
+    _ASMZ_H2_W4_2: tl.constexpr = tl.constexpr(_h2_asm(4, 2, True))
+    _ASMZ_H2_W8_1: tl.constexpr = tl.constexpr(_h2_asm(8, 1, True))
+    _ASMZ_H2_W8_2: tl.constexpr = tl.constexpr(_h2_asm(8, 2, True))
 
     @triton.jit
     def _prep_x_h2_kernel(x_ptr, xq_ptr, xs_ptr, K, stride_xm, P0: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -217,63 +246,109 @@ if triton is not None:
         return p, ssum
 
     @triton.jit
-    def _pair_dot_ref(w, p, J: tl.constexpr, W0: tl.constexpr):
+    def _pair_dot_ref(w, p, J: tl.constexpr, W0: tl.constexpr, centre):
         """Plain-Triton twin of the PTX for one pair: ``[R, BLOCK_N]`` float32
-        ``(x_lo (q_J - C) + x_hi (q_{J+H} - C)) 2^-S`` with x from the f16x2 pair p ``[R]``."""
-        C: tl.constexpr = 1 << (W0 - 1)
+        ``(x_lo (q_J - c) + x_hi (q_{J+H} - c)) 2^-S`` with x from the f16x2 pair p ``[R]`` and the
+        centre c (C = 2^(b-1), or the zero point ``[R, BLOCK_N]`` with ZFOLD)."""
         MASK: tl.constexpr = (1 << W0) - 1
         S: tl.constexpr = 4 if W0 == 2 else 5 if W0 == 4 else 8
         xlo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         xhi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        qlo = ((w >> (J * W0)) & MASK) - C
-        qhi = ((w >> (J * W0 + 16)) & MASK) - C
-        return (xlo[:, None] * qlo.to(tl.float32) + xhi[:, None] * qhi.to(tl.float32)) * (1.0 / (1 << S))
+        qlo = ((w >> (J * W0)) & MASK).to(tl.float32) - centre
+        qhi = ((w >> (J * W0 + 16)) & MASK).to(tl.float32) - centre
+        return (xlo[:, None] * qlo + xhi[:, None] * qhi) * (1.0 / (1 << S))
 
     @triton.jit
-    def _dot_w8(w, xw_row, x_row, xq_row, rows, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
-        """One 8-bit word per element: (d ``[R, BLOCK_N]``, x sum ``[R]``)."""
+    def _half(t, HI: tl.constexpr):
+        """float32 of the f16 in the low (HI False) or high half of int32 t."""
+        h = (t >> 16) if HI else (t & 0xFFFF)
+        return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _centre(t, W0: tl.constexpr, ZFOLD: tl.constexpr):
+        """The code centre of the plain-Triton twin: C, or (ZFOLD) z from the table word t."""
+        S: tl.constexpr = 4 if W0 == 2 else 5 if W0 == 4 else 8
+        if ZFOLD:
+            return -_half(t, True) * (1 << S)
+        else:
+            return (1 << (W0 - 1)) * 1.0
+
+    @triton.jit
+    def _finish(d, t, acc, ZFOLD: tl.constexpr):
+        """Twin of the PTX tail: with ZFOLD ``acc + s d`` (s from the table word t), else d."""
+        if ZFOLD:
+            return acc + _half(t, False) * d
+        else:
+            return d
+
+    @triton.jit
+    def _dot_w8(w, xw_row, x_row, xq_row, rows, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr,
+                ZFOLD: tl.constexpr):
+        """One 8-bit word per element: (d ``[R, BLOCK_N]``, x sum ``[R]``); ZFOLD: (new acc, -)."""
         p0, s0 = _x_pair(xw_row, x_row, xq_row, rows, 0, 4, XKIND, USE_ASM)
         p1, s1 = _x_pair(xw_row, x_row, xq_row, rows, 1, 4, XKIND, USE_ASM)
         if USE_ASM:
-            d = tl.inline_asm_elementwise(_ASM_H2_W8_1, "=f,r,r,r", [w, p0[:, None], p1[:, None]],
-                                          dtype=tl.float32, is_pure=True, pack=1)
+            if ZFOLD:
+                d = tl.inline_asm_elementwise(_ASMZ_H2_W8_1, "=f,r,r,r,r,f",
+                                              [w, p0[:, None], p1[:, None], t, acc],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise(_ASM_H2_W8_1, "=f,r,r,r", [w, p0[:, None], p1[:, None]],
+                                              dtype=tl.float32, is_pure=True, pack=1)
         else:
-            d = _pair_dot_ref(w, p0, 0, 8) + _pair_dot_ref(w, p1, 1, 8)
+            c = _centre(t, 8, ZFOLD)
+            d = _finish(_pair_dot_ref(w, p0, 0, 8, c) + _pair_dot_ref(w, p1, 1, 8, c), t, acc, ZFOLD)
         return d, s0 + s1
 
     @triton.jit
-    def _dot_w8x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+    def _dot_w8x2(wa, wb, xw_row, x_row, xq_row, ra, rb, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr,
+                  ZFOLD: tl.constexpr):
         """Two 8-bit words per element (one f16 lane sum)."""
         a0, s0 = _x_pair(xw_row, x_row, xq_row, ra, 0, 4, XKIND, USE_ASM)
         a1, s1 = _x_pair(xw_row, x_row, xq_row, ra, 1, 4, XKIND, USE_ASM)
         b0, s2 = _x_pair(xw_row, x_row, xq_row, rb, 0, 4, XKIND, USE_ASM)
         b1, s3 = _x_pair(xw_row, x_row, xq_row, rb, 1, 4, XKIND, USE_ASM)
         if USE_ASM:
-            d = tl.inline_asm_elementwise(_ASM_H2_W8_2, "=f" + ",r" * 6,
-                                          [wa, wb, a0[:, None], a1[:, None], b0[:, None], b1[:, None]],
-                                          dtype=tl.float32, is_pure=True, pack=1)
+            if ZFOLD:
+                d = tl.inline_asm_elementwise(
+                    _ASMZ_H2_W8_2, "=f" + ",r" * 7 + ",f",
+                    [wa, wb, a0[:, None], a1[:, None], b0[:, None], b1[:, None], t, acc],
+                    dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise(_ASM_H2_W8_2, "=f" + ",r" * 6,
+                                              [wa, wb, a0[:, None], a1[:, None], b0[:, None], b1[:, None]],
+                                              dtype=tl.float32, is_pure=True, pack=1)
         else:
-            d = (_pair_dot_ref(wa, a0, 0, 8) + _pair_dot_ref(wa, a1, 1, 8) + _pair_dot_ref(wb, b0, 0, 8)
-                 + _pair_dot_ref(wb, b1, 1, 8))
+            c = _centre(t, 8, ZFOLD)
+            d = _finish(_pair_dot_ref(wa, a0, 0, 8, c) + _pair_dot_ref(wa, a1, 1, 8, c)
+                        + _pair_dot_ref(wb, b0, 0, 8, c) + _pair_dot_ref(wb, b1, 1, 8, c), t, acc, ZFOLD)
         return d, (s0 + s1) + (s2 + s3)
 
     @triton.jit
-    def _dot_w4(w, xw_row, x_row, xq_row, rows, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+    def _dot_w4(w, xw_row, x_row, xq_row, rows, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr,
+                ZFOLD: tl.constexpr):
         p0, s0 = _x_pair(xw_row, x_row, xq_row, rows, 0, 8, XKIND, USE_ASM)
         p1, s1 = _x_pair(xw_row, x_row, xq_row, rows, 1, 8, XKIND, USE_ASM)
         p2, s2 = _x_pair(xw_row, x_row, xq_row, rows, 2, 8, XKIND, USE_ASM)
         p3, s3 = _x_pair(xw_row, x_row, xq_row, rows, 3, 8, XKIND, USE_ASM)
         if USE_ASM:
-            d = tl.inline_asm_elementwise(_ASM_H2_W4_1, "=f" + ",r" * 5,
-                                          [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
-                                          dtype=tl.float32, is_pure=True, pack=1)
+            if ZFOLD:
+                d = tl.inline_asm_elementwise(_ASMZ_H2_W4_1, "=f" + ",r" * 6 + ",f",
+                                              [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None], t, acc],
+                                              dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise(_ASM_H2_W4_1, "=f" + ",r" * 5,
+                                              [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None]],
+                                              dtype=tl.float32, is_pure=True, pack=1)
         else:
-            d = (_pair_dot_ref(w, p0, 0, 4) + _pair_dot_ref(w, p1, 1, 4) + _pair_dot_ref(w, p2, 2, 4)
-                 + _pair_dot_ref(w, p3, 3, 4))
+            c = _centre(t, 4, ZFOLD)
+            d = _finish(_pair_dot_ref(w, p0, 0, 4, c) + _pair_dot_ref(w, p1, 1, 4, c)
+                        + _pair_dot_ref(w, p2, 2, 4, c) + _pair_dot_ref(w, p3, 3, 4, c), t, acc, ZFOLD)
         return d, (s0 + s1) + (s2 + s3)
 
     @triton.jit
-    def _dot_w4x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+    def _dot_w4x2(wa, wb, xw_row, x_row, xq_row, ra, rb, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr,
+                  ZFOLD: tl.constexpr):
         a0, s0 = _x_pair(xw_row, x_row, xq_row, ra, 0, 8, XKIND, USE_ASM)
         a1, s1 = _x_pair(xw_row, x_row, xq_row, ra, 1, 8, XKIND, USE_ASM)
         a2, s2 = _x_pair(xw_row, x_row, xq_row, ra, 2, 8, XKIND, USE_ASM)
@@ -283,18 +358,27 @@ if triton is not None:
         b2, t2 = _x_pair(xw_row, x_row, xq_row, rb, 2, 8, XKIND, USE_ASM)
         b3, t3 = _x_pair(xw_row, x_row, xq_row, rb, 3, 8, XKIND, USE_ASM)
         if USE_ASM:
-            d = tl.inline_asm_elementwise(
-                _ASM_H2_W4_2, "=f" + ",r" * 10,
-                [wa, wb, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None], b1[:, None],
-                 b2[:, None], b3[:, None]], dtype=tl.float32, is_pure=True, pack=1)
+            if ZFOLD:
+                d = tl.inline_asm_elementwise(
+                    _ASMZ_H2_W4_2, "=f" + ",r" * 11 + ",f",
+                    [wa, wb, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None], b1[:, None],
+                     b2[:, None], b3[:, None], t, acc], dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise(
+                    _ASM_H2_W4_2, "=f" + ",r" * 10,
+                    [wa, wb, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None], b1[:, None],
+                     b2[:, None], b3[:, None]], dtype=tl.float32, is_pure=True, pack=1)
         else:
-            d = (_pair_dot_ref(wa, a0, 0, 4) + _pair_dot_ref(wa, a1, 1, 4) + _pair_dot_ref(wa, a2, 2, 4)
-                 + _pair_dot_ref(wa, a3, 3, 4) + _pair_dot_ref(wb, b0, 0, 4) + _pair_dot_ref(wb, b1, 1, 4)
-                 + _pair_dot_ref(wb, b2, 2, 4) + _pair_dot_ref(wb, b3, 3, 4))
+            c = _centre(t, 4, ZFOLD)
+            d = _finish(_pair_dot_ref(wa, a0, 0, 4, c) + _pair_dot_ref(wa, a1, 1, 4, c)
+                        + _pair_dot_ref(wa, a2, 2, 4, c) + _pair_dot_ref(wa, a3, 3, 4, c)
+                        + _pair_dot_ref(wb, b0, 0, 4, c) + _pair_dot_ref(wb, b1, 1, 4, c)
+                        + _pair_dot_ref(wb, b2, 2, 4, c) + _pair_dot_ref(wb, b3, 3, 4, c), t, acc, ZFOLD)
         return d, ((s0 + s1) + (s2 + s3)) + ((t0 + t1) + (t2 + t3))
 
     @triton.jit
-    def _dot_w2(w, xw_row, x_row, xq_row, rows, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+    def _dot_w2(w, xw_row, x_row, xq_row, rows, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr,
+                ZFOLD: tl.constexpr):
         p0, s0 = _x_pair(xw_row, x_row, xq_row, rows, 0, 16, XKIND, USE_ASM)
         p1, s1 = _x_pair(xw_row, x_row, xq_row, rows, 1, 16, XKIND, USE_ASM)
         p2, s2 = _x_pair(xw_row, x_row, xq_row, rows, 2, 16, XKIND, USE_ASM)
@@ -304,37 +388,49 @@ if triton is not None:
         p6, s6 = _x_pair(xw_row, x_row, xq_row, rows, 6, 16, XKIND, USE_ASM)
         p7, s7 = _x_pair(xw_row, x_row, xq_row, rows, 7, 16, XKIND, USE_ASM)
         if USE_ASM:
-            d = tl.inline_asm_elementwise(
-                _ASM_H2_W2_1, "=f" + ",r" * 9,
-                [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None], p4[:, None], p5[:, None],
-                 p6[:, None], p7[:, None]], dtype=tl.float32, is_pure=True, pack=1)
+            if ZFOLD:
+                d = tl.inline_asm_elementwise(
+                    _ASMZ_H2_W2_1, "=f" + ",r" * 10 + ",f",
+                    [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None], p4[:, None], p5[:, None],
+                     p6[:, None], p7[:, None], t, acc], dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                d = tl.inline_asm_elementwise(
+                    _ASM_H2_W2_1, "=f" + ",r" * 9,
+                    [w, p0[:, None], p1[:, None], p2[:, None], p3[:, None], p4[:, None], p5[:, None],
+                     p6[:, None], p7[:, None]], dtype=tl.float32, is_pure=True, pack=1)
         else:
-            d = (_pair_dot_ref(w, p0, 0, 2) + _pair_dot_ref(w, p1, 1, 2) + _pair_dot_ref(w, p2, 2, 2)
-                 + _pair_dot_ref(w, p3, 3, 2) + _pair_dot_ref(w, p4, 4, 2) + _pair_dot_ref(w, p5, 5, 2)
-                 + _pair_dot_ref(w, p6, 6, 2) + _pair_dot_ref(w, p7, 7, 2))
+            c = _centre(t, 2, ZFOLD)
+            d = _finish(_pair_dot_ref(w, p0, 0, 2, c) + _pair_dot_ref(w, p1, 1, 2, c)
+                        + _pair_dot_ref(w, p2, 2, 2, c) + _pair_dot_ref(w, p3, 3, 2, c)
+                        + _pair_dot_ref(w, p4, 4, 2, c) + _pair_dot_ref(w, p5, 5, 2, c)
+                        + _pair_dot_ref(w, p6, 6, 2, c) + _pair_dot_ref(w, p7, 7, 2, c), t, acc, ZFOLD)
         return d, ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
     @triton.jit
-    def _word_dot_h2(wa, wb, xw_row, x_row, xq_row, ra, rb, W0: tl.constexpr, WPT: tl.constexpr,
-                     XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+    def _word_dot_h2(wa, wb, xw_row, x_row, xq_row, ra, rb, t, acc, W0: tl.constexpr, WPT: tl.constexpr,
+                     XKIND: tl.constexpr, USE_ASM: tl.constexpr, ZFOLD: tl.constexpr):
         """(``[R', BLOCK_N]`` float32 ``sum x (q - C) 2^-S`` over the codes of word wa (and wb when
         WPT == 2), ``[R']`` sums of the x values); ra/rb ``[R']`` are the word rows of wa/wb. 2-bit
-        words go one per PTX block (16 codes: 8 products per f16 lane already)."""
+        words go one per PTX block (16 codes: 8 products per f16 lane already). ZFOLD: the first
+        result is ``acc + s sum x (q - z) 2^-S`` (t: the columns' table words ``[R', BLOCK_N]``)."""
         if W0 == 8:
             if WPT == 2:
-                d, xs = _dot_w8x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND, USE_ASM)
+                d, xs = _dot_w8x2(wa, wb, xw_row, x_row, xq_row, ra, rb, t, acc, XKIND, USE_ASM, ZFOLD)
             else:
-                d, xs = _dot_w8(wa, xw_row, x_row, xq_row, ra, XKIND, USE_ASM)
+                d, xs = _dot_w8(wa, xw_row, x_row, xq_row, ra, t, acc, XKIND, USE_ASM, ZFOLD)
         elif W0 == 4:
             if WPT == 2:
-                d, xs = _dot_w4x2(wa, wb, xw_row, x_row, xq_row, ra, rb, XKIND, USE_ASM)
+                d, xs = _dot_w4x2(wa, wb, xw_row, x_row, xq_row, ra, rb, t, acc, XKIND, USE_ASM, ZFOLD)
             else:
-                d, xs = _dot_w4(wa, xw_row, x_row, xq_row, ra, XKIND, USE_ASM)
+                d, xs = _dot_w4(wa, xw_row, x_row, xq_row, ra, t, acc, XKIND, USE_ASM, ZFOLD)
         else:
-            d, xs = _dot_w2(wa, xw_row, x_row, xq_row, ra, XKIND, USE_ASM)
+            d, xs = _dot_w2(wa, xw_row, x_row, xq_row, ra, t, acc, XKIND, USE_ASM, ZFOLD)
             if WPT == 2:
-                d2, xs2 = _dot_w2(wb, xw_row, x_row, xq_row, rb, XKIND, USE_ASM)
-                d += d2
+                if ZFOLD:
+                    d, xs2 = _dot_w2(wb, xw_row, x_row, xq_row, rb, t, d, XKIND, USE_ASM, ZFOLD)
+                else:
+                    d2, xs2 = _dot_w2(wb, xw_row, x_row, xq_row, rb, t, acc, XKIND, USE_ASM, ZFOLD)
+                    d += d2
                 xs += xs2
         return d, xs
 
@@ -345,7 +441,7 @@ if triton is not None:
                               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
                               USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr,
                               PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                              EVEN_N: tl.constexpr = False):
+                              EVEN_N: tl.constexpr = False, ZFOLD: tl.constexpr = False):
         """One row m, BLOCK_N columns, one K split, single-slice uniform W0 in {2, 4, 8}:
         ``y = sum_tiles s * (2^S * sum x (q - C) 2^-S - (z - C) * sum x)`` with the word dot of
         ``_word_dot_h2``. The tile's R = BLOCK_K / P word rows are loaded as WPT slabs of R / WPT
@@ -354,7 +450,9 @@ if triton is not None:
         split-K partials are summed by the last program of a column tile. x: ``x_ptr`` (XKIND
         0/1: the same memory as int32 words, stride in words; 2: float32) or the prepared
         ``xq_ptr``/``xs_ptr`` (XKIND 3). PDL: the first weight tile is requested before waiting
-        for the kernel that writes x (anybit/kernels/pdl.py)."""
+        for the kernel that writes x (anybit/kernels/pdl.py). ZFOLD (integer zero points): s_ptr is
+        the ``gemv_table`` of the weight and ``y = 2^S sum_tiles s sum x (q - z) 2^-S``, the zero
+        folded into the code conversion (no x sums, one FFMA per element inside the PTX)."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -407,20 +505,29 @@ if triton is not None:
                 wb = wa
                 if WPT == 2:
                     wb = tl.load(wpi + RH * stride_qk, mask=mask2, other=0)
-            s = tl.load(s_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
+            rows = k0 // P0 + r
+            if ZFOLD:  # s_ptr: the int32 table of gemv_table (f16 s | f16 -z 2^-S)
+                tw = tl.load(s_ptr + g * stride_sg + sz_off, mask=mask2, other=0)
+                acc, xs = _word_dot_h2(wa, wb, x_row, x_row, xq_row, rows, rows + RH, tw, acc, W0, WPT, XKIND,
+                                       USE_ASM, True)
+            else:
+                s = tl.load(s_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + g * stride_sg + sz_off, mask=mask2, other=0.0).to(tl.float32)
+                d, xs = _word_dot_h2(wa, wb, x_row, x_row, xq_row, rows, rows + RH, s, acc, W0, WPT, XKIND,
+                                     USE_ASM, False)
+                if XKIND == 3:
+                    xs = tl.load(xs_row + rows)
+                    if WPT == 2:
+                        xs += tl.load(xs_row + rows + RH)
+                acc += (s * XSCALE) * d  # two FFMA per element
+                acc -= (s * (z - C)) * xs[:, None]
             t += 1
             g += tl.where(t == tpg, 1, 0)
             t = tl.where(t == tpg, 0, t)
-            rows = k0 // P0 + r
-            d, xs = _word_dot_h2(wa, wb, x_row, x_row, xq_row, rows, rows + RH, W0, WPT, XKIND, USE_ASM)
-            if XKIND == 3:
-                xs = tl.load(xs_row + rows)
-                if WPT == 2:
-                    xs += tl.load(xs_row + rows + RH)
-            acc += (s * XSCALE) * d  # two FFMA per element
-            acc -= (s * (z - C)) * xs[:, None]
-        _store_row_split_k(tl.sum(acc, axis=0), y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
+        out = tl.sum(acc, axis=0)
+        if ZFOLD:
+            out = out * XSCALE
+        _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
                            mask_n, stride_ym, SPLIT_K, BLOCK_N)
 
 
@@ -457,6 +564,34 @@ H2_PROGRAMS_PER_SM = 3  # programs resident per SM assumed before the compiled k
 _RESIDENT: dict = {}  # kernel config -> programs resident per SM (from its register count)
 
 
+_TABLES: dict = {}  # id(scales) -> (weakref to scales, versions key, table or None)
+
+
+def gemv_table(packed: PackedWeight) -> torch.Tensor | None:
+    """int32 ``[K // G, N]`` per-column operands of the folded-zero GEMV: f16 scale in the low
+    half, f16 ``-z 2^-S`` in the high half (exact: z is an integer in [0, 2^b)). None when some
+    zero point is not such an integer (the kernel then keeps the x-sum form). Cached per scales
+    tensor (keyed by its and the zeros' in-place versions); costs as much memory as the scales and
+    zeros; built outside CUDA-graph capture (the engine runs every layer once before capturing)."""
+    key = (packed.scales._version, packed.zeros._version, packed.zeros.data_ptr())
+    hit = _TABLES.get(id(packed.scales))
+    if hit is not None and hit[0]() is packed.scales and hit[1] == key:
+        return hit[2]
+    dev = packed.scales.device
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("gemv_table must be built before CUDA-graph capture: run the layer once first")
+    z = packed.zeros.float()
+    table = None
+    if bool(((z == z.round()) & (z >= 0) & (z < (1 << packed.bits))).all()):
+        lo = packed.scales.view(torch.int16).to(torch.int32) & 0xFFFF
+        hi = (-z * 2.0 ** -H2_SHIFT[packed.bits]).half().view(torch.int16).to(torch.int32)
+        table = (lo | (hi << 16)).contiguous()
+    for k in [k for k, v in _TABLES.items() if v[0]() is None]:  # drop dead weights' tables
+        del _TABLES[k]
+    _TABLES[id(packed.scales)] = (weakref.ref(packed.scales), key, table)
+    return table
+
+
 def one_wave_split(tiles: int, k_tiles: int, slots: int) -> int:
     """The largest split-K (a divisor of k_tiles) whose tiles * split programs all fit at once in
     ``slots`` (resident programs on the GPU), so no second partial wave pays the per-program
@@ -471,14 +606,16 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
                   block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
                   use_asm: bool | None = None, words_per_asm: int | None = None, fuse_x: bool = True,
                   programs_per_sm: int | None = None, pdl: bool | None = None,
-                  stages: int | None = None) -> torch.Tensor:
+                  stages: int | None = None, zfold: bool | None = None) -> torch.Tensor:
     """Packed-half GEMV (uniform, single-slice 2/4/8 bits): x ``[M, K]`` contiguous (perm applied)
     fp16/bf16/fp32, y ``[M, N]``. Products x * (q - 2^(b-1)) 2^-S are f16 (x rounded to f16:
     exact for bf16/fp16 x below 65504), summed in f16 over one or two words, then in float32.
     ``fuse_x``: convert x inside the GEMV (one launch) or in a separate kernel first; ``pdl``:
     programmatic dependent launch (None: on where anybit/kernels/pdl.py enables it); ``stages``:
     1 = the next weight tile prefetched into registers by hand, >= 2 = Triton's software pipeliner
-    keeps ``stages - 1`` tiles of weights and x in flight (cp.async into shared memory)."""
+    keeps ``stages - 1`` tiles of weights and x in flight (cp.async into shared memory); ``zfold``
+    (None: where ``gemv_table`` exists, i.e. integer zero points): the zero point folded into the
+    code conversion instead of an x-sum term."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if packed.fmt != "uniform" or bits not in H2_BITS:
@@ -498,7 +635,11 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     warps = num_warps or h2_num_warps(bits, N)
     xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
     stages = stages or h2_stages(bits, N, K)
-    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages)
+    table = gemv_table(packed) if zfold is not False and fuse_x else None
+    if zfold and table is None:
+        raise ValueError("zfold: needs integer zero points in [0, 2^bits) and fuse_x")
+    sz = packed.scales if table is None else table
+    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None)
     if split_k is None:
         per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
         split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
@@ -522,10 +663,10 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     # the prep kernel of fuse_x=False is not PDL-aware
     pdl = fuse_x and pdl_enabled(x.device, pdl)
     kernel = _quant_gemv_h2_kernel[(M, num_n, split_k)](
-        xin, xq, xs, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G,
-        stride_x, packed.qweight.stride(0), packed.scales.stride(0), y.stride(0), per * BK, per, 0,
+        xin, xq, xs, packed.qweight, sz, packed.zeros, y, ws, locks, M, N, K, G,
+        stride_x, packed.qweight.stride(0), sz.stride(0), y.stride(0), per * BK, per, 0,
         bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
-        xkind, pdl, stages, N % BN == 0, num_warps=warps, num_stages=stages,
+        xkind, pdl, stages, N % BN == 0, table is not None, num_warps=warps, num_stages=stages,
         **({"launch_pdl": True} if pdl else {}))
     regs = getattr(kernel, "n_regs", 0) if x.is_cuda else 0
     if regs and occ_key not in _RESIDENT:  # programs that fit on an SM at once, for the next split choice

@@ -22,9 +22,10 @@ def _f16(v: float) -> float:
     return struct.unpack("<e", struct.pack("<e", v))[0]
 
 
-def _emulate(asm: str, words: list[int]) -> list[tuple[float, float]]:
-    """Run the extraction/conversion part of the PTX on ints; return the f16x2 values that meet x."""
-    regs = {f"${i + 1}": w for i, w in enumerate(words)}
+def _emulate(asm: str, words: list[int], extra: dict | None = None) -> list[tuple[float, float]]:
+    """Run the extraction/conversion part of the PTX on ints; return the f16x2 values that meet x.
+    ``extra``: more input registers (the table word of the folded-zero form)."""
+    regs = {f"${i + 1}": w for i, w in enumerate(words)} | (extra or {})
     out = []
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
@@ -44,9 +45,10 @@ def _emulate(asm: str, words: list[int]) -> list[tuple[float, float]]:
             by = [(val(t) >> 8 * i) & 0xFF for t in a[1:3] for i in range(4)]
             sel = int(a[3], 0)
             regs[a[0]] = sum(by[(sel >> 4 * i) & 0xF] << 8 * i for i in range(4))
-        elif op == "sub.f16x2" or (op == "fma.rn.f16x2" and not a[2].startswith("$")):
+        elif op in ("sub.f16x2", "add.rn.f16x2") or (op == "fma.rn.f16x2" and not a[2].startswith("$")):
             x, y = _h(val(a[1])), _h(val(a[2]))
             r = [_f16(x[i] - y[i]) for i in range(2)] if op == "sub.f16x2" else \
+                [_f16(x[i] + y[i]) for i in range(2)] if op == "add.rn.f16x2" else \
                 [_f16(x[i] * y[i] + _h(val(a[3]))[i]) for i in range(2)]
             regs[a[0]] = sum(struct.unpack("<H", struct.pack("<e", v))[0] << 16 * i for i, v in enumerate(r))
         elif op in ("mul.f16x2", "fma.rn.f16x2"):
@@ -65,15 +67,33 @@ def test_ptx_gives_scaled_centred_codes_in_pair_order(bits, words):
         assert got == [((q[j] - C) * S, (q[j + H] - C) * S) for q in qs for j in range(H)]
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("words", [1, 2])
+def test_ptx_folded_zero_gives_exact_codes_minus_zero(bits, words):
+    """zfold: the table word's high half (-z 2^-S, f16) turns the codes into (q - z) 2^-S exactly,
+    for every integer zero point z of the width."""
+    P, H, S = 32 // bits, 16 // bits, 2.0 ** -H2_SHIFT[bits]
+    g = torch.Generator().manual_seed(bits * 100 + words)
+    asm = _h2_asm(bits, words, zfold=True)
+    table_reg = f"${1 + words + words * H}"
+    for z in range(2 ** bits):
+        zt = struct.unpack("<H", struct.pack("<e", -z * S))[0]
+        qs = torch.randint(0, 2 ** bits, (words, P), generator=g).tolist()
+        words_in = [sum(c << (i * bits) for i, c in enumerate(q)) for q in qs]
+        got = _emulate(asm, words_in, {table_reg: zt << 16})
+        assert got == [((q[j] - z) * S, (q[j + H] - z) * S) for q in qs for j in range(H)]
+
+
 def _packed(N, K, bits, group, seed):
     g = torch.Generator().manual_seed(seed)
     return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, "uniform")).to(DEV)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("group, words, fuse_x, stages", [(128, 2, True, 1), (32, 2, False, 1),
-                                                     (-1, 1, True, 1), (128, 2, True, 3), (32, 1, True, 2)])
-def test_gemv_h2_vs_reference(bits, group, words, fuse_x, stages):
+@pytest.mark.parametrize("group, words, fuse_x, stages, zfold", [
+    (128, 2, True, 1, None), (32, 2, False, 1, None), (-1, 1, True, 1, None), (128, 2, True, 3, False),
+    (32, 1, True, 2, None), (128, 1, True, 1, False)])
+def test_gemv_h2_vs_reference(bits, group, words, fuse_x, stages, zfold):
     from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
 
     K = 384 if group == 128 else 160 if group == 32 else 256
@@ -82,7 +102,7 @@ def test_gemv_h2_vs_reference(bits, group, words, fuse_x, stages):
         x = torch.randn(M, K, device=DEV).to(dtype)
         ref = ref_quant_matmul(x.float(), pw)
         y = quant_gemv_h2(x, pw, torch.empty(M, 96, device=DEV, dtype=dtype), words_per_asm=words,
-                          fuse_x=fuse_x, stages=stages, block_n=32 if stages > 1 else None)
+                          fuse_x=fuse_x, stages=stages, block_n=32 if stages > 1 else None, zfold=zfold)
         assert y.dtype == dtype and torch.isfinite(y).all()
         err = float((y.float() - ref).norm() / ref.norm())
         assert err < tol, (dtype, err)
@@ -120,3 +140,21 @@ def test_gemv_h2_rejects_other_formats():
     pw = rtn_quantize(torch.randn(32, 64), QuantSpec(4, 32, "nf4")).to(DEV)
     with pytest.raises(ValueError, match="gemv_h2"):
         quant_matmul(torch.randn(1, 64, device=DEV), pw, path="gemv_h2")
+
+
+def test_gemv_h2_fractional_zeros_keep_the_x_sum_form():
+    """gemv_table is None for zero points that are not integers of the width: the launcher then
+    computes the zero term from x sums (still exact vs the reference); asking for zfold is an error."""
+    from anybit.kernels.quant_gemv_h2 import gemv_table, quant_gemv_h2
+    from anybit.quant.format import PackedWeight
+
+    pw = _packed(64, 256, 4, 128, seed=11)
+    assert gemv_table(pw) is not None
+    frac = PackedWeight(pw.qweight, pw.scales, pw.zeros + 0.25, 4, 128, 256, 64)
+    assert gemv_table(frac) is None
+    x = torch.randn(1, 256, device=DEV).to(torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), frac)
+    y = quant_gemv_h2(x, frac, torch.empty(1, 64, device=DEV, dtype=torch.bfloat16))
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    with pytest.raises(ValueError, match="zfold"):
+        quant_gemv_h2(x, frac, torch.empty(1, 64, device=DEV, dtype=torch.bfloat16), zfold=True)
