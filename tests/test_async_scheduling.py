@@ -75,6 +75,18 @@ def test_switch_defaults_off_on_cpu(model_dir, pair):
         SchedulerConfig(async_scheduling="yes")
 
 
+def test_cli_flag():
+    import argparse
+
+    from anybit.cli_args import add_engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert "--no-async-scheduling" in parser.format_help()
+    for argv, want in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
+        assert engine_config_from_args(parser.parse_args(argv), "m").scheduler.async_scheduling is want
+
+
 def test_greedy_batch(pair):
     generate_both(pair, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
 
