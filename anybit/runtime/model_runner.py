@@ -71,13 +71,17 @@ class LaunchedStep:
     host_top_lps: torch.Tensor | None = None
     prompt_logprobs: list[_PromptLogprobs] = field(default_factory=list)
     ready: torch.cuda.Event | None = None
+    _rows: dict[str, int] | None = None
 
     def row_of(self, request_id: str) -> int:
-        for row, s in enumerate(self.sample_seqs):
-            if s.request_id == request_id:
-                return row
-        raise RuntimeError(f"{request_id}: its input token is in flight but the previous step did not "
-                           "sample it")
+        """Row of ``request_id`` in ``sampled_ids``."""
+        if self._rows is None:
+            self._rows = {s.request_id: row for row, s in enumerate(self.sample_seqs)}
+        row = self._rows.get(request_id)
+        if row is None:
+            raise RuntimeError(f"{request_id}: its input token is in flight but the previous step did not "
+                               "sample it")
+        return row
 
 
 def inflight_sources(seqs: list[ScheduledSeq], prev: LaunchedStep | None) -> tuple[list[int], list[int]]:
