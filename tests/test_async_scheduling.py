@@ -301,27 +301,33 @@ def test_graph_input_staging_matches_eager_prepare(model_dir):
 def test_async_matches_sync_on_cuda_graphs(tmp_path):
     path = make_tiny_model(tmp_path / "llama", arch="llama", hidden_size=128, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=32)
-    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+    engines = {flag: LLM(path, dtype="float32", device="cuda", block_size=16, kv_cache_memory=64 << 20,
+                         progress=False, async_scheduling=flag) for flag in (False, True)}
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    first = engines[False].generate(PROMPTS[4], greedy)[0].outputs[0].token_ids
+    params = [greedy,
               SamplingParams(temperature=0.8, max_tokens=33, seed=3, ignore_eos=True, logprobs=2),
               SamplingParams(temperature=0.0, max_tokens=29, frequency_penalty=1.0, ignore_eos=True),
-              SamplingParams(temperature=1.0, max_tokens=25, seed=4, n=2, ignore_eos=True)]
+              SamplingParams(temperature=1.0, max_tokens=25, seed=4, n=2, ignore_eos=True),
+              # stops early: the async engine has decoded one token past it, then discards it
+              SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop_token_ids=[first[6]])]
     outs = {}
-    for flag in (False, True):
-        llm = LLM(path, dtype="float32", device="cuda", block_size=16, kv_cache_memory=64 << 20,
-                  progress=False, async_scheduling=flag)
+    for flag, llm in engines.items():
         assert llm.engine.runner.graph_runner is not None
-        outs[flag] = summary(llm.generate(PROMPTS[:4], params)) + summary(llm.generate(PROMPTS, params[0]))
+        outs[flag] = summary(llm.generate(PROMPTS[:5], params)) + summary(llm.generate(PROMPTS, greedy))
         assert llm.engine.runner.graph_runner.captured
         assert (llm.engine.core.num_overlapped_steps > 0) == flag
         assert_idle(llm)
     auto = LLM(path, dtype="float32", device="cuda", kv_cache_memory=64 << 20, progress=False)
     assert auto.engine.async_scheduling  # on by default with CUDA graphs
-    # same batches in both modes here (no EOS, no stop strings): everything must agree; logprobs
-    # are compared with a tolerance in case a kernel's reduction order is not deterministic
+
+    # tokens, texts, finish reasons must agree exactly; logprobs are compared with a tolerance in
+    # case a kernel's reduction order is not deterministic
     def without_logprobs(rows):
         return [(r[:4], [c[:5] for c in r[4]]) for r in rows]
 
     assert without_logprobs(outs[True]) == without_logprobs(outs[False])
+    assert outs[False][4][4][0][3] == "stop"
     for a, b in zip(outs[False], outs[True]):
         for ca, cb in zip(a[4], b[4]):
             if ca[5] is not None:
