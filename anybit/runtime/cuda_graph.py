@@ -32,6 +32,7 @@ class _HostStaging:
         self.i32 = torch.zeros(num_i32, dtype=torch.int32, pin_memory=pin)
         self.i64_np = self.i64.numpy()
         self.i32_np = self.i32.numpy()
+        self.device = device
         self.copied = torch.cuda.Event() if pin else None
         self.pending = False
 
@@ -42,7 +43,7 @@ class _HostStaging:
 
     def mark_copied(self) -> None:
         if self.copied is not None:
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(self.device))
             self.pending = True
 
 

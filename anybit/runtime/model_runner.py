@@ -222,7 +222,7 @@ class ModelRunner:
                 step.prompt_logprobs.append(self._launch_prompt_logprobs(s, hidden[qsl[i]:qsl[i + 1]]))
         if self.device.type == "cuda":
             step.ready = torch.cuda.Event()
-            step.ready.record()
+            step.ready.record(torch.cuda.current_stream(self.device))
         return step
 
     def _sample(self, step: LaunchedStep, hidden: torch.Tensor, prev: LaunchedStep | None) -> None:
