@@ -534,24 +534,28 @@ if triton is not None:
 H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (CUDA)
 H2_MAX_M = 1
 H2_WORDS_PER_ASM = 2  # words whose f16 lane sums are added before the float32 conversion
-# BLOCK_N by width, from the H100 run of session 2 (benchmarks/results/quant_matmul_h2.json): W2 512
-# on all four shapes; W8 128; W4 128 for the large matrices, 512 for the small ones (<= 8192 x 8192,
-# i.e. qkv / o_proj), 256 for lm_head-sized N (see h2_block_n).
-H2_BLOCK_N = {2: 512, 4: 128, 8: 128}
 
 
-def h2_num_warps(bits: int, N: int) -> int:
-    """8 warps for W8 and for W4 at lm_head-sized N (call B, H100: W8 4096x14336 31.9 vs 39.0 us,
-    lm_head W4 104.8 vs 118.3 us), else 4."""
-    return 8 if bits == 8 or (bits == 4 and N >= 65536) else 4
+def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
+    """(BLOCK_N, warps) of the launcher. Folded zero (session 3, device call 2 on an H200,
+    benchmarks/results/quant_matmul_h2_z.json): 4 warps; BLOCK_N 256, 512 for the small matrices
+    (N, K <= 8192: qkv / o_proj) at 2 and 8 bits, 128 for 8-bit large and for 4-bit down_proj-like
+    (N <= 4096 < K); lm_head-sized N (>= 65536) 256 with 8 warps at 2 and 8 bits. x-sum form
+    (session 2, H100, quant_matmul_h2.json): W2 512; W4 128, 512 for N, K <= 8192, 256 for
+    lm_head; W8 128; 8 warps for W8 and lm_head W4."""
+    small, huge = N <= 8192 and K <= 8192, N >= 65536
+    if zfold:
+        if huge and bits in (2, 8):
+            return 256, 8
+        if bits == 4:
+            return (128 if N <= 4096 < K else 256), 4
+        return (512 if small else 256 if bits == 2 else 128), 4
+    warps = 8 if bits == 8 or (bits == 4 and huge) else 4
+    if bits == 4:
+        return (512 if small else 256 if huge else 128), warps
+    return (512 if bits == 2 else 128), warps
 
 
-def h2_block_n(bits: int, N: int, K: int) -> int:
-    if bits == 4 and N <= 8192 and K <= 8192:
-        return 512
-    if bits == 4 and N >= 65536:
-        return 256
-    return H2_BLOCK_N[bits]
 H2_STAGES = {2: 1, 4: 1, 8: 1}  # 1: register prefetch by hand; >= 2: Triton's pipeliner (see quant_gemv_h2)
 _SMEM_PER_SM = 227 * 1024  # H100 / H200: shared memory a block may use per SM
 
@@ -623,7 +627,11 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if use_asm is None:
         use_asm = x.is_cuda and not _INTERPRET
     P0 = 32 // bits
-    BN = block_n or h2_block_n(bits, N, K)
+    table = gemv_table(packed) if zfold is not False and fuse_x else None
+    if zfold and table is None:
+        raise ValueError("zfold: needs integer zero points in [0, 2^bits) and fuse_x")
+    auto_bn, auto_warps = h2_config(bits, N, K, table is not None)
+    BN = block_n or auto_bn
     BK = _pick_block_k(G, K, block_k or 128)
     wpt = words_per_asm or H2_WORDS_PER_ASM
     if wpt not in (1, 2) or (BK // P0) % wpt:
@@ -632,12 +640,9 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     tiles = num_n * M
     sms = _num_sms(x.device)
     k_tiles = K // BK
-    warps = num_warps or h2_num_warps(bits, N)
+    warps = num_warps or auto_warps
     xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
     stages = stages or h2_stages(bits, N, K)
-    table = gemv_table(packed) if zfold is not False and fuse_x else None
-    if zfold and table is None:
-        raise ValueError("zfold: needs integer zero points in [0, 2^bits) and fuse_x")
     sz = packed.scales if table is None else table
     occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None)
     if split_k is None:
