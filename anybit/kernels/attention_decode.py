@@ -51,6 +51,38 @@ def ref_paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_
 # ----------------------------------------------------------------------------------------------
 # Triton: split-K (flash-decoding) kernel + reduction
 # ----------------------------------------------------------------------------------------------
+# Exact (unbiased) code -> fp16 conversions for the V tiles: the biased value of kv_cache_ops'
+# _ASM_I8 / _ASM_U4 minus the bias by one packed half2 subtraction per two codes (exact: |code| < 2^11).
+# int8: ``code``; int4: centred, even channels ``code - 8``, odd channels ``16 * (code - 8)`` (the
+# kernel adds ``8 * scale`` to the zero point): the PV accumulator then holds about the result
+# instead of ``sum(p * scale * code)`` ~ 7.5 scales, which the zero-point sum would have to cancel.
+_ASM_I8_EXACT: tl.constexpr = tl.constexpr("""{
+.reg .b32 u, t0, t1, k;
+xor.b32 u, $2, 0x80808080;
+prmt.b32 t0, u, 0x64646464, 0x4140;
+prmt.b32 t1, u, 0x64646464, 0x4342;
+mov.b32 k, 0x64806480;
+sub.f16x2 $0, t0, k;
+sub.f16x2 $1, t1, k;
+}""")
+
+_ASM_U4_EXACT: tl.constexpr = tl.constexpr("""{
+.reg .b32 t0, t1, u0, u1, u2, u3, k, k2;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 u0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 u1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 u2, t0, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 u3, t1, 0x00F000F0, 0x64006400, 0xEA;
+mov.b32 k, 0x64086408;
+mov.b32 k2, 0x64806480;
+sub.f16x2 $0, u0, k;
+sub.f16x2 $1, u1, k;
+sub.f16x2 $2, u2, k2;
+sub.f16x2 $3, u3, k2;
+}""")
+
+
 @triton.jit
 def _add2(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
@@ -70,12 +102,14 @@ def _load_words(c_ptr, row, offs_w, valid):
 
 
 @triton.jit
-def _words_to_codes(w, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.constexpr):
+def _words_to_codes(w, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.constexpr,
+                    EXACT: tl.constexpr = False):
     """int32 code words ``[N, W]`` -> biased fp16 tiles, as kv_cache_ops ``load_codes_biased``:
     int8 ``a = 1152 + code`` ``[N, HEAD_DIM]`` (b = a); int4 ``a`` = even channels ``1024 + code``,
     ``b`` = odd channels ``1024 + 16 * code``, each ``[N, HEAD_DIM // 2]``. The words are split into
     bytes and interleaved back by joins along an in-thread axis; the packed PTX conversion then reads
-    4 consecutive bytes = the original word (no data movement expected; checked in SASS)."""
+    4 consecutive bytes = the original word (no data movement expected; checked in SASS). EXACT: the
+    codes without the bias (``_bytes_to_codes``)."""
     N: tl.constexpr = w.shape[0]
     NB: tl.constexpr = HEAD_DIM if MODE == 1 else HEAD_DIM // 2
     BT: tl.constexpr = tl.int8 if MODE == 1 else tl.uint8
@@ -84,13 +118,37 @@ def _words_to_codes(w, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, CDT: tl.const
     b2 = (w >> 16).to(BT)
     b3 = (w >> 24).to(BT)
     raw = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [N, NB])
-    return _bytes_to_codes(raw, MODE, CDT, USE_ASM)
+    return _bytes_to_codes(raw, MODE, CDT, USE_ASM, EXACT)
 
 
 @triton.jit
-def _bytes_to_codes(raw, MODE: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.constexpr):
+def _load_codes(c_ptr, row, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, CDT: tl.constexpr,
+                USE_ASM: tl.constexpr, EXACT: tl.constexpr):
+    """kv_cache_ops ``load_codes_biased`` (unmasked gather of code rows), EXACT: without the bias."""
+    if EXACT:
+        offs = tl.arange(0, HEAD_DIM // 2 if MODE == 2 else HEAD_DIM)
+        raw = tl.load(c_ptr + row[:, None] + offs[None, :])
+        a, b = _bytes_to_codes(raw, MODE, CDT, USE_ASM, True)
+    else:
+        a, b = load_codes_biased(c_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
+    return a, b
+
+
+@triton.jit
+def _bytes_to_codes(raw, MODE: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.constexpr,
+                    EXACT: tl.constexpr = False):
+    """Raw code bytes -> fp16 tiles: biased (int8 ``1152 + code``; int4 ``1024 + code`` even channels,
+    ``1024 + 16 * code`` odd) or EXACT (int8 ``code``; int4 ``code - 8`` / ``16 * (code - 8)``)."""
     if MODE == 2:
-        if USE_ASM:
+        if USE_ASM and EXACT:
+            a, b = tl.inline_asm_elementwise(_ASM_U4_EXACT, "=r,=r,=r,=r,r", [raw],
+                                             dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
+            a = a.to(CDT)
+            b = b.to(CDT)
+        elif EXACT:
+            a = ((raw & 15).to(tl.float32) - 8.0).to(CDT)
+            b = ((raw & 240).to(tl.float32) - 128.0).to(CDT)
+        elif USE_ASM:
             a, b = tl.inline_asm_elementwise(_ASM_U4, "=r,=r,=r,=r,r", [raw], dtype=(tl.float16, tl.float16),
                                              is_pure=False, pack=4)
             a = a.to(CDT)
@@ -99,7 +157,12 @@ def _bytes_to_codes(raw, MODE: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.cons
             a = (raw & 15).to(tl.float32).to(CDT) + 1024.0
             b = (raw & 240).to(tl.float32).to(CDT) + 1024.0
     else:
-        if USE_ASM:
+        if USE_ASM and EXACT:
+            a = tl.inline_asm_elementwise(_ASM_I8_EXACT, "=r,=r,r", [raw], dtype=tl.float16, is_pure=False,
+                                          pack=4).to(CDT)
+        elif EXACT:
+            a = raw.to(tl.float32).to(CDT)
+        elif USE_ASM:
             a = tl.inline_asm_elementwise(_ASM_I8, "=r,=r,r", [raw], dtype=tl.float16, is_pure=False,
                                           pack=4).to(CDT)
         else:
@@ -127,7 +190,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                    PAGE: tl.constexpr, MODE: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SPLIT_OUT: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr,
                    BIASED: tl.constexpr, USE_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr,
-                   PREFETCH: tl.constexpr):
+                   PREFETCH: tl.constexpr, V_EXACT: tl.constexpr):
     """Grid (num_seqs, num_kv_heads, num_splits). One program = all G query heads of one kv head
     over one slice of the context; partial (o, lse) go to mid buffers when SPLIT_OUT (num_splits > 1;
     the split count itself is the grid size, not a compile-time constant: fewer compiled variants).
@@ -135,10 +198,17 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     of one token range are resident together: their rows of a page (and the 32-byte sectors of the
     per-token scales, 4 bytes per head) are read from DRAM at about the same time.
 
-    BIASED (int8/int4 caches): codes enter the MMAs as biased fp16 values (kv_cache_ops
-    ``load_codes_biased``); the bias is removed from each score through ``kbias = bias * sum(q)``
-    and from the output once at the end through ``wsum = sum(p * v_scale)`` (carried like ``l``);
-    int4 zero points enter as ``sum(q) * k_zero`` per score and ``zsum = sum(p * v_zero)`` per row."""
+    BIASED (int8/int4 caches): K codes enter the QK^T MMA as biased fp16 values (kv_cache_ops
+    ``load_codes_biased``), the bias leaves each score through ``kbias = bias * sum(q)`` (a short
+    sum per score: its rounding does not grow with the context). V_EXACT: V codes enter the PV MMA
+    without the bias (one packed half2 subtraction per two codes), so the PV accumulator only holds
+    the result. Without V_EXACT the tile's bias ``bias * sum(p * v_scale)`` is taken out of the
+    accumulator before the tile's products enter (cheaper, but that sum's float32 rounding lands on
+    every channel of the row, amplified ~10^3). Never once per split at the end (session 2's code):
+    tensor cores truncate each k-step's sum to the accumulator's precision, an accumulator carrying
+    the bias of a whole split is ~10^3 times the result, and the error grew linearly with the tokens
+    of a split (0.05-0.14 relative at 32k on the H100). int4 zero points enter as ``sum(q) * k_zero``
+    per score and ``zsum = sum(p * v_zero)`` per row."""
     if HEADS_FIRST:  # grid (num_kv_heads, num_seqs, splits): the kv heads of one token range run together
         kvh = tl.program_id(0)
         seq = tl.program_id(1).to(tl.int64)
@@ -192,10 +262,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     bt_row = bt_ptr + seq * stride_bt
     if BIASED:
         if MODE == 2:
+            VB: tl.constexpr = 1024.0
             kbias = 1024.0 * (tl.sum(qa.to(tl.float32), axis=1) + tl.sum(qb.to(tl.float32), axis=1))
         else:
+            VB: tl.constexpr = 1152.0
             kbias = 1152.0 * tl.sum(qa.to(tl.float32), axis=1)
-        wsum = tl.zeros([BLOCK_G], tl.float32)
         zsum = tl.zeros([BLOCK_G], tl.float32)
         if PREFETCH > 0:
             # Software pipelining in registers. Raw codes travel as int32 words (4 int8 / 8 int4 codes;
@@ -254,18 +325,33 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                     kraw = _load_words(k_ptr, row_n, offs_w, valid_n)
                     ksc = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0) * qk_scale
                     kz = _zeros_or_load(kz_ptr, srow_n, valid_n, MODE, BLOCK_N) * qk_scale
-                va, vb = _words_to_codes(vraw, MODE, HEAD_DIM, CDT, USE_ASM)
+                va, vb = _words_to_codes(vraw, MODE, HEAD_DIM, CDT, USE_ASM, V_EXACT)
                 pw = (p * vsc[None, :]).to(CDT)
                 if MODE == 2:
-                    ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
+                    if V_EXACT:  # centred int4 codes: zero point + 8 scales
+                        ps, zs = tl.reduce((p, p * (vz + 8.0 * vsc)[None, :]), 1, _add2)
+                        ws = ps
+                    else:
+                        ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
                     zsum = zsum * alpha + zs
                 else:
-                    ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
+                    if V_EXACT:
+                        ps = tl.sum(p, axis=1)
+                        ws = ps
+                    else:
+                        ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
                 l = l * alpha + ps
-                wsum = wsum * alpha + ws
-                acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
-                if MODE == 2:
-                    acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+                # the tile's bias leaves the accumulator before its products enter (see docstring)
+                if V_EXACT:
+                    acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+                    if MODE == 2:
+                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+                else:
+                    acc = tl.dot(pw, va, acc=acc * alpha[:, None] - VB * ws[:, None],
+                                 input_precision=DOT_PREC)
+                    if MODE == 2:
+                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None] - VB * ws[:, None],
+                                       input_precision=DOT_PREC)
                 m = m_new
                 row = row_n
                 srow = srow_n
@@ -298,27 +384,40 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])
-                va, vb = load_codes_biased(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
+                va, vb = _load_codes(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM, V_EXACT)
                 vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
                 pw = (p * vsc[None, :]).to(CDT)
                 # the row sums share one reduction (one cross-warp exchange instead of two or three)
                 if MODE == 2:
                     vz = tl.load(vz_ptr + srow, mask=valid, other=0.0)
-                    ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
+                    if V_EXACT:  # centred int4 codes: zero point + 8 scales
+                        ps, zs = tl.reduce((p, p * (vz + 8.0 * vsc)[None, :]), 1, _add2)
+                        ws = ps
+                    else:
+                        ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
                     zsum = zsum * alpha + zs
                 else:
-                    ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
+                    if V_EXACT:
+                        ps = tl.sum(p, axis=1)
+                        ws = ps
+                    else:
+                        ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
                 l = l * alpha + ps
-                wsum = wsum * alpha + ws
-                acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
-                if MODE == 2:
-                    acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+                # the tile's bias leaves the accumulator before its products enter (see docstring)
+                if V_EXACT:
+                    acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+                    if MODE == 2:
+                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+                else:
+                    acc = tl.dot(pw, va, acc=acc * alpha[:, None] - VB * ws[:, None],
+                                 input_precision=DOT_PREC)
+                    if MODE == 2:
+                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None] - VB * ws[:, None],
+                                       input_precision=DOT_PREC)
                 m = m_new
         if MODE == 2:
-            acc = acc - 1024.0 * wsum[:, None] + zsum[:, None]
-            acc_b = (acc_b - 1024.0 * wsum[:, None]) * 0.0625 + zsum[:, None]
-        else:
-            acc = acc - 1152.0 * wsum[:, None]
+            acc = acc + zsum[:, None]
+            acc_b = acc_b * 0.0625 + zsum[:, None]
     else:
         for n0 in range(start, end, BLOCK_N):
             tok = n0 + tl.arange(0, BLOCK_N)
@@ -477,7 +576,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            out: torch.Tensor | None = None, int8_qk: bool = False,
                            int8_pv: bool = False, biased: bool | None = None,
                            heads_first: bool | None = None, max_registers: int | None = None,
-                           prefetch: int | None = None) -> torch.Tensor:
+                           prefetch: int | None = None, exact_v: bool = True) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -494,6 +593,9 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     faster on an H200, so off by default.
     ``max_registers``: register cap per thread (Triton ``maxnreg``), for occupancy experiments
     (0 = no cap; with ``prefetch`` on, None means ``DEFAULT_PREFETCH_MAX_REGISTERS``).
+    ``exact_v`` (biased path): V codes enter the PV product without the bias (exact accumulation; default);
+    False takes each tile's bias out of the accumulator instead (fewer instructions, ~1e-4 relative
+    common-mode rounding per row, see ``_decode_kernel``).
     ``prefetch`` (biased quantized path only): 0 off; 1 the next K tile and the current V tile are
     loaded into registers one half-iteration ahead; 2 the whole next K/V tile one iteration ahead
     (more registers). Exact same math; default ``DEFAULT_PREFETCH``. Prefetching variants default to
@@ -568,7 +670,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         PAGE=kv_cache.block_size, MODE=mode, CDT=cdt, DOT_PREC=prec, SPLIT_OUT=splits > 1,
         INT8_QK=bool(int8_qk and mode == 1), INT8_PV=bool(int8_pv and mode == 1),
         BIASED=biased, USE_ASM=bool(biased and cdt == tl.float16 and not interpret),
-        HEADS_FIRST=bool(heads_first), PREFETCH=prefetch,
+        HEADS_FIRST=bool(heads_first), PREFETCH=prefetch, V_EXACT=bool(exact_v),
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
         **({"maxnreg": max_registers} if max_registers else {}))
     if splits > 1:
