@@ -41,10 +41,10 @@ def ref_gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 if triton is not None:
     @triton.jit
-    def _gemv_bf16_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                          k_per_split, MB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                          PDL: tl.constexpr = False):
+    def _gemv_bf16_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn,
+                          stride_ym, k_per_split, MB: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
         """``y[m, n] = sum_k x[m, k] W[n, k] (+ b[n])`` for MB rows of x, BLOCK_N rows of W, one K split
         of ``k_per_split`` (a multiple of BLOCK_K). Rows past N are clamped to N - 1 (loads stay in
         bounds without a mask; the store is masked); EVEN_K (K % BLOCK_K == 0): no K mask at all."""
@@ -108,11 +108,10 @@ if triton is not None:
             xp += BLOCK_K
             w = wn
         bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if HAS_BIAS:
-            if pid_k == 0:  # the bias rides on split 0's partial
-                bias = tl.load(b_ptr + rows).to(tl.float32)
-        _store_row_split_k(tl.sum(acc0, axis=1) + bias, y_ptr, ws_ptr, lock_ptr, 0, pid_n, pid_k, M, N, offs_n,
-                           mask_n, stride_ym, SPLIT_K, BLOCK_N)
+        if HAS_BIAS:  # the bias rides on split 0's partial
+            bias = tl.where(pid_k == 0, tl.load(b_ptr + rows).to(tl.float32), 0.0)
+        _store_row_split_k(tl.sum(acc0, axis=1) + bias, y_ptr, ws_ptr, lock_ptr, 0, pid_n, pid_k, M, N,
+                           offs_n, mask_n, stride_ym, SPLIT_K, BLOCK_N)
         if MB > 1:
             _store_row_split_k(tl.sum(acc1, axis=1) + bias, y_ptr, ws_ptr, lock_ptr, 1, pid_n, pid_k, M, N,
                                offs_n, mask_n, stride_ym, SPLIT_K, BLOCK_N)

@@ -7,6 +7,8 @@ tensors into them (per shard for fused layers), post-processes them once after l
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,10 +54,30 @@ class UnquantizedMethod(QuantMethod):
         layer.weight.data[start:start + size].copy_(tensor)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        w = layer.weight
+        if (BF16_GEMV and x.is_cuda and w.dtype in _GEMV_DTYPES and x.dtype == w.dtype
+                and x.numel() == x.shape[-1] and not _interpreting()):
+            # one token (batch-1 decode): our GEMV (anybit/kernels/gemv_bf16.py), PDL-capable,
+            # instead of cuBLAS; x flattened to [1, K]
+            from anybit.kernels.gemv_bf16 import gemv_bf16
+            x2 = x.reshape(1, x.shape[-1])
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            return gemv_bf16(x2, w, layer.bias).view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w, layer.bias)
 
     def expected_tensors(self, layer: Linear) -> list[tuple[str, str | None]]:
         return [("weight", s) for s in layer.shard_ids]
+
+
+# M = 1 fp16/bf16 linears on CUDA go to anybit's Triton GEMV (anybit/kernels/gemv_bf16.py) instead of
+# cuBLAS unless this is False (set ANYBIT_BF16_GEMV=0 before import, or assign at run time)
+BF16_GEMV = os.environ.get("ANYBIT_BF16_GEMV", "1") != "0"
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class Linear(nn.Module):
