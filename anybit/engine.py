@@ -1,4 +1,5 @@
-"""LLMEngine: the synchronous engine behind ``LLM`` and the server.
+"""LLMEngine: the engine behind ``LLM`` and the server (one ``step()`` call at a time; with
+async scheduling the device already runs the next step while a call returns its outputs).
 
 In: ``add_request(request_id, prompt (text or token ids), SamplingParams)``, ``abort_request``.
 Out: ``step() -> list[RequestOutput]`` for the requests that progressed (text detokenized
