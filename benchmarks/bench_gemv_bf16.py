@@ -144,9 +144,8 @@ def main() -> int:
             "columns": ["shape", "M", "method", "config", "time_us", "tbps", "floor_us", "speedup"],
             "rows": rows,
             "notes": [f"time: median of 20 CUDA-graph replays of R calls over R bf16 weight copies "
-                      f"(> 150 MB) and R inputs, divided by R; tbps counts W + x + y bytes; floor_us = bytes "
-                      f"/ "
-                      f"{COPY_TBPS} TB/s (H100 copy bandwidth); speedup = cuBLAS time / time",
+                      f"(> 150 MB) and R inputs, divided by R; tbps counts W + x + y bytes; floor_us = "
+                      f"bytes / {COPY_TBPS} TB/s (H100 copy bandwidth); speedup = cuBLAS time / time",
                       f"launcher default: BLOCK_N={gk.BLOCK_N}, BLOCK_K={gk.BLOCK_K}, warps={gk.NUM_WARPS}, "
                       f"split-K to fill {gk.PROGRAMS_PER_SM} programs per SM; 'anybit' and the sweep rows "
                       f"run with PDL off, 'anybit_pdl' with PDL between the consecutive calls in the graph",
