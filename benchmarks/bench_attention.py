@@ -5,8 +5,8 @@ against its ``ref_`` on the benchmark's own shapes first, then times with ``trit
 (median, L2 flushed between calls). Writes ``attention_prefill.json`` and ``attention_decode.json``.
 ``--variants`` instead runs only the quantized-decode variant sweep (``DECODE_VARIANTS``: bf16, the
 int8/int4 defaults and the register-prefetch / register-cap variants, each checked against ``ref_``
-on the GPU first) at batch 1/32/64 x context 4k-32k, ~2-3 minutes on one H100; writes
-``attention_decode_variants.json``.
+on the GPU first, plus a 1 x 32k drift check with one split) at batch 1/32/64 x context 4k/16k/32k,
+~3-4 minutes on one H100 with compiles; writes ``attention_decode_variants.json``.
 
 Prefill FLOPs (causal): ``2 * num_heads * head_dim * sum(L_i^2)`` (two matmuls, half the square).
 Decode bytes: K and V of every context token (codes + scales/zeros) + query + output.
@@ -263,22 +263,52 @@ def bench_decode(notes, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------
-# Quantized decode variant sweep (--variants): name -> (cache dtype, paged_attention_decode kwargs)
+# Quantized decode variant sweep (--variants): name -> (cache dtype, paged_attention_decode kwargs).
+# Session 3: V codes enter the PV MMA unbiased (exact_v, default); at batch >= 16 the launcher now
+# picks prefetch 2 for int8 (no register cap) and int4 (cap 168). "-s2def" = session 2's default
+# config at batch >= 16 (int8: no prefetch; int4: pf2 cap 168) with the fixed V path;
+# "-tilebias" = the cheaper per-tile bias removal (exact_v=False).
 DECODE_VARIANTS = {
     "bf16": ("bfloat16", {}),
     "int8": ("int8", {}),                                                # launcher default
-    "int8-s1r128": ("int8", {"prefetch": 0, "num_stages": 1, "max_registers": 128}),  # run 5's best_cfg
-    "int8-pf1": ("int8", {"prefetch": 1}),                               # maxnreg 168: 3 programs/SM
-    "int8-pf1-nocap": ("int8", {"prefetch": 1, "max_registers": 0}),     # ~193 regs: 2 programs/SM
-    "int8-pf2-nocap": ("int8", {"prefetch": 2, "max_registers": 0}),     # ~220 regs: 2 programs/SM
+    "int8-pf0": ("int8", {"prefetch": 0}),                               # session 2's int8 default
+    "int8-tilebias": ("int8", {"exact_v": False}),
+    "int8-pf2-cap168": ("int8", {"prefetch": 2, "max_registers": 168}),  # spills (30 LDL in the loop)
+    "int8-pf0-s1r128": ("int8", {"prefetch": 0, "num_stages": 1, "max_registers": 128}),
     "int8+qk8+pv8": ("int8", {"int8_qk": True, "int8_pv": True}),       # opt-in approximation
     "int4": ("int4", {}),
-    "int4-s1r128": ("int4", {"prefetch": 0, "num_stages": 1, "max_registers": 128}),
-    "int4-pf1": ("int4", {"prefetch": 1}),
-    "int4-pf2": ("int4", {"prefetch": 2}),
-    "int4-pf1-nocap": ("int4", {"prefetch": 1, "max_registers": 0}),
+    "int4-pf0": ("int4", {"prefetch": 0}),
+    "int4-tilebias": ("int4", {"exact_v": False}),
     "int4-pf2-nocap": ("int4", {"prefetch": 2, "max_registers": 0}),
 }
+VARIANT_CONTEXTS = (4096, 16384, 32768)
+
+
+def long_context_errors(notes: list[str]) -> dict[str, float]:
+    """Drift check at the benchmark's longest context: one 32k sequence, one split (all tokens in
+    one accumulator) and the launcher's split count, every variant vs ref_ (bf16 query)."""
+    torch.manual_seed(2)
+    ctx = max(VARIANT_CONTEXTS)
+    sl = torch.full((1,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(1, NH, D, device="cuda", dtype=torch.bfloat16)
+    errs: dict[str, float] = {}
+    for dtype in ("bfloat16", "int8", "int4"):
+        cache, table = paged_batch([ctx], dtype)
+        ref = ref_paged_attention_decode(q, cache, sl, table, D ** -0.5, None, ctx)
+        for name, (dt, kw) in DECODE_VARIANTS.items():
+            if dt != dtype:
+                continue
+            worst = 0.0
+            for splits in (1, None):
+                out = paged_attention_decode(q, cache, sl, table, D ** -0.5, None, ctx, num_splits=splits,
+                                             **kw)
+                worst = max(worst, rel(out, ref))
+            errs[name] = worst
+            notes.append(f"variant {name}: rel err vs ref_ at 1 x {ctx} (splits 1 / auto) {worst:.2e}")
+            print(notes[-1])
+        cache = table = None
+        torch.cuda.empty_cache()
+    return errs
 
 
 def check_variants(notes: list[str]) -> dict[str, float]:
@@ -315,13 +345,15 @@ def check_variants(notes: list[str]) -> dict[str, float]:
 
 def bench_decode_variants(notes, out_dir):
     errs = check_variants(notes)
+    long_errs = long_context_errors(notes)
     from anybit.kernels import attention_decode as ad
 
-    notes.append(f"launcher defaults in this run: DEFAULT_PREFETCH={ad.DEFAULT_PREFETCH}, "
-                 f"DEFAULT_PREFETCH_MAX_REGISTERS={ad.DEFAULT_PREFETCH_MAX_REGISTERS}")
+    notes.append(f"launcher defaults in this run: DEFAULT_PREFETCH={ad.DEFAULT_PREFETCH} (batch < "
+                 f"{ad.PREFETCH_MIN_SEQS}), DEFAULT_PREFETCH_BY_MODE (prefetch, maxnreg; 0 = no cap) "
+                 f"{ad.DEFAULT_PREFETCH_BY_MODE} at batch >= {ad.PREFETCH_MIN_SEQS}")
     rows = []
     for batch in (1, 32, 64):
-        for ctx in (4096, 8192, 16384, 32768):
+        for ctx in VARIANT_CONTEXTS:
             sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
             t_bf16 = None
@@ -341,8 +373,10 @@ def bench_decode_variants(notes, out_dir):
                         t_bf16 = t
                     rows.append({"batch": batch, "context": ctx, "variant": name, "kv_dtype": dtype,
                                  "time_us": t * 1e3, "tb_per_s": nbytes / t / 1e9,
+                                 "floor_us": nbytes / 3.0e12 * 1e6,
                                  "speedup_vs_bf16": t_bf16 / t, "vs_default": None,
-                                 "diff_vs_default": rel(out, base), "check_err": errs.get(name)})
+                                 "diff_vs_default": rel(out, base), "check_err": errs.get(name),
+                                 "err_32k": long_errs.get(name)})
                     print(f"b{batch} ctx{ctx} {name:16s} {t * 1e3:8.1f} us {nbytes / t / 1e9:5.2f} TB/s "
                           f"x{t_bf16 / t:.2f} vs bf16")
                 cache = table = base = None
@@ -357,12 +391,12 @@ def bench_decode_variants(notes, out_dir):
     notes.append("vs_default: speedup over the same dtype's launcher default in the same run; "
                  "diff_vs_default: rel diff of the outputs (bf16 q/out); check_err: worst rel err vs ref_ "
                  "in check_variants")
-    notes.append("variants: -pf1 register prefetch (next K tile + this V tile half an iteration ahead), "
-                 "-pf2 (whole next tile one iteration ahead); default cap maxnreg 168, -nocap none; "
-                 "-s1r128: no prefetch, num_stages 1, maxnreg 128 (4 programs/SM); int8+qk8+pv8: int8 MMAs "
-                 "(approximation, opt-in)")
-    cols = ["batch", "context", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "vs_default",
-            "diff_vs_default", "check_err"]
+    notes.append("variants: -pf0/-pf2 register prefetch depth (2: whole next tile one iteration ahead); "
+                 "-cap168 maxnreg 168, -nocap none; -s1r128: no prefetch, num_stages 1, maxnreg 128; "
+                 "-tilebias: exact_v=False (per-tile bias removal); int8+qk8+pv8: int8 MMAs (approximation, "
+                 "opt-in); floor_us: bytes / 3.0 TB/s; err_32k: rel err vs ref_ at 1 x 32k, splits 1 / auto")
+    cols = ["batch", "context", "variant", "time_us", "floor_us", "tb_per_s", "speedup_vs_bf16", "vs_default",
+            "diff_vs_default", "check_err", "err_32k"]
     write_result("attention_decode_variants",
                  "Quantized split-K paged decode variants, 32 q / 8 kv heads, d128", cols, rows, notes,
                  out_dir=out_dir)

@@ -508,10 +508,14 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_os, stride_oh,
 # prefetch 1 spills 20 bytes there, int4 none); ``max_registers=0`` means no cap (204-226 regs, 2/SM).
 DEFAULT_PREFETCH = 0
 DEFAULT_PREFETCH_MAX_REGISTERS = 168
-# int4 cache at batch >= 16: prefetch 2 by default. H100 (benchmarks/results/attention_decode_variants.json):
-# 1.14-1.27x over no prefetch at batch 32 and 64 (4k-32k), identical output; slower at batch 1
-# (0.76-0.97x). int8 prefetch 2 is not used: its output drifted from the default at long contexts.
-INT4_PREFETCH_MIN_SEQS = 16
+# Quantized caches at batch >= PREFETCH_MIN_SEQS: prefetch 2 by default, with the register cap per mode
+# (0 = none). H100 session 2 (benchmarks/results/attention_decode_variants.json): int4 pf2 (cap 168)
+# 1.14-1.27x over no prefetch at batch 32/64; int8 pf2 without cap (~216 regs, 2 programs/SM)
+# 1.04-1.09x. Its output "drift" there was the split count meeting the bias bug fixed in session 3
+# (V bias accumulated over a whole split), not the prefetch. Slower at batch 1: off there.
+PREFETCH_MIN_SEQS = 16
+DEFAULT_PREFETCH_BY_MODE = {1: (2, 0), 2: (2, DEFAULT_PREFETCH_MAX_REGISTERS)}
+INT4_PREFETCH_MIN_SEQS = PREFETCH_MIN_SEQS  # old name
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -621,7 +625,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         biased = cdt == tl.float16
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
     if prefetch is None:
-        prefetch = 2 if mode == 2 and num_seqs >= INT4_PREFETCH_MIN_SEQS else DEFAULT_PREFETCH
+        prefetch = DEFAULT_PREFETCH
+        if mode in DEFAULT_PREFETCH_BY_MODE and num_seqs >= PREFETCH_MIN_SEQS:
+            prefetch, cap = DEFAULT_PREFETCH_BY_MODE[mode]
+            if max_registers is None and biased:
+                max_registers = cap
     prefetch = int(prefetch) if biased else 0
     if prefetch not in (0, 1, 2):
         raise ValueError(f"paged_attention_decode: prefetch must be 0, 1 or 2, got {prefetch}")
