@@ -28,6 +28,7 @@ from anybit.kernels.kv_cache_ops import (
     load_codes_biased,
     load_kv_tile,
 )
+from anybit.kernels.pdl import pdl_enabled
 from anybit.layers.attention_meta import LayerKVCache
 
 
@@ -190,7 +191,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                    PAGE: tl.constexpr, MODE: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SPLIT_OUT: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr,
                    BIASED: tl.constexpr, USE_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr,
-                   PREFETCH: tl.constexpr, V_EXACT: tl.constexpr):
+                   PREFETCH: tl.constexpr, V_EXACT: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (num_seqs, num_kv_heads, num_splits). One program = all G query heads of one kv head
     over one slice of the context; partial (o, lse) go to mid buffers when SPLIT_OUT (num_splits > 1;
     the split count itself is the grid size, not a compile-time constant: fewer compiled variants).
@@ -208,7 +209,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     tensor cores truncate each k-step's sum to the accumulator's precision, an accumulator carrying
     the bias of a whole split is ~10^3 times the result, and the error grew linearly with the tokens
     of a split (0.05-0.14 relative at 32k on the H100). int4 zero points enter as ``sum(q) * k_zero``
-    per score and ``zsum = sum(p * v_zero)`` per row."""
+    per score and ``zsum = sum(p * v_zero)`` per row. PDL (anybit/kernels/pdl.py): the sequence
+    length (a step input) is read before waiting for the kernel that wrote q and the cache."""
     if HEADS_FIRST:  # grid (num_kv_heads, num_seqs, splits): the kv heads of one token range run together
         kvh = tl.program_id(0)
         seq = tl.program_id(1).to(tl.int64)
@@ -229,6 +231,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     offs_g = tl.arange(0, BLOCK_G)
     gmask = offs_g < G
     heads = kvh * G + offs_g
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # int4: channels split into even (a) / odd (b) halves matching the low / high nibbles
     if MODE == 2:
         offs_a = 2 * tl.arange(0, HEAD_DIM // 2)
@@ -486,8 +491,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
 
 @triton.jit
 def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_os, stride_oh, num_splits,
-                          HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (num_seqs, num_heads): merge the num_splits (<= BLOCK_K) partial softmaxes of one query head."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     base = seq * tl.num_programs(1) + h
@@ -580,7 +588,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            out: torch.Tensor | None = None, int8_qk: bool = False,
                            int8_pv: bool = False, biased: bool | None = None,
                            heads_first: bool | None = None, max_registers: int | None = None,
-                           prefetch: int | None = None, exact_v: bool = True) -> torch.Tensor:
+                           prefetch: int | None = None, exact_v: bool = True,
+                           pdl: bool | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -606,6 +615,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     ``num_stages=1`` (the loop-carried loads are plain loads; Triton's pipeliner stays out).
     The context is cut into ``num_splits`` slices of ``tokens_per_split`` (from ``max_seq_len``),
     each program reads its slice once for all heads of a GQA group; a reduction kernel merges.
+    ``pdl``: programmatic dependent launch of both kernels (None: where anybit/kernels/pdl.py
+    enables it).
     """
     _check_attn_args(query, kv_cache, block_table, "paged_attention_decode")
     mode = kv_mode(kv_cache.dtype)
@@ -669,6 +680,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     if heads_first is None:  # measured: no gain (run 5), seq-first 2-4% faster at 16k-32k for int8
         heads_first = False
     grid = (nkv, num_seqs, splits) if heads_first else (num_seqs, nkv, splits)
+    pdl = pdl_enabled(query.device, pdl)
+    launch = {"launch_pdl": True} if pdl else {}
     _decode_kernel[grid](
         query, kc, kv_cache.value, ks, vs, kz, vz, block_table, seq_lens, out, mid_o, mid_lse,
         scale * 1.4426950408889634, window, tps,
@@ -678,11 +691,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         PAGE=kv_cache.block_size, MODE=mode, CDT=cdt, DOT_PREC=prec, SPLIT_OUT=splits > 1,
         INT8_QK=bool(int8_qk and mode == 1), INT8_PV=bool(int8_pv and mode == 1),
         BIASED=biased, USE_ASM=bool(biased and cdt == tl.float16 and not interpret),
-        HEADS_FIRST=bool(heads_first), PREFETCH=prefetch, V_EXACT=bool(exact_v),
+        HEADS_FIRST=bool(heads_first), PREFETCH=prefetch, V_EXACT=bool(exact_v), PDL=pdl,
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
-        **({"maxnreg": max_registers} if max_registers else {}))
+        **({"maxnreg": max_registers} if max_registers else {}), **launch)
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, HEAD_DIM=head_dim,
-            BLOCK_K=triton.next_power_of_2(splits), num_warps=4)
+            BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, **launch)
     return out
