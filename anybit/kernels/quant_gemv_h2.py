@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from anybit.kernels.pdl import pdl_enabled
-from anybit.quant.format import PackedWeight
+from anybit.quant.format import SLICES, PackedWeight
 
 try:  # Triton is optional on CPU-only installs
     import triton
@@ -79,7 +79,12 @@ def _f16x2(v: float) -> str:
 
 
 # S: codes are (q - C) * 2^-S in f16, so the f16 lane sums stay below 65504 for |x| < 32k
-H2_SHIFT = {2: 4, 4: 5, 8: 8}
+# (single slice, |q - C| <= 2^(b-1)); with the folded zero |q - z| <= 2^b - 1 halves that to 16k.
+# Two-slice widths (folded zero only; one PTX block = the slice-0 words of one slice-1 word):
+# 16 (W3, W5) / 8 (W6) products per f16 lane, max |(q - z) 2^-S| = 7/32, 31/128, 63/128, so a lane
+# sum stays below 65504 for |x| < 18.7k / 16.9k / 16.6k.
+H2_SHIFT = {2: 4, 3: 5, 4: 5, 5: 7, 6: 7, 8: 8}
+H2_SLICE_BITS = (3, 5, 6)  # two-slice widths of the packed-half GEMV (integer zero points only)
 
 
 def _h2_asm(bits: int, words: int, zfold: bool = False) -> str:
@@ -149,6 +154,91 @@ def _h2_asm(bits: int, words: int, zfold: bool = False) -> str:
     return "\n".join(["{", f".reg .b32 {', '.join(regs)};", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;"]
                      + movs + head + ext + conv + dot + tail)
 
+
+
+def _h2s_slice1(bits: int, i: int) -> tuple[list[str], list[tuple[str, int]]]:
+    """Slice-1 bits of slice-0 word i of a two-slice block: the instructions that build the
+    register(s) and, per pair j (codes j, j + H0 of word i), (register, f1): the slice-1 field of
+    code j sits at bit f1 of the low half, that of code j + H0 at bit 16 + f1. f1 >= w0 + 1 keeps
+    the addend of the slice-1 fma exact in f16 (see ``_h2s_asm``); f1 + w1 <= 10 keeps the field
+    inside the mantissa. ``$v`` is the slice-1 word."""
+    x, y = f"x{i}", f"y{i}"
+    if bits == 3:  # 32 codes per slice-1 word: word i = bits 16i..16i+15; byte 2i: codes 0-7, 2i+1: 8-15
+        sel = (2 * i) | 4 << 4 | (2 * i + 1) << 8 | 4 << 12  # bytes 1, 3 <- 0 (byte 0 of the zero source)
+        ins = [f"prmt.b32 {x}, $v, 0, 0x{sel:04X};", f"shl.b32 {y}, {x}, 4;"]
+        return ins, [(y, 4 + j) if j < 4 else (x, j) for j in range(8)]
+    if bits == 5:  # one byte per slice-0 word: codes 0-3 from byte i of v, codes 4-7 from byte i of v >> 4
+        sel = i | i << 4 | (4 + i) << 8 | (4 + i) << 12
+        ins = [f"prmt.b32 {x}, $v, v4, 0x{sel:04X};", f"shl.b32 {y}, {x}, 5;"]
+        return ins, [(y, 5 + j) for j in range(4)]
+    # bits == 6: 2-bit codes, 16 bits per slice-0 word; byte 2i: codes 0-3, 2i+1: 4-7, each in both
+    # bytes of its half
+    sel = (2 * i) | (2 * i) << 4 | (2 * i + 1) << 8 | (2 * i + 1) << 12
+    ins = [f"prmt.b32 {x}, $v, 0, 0x{sel:04X};", f"shl.b32 {y}, {x}, 3;"]
+    return ins, [(x, 8), (y, 5), (y, 7), (x, 6)]
+
+
+def _h2s_asm(bits: int) -> str:
+    """PTX for the two-slice packed-half GEMV with the folded zero (bits 3 = 2+1, 5 = 4+1, 6 = 4+2;
+    q = q0 + 2^w0 q1, anybit/quant/format.py). Inputs: ``$1..$R`` the R = w0 / w1 slice-0 words
+    covered by one slice-1 word, ``$(R+1)`` that slice-1 word, then ``H0 = 16 // w0`` x pairs
+    (f16x2) per slice-0 word in the pairing of ``_h2_asm`` (pair j = codes j, j + H0), the
+    column's table word t (``gemv_table``: f16 s | f16 -z 2^-S) and the float32 accumulator.
+    Output ``$0 = acc + s * sum x (q - z) 2^-S`` (S = H2_SHIFT[bits]).
+
+    Per pair: slice 0 as in ``_h2_asm``: ``lop3 (w & m0) | 0x64006400`` = 1024 + q0 2^(f0 w0);
+    slice 1: ``lop3 (X & m1) | 0x64006400`` = 1024 + q1 2^f1 (X from ``_h2s_slice1``: one prmt and
+    one shift per slice-0 word); ``fma`` by 2^(w0 - S - f1) with the addend
+    c = -(2^(10 + w0 - f1) + 2^(10 - f0 w0) + z) 2^-S gives (2^w0 q1 - 2^(10 - f0 w0) - z) 2^-S,
+    the addend of the slice-0 ``fma`` by 2^(-f0 w0 - S), which gives (q - z) 2^-S. Every value is
+    an integer below 2048 times a power of two (f1 >= w0 + 1), so both fmas are exact; c is built
+    once per block and (f0, f1) by one ``add.f16x2`` from the table word. Then one ``fma.f16x2`` per
+    pair with x; the f16 lane sums of the block go to float32 once."""
+    w0, w1 = SLICES[bits]
+    R, H0, S = w0 // w1, 16 // w0, H2_SHIFT[bits]
+    nx = R * H0
+    v, t_in, acc_in = f"${1 + R}", f"${2 + R + nx}", f"${3 + R + nx}"
+    consts: dict = {}
+
+    def k(val: float) -> str:
+        return consts.setdefault(val, f"k{len(consts)}")
+
+    ext, regs, conv, zadd, cnames = [], [], [], [], {}
+    if bits == 5:
+        ext.append(f"shr.u32 v4, {v}, 4;")
+        regs.append("v4")
+    for i in range(R):
+        src = f"${1 + i}"
+        ins, s1 = _h2s_slice1(bits, i)
+        ext += [line.replace("$v", v) for line in ins]
+        regs += [f"x{i}", f"y{i}", f"u{i}"]
+        ext.append(f"shr.u32 u{i}, {src}, 8;")
+        for j in range(H0):
+            half, f0 = divmod(j, 8 // w0)
+            m0 = ((1 << w0) - 1) << (f0 * w0)
+            m1 = ((1 << w1) - 1) << s1[j][1]
+            a, b = f"a{i}_{j}", f"b{i}_{j}"
+            regs += [a, b]
+            ext.append(f"lop3.b32 {a}, {(src, f'u{i}')[half]}, 0x{m0 | m0 << 16:08X}, 0x64006400, 0xEA;")
+            ext.append(f"lop3.b32 {b}, {s1[j][0]}, 0x{m1 | m1 << 16:08X}, 0x64006400, 0xEA;")
+            f1 = s1[j][1]
+            assert w0 + 1 <= f1 and f1 + w1 <= 10
+            key = (f0, f1)
+            if key not in cnames:
+                cnames[key] = c = f"c{len(cnames)}"
+                kc = -(2.0 ** (10 + w0 - f1) + 2.0 ** (10 - f0 * w0)) * 2.0 ** -S
+                zadd.append(f"add.rn.f16x2 {c}, zz, {k(kc)};")
+            conv.append(f"fma.rn.f16x2 {b}, {b}, {k(2.0 ** (w0 - S - f1))}, {cnames[key]};")
+            conv.append(f"fma.rn.f16x2 {a}, {a}, {k(2.0 ** (-f0 * w0 - S))}, {b};")
+    dot = [f"mul.f16x2 p, a{i}_{j}, ${2 + R + i * H0 + j};" if i == j == 0 else
+           f"fma.rn.f16x2 p, a{i}_{j}, ${2 + R + i * H0 + j}, p;" for i in range(R) for j in range(H0)]
+    regs += ["p", "zz", *cnames.values(), *consts.values()]
+    movs = [f"mov.b32 {n}, {_f16x2(val)};" for val, n in consts.items()]
+    head = [f"prmt.b32 zz, {t_in}, 0, 0x3232;", *zadd]
+    tail = ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;", "add.f32 f0, f0, f1;",
+            f"mov.b32 {{lo, hi}}, {t_in};", "cvt.f32.f16 f1, lo;", f"fma.rn.f32 $0, f0, f1, {acc_in};", "}"]
+    return "\n".join(["{", f".reg .b32 {', '.join(regs)};", ".reg .b16 lo, hi;", ".reg .f32 f0, f1;"]
+                      + movs + head + ext + conv + dot + tail)
 
 if triton is not None:
     @triton.jit
@@ -531,6 +621,180 @@ if triton is not None:
                            mask_n, stride_ym, SPLIT_K, BLOCK_N)
 
 
+    # ---- two-slice widths (3 = 2+1, 5 = 4+1, 6 = 4+2), folded zero only: see _h2s_asm ------------
+    _ASMS_H2_W3: tl.constexpr = tl.constexpr(_h2s_asm(3))
+    _ASMS_H2_W5: tl.constexpr = tl.constexpr(_h2s_asm(5))
+    _ASMS_H2_W6: tl.constexpr = tl.constexpr(_h2s_asm(6))
+
+    @triton.jit
+    def _xp4(x_row, rows, J0: tl.constexpr, P0: tl.constexpr, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """x pairs J0..J0+3 of the slice-0 word rows ``rows [R]`` (``_x_pair``; XKIND 0/1/2)."""
+        p0, s0 = _x_pair(x_row, x_row, x_row, rows, J0, P0, XKIND, USE_ASM)
+        p1, s1 = _x_pair(x_row, x_row, x_row, rows, J0 + 1, P0, XKIND, USE_ASM)
+        p2, s2 = _x_pair(x_row, x_row, x_row, rows, J0 + 2, P0, XKIND, USE_ASM)
+        p3, s3 = _x_pair(x_row, x_row, x_row, rows, J0 + 3, P0, XKIND, USE_ASM)
+        return p0, p1, p2, p3
+
+    @triton.jit
+    def _pair_dot_s(w, v, p, I: tl.constexpr, J: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, z):
+        """Plain-Triton twin of one pair of slice-0 word I of a two-slice block: ``[R, BLOCK_N]``
+        float32 ``x_lo (q_J - z) + x_hi (q_{J+H0} - z)``, q = q0 + 2^W0 q1 (q1 from the slice-1
+        word v at code index I * P0 + J of the block)."""
+        P0: tl.constexpr = 32 // W0
+        H0: tl.constexpr = P0 // 2
+        M0: tl.constexpr = (1 << W0) - 1
+        M1: tl.constexpr = (1 << W1) - 1
+        xlo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xhi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        qlo = ((w >> (J * W0)) & M0) | (((v >> ((I * P0 + J) * W1)) & M1) << W0)
+        qhi = ((w >> ((J + H0) * W0)) & M0) | (((v >> ((I * P0 + J + H0) * W1)) & M1) << W0)
+        return xlo[:, None] * (qlo.to(tl.float32) - z) + xhi[:, None] * (qhi.to(tl.float32) - z)
+
+    @triton.jit
+    def _tw4(w, v, p0, p1, p2, p3, I: tl.constexpr, J0: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, z):
+        return ((_pair_dot_s(w, v, p0, I, J0, W0, W1, z) + _pair_dot_s(w, v, p1, I, J0 + 1, W0, W1, z))
+                + (_pair_dot_s(w, v, p2, I, J0 + 2, W0, W1, z) + _pair_dot_s(w, v, p3, I, J0 + 3, W0, W1, z)))
+
+    @triton.jit
+    def _dot_s3(wa, wb, v, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """3 bits: the two 2-bit words (rows ra, ra + 1) of one 1-bit word v; ``acc + s * sum x (q - z)
+        2^-S`` (t: table words ``[R, BLOCK_N]``)."""
+        a0, a1, a2, a3 = _xp4(x_row, ra, 0, 16, XKIND, USE_ASM)
+        a4, a5, a6, a7 = _xp4(x_row, ra, 4, 16, XKIND, USE_ASM)
+        b0, b1, b2, b3 = _xp4(x_row, ra + 1, 0, 16, XKIND, USE_ASM)
+        b4, b5, b6, b7 = _xp4(x_row, ra + 1, 4, 16, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASMS_H2_W3, "=f" + ",r" * 20 + ",f",
+                [wa, wb, v, a0[:, None], a1[:, None], a2[:, None], a3[:, None], a4[:, None], a5[:, None],
+                 a6[:, None], a7[:, None], b0[:, None], b1[:, None], b2[:, None], b3[:, None], b4[:, None],
+                 b5[:, None], b6[:, None], b7[:, None], t, acc], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = -_half(t, True) * 32.0
+            d = ((_tw4(wa, v, a0, a1, a2, a3, 0, 0, 2, 1, z) + _tw4(wa, v, a4, a5, a6, a7, 0, 4, 2, 1, z))
+                 + (_tw4(wb, v, b0, b1, b2, b3, 1, 0, 2, 1, z) + _tw4(wb, v, b4, b5, b6, b7, 1, 4, 2, 1, z)))
+            d = acc + _half(t, False) * (d * (1.0 / 32))
+        return d
+
+    @triton.jit
+    def _dot_s5(wa, wb, wc, wd, v, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """5 bits: the four 4-bit words (rows ra .. ra + 3) of one 1-bit word v."""
+        a0, a1, a2, a3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
+        b0, b1, b2, b3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
+        c0, c1, c2, c3 = _xp4(x_row, ra + 2, 0, 8, XKIND, USE_ASM)
+        e0, e1, e2, e3 = _xp4(x_row, ra + 3, 0, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASMS_H2_W5, "=f" + ",r" * 22 + ",f",
+                [wa, wb, wc, wd, v, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None],
+                 b1[:, None], b2[:, None], b3[:, None], c0[:, None], c1[:, None], c2[:, None], c3[:, None],
+                 e0[:, None], e1[:, None], e2[:, None], e3[:, None], t, acc],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = -_half(t, True) * 128.0
+            d = ((_tw4(wa, v, a0, a1, a2, a3, 0, 0, 4, 1, z) + _tw4(wb, v, b0, b1, b2, b3, 1, 0, 4, 1, z))
+                 + (_tw4(wc, v, c0, c1, c2, c3, 2, 0, 4, 1, z) + _tw4(wd, v, e0, e1, e2, e3, 3, 0, 4, 1, z)))
+            d = acc + _half(t, False) * (d * (1.0 / 128))
+        return d
+
+    @triton.jit
+    def _dot_s6(wa, wb, v, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """6 bits: the two 4-bit words (rows ra, ra + 1) of one 2-bit word v."""
+        a0, a1, a2, a3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
+        b0, b1, b2, b3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASMS_H2_W6, "=f" + ",r" * 12 + ",f",
+                [wa, wb, v, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None], b1[:, None],
+                 b2[:, None], b3[:, None], t, acc], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = -_half(t, True) * 128.0
+            d = _tw4(wa, v, a0, a1, a2, a3, 0, 0, 4, 2, z) + _tw4(wb, v, b0, b1, b2, b3, 1, 0, 4, 2, z)
+            d = acc + _half(t, False) * (d * (1.0 / 128))
+        return d
+
+    @triton.jit
+    def _quant_gemv_h2s_kernel(x_ptr, q_ptr, t_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm, stride_qk,
+                               stride_tg, stride_ym, k_per_split, n_iters, zero, BITS: tl.constexpr,
+                               XSCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               SPLIT_K: tl.constexpr, ITERS: tl.constexpr, USE_ASM: tl.constexpr,
+                               XKIND: tl.constexpr, PDL: tl.constexpr = False, EVEN_N: tl.constexpr = False):
+        """Two-slice twin of ``_quant_gemv_h2_kernel`` (folded zero, register prefetch): one row m,
+        BLOCK_N columns, one K split; ``y = 2^S sum_tiles s sum x (q - z) 2^-S`` (t_ptr: the
+        ``gemv_table``). A tile's R1 = BLOCK_K / P1 slice-1 word rows ``[R1, BLOCK_N]`` are loaded
+        with RATIO = w0 / w1 slabs of slice-0 rows: slab i holds rows RATIO * r + i, so element
+        (r, n) of every slab lies under element (r, n) of the slice-1 tile and one PTX block takes
+        one word of each (``_h2s_asm``). The next tile is loaded before the current one is used."""
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        W0: tl.constexpr = 2 if BITS == 3 else 4
+        W1: tl.constexpr = BITS - W0
+        P0: tl.constexpr = 32 // W0
+        P1: tl.constexpr = 32 // W1
+        RATIO: tl.constexpr = W0 // W1
+        R1: tl.constexpr = BLOCK_K // P1
+        r = tl.arange(0, R1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        if EVEN_N:
+            mask_n = tl.full([BLOCK_N], 1, tl.int1)
+        mask2 = mask_n[None, :]
+        acc = tl.zeros([R1, BLOCK_N], dtype=tl.float32)
+        k_start = pid_k * k_per_split
+        x_row = x_ptr + m * stride_xm
+        n = ITERS if ITERS > 0 else n_iters
+        wp = q_ptr + (k_start // P0 + RATIO * r)[:, None] * stride_qk + offs_n[None, :]
+        vp = q_ptr + (K // P0 + k_start // P1 + r)[:, None] * stride_qk + offs_n[None, :]
+        step0 = (BLOCK_K // P0) * stride_qk
+        step1 = R1 * stride_qk
+        na = tl.load(wp, mask=mask2, other=0)
+        nb = tl.load(wp + stride_qk, mask=mask2, other=0)
+        nc = na
+        nd = na
+        if RATIO == 4:
+            nc = tl.load(wp + 2 * stride_qk, mask=mask2, other=0)
+            nd = tl.load(wp + 3 * stride_qk, mask=mask2, other=0)
+        nv = tl.load(vp, mask=mask2, other=0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        t_off = (r * zero)[:, None] + offs_n[None, :]  # table rows of one address (see _quant_gemv_h2_kernel)
+        tpg = G // BLOCK_K
+        g = k_start // G
+        tt = (k_start // BLOCK_K) % tpg
+        for i in tl.range(0, n, num_stages=1):
+            k0 = k_start + i * BLOCK_K
+            wa = na
+            wb = nb
+            wc = nc
+            wd = nd
+            v = nv
+            more = i + 1 < n
+            wp += tl.where(more, step0, 0)  # prefetch (the last one repeats)
+            vp += tl.where(more, step1, 0)
+            na = tl.load(wp, mask=mask2, other=0)
+            nb = tl.load(wp + stride_qk, mask=mask2, other=0)
+            if RATIO == 4:
+                nc = tl.load(wp + 2 * stride_qk, mask=mask2, other=0)
+                nd = tl.load(wp + 3 * stride_qk, mask=mask2, other=0)
+            nv = tl.load(vp, mask=mask2, other=0)
+            rows = k0 // P0 + RATIO * r
+            tw = tl.load(t_ptr + g * stride_tg + t_off, mask=mask2, other=0)
+            if BITS == 3:
+                acc = _dot_s3(wa, wb, v, x_row, rows, tw, acc, XKIND, USE_ASM)
+            elif BITS == 5:
+                acc = _dot_s5(wa, wb, wc, wd, v, x_row, rows, tw, acc, XKIND, USE_ASM)
+            else:
+                acc = _dot_s6(wa, wb, v, x_row, rows, tw, acc, XKIND, USE_ASM)
+            tt += 1
+            g += tl.where(tt == tpg, 1, 0)
+            tt = tl.where(tt == tpg, 0, tt)
+        out = tl.sum(acc, axis=0) * XSCALE
+        _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
+                           mask_n, stride_ym, SPLIT_K, BLOCK_N)
+
+
 H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (CUDA)
 H2_MAX_M = 1
 H2_WORDS_PER_ASM = 2  # words whose f16 lane sums are added before the float32 conversion
@@ -543,6 +807,8 @@ def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
     (N <= 4096 < K); lm_head-sized N (>= 65536) 256 with 8 warps at 2 and 8 bits. x-sum form
     (session 2, H100, quant_matmul_h2.json): W2 512; W4 128, 512 for N, K <= 8192, 256 for
     lm_head; W8 128; 8 warps for W8 and lm_head W4."""
+    if bits in H2_SLICE_BITS:  # two-slice widths: the row of their slice-0 width (see the notes)
+        bits = 2 if bits == 3 else 4
     small, huge = N <= 8192 and K <= 8192, N >= 65536
     if zfold:
         if huge and bits in (2, 8):
@@ -561,7 +827,7 @@ _SMEM_PER_SM = 227 * 1024  # H100 / H200: shared memory a block may use per SM
 
 
 def h2_stages(bits: int, N: int, K: int) -> int:
-    return H2_STAGES[bits]
+    return H2_STAGES.get(bits, 1)
 
 
 H2_PROGRAMS_PER_SM = 3  # programs resident per SM assumed before the compiled kernel's registers are known
@@ -596,6 +862,15 @@ def gemv_table(packed: PackedWeight) -> torch.Tensor | None:
     return table
 
 
+def gemv_h2_applies(packed: PackedWeight, M: int, dtype: torch.dtype, on_cuda: bool) -> bool:
+    """The launcher's choice of the packed-half GEMV (quant_matmul's "auto"): M <= H2_MAX_M, fp16/bf16
+    x, on CUDA (not the interpreter: ``on_cuda``), uniform weights of H2_BITS, or of H2_SLICE_BITS with
+    integer zero points (``gemv_table``; other zero points keep the generic GEMV)."""
+    if not on_cuda or M > H2_MAX_M or packed.fmt != "uniform" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return packed.bits in H2_BITS or (packed.bits in H2_SLICE_BITS and gemv_table(packed) is not None)
+
+
 def one_wave_split(tiles: int, k_tiles: int, slots: int) -> int:
     """The largest split-K (a divisor of k_tiles) whose tiles * split programs all fit at once in
     ``slots`` (resident programs on the GPU), so no second partial wave pays the per-program
@@ -622,20 +897,24 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     code conversion instead of an x-sum term."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
-    if packed.fmt != "uniform" or bits not in H2_BITS:
-        raise ValueError(f"path gemv_h2: needs a uniform 2/4/8-bit weight, got {packed.fmt} {bits}-bit")
+    two = bits in H2_SLICE_BITS  # two-slice widths: _quant_gemv_h2s_kernel (folded zero only)
+    if packed.fmt != "uniform" or (bits not in H2_BITS and not two):
+        raise ValueError(f"path gemv_h2: needs a uniform 2/3/4/5/6/8-bit weight, got {packed.fmt} {bits}-bit")
     if use_asm is None:
         use_asm = x.is_cuda and not _INTERPRET
     P0 = 32 // bits
     table = gemv_table(packed) if zfold is not False and fuse_x else None
     if zfold and table is None:
         raise ValueError("zfold: needs integer zero points in [0, 2^bits) and fuse_x")
+    if two and (table is None or (stages or 1) != 1):
+        raise ValueError(f"path gemv_h2: {bits}-bit weights need the folded zero (zfold: integer zero points "
+                         f"in [0, 2^bits), fuse_x) and stages 1")
     auto_bn, auto_warps = h2_config(bits, N, K, table is not None)
     BN = block_n or auto_bn
     BK = _pick_block_k(G, K, block_k or 128)
     wpt = words_per_asm or H2_WORDS_PER_ASM
-    if wpt not in (1, 2) or (BK // P0) % wpt:
-        wpt = 1
+    if wpt not in (1, 2) or (BK // P0) % wpt or two:
+        wpt = 1  # two-slice: one PTX block per slice-1 word (its w0 / w1 slice-0 words), fixed
     num_n = triton.cdiv(N, BN)
     tiles = num_n * M
     sms = _num_sms(x.device)
@@ -667,12 +946,19 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         xin, stride_x = xq, 0
     # the prep kernel of fuse_x=False is not PDL-aware
     pdl = fuse_x and pdl_enabled(x.device, pdl)
-    kernel = _quant_gemv_h2_kernel[(M, num_n, split_k)](
-        xin, xq, xs, packed.qweight, sz, packed.zeros, y, ws, locks, M, N, K, G,
-        stride_x, packed.qweight.stride(0), sz.stride(0), y.stride(0), per * BK, per, 0,
-        bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
-        xkind, pdl, stages, N % BN == 0, table is not None, num_warps=warps, num_stages=stages,
-        **({"launch_pdl": True} if pdl else {}))
+    if two:
+        kernel = _quant_gemv_h2s_kernel[(M, num_n, split_k)](
+            xin, packed.qweight, table, y, ws, locks, M, N, K, G, stride_x, packed.qweight.stride(0),
+            table.stride(0), y.stride(0), per * BK, per, 0, bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k,
+            per if _INTERPRET else 0, bool(use_asm), xkind, pdl, N % BN == 0, num_warps=warps, num_stages=1,
+            **({"launch_pdl": True} if pdl else {}))
+    else:
+        kernel = _quant_gemv_h2_kernel[(M, num_n, split_k)](
+            xin, xq, xs, packed.qweight, sz, packed.zeros, y, ws, locks, M, N, K, G,
+            stride_x, packed.qweight.stride(0), sz.stride(0), y.stride(0), per * BK, per, 0,
+            bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
+            xkind, pdl, stages, N % BN == 0, table is not None, num_warps=warps, num_stages=stages,
+            **({"launch_pdl": True} if pdl else {}))
     regs = getattr(kernel, "n_regs", 0) if x.is_cuda else 0
     if regs and occ_key not in _RESIDENT:  # programs that fit on an SM at once, for the next split choice
         smem = max(1, getattr(kernel.metadata, "shared", 0) or 1)

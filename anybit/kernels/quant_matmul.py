@@ -13,7 +13,9 @@ Two kernels, chosen by M (rows of x) in ``quant_matmul``:
   small M.
 
 - ``_quant_gemv_h2_kernel`` (M = 1, uniform 2/4/8 bits, fp16/bf16 x; ``path="gemv_h2"``): packed
-  half-precision arithmetic, two codes per instruction; it lives in quant_gemv_h2.py.
+  half-precision arithmetic, two codes per instruction; it lives in quant_gemv_h2.py, with its
+  two-slice twin ``_quant_gemv_h2s_kernel`` (3/5/6 bits with integer zero points;
+  ``gemv_h2_applies`` decides).
 - ``_quant_gemm_h2_kernel`` (2 <= M <= 64, uniform 2/4/8 bits, fp16/bf16 x; ``path="gemm"`` with
   ``h2_dequant=True``, the "auto" choice on CUDA): the tensor-core path with packed-half
   dequantization straight into the MMA's registers; it lives in quant_gemm_h2.py.
@@ -35,6 +37,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     _num_sms,
     _pick_block_k,
     _store_row_split_k,
+    gemv_h2_applies,
     quant_gemv_h2,
 )
 from anybit.quant.format import SLICES, PackedWeight, dequantize
@@ -385,11 +388,12 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     """y = x @ dequant(W)^T (+ nothing). x ``[M, K]`` fp16/bf16/fp32, packed ``PackedWeight``
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
     slice of a fused output). ``path``: "auto" (the packed-half GEMV for M <= H2_MAX_M when the
-    weight is uniform 2/4/8-bit and x fp16/bf16 on CUDA, else the GEMV for M <= GEMV_MAX_M, tensor
-    cores above), "gemv", "gemv_h2", "gemm", "dequant"; the block/split/swap keywords override the
-    heuristics (benchmarks); ``use_asm`` (gemv_h2): inline PTX (default on CUDA) or plain Triton,
-    ``words_per_asm`` (gemv_h2): words (1 or 2) per PTX block, i.e. per float32 conversion;
-    ``fast_dequant`` selects the in-place dequantization of the tensor-core path (single-slice
+    weight is uniform 2/4/8-bit, or 3/5/6-bit with integer zero points, and x fp16/bf16 on CUDA,
+    else the GEMV for M <= GEMV_MAX_M, tensor cores above), "gemv", "gemv_h2", "gemm", "dequant";
+    the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
+    inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
+    PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
+    of the tensor-core path (single-slice
     uniform widths only; None: on under "auto" for FAST_DEQUANT_BITS at M <= FAST_DEQUANT_MAX_M,
     off for an explicit path="gemm"); ``h2_dequant`` (path "gemm") the packed-half tensor-core
     kernel of quant_gemm_h2.py (uniform 2/4/8 bits; None: on under "auto" for GEMM_H2_MIN_M <= M
@@ -414,8 +418,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     cb = packed.codebook if packed.codebook is not None else packed.scales
     if path == "auto":
-        h2 = (M <= H2_MAX_M and not is_cb and packed.bits in H2_BITS and x.is_cuda and not _INTERPRET
-              and x.dtype in (torch.float16, torch.bfloat16))
+        h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
         if path == "gemm" and h2_dequant is None:
             h2_dequant = GEMM_H2_AUTO and (GEMM_H2_MIN_M <= M <= GEMM_H2_MAX_M and not is_cb

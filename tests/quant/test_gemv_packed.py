@@ -6,8 +6,9 @@ import struct
 import pytest
 import torch
 
-from anybit.kernels.quant_gemv_h2 import H2_SHIFT, _h2_asm, split_k_counters
+from anybit.kernels.quant_gemv_h2 import H2_SHIFT, _h2_asm, _h2s_asm, split_k_counters
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
+from anybit.quant.format import SLICES
 from anybit.quant.rtn import QuantSpec, rtn_quantize
 
 CUDA = torch.cuda.is_available()
@@ -38,12 +39,15 @@ def _emulate(asm: str, words: list[int], extra: dict | None = None) -> list[tupl
             regs[a[0]] = val(a[1])
         elif op == "shr.u32":
             regs[a[0]] = val(a[1]) >> int(a[2])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << int(a[2])) & 0xFFFFFFFF
         elif op == "lop3.b32":
             assert a[4] == "0xEA"  # (a & b) | c
             regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
-        elif op == "prmt.b32":
+        elif op == "prmt.b32":  # default mode; selector nibbles 0-7 only (no sign replication)
             by = [(val(t) >> 8 * i) & 0xFF for t in a[1:3] for i in range(4)]
             sel = int(a[3], 0)
+            assert all((sel >> 4 * i) & 0x8 == 0 for i in range(4))
             regs[a[0]] = sum(by[(sel >> 4 * i) & 0xF] << 8 * i for i in range(4))
         elif op in ("sub.f16x2", "add.rn.f16x2") or (op == "fma.rn.f16x2" and not a[2].startswith("$")):
             x, y = _h(val(a[1])), _h(val(a[2]))
@@ -82,6 +86,37 @@ def test_ptx_folded_zero_gives_exact_codes_minus_zero(bits, words):
         words_in = [sum(c << (i * bits) for i, c in enumerate(q)) for q in qs]
         got = _emulate(asm, words_in, {table_reg: zt << 16})
         assert got == [((q[j] - z) * S, (q[j + H] - z) * S) for q in qs for j in range(H)]
+
+
+
+def _two_slice_block(bits: int, q: list[list[int]]) -> list[int]:
+    """Codes ``q [R][P0]`` of the R slice-0 words under one slice-1 word -> the PTX inputs
+    (R slice-0 words, then the slice-1 word) in the layout of anybit/quant/format.py."""
+    w0, w1 = SLICES[bits]
+    P0 = 32 // w0
+    words = [sum((c & ((1 << w0) - 1)) << (i * w0) for i, c in enumerate(row)) for row in q]
+    v = sum((c >> w0) << ((r * P0 + i) * w1) for r, row in enumerate(q) for i, c in enumerate(row))
+    return words + [v]
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_ptx_two_slice_gives_exact_codes_minus_zero(bits):
+    """Two-slice block (zfold): every pair that meets x is ((q_j - z) 2^-S, (q_{j+H0} - z) 2^-S)
+    exactly, for every integer zero point z and every code at every position (codes cycle through
+    all values position by position), plus random blocks."""
+    w0, w1 = SLICES[bits]
+    R, P0, H0, S = w0 // w1, 32 // w0, 16 // w0, 2.0 ** -H2_SHIFT[bits]
+    asm = _h2s_asm(bits)
+    table_reg = f"${2 + R + R * H0}"
+    g = torch.Generator().manual_seed(bits)
+    for z in range(2 ** bits):
+        zt = struct.unpack("<H", struct.pack("<e", -z * S))[0]
+        blocks = [[[(r * P0 + i + t) % 2 ** bits for i in range(P0)] for r in range(R)]
+                  for t in range(2 ** bits)]
+        blocks += [torch.randint(0, 2 ** bits, (R, P0), generator=g).tolist() for _ in range(4)]
+        for q in blocks:
+            got = _emulate(asm, _two_slice_block(bits, q), {table_reg: zt << 16})
+            assert got == [((q[r][j] - z) * S, (q[r][j + H0] - z) * S) for r in range(R) for j in range(H0)]
 
 
 def _packed(N, K, bits, group, seed):
@@ -133,10 +168,75 @@ def test_gemv_h2_x_at_odd_offset_and_repeated_calls():
         assert torch.equal(y, outs[0])
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6])
+@pytest.mark.parametrize("group, N", [(128, 96), (32, 37), (-1, 129)])
+def test_gemv_h2_two_slice_vs_reference(bits, group, N):
+    """3/5/6 bits (two slices, folded zero): bf16/fp16/fp32 x, M = 1 and 2, odd N, split-K."""
+    from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
+
+    K = 384 if group == 128 else 160 if group == 32 else 256
+    pw = _packed(N, K, bits, group, seed=bits * 7 + group)
+    for dtype, M, tol, split in ((torch.bfloat16, 1, 1e-2, None), (torch.float16, 2, 5e-3, 2),
+                                 (torch.float32, 1, 2e-3, 3)):
+        x = torch.randn(M, K, device=DEV).to(dtype)
+        ref = ref_quant_matmul(x.float(), pw)
+        y = quant_gemv_h2(x, pw, torch.empty(M, N, device=DEV, dtype=dtype), split_k=split,
+                          block_n=32 if N < 64 else None)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        err = float((y.float() - ref).norm() / ref.norm())
+        assert err < tol, (dtype, err)
+
+
+def test_gemv_h2_two_slice_large_x_and_extreme_codes():
+    """|x| ~ 1e3 and codes at 0 / 2^b - 1 with zero points at the other end (|q - z| = 2^b - 1):
+    no f16 overflow, exact codes; the launcher's split-K output slice."""
+    from anybit.quant.format import PackedWeight, pack_codes
+
+    for bits in (3, 5, 6):
+        N, K, G = 40, 256, 64
+        g = torch.Generator().manual_seed(bits)
+        hi = 2 ** bits - 1
+        q = torch.where(torch.rand(N, K, generator=g) < 0.5, 0, hi)
+        z = torch.where(torch.rand(K // G, N, generator=g) < 0.5, 0.0, float(hi))
+        s = (torch.rand(K // G, N, generator=g) * 0.02 + 0.001).half()
+        pw = PackedWeight(pack_codes(q, bits), s, z.half(), bits, G, K, N).to(DEV)
+        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16) * 1000
+        ref = ref_quant_matmul(x.float(), pw)
+        out = torch.full((1, 3 * N), float("nan"), device=DEV, dtype=torch.bfloat16)
+        quant_matmul(x, pw, out=out[:, N:2 * N], path="gemv_h2", split_k=2)
+        assert float((out[:, N:2 * N].float() - ref).norm() / ref.norm()) < 1e-2
+        assert torch.isnan(out[:, :N].float()).all() and torch.isnan(out[:, 2 * N:].float()).all()
+
+
+def test_gemv_h2_routing_by_width_and_zero_points():
+    """The launcher's packed-half choice at M = 1 on CUDA: 2/4/8 bits always (zfold or x sums),
+    3/5/6 bits only with integer zero points (gemv_table), never on CPU / in the interpreter."""
+    from anybit.kernels.quant_gemv_h2 import H2_SLICE_BITS, gemv_h2_applies
+    from anybit.quant.format import PackedWeight
+
+    for bits in (2, 3, 4, 5, 6, 7, 8):
+        pw = _packed(32, 128, bits, 64, seed=bits)
+        frac = PackedWeight(pw.qweight, pw.scales, pw.zeros + 0.5, bits, 64, 128, 32)
+        want = bits in (2, 4, 8) or bits in H2_SLICE_BITS
+        assert gemv_h2_applies(pw, 1, torch.bfloat16, on_cuda=True) == want
+        assert gemv_h2_applies(frac, 1, torch.float16, on_cuda=True) == (bits in (2, 4, 8))
+        assert not gemv_h2_applies(pw, 1, torch.bfloat16, on_cuda=False)
+        assert not gemv_h2_applies(pw, 2, torch.bfloat16, on_cuda=True)
+        assert not gemv_h2_applies(pw, 1, torch.float32, on_cuda=True)
+    cb = rtn_quantize(torch.randn(32, 64), QuantSpec(4, 32, "nf4"))
+    assert not gemv_h2_applies(cb, 1, torch.bfloat16, on_cuda=True)
+
+
 def test_gemv_h2_rejects_other_formats():
-    pw = rtn_quantize(torch.randn(32, 64), QuantSpec(3, 32, "uniform")).to(DEV)
+    from anybit.quant.format import PackedWeight
+
+    pw = rtn_quantize(torch.randn(32, 64), QuantSpec(7, 32, "uniform")).to(DEV)
     with pytest.raises(ValueError, match="gemv_h2"):
         quant_matmul(torch.randn(1, 64, device=DEV), pw, path="gemv_h2")
+    pw = rtn_quantize(torch.randn(32, 64), QuantSpec(3, 32, "uniform")).to(DEV)
+    frac = PackedWeight(pw.qweight, pw.scales, pw.zeros + 0.25, 3, 32, 64, 32)  # 3 bits: folded zero only
+    with pytest.raises(ValueError, match="zfold"):
+        quant_matmul(torch.randn(1, 64, device=DEV), frac, path="gemv_h2")
     pw = rtn_quantize(torch.randn(32, 64), QuantSpec(4, 32, "nf4")).to(DEV)
     with pytest.raises(ValueError, match="gemv_h2"):
         quant_matmul(torch.randn(1, 64, device=DEV), pw, path="gemv_h2")
