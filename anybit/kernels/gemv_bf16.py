@@ -2,9 +2,9 @@
 
 Memory-bound design (the weight is read once, at copy bandwidth if possible): program
 ``(0, pid_n, pid_k)`` owns BLOCK_N rows of W and one K range. The weight tile is loaded as
-``[BLOCK_N, BLOCK_K // 8, 8]`` with the last axis contiguous, so each thread issues 16-byte loads
-(LDG.E.128) and sums its 8 products in registers; the float32 accumulator is ``[BLOCK_N,
-BLOCK_K // 8]`` and the cross-thread sum happens once, after the loop. The next tile is requested
+``[BLOCK_K // 8, BLOCK_N, 8]`` with the last axis contiguous, so each thread issues 16-byte loads
+(LDG.E.128) and sums its 8 products in registers; the float32 accumulator is ``[BLOCK_K // 8,
+BLOCK_N]`` and the cross-thread sum happens once, after the loop. The next tile is requested
 before the current one is used (register prefetch), the first one before ``gdc_wait()`` (PDL: x is
 written by the previous kernel, W is not). Enough programs to fill every SM in one wave: split-K
 when N / BLOCK_N tiles are too few, partials added by the last program of a tile
@@ -41,6 +41,14 @@ def ref_gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 if triton is not None:
     @triton.jit
+    def _ld(p, k, kv3, K, EVEN_K: tl.constexpr):
+        """A ``[KV, BLOCK_N, 8]`` tile at K offset k (chunks past K read as zero unless EVEN_K)."""
+        if EVEN_K:
+            return tl.load(p)
+        else:
+            return tl.load(p, mask=(k + kv3) < K, other=0.0)
+
+    @triton.jit
     def _gemv_bf16_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_wn,
                           stride_ym, k_per_split, MB: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -55,71 +63,53 @@ if triton is not None:
         mask_n = offs_n < N
         rows = tl.minimum(offs_n, N - 1).to(tl.int64)
         kv = tl.arange(0, KV)
-        offs_k = (kv[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :]  # [1, KV, 8]
-        kv3 = (kv * 8)[None, :, None]  # chunk starts, for the K mask (constant over the 8-vector)
+        # tiles are [KV, BLOCK_N, 8] (chunk, row, element): with the chunk axis first Triton lays a
+        # warp along one row's 32 chunks (512 contiguous bytes per load at BLOCK_K = 256)
+        offs_k = (kv[:, None] * 8 + tl.arange(0, 8)[None, :])[:, None, :]  # [KV, 1, 8]
+        kv3 = (kv * 8)[:, None, None]  # chunk starts, for the K mask (constant over the 8-vector)
         k_start = pid_k * k_per_split
         n = tl.minimum(k_per_split, K - k_start + BLOCK_K - 1) // BLOCK_K
-        wp = w_ptr + rows[:, None, None] * stride_wn + k_start + offs_k
-        # x rows as [BLOCK_N, KV, 8] with a zero row stride: the same layout as the weight tile
-        zero_n = (offs_n * 0)[:, None, None]
+        wp = w_ptr + rows[None, :, None] * stride_wn + k_start + offs_k
+        # x as [KV, BLOCK_N, 8] with a zero row stride: the same layout as the weight tile
+        zero_n = (offs_n * 0)[None, :, None]
         xp = x_ptr + zero_n + k_start + offs_k
-        if EVEN_K:
-            w = tl.load(wp)
-        else:
-            w = tl.load(wp, mask=(k_start + kv3) < K, other=0.0)
+        w = _ld(wp, k_start, kv3, K, EVEN_K)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        acc0 = tl.zeros([BLOCK_N, KV], dtype=tl.float32)
+        acc0 = tl.zeros([KV, BLOCK_N], dtype=tl.float32)
         acc1 = acc0
         acc2 = acc0
         acc3 = acc0
         for i in range(0, n):
             k0 = k_start + i * BLOCK_K
-            step = tl.where(i + 1 < n, BLOCK_K, 0)  # prefetch the next tile (the last one repeats)
+            step = tl.where(i + 1 < n, BLOCK_K, 0)
             wp += step
-            if EVEN_K:
-                wn = tl.load(wp)
-                x0 = tl.load(xp)
-            else:
-                kmask = (k0 + kv3) < K
-                wn = tl.load(wp, mask=(k0 + step + kv3) < K, other=0.0)
-                x0 = tl.load(xp, mask=kmask, other=0.0)
+            wn = _ld(wp, k0 + step, kv3, K, EVEN_K)  # the next tile (the last request repeats)
+            # x (L1/L2 hits) is waited for while the weight tile requested one iteration ago arrives
             wf = w.to(tl.float32)
-            acc0 += tl.sum(wf * x0.to(tl.float32), axis=2)
+            acc0 += tl.sum(wf * _ld(xp, k0, kv3, K, EVEN_K).to(tl.float32), axis=2)
             if MB > 1:
-                if EVEN_K:
-                    x1 = tl.load(xp + stride_xm)
-                else:
-                    x1 = tl.load(xp + stride_xm, mask=kmask, other=0.0)
-                acc1 += tl.sum(wf * x1.to(tl.float32), axis=2)
+                acc1 += tl.sum(wf * _ld(xp + stride_xm, k0, kv3, K, EVEN_K).to(tl.float32), axis=2)
             if MB > 2:
-                if EVEN_K:
-                    x2 = tl.load(xp + 2 * stride_xm)
-                else:
-                    x2 = tl.load(xp + 2 * stride_xm, mask=kmask, other=0.0)
-                acc2 += tl.sum(wf * x2.to(tl.float32), axis=2)
+                acc2 += tl.sum(wf * _ld(xp + 2 * stride_xm, k0, kv3, K, EVEN_K).to(tl.float32), axis=2)
             if MB > 3:
-                if EVEN_K:
-                    x3 = tl.load(xp + 3 * stride_xm)
-                else:
-                    x3 = tl.load(xp + 3 * stride_xm, mask=kmask, other=0.0)
-                acc3 += tl.sum(wf * x3.to(tl.float32), axis=2)
+                acc3 += tl.sum(wf * _ld(xp + 3 * stride_xm, k0, kv3, K, EVEN_K).to(tl.float32), axis=2)
             xp += BLOCK_K
             w = wn
         bias = tl.zeros([BLOCK_N], dtype=tl.float32)
         if HAS_BIAS:  # the bias rides on split 0's partial
             bias = tl.where(pid_k == 0, tl.load(b_ptr + rows).to(tl.float32), 0.0)
-        _store_row_split_k(tl.sum(acc0, axis=1) + bias, y_ptr, ws_ptr, lock_ptr, 0, pid_n, pid_k, M, N,
+        _store_row_split_k(tl.sum(acc0, axis=0) + bias, y_ptr, ws_ptr, lock_ptr, 0, pid_n, pid_k, M, N,
                            offs_n, mask_n, stride_ym, SPLIT_K, BLOCK_N)
         if MB > 1:
-            _store_row_split_k(tl.sum(acc1, axis=1) + bias, y_ptr, ws_ptr, lock_ptr, 1, pid_n, pid_k, M, N,
+            _store_row_split_k(tl.sum(acc1, axis=0) + bias, y_ptr, ws_ptr, lock_ptr, 1, pid_n, pid_k, M, N,
                                offs_n, mask_n, stride_ym, SPLIT_K, BLOCK_N)
         if MB > 2:
-            _store_row_split_k(tl.sum(acc2, axis=1) + bias, y_ptr, ws_ptr, lock_ptr, 2, pid_n, pid_k, M, N,
+            _store_row_split_k(tl.sum(acc2, axis=0) + bias, y_ptr, ws_ptr, lock_ptr, 2, pid_n, pid_k, M, N,
                                offs_n, mask_n, stride_ym, SPLIT_K, BLOCK_N)
         if MB > 3:
-            _store_row_split_k(tl.sum(acc3, axis=1) + bias, y_ptr, ws_ptr, lock_ptr, 3, pid_n, pid_k, M, N,
+            _store_row_split_k(tl.sum(acc3, axis=0) + bias, y_ptr, ws_ptr, lock_ptr, 3, pid_n, pid_k, M, N,
                                offs_n, mask_n, stride_ym, SPLIT_K, BLOCK_N)
 
 
@@ -135,17 +125,27 @@ def gemv_config(N: int, K: int, M: int = 1) -> tuple[int, int, int]:
     return BLOCK_N, BLOCK_K, NUM_WARPS
 
 
+def gemv_maxnreg(block_n: int, block_k: int, warps: int, M: int) -> int | None:
+    """Register cap passed to ptxas (None: none). Offline sm_90 compiles (ptxas of Triton 3.6): at
+    <= 32 weight elements per thread and M <= 2 ptxas left alone chose 48 registers plus a 16-byte
+    stack for the accumulators (BLOCK_N 16 x BLOCK_K 256, 4 warps, no split), local loads in the
+    loop; capped at 64 it uses 64 and no stack. Larger tiles and M compile without a stack uncapped
+    (72-96 registers); a cap of 64 would spill them."""
+    return 64 if block_n * block_k <= 32 * 32 * warps and M <= 2 else None
+
+
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
               out: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
               num_warps: int | None = None, split_k: int | None = None, programs_per_sm: int | None = None,
-              pdl: bool | None = None) -> torch.Tensor:
+              pdl: bool | None = None, maxnreg: int | None = 0) -> torch.Tensor:
     """Triton GEMV: x ``[M, K]`` (M <= 4, last dim contiguous), weight ``[N, K]`` (K contiguous, the
     ``nn.Linear`` layout), fp16/bf16 of the same dtype, bias ``[N]`` or None -> y ``[M, N]`` in x's
     dtype, ``y = x W^T + b`` accumulated in float32 (as ``ref_gemv_bf16``). ``block_n``/``block_k``
     (powers of two, block_k >= 8) and ``num_warps``: tile and warps (defaults: ``gemv_config``);
     ``split_k``: K splits (None: the largest that keeps ``tiles * split`` within
     ``programs_per_sm`` (default ``PROGRAMS_PER_SM``) x SMs, i.e. one wave); ``pdl``:
-    programmatic dependent launch (None: where anybit/kernels/pdl.py enables it)."""
+    programmatic dependent launch (None: where anybit/kernels/pdl.py enables it); ``maxnreg``: ptxas
+    register cap (0: ``gemv_maxnreg``'s choice, None: no cap)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv_bf16: x [M, K] and weight [N, K] expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -179,8 +179,13 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     else:
         ws, locks = y, y
     pdl = pdl_enabled(x.device, pdl)
+    extra = {"launch_pdl": True} if pdl else {}
+    if maxnreg == 0:
+        maxnreg = gemv_maxnreg(BN, BK, warps, M)
+    if maxnreg and x.is_cuda and not _INTERPRET:
+        extra["maxnreg"] = maxnreg
     _gemv_bf16_kernel[(1, num_n, split_k)](
         x, weight, bias if bias is not None else y, y, ws, locks, M, N, K, x.stride(0), weight.stride(0),
         y.stride(0), per * BK, M, BN, BK, split_k, bias is not None, K % BK == 0, pdl,
-        num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+        num_warps=warps, num_stages=1, **extra)
     return y
