@@ -51,6 +51,7 @@ def variants(N: int, K: int, M: int) -> list[tuple[str, dict]]:
         if (bn, bk) == (16, 256):
             v.append((tag + "_s1", dict(kw, split_k=1)))
             v.append((tag + "_pps8", dict(kw, programs_per_sm=8)))
+            v.append((tag + "_nocap", dict(kw, maxnreg=None)))  # ptxas uncapped (offline: 16-byte stack)
     return v
 
 

@@ -56,7 +56,8 @@ class UnquantizedMethod(QuantMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         w = layer.weight
         if (BF16_GEMV and x.is_cuda and w.dtype in _GEMV_DTYPES and x.dtype == w.dtype
-                and x.numel() == x.shape[-1] and not _interpreting()):
+                and x.numel() == x.shape[-1] and not _interpreting()
+                and (BF16_GEMV_MAX_NUMEL is None or w.numel() <= BF16_GEMV_MAX_NUMEL)):
             # one token (batch-1 decode): our GEMV (anybit/kernels/gemv_bf16.py), PDL-capable,
             # instead of cuBLAS; x flattened to [1, K]
             from anybit.kernels.gemv_bf16 import gemv_bf16
@@ -73,6 +74,7 @@ class UnquantizedMethod(QuantMethod):
 # M = 1 fp16/bf16 linears on CUDA go to anybit's Triton GEMV (anybit/kernels/gemv_bf16.py) instead of
 # cuBLAS unless this is False (set ANYBIT_BF16_GEMV=0 before import, or assign at run time)
 BF16_GEMV = os.environ.get("ANYBIT_BF16_GEMV", "1") != "0"
+BF16_GEMV_MAX_NUMEL: int | None = None  # weights with more elements keep cuBLAS (None: no limit)
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
