@@ -230,7 +230,7 @@ if triton is not None:
             return (b << 16).to(tl.float32, bitcast=True)
         return (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "n_iters", "split_k"])  # M, split values: no extra compiles
     def _quant_gemm_h2_kernel(x_ptr, q_ptr, sc_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
                               stride_xm, stride_qk, stride_ym, k_per_split, n_iters, split_k,
                               W0: tl.constexpr, BF16: tl.constexpr, XSCALE: tl.constexpr,
@@ -241,8 +241,11 @@ if triton is not None:
         the half-precision weights of ``_codes_tile`` (rows in ``_perm_n`` order) and x' = x /
         XSCALE in the codes' dtype, permuted alike (``_x_tile``); y = XSCALE acc. With split-K the
         last program of a tile (counted in lock_ptr, which it resets to 0) sums the float32
-        partials, RED_M rows at a time, its SK_P2 (split_k rounded up to a power of two) masked
-        loads unrolled (independent: all in flight)."""
+        partials, RED_M rows at a time, with one masked 3-D load ``[SK_P2, RED_M, BLOCK_N]`` (SK_P2 =
+        split_k rounded up to a power of two; all loads in flight) in a loop over the row chunks.
+        (An unrolled version, ``BLOCK_M / RED_M`` chunks x SK_P2 loads, took 82 s to compile at
+        SK_P2 = 64, and more than 13 minutes at BLOCK_M 64: the likely cause of the session-2
+        ``--mode tc`` time-out.)"""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -297,14 +300,13 @@ if triton is not None:
             lock = lock_ptr + pid
             if tl.atomic_add(lock, 1, sem="acq_rel") == split_k - 1:  # last split of this tile
                 tl.store(lock, 0)  # the counters stay zeroed between calls
-                for mc in tl.static_range(0, BLOCK_M, RED_M):  # all loads of a chunk in flight
+                sk = tl.arange(0, SK_P2)[:, None, None]
+                for mc in range(0, BLOCK_M, RED_M):  # a loop, not unrolled: the code stays small
                     om = pid_m * BLOCK_M + mc + tl.arange(0, RED_M)
                     mk = (om < M)[:, None] & mask_n[None, :]
-                    part = ws_ptr + om[:, None] * N + offs_n[None, :]
-                    tot = tl.load(part, mask=mk, other=0.0, cache_modifier=".cg")
-                    for sk in tl.static_range(1, SK_P2):
-                        tot += tl.load(part + sk * M * N, mask=mk & (sk < split_k), other=0.0,
-                                       cache_modifier=".cg")
+                    part = ws_ptr + sk * M * N + (om[:, None] * N + offs_n[None, :])[None, :, :]
+                    tot = tl.sum(tl.load(part, mask=(sk < split_k) & mk[None, :, :], other=0.0,
+                                         cache_modifier=".cg"), axis=0)  # one 3-D load: all in flight
                     tl.store(y_ptr + om[:, None] * stride_ym + offs_n[None, :],
                              tot.to(y_ptr.dtype.element_ty), mask=mk)
 
@@ -312,8 +314,66 @@ if triton is not None:
 GEMM_H2_BITS = (2, 4, 8)  # single-slice uniform widths of the packed-half tensor-core path
 GEMM_H2_MIN_M, GEMM_H2_MAX_M = 2, 64  # "auto" uses it for these M (fp16/bf16 x on CUDA)
 _XSCALE = 16.0  # bf16/fp32 x -> f16 codes' dtype as x / 16 (no overflow below |x| = 1.05e6)
-_locks: dict = {}
+_locks: dict = {}  # device -> zeroed split-K counters
+_old_locks: list = []  # replaced counter buffers stay alive: a captured CUDA graph may use them
 _tables: dict = {}  # id(scales) -> (weakref to scales, key, table)
+
+# Registers per thread of the compiled kernel, (bits, BLOCK_M, BLOCK_N, warps) -> regs, from an
+# offline sm_90 compile with Triton 3.6's ptxas at SK_P2 = 8 (notes_quant.md, "Session 3"; the
+# larger of bf16 / f16 codes, rounded up to the allocation unit of 8; none of these spills).
+# Stages (3..6) change them by <= 8; the split-K sum's width (SK_P2, RED_M) by up to +60 at
+# BLOCK_M 64 (ptxas then takes up to 255), where shared memory limits residency to 2 anyway.
+# Configurations outside the table start from 255 and take the compiled kernel's count.
+_TC_REGS = {
+    (2, 16, 128, 4): 128, (2, 32, 128, 4): 168, (2, 64, 128, 4): 184,
+    (4, 16, 128, 4): 128, (4, 32, 128, 4): 168, (4, 64, 128, 4): 192,
+    (8, 16, 128, 4): 152, (8, 32, 128, 4): 160, (8, 64, 128, 4): 248,
+    (4, 16, 64, 4): 96, (4, 32, 64, 4): 96, (4, 64, 64, 4): 152,
+    (4, 16, 128, 8): 120, (4, 32, 128, 8): 120, (4, 64, 128, 8): 192,
+    (2, 16, 256, 8): 176, (2, 32, 256, 8): 184, (2, 64, 256, 8): 192,
+    (4, 16, 256, 8): 216, (4, 32, 256, 8): 184, (4, 64, 256, 8): 192,
+    (8, 16, 256, 8): 160, (8, 32, 256, 8): 200, (8, 64, 256, 8): 200,
+}
+_REGS_PER_SM, _SMEM_PER_SM = 65536, 232448  # H100 / H200: registers, shared memory bytes per SM
+_RESIDENT: dict = {}  # launch config -> programs resident per SM, from the compiled kernel
+TC_MAX_SPLIT = 16  # split-K at most this (the last program's sum loads SK_P2 * RED_M * BLOCK_N)
+TC_MIN_ITERS = 4  # and at least this many K tiles per program (the pipeline's prologue)
+
+
+def tc_shared_bytes(bits: int, bm: int, bn: int, bk: int, stages: int) -> int:
+    """Shared memory of the compiled kernel: (stages - 1) buffers of words + x + the half2 table,
+    plus the permuted x tile of the MMA (matches the offline compiles to the byte)."""
+    return (stages - 1) * (bn * bk * bits // 8 + bm * bk * 2 + 2 * bn * 4) + bm * bk * 2
+
+
+def tc_resident(regs: int, warps: int, shared: int) -> int:
+    """Programs of one configuration that fit on an SM at once (registers, shared memory, warps)."""
+    by_regs = _REGS_PER_SM // (-(-regs // 8) * 8 * 32 * warps)
+    return max(1, min(by_regs, _SMEM_PER_SM // (shared + 1024), 64 // warps))
+
+
+def tc_config(M: int, bits: int) -> tuple[int, int, int, int]:
+    """The launcher's (BLOCK_M, BLOCK_N, num_warps, num_stages) for M rows: BLOCK_M the power of
+    two >= M in 16..64 (the MMA's N side; rows beyond M are masked), 128 columns, 4 warps, 4
+    stages, or 3 where the 4th buffer would cost a resident program (W8 at BLOCK_M 32 / 64)."""
+    bm = max(16, min(64, triton.next_power_of_2(M)))
+    bn, warps, stages = 128, 4, 4
+    regs = _TC_REGS.get((bits, bm, bn, warps), 255)
+    if tc_resident(regs, warps, tc_shared_bytes(bits, bm, bn, 128, 4)) < \
+            tc_resident(regs, warps, tc_shared_bytes(bits, bm, bn, 128, 3)):
+        stages = 3
+    return bm, bn, warps, stages
+
+
+def tc_split(tiles: int, k_tiles: int, slots: int) -> int:
+    """Split-K: the largest divisor of k_tiles with all tiles * split programs resident at once
+    (one wave: a second, partial wave would pay the per-program latency again), at most
+    TC_MAX_SPLIT and leaving each program >= TC_MIN_ITERS K tiles; 1 when the tiles fill the GPU."""
+    best = 1
+    for s in range(2, min(TC_MAX_SPLIT, k_tiles // TC_MIN_ITERS) + 1):
+        if k_tiles % s == 0 and tiles * s <= slots:
+            best = s
+    return best
 
 
 def _capturing(device: torch.device) -> bool:
@@ -321,14 +381,18 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """Split-K counters that the kernel leaves at zero: one zeroed buffer per (device, stream),
-    grown outside CUDA-graph capture; inside a capture a missing/short one is made fresh."""
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    """Split-K counters that the kernel leaves at zero: one zeroed buffer per device (one stream at
+    a time uses it, as for the GEMV's counters), grown outside CUDA-graph capture (the old one is
+    kept alive for graphs captured with it); inside a capture a missing/short one is made fresh
+    (a memset node in the graph: warm up outside the capture to avoid it)."""
+    key = str(device)
     buf = _locks.get(key)
     if buf is None or buf.numel() < n:
-        fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        fresh = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
         if _capturing(device):
             return fresh
+        if buf is not None:
+            _old_locks.append(buf)
         _locks[key] = buf = fresh
     return buf
 
@@ -374,18 +438,23 @@ def quant_gemm_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if use_asm is None:
         use_asm = x.is_cuda and not _INTERPRET
     P = 32 // bits
-    BM = block_m or max(16, min(64, triton.next_power_of_2(M)))
-    BN = block_n or 128
+    bm0, bn0, warps0, stages0 = tc_config(M, bits)
+    BM = block_m or bm0
+    BN = block_n or bn0
+    warps = num_warps or (warps0 if bn0 == BN else max(4, BN // 32))
     BK = _pick_block_k(G, K, block_k or 128)
+    stages = num_stages or (stages0 if (bm0, bn0, 128) == (BM, BN, BK) else 4)
     if BK < 2 * P or BN < 64:
         raise ValueError(f"h2_dequant: needs block_k >= {2 * P} (got {BK}) and block_n >= 64 (got {BN})")
     RL = min(4, BK // P)
     num_m, num_n = triton.cdiv(M, BM), triton.cdiv(N, BN)
     tiles = num_m * num_n
-    sms = _num_sms(x.device)
     k_tiles = K // BK
-    if split_k is None:  # enough programs to fill the GPU ~3 times over
-        split_k = max(1, min(k_tiles, (3 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1
+    occ_key = (bits, BM, BN, BK, warps, stages)
+    if split_k is None:
+        per_sm = _RESIDENT.get(occ_key) or tc_resident(_TC_REGS.get((bits, BM, BN, warps), 255), warps,
+                                                       tc_shared_bytes(bits, BM, BN, BK, stages))
+        split_k = tc_split(tiles, k_tiles, per_sm * _num_sms(x.device))
     per = next(d for d in range(triton.cdiv(k_tiles, max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
     split_k = k_tiles // per
     if split_k > 1:
@@ -394,12 +463,17 @@ def quant_gemm_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     else:
         ws, locks = y, y
     sk_p2 = triton.next_power_of_2(split_k)  # constexpr: one compile per power of two
-    red_m = max(1, min(BM, 8192 // (sk_p2 * BN)))  # <= 64 partials per thread in flight
+    red_m = max(1, min(BM, 8192 // (sk_p2 * BN)))  # <= 64 partials per thread per load at 4 warps
     xscale = 1.0 if bf16_codes or x.dtype == torch.float16 else _XSCALE
     table = scale_table(packed, bool(bf16_codes))
-    _quant_gemm_h2_kernel[(tiles, split_k)](
+    kernel = _quant_gemm_h2_kernel[(tiles, split_k)](
         x, packed.qweight, table, y, ws, locks, M, N, K, G, x.stride(0), packed.qweight.stride(0),
         y.stride(0), per * BK, per, split_k,
         bits, bool(bf16_codes), xscale, BM, BN, BK, RL, sk_p2, red_m, per if _INTERPRET else 0,
-        bool(use_asm), num_warps=num_warps or 4, num_stages=num_stages or 4)
+        bool(use_asm), num_warps=warps, num_stages=stages)
+    regs = getattr(kernel, "n_regs", 0) if x.is_cuda else 0
+    if regs and occ_key not in _RESIDENT and (bits, BM, BN, warps) not in _TC_REGS:
+        # a configuration outside the table: its compiled kernel's residency for the next split
+        # choice (table entries stay fixed, so a configuration keeps one split: no second compile)
+        _RESIDENT[occ_key] = tc_resident(regs, warps, getattr(kernel.metadata, "shared", 0) or 0)
     return y

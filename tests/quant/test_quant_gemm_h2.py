@@ -151,3 +151,96 @@ def test_gemm_h2_rejects_other_formats():
     pw = rtn_quantize(torch.randn(32, 64), QuantSpec(4, 32, "nf4")).to(DEV)
     with pytest.raises(ValueError, match="h2_dequant"):
         quant_matmul(torch.randn(4, 64, device=DEV), pw, path="gemm", h2_dequant=True)
+
+
+def test_launcher_config_split_and_shared_memory():
+    """tc_config / tc_split / tc_shared_bytes (launcher heuristics; numbers from the offline sm_90
+    compiles in notes_quant.md, session 3)."""
+    assert [qg.tc_config(m, 4)[0] for m in (2, 8, 16, 17, 32, 33, 64)] == [16, 16, 16, 32, 32, 64, 64]
+    assert qg.tc_config(16, 4) == (16, 128, 4, 4)
+    assert qg.tc_config(64, 8)[3] == 3 and qg.tc_config(32, 8)[3] == 3  # 4 stages would cost a program
+    assert qg.tc_shared_bytes(4, 16, 128, 128, 4) == 44032  # offline compiles: 44032, 93184, 117760
+    assert qg.tc_shared_bytes(4, 64, 128, 128, 4) == 93184
+    assert qg.tc_shared_bytes(8, 64, 128, 128, 4) == 117760
+    assert qg.tc_resident(128, 4, 44032) == 4 and qg.tc_resident(248, 4, 117760) == 1
+    # one wave on 132 SMs: 4096x14336 (32 column tiles, 112 K tiles) at 4 programs / SM -> 16
+    assert qg.tc_split(32, 112, 4 * 132) == 16
+    assert qg.tc_split(112, 32, 4 * 132) == 4  # 14336x4096
+    assert qg.tc_split(48, 32, 2 * 132) == 4  # 6144x4096 at BLOCK_M 64
+    assert qg.tc_split(1002, 32, 4 * 132) == 1  # lm_head fills the GPU
+    assert qg.tc_split(1, 9, 1000) == 1  # >= TC_MIN_ITERS K tiles per program
+
+
+def test_bench_correctness_helper():
+    """benchmarks/bench_quant_gemm_tc.py: its case list and check_case (here through the
+    interpreter on small weights; on the GPU with the PTX)."""
+    bench = pytest.importorskip("benchmarks.bench_quant_gemm_tc")
+    cases = bench.correctness_cases()
+    assert {c["bits"] for c in cases} == {2, 4, 8} and len({c["tag"] for c in cases}) == len(cases)
+    assert any(c["kw"].get("h2_dequant") is False for c in cases)  # the previous kernel too
+    small = [dict(c, N=80, K=256) for c in cases if c["src"] == "rtn" and c["M"] in (3, 16)
+             and c["dtype"] == torch.float16 or (c["src"] == "rtn" and c["M"] == 3 and c["bits"] == 4)]
+    assert small
+    cache = {}
+    for c in small:
+        row = bench.check_case(c, DEV, _cache=cache)
+        assert row["ok"], row
+    bad = bench.check_case(dict(small[0], kw=dict(path="gemm", h2_dequant=True, block_n=32)), DEV)
+    assert not bad["ok"] and "block_n" in bad["error"]
+
+
+def test_bench_main_respects_budgets(tmp_path, monkeypatch):
+    """The benchmark's driver with the GPU parts faked: sections run in order, a spent budget
+    skips the rest with a note, the JSON has the schema of quant_matmul_h2.json."""
+    import json
+    import sys
+
+    bench = pytest.importorskip("benchmarks.bench_quant_gemm_tc")
+    calls = []
+
+    def fake_bench_shape(N, K, ms, bits, variants, log):
+        rows = []
+        for M in ms:
+            rows.append(dict(shape=f"{N}x{K}", M=M, method="cublas_bf16", bits=16, time_us=50.0, tbps=1.0,
+                             speedup=1.0))
+            rows.append(dict(shape=f"{N}x{K}", M=M, method="torch_int4pack", bits=4, time_us=40.0, tbps=1.0,
+                             speedup=1.25))
+            for b in bits:
+                for name, _kw in variants(M, b):
+                    calls.append((N, K, M, b, name))
+                    rows.append(dict(shape=f"{N}x{K}", M=M, method=name, bits=b, time_us=20.0, tbps=2.0,
+                                     speedup=2.5))
+        return rows
+
+    monkeypatch.setattr(bench, "bench_shape", fake_bench_shape)
+    monkeypatch.setattr(bench, "check_case", lambda c, d, **kw: dict(case=c["tag"], kw=str(c["kw"]),
+                                                                     rel_err=1e-3, ok=True))
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "fake")
+    monkeypatch.setattr(bench.faulthandler, "dump_traceback_later", lambda *a, **k: None)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench", "--shapes", "4096x14336,14336x4096", "--jobs", "0"])
+    assert bench.main() == 0
+    d = json.loads((tmp_path / "quant_matmul_tc.json").read_text())
+    assert {"benchmark", "title", "device", "versions", "date", "columns", "rows", "notes",
+            "correctness"} <= set(d)
+    assert len(d["correctness"]) == len(bench.correctness_cases())
+    methods = {c[4] for c in calls}
+    assert {"anybit", "anybit_h2", "anybit_h2_sk16", "anybit_h2_bn256_w8"} <= methods
+    assert any(c[2] == 1024 for c in calls)  # large-M section
+    # the compile plan of the parallel warm-up: every timed configuration, one call per compile
+    items = bench.plan(["correctness", "main", "large", "variants"], [(4096, 14336), (14336, 4096)],
+                       bench.MS, bench.BITS)
+    kws = lambda M, b: bench.main_variants(M, b) + bench.alt_variants(M, b) + bench.large_variants(M, b)
+    timed = {(c[0], c[1], c[3], str(kw)) for c in calls for name, kw in kws(c[2], c[3]) if name == c[4]}
+    assert timed == {(it[0], it[1], it[3], str(it[4])) for it in items if it[0] != "case"}
+    assert sum(it[0] == "case" for it in items) == len(bench.correctness_cases())
+    assert len(items) < len(calls) + len(bench.correctness_cases())  # M = 2, 4, 8 share a compile
+    assert all(r["speedup_vs_int4"] == pytest.approx(2.0) for r in d["rows"] if r["method"] == "anybit_h2")
+    # no time left: the correctness cases and every kernel are skipped, with notes
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", ["bench", "--shapes", "4096x14336", "--total", "0", "--jobs", "0"])
+    assert bench.main() == 0
+    d = json.loads((tmp_path / "quant_matmul_tc.json").read_text())
+    assert not calls and not d["correctness"]
+    assert any(n.startswith("correctness:") for n in d["notes"])
+    assert any(n.startswith("main:") for n in d["notes"])
