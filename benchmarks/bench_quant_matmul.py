@@ -207,7 +207,8 @@ def explore_variants(M, b):
     return v
 
 
-H2_BITS_BENCH = (2, 4, 8)
+H2_BITS_BENCH = (2, 3, 4, 5, 6, 8)
+H2_SLICE_BENCH = (3, 5, 6)  # two-slice widths: folded zero only, fewer variants (run time)
 
 
 def check_one(rows: list, log, tag: str, pw, x, ref, kw: dict) -> None:
@@ -229,7 +230,7 @@ def check_one(rows: list, log, tag: str, pw, x, ref, kw: dict) -> None:
 
 def check_correctness_h2(log) -> list[dict]:
     """Packed-half GEMV (PTX and its plain-Triton twin), the old GEMV and the tensor-core paths
-    vs a float32 dequantization, fresh random data: RTN weights (bits 2/3/4/8, group 128 and per
+    vs a float32 dequantization, fresh random data: RTN weights (bits 2..8, group 128, 32 and per
     channel), bf16 and fp16 x at scale 1 and 300, plus M=1 on the 4096x14336 shape (random codes)."""
     rows = []
     torch.manual_seed(1)
@@ -237,7 +238,8 @@ def check_correctness_h2(log) -> list[dict]:
     def one(tag, pw, x, ref, kw):
         check_one(rows, log, tag, pw, x, ref, kw)
 
-    for bits, g in [(2, 128), (3, 128), (4, 128), (8, 128), (4, -1), (8, 32)]:
+    for bits, g in [(2, 128), (3, 128), (4, 128), (8, 128), (4, -1), (8, 32), (5, 128), (6, 128), (3, 32),
+                    (5, -1)]:
         W = torch.randn(384, 1152, device="cuda")
         pw = rtn_quantize(W.cpu(), QuantSpec(bits, g, "uniform")).to("cuda")
         for M in (1, 16):
@@ -247,7 +249,13 @@ def check_correctness_h2(log) -> list[dict]:
                     ref = ref_quant_matmul(x.float(), pw)
                     tag = f"b{bits} g{g} M{M} {str(dtype)[6:]} x*{scale:g}"
                     kws = [dict(), dict(path="gemv"), dict(path="gemm")]
-                    if bits in H2_BITS_BENCH:
+                    if bits in H2_SLICE_BENCH:
+                        kws += [dict(path="gemv_h2"), dict(path="gemv_h2", use_asm=False),
+                                dict(path="gemv_h2", words_per_asm=1), dict(path="gemv_h2", words_per_asm=2),
+                                dict(direct_h2=True, block_n=128, num_warps=4),
+                                dict(direct_h2=True, block_n=512, num_warps=4),
+                                dict(direct_h2=True, block_n=256, num_warps=8)]
+                    elif bits in H2_BITS_BENCH:
                         kws += [dict(path="gemv_h2"), dict(path="gemv_h2", words_per_asm=1),
                                 dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, zfold=False),
                                 dict(direct_h2=True, zfold=True, block_n=256, num_warps=8),
@@ -261,7 +269,9 @@ def check_correctness_h2(log) -> list[dict]:
         x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ Wd.t()
         del Wd
-        for kw in (dict(), dict(path="gemv_h2", use_asm=False), dict(direct_h2=True, zfold=False)):
+        alt = dict(path="gemv_h2", words_per_asm=1) if bits in H2_SLICE_BENCH else \
+            dict(direct_h2=True, zfold=False)
+        for kw in (dict(), dict(path="gemv_h2", use_asm=False), alt):
             one(f"b{bits} 4096x14336 M1 random codes", pw, x, ref, kw)
     log(f"correctness (h2 set): {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
         f"{max(r['rel_err'] for r in rows):.2e}")
@@ -272,6 +282,14 @@ def h2_variants(M, b):
     """The run of the packed-half GEMV: launcher choice plus the old GEMV and the h2 alternatives."""
     v = [("anybit", {})]
     if b not in H2_BITS_BENCH:
+        return v
+    if b in H2_SLICE_BENCH:  # two-slice (session 3): the old GEMV, and block / warps / slice-1 words per PTX
+        if M == 1:
+            alts = {3: ((128, 4, None), (256, 4, 1)), 5: ((128, 4, None), (256, 4, 1)),
+                    6: ((128, 4, None), (256, 8, None))}[b]
+            v.append(("anybit_gemv", dict(path="gemv")))
+            v += [(f"anybit_h2s_bn{bn}_w{w}" + (f"_nv{nv}" if nv else ""),
+                   dict(direct_h2=True, block_n=bn, num_warps=w, words_per_asm=nv)) for bn, w, nv in alts]
         return v
     if M == 1:  # session 3: zero point folded into the code conversion (zfold) by block size and warps
         v.append(("anybit_h2_nofold", dict(direct_h2=True, zfold=False)))
@@ -439,7 +457,7 @@ def main() -> int:
         logs.append(msg)
 
     h2 = args.mode == "h2"
-    bits = [int(b) for b in args.bits.split(",")] if args.bits else [2, 3, 4, 8] if h2 else BITS
+    bits = [int(b) for b in args.bits.split(",")] if args.bits else [2, 3, 4, 5, 6, 8] if h2 else BITS
     ms = [int(m) for m in args.ms.split(",")] if args.ms else [1, 16] if h2 else MS
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     t0 = time.time()

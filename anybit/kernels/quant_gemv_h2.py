@@ -1,4 +1,4 @@
-"""Packed-half GEMV for any-bit weights at M = 1 (uniform 2/4/8 bits).
+"""Packed-half GEMV for any-bit weights at M = 1 (uniform 2/4/8 bits; 3/5/6 with integer zeros).
 
 ``_quant_gemv_h2_kernel`` (``quant_matmul(..., path="gemv_h2")``, chosen by the launcher in
 quant_matmul.py): packed half-precision arithmetic (Marlin / FasterTransformer "fast
@@ -13,6 +13,12 @@ of a column tile in one 2-D load; its counter resets itself, so the persistent c
 memset per call. On CUDA the word's math is inline PTX; elsewhere (interpreter) plain Triton
 computes the same function in float32. Shared launcher helpers (block-K choice, SM count,
 split-K row store) live here too. The torch reference is ``ref_quant_matmul`` in quant_matmul.py.
+
+Two-slice widths (3 = 2+1, 5 = 4+1, 6 = 4+2; ``_quant_gemv_h2s_kernel``, ``_h2s_asm``): the slice-1
+bits of a slice-0 word are moved into the slice-0 word's pairing (one prmt, one shift) and
+converted by a second lop3 + fma whose result is the addend of the slice-0 fma, so the codes
+reach the x fma as exact ``(q - z) 2^-S`` with no second x chain; folded zero only (integer zero
+points: ``gemv_table``), other zero points keep the generic GEMV of quant_matmul.py.
 """
 
 from __future__ import annotations
@@ -80,10 +86,10 @@ def _f16x2(v: float) -> str:
 
 # S: codes are (q - C) * 2^-S in f16, so the f16 lane sums stay below 65504 for |x| < 32k
 # (single slice, |q - C| <= 2^(b-1)); with the folded zero |q - z| <= 2^b - 1 halves that to 16k.
-# Two-slice widths (folded zero only; one PTX block = the slice-0 words of one slice-1 word):
-# 16 (W3, W5) / 8 (W6) products per f16 lane, max |(q - z) 2^-S| = 7/32, 31/128, 63/128, so a lane
+# Two-slice widths (folded zero only; one PTX block = the slice-0 words of H2S_NV slice-1 words):
+# 32 (W3, W5) / 16 (W6) products per f16 lane, max |(q - z) 2^-S| = 7/64, 31/256, 63/256, so a lane
 # sum stays below 65504 for |x| < 18.7k / 16.9k / 16.6k.
-H2_SHIFT = {2: 4, 3: 5, 4: 5, 5: 7, 6: 7, 8: 8}
+H2_SHIFT = {2: 4, 3: 6, 4: 5, 5: 8, 6: 8, 8: 8}
 H2_SLICE_BITS = (3, 5, 6)  # two-slice widths of the packed-half GEMV (integer zero points only)
 
 
@@ -156,13 +162,14 @@ def _h2_asm(bits: int, words: int, zfold: bool = False) -> str:
 
 
 
-def _h2s_slice1(bits: int, i: int) -> tuple[list[str], list[tuple[str, int]]]:
-    """Slice-1 bits of slice-0 word i of a two-slice block: the instructions that build the
-    register(s) and, per pair j (codes j, j + H0 of word i), (register, f1): the slice-1 field of
-    code j sits at bit f1 of the low half, that of code j + H0 at bit 16 + f1. f1 >= w0 + 1 keeps
-    the addend of the slice-1 fma exact in f16 (see ``_h2s_asm``); f1 + w1 <= 10 keeps the field
-    inside the mantissa. ``$v`` is the slice-1 word."""
-    x, y = f"x{i}", f"y{i}"
+def _h2s_slice1(bits: int, i: int, n: int) -> tuple[list[str], list[tuple[str, int]]]:
+    """Slice-1 bits of slice-0 word i (0 <= i < w0 / w1: its place under its slice-1 word ``$v``;
+    registers named by n): the instructions that build the register(s) and, per pair j (codes
+    j, j + H0 of word i), (register, f1): the slice-1 field of code j sits at bit f1 of the low
+    half, that of code j + H0 at bit 16 + f1. f1 >= w0 + 1 keeps the addend of the slice-1 fma
+    exact in f16 (see ``_h2s_asm``); f1 + w1 <= 10 keeps the field inside the mantissa. 5 bits:
+    ``v4`` is ``$v >> 4``."""
+    x, y = f"x{n}", f"y{n}"
     if bits == 3:  # 32 codes per slice-1 word: word i = bits 16i..16i+15; byte 2i: codes 0-7, 2i+1: 8-15
         sel = (2 * i) | 4 << 4 | (2 * i + 1) << 8 | 4 << 12  # bytes 1, 3 <- 0 (byte 0 of the zero source)
         ins = [f"prmt.b32 {x}, $v, 0, 0x{sel:04X};", f"shl.b32 {y}, {x}, 4;"]
@@ -178,11 +185,11 @@ def _h2s_slice1(bits: int, i: int) -> tuple[list[str], list[tuple[str, int]]]:
     return ins, [(x, 8), (y, 5), (y, 7), (x, 6)]
 
 
-def _h2s_asm(bits: int) -> str:
+def _h2s_asm(bits: int, nv: int = 2) -> str:
     """PTX for the two-slice packed-half GEMV with the folded zero (bits 3 = 2+1, 5 = 4+1, 6 = 4+2;
-    q = q0 + 2^w0 q1, anybit/quant/format.py). Inputs: ``$1..$R`` the R = w0 / w1 slice-0 words
-    covered by one slice-1 word, ``$(R+1)`` that slice-1 word, then ``H0 = 16 // w0`` x pairs
-    (f16x2) per slice-0 word in the pairing of ``_h2_asm`` (pair j = codes j, j + H0), the
+    q = q0 + 2^w0 q1, anybit/quant/format.py). Inputs: ``$1..$R`` the R = nv * w0 / w1 slice-0
+    words covered by nv (1 or 2) slice-1 words, those slice-1 words, then ``H0 = 16 // w0`` x
+    pairs (f16x2) per slice-0 word in the pairing of ``_h2_asm`` (pair j = codes j, j + H0), the
     column's table word t (``gemv_table``: f16 s | f16 -z 2^-S) and the float32 accumulator.
     Output ``$0 = acc + s * sum x (q - z) 2^-S`` (S = H2_SHIFT[bits]).
 
@@ -195,22 +202,23 @@ def _h2s_asm(bits: int) -> str:
     once per block and (f0, f1) by one ``add.f16x2`` from the table word. Then one ``fma.f16x2`` per
     pair with x; the f16 lane sums of the block go to float32 once."""
     w0, w1 = SLICES[bits]
-    R, H0, S = w0 // w1, 16 // w0, H2_SHIFT[bits]
+    ratio, H0, S = w0 // w1, 16 // w0, H2_SHIFT[bits]
+    R = nv * ratio
     nx = R * H0
-    v, t_in, acc_in = f"${1 + R}", f"${2 + R + nx}", f"${3 + R + nx}"
+    xin, t_in, acc_in = 1 + R + nv, f"${1 + R + nv + nx}", f"${2 + R + nv + nx}"
     consts: dict = {}
 
     def k(val: float) -> str:
         return consts.setdefault(val, f"k{len(consts)}")
 
     ext, regs, conv, zadd, cnames = [], [], [], [], {}
-    if bits == 5:
-        ext.append(f"shr.u32 v4, {v}, 4;")
-        regs.append("v4")
     for i in range(R):
-        src = f"${1 + i}"
-        ins, s1 = _h2s_slice1(bits, i)
-        ext += [line.replace("$v", v) for line in ins]
+        src, v = f"${1 + i}", f"${1 + R + i // ratio}"
+        if bits == 5 and i % ratio == 0:
+            ext.append(f"shr.u32 v4_{i // ratio}, {v}, 4;")
+            regs.append(f"v4_{i // ratio}")
+        ins, s1 = _h2s_slice1(bits, i % ratio, i)
+        ext += [line.replace("$v", v).replace("v4", f"v4_{i // ratio}") for line in ins]
         regs += [f"x{i}", f"y{i}", f"u{i}"]
         ext.append(f"shr.u32 u{i}, {src}, 8;")
         for j in range(H0):
@@ -230,8 +238,8 @@ def _h2s_asm(bits: int) -> str:
                 zadd.append(f"add.rn.f16x2 {c}, zz, {k(kc)};")
             conv.append(f"fma.rn.f16x2 {b}, {b}, {k(2.0 ** (w0 - S - f1))}, {cnames[key]};")
             conv.append(f"fma.rn.f16x2 {a}, {a}, {k(2.0 ** (-f0 * w0 - S))}, {b};")
-    dot = [f"mul.f16x2 p, a{i}_{j}, ${2 + R + i * H0 + j};" if i == j == 0 else
-           f"fma.rn.f16x2 p, a{i}_{j}, ${2 + R + i * H0 + j}, p;" for i in range(R) for j in range(H0)]
+    dot = [f"mul.f16x2 p, a{i}_{j}, ${xin + i * H0 + j};" if i == j == 0 else
+           f"fma.rn.f16x2 p, a{i}_{j}, ${xin + i * H0 + j}, p;" for i in range(R) for j in range(H0)]
     regs += ["p", "zz", *cnames.values(), *consts.values()]
     movs = [f"mov.b32 {n}, {_f16x2(val)};" for val, n in consts.items()]
     head = [f"prmt.b32 zz, {t_in}, 0, 0x3232;", *zadd]
@@ -622,9 +630,12 @@ if triton is not None:
 
 
     # ---- two-slice widths (3 = 2+1, 5 = 4+1, 6 = 4+2), folded zero only: see _h2s_asm ------------
-    _ASMS_H2_W3: tl.constexpr = tl.constexpr(_h2s_asm(3))
-    _ASMS_H2_W5: tl.constexpr = tl.constexpr(_h2s_asm(5))
-    _ASMS_H2_W6: tl.constexpr = tl.constexpr(_h2s_asm(6))
+    _ASMS_H2_W3_1: tl.constexpr = tl.constexpr(_h2s_asm(3, 1))
+    _ASMS_H2_W3_2: tl.constexpr = tl.constexpr(_h2s_asm(3, 2))
+    _ASMS_H2_W5_1: tl.constexpr = tl.constexpr(_h2s_asm(5, 1))
+    _ASMS_H2_W5_2: tl.constexpr = tl.constexpr(_h2s_asm(5, 2))
+    _ASMS_H2_W6_1: tl.constexpr = tl.constexpr(_h2s_asm(6, 1))
+    _ASMS_H2_W6_2: tl.constexpr = tl.constexpr(_h2s_asm(6, 2))
 
     @triton.jit
     def _xp4(x_row, rows, J0: tl.constexpr, P0: tl.constexpr, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
@@ -656,75 +667,203 @@ if triton is not None:
                 + (_pair_dot_s(w, v, p2, I, J0 + 2, W0, W1, z) + _pair_dot_s(w, v, p3, I, J0 + 3, W0, W1, z)))
 
     @triton.jit
-    def _dot_s3(wa, wb, v, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
-        """3 bits: the two 2-bit words (rows ra, ra + 1) of one 1-bit word v; ``acc + s * sum x (q - z)
-        2^-S`` (t: table words ``[R, BLOCK_N]``)."""
-        a0, a1, a2, a3 = _xp4(x_row, ra, 0, 16, XKIND, USE_ASM)
-        a4, a5, a6, a7 = _xp4(x_row, ra, 4, 16, XKIND, USE_ASM)
-        b0, b1, b2, b3 = _xp4(x_row, ra + 1, 0, 16, XKIND, USE_ASM)
-        b4, b5, b6, b7 = _xp4(x_row, ra + 1, 4, 16, XKIND, USE_ASM)
+    def _dot_s3_1(w0, w1, v0, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """3 bits: 1 slice-1 word(s) and their 2 slice-0 words (rows ra .. ra + 1)."""
+        p0_0, p0_1, p0_2, p0_3 = _xp4(x_row, ra, 0, 16, XKIND, USE_ASM)
+        p0_4, p0_5, p0_6, p0_7 = _xp4(x_row, ra, 4, 16, XKIND, USE_ASM)
+        p1_0, p1_1, p1_2, p1_3 = _xp4(x_row, ra + 1, 0, 16, XKIND, USE_ASM)
+        p1_4, p1_5, p1_6, p1_7 = _xp4(x_row, ra + 1, 4, 16, XKIND, USE_ASM)
         if USE_ASM:
             d = tl.inline_asm_elementwise(
-                _ASMS_H2_W3, "=f" + ",r" * 20 + ",f",
-                [wa, wb, v, a0[:, None], a1[:, None], a2[:, None], a3[:, None], a4[:, None], a5[:, None],
-                 a6[:, None], a7[:, None], b0[:, None], b1[:, None], b2[:, None], b3[:, None], b4[:, None],
-                 b5[:, None], b6[:, None], b7[:, None], t, acc], dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            z = -_half(t, True) * 32.0
-            d = ((_tw4(wa, v, a0, a1, a2, a3, 0, 0, 2, 1, z) + _tw4(wa, v, a4, a5, a6, a7, 0, 4, 2, 1, z))
-                 + (_tw4(wb, v, b0, b1, b2, b3, 1, 0, 2, 1, z) + _tw4(wb, v, b4, b5, b6, b7, 1, 4, 2, 1, z)))
-            d = acc + _half(t, False) * (d * (1.0 / 32))
-        return d
-
-    @triton.jit
-    def _dot_s5(wa, wb, wc, wd, v, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
-        """5 bits: the four 4-bit words (rows ra .. ra + 3) of one 1-bit word v."""
-        a0, a1, a2, a3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
-        b0, b1, b2, b3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
-        c0, c1, c2, c3 = _xp4(x_row, ra + 2, 0, 8, XKIND, USE_ASM)
-        e0, e1, e2, e3 = _xp4(x_row, ra + 3, 0, 8, XKIND, USE_ASM)
-        if USE_ASM:
-            d = tl.inline_asm_elementwise(
-                _ASMS_H2_W5, "=f" + ",r" * 22 + ",f",
-                [wa, wb, wc, wd, v, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None],
-                 b1[:, None], b2[:, None], b3[:, None], c0[:, None], c1[:, None], c2[:, None], c3[:, None],
-                 e0[:, None], e1[:, None], e2[:, None], e3[:, None], t, acc],
+                _ASMS_H2_W3_1, "=f" + ",r" * 20 + ",f",
+                [w0, w1, v0, p0_0[:, None], p0_1[:, None], p0_2[:, None], p0_3[:, None], p0_4[:, None],
+                 p0_5[:, None], p0_6[:, None], p0_7[:, None], p1_0[:, None], p1_1[:, None], p1_2[:, None],
+                 p1_3[:, None], p1_4[:, None], p1_5[:, None], p1_6[:, None], p1_7[:, None], t, acc],
                 dtype=tl.float32, is_pure=True, pack=1)
         else:
-            z = -_half(t, True) * 128.0
-            d = ((_tw4(wa, v, a0, a1, a2, a3, 0, 0, 4, 1, z) + _tw4(wb, v, b0, b1, b2, b3, 1, 0, 4, 1, z))
-                 + (_tw4(wc, v, c0, c1, c2, c3, 2, 0, 4, 1, z) + _tw4(wd, v, e0, e1, e2, e3, 3, 0, 4, 1, z)))
-            d = acc + _half(t, False) * (d * (1.0 / 128))
+            z = -_half(t, True) * 64.0
+            d = _tw4(w0, v0, p0_0, p0_1, p0_2, p0_3, 0, 0, 2, 1, z)
+            d += _tw4(w0, v0, p0_4, p0_5, p0_6, p0_7, 0, 4, 2, 1, z)
+            d += _tw4(w1, v0, p1_0, p1_1, p1_2, p1_3, 1, 0, 2, 1, z)
+            d += _tw4(w1, v0, p1_4, p1_5, p1_6, p1_7, 1, 4, 2, 1, z)
+            d = acc + _half(t, False) * (d * (1.0 / 64))
         return d
 
     @triton.jit
-    def _dot_s6(wa, wb, v, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
-        """6 bits: the two 4-bit words (rows ra, ra + 1) of one 2-bit word v."""
-        a0, a1, a2, a3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
-        b0, b1, b2, b3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
+    def _dot_s3_2(w0, w1, w2, w3, v0, v1, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """3 bits: 2 slice-1 word(s) and their 4 slice-0 words (rows ra .. ra + 3)."""
+        p0_0, p0_1, p0_2, p0_3 = _xp4(x_row, ra, 0, 16, XKIND, USE_ASM)
+        p0_4, p0_5, p0_6, p0_7 = _xp4(x_row, ra, 4, 16, XKIND, USE_ASM)
+        p1_0, p1_1, p1_2, p1_3 = _xp4(x_row, ra + 1, 0, 16, XKIND, USE_ASM)
+        p1_4, p1_5, p1_6, p1_7 = _xp4(x_row, ra + 1, 4, 16, XKIND, USE_ASM)
+        p2_0, p2_1, p2_2, p2_3 = _xp4(x_row, ra + 2, 0, 16, XKIND, USE_ASM)
+        p2_4, p2_5, p2_6, p2_7 = _xp4(x_row, ra + 2, 4, 16, XKIND, USE_ASM)
+        p3_0, p3_1, p3_2, p3_3 = _xp4(x_row, ra + 3, 0, 16, XKIND, USE_ASM)
+        p3_4, p3_5, p3_6, p3_7 = _xp4(x_row, ra + 3, 4, 16, XKIND, USE_ASM)
         if USE_ASM:
             d = tl.inline_asm_elementwise(
-                _ASMS_H2_W6, "=f" + ",r" * 12 + ",f",
-                [wa, wb, v, a0[:, None], a1[:, None], a2[:, None], a3[:, None], b0[:, None], b1[:, None],
-                 b2[:, None], b3[:, None], t, acc], dtype=tl.float32, is_pure=True, pack=1)
+                _ASMS_H2_W3_2, "=f" + ",r" * 39 + ",f",
+                [w0, w1, w2, w3, v0, v1, p0_0[:, None], p0_1[:, None], p0_2[:, None], p0_3[:, None],
+                 p0_4[:, None], p0_5[:, None], p0_6[:, None], p0_7[:, None], p1_0[:, None], p1_1[:, None],
+                 p1_2[:, None], p1_3[:, None], p1_4[:, None], p1_5[:, None], p1_6[:, None], p1_7[:, None],
+                 p2_0[:, None], p2_1[:, None], p2_2[:, None], p2_3[:, None], p2_4[:, None], p2_5[:, None],
+                 p2_6[:, None], p2_7[:, None], p3_0[:, None], p3_1[:, None], p3_2[:, None], p3_3[:, None],
+                 p3_4[:, None], p3_5[:, None], p3_6[:, None], p3_7[:, None], t, acc],
+                dtype=tl.float32, is_pure=True, pack=1)
         else:
-            z = -_half(t, True) * 128.0
-            d = _tw4(wa, v, a0, a1, a2, a3, 0, 0, 4, 2, z) + _tw4(wb, v, b0, b1, b2, b3, 1, 0, 4, 2, z)
-            d = acc + _half(t, False) * (d * (1.0 / 128))
+            z = -_half(t, True) * 64.0
+            d = _tw4(w0, v0, p0_0, p0_1, p0_2, p0_3, 0, 0, 2, 1, z)
+            d += _tw4(w0, v0, p0_4, p0_5, p0_6, p0_7, 0, 4, 2, 1, z)
+            d += _tw4(w1, v0, p1_0, p1_1, p1_2, p1_3, 1, 0, 2, 1, z)
+            d += _tw4(w1, v0, p1_4, p1_5, p1_6, p1_7, 1, 4, 2, 1, z)
+            d += _tw4(w2, v1, p2_0, p2_1, p2_2, p2_3, 0, 0, 2, 1, z)
+            d += _tw4(w2, v1, p2_4, p2_5, p2_6, p2_7, 0, 4, 2, 1, z)
+            d += _tw4(w3, v1, p3_0, p3_1, p3_2, p3_3, 1, 0, 2, 1, z)
+            d += _tw4(w3, v1, p3_4, p3_5, p3_6, p3_7, 1, 4, 2, 1, z)
+            d = acc + _half(t, False) * (d * (1.0 / 64))
         return d
+
+    @triton.jit
+    def _dot_s5_1(w0, w1, w2, w3, v0, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """5 bits: 1 slice-1 word(s) and their 4 slice-0 words (rows ra .. ra + 3)."""
+        p0_0, p0_1, p0_2, p0_3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
+        p1_0, p1_1, p1_2, p1_3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
+        p2_0, p2_1, p2_2, p2_3 = _xp4(x_row, ra + 2, 0, 8, XKIND, USE_ASM)
+        p3_0, p3_1, p3_2, p3_3 = _xp4(x_row, ra + 3, 0, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASMS_H2_W5_1, "=f" + ",r" * 22 + ",f",
+                [w0, w1, w2, w3, v0, p0_0[:, None], p0_1[:, None], p0_2[:, None], p0_3[:, None],
+                 p1_0[:, None], p1_1[:, None], p1_2[:, None], p1_3[:, None], p2_0[:, None], p2_1[:, None],
+                 p2_2[:, None], p2_3[:, None], p3_0[:, None], p3_1[:, None], p3_2[:, None], p3_3[:, None],
+                 t, acc],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = -_half(t, True) * 256.0
+            d = _tw4(w0, v0, p0_0, p0_1, p0_2, p0_3, 0, 0, 4, 1, z)
+            d += _tw4(w1, v0, p1_0, p1_1, p1_2, p1_3, 1, 0, 4, 1, z)
+            d += _tw4(w2, v0, p2_0, p2_1, p2_2, p2_3, 2, 0, 4, 1, z)
+            d += _tw4(w3, v0, p3_0, p3_1, p3_2, p3_3, 3, 0, 4, 1, z)
+            d = acc + _half(t, False) * (d * (1.0 / 256))
+        return d
+
+    @triton.jit
+    def _dot_s5_2(w0, w1, w2, w3, w4, w5, w6, w7, v0, v1, x_row, ra, t, acc,
+                  XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """5 bits: 2 slice-1 word(s) and their 8 slice-0 words (rows ra .. ra + 7)."""
+        p0_0, p0_1, p0_2, p0_3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
+        p1_0, p1_1, p1_2, p1_3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
+        p2_0, p2_1, p2_2, p2_3 = _xp4(x_row, ra + 2, 0, 8, XKIND, USE_ASM)
+        p3_0, p3_1, p3_2, p3_3 = _xp4(x_row, ra + 3, 0, 8, XKIND, USE_ASM)
+        p4_0, p4_1, p4_2, p4_3 = _xp4(x_row, ra + 4, 0, 8, XKIND, USE_ASM)
+        p5_0, p5_1, p5_2, p5_3 = _xp4(x_row, ra + 5, 0, 8, XKIND, USE_ASM)
+        p6_0, p6_1, p6_2, p6_3 = _xp4(x_row, ra + 6, 0, 8, XKIND, USE_ASM)
+        p7_0, p7_1, p7_2, p7_3 = _xp4(x_row, ra + 7, 0, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASMS_H2_W5_2, "=f" + ",r" * 43 + ",f",
+                [w0, w1, w2, w3, w4, w5, w6, w7, v0, v1, p0_0[:, None], p0_1[:, None], p0_2[:, None],
+                 p0_3[:, None], p1_0[:, None], p1_1[:, None], p1_2[:, None], p1_3[:, None], p2_0[:, None],
+                 p2_1[:, None], p2_2[:, None], p2_3[:, None], p3_0[:, None], p3_1[:, None], p3_2[:, None],
+                 p3_3[:, None], p4_0[:, None], p4_1[:, None], p4_2[:, None], p4_3[:, None], p5_0[:, None],
+                 p5_1[:, None], p5_2[:, None], p5_3[:, None], p6_0[:, None], p6_1[:, None], p6_2[:, None],
+                 p6_3[:, None], p7_0[:, None], p7_1[:, None], p7_2[:, None], p7_3[:, None], t, acc],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = -_half(t, True) * 256.0
+            d = _tw4(w0, v0, p0_0, p0_1, p0_2, p0_3, 0, 0, 4, 1, z)
+            d += _tw4(w1, v0, p1_0, p1_1, p1_2, p1_3, 1, 0, 4, 1, z)
+            d += _tw4(w2, v0, p2_0, p2_1, p2_2, p2_3, 2, 0, 4, 1, z)
+            d += _tw4(w3, v0, p3_0, p3_1, p3_2, p3_3, 3, 0, 4, 1, z)
+            d += _tw4(w4, v1, p4_0, p4_1, p4_2, p4_3, 0, 0, 4, 1, z)
+            d += _tw4(w5, v1, p5_0, p5_1, p5_2, p5_3, 1, 0, 4, 1, z)
+            d += _tw4(w6, v1, p6_0, p6_1, p6_2, p6_3, 2, 0, 4, 1, z)
+            d += _tw4(w7, v1, p7_0, p7_1, p7_2, p7_3, 3, 0, 4, 1, z)
+            d = acc + _half(t, False) * (d * (1.0 / 256))
+        return d
+
+    @triton.jit
+    def _dot_s6_1(w0, w1, v0, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """6 bits: 1 slice-1 word(s) and their 2 slice-0 words (rows ra .. ra + 1)."""
+        p0_0, p0_1, p0_2, p0_3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
+        p1_0, p1_1, p1_2, p1_3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASMS_H2_W6_1, "=f" + ",r" * 12 + ",f",
+                [w0, w1, v0, p0_0[:, None], p0_1[:, None], p0_2[:, None], p0_3[:, None], p1_0[:, None],
+                 p1_1[:, None], p1_2[:, None], p1_3[:, None], t, acc],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = -_half(t, True) * 256.0
+            d = _tw4(w0, v0, p0_0, p0_1, p0_2, p0_3, 0, 0, 4, 2, z)
+            d += _tw4(w1, v0, p1_0, p1_1, p1_2, p1_3, 1, 0, 4, 2, z)
+            d = acc + _half(t, False) * (d * (1.0 / 256))
+        return d
+
+    @triton.jit
+    def _dot_s6_2(w0, w1, w2, w3, v0, v1, x_row, ra, t, acc, XKIND: tl.constexpr, USE_ASM: tl.constexpr):
+        """6 bits: 2 slice-1 word(s) and their 4 slice-0 words (rows ra .. ra + 3)."""
+        p0_0, p0_1, p0_2, p0_3 = _xp4(x_row, ra, 0, 8, XKIND, USE_ASM)
+        p1_0, p1_1, p1_2, p1_3 = _xp4(x_row, ra + 1, 0, 8, XKIND, USE_ASM)
+        p2_0, p2_1, p2_2, p2_3 = _xp4(x_row, ra + 2, 0, 8, XKIND, USE_ASM)
+        p3_0, p3_1, p3_2, p3_3 = _xp4(x_row, ra + 3, 0, 8, XKIND, USE_ASM)
+        if USE_ASM:
+            d = tl.inline_asm_elementwise(
+                _ASMS_H2_W6_2, "=f" + ",r" * 23 + ",f",
+                [w0, w1, w2, w3, v0, v1, p0_0[:, None], p0_1[:, None], p0_2[:, None], p0_3[:, None],
+                 p1_0[:, None], p1_1[:, None], p1_2[:, None], p1_3[:, None], p2_0[:, None], p2_1[:, None],
+                 p2_2[:, None], p2_3[:, None], p3_0[:, None], p3_1[:, None], p3_2[:, None], p3_3[:, None],
+                 t, acc],
+                dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = -_half(t, True) * 256.0
+            d = _tw4(w0, v0, p0_0, p0_1, p0_2, p0_3, 0, 0, 4, 2, z)
+            d += _tw4(w1, v0, p1_0, p1_1, p1_2, p1_3, 1, 0, 4, 2, z)
+            d += _tw4(w2, v1, p2_0, p2_1, p2_2, p2_3, 0, 0, 4, 2, z)
+            d += _tw4(w3, v1, p3_0, p3_1, p3_2, p3_3, 1, 0, 4, 2, z)
+            d = acc + _half(t, False) * (d * (1.0 / 256))
+        return d
+
+    @triton.jit
+    def _slabs(wp, vp, stride_qk, mask2, NS: tl.constexpr, NV: tl.constexpr):
+        """The tile's NS slice-0 slabs (rows wp + i stride, i < NS) and NV slice-1 slabs (vp + j
+        stride): 8 + 2 ``[R, BLOCK_N]`` int32 (the unused ones repeat the first)."""
+        a0 = tl.load(wp, mask=mask2, other=0)
+        a1 = tl.load(wp + stride_qk, mask=mask2, other=0)
+        a2 = a0
+        a3 = a0
+        a4 = a0
+        a5 = a0
+        a6 = a0
+        a7 = a0
+        if NS >= 4:
+            a2 = tl.load(wp + 2 * stride_qk, mask=mask2, other=0)
+            a3 = tl.load(wp + 3 * stride_qk, mask=mask2, other=0)
+        if NS == 8:
+            a4 = tl.load(wp + 4 * stride_qk, mask=mask2, other=0)
+            a5 = tl.load(wp + 5 * stride_qk, mask=mask2, other=0)
+            a6 = tl.load(wp + 6 * stride_qk, mask=mask2, other=0)
+            a7 = tl.load(wp + 7 * stride_qk, mask=mask2, other=0)
+        v0 = tl.load(vp, mask=mask2, other=0)
+        v1 = v0
+        if NV == 2:
+            v1 = tl.load(vp + stride_qk, mask=mask2, other=0)
+        return a0, a1, a2, a3, a4, a5, a6, a7, v0, v1
 
     @triton.jit
     def _quant_gemv_h2s_kernel(x_ptr, q_ptr, t_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm, stride_qk,
                                stride_tg, stride_ym, k_per_split, n_iters, zero, BITS: tl.constexpr,
                                XSCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                SPLIT_K: tl.constexpr, ITERS: tl.constexpr, USE_ASM: tl.constexpr,
-                               XKIND: tl.constexpr, PDL: tl.constexpr = False, EVEN_N: tl.constexpr = False):
+                               XKIND: tl.constexpr, NV: tl.constexpr = 2, PDL: tl.constexpr = False,
+                               EVEN_N: tl.constexpr = False):
         """Two-slice twin of ``_quant_gemv_h2_kernel`` (folded zero, register prefetch): one row m,
         BLOCK_N columns, one K split; ``y = 2^S sum_tiles s sum x (q - z) 2^-S`` (t_ptr: the
-        ``gemv_table``). A tile's R1 = BLOCK_K / P1 slice-1 word rows ``[R1, BLOCK_N]`` are loaded
-        with RATIO = w0 / w1 slabs of slice-0 rows: slab i holds rows RATIO * r + i, so element
-        (r, n) of every slab lies under element (r, n) of the slice-1 tile and one PTX block takes
-        one word of each (``_h2s_asm``). The next tile is loaded before the current one is used."""
+        ``gemv_table``). A tile's BLOCK_K / P1 slice-1 word rows are loaded as NV slabs
+        ``[RH, BLOCK_N]`` (slab j: rows NV r + j) and its slice-0 rows as NS = NV w0 / w1 slabs
+        (slab i: rows NS r + i), so element (r, n) of slice-0 slab i lies under element (r, n) of
+        slice-1 slab i // (w0 / w1) and one PTX block (``_h2s_asm``) takes one word of each slab.
+        The next tile is loaded before the current one is used."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -732,30 +871,23 @@ if triton is not None:
         W1: tl.constexpr = BITS - W0
         P0: tl.constexpr = 32 // W0
         P1: tl.constexpr = 32 // W1
-        RATIO: tl.constexpr = W0 // W1
-        R1: tl.constexpr = BLOCK_K // P1
-        r = tl.arange(0, R1)
+        NS: tl.constexpr = NV * (W0 // W1)
+        RH: tl.constexpr = BLOCK_K // P1 // NV
+        r = tl.arange(0, RH)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         if EVEN_N:
             mask_n = tl.full([BLOCK_N], 1, tl.int1)
         mask2 = mask_n[None, :]
-        acc = tl.zeros([R1, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([RH, BLOCK_N], dtype=tl.float32)
         k_start = pid_k * k_per_split
         x_row = x_ptr + m * stride_xm
         n = ITERS if ITERS > 0 else n_iters
-        wp = q_ptr + (k_start // P0 + RATIO * r)[:, None] * stride_qk + offs_n[None, :]
-        vp = q_ptr + (K // P0 + k_start // P1 + r)[:, None] * stride_qk + offs_n[None, :]
+        wp = q_ptr + (k_start // P0 + NS * r)[:, None] * stride_qk + offs_n[None, :]
+        vp = q_ptr + (K // P0 + k_start // P1 + NV * r)[:, None] * stride_qk + offs_n[None, :]
         step0 = (BLOCK_K // P0) * stride_qk
-        step1 = R1 * stride_qk
-        na = tl.load(wp, mask=mask2, other=0)
-        nb = tl.load(wp + stride_qk, mask=mask2, other=0)
-        nc = na
-        nd = na
-        if RATIO == 4:
-            nc = tl.load(wp + 2 * stride_qk, mask=mask2, other=0)
-            nd = tl.load(wp + 3 * stride_qk, mask=mask2, other=0)
-        nv = tl.load(vp, mask=mask2, other=0)
+        step1 = (BLOCK_K // P1) * stride_qk
+        n0, n1, n2, n3, n4, n5, n6, n7, nv0, nv1 = _slabs(wp, vp, stride_qk, mask2, NS, NV)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -765,35 +897,35 @@ if triton is not None:
         tt = (k_start // BLOCK_K) % tpg
         for i in tl.range(0, n, num_stages=1):
             k0 = k_start + i * BLOCK_K
-            wa = na
-            wb = nb
-            wc = nc
-            wd = nd
-            v = nv
+            w0, w1, w2, w3, w4, w5, w6, w7, v0, v1 = n0, n1, n2, n3, n4, n5, n6, n7, nv0, nv1
             more = i + 1 < n
             wp += tl.where(more, step0, 0)  # prefetch (the last one repeats)
             vp += tl.where(more, step1, 0)
-            na = tl.load(wp, mask=mask2, other=0)
-            nb = tl.load(wp + stride_qk, mask=mask2, other=0)
-            if RATIO == 4:
-                nc = tl.load(wp + 2 * stride_qk, mask=mask2, other=0)
-                nd = tl.load(wp + 3 * stride_qk, mask=mask2, other=0)
-            nv = tl.load(vp, mask=mask2, other=0)
-            rows = k0 // P0 + RATIO * r
+            n0, n1, n2, n3, n4, n5, n6, n7, nv0, nv1 = _slabs(wp, vp, stride_qk, mask2, NS, NV)
+            rows = k0 // P0 + NS * r
             tw = tl.load(t_ptr + g * stride_tg + t_off, mask=mask2, other=0)
             if BITS == 3:
-                acc = _dot_s3(wa, wb, v, x_row, rows, tw, acc, XKIND, USE_ASM)
+                if NV == 2:
+                    acc = _dot_s3_2(w0, w1, w2, w3, v0, v1, x_row, rows, tw, acc, XKIND, USE_ASM)
+                else:
+                    acc = _dot_s3_1(w0, w1, v0, x_row, rows, tw, acc, XKIND, USE_ASM)
             elif BITS == 5:
-                acc = _dot_s5(wa, wb, wc, wd, v, x_row, rows, tw, acc, XKIND, USE_ASM)
+                if NV == 2:
+                    acc = _dot_s5_2(w0, w1, w2, w3, w4, w5, w6, w7, v0, v1, x_row, rows, tw, acc, XKIND,
+                                    USE_ASM)
+                else:
+                    acc = _dot_s5_1(w0, w1, w2, w3, v0, x_row, rows, tw, acc, XKIND, USE_ASM)
             else:
-                acc = _dot_s6(wa, wb, v, x_row, rows, tw, acc, XKIND, USE_ASM)
+                if NV == 2:
+                    acc = _dot_s6_2(w0, w1, w2, w3, v0, v1, x_row, rows, tw, acc, XKIND, USE_ASM)
+                else:
+                    acc = _dot_s6_1(w0, w1, v0, x_row, rows, tw, acc, XKIND, USE_ASM)
             tt += 1
             g += tl.where(tt == tpg, 1, 0)
             tt = tl.where(tt == tpg, 0, tt)
         out = tl.sum(acc, axis=0) * XSCALE
         _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
                            mask_n, stride_ym, SPLIT_K, BLOCK_N)
-
 
 H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (CUDA)
 H2_MAX_M = 1
@@ -886,7 +1018,9 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
                   use_asm: bool | None = None, words_per_asm: int | None = None, fuse_x: bool = True,
                   programs_per_sm: int | None = None, pdl: bool | None = None,
                   stages: int | None = None, zfold: bool | None = None) -> torch.Tensor:
-    """Packed-half GEMV (uniform, single-slice 2/4/8 bits): x ``[M, K]`` contiguous (perm applied)
+    """Packed-half GEMV (uniform 2/4/8 bits; 3/5/6 bits with integer zero points through
+    ``_quant_gemv_h2s_kernel``, ``words_per_asm`` then = slice-1 words per PTX block, 1 or 2, and
+    only ``zfold``, ``fuse_x`` and ``stages`` 1): x ``[M, K]`` contiguous (perm applied)
     fp16/bf16/fp32, y ``[M, N]``. Products x * (q - 2^(b-1)) 2^-S are f16 (x rounded to f16:
     exact for bf16/fp16 x below 65504), summed in f16 over one or two words, then in float32.
     ``fuse_x``: convert x inside the GEMV (one launch) or in a separate kernel first; ``pdl``:
@@ -914,16 +1048,22 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     BK = _pick_block_k(G, K, block_k or 128)
     wpt = words_per_asm or H2_WORDS_PER_ASM
     if wpt not in (1, 2) or (BK // P0) % wpt or two:
-        wpt = 1  # two-slice: one PTX block per slice-1 word (its w0 / w1 slice-0 words), fixed
+        wpt = 1
     num_n = triton.cdiv(N, BN)
     tiles = num_n * M
     sms = _num_sms(x.device)
     k_tiles = K // BK
     warps = num_warps or auto_warps
+    # two-slice: slice-1 words per PTX block (words_per_asm; default 2 at 6 bits and where a thread has
+    # >= 2 columns (BLOCK_N / warps >= 64), else 1: fewer registers, x pairs shared by more columns),
+    # 1 where a tile has only one slice-1 row (BLOCK_K 32 at 3/5 bits)
+    nv = (words_per_asm or (2 if bits == 6 or BN // warps >= 64 else 1)) if two else 1
+    if nv not in (1, 2) or BK * (bits - (2 if bits == 3 else 4)) // 32 < 2:
+        nv = 1
     xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
     stages = stages or h2_stages(bits, N, K)
     sz = packed.scales if table is None else table
-    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None)
+    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None, nv)
     if split_k is None:
         per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
         split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
@@ -950,8 +1090,8 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         kernel = _quant_gemv_h2s_kernel[(M, num_n, split_k)](
             xin, packed.qweight, table, y, ws, locks, M, N, K, G, stride_x, packed.qweight.stride(0),
             table.stride(0), y.stride(0), per * BK, per, 0, bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k,
-            per if _INTERPRET else 0, bool(use_asm), xkind, pdl, N % BN == 0, num_warps=warps, num_stages=1,
-            **({"launch_pdl": True} if pdl else {}))
+            per if _INTERPRET else 0, bool(use_asm), xkind, nv, pdl, N % BN == 0, num_warps=warps,
+            num_stages=1, **({"launch_pdl": True} if pdl else {}))
     else:
         kernel = _quant_gemv_h2_kernel[(M, num_n, split_k)](
             xin, xq, xs, packed.qweight, sz, packed.zeros, y, ws, locks, M, N, K, G,

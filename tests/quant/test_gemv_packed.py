@@ -90,24 +90,26 @@ def test_ptx_folded_zero_gives_exact_codes_minus_zero(bits, words):
 
 
 def _two_slice_block(bits: int, q: list[list[int]]) -> list[int]:
-    """Codes ``q [R][P0]`` of the R slice-0 words under one slice-1 word -> the PTX inputs
-    (R slice-0 words, then the slice-1 word) in the layout of anybit/quant/format.py."""
+    """Codes ``q [R][P0]`` of the R slice-0 words under R / (w0 / w1) slice-1 words -> the PTX
+    inputs (the R slice-0 words, then the slice-1 words) in the layout of anybit/quant/format.py."""
     w0, w1 = SLICES[bits]
-    P0 = 32 // w0
+    P0, ratio = 32 // w0, w0 // w1
     words = [sum((c & ((1 << w0) - 1)) << (i * w0) for i, c in enumerate(row)) for row in q]
-    v = sum((c >> w0) << ((r * P0 + i) * w1) for r, row in enumerate(q) for i, c in enumerate(row))
-    return words + [v]
+    vs = [sum((c >> w0) << ((r * P0 + i) * w1) for r, row in enumerate(q[b:b + ratio])
+              for i, c in enumerate(row)) for b in range(0, len(q), ratio)]
+    return words + vs
 
 
 @pytest.mark.parametrize("bits", [3, 5, 6])
-def test_ptx_two_slice_gives_exact_codes_minus_zero(bits):
-    """Two-slice block (zfold): every pair that meets x is ((q_j - z) 2^-S, (q_{j+H0} - z) 2^-S)
-    exactly, for every integer zero point z and every code at every position (codes cycle through
-    all values position by position), plus random blocks."""
+@pytest.mark.parametrize("nv", [1, 2])
+def test_ptx_two_slice_gives_exact_codes_minus_zero(bits, nv):
+    """Two-slice block (zfold, nv slice-1 words): every pair that meets x is ((q_j - z) 2^-S,
+    (q_{j+H0} - z) 2^-S) exactly, for every integer zero point z and every code at every position
+    (codes cycle through all values position by position), plus random blocks."""
     w0, w1 = SLICES[bits]
-    R, P0, H0, S = w0 // w1, 32 // w0, 16 // w0, 2.0 ** -H2_SHIFT[bits]
-    asm = _h2s_asm(bits)
-    table_reg = f"${2 + R + R * H0}"
+    R, P0, H0, S = nv * w0 // w1, 32 // w0, 16 // w0, 2.0 ** -H2_SHIFT[bits]
+    asm = _h2s_asm(bits, nv)
+    table_reg = f"${1 + R + nv + R * H0}"
     g = torch.Generator().manual_seed(bits)
     for z in range(2 ** bits):
         zt = struct.unpack("<H", struct.pack("<e", -z * S))[0]
@@ -117,7 +119,6 @@ def test_ptx_two_slice_gives_exact_codes_minus_zero(bits):
         for q in blocks:
             got = _emulate(asm, _two_slice_block(bits, q), {table_reg: zt << 16})
             assert got == [((q[r][j] - z) * S, (q[r][j + H0] - z) * S) for r in range(R) for j in range(H0)]
-
 
 def _packed(N, K, bits, group, seed):
     g = torch.Generator().manual_seed(seed)
@@ -171,17 +172,18 @@ def test_gemv_h2_x_at_odd_offset_and_repeated_calls():
 @pytest.mark.parametrize("bits", [3, 5, 6])
 @pytest.mark.parametrize("group, N", [(128, 96), (32, 37), (-1, 129)])
 def test_gemv_h2_two_slice_vs_reference(bits, group, N):
-    """3/5/6 bits (two slices, folded zero): bf16/fp16/fp32 x, M = 1 and 2, odd N, split-K."""
+    """3/5/6 bits (two slices, folded zero): bf16/fp16/fp32 x, M = 1 and 2, odd N, split-K, one
+    or two slice-1 words per PTX block (words_per_asm; one at BLOCK_K 32 for 3/5 bits)."""
     from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
 
     K = 384 if group == 128 else 160 if group == 32 else 256
     pw = _packed(N, K, bits, group, seed=bits * 7 + group)
-    for dtype, M, tol, split in ((torch.bfloat16, 1, 1e-2, None), (torch.float16, 2, 5e-3, 2),
-                                 (torch.float32, 1, 2e-3, 3)):
+    for dtype, M, tol, split, nv in ((torch.bfloat16, 1, 1e-2, None, 1), (torch.float16, 2, 5e-3, 2, 2),
+                                     (torch.float32, 1, 2e-3, 3, None)):
         x = torch.randn(M, K, device=DEV).to(dtype)
         ref = ref_quant_matmul(x.float(), pw)
         y = quant_gemv_h2(x, pw, torch.empty(M, N, device=DEV, dtype=dtype), split_k=split,
-                          block_n=32 if N < 64 else None)
+                          block_n=32 if N < 64 else None, words_per_asm=nv)
         assert y.dtype == dtype and torch.isfinite(y).all()
         err = float((y.float() - ref).norm() / ref.norm())
         assert err < tol, (dtype, err)
