@@ -938,7 +938,11 @@ def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
     (N, K <= 8192: qkv / o_proj) at 2 and 8 bits, 128 for 8-bit large and for 4-bit down_proj-like
     (N <= 4096 < K); lm_head-sized N (>= 65536) 256 with 8 warps at 2 and 8 bits. x-sum form
     (session 2, H100, quant_matmul_h2.json): W2 512; W4 128, 512 for N, K <= 8192, 256 for
-    lm_head; W8 128; 8 warps for W8 and lm_head W4."""
+    lm_head; W8 128; 8 warps for W8 and lm_head W4. Two-slice widths (session 3, not yet timed):
+    the row of their slice-0 width (W3 as W2, W5/W6 as W4); offline SASS per code (sm_90, 4
+    warps): W3 3.55 at BLOCK_N 256/512 (2 slice-1 words per PTX block, 163-166 registers), 4.05
+    at 128 (1 word, 72); W5 3.89 at 256 (166), 4.12 at 128 (93); W6 4.08 at 256 (128), 4.19 at
+    128 (95); W2 / W4 at 256: 3.04 / 3.07."""
     if bits in H2_SLICE_BITS:  # two-slice widths: the row of their slice-0 width (see the notes)
         bits = 2 if bits == 3 else 4
     small, huge = N <= 8192 and K <= 8192, N >= 65536
