@@ -938,14 +938,19 @@ def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
     (N, K <= 8192: qkv / o_proj) at 2 and 8 bits, 128 for 8-bit large and for 4-bit down_proj-like
     (N <= 4096 < K); lm_head-sized N (>= 65536) 256 with 8 warps at 2 and 8 bits. x-sum form
     (session 2, H100, quant_matmul_h2.json): W2 512; W4 128, 512 for N, K <= 8192, 256 for
-    lm_head; W8 128; 8 warps for W8 and lm_head W4. Two-slice widths (session 3, not yet timed):
-    the row of their slice-0 width (W3 as W2, W5/W6 as W4); offline SASS per code (sm_90, 4
+    lm_head; W8 128; 8 warps for W8 and lm_head W4. Two-slice widths (device call 5, H100):
+    BLOCK_N 128 / 4 warps on the MLP shapes, 256 / 4 warps (8 at W6) with one slice-1 word per
+    PTX block on lm_head, the row of their slice-0 width on qkv / o_proj; offline SASS per code (sm_90, 4
     warps): W3 3.55 at BLOCK_N 256/512 (2 slice-1 words per PTX block, 163-166 registers), 4.05
     at 128 (1 word, 72); W5 3.89 at 256 (166), 4.12 at 128 (93); W6 4.08 at 256 (128), 4.19 at
     128 (95); W2 / W4 at 256: 3.04 / 3.07."""
-    if bits in H2_SLICE_BITS:  # two-slice widths: the row of their slice-0 width (see the notes)
-        bits = 2 if bits == 3 else 4
     small, huge = N <= 8192 and K <= 8192, N >= 65536
+    if bits in H2_SLICE_BITS:  # two-slice widths (device call 5, H100, quant_matmul_h2.json)
+        if huge:
+            return 256, 8 if bits == 6 else 4
+        if not small:
+            return 128, 4
+        bits = 2 if bits == 3 else 4  # qkv / o_proj: the row of the slice-0 width
     if zfold:
         if huge and bits in (2, 8):
             return 256, 8
@@ -1059,9 +1064,9 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     k_tiles = K // BK
     warps = num_warps or auto_warps
     # two-slice: slice-1 words per PTX block (words_per_asm; default 2 at 6 bits and where a thread has
-    # >= 2 columns (BLOCK_N / warps >= 64), else 1: fewer registers, x pairs shared by more columns),
+    # >= 2 columns (BLOCK_N / warps >= 64) below lm_head size (call 5: nv 1 faster there), else 1,
     # 1 where a tile has only one slice-1 row (BLOCK_K 32 at 3/5 bits)
-    nv = (words_per_asm or (2 if bits == 6 or BN // warps >= 64 else 1)) if two else 1
+    nv = (words_per_asm or (2 if bits == 6 or (BN // warps >= 64 and N < 65536) else 1)) if two else 1
     if nv not in (1, 2) or BK * (bits - (2 if bits == 3 else 4)) // 32 < 2:
         nv = 1
     xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
