@@ -680,6 +680,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     if heads_first is None:  # measured: no gain (run 5), seq-first 2-4% faster at 16k-32k for int8
         heads_first = False
     grid = (nkv, num_seqs, splits) if heads_first else (num_seqs, nkv, splits)
+    if pdl is None and os.environ.get("ANYBIT_PDL_ATTN", "1") == "0":
+        pdl = False  # experiments: PDL off for decode attention only
     pdl = pdl_enabled(query.device, pdl)
     launch = {"launch_pdl": True} if pdl else {}
     _decode_kernel[grid](

@@ -1046,6 +1046,8 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if use_asm is None:
         use_asm = x.is_cuda and not _INTERPRET
     P0 = 32 // bits
+    if zfold is None and os.environ.get("ANYBIT_GEMV_ZFOLD", "1") == "0":
+        zfold = False  # experiments: the x-sum form everywhere
     table = gemv_table(packed) if zfold is not False and fuse_x else None
     if zfold and table is None:
         raise ValueError("zfold: needs integer zero points in [0, 2^bits) and fuse_x")
