@@ -137,7 +137,7 @@ def _quant_config(hf_config: dict):
 @torch.no_grad()
 def _fill_random(model: torch.nn.Module) -> None:
     """Random weights for speed benchmarks (speed does not depend on the values). Quantized
-    layers get random codes, small positive scales and in-range zeros."""
+    layers get random codes, small positive scales and in-range integer zeros."""
     from anybit.layers.linear import Linear, UnquantizedMethod
 
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
@@ -157,8 +157,8 @@ def _fill_random(model: torch.nn.Module) -> None:
                 buf.random_(-(2 ** 31), 2 ** 31 - 1, generator=gen)
             elif base.startswith("scales"):
                 buf.uniform_(1e-3, 1e-2, generator=gen)
-            elif base.startswith("zeros"):
-                buf.uniform_(0.0, 3.0, generator=gen)
+            elif base.startswith("zeros"):  # integers, as RTN / GPTQ produce (in range for every width)
+                buf.copy_(torch.randint(0, 2, buf.shape, generator=gen, device=buf.device).to(buf.dtype))
             elif base.startswith("codebook"):
                 buf.copy_(torch.linspace(-1, 1, buf.numel(), device=buf.device))
             else:
