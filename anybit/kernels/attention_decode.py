@@ -183,6 +183,41 @@ def _zeros_or_load(ptr, srow, valid, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _pv_update(p, vsc, vz, va, vb, acc, acc_b, l, zsum, alpha, VB: tl.constexpr, MODE: tl.constexpr,
+               CDT: tl.constexpr, V_EXACT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One KV tile's PV step of the biased quantized path (both loops of ``_decode_kernel``):
+    probabilities p ``[BLOCK_G, BLOCK_N]`` times V codes va (vb: int4 odd channels) with per-token
+    scales vsc / zero points vz ``[BLOCK_N]``; returns the rescaled (acc, acc_b, l, zsum). The row
+    sums share one reduction (one cross-warp exchange instead of two or three). Without V_EXACT the
+    tile's bias leaves the accumulator before its products enter (see ``_decode_kernel``); acc_b and
+    zsum only matter for int4 (MODE 2)."""
+    pw = (p * vsc[None, :]).to(CDT)
+    if MODE == 2:
+        if V_EXACT:  # centred int4 codes: zero point + 8 scales
+            ps, zs = tl.reduce((p, p * (vz + 8.0 * vsc)[None, :]), 1, _add2)
+            ws = ps
+        else:
+            ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
+        zsum = zsum * alpha + zs
+    else:
+        if V_EXACT:
+            ps = tl.sum(p, axis=1)
+            ws = ps
+        else:
+            ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
+    l = l * alpha + ps
+    if V_EXACT:
+        acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
+        if MODE == 2:
+            acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(pw, va, acc=acc * alpha[:, None] - VB * ws[:, None], input_precision=DOT_PREC)
+        if MODE == 2:
+            acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None] - VB * ws[:, None], input_precision=DOT_PREC)
+    return acc, acc_b, l, zsum
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, seq_lens_ptr,
                    out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
                    stride_qs, stride_qh, stride_os, stride_oh,
@@ -331,32 +366,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                     ksc = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0) * qk_scale
                     kz = _zeros_or_load(kz_ptr, srow_n, valid_n, MODE, BLOCK_N) * qk_scale
                 va, vb = _words_to_codes(vraw, MODE, HEAD_DIM, CDT, USE_ASM, V_EXACT)
-                pw = (p * vsc[None, :]).to(CDT)
                 if MODE == 2:
-                    if V_EXACT:  # centred int4 codes: zero point + 8 scales
-                        ps, zs = tl.reduce((p, p * (vz + 8.0 * vsc)[None, :]), 1, _add2)
-                        ws = ps
-                    else:
-                        ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
-                    zsum = zsum * alpha + zs
+                    acc, acc_b, l, zsum = _pv_update(p, vsc, vz, va, vb, acc, acc_b, l, zsum, alpha, VB, MODE,
+                                                     CDT, V_EXACT, DOT_PREC)
                 else:
-                    if V_EXACT:
-                        ps = tl.sum(p, axis=1)
-                        ws = ps
-                    else:
-                        ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
-                l = l * alpha + ps
-                # the tile's bias leaves the accumulator before its products enter (see docstring)
-                if V_EXACT:
-                    acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
-                    if MODE == 2:
-                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
-                else:
-                    acc = tl.dot(pw, va, acc=acc * alpha[:, None] - VB * ws[:, None],
-                                 input_precision=DOT_PREC)
-                    if MODE == 2:
-                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None] - VB * ws[:, None],
-                                       input_precision=DOT_PREC)
+                    acc, _, l, zsum = _pv_update(p, vsc, vsc, va, va, acc, acc, l, zsum, alpha, VB, MODE,
+                                                 CDT, V_EXACT, DOT_PREC)
                 m = m_new
                 row = row_n
                 srow = srow_n
@@ -391,34 +406,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                 p = tl.exp2(s - m_new[:, None])
                 va, vb = _load_codes(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM, V_EXACT)
                 vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
-                pw = (p * vsc[None, :]).to(CDT)
-                # the row sums share one reduction (one cross-warp exchange instead of two or three)
                 if MODE == 2:
                     vz = tl.load(vz_ptr + srow, mask=valid, other=0.0)
-                    if V_EXACT:  # centred int4 codes: zero point + 8 scales
-                        ps, zs = tl.reduce((p, p * (vz + 8.0 * vsc)[None, :]), 1, _add2)
-                        ws = ps
-                    else:
-                        ps, ws, zs = tl.reduce((p, pw.to(tl.float32), p * vz[None, :]), 1, _add3)
-                    zsum = zsum * alpha + zs
+                    acc, acc_b, l, zsum = _pv_update(p, vsc, vz, va, vb, acc, acc_b, l, zsum, alpha, VB, MODE,
+                                                     CDT, V_EXACT, DOT_PREC)
                 else:
-                    if V_EXACT:
-                        ps = tl.sum(p, axis=1)
-                        ws = ps
-                    else:
-                        ps, ws = tl.reduce((p, pw.to(tl.float32)), 1, _add2)
-                l = l * alpha + ps
-                # the tile's bias leaves the accumulator before its products enter (see docstring)
-                if V_EXACT:
-                    acc = tl.dot(pw, va, acc=acc * alpha[:, None], input_precision=DOT_PREC)
-                    if MODE == 2:
-                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None], input_precision=DOT_PREC)
-                else:
-                    acc = tl.dot(pw, va, acc=acc * alpha[:, None] - VB * ws[:, None],
-                                 input_precision=DOT_PREC)
-                    if MODE == 2:
-                        acc_b = tl.dot(pw, vb, acc=acc_b * alpha[:, None] - VB * ws[:, None],
-                                       input_precision=DOT_PREC)
+                    acc, _, l, zsum = _pv_update(p, vsc, vsc, va, va, acc, acc, l, zsum, alpha, VB, MODE,
+                                                 CDT, V_EXACT, DOT_PREC)
                 m = m_new
         if MODE == 2:
             acc = acc + zsum[:, None]
