@@ -963,12 +963,7 @@ def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
     return (512 if bits == 2 else 128), warps
 
 
-H2_STAGES = {2: 1, 4: 1, 8: 1}  # 1: register prefetch by hand; >= 2: Triton's pipeliner (see quant_gemv_h2)
 _SMEM_PER_SM = 227 * 1024  # H100 / H200: shared memory a block may use per SM
-
-
-def h2_stages(bits: int, N: int, K: int) -> int:
-    return H2_STAGES.get(bits, 1)
 
 
 H2_PROGRAMS_PER_SM = 3  # programs resident per SM assumed before the compiled kernel's registers are known
@@ -1072,7 +1067,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if nv not in (1, 2) or BK * (bits - (2 if bits == 3 else 4)) // 32 < 2:
         nv = 1
     xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
-    stages = stages or h2_stages(bits, N, K)
+    stages = stages or 1  # the pipelined loop (stages >= 2) lost on every shape (session 3, call 1)
     sz = packed.scales if table is None else table
     occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None, nv)
     if split_k is None:
