@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
+from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
     _INTERPRET,
     H2_BITS,
@@ -374,6 +375,9 @@ def dequant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | No
 # the PTX, session 2) but not yet timed there (--mode tc did not finish inside a 420 s device call),
 # so "auto" keeps the measured kernel until a run shows it faster; h2_dequant=True selects it.
 GEMM_H2_AUTO = False
+# The Gluon wgmma kernel of quant_gemm_wg.py (Hopper, bf16 x, uniform 2/4/8 bits): "auto" uses it
+# for M >= 2 when WG_AUTO is on (path="wg" selects it explicitly).
+WG_AUTO = False
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
 DEQUANT_MIN_M = 128  # and from this many rows dequantize to a scratch W^T + cuBLAS
 
@@ -389,7 +393,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
     slice of a fused output). ``path``: "auto" (the packed-half GEMV for M <= H2_MAX_M when the
     weight is uniform 2/4/8-bit, or 3/5/6-bit with integer zero points, and x fp16/bf16 on CUDA,
-    else the GEMV for M <= GEMV_MAX_M, tensor cores above), "gemv", "gemv_h2", "gemm", "dequant";
+    else the GEMV for M <= GEMV_MAX_M, tensor cores above; with WG_AUTO the Gluon wgmma kernel
+    for M >= 2 where ``wg_applies``), "gemv", "gemv_h2", "gemm", "wg", "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
@@ -420,6 +425,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if path == "auto":
         h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
+        if WG_AUTO and path != "gemv_h2" and wg_applies(packed, M, x):
+            path = "wg"
         if path == "gemm" and h2_dequant is None:
             h2_dequant = GEMM_H2_AUTO and (GEMM_H2_MIN_M <= M <= GEMM_H2_MAX_M and not is_cb
                                            and packed.bits in GEMM_H2_BITS and x.is_cuda and not _INTERPRET
@@ -428,6 +435,10 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
             fast_dequant = packed.bits in FAST_DEQUANT_BITS and M <= FAST_DEQUANT_MAX_M
     if path == "dequant":
         return dequant_matmul(x, packed, out)
+    if path == "wg":
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return quant_gemm_wg(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
+                             stages=num_stages, num_warps=num_warps, split_k=split_k)
     if path == "gemv_h2":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemv_h2(x, packed, y, block_n=block_n, block_k=block_k, split_k=split_k,
@@ -452,7 +463,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, dequant")
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over
         split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1

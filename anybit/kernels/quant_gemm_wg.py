@@ -1,0 +1,298 @@
+"""Hopper tensor-core GEMM for packed 2/4/8-bit weights, written in Gluon: y = x @ dequant(W)^T.
+
+Why Gluon: in plain Triton a ``tl.dot`` whose operand is computed in the loop (our dequantized
+weights) is never made asynchronous; the compiled loop waits for every wgmma to finish before it
+dequantizes the next tile (``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after each HGMMA group in the SASS of
+quant_gemm_h2.py), so conversion and MMA never overlap inside a program. Here the loop is written
+out: the wgmma of tile i runs while tile i + 1 is converted.
+
+``_quant_gemm_wg_kernel``: one program = ``BLOCK_N`` weight rows (output columns) x ``BLOCK_M``
+rows of x, one K split; swap-AB (``y^T = W x^T``: the weights are the wgmma's A operand, 64 rows
+per warpgroup, and x rows its N side, 16..256). Per K tile (BLOCK_K):
+
+1. ``cp.async`` ring of STAGES buffers: the words ``[BLOCK_K / P, BLOCK_N]`` of the tile (P codes
+   per int32 word) and the x tile ``[BLOCK_M, BLOCK_K]`` (rows >= M zero-filled); tiles are
+   requested STAGES - 2 iterations ahead.
+2. The words go from shared memory to registers; one PTX block per word (``_wg_asm``) turns its P
+   codes into the bf16 weights ``s (q - z)``, each rounded once: ``lop3 (w & mask) | 0x4300`` puts
+   two codes into the mantissas of a bf16x2 (128 + q), an exact ``fma`` makes them ``q - C``
+   (C = 2^(b-1)), a second ``fma`` with the column's half2 ``(s, s)`` and ``((C - z) s, ...)``
+   (quant_gemm_h2.scale_table) gives the weights; 8-bit codes go through float32 (bf16 has 7
+   mantissa bits). The tile is stored, in natural K order, into one of two bf16 buffers in the
+   wgmma's swizzled layout.
+3. ``warpgroup_mma`` (async) of that buffer with the x tile; ``warpgroup_mma_wait(1)`` leaves it
+   running while the next iteration converts.
+
+Two CTA barriers per tile: after the copies land (also frees the buffers read two tiles ago) and
+after the weights are stored (the wgmma reads all warps' rows). With split-K, the last program of
+a tile (``lock_ptr`` counter, reset to 0 by it) adds the float32 partials.
+
+Testing: Gluon kernels do not run under ``TRITON_INTERPRET``. On CPU the tests check the PTX by
+bit-level emulation and compile the kernel for sm_90 (Triton's bundled ptxas) to check its loop
+(async wgmma kept in flight); on CUDA they compare with ``ref_quant_matmul``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, _pair_layout, scale_table
+from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms
+from anybit.quant.format import PackedWeight
+
+try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use the other paths
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+except ImportError:  # pragma: no cover
+    gluon = None
+
+WG_BITS = (2, 4, 8)  # single-slice uniform widths of this path
+
+
+def _wg_asm(bits: int) -> str:
+    """PTX for one word of a b-bit slice (b in 2/4/8; bf16 weights): inputs ``$P`` = the word,
+    ``$P+1`` = half2 (s, s), ``$P+2`` = half2 ((C - z) s, ...) in bf16 bits; outputs ``$0..$P-1``
+    = the bf16 weights ``s (q_j - C) + (C - z) s`` of codes j = 0..P-1 (bits [j b, j b + b)),
+    each rounded once (8 bits: via float32, rounded twice: to float32 then to bf16)."""
+    P, C = 32 // bits, 1 << (bits - 1)
+    w, s2, c2 = f"${P}", f"${P + 1}", f"${P + 2}"
+    if bits == 8:  # float32 2^23 + q from each byte (prmt under 0x4B), - (2^23 + C), * s + c
+        lines = ["{", ".reg .b32 t, e, sf, cf;", ".reg .f32 f;", "mov.b32 e, 0x4B000000;",
+                 f"shl.b32 sf, {s2}, 16;", f"shl.b32 cf, {c2}, 16;"]
+        for j in range(4):
+            lines += [f"prmt.b32 t, {w}, e, 0x{0x7540 + j:04X};", "mov.b32 f, t;",
+                      f"sub.rn.f32 f, f, 0f{0x4B000000 + C:08X};", "fma.rn.f32 f, f, sf, cf;",
+                      f"cvt.rn.bf16.f32 ${j}, f;"]
+        return "\n".join(lines + ["}"])
+    H = P // 2  # pair p = codes (p, p + H): the low and high halves of a bf16x2
+    lines = ["{", ".reg .b32 t, u, k0, k1;"]
+    for p in range(H):
+        shift, f = _pair_layout(bits, p, True)
+        mask = ((1 << bits) - 1) << (f * bits)
+        sc = 2.0 ** (-f * bits)
+        src = w
+        if shift:
+            lines.append(f"shr.u32 u, {w}, {shift};")
+            src = "u"
+        lines += [f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;",
+                  f"mov.b32 k0, {_half2(sc, True)};", f"mov.b32 k1, {_half2(-(128.0 * sc + C), True)};",
+                  "fma.rn.bf16x2 t, t, k0, k1;", f"fma.rn.bf16x2 t, t, {s2}, {c2};",
+                  f"mov.b32 {{${p}, ${p + H}}}, t;"]
+    return "\n".join(lines + ["}"])
+
+
+if gluon is not None:
+    _WG_ASM2: gl.constexpr = gl.constexpr(_wg_asm(2))
+    _WG_ASM4: gl.constexpr = gl.constexpr(_wg_asm(4))
+    _WG_ASM8: gl.constexpr = gl.constexpr(_wg_asm(8))
+
+    @gluon.constexpr_function
+    def _copy_layout(rows, cols, vec, num_warps):
+        """Blocked layout for 16-byte cp.async of a [rows, cols] tile (vec elements per copy)."""
+        tc = min(32, cols // vec)
+        return gl.BlockedLayout([1, vec], [32 // tc, tc], [num_warps, 1], [1, 0])
+
+    @gluon.constexpr_function
+    def _word_layout(rows, cols, num_warps):
+        """Layout of the words ``[R, BLOCK_N]`` for conversion: each thread takes R / tr word rows
+        of one column (one table load per column; its stores fill an A row), the lanes run along
+        the columns (conflict-free shared-memory reads), tr = 32 x warps / BLOCK_N lanes share a
+        column when there are fewer columns than threads."""
+        tr = min(rows, max(1, 32 * num_warps // cols))
+        return gl.BlockedLayout([rows // tr, 1], [tr, 32 // tr], [1, num_warps], [0, 1])
+
+    @gluon.jit
+    def _convert_words(w, s2, c2, W0: gl.constexpr):
+        """Words ``[R, BN]`` int32 -> bf16 weights ``[BN, R * P]`` in natural K order (k = r P + j)."""
+        if W0 == 4:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _WG_ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, c2], dtype=(gl.bfloat16,) * 8,
+                is_pure=True, pack=1)
+            v = gl.join(gl.join(gl.join(o0, o4), gl.join(o2, o6)), gl.join(gl.join(o1, o5), gl.join(o3, o7)))
+        elif W0 == 2:
+            o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = gl.inline_asm_elementwise(
+                _WG_ASM2, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, c2],
+                dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
+            v0 = gl.join(gl.join(gl.join(o0, o8), gl.join(o4, o12)),
+                         gl.join(gl.join(o2, o10), gl.join(o6, o14)))
+            v1 = gl.join(gl.join(gl.join(o1, o9), gl.join(o5, o13)),
+                         gl.join(gl.join(o3, o11), gl.join(o7, o15)))
+            v = gl.join(v0, v1)
+        else:
+            o0, o1, o2, o3 = gl.inline_asm_elementwise(
+                _WG_ASM8, "=h,=h,=h,=h,r,r,r", [w, s2, c2], dtype=(gl.bfloat16,) * 4, is_pure=True, pack=1)
+            v = gl.join(gl.join(o0, o2), gl.join(o1, o3))
+        R: gl.constexpr = w.shape[0]
+        BN: gl.constexpr = w.shape[1]
+        P: gl.constexpr = 32 // W0
+        v = gl.reshape(v, [R, BN, P])  # nested joins: last dims (j bits low..high) -> j
+        return gl.reshape(gl.permute(v, (1, 0, 2)), [BN, R * P])
+
+    @gluon.jit
+    def _issue_tile(x_smem, w_smem, x_ptrs, w_ptrs, x_mask, w_mask, stage, kt, valid,
+                    BLOCK_K: gl.constexpr, step_w):
+        """cp.async of K tile kt (relative to the program's start) into ring slot ``stage``."""
+        async_copy.async_copy_global_to_shared(x_smem.index(stage), x_ptrs + kt * BLOCK_K,
+                                               mask=x_mask & valid)
+        async_copy.async_copy_global_to_shared(w_smem.index(stage), w_ptrs + kt * step_w,
+                                               mask=w_mask & valid)
+        async_copy.commit_group()
+
+    @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
+    def _quant_gemm_wg_kernel(x_ptr, q_ptr, tab_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
+                              stride_xm, stride_qk, stride_ym, k_per_split, n_iters, split_k,
+                              W0: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
+                              num_warps: gl.constexpr):
+        """Tile ``[BLOCK_M, BLOCK_N]`` of y for one K split of ``k_per_split`` (= n_iters tiles).
+        x ``[M, K]`` bf16 contiguous rows; q the int32 words ``[K / P, N]``; tab the int32
+        ``[2, K / G, N]`` half2 table; y ``[M, N]`` (row stride stride_ym). SPLIT: split_k > 1."""
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_m = gl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        P: gl.constexpr = 32 // W0
+        R: gl.constexpr = BLOCK_K // P
+        XCP: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 8, num_warps)
+        WCP: gl.constexpr = _copy_layout(R, BLOCK_N, 4, num_warps)
+        WL: gl.constexpr = _word_layout(R, BLOCK_N, num_warps)
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        X_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
+        A_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
+        W_SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], X_SL)
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, BLOCK_N], W_SL)
+        a_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, BLOCK_K], A_SL)
+
+        k_start = pid_k * k_per_split
+        xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XCP))
+        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XCP))
+        x_ptrs = x_ptr + xm[:, None] * stride_xm + (k_start + xk)[None, :]
+        x_mask = (xm < M)[:, None] & (xk < BLOCK_K)[None, :]
+        wr = gl.arange(0, R, layout=gl.SliceLayout(1, WCP))
+        wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, WCP))
+        w_ptrs = q_ptr + (k_start // P + wr)[:, None] * stride_qk + wn[None, :]
+        w_mask = (wr < R)[:, None] & (wn < N)[None, :]
+        step_w = R * stride_qk
+        cn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, WL))
+        cmask = cn < N
+        tab_c = tab_ptr + (K // G) * N
+
+        for s in gl.static_range(STAGES - 2):  # prologue: tiles 0 .. STAGES - 3
+            _issue_tile(x_smem, w_smem, x_ptrs, w_ptrs, x_mask, w_mask, s, s, s < n_iters, BLOCK_K, step_w)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for i in range(n_iters):
+            stage = i % STAGES
+            async_copy.wait_group(STAGES - 3)
+            gl.thread_barrier()  # tile i landed for all threads; buffers of tile i - 2 are free
+            w = w_smem.index(stage).load(WL)
+            g = (k_start + i * BLOCK_K) // G
+            s2 = gl.load(tab_ptr + g * N + cn, mask=cmask, other=0)[None, :]
+            c2 = gl.load(tab_c + g * N + cn, mask=cmask, other=0)[None, :]
+            a = _convert_words(w, s2, c2, W0)
+            buf = a_smem.index(i % 2)
+            buf.store(a)
+            fence_async_shared()
+            gl.thread_barrier()  # every warp's rows of the A tile are written
+            acc = warpgroup_mma(buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            nxt = i + STAGES - 2
+            _issue_tile(x_smem, w_smem, x_ptrs, w_ptrs, x_mask, w_mask, nxt % STAGES, nxt, nxt < n_iters,
+                        BLOCK_K, step_w)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        async_copy.wait_group(0)
+
+        on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        omask = (on < N)[:, None] & (om < M)[None, :]
+        if SPLIT:
+            part = om[None, :] * N + on[:, None]
+            gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
+            gl.thread_barrier()
+            count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            if count == split_k - 1:  # the last split of this tile adds the partials
+                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+                for sk in range(split_k):
+                    tot += gl.load(ws_ptr + sk * M * N + part, mask=omask, other=0.0, cache_modifier=".cg")
+                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
+                         mask=omask)
+                gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls
+        else:
+            gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=omask)
+
+
+WG_MIN_M = 2  # "auto" uses this path for WG_MIN_M <= M (bf16 x, uniform 2/4/8 bits, Hopper)
+
+
+def wg_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether the Gluon tensor-core path can run this call: Hopper (sm_90), bf16 x, a uniform
+    single-slice 2/4/8-bit weight whose K is a multiple of 64 and group size of 64."""
+    if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or M < WG_MIN_M:
+        return False
+    if packed.fmt != "uniform" or packed.bits not in WG_BITS or packed.zeros is None:
+        return False
+    if packed.in_features % 64 or packed.group_size % 64 or packed.out_features % 64:
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] == 9
+
+
+def wg_config(M: int, N: int, K: int, bits: int, sms: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, split_k) of the launcher: BLOCK_M the power of
+    two >= M in 16..128 (rows of x: the wgmma's N side), 128 weight rows per program (64 when that
+    gives too few programs), 4 warps (8 at BLOCK_M 128), split-K until ~2 programs per SM."""
+    bm = max(16, min(128, triton.next_power_of_2(M)))
+    num_m = -(-M // bm)
+    bn = 128 if num_m * (N // 128) >= sms else 64
+    warps = 8 if bm >= 128 and bn == 128 else 4
+    bk = 64
+    stages = 6 if bm <= 32 else 4
+    tiles = num_m * (N // bn)
+    k_tiles = K // bk
+    split = 1
+    while tiles * split < 2 * sms and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return bm, bn, bk, stages, warps, split
+
+
+def quant_gemm_wg(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
+                  block_n: int | None = None, block_k: int | None = None, stages: int | None = None,
+                  num_warps: int | None = None, split_k: int | None = None) -> torch.Tensor:
+    """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper; the
+    weights are rounded once to bf16. Keywords override ``wg_config`` (benchmarks)."""
+    M, K = x.shape
+    N, G, bits = packed.out_features, packed.group_size, packed.bits
+    if not wg_applies(packed, M, x):
+        raise ValueError(f"quant_gemm_wg: needs Hopper, bf16 x and a uniform 2/4/8-bit weight with K, N, "
+                         f"group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, N {N}, K {K}, "
+                         f"G {G})")
+    bm, bn, bk, st, nw, sk = wg_config(M, N, K, bits, _num_sms(x.device))
+    BM, BN, BK = block_m or bm, block_n or bn, block_k or bk
+    stages, warps = stages or st, num_warps or (nw if (bm, bn) == (BM, BN) else 4)
+    if BK % (32 // bits) or G % BK or K % BK or BN % (16 * warps) or stages < 3:
+        raise ValueError(f"quant_gemm_wg: block_k {BK} must divide the group size {G} and K {K}, block_n "
+                         f"{BN} must be a multiple of 16 x warps ({warps}), stages >= 3 (got {stages})")
+    k_tiles = K // BK
+    split = split_k or (sk if (bm, bn, bk) == (BM, BN, BK) else 1)
+    per = next(d for d in range(-(-k_tiles // max(1, split)), k_tiles + 1) if k_tiles % d == 0)
+    split = k_tiles // per
+    tiles = -(-M // BM) * -(-N // BN)
+    if split > 1:
+        ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+        locks = _lock_buffer(x.device, tiles)
+    else:
+        ws, locks = y, y
+    table = scale_table(packed, True)
+    _quant_gemm_wg_kernel[(tiles, split)](
+        x, packed.qweight, table, y, ws, locks, M, N, K, G, x.stride(0), packed.qweight.stride(0),
+        y.stride(0), per * BK, per, split, bits, BM, BN, BK, stages, split > 1, num_warps=warps)
+    return y

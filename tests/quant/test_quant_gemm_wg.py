@@ -1,0 +1,187 @@
+"""Gluon wgmma path (``path="wg"``, anybit/kernels/quant_gemm_wg.py). Gluon does not run under the
+Triton interpreter, so on CPU: the per-word PTX by bit-level emulation, the launcher's rules, and an
+offline sm_90 compile whose SASS must keep one wgmma group in flight while the next tile converts.
+On CUDA (Hopper): the kernel against ref_quant_matmul."""
+
+import os
+import re
+import struct
+import subprocess
+import tempfile
+
+import pytest
+import torch
+from test_quant_gemm_h2 import _halves, _pack  # same folder (pytest puts it on sys.path)
+
+from anybit.kernels import quant_gemm_wg as wg
+from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
+from anybit.quant.rtn import QuantSpec, rtn_quantize
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _f32(u: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", u & 0xFFFFFFFF))[0]
+
+
+def _bits32(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def _bf16_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float32).to(torch.bfloat16).view(torch.int16)) & 0xFFFF
+
+
+def _emulate_word(asm: str, word: int, s2: int, c2: int) -> list[int]:
+    """Run ``_wg_asm``'s PTX on ints; returns the P output registers (bf16 bits)."""
+    regs: dict = {}
+    outs: dict = {}
+    n_out = max(int(v) for v in re.findall(r"\$(\d+)", asm)) - 2  # $0..$P-1 out, $P word, +1 s2, +2 c2
+    regs[f"${n_out}"], regs[f"${n_out + 1}"], regs[f"${n_out + 2}"] = word, s2, c2
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, rest = line.split(None, 1)
+        a = [t.strip() for t in rest.split(",")]
+
+        def val(t):
+            if t in regs:
+                return regs[t]
+            return int(t[2:], 16) if t.startswith("0f") else int(t, 0)  # 0fXXXXXXXX: float32 bits
+        if op == "mov.b32" and a[0].startswith("{"):
+            lo, hi = a[0].strip("{} "), a[1].strip("{} ")
+            outs[lo], outs[hi] = regs[a[2]] & 0xFFFF, regs[a[2]] >> 16
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> int(a[2])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << int(a[2])) & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            assert a[4] == "0xEA"
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "prmt.b32":
+            by = [(val(t) >> 8 * i) & 0xFF for t in a[1:3] for i in range(4)]
+            sel = int(a[3], 0)
+            regs[a[0]] = sum(by[(sel >> 4 * i) & 0xF] << 8 * i for i in range(4))
+        elif op == "fma.rn.bf16x2":
+            x, y, c = (_halves(val(t), True) for t in a[1:4])
+            regs[a[0]] = _pack([x[i] * y[i] + c[i] for i in range(2)], True)
+        elif op == "sub.rn.f32":
+            regs[a[0]] = _bits32(float(torch.tensor(_f32(val(a[1])) - _f32(val(a[2])), dtype=torch.float32)))
+        elif op == "fma.rn.f32":
+            r = _f32(val(a[1])) * _f32(val(a[2])) + _f32(val(a[3]))
+            regs[a[0]] = _bits32(float(torch.tensor(r, dtype=torch.float32)))
+        elif op == "cvt.rn.bf16.f32":
+            outs[a[0]] = _bf16_bits(_f32(val(a[1])))
+        else:
+            raise AssertionError(op)
+    return [outs[f"${j}"] for j in range(n_out)]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ptx_gives_rounded_weights_in_natural_order(bits):
+    """Output j = bf16 of ``s (q_j - C) + (C - z) s`` for code j of the word (natural K order)."""
+    P, C = 32 // bits, 1 << (bits - 1)
+    g = torch.Generator().manual_seed(bits)
+    asm = wg._wg_asm(bits)
+    for trial in range(40):
+        q = torch.randint(0, 2 ** bits, (P,), generator=g).tolist()
+        if trial == 0:
+            q = [2 ** bits - 1] * P
+        word = sum(c << (i * bits) for i, c in enumerate(q))
+        s = float(torch.rand(1, generator=g)) * 0.05 + 1e-3
+        z = int(torch.randint(0, 2 ** bits, (1,), generator=g))
+        s2, c2 = _pack([s, s], True), _pack([(C - z) * s, (C - z) * s], True)
+        sr, cr = _halves(s2, True)[0], _halves(c2, True)[0]
+        got = _emulate_word(asm, word, s2, c2)
+        want = [_bf16_bits(float(torch.tensor((qj - C) * sr + cr, dtype=torch.float32))) for qj in q]
+        assert got == want, (trial, q, [hex(v) for v in got], [hex(v) for v in want])
+
+
+def test_launcher_config_and_applicability():
+    bm, bn, bk, st, nw, sk = wg.wg_config(16, 14336, 4096, 4, 132)
+    assert (bm, nw) == (16, 4) and bn in (64, 128) and 4096 // bk % sk == 0
+    assert wg.wg_config(3, 4096, 14336, 4, 132)[0] == 16
+    assert wg.wg_config(1024, 4096, 14336, 4, 132)[:2] == (128, 128)
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
+    assert not wg.wg_applies(pw, 16, x)  # CPU tensors never take the Gluon path
+    with pytest.raises(ValueError, match="quant_gemm_wg"):
+        wg.quant_gemm_wg(x, pw, torch.empty(16, 128, dtype=torch.bfloat16))
+
+
+def _nvdisasm():
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+
+@pytest.mark.skipif(wg.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+def test_sm90_compile_keeps_one_wgmma_group_in_flight():
+    """The compiled main loop has async wgmma (HGMMA) and waits for all but the newest group
+    (``WARPGROUP.DEPBAR.LE gsb0, 0x1``), never for all of them (``0x0``) inside the loop."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    if not os.path.exists(_nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    k = wg._quant_gemm_wg_kernel
+    sig = {"x_ptr": "*bf16", "q_ptr": "*i32", "tab_ptr": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32",
+           "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "stride_xm": "i32",
+           "stride_qk": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32"}
+    consts = dict(W0=4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, STAGES=4, SPLIT=True, num_warps=4)
+    sig.update({c: "constexpr" for c in consts})
+    names = list(k.arg_names)
+    sig = {n: sig[n] for n in names}
+    aligned = ("x_ptr", "q_ptr", "tab_ptr", "y_ptr", "ws_ptr", "lock_ptr", "N", "K", "G", "stride_xm",
+               "stride_qk", "stride_ym", "k_per_split")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(GluonASTSource(k, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s*(.*?);", sass)]
+    first = next(i for i, s in enumerate(lines) if "HGMMA" in s)
+    window = lines[first:first + 40]
+    assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in s for s in window), window
+    assert sum("HGMMA" in s for s in lines) >= 4
+
+
+def _rtn(N, K, bits, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, "uniform")).to("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("M", [2, 5, 16, 40, 130, 300])
+def test_wg_vs_reference(bits, group, M):
+    pw = _rtn(384, 1152, bits, group, seed=bits + M)
+    x = torch.randn(M, 1152, device="cuda", dtype=torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), pw)
+    y = quant_matmul(x, pw, path="wg")
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("kw", [dict(split_k=3), dict(block_n=64, block_k=128, num_stages=5),
+                                dict(block_m=128, num_warps=8), dict(block_m=64, num_stages=3)])
+def test_wg_variants_and_out_slice(kw):
+    """Forced split-K (counters left at zero: a second call gives the same result), block sizes,
+    stages, 8 warps; the output written into a column slice of a wider tensor."""
+    pw = _rtn(384, 1152, 4, 128, seed=7)
+    M = 48
+    x = torch.randn(M, 1152, device="cuda", dtype=torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), pw)
+    wide = torch.zeros(M, 384 + 128, device="cuda", dtype=torch.bfloat16)
+    y = quant_matmul(x, pw, out=wide[:, 64:448], path="wg", **kw)
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(quant_matmul(x, pw, path="wg", **kw), y)
+    assert wide[:, :64].abs().sum() == 0 and wide[:, 448:].abs().sum() == 0
