@@ -47,7 +47,8 @@ def correctness(log) -> list[dict]:
             cases.append((f"b{bits} g{g} 384x1152 M16 split3", pw, 16, dict(split_k=3)))
             cases.append((f"b{bits} g{g} 384x1152 M64 bk128 bn64 st5", pw, 64,
                           dict(block_k=128 if g == 128 else 64, block_n=64, num_stages=5)))
-            cases.append((f"b{bits} g{g} 384x1152 M200 bm128 w8", pw, 200, dict(block_m=128, num_warps=8)))
+            cases.append((f"b{bits} g{g} 384x1152 M200 bm128 w8", pw, 200,
+                          dict(block_m=128, block_n=128, num_warps=8)))
     for bits in (2, 4, 8):
         pw = random_packed(4096, 14336, bits)
         for M in (16, 64, 256):
@@ -85,16 +86,15 @@ def sweep_variants(M: int, b: int) -> list:
     out = [("anybit_wg", dict(path="wg"))]
     for bn in (64, 128):
         for bk in (64, 128):
-            for st in ((4, 6) if bm <= 32 else (3, 4)):
+            for st in ((3, 5) if bm >= 64 else (4, 6)):
                 out.append((f"anybit_wg_bm{bm}_bn{bn}_bk{bk}_st{st}",
                             dict(path="wg", block_m=bm, block_n=bn, block_k=bk, num_stages=st)))
-    for sk in (1, 2, 4):
-        out.append((f"anybit_wg_sk{sk}", dict(path="wg", split_k=sk)))
+    if bm <= 64:
+        for sk in (1, 2, 4, 8):
+            out.append((f"anybit_wg_sk{sk}", dict(path="wg", split_k=sk)))
     if M >= 128:
-        out.append(("anybit_wg_bm256_w8", dict(path="wg", block_m=256, block_n=128, num_warps=8,
-                                               num_stages=3)))
-        out.append(("anybit_wg_bm128_w4_bn64", dict(path="wg", block_m=128, block_n=64, num_warps=4)))
-        out.append(("anybit_wg_bm64", dict(path="wg", block_m=64)))
+        out.append(("anybit_wg_bm256", dict(path="wg", block_m=256, block_n=128, block_k=64, num_stages=3)))
+        out.append(("anybit_wg_bm64", dict(path="wg", block_m=64, block_n=128, block_k=64, num_stages=4)))
     return out
 
 
@@ -115,8 +115,7 @@ def main() -> int:
     log(f"after correctness: {time.time() - t0:.0f}s")
     rows: list[dict] = []
     sms = _num_sms(torch.device("cuda"))
-    configs = {f"{N}x{K} M{M} W{b}": wg_config(M, N, K, b, sms)
-               for N, K in SHAPES for M in MS for b in (2, 4, 8)}
+    configs = {f"{N}x{K} M{M}": wg_config(M, N, K, 128, sms) for N, K in SHAPES for M in MS}
 
     def dump():
         write_result("quant_matmul_wg", "Gluon wgmma any-bit GEMM (M >= 2) vs cuBLAS bf16, torch int4 and "

@@ -44,12 +44,14 @@ try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use the
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
+        mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover
     gluon = None
 
@@ -94,12 +96,6 @@ if gluon is not None:
     _WG_ASM8: gl.constexpr = gl.constexpr(_wg_asm(8))
 
     @gluon.constexpr_function
-    def _copy_layout(rows, cols, vec, num_warps):
-        """Blocked layout for 16-byte cp.async of a [rows, cols] tile (vec elements per copy)."""
-        tc = min(32, cols // vec)
-        return gl.BlockedLayout([1, vec], [32 // tc, tc], [num_warps, 1], [1, 0])
-
-    @gluon.constexpr_function
     def _word_layout(rows, cols, num_warps):
         """Layout of the words ``[R, BLOCK_N]`` for conversion: each thread takes R / tr word rows
         of one column (one table load per column; its stores fill an A row), the lanes run along
@@ -136,83 +132,81 @@ if gluon is not None:
         return gl.reshape(gl.permute(v, (1, 0, 2)), [BN, R * P])
 
     @gluon.jit
-    def _issue_tile(x_smem, w_smem, x_ptrs, w_ptrs, x_mask, w_mask, stage, kt, valid,
-                    BLOCK_K: gl.constexpr, step_w):
-        """cp.async of K tile kt (relative to the program's start) into ring slot ``stage``."""
-        async_copy.async_copy_global_to_shared(x_smem.index(stage), x_ptrs + kt * BLOCK_K,
-                                               mask=x_mask & valid)
-        async_copy.async_copy_global_to_shared(w_smem.index(stage), w_ptrs + kt * step_w,
-                                               mask=w_mask & valid)
-        async_copy.commit_group()
+    def _issue_tile(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, bars, stage, k0, off_m, off_n, G, KG,
+                    valid, P: gl.constexpr):
+        """TMA of the K tile starting at k0 into ring slot ``stage`` (x rows, words, the two table
+        rows of its scale group), all counted on ``bars[stage]``; nothing when not ``valid``."""
+        bar = bars.index(stage)
+        nbytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes
+                                + 2 * t_desc.block_type.nbytes)
+        mbarrier.expect(bar, nbytes, pred=valid)
+        g = k0 // G
+        tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_smem.index(stage), pred=valid)
+        tma.async_copy_global_to_shared(w_desc, [k0 // P, off_n], bar, w_smem.index(stage), pred=valid)
+        tma.async_copy_global_to_shared(t_desc, [g, off_n], bar, t_smem.index(2 * stage), pred=valid)
+        tma.async_copy_global_to_shared(t_desc, [KG + g, off_n], bar, t_smem.index(2 * stage + 1), pred=valid)
 
     @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
-    def _quant_gemm_wg_kernel(x_ptr, q_ptr, tab_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
-                              stride_xm, stride_qk, stride_ym, k_per_split, n_iters, split_k,
-                              W0: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              BLOCK_K: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-                              num_warps: gl.constexpr):
-        """Tile ``[BLOCK_M, BLOCK_N]`` of y for one K split of ``k_per_split`` (= n_iters tiles).
-        x ``[M, K]`` bf16 contiguous rows; q the int32 words ``[K / P, N]``; tab the int32
-        ``[2, K / G, N]`` half2 table; y ``[M, N]`` (row stride stride_ym). SPLIT: split_k > 1."""
+    def _quant_gemm_wg_kernel(x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_ym,
+                              k_per_split, n_iters, split_k, W0: gl.constexpr, STAGES: gl.constexpr,
+                              SPLIT: gl.constexpr, num_warps: gl.constexpr):
+        """Tile ``[BLOCK_M, BLOCK_N]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
+        BLOCK_K). Descriptors: x ``[M, K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0),
+        the int32 words ``[K / P, N]`` (block [BLOCK_K / P, BLOCK_N]) and the int32 half2 table
+        ``[2 K / G, N]`` (block [1, BLOCK_N]); y ``[M, N]`` (row stride stride_ym). SPLIT:
+        split_k > 1 (float32 partials in ws, summed by the tile's last program)."""
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        R: gl.constexpr = w_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         num_m = gl.cdiv(M, BLOCK_M)
         pid_m = pid % num_m
         pid_n = pid // num_m
-        P: gl.constexpr = 32 // W0
-        R: gl.constexpr = BLOCK_K // P
-        XCP: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 8, num_warps)
-        WCP: gl.constexpr = _copy_layout(R, BLOCK_N, 4, num_warps)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
         WL: gl.constexpr = _word_layout(R, BLOCK_N, num_warps)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
-        X_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
         A_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
-        W_SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-        x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], X_SL)
-        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, BLOCK_N], W_SL)
+        x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, R, BLOCK_N], w_desc.layout)
+        t_smem = gl.allocate_shared_memory(gl.int32, [2 * STAGES, 1, BLOCK_N], t_desc.layout)
         a_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, BLOCK_K], A_SL)
-
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
         k_start = pid_k * k_per_split
-        xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, XCP))
-        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XCP))
-        x_ptrs = x_ptr + xm[:, None] * stride_xm + (k_start + xk)[None, :]
-        x_mask = (xm < M)[:, None] & (xk < BLOCK_K)[None, :]
-        wr = gl.arange(0, R, layout=gl.SliceLayout(1, WCP))
-        wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, WCP))
-        w_ptrs = q_ptr + (k_start // P + wr)[:, None] * stride_qk + wn[None, :]
-        w_mask = (wr < R)[:, None] & (wn < N)[None, :]
-        step_w = R * stride_qk
-        cn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, WL))
-        cmask = cn < N
-        tab_c = tab_ptr + (K // G) * N
-
+        KG = K // G
         for s in gl.static_range(STAGES - 2):  # prologue: tiles 0 .. STAGES - 3
-            _issue_tile(x_smem, w_smem, x_ptrs, w_ptrs, x_mask, w_mask, s, s, s < n_iters, BLOCK_K, step_w)
+            _issue_tile(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, bars, s, k_start + s * BLOCK_K,
+                        off_m, off_n, G, KG, s < n_iters, 32 // W0)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         for i in range(n_iters):
             stage = i % STAGES
-            async_copy.wait_group(STAGES - 3)
-            gl.thread_barrier()  # tile i landed for all threads; buffers of tile i - 2 are free
+            mbarrier.wait(bars.index(stage), (i // STAGES) & 1)
+            if num_warps > 4:  # another warpgroup's wgmma i - 2 may still read a_smem[i % 2]
+                gl.thread_barrier()
             w = w_smem.index(stage).load(WL)
-            g = (k_start + i * BLOCK_K) // G
-            s2 = gl.load(tab_ptr + g * N + cn, mask=cmask, other=0)[None, :]
-            c2 = gl.load(tab_c + g * N + cn, mask=cmask, other=0)[None, :]
+            s2 = t_smem.index(2 * stage).load(WL)  # [1, BLOCK_N]: (s, s) of each column
+            c2 = t_smem.index(2 * stage + 1).load(WL)  # ((C - z) s, ...)
             a = _convert_words(w, s2, c2, W0)
             buf = a_smem.index(i % 2)
             buf.store(a)
             fence_async_shared()
-            gl.thread_barrier()  # every warp's rows of the A tile are written
+            gl.thread_barrier()  # every warp's rows of the A tile are written; tile i - 2 is consumed
             acc = warpgroup_mma(buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             nxt = i + STAGES - 2
-            _issue_tile(x_smem, w_smem, x_ptrs, w_ptrs, x_mask, w_mask, nxt % STAGES, nxt, nxt < n_iters,
-                        BLOCK_K, step_w)
+            _issue_tile(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, bars, nxt % STAGES,
+                        k_start + nxt * BLOCK_K, off_m, off_n, G, KG, nxt < n_iters, 32 // W0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        async_copy.wait_group(0)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
 
-        on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         omask = (on < N)[:, None] & (om < M)[None, :]
         if SPLIT:
             part = om[None, :] * N + on[:, None]
@@ -246,20 +240,23 @@ def wg_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] == 9
 
 
-def wg_config(M: int, N: int, K: int, bits: int, sms: int) -> tuple[int, int, int, int, int, int]:
+def wg_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, split_k) of the launcher: BLOCK_M the power of
-    two >= M in 16..128 (rows of x: the wgmma's N side), 128 weight rows per program (64 when that
-    gives too few programs), 4 warps (8 at BLOCK_M 128), split-K until ~2 programs per SM."""
+    two >= M in 16..128 (rows of x: the wgmma's N side); 128 weight rows per program on 8 warps, or
+    64 on 4 warps when 128 gives fewer tiles than SMs (one 64-row block per warpgroup: with two,
+    ptxas serializes the wgmma, warning C7514/C7515); BLOCK_K 128 (64 at BLOCK_M 128 or when the
+    group is 64); split-K (BLOCK_M <= 64) until ~2 programs per SM with >= 4 K tiles each."""
     bm = max(16, min(128, triton.next_power_of_2(M)))
     num_m = -(-M // bm)
     bn = 128 if num_m * (N // 128) >= sms else 64
-    warps = 8 if bm >= 128 and bn == 128 else 4
-    bk = 64
-    stages = 6 if bm <= 32 else 4
+    warps = 4 * bn // 64
+    bk = 128 if bm <= 64 and G % 128 == 0 and K % 128 == 0 else 64
+    stages = 4 if bm <= 64 else 3
     tiles = num_m * (N // bn)
     k_tiles = K // bk
     split = 1
-    while tiles * split < 2 * sms and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 4:
+    while (bm <= 64 and tiles * split < 2 * sms and k_tiles % (split * 2) == 0
+           and k_tiles // (split * 2) >= 4):
         split *= 2
     return bm, bn, bk, stages, warps, split
 
@@ -275,9 +272,9 @@ def quant_gemm_wg(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         raise ValueError(f"quant_gemm_wg: needs Hopper, bf16 x and a uniform 2/4/8-bit weight with K, N, "
                          f"group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, N {N}, K {K}, "
                          f"G {G})")
-    bm, bn, bk, st, nw, sk = wg_config(M, N, K, bits, _num_sms(x.device))
+    bm, bn, bk, st, nw, sk = wg_config(M, N, K, G, _num_sms(x.device))
     BM, BN, BK = block_m or bm, block_n or bn, block_k or bk
-    stages, warps = stages or st, num_warps or (nw if (bm, bn) == (BM, BN) else 4)
+    stages, warps = stages or st, num_warps or 4 * BN // 64
     if BK % (32 // bits) or G % BK or K % BK or BN % (16 * warps) or stages < 3:
         raise ValueError(f"quant_gemm_wg: block_k {BK} must divide the group size {G} and K {K}, block_n "
                          f"{BN} must be a multiple of 16 x warps ({warps}), stages >= 3 (got {stages})")
@@ -291,8 +288,14 @@ def quant_gemm_wg(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         locks = _lock_buffer(x.device, tiles)
     else:
         ws, locks = y, y
-    table = scale_table(packed, True)
+    table = scale_table(packed, True).view(2 * (K // G), N)
+    P = 32 // bits
+    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BM, BK],
+                              gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16))
+    w_desc = TensorDescriptor(packed.qweight, [K // P, N], [packed.qweight.stride(0), 1], [BK // P, BN],
+                              gl.NVMMASharedLayout(0, 32, rank=2))
+    t_desc = TensorDescriptor(table, [2 * (K // G), N], [N, 1], [1, BN], gl.NVMMASharedLayout(0, 32, rank=2))
     _quant_gemm_wg_kernel[(tiles, split)](
-        x, packed.qweight, table, y, ws, locks, M, N, K, G, x.stride(0), packed.qweight.stride(0),
-        y.stride(0), per * BK, per, split, bits, BM, BN, BK, stages, split > 1, num_warps=warps)
+        x_desc, w_desc, t_desc, y, ws, locks, M, N, K, G, y.stride(0), per * BK, per, split, bits, stages,
+        split > 1, num_warps=warps)
     return y
