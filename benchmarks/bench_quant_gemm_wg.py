@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from anybit.kernels import quant_matmul as qm  # noqa: E402
-from anybit.kernels.quant_gemm_wg import wg_config  # noqa: E402
+from anybit.kernels.quant_gemm_wg import wg_config, wg_shared_bytes  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import _num_sms  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
 from benchmarks.bench_quant_matmul import bench_shape, random_packed  # noqa: E402
@@ -48,7 +48,7 @@ def correctness(log) -> list[dict]:
             cases.append((f"b{bits} g{g} 384x1152 M64 bk128 bn64 st5", pw, 64,
                           dict(block_k=128 if g == 128 else 64, block_n=64, num_stages=5)))
             cases.append((f"b{bits} g{g} 384x1152 M200 bm128 w8", pw, 200,
-                          dict(block_m=128, block_n=128, num_warps=8)))
+                          dict(block_m=128, block_n=128, num_warps=8, num_stages=3)))
     for bits in (2, 4, 8):
         pw = random_packed(4096, 14336, bits)
         for M in (16, 64, 256):
@@ -82,19 +82,16 @@ def main_variants(M: int, b: int) -> list:
 
 
 def sweep_variants(M: int, b: int) -> list:
-    bm = max(16, min(128, 1 << (M - 1).bit_length()))
+    """Block sizes x stages (split-K by the launcher's rule for each), skipping what does not fit."""
+    bm0 = max(16, min(128, 1 << (M - 1).bit_length()))
     out = [("anybit_wg", dict(path="wg"))]
-    for bn in (64, 128):
-        for bk in (64, 128):
-            for st in ((3, 5) if bm >= 64 else (4, 6)):
-                out.append((f"anybit_wg_bm{bm}_bn{bn}_bk{bk}_st{st}",
-                            dict(path="wg", block_m=bm, block_n=bn, block_k=bk, num_stages=st)))
-    if bm <= 64:
-        for sk in (1, 2, 4, 8):
-            out.append((f"anybit_wg_sk{sk}", dict(path="wg", split_k=sk)))
-    if M >= 128:
-        out.append(("anybit_wg_bm256", dict(path="wg", block_m=256, block_n=128, block_k=64, num_stages=3)))
-        out.append(("anybit_wg_bm64", dict(path="wg", block_m=64, block_n=128, block_k=64, num_stages=4)))
+    for bm in sorted({bm0, 64} if M >= 128 else {bm0}):
+        for bn in (64, 128):
+            for bk in (64, 128):
+                for st in (3, 4, 5, 6, 8):
+                    if wg_shared_bytes(bm, bn, bk, st, b) <= 227 * 1024 and (st >= 4 or bm >= 128):
+                        out.append((f"anybit_wg_bm{bm}_bn{bn}_bk{bk}_st{st}",
+                                    dict(path="wg", block_m=bm, block_n=bn, block_k=bk, num_stages=st)))
     return out
 
 
@@ -134,7 +131,8 @@ def main() -> int:
          ((6144, 4096), MS, [4], main_variants), ((128256, 4096), [4, 16, 64, 256, 1024], [4], main_variants),
          ((4096, 14336), [16, 64, 256], [2, 8], main_variants),
          ((4096, 14336), [16, 64, 256, 1024], [4], sweep_variants),
-         ((14336, 4096), [16, 64, 256], [4], sweep_variants)]
+         ((14336, 4096), [16, 64, 256], [4], sweep_variants),
+         ((6144, 4096), [16, 64, 256], [4], sweep_variants)]
     for (N, K), ms, bits, variants in plan:
         if time.time() - t0 > args.budget:
             log(f"budget reached: skipped {N}x{K} {variants.__name__}")

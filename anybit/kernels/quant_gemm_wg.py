@@ -179,7 +179,11 @@ if gluon is not None:
             mbarrier.init(bars.index(s), count=1)
         k_start = pid_k * k_per_split
         KG = K // G
-        for s in gl.static_range(STAGES - 2):  # prologue: tiles 0 .. STAGES - 3
+        # tiles requested DIST ahead: the slot refilled at iteration i held tile i + DIST - STAGES,
+        # whose wgmma is complete once this warpgroup waited (one warpgroup: tile i - 1) or once
+        # every warpgroup passed the barrier after its wait (two: tile i - 2)
+        DIST: gl.constexpr = STAGES - 1 if num_warps == 4 else STAGES - 2
+        for s in gl.static_range(DIST):  # prologue: tiles 0 .. DIST - 1
             _issue_tile(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, bars, s, k_start + s * BLOCK_K,
                         off_m, off_n, G, KG, s < n_iters, 32 // W0)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -198,7 +202,7 @@ if gluon is not None:
             gl.thread_barrier()  # every warp's rows of the A tile are written; tile i - 2 is consumed
             acc = warpgroup_mma(buf, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            nxt = i + STAGES - 2
+            nxt = i + DIST
             _issue_tile(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, bars, nxt % STAGES,
                         k_start + nxt * BLOCK_K, off_m, off_n, G, KG, nxt < n_iters, 32 // W0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -240,25 +244,36 @@ def wg_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] == 9
 
 
+def wg_split(M: int, N: int, K: int, bm: int, bn: int, bk: int, sms: int) -> int:
+    """Split-K for BLOCK_M <= 64: doubled while the programs are fewer than 2 per SM and each keeps
+    >= 4 K tiles (the pipeline's depth); 1 at BLOCK_M 128 (its split-K sum spills registers)."""
+    tiles = -(-M // bm) * -(-N // bn)
+    k_tiles = K // bk
+    split = 1
+    while bm <= 64 and tiles * split < 2 * sms and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
 def wg_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, split_k) of the launcher: BLOCK_M the power of
     two >= M in 16..128 (rows of x: the wgmma's N side); 128 weight rows per program on 8 warps, or
     64 on 4 warps when 128 gives fewer tiles than SMs (one 64-row block per warpgroup: with two,
     ptxas serializes the wgmma, warning C7514/C7515); BLOCK_K 128 (64 at BLOCK_M 128 or when the
-    group is 64); split-K (BLOCK_M <= 64) until ~2 programs per SM with >= 4 K tiles each."""
+    group is 64); split-K from ``wg_split``."""
     bm = max(16, min(128, triton.next_power_of_2(M)))
     num_m = -(-M // bm)
     bn = 128 if num_m * (N // 128) >= sms else 64
     warps = 4 * bn // 64
     bk = 128 if bm <= 64 and G % 128 == 0 and K % 128 == 0 else 64
-    stages = 4 if bm <= 64 else 3
-    tiles = num_m * (N // bn)
-    k_tiles = K // bk
-    split = 1
-    while (bm <= 64 and tiles * split < 2 * sms and k_tiles % (split * 2) == 0
-           and k_tiles // (split * 2) >= 4):
-        split *= 2
-    return bm, bn, bk, stages, warps, split
+    stages = 5 if bm <= 64 else 4
+    return bm, bn, bk, stages, warps, wg_split(M, N, K, bm, bn, bk, sms)
+
+
+def wg_shared_bytes(bm: int, bn: int, bk: int, stages: int, bits: int) -> int:
+    """Shared memory of one program: per stage the x tile, the words and two table rows, plus the
+    two bf16 A buffers and the barriers."""
+    return stages * (bm * bk * 2 + bn * bk * bits // 8 + 2 * bn * 4 + 8) + 2 * bn * bk * 2
 
 
 def quant_gemm_wg(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
@@ -272,14 +287,16 @@ def quant_gemm_wg(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         raise ValueError(f"quant_gemm_wg: needs Hopper, bf16 x and a uniform 2/4/8-bit weight with K, N, "
                          f"group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, N {N}, K {K}, "
                          f"G {G})")
-    bm, bn, bk, st, nw, sk = wg_config(M, N, K, G, _num_sms(x.device))
+    bm, bn, bk, st, _, _ = wg_config(M, N, K, G, _num_sms(x.device))
     BM, BN, BK = block_m or bm, block_n or bn, block_k or bk
     stages, warps = stages or st, num_warps or 4 * BN // 64
-    if BK % (32 // bits) or G % BK or K % BK or BN % (16 * warps) or stages < 3:
+    if (BK % (32 // bits) or G % BK or K % BK or BN % (16 * warps) or stages < 3
+            or wg_shared_bytes(BM, BN, BK, stages, bits) > 227 * 1024):
         raise ValueError(f"quant_gemm_wg: block_k {BK} must divide the group size {G} and K {K}, block_n "
-                         f"{BN} must be a multiple of 16 x warps ({warps}), stages >= 3 (got {stages})")
+                         f"{BN} must be a multiple of 16 x warps ({warps}), stages >= 3 (got {stages}), "
+                         f"shared memory <= 227 KB")
     k_tiles = K // BK
-    split = split_k or (sk if (bm, bn, bk) == (BM, BN, BK) else 1)
+    split = split_k or wg_split(M, N, K, BM, BN, BK, _num_sms(x.device))
     per = next(d for d in range(-(-k_tiles // max(1, split)), k_tiles + 1) if k_tiles % d == 0)
     split = k_tiles // per
     tiles = -(-M // BM) * -(-N // BN)

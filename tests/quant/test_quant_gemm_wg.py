@@ -183,7 +183,8 @@ def test_wg_vs_reference(bits, group, M):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("kw", [dict(split_k=3), dict(block_n=64, block_k=128, num_stages=5),
-                                dict(block_m=128, block_n=128, num_warps=8), dict(block_m=64, num_stages=3)])
+                                dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
+                                dict(block_m=64, num_stages=3)])
 def test_wg_variants_and_out_slice(kw):
     """Forced split-K (counters left at zero: a second call gives the same result), block sizes,
     stages, 8 warps; the output written into a column slice of a wider tensor."""
