@@ -229,17 +229,21 @@ if gluon is not None:
                      mask=omask)
 
 
-WG_MIN_M = 2  # "auto" uses this path for WG_MIN_M <= M (bf16 x, uniform 2/4/8 bits, Hopper)
+WG_MIN_M = 2  # quant_gemm_wg runs for M >= WG_MIN_M (bf16 x, uniform 2/4/8 bits, Hopper)
 
 
 def wg_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether the Gluon tensor-core path can run this call: Hopper (sm_90), bf16 x, a uniform
-    single-slice 2/4/8-bit weight whose K is a multiple of 64 and group size of 64."""
+    single-slice 2/4/8-bit weight whose N, K and group size are multiples of 64, and the 16-byte
+    alignment that TMA needs (x and the words)."""
     if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or M < WG_MIN_M:
         return False
     if packed.fmt != "uniform" or packed.bits not in WG_BITS or packed.zeros is None:
         return False
     if packed.in_features % 64 or packed.group_size % 64 or packed.out_features % 64:
+        return False
+    q = packed.qweight  # TMA: 16-byte aligned bases and row strides, unit inner stride
+    if x.data_ptr() % 16 or q.data_ptr() % 16 or q.stride(1) != 1 or q.stride(0) % 4 or x.stride(1) != 1:
         return False
     return torch.cuda.get_device_capability(x.device)[0] == 9
 
@@ -257,16 +261,15 @@ def wg_split(M: int, N: int, K: int, bm: int, bn: int, bk: int, sms: int) -> int
 
 def wg_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, split_k) of the launcher: BLOCK_M the power of
-    two >= M in 16..128 (rows of x: the wgmma's N side); 128 weight rows per program on 8 warps, or
-    64 on 4 warps when 128 gives fewer tiles than SMs (one 64-row block per warpgroup: with two,
-    ptxas serializes the wgmma, warning C7514/C7515); BLOCK_K 128 (64 at BLOCK_M 128 or when the
-    group is 64); split-K from ``wg_split``."""
+    two >= M in 16..128 (rows of x: the wgmma's N side); 64 weight rows per program on 4 warps
+    (one 64-row block per warpgroup: with two, ptxas serializes the wgmma, warning C7514/C7515),
+    BLOCK_K 64, stages 4 / 6 / 4 at BLOCK_M <= 32 / 64 / 128; split-K from ``wg_split``. Chosen
+    from the H100 sweep of session 4 (benchmarks/results/quant_matmul_wg.json, rows
+    anybit_wg_bm*_bn*_bk*_st*): BLOCK_N 128 on 8 warps and BLOCK_K 128 were slower at every M,
+    deeper stages faster up to 6 at BLOCK_M 64 (the loop waits on memory latency)."""
     bm = max(16, min(128, triton.next_power_of_2(M)))
-    num_m = -(-M // bm)
-    bn = 128 if num_m * (N // 128) >= sms else 64
-    warps = 4 * bn // 64
-    bk = 128 if bm <= 64 and G % 128 == 0 and K % 128 == 0 else 64
-    stages = 5 if bm <= 64 else 4
+    bn, bk, warps = 64, 64, 4
+    stages = 6 if bm == 64 else 4
     return bm, bn, bk, stages, warps, wg_split(M, N, K, bm, bn, bk, sms)
 
 

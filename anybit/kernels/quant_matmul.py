@@ -375,9 +375,23 @@ def dequant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | No
 # the PTX, session 2) but not yet timed there (--mode tc did not finish inside a 420 s device call),
 # so "auto" keeps the measured kernel until a run shows it faster; h2_dequant=True selects it.
 GEMM_H2_AUTO = False
-# The Gluon wgmma kernel of quant_gemm_wg.py (Hopper, bf16 x, uniform 2/4/8 bits): "auto" uses it
-# for M >= 2 when WG_AUTO is on (path="wg" selects it explicitly).
-WG_AUTO = False
+# The Gluon wgmma kernel of quant_gemm_wg.py (Hopper, bf16 x, uniform 2/4/8 bits): "auto" takes it
+# where it beat the other paths in the H100 runs of session 4 (quant_matmul_wg.json, W4): M 17..384
+# on every shape (M 32: 1.2-1.3x cuBLAS vs 0.95-1.04x; M 128: 0.67-0.92x vs 0.47-0.51x), and
+# M 2..16 when N <= WG_SMALL_N (QKV 6144x4096: 1.52-1.61x vs 1.20-1.32x; on the MLP shapes and
+# lm_head the older kernel is 3-20% faster there). From M 512 the dequantize + cuBLAS path wins.
+WG_AUTO = True
+WG_MAX_M = 384
+WG_SMALL_N = 8192
+
+
+def wg_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether "auto" routes this call to the wgmma kernel (WG_AUTO and the ranges above)."""
+    if not WG_AUTO or M > WG_MAX_M or (M <= 16 and packed.out_features > WG_SMALL_N):
+        return False
+    return wg_applies(packed, M, x)
+
+
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
 DEQUANT_MIN_M = 128  # and from this many rows dequantize to a scratch W^T + cuBLAS
 
@@ -393,8 +407,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
     slice of a fused output). ``path``: "auto" (the packed-half GEMV for M <= H2_MAX_M when the
     weight is uniform 2/4/8-bit, or 3/5/6-bit with integer zero points, and x fp16/bf16 on CUDA,
-    else the GEMV for M <= GEMV_MAX_M, tensor cores above; with WG_AUTO the Gluon wgmma kernel
-    for M >= 2 where ``wg_applies``), "gemv", "gemv_h2", "gemm", "wg", "dequant";
+    else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon wgmma kernel where
+    ``wg_chosen``), "gemv", "gemv_h2", "gemm", "wg", "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
@@ -425,7 +439,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if path == "auto":
         h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
-        if WG_AUTO and path != "gemv_h2" and wg_applies(packed, M, x):
+        if path != "gemv_h2" and wg_chosen(packed, M, x):
             path = "wg"
         if path == "gemm" and h2_dequant is None:
             h2_dequant = GEMM_H2_AUTO and (GEMM_H2_MIN_M <= M <= GEMM_H2_MAX_M and not is_cb
