@@ -26,6 +26,8 @@ shifted by ``(k % (32//w)) * w`` (the repeated words of a tile come from L1).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
@@ -380,7 +382,7 @@ GEMM_H2_AUTO = False
 # on every shape (M 32: 1.2-1.3x cuBLAS vs 0.95-1.04x; M 128: 0.67-0.92x vs 0.47-0.51x), and
 # M 2..16 when N <= WG_SMALL_N (QKV 6144x4096: 1.52-1.61x vs 1.20-1.32x; on the MLP shapes and
 # lm_head the older kernel is 3-20% faster there). From M 512 the dequantize + cuBLAS path wins.
-WG_AUTO = True
+WG_AUTO = os.environ.get("ANYBIT_WG", "1") != "0"  # ANYBIT_WG=0: experiments without it
 WG_MAX_M = 384
 WG_SMALL_N = 8192
 
