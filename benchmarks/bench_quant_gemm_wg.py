@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from anybit.kernels import quant_matmul as qm  # noqa: E402
-from anybit.kernels.quant_gemm_wg import wg_config, wg_shared_bytes  # noqa: E402
+from anybit.kernels.quant_gemm_wg import wg_config, wg_shared_bytes, wg_split  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import _num_sms  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
 from benchmarks.bench_quant_matmul import bench_shape, random_packed  # noqa: E402
@@ -112,7 +112,11 @@ def main() -> int:
     log(f"after correctness: {time.time() - t0:.0f}s")
     rows: list[dict] = []
     sms = _num_sms(torch.device("cuda"))
-    configs = {f"{N}x{K} M{M}": wg_config(M, N, K, 128, sms) for N, K in SHAPES for M in MS}
+    configs = {}  # launcher's (BLOCK_M, BLOCK_N, BLOCK_K, stages, split_k) at group 128
+    for N, K in SHAPES:
+        for M in MS:
+            bm, bn, bk, st = wg_config(M, N, K, 128)
+            configs[f"{N}x{K} M{M}"] = (bm, bn, bk, st, wg_split(M, N, K, bm, bn, bk, sms))
 
     def dump():
         write_result("quant_matmul_wg", "Gluon wgmma any-bit GEMM (M >= 2) vs cuBLAS bf16, torch int4 and "

@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, _pick_block_k
+from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, _pick_block_k, k_split
 from anybit.quant.format import PackedWeight
 
 try:  # Triton is optional on CPU-only installs
@@ -455,8 +455,7 @@ def quant_gemm_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         per_sm = _RESIDENT.get(occ_key) or tc_resident(_TC_REGS.get((bits, BM, BN, warps), 255), warps,
                                                        tc_shared_bytes(bits, BM, BN, BK, stages))
         split_k = tc_split(tiles, k_tiles, per_sm * _num_sms(x.device))
-    per = next(d for d in range(triton.cdiv(k_tiles, max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
-    split_k = k_tiles // per
+    per, split_k = k_split(k_tiles, split_k)
     if split_k > 1:
         ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
         locks = _lock_buffer(x.device, tiles)

@@ -10,9 +10,10 @@ out: the wgmma of tile i runs while tile i + 1 is converted.
 rows of x, one K split; swap-AB (``y^T = W x^T``: the weights are the wgmma's A operand, 64 rows
 per warpgroup, and x rows its N side, 16..256). Per K tile (BLOCK_K):
 
-1. ``cp.async`` ring of STAGES buffers: the words ``[BLOCK_K / P, BLOCK_N]`` of the tile (P codes
-   per int32 word) and the x tile ``[BLOCK_M, BLOCK_K]`` (rows >= M zero-filled); tiles are
-   requested STAGES - 2 iterations ahead.
+1. A TMA ring of STAGES slots (one mbarrier each): the x tile ``[BLOCK_M, BLOCK_K]`` (rows >= M
+   read as 0), the words ``[BLOCK_K / P, BLOCK_N]`` (P codes per int32 word) and the two
+   scale-table rows of the tile's group; tiles are requested STAGES - 1 iterations ahead on one
+   warpgroup (STAGES - 2 on two).
 2. The words go from shared memory to registers; one PTX block per word (``_wg_asm``) turns its P
    codes into the bf16 weights ``s (q - z)``, each rounded once: ``lop3 (w & mask) | 0x4300`` puts
    two codes into the mantissas of a bf16x2 (128 + q), an exact ``fma`` makes them ``q - C``
@@ -23,9 +24,10 @@ per warpgroup, and x rows its N side, 16..256). Per K tile (BLOCK_K):
 3. ``warpgroup_mma`` (async) of that buffer with the x tile; ``warpgroup_mma_wait(1)`` leaves it
    running while the next iteration converts.
 
-Two CTA barriers per tile: after the copies land (also frees the buffers read two tiles ago) and
-after the weights are stored (the wgmma reads all warps' rows). With split-K, the last program of
-a tile (``lock_ptr`` counter, reset to 0 by it) adds the float32 partials.
+One CTA barrier per tile after the weights are stored (the wgmma reads all warps' rows; it also
+frees the slot of an earlier tile), one more on two warpgroups before the A buffer is rewritten.
+With split-K, the last program of a tile (``lock_ptr`` counter, reset to 0 by it) adds the float32
+partials.
 
 Testing: Gluon kernels do not run under ``TRITON_INTERPRET``. On CPU the tests check the PTX by
 bit-level emulation and compile the kernel for sm_90 (Triton's bundled ptxas) to check its loop
@@ -37,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, _pair_layout, scale_table
-from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms
+from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, k_split
 from anybit.quant.format import PackedWeight
 
 try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use the other paths
@@ -259,18 +261,17 @@ def wg_split(M: int, N: int, K: int, bm: int, bn: int, bk: int, sms: int) -> int
     return split
 
 
-def wg_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, split_k) of the launcher: BLOCK_M the power of
+def wg_config(M: int, N: int, K: int, G: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages) of the launcher (warps: 4 per 64 weight rows; split-K:
+    ``wg_split``): BLOCK_M the power of
     two >= M in 16..128 (rows of x: the wgmma's N side); 64 weight rows per program on 4 warps
     (one 64-row block per warpgroup: with two, ptxas serializes the wgmma, warning C7514/C7515),
-    BLOCK_K 64, stages 4 / 6 / 4 at BLOCK_M <= 32 / 64 / 128; split-K from ``wg_split``. Chosen
+    BLOCK_K 64, stages 4 / 6 / 4 at BLOCK_M <= 32 / 64 / 128. Chosen
     from the H100 sweep of session 4 (benchmarks/results/quant_matmul_wg.json, rows
     anybit_wg_bm*_bn*_bk*_st*): BLOCK_N 128 on 8 warps and BLOCK_K 128 were slower at every M,
     deeper stages faster up to 6 at BLOCK_M 64 (the loop waits on memory latency)."""
     bm = max(16, min(128, triton.next_power_of_2(M)))
-    bn, bk, warps = 64, 64, 4
-    stages = 6 if bm == 64 else 4
-    return bm, bn, bk, stages, warps, wg_split(M, N, K, bm, bn, bk, sms)
+    return bm, 64, 64, 6 if bm == 64 else 4
 
 
 def wg_shared_bytes(bm: int, bn: int, bk: int, stages: int, bits: int) -> int:
@@ -290,7 +291,8 @@ def quant_gemm_wg(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         raise ValueError(f"quant_gemm_wg: needs Hopper, bf16 x and a uniform 2/4/8-bit weight with K, N, "
                          f"group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, N {N}, K {K}, "
                          f"G {G})")
-    bm, bn, bk, st, _, _ = wg_config(M, N, K, G, _num_sms(x.device))
+    sms = _num_sms(x.device)
+    bm, bn, bk, st = wg_config(M, N, K, G)
     BM, BN, BK = block_m or bm, block_n or bn, block_k or bk
     stages, warps = stages or st, num_warps or 4 * BN // 64
     if (BK % (32 // bits) or G % BK or K % BK or BN % (16 * warps) or stages < 3
@@ -298,10 +300,7 @@ def quant_gemm_wg(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         raise ValueError(f"quant_gemm_wg: block_k {BK} must divide the group size {G} and K {K}, block_n "
                          f"{BN} must be a multiple of 16 x warps ({warps}), stages >= 3 (got {stages}), "
                          f"shared memory <= 227 KB")
-    k_tiles = K // BK
-    split = split_k or wg_split(M, N, K, BM, BN, BK, _num_sms(x.device))
-    per = next(d for d in range(-(-k_tiles // max(1, split)), k_tiles + 1) if k_tiles % d == 0)
-    split = k_tiles // per
+    per, split = k_split(K // BK, split_k or wg_split(M, N, K, BM, BN, BK, sms))
     tiles = -(-M // BM) * -(-N // BN)
     if split > 1:
         ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)

@@ -49,6 +49,13 @@ def _pick_block_k(G: int, K: int, want: int) -> int:
     raise ValueError(f"group_size {G} / in_features {K}: need a common divisor in 32, 64, 128")
 
 
+def k_split(k_tiles: int, split_k: int) -> tuple[int, int]:
+    """(K tiles per program, split) for a wanted split of k_tiles: the smallest divisor of k_tiles
+    that is >= k_tiles / split_k tiles per program, so every split gets the same number."""
+    per = next(d for d in range(-(-k_tiles // max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
+    return per, k_tiles // per
+
+
 @functools.lru_cache(maxsize=16)
 def _sms_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -1073,8 +1080,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if split_k is None:
         per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
         split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
-    per = next(d for d in range(triton.cdiv(k_tiles, max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
-    split_k = k_tiles // per
+    per, split_k = k_split(k_tiles, split_k)
     if split_k > 1:
         ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
         locks = split_k_counters(x.device, tiles)

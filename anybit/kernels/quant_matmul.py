@@ -41,6 +41,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     _pick_block_k,
     _store_row_split_k,
     gemv_h2_applies,
+    k_split,
     quant_gemv_h2,
 )
 from anybit.quant.format import SLICES, PackedWeight, dequantize
@@ -483,8 +484,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over
         split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1
-    per = next(d for d in range(triton.cdiv(k_tiles, max(1, split_k)), k_tiles + 1) if k_tiles % d == 0)
-    split_k = k_tiles // per
+    per, split_k = k_split(k_tiles, split_k)
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     if split_k > 1:
         ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)

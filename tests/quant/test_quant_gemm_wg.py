@@ -101,10 +101,12 @@ def test_ptx_gives_rounded_weights_in_natural_order(bits):
 
 
 def test_launcher_config_and_applicability():
-    bm, bn, bk, st, nw, sk = wg.wg_config(16, 14336, 4096, 128, 132)
-    assert bm == 16 and nw == 4 * bn // 64 and 4096 // bk % sk == 0 and sk >= 2
-    assert wg.wg_config(3, 4096, 14336, 128, 132)[0] == 16
-    assert wg.wg_config(1024, 4096, 14336, 128, 132)[0] == 128
+    bm, bn, bk, st = wg.wg_config(16, 14336, 4096, 128)
+    sk = wg.wg_split(16, 14336, 4096, bm, bn, bk, 132)
+    assert bm == 16 and bn == 64 and 4096 // bk % sk == 0 and sk >= 2
+    assert wg.wg_config(3, 4096, 14336, 128)[0] == 16
+    assert wg.wg_config(1024, 4096, 14336, 128)[0] == 128
+    assert wg.wg_split(1024, 4096, 14336, 128, 64, 64, 132) == 1  # no split-K sum at BLOCK_M 128
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
     assert not wg.wg_applies(pw, 16, x)  # CPU tensors never take the Gluon path
