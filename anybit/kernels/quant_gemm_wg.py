@@ -268,8 +268,8 @@ def wg_config(M: int, N: int, K: int, G: int) -> tuple[int, int, int, int]:
     (one 64-row block per warpgroup: with two, ptxas serializes the wgmma, warning C7514/C7515),
     BLOCK_K 64, stages 4 / 6 / 4 at BLOCK_M <= 32 / 64 / 128. Chosen
     from the H100 sweep of session 4 (benchmarks/results/quant_matmul_wg.json, rows
-    anybit_wg_bm*_bn*_bk*_st*): BLOCK_N 128 on 8 warps and BLOCK_K 128 were slower at every M,
-    deeper stages faster up to 6 at BLOCK_M 64 (the loop waits on memory latency)."""
+    anybit_wg_bm*_bn*_bk*_st*): BLOCK_N 128 on 8 warps and BLOCK_K 128 were slower at every M;
+    4-8 stages lie within ~15%, 6 best at BLOCK_M 64 on the MLP shapes."""
     bm = max(16, min(128, triton.next_power_of_2(M)))
     return bm, 64, 64, 6 if bm == 64 else 4
 
