@@ -1,4 +1,5 @@
-"""Run the packed-half GEMV once per configuration, for Nsight Compute (GPU).
+"""Run the packed-half GEMV (or, ``--kernel ws``, the warp-specialized GEMM at ``--m`` rows) once
+per configuration, for Nsight Compute (GPU).
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section SchedulerStats \\
         --section WarpStateStats -k regex:_quant_gemv_h2 --launch-skip 3 --launch-count 1 \\
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from anybit.kernels.quant_gemm_ws import quant_gemm_ws  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import quant_gemv_h2  # noqa: E402
 from benchmarks.bench_quant_matmul import random_packed  # noqa: E402
 
@@ -36,15 +38,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--shape", default="4096x14336", help="NxK (out x in features)")
-    ap.add_argument("--config", default="", help="quant_gemv_h2 keywords, e.g. stages=3,block_n=128")
+    ap.add_argument("--config", default="", help="launcher keywords, e.g. stages=3,block_n=128")
+    ap.add_argument("--kernel", default="gemv_h2", choices=["gemv_h2", "ws"])
+    ap.add_argument("--m", type=int, default=1, help="rows of x (ws)")
     args = ap.parse_args()
     N, K = (int(v) for v in args.shape.split("x"))
     pw = random_packed(N, K, args.bits)
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    M = args.m if args.kernel == "ws" else 1
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
     kw = parse_config(args.config)
+    run = quant_gemm_ws if args.kernel == "ws" else quant_gemv_h2
     for _ in range(4):
-        quant_gemv_h2(x, pw, y, **kw)
+        run(x, pw, y, **kw)
     torch.cuda.synchronize()
     print(args.bits, args.shape, kw, "ok")
     return 0

@@ -32,6 +32,7 @@ import torch
 
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
 from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
+from anybit.kernels.quant_gemm_ws import quant_gemm_ws
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
     _INTERPRET,
     H2_BITS,
@@ -395,6 +396,22 @@ def wg_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return wg_applies(packed, M, x)
 
 
+# The warp-specialized kernel of quant_gemm_ws.py (same applicability as the wgmma one): "auto"
+# takes it for WS_MIN_M <= M <= WS_MAX_M, where it beat the session-4 choice in the H100 run of
+# session 5 (quant_matmul_ws_s5_3.json, W4 x cuBLAS, ws vs before): M 64 on 4096x14336 1.14 vs
+# 1.06, 14336x4096 1.28 vs 1.05, 6144x4096 0.85 vs 0.76, lm_head 1.51 vs 1.34, W2 1.23 vs 0.95, W8
+# 1.01 vs 0.90; M 32 1.42 vs 1.27, 1.43 vs 1.38 (6144x4096: 1.07 vs 1.15). At M <= 16 it is even
+# or slower (its TMA ring alone reaches only ~1.5 TB/s: quant_matmul_ws_diag.json), from M 128
+# mixed.
+WS_AUTO = os.environ.get("ANYBIT_WS", "1") != "0"  # ANYBIT_WS=0: experiments without it
+WS_MIN_M, WS_MAX_M = 17, 64
+
+
+def ws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether "auto" routes this call to the warp-specialized kernel (WS_AUTO and the range above)."""
+    return WS_AUTO and WS_MIN_M <= M <= WS_MAX_M and wg_applies(packed, M, x)
+
+
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
 DEQUANT_MIN_M = 128  # and from this many rows dequantize to a scratch W^T + cuBLAS
 
@@ -411,7 +428,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     slice of a fused output). ``path``: "auto" (the packed-half GEMV for M <= H2_MAX_M when the
     weight is uniform 2/4/8-bit, or 3/5/6-bit with integer zero points, and x fp16/bf16 on CUDA,
     else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon wgmma kernel where
-    ``wg_chosen``), "gemv", "gemv_h2", "gemm", "wg", "dequant";
+    ``wg_chosen``, the warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2", "gemm", "wg",
+    "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
@@ -442,7 +460,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if path == "auto":
         h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
-        if path != "gemv_h2" and wg_chosen(packed, M, x):
+        if path != "gemv_h2" and ws_chosen(packed, M, x):
+            path = "ws"
+        elif path != "gemv_h2" and wg_chosen(packed, M, x):
             path = "wg"
         if path == "gemm" and h2_dequant is None:
             h2_dequant = GEMM_H2_AUTO and (GEMM_H2_MIN_M <= M <= GEMM_H2_MAX_M and not is_cb
@@ -456,6 +476,10 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemm_wg(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
                              stages=num_stages, num_warps=num_warps, split_k=split_k)
+    if path == "ws":
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return quant_gemm_ws(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
+                             stages=num_stages, split_k=split_k)
     if path == "gemv_h2":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemv_h2(x, packed, y, block_n=block_n, block_k=block_k, split_k=split_k,
@@ -480,7 +504,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, dequant")
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over
         split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1

@@ -6,12 +6,11 @@ On CUDA (Hopper): the kernel against ref_quant_matmul."""
 import os
 import re
 import struct
-import subprocess
-import tempfile
 
 import pytest
 import torch
-from test_quant_gemm_h2 import _halves, _pack  # same folder (pytest puts it on sys.path)
+from sm90_sass import nvdisasm, sm90_sass  # same folder (pytest puts it on sys.path)
+from test_quant_gemm_h2 import _halves, _pack
 
 from anybit.kernels import quant_gemm_wg as wg
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
@@ -114,51 +113,15 @@ def test_launcher_config_and_applicability():
         wg.quant_gemm_wg(x, pw, torch.empty(16, 128, dtype=torch.bfloat16))
 
 
-def _nvdisasm():
-    import triton
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-
-
 @pytest.mark.skipif(wg.gluon is None, reason="needs Gluon (Triton >= 3.5)")
 def test_sm90_compile_keeps_one_wgmma_group_in_flight():
     """The compiled kernel has async wgmma (HGMMA) whose loop waits for all but the newest group
     (``WARPGROUP.DEPBAR.LE gsb0, 0x1``; plain Triton emits ``0x0``) and TMA tile loads."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    if not os.path.exists(_nvdisasm()):
+    if not os.path.exists(nvdisasm()):
         pytest.skip("no nvdisasm in this Triton install")
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
-
-    k = wg._quant_gemm_wg_kernel
-    bm, bn, bk = 16, 64, 64  # 4 warps: one 64-row block per warpgroup (else ptxas serializes)
-    x = torch.empty(64, 4096, dtype=torch.bfloat16)
-    q = torch.empty(512, 1024, dtype=torch.int32)
-    t = torch.empty(64, 1024, dtype=torch.int32)
-    flat = gl.NVMMASharedLayout(0, 32, rank=2)
-    descs = {"x_desc": TensorDescriptor(x, [64, 4096], [4096, 1], [bm, bk],
-                                        gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)),
-             "w_desc": TensorDescriptor(q, [512, 1024], [1024, 1], [bk // 8, bn], flat),
-             "t_desc": TensorDescriptor(t, [64, 1024], [1024, 1], [1, bn], flat)}
-    sig = {n: mangle_type(d) for n, d in descs.items()}
-    sig.update({"y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32"})
-    consts = dict(W0=4, STAGES=4, SPLIT=True, num_warps=4)
-    sig.update({c: "constexpr" for c in consts})
-    names = list(k.arg_names)
-    sig = {n: sig[n] for n in names}
-    aligned = ("y_ptr", "ws_ptr", "lock_ptr", "N", "K", "G", "stride_ym", "k_per_split")
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    compiled = triton.compile(GluonASTSource(k, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([_nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    lines = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(.*?);", sass)]
+    # 4 warps: one 64-row block per warpgroup (else ptxas serializes)
+    lines = sm90_sass(wg._quant_gemm_wg_kernel, dict(W0=4, STAGES=4, SPLIT=True, num_warps=4), 16, 64, 64, 4,
+                      {"num_warps": 4})
     assert sum("HGMMA" in s for s in lines) >= 4
     assert any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in s for s in lines)  # the loop's wait leaves one group
     assert any("UTMALDG" in s for s in lines)  # tiles come by TMA

@@ -1,0 +1,51 @@
+"""Offline sm_90 compile of the Gluon GEMM kernels (quant_gemm_wg / quant_gemm_ws) on a machine
+without a GPU: Triton's bundled ptxas and nvdisasm give the SASS that the tests inspect."""
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+
+def nvdisasm() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+
+
+def sm90_sass(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, options: dict) -> list[str]:
+    """SASS instructions of ``kernel`` (signature x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M,
+    N, K, G, stride_ym, k_per_split, n_iters, split_k, then the constexprs in ``consts``) compiled
+    for sm_90 with x tiles [bm, bk], word tiles [bk * bits / 32, bn]."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    P = 32 // bits
+    x = torch.empty(64, 4096, dtype=torch.bfloat16)
+    q = torch.empty(4096 // P, 1024, dtype=torch.int32)
+    t = torch.empty(64, 1024, dtype=torch.int32)
+    flat = gl.NVMMASharedLayout(0, 32, rank=2)
+    descs = {"x_desc": TensorDescriptor(x, [64, 4096], [4096, 1], [bm, bk],
+                                        gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)),
+             "w_desc": TensorDescriptor(q, list(q.shape), [1024, 1], [bk // P, bn], flat),
+             "t_desc": TensorDescriptor(t, [64, 1024], [1024, 1], [1, bn], flat)}
+    sig = {n: mangle_type(d) for n, d in descs.items()}
+    sig.update({"y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32"})
+    sig.update({c: "constexpr" for c in consts})
+    names = list(kernel.arg_names)
+    sig = {n: sig[n] for n in names}
+    aligned = ("y_ptr", "ws_ptr", "lock_ptr", "N", "K", "G", "stride_ym", "k_per_split")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(GluonASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(.*?);", sass)]
