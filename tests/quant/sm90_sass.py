@@ -1,9 +1,17 @@
 """Offline sm_90 compile of the Gluon GEMM kernels (quant_gemm_wg / quant_gemm_ws) on a machine
-without a GPU: Triton's bundled ptxas and nvdisasm give the SASS that the tests inspect."""
+without a GPU: Triton's bundled ptxas and nvdisasm give the SASS that the tests inspect.
 
+The compile runs in a fresh Python process: after the interpreter-mode kernel tests of the same
+pytest run (TRITON_INTERPRET=1), Triton's code generator no longer wraps the kernel arguments
+(``'block_argument' object has no attribute 'dtype'`` on the first use of M), so an in-process
+compile passed or failed depending on the test order and on Triton's on-disk cache."""
+
+import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -17,7 +25,21 @@ def nvdisasm() -> str:
 def sm90_sass(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, options: dict) -> list[str]:
     """SASS instructions of ``kernel`` (signature x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M,
     N, K, G, stride_ym, k_per_split, n_iters, split_k, then the constexprs in ``consts``) compiled
-    for sm_90 with x tiles [bm, bk], word tiles [bk * bits / 32, bn]."""
+    for sm_90 with x tiles [bm, bk], word tiles [bk * bits / 32, bn], in a fresh process."""
+    job = dict(module=kernel.fn.__module__, name=kernel.fn.__name__, consts=consts, bm=bm, bn=bn, bk=bk,
+               bits=bits, options=options)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(job)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"offline sm_90 compile failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, options: dict) -> list[str]:
+    """The compile itself (in the child process)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -49,3 +71,10 @@ def sm90_sass(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, option
         f.flush()
         sass = subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
     return [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(.*?);", sass)]
+
+
+if __name__ == "__main__":  # child process: argv[1] = the job as JSON, prints the SASS lines as JSON
+    job = json.loads(sys.argv[1])
+    kern = getattr(importlib.import_module(job["module"]), job["name"])
+    print(json.dumps(_compile_here(kern, job["consts"], job["bm"], job["bn"], job["bk"], job["bits"],
+                                   job["options"])))
