@@ -148,6 +148,34 @@ if gluon is not None:
         tma.async_copy_global_to_shared(t_desc, [g, off_n], bar, t_smem.index(2 * stage), pred=valid)
         tma.async_copy_global_to_shared(t_desc, [KG + g, off_n], bar, t_smem.index(2 * stage + 1), pred=valid)
 
+    @gluon.jit
+    def _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, off_n, pid, pid_k,
+                    SPLIT: gl.constexpr):
+        """Epilogue of the wgmma kernels: the float32 tile ``acc [BLOCK_N, BLOCK_M]`` (rows = output
+        columns) to y; with SPLIT, to this split's partials in ws, and the tile's last program
+        (``lock_ptr`` counter, reset to 0 by it) adds the partials into y."""
+        MMA: gl.constexpr = acc.type.layout
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        BLOCK_M: gl.constexpr = acc.shape[1]
+        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        omask = (on < N)[:, None] & (om < M)[None, :]
+        if SPLIT:
+            part = om[None, :] * N + on[:, None]
+            gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
+            gl.thread_barrier()
+            count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            if count == split_k - 1:  # the last split of this tile adds the partials
+                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+                for sk in range(split_k):
+                    tot += gl.load(ws_ptr + sk * M * N + part, mask=omask, other=0.0, cache_modifier=".cg")
+                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
+                         mask=omask)
+                gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls
+        else:
+            gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=omask)
+
     @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
     def _quant_gemm_wg_kernel(x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_ym,
                               k_per_split, n_iters, split_k, W0: gl.constexpr, STAGES: gl.constexpr,
@@ -211,24 +239,7 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
-        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        omask = (on < N)[:, None] & (om < M)[None, :]
-        if SPLIT:
-            part = om[None, :] * N + on[:, None]
-            gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
-            gl.thread_barrier()
-            count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if count == split_k - 1:  # the last split of this tile adds the partials
-                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for sk in range(split_k):
-                    tot += gl.load(ws_ptr + sk * M * N + part, mask=omask, other=0.0, cache_modifier=".cg")
-                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
-                         mask=omask)
-                gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls
-        else:
-            gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
-                     mask=omask)
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, off_n, pid, pid_k, SPLIT)
 
 
 WG_MIN_M = 2  # quant_gemm_wg runs for M >= WG_MIN_M (bf16 x, uniform 2/4/8 bits, Hopper)

@@ -47,7 +47,7 @@ if gluon is not None:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from anybit.kernels.quant_gemm_wg import _convert_words, _issue_tile, _word_layout
+    from anybit.kernels.quant_gemm_wg import _convert_words, _issue_tile, _store_tile, _word_layout
 
     LOAD_REGS: gl.constexpr = gl.constexpr(24)  # the loader warp: scalar TMA coordinates only
 
@@ -89,24 +89,7 @@ if gluon is not None:
             mbarrier.arrive(raw_empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        omask = (on < N)[:, None] & (om < M)[None, :]
-        if SPLIT:
-            part = om[None, :] * N + on[:, None]
-            gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
-            gl.thread_barrier()
-            count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if count == split_k - 1:  # the last split of this tile adds the partials
-                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for sk in range(split_k):
-                    tot += gl.load(ws_ptr + sk * M * N + part, mask=omask, other=0.0, cache_modifier=".cg")
-                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
-                         mask=omask)
-                gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls
-        else:
-            gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
-                     mask=omask)
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, off_n, pid, pid_k, SPLIT)
 
     @gluon.jit
     def _ws_convert_partition(w_smem, t_smem, a_smem, raw_ready, raw_empty, a_ready, a_empty, n_iters,
