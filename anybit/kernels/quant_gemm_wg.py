@@ -107,31 +107,35 @@ if gluon is not None:
         return gl.BlockedLayout([rows // tr, 1], [tr, 32 // tr], [1, num_warps], [0, 1])
 
     @gluon.jit
+    def _join8(o0, o1, o2, o3, o4, o5, o6, o7):
+        """``[...]`` x 8 -> ``[..., 2, 2, 2]`` whose row-major flattening is o0..o7 (nested joins:
+        the outermost join is the last dimension, i.e. bit 0 of the index)."""
+        return gl.join(gl.join(gl.join(o0, o4), gl.join(o2, o6)), gl.join(gl.join(o1, o5), gl.join(o3, o7)))
+
+    @gluon.jit
+    def _words_tile(v, R: gl.constexpr, BN: gl.constexpr, P: gl.constexpr):
+        """Joined codes ``[R, BN, (2,) * log2 P]`` -> ``[BN, R * P]`` (k = r P + code index)."""
+        v = gl.reshape(v, [R, BN, P])
+        return gl.reshape(gl.permute(v, (1, 0, 2)), [BN, R * P])
+
+    @gluon.jit
     def _convert_words(w, s2, c2, W0: gl.constexpr):
         """Words ``[R, BN]`` int32 -> bf16 weights ``[BN, R * P]`` in natural K order (k = r P + j)."""
         if W0 == 4:
             o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
                 _WG_ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, c2], dtype=(gl.bfloat16,) * 8,
                 is_pure=True, pack=1)
-            v = gl.join(gl.join(gl.join(o0, o4), gl.join(o2, o6)), gl.join(gl.join(o1, o5), gl.join(o3, o7)))
+            v = _join8(o0, o1, o2, o3, o4, o5, o6, o7)
         elif W0 == 2:
             o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = gl.inline_asm_elementwise(
                 _WG_ASM2, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, c2],
                 dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
-            v0 = gl.join(gl.join(gl.join(o0, o8), gl.join(o4, o12)),
-                         gl.join(gl.join(o2, o10), gl.join(o6, o14)))
-            v1 = gl.join(gl.join(gl.join(o1, o9), gl.join(o5, o13)),
-                         gl.join(gl.join(o3, o11), gl.join(o7, o15)))
-            v = gl.join(v0, v1)
+            v = gl.join(_join8(o0, o2, o4, o6, o8, o10, o12, o14), _join8(o1, o3, o5, o7, o9, o11, o13, o15))
         else:
             o0, o1, o2, o3 = gl.inline_asm_elementwise(
                 _WG_ASM8, "=h,=h,=h,=h,r,r,r", [w, s2, c2], dtype=(gl.bfloat16,) * 4, is_pure=True, pack=1)
             v = gl.join(gl.join(o0, o2), gl.join(o1, o3))
-        R: gl.constexpr = w.shape[0]
-        BN: gl.constexpr = w.shape[1]
-        P: gl.constexpr = 32 // W0
-        v = gl.reshape(v, [R, BN, P])  # nested joins: last dims (j bits low..high) -> j
-        return gl.reshape(gl.permute(v, (1, 0, 2)), [BN, R * P])
+        return _words_tile(v, w.shape[0], w.shape[1], 32 // W0)
 
     @gluon.jit
     def _issue_tile(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, bars, stage, k0, off_m, off_n, G, KG,
@@ -149,15 +153,19 @@ if gluon is not None:
         tma.async_copy_global_to_shared(t_desc, [KG + g, off_n], bar, t_smem.index(2 * stage + 1), pred=valid)
 
     @gluon.jit
-    def _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, off_n, pid, pid_k,
+    def _tile_cols(acc, off_n):
+        """Output columns ``off_n + [0, BLOCK_N)`` of the rows of ``acc [BLOCK_N, BLOCK_M]``."""
+        return off_n + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
+
+    @gluon.jit
+    def _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, on, pid, pid_k,
                     SPLIT: gl.constexpr):
-        """Epilogue of the wgmma kernels: the float32 tile ``acc [BLOCK_N, BLOCK_M]`` (rows = output
-        columns) to y; with SPLIT, to this split's partials in ws, and the tile's last program
-        (``lock_ptr`` counter, reset to 0 by it) adds the partials into y."""
+        """Epilogue of the tensor-core kernels: the float32 tile ``acc [BLOCK_N, BLOCK_M]`` (row r =
+        output column ``on[r]``) to y; with SPLIT, to this split's partials in ws, and the tile's
+        last program (``lock_ptr`` counter, reset to 0 by it) adds the partials into y."""
         MMA: gl.constexpr = acc.type.layout
         BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
-        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         omask = (on < N)[:, None] & (om < M)[None, :]
         if SPLIT:
@@ -239,7 +247,8 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
-        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, off_n, pid, pid_k, SPLIT)
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, _tile_cols(acc, off_n), pid,
+                    pid_k, SPLIT)
 
 
 WG_MIN_M = 2  # quant_gemm_wg runs for M >= WG_MIN_M (bf16 x, uniform 2/4/8 bits, Hopper)

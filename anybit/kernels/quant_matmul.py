@@ -33,6 +33,7 @@ import torch
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
 from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws
+from anybit.kernels.quant_gemv_mma import mma_applies, quant_gemv_mma
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
     _INTERPRET,
     H2_BITS,
@@ -429,7 +430,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     weight is uniform 2/4/8-bit, or 3/5/6-bit with integer zero points, and x fp16/bf16 on CUDA,
     else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon wgmma kernel where
     ``wg_chosen``, the warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2", "gemm", "wg",
-    "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "dequant";
+    "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "mma" (register-operand
+    mma.sync kernel, quant_gemv_mma.py, M <= 16), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
@@ -476,6 +478,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemm_wg(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
                              stages=num_stages, num_warps=num_warps, split_k=split_k)
+    if path == "mma":
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return quant_gemv_mma(x, packed, y, block_k=block_k, split_k=split_k)
     if path == "ws":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemm_ws(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
@@ -504,7 +509,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, dequant")
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, mma, dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over
         split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1

@@ -38,6 +38,12 @@ def sm90_sass(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, option
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def sm90_sass_ptrs(kernel, consts: dict, ptr_types: dict, options: dict) -> list[str]:
+    """As ``sm90_sass`` for a kernel of plain pointers (``ptr_types``: name -> "*bf16", ...) and
+    i32 scalars; pointers, N, K, G, strides and k_per_split are assumed 16-aligned."""
+    return sm90_sass(kernel, consts, 0, 0, 0, 0, dict(options, ptr_types=ptr_types))
+
+
 def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, options: dict) -> list[str]:
     """The compile itself (in the child process)."""
     import triton
@@ -47,6 +53,16 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
+    ptr_types = options.pop("ptr_types", None)
+    names = list(kernel.arg_names)
+    if ptr_types:
+        sig = {n: ptr_types.get(n, "i32") for n in names}
+        sig.update({c: "constexpr" for c in consts})
+        aligned = [n for n in names if n in ptr_types or n in ("N", "K", "G", "k_per_split")
+                   or n.startswith("stride")]
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        return _sass_of(triton.compile(GluonASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                                       options=options))
     P = 32 // bits
     x = torch.empty(64, 4096, dtype=torch.bfloat16)
     q = torch.empty(4096 // P, 1024, dtype=torch.int32)
@@ -60,12 +76,16 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     sig.update({"y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                 "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32"})
     sig.update({c: "constexpr" for c in consts})
-    names = list(kernel.arg_names)
     sig = {n: sig[n] for n in names}
     aligned = ("y_ptr", "ws_ptr", "lock_ptr", "N", "K", "G", "stride_ym", "k_per_split")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     compiled = triton.compile(GluonASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options=options)
+    return _sass_of(compiled)
+
+
+def _sass_of(compiled) -> list[str]:
+    """SASS instruction texts of a compiled kernel (nvdisasm of its cubin)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()

@@ -31,12 +31,14 @@ def _bf16_bits(v: float) -> int:
     return int(torch.tensor([v], dtype=torch.float32).to(torch.bfloat16).view(torch.int16)) & 0xFFFF
 
 
-def _emulate_word(asm: str, word: int, s2: int, c2: int) -> list[int]:
-    """Run ``_wg_asm``'s PTX on ints; returns the P output registers (bf16 bits)."""
+def _emulate_word(asm: str, *inputs: int) -> list[int]:
+    """Run a per-word PTX block (``_wg_asm``: inputs word, s2, c2) on ints; the inputs are its last
+    operands ``$n_out..``; returns the n_out output registers (16-bit halves)."""
     regs: dict = {}
     outs: dict = {}
-    n_out = max(int(v) for v in re.findall(r"\$(\d+)", asm)) - 2  # $0..$P-1 out, $P word, +1 s2, +2 c2
-    regs[f"${n_out}"], regs[f"${n_out + 1}"], regs[f"${n_out + 2}"] = word, s2, c2
+    n_out = max(int(v) for v in re.findall(r"\$(\d+)", asm)) + 1 - len(inputs)
+    for i, v in enumerate(inputs):
+        regs[f"${n_out + i}"] = v
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
         if not line or line[0] in "{}.":
@@ -51,6 +53,8 @@ def _emulate_word(asm: str, word: int, s2: int, c2: int) -> list[int]:
         if op == "mov.b32" and a[0].startswith("{"):
             lo, hi = a[0].strip("{} "), a[1].strip("{} ")
             outs[lo], outs[hi] = regs[a[2]] & 0xFFFF, regs[a[2]] >> 16
+        elif op == "mov.b32" and a[1].startswith("{"):  # pack two 16-bit registers
+            regs[a[0]] = (val(a[1].strip("{} ")) & 0xFFFF) | (val(a[2].strip("{} ")) & 0xFFFF) << 16
         elif op == "mov.b32":
             regs[a[0]] = val(a[1])
         elif op == "shr.u32":

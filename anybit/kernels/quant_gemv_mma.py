@@ -1,0 +1,300 @@
+"""Register-to-tensor-core GEMV/GEMM for packed 2/4-bit weights and small M (Gluon, sm_80+):
+y = x @ dequant(W)^T for M = 1..16.
+
+Why: the CUDA-core GEMV (quant_gemv_h2) spends ~3.3 instructions per W4 code (unpack, convert to
+float32, one FFMA per code with x), so at M = 1 it is issue-bound at ~1.3 TB/s; the TMA/wgmma
+kernels (quant_gemm_wg/ws) pay for shared-memory round trips and barriers per tile. Here every
+thread loads its words straight into the registers where ``mma.sync`` wants the weights
+(``DotOperandLayout(0, mma v2, k_width=8)``: 8 consecutive K of one row per thread, i.e. one W4
+word) and unpacks them in place with quant_gemm_wg's PTX (``s (q - z)`` in bf16, rounded once);
+the multiply-add with x is one ``mma.m16n8k16`` per word and thread (W4). No shared memory, no
+barriers in the loop: ~1.5 instructions per W4 code.
+
+Layout tricks (all bit relabelings, no data movement):
+- Rows of the MMA are a permutation of the output columns, chosen so that each thread's 4 rows
+  are 4 adjacent columns: one 16-byte load per word row (``_words_layout``, ``_relabel_cols``,
+  ``_tile_cols_perm`` for the epilogue).
+- W2 (16 codes per word) puts a word's codes 8..15 at MMA K positions 32 apart; x is relabeled
+  the same way (``_relabel_k``): the dot sums over K, so any shared permutation is exact.
+
+One program = ``BLOCK_N`` (128) output columns x one K split, 4 warps (32 columns each); rows of
+x are the MMA's N side (BLOCK_M 8 or 16; rows >= M read as 0). The next tile's words and scale
+rows are loaded before the current one is converted. Split-K partials are summed by the tile's
+last program (quant_gemm_wg's epilogue).
+
+Testing as the other Gluon kernels: no ``TRITON_INTERPRET``; the CPU tests compile it for sm_90
+offline and check the loop (no shared memory, LDG.128, HMMA), the GPU tests compare with
+``ref_quant_matmul``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, _pair_layout
+from anybit.kernels.quant_gemm_wg import gluon
+from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, k_split
+from anybit.quant.format import PackedWeight
+
+MMA_BITS = (2, 4)  # widths whose words fill whole k_width-8 operand rows after relabeling
+MMA_MAX_M = 16
+
+
+def _mma_asm(bits: int) -> str:
+    """PTX for one word of a b-bit slice (b in 2/4): inputs ``$P`` = the word, ``$P+1`` = bf16
+    ``-(128 + z)`` (z the column's integer zero point); outputs ``$0..$P-1`` = bf16 ``q - z``
+    (exact) of the codes in pair order: output 2 p + h is code p + h P / 2 (the two halves of one
+    bf16x2). Per pair: ``lop3 (w >> shift & mask) | 0x4300`` = 128 + q 2^(f b) (fields of <= 7
+    bits, ``_pair_layout``), one ``fma`` by 2^(-f b) with ``-(128 2^(-f b) + z)``."""
+    P = 32 // bits
+    w, zh = f"${P}", f"${P + 1}"
+    lines = ["{", ".reg .b32 t, u, z0, k, c;", f"mov.b32 z0, {{{zh}, {zh}}};"]
+    for p in range(P // 2):
+        shift, f = _pair_layout(bits, p, True)
+        mask = ((1 << bits) - 1) << (f * bits)
+        src = w
+        if shift:
+            lines.append(f"shr.u32 u, {w}, {shift};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;")
+        sc = 2.0 ** (-f * bits)
+        if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
+            lines += [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
+                      "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};", "fma.rn.bf16x2 t, t, k, c;"]
+        else:
+            lines += [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
+        lines.append(f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;")
+    return "\n".join(lines + ["}"])
+
+
+if gluon is not None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    from anybit.kernels.quant_gemm_wg import _join8, _store_tile, _words_tile
+
+    _MMA_ASM2: gl.constexpr = gl.constexpr(_mma_asm(2))
+    _MMA_ASM4: gl.constexpr = gl.constexpr(_mma_asm(4))
+
+    @gluon.constexpr_function
+    def _words_layout(rows, cols):
+        """Layout of the words ``[R, 128]`` on 4 warps: 4 adjacent columns per thread (16-byte
+        loads), lanes over 4 word rows x 8 column quads, warps over 32-column blocks; word rows
+        beyond 4 repeat in registers. After ``_relabel_cols`` and unpacking it is the MMA's A
+        operand layout (k_width 8) up to the order of registers."""
+        assert cols == 128 and rows >= 4
+        return gl.BlockedLayout([1, 4], [4, 8], [1, 4], [0, 1])
+
+    @gluon.constexpr_function
+    def _x_layout(block_k, block_m, bits):
+        """Layout of the x^T tile ``[BK, BM]`` in natural K order whose ``_relabel_x`` is the MMA's B
+        operand layout (k_width 8): 8 consecutive K per thread (one 16-byte load; W2: two 8-byte
+        ones), lanes over the next two K bits and 8 rows of x, warps replicated."""
+        if bits == 2:  # natural K of MMA K bits 1, 2, 4 | 32 | 8, 16 (see _relabel_x)
+            low, k32, lanes = [8, 1, 2], 4, [16, 32]
+        else:
+            low, k32, lanes = [4, 1, 2], 32, [8, 16]
+        reg = [[k, 0] for k in sorted(low + [k32])] + [[k, 0] for k in (64, 128) if k < block_k]
+        if block_m == 16:
+            reg.append([0, 8])
+        lane = [[lanes[0], 0], [lanes[1], 0], [0, 1], [0, 2], [0, 4]]
+        return gl.DistributedLinearLayout(reg, lane, [[0, 0], [0, 0]], [], [block_k, block_m])
+
+    @gluon.jit
+    def _relabel_cols(t):
+        """``[R, 128]`` -> same registers, column c = n64 n32 n16 n8 n4 n2 n1 (bits) becomes MMA row
+        n2 n64 n32 n1 n16 n8 n4: the thread's 4 adjacent columns land on its MMA rows r, r + 8,
+        r + 64, r + 72."""
+        R: gl.constexpr = t.shape[0]
+        t = gl.reshape(t, [R, 2, 2, 8, 2, 2])
+        return gl.reshape(gl.permute(t, (0, 4, 1, 2, 5, 3)), [R, 128])
+
+    @gluon.jit
+    def _tile_cols_perm(acc, off_n):
+        """Output column of each MMA row of ``acc [128, BLOCK_M]`` (inverse of ``_relabel_cols``)."""
+        i = gl.arange(0, 128, layout=gl.SliceLayout(1, acc.type.layout))
+        col = ((i >> 5) & 1) * 64 + ((i >> 4) & 1) * 32 + (i & 7) * 4 + ((i >> 6) & 1) * 2 + ((i >> 3) & 1)
+        return off_n + col
+
+    @gluon.jit
+    def _relabel_a(a, W0: gl.constexpr):
+        """W2: weights ``[128, BK]`` with k' = 16 r + 8 j2 + (pair-order index of j0 j1 j3) -> MMA K
+        order: j2 goes to K bit 5, word-row bits 0-1 to K bits 3-4 (the lanes of k_width 8)."""
+        if W0 == 2:
+            BK: gl.constexpr = a.shape[1]
+            a = gl.reshape(a, [128, BK // 64, 2, 2, 2, 8])  # r_hi, r1, r0, j2, (j1 j0 j3)
+            a = gl.reshape(gl.permute(a, (0, 1, 4, 2, 3, 5)), [128, BK])
+        return a
+
+    @gluon.jit
+    def _relabel_x(xt, W0: gl.constexpr):
+        """x ``[BM, BK]`` natural K -> the weights' MMA K order: within a word's 8 (W4) codes pair
+        order (j0 j1 j2 -> bits j2 j0 j1 from low to high); W2 as ``_relabel_a``."""
+        BM: gl.constexpr = xt.shape[0]
+        BK: gl.constexpr = xt.shape[1]
+        if W0 == 2:  # natural r_hi r1 r0 j3 j2 j1 j0 -> r_hi j2 r1 r0 j1 j0 j3
+            xt = gl.reshape(xt, [BM, BK // 64, 2, 2, 2, 2, 2, 2])
+            xt = gl.permute(xt, (0, 1, 5, 2, 3, 6, 7, 4))
+        else:  # natural r j2 j1 j0 -> r j1 j0 j2
+            xt = gl.reshape(xt, [BM, BK // 8, 2, 2, 2])
+            xt = gl.permute(xt, (0, 1, 3, 4, 2))
+        return gl.reshape(xt, [BM, BK])
+
+    @gluon.jit
+    def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, off_n, s_cols, WL: gl.constexpr, R: gl.constexpr,
+                   P: gl.constexpr):
+        """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
+        order) and its scales (MMA rows ``s_cols``)."""
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
+        n = off_n + gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
+        w = gl.load(w_ptr + (k0 // P + r)[:, None] * N + n[None, :])
+        g = k0 // G
+        z = gl.load(z_ptr + g * N + n)
+        s = gl.load(s_ptr + g * N + s_cols)
+        return w, z, s
+
+    @gluon.jit
+    def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr):
+        """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]``."""
+        zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
+        zb, _ = gl.broadcast(zb, w)
+        w = _relabel_cols(w)
+        zb = _relabel_cols(zb)
+        if W0 == 4:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _MMA_ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.bfloat16,) * 8, is_pure=True,
+                pack=1)
+            v = _join8(o0, o1, o2, o3, o4, o5, o6, o7)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = gl.inline_asm_elementwise(
+                _MMA_ASM2, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb],
+                dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
+            v = gl.join(_join8(o0, o2, o4, o6, o8, o10, o12, o14), _join8(o1, o3, o5, o7, o9, o11, o13, o15))
+        a = _words_tile(v, w.shape[0], 128, 32 // W0)
+        return gl.convert_layout(_relabel_a(a, W0), AL)
+
+    @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
+    def _quant_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm,
+                               stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr, BLOCK_M: gl.constexpr,
+                               BLOCK_K: gl.constexpr, SPLIT: gl.constexpr):
+        """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
+        BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
+        stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
+        y ``[M, N]``. Per tile: exact ``q - z`` weights, one MMA chain into zeroed partials, then
+        ``acc += s * part`` in float32. SPLIT: float32 partials in ws, summed by the tile's last
+        program."""
+        P: gl.constexpr = 32 // W0
+        R: gl.constexpr = BLOCK_K // P
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        off_n = pid * 128
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+        AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)
+        BL: gl.constexpr = gl.DotOperandLayout(1, MMA, 8)
+        WL: gl.constexpr = _words_layout(R, 128)
+        XL: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, W0)
+        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XL))
+        xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
+        x_ptrs = x_ptr + xm[None, :] * stride_xm + xk[:, None]
+        x_mask = (xm < M)[None, :]
+        cols = _tile_cols_perm(gl.zeros([128, BLOCK_M], gl.float32, MMA), off_n)
+        k_start = pid_k * k_per_split
+        acc = gl.zeros([128, BLOCK_M], gl.float32, MMA)
+        # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
+        # them to the end of the iteration, so a distance of one would wait for each tile)
+        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, off_n, cols, WL, R, P)
+        k1 = k_start + gl.minimum(1, n_iters - 1) * BLOCK_K
+        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, off_n, cols, WL, R, P)
+        for i in range(n_iters):
+            k0 = k_start + i * BLOCK_K
+            k2 = k_start + gl.minimum(i + 2, n_iters - 1) * BLOCK_K  # past the end: reload the last tile
+            w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, off_n, cols, WL, R, P)
+            xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+            xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
+            part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
+            acc += part * s.to(gl.float32)[:, None]
+            w, z, s = w1, z1, s1
+            w1, z1, s1 = w2, z2, s2
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k, SPLIT)
+
+
+_INT_ZEROS: dict = {}  # id(zeros) -> (weakref, version, bool)
+
+
+def integer_zeros(packed: PackedWeight) -> bool:
+    """Whether every zero point is an integer in [0, 2^b) (RTN, GPTQ): the exact ``q - z`` of this
+    kernel needs it. Cached per zeros tensor and its in-place version; computed outside graph
+    capture (the engine runs each layer once before capturing)."""
+    zeros = packed.zeros
+    hit = _INT_ZEROS.get(id(zeros))
+    if hit is not None and hit[0]() is zeros and hit[1] == zeros._version:
+        return hit[2]
+    if zeros.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    z = zeros.float()
+    ok = bool(((z == z.round()) & (z >= 0) & (z < (1 << packed.bits))).all())
+    for k in [k for k, v in _INT_ZEROS.items() if v[0]() is None]:
+        del _INT_ZEROS[k]
+    _INT_ZEROS[id(zeros)] = (weakref.ref(zeros), zeros._version, ok)
+    return ok
+
+
+def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether this path can run the call: CUDA sm_80+, bf16 x (unit inner stride), 1 <= M <= 16, a
+    uniform single-slice 2/4-bit weight with integer zero points, N a multiple of 128, K and the
+    group size multiples of 64, contiguous words."""
+    if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= M <= MMA_MAX_M:
+        return False
+    if packed.fmt != "uniform" or packed.bits not in MMA_BITS or packed.zeros is None:
+        return False
+    if packed.out_features % 128 or packed.in_features % 64 or packed.group_size % 64:
+        return False
+    q = packed.qweight
+    if q.stride(1) != 1 or q.stride(0) != packed.out_features or x.stride(1) != 1:
+        return False
+    if packed.scales.dtype != torch.float16 or packed.zeros.dtype != torch.float16:
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 8 and integer_zeros(packed)
+
+
+def mma_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, split): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); split-K
+    doubled while the programs fit ~4 per SM and each keeps >= 2 K tiles."""
+    bm = 8 if M <= 8 else 16
+    bk = 128 if G % 128 == 0 else 64
+    tiles, k_tiles = N // 128, K // bk
+    split = 1
+    while tiles * split * 2 <= 4 * sms and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 2:
+        split *= 2
+    return bm, bk, split
+
+
+def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
+                   split_k: int | None = None) -> torch.Tensor:
+    """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
+    weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
+    ``mma_config`` (benchmarks)."""
+    M, K = x.shape
+    N, G, bits = packed.out_features, packed.group_size, packed.bits
+    if not mma_applies(packed, M, x):
+        raise ValueError(f"quant_gemv_mma: needs CUDA sm_80+, bf16 x, M <= {MMA_MAX_M} and a uniform "
+                         f"{'/'.join(map(str, MMA_BITS))}-bit weight with integer f16 zero points, N % 128 "
+                         f"== 0, K and group % 64 == 0 (got {x.dtype} x, M {M}, {packed.fmt} {bits}-bit, "
+                         f"N {N}, K {K}, G {G})")
+    bm, bk, split = mma_config(M, N, K, G, _num_sms(x.device))
+    BK = block_k or bk
+    if BK not in (64, 128, 256) or G % BK:
+        raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 and divide the group size {G}")
+    per, split = k_split(K // BK, split_k or split)
+    tiles = N // 128
+    if split > 1:
+        ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+        locks = _lock_buffer(x.device, tiles)
+    else:
+        ws, locks = y, y
+    _quant_gemv_mma_kernel[(tiles, split)](
+        x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
+        per * BK, per, split, bits, bm, BK, split > 1, num_warps=4)
+    return y

@@ -1,0 +1,103 @@
+"""Register-operand mma.sync path (``path="mma"``, anybit/kernels/quant_gemv_mma.py). Gluon does not
+run under the Triton interpreter, so on CPU: the per-word PTX by bit-level emulation (exact
+``q - z`` in pair order), the launcher's rules, and an offline sm_90 compile whose loop must have
+no shared memory, 16-byte word loads and HMMA. On CUDA: the kernel against ref_quant_matmul."""
+
+import os
+
+import pytest
+import torch
+from sm90_sass import nvdisasm, sm90_sass_ptrs  # same folder (pytest puts it on sys.path)
+from test_quant_gemm_wg import _bf16_bits, _emulate_word
+
+from anybit.kernels import quant_gemv_mma as mm
+from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
+from anybit.quant.rtn import QuantSpec, rtn_quantize
+
+CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
+    """Output 2 p + h = bf16 bits of ``q_j - z`` for code j = p + h P / 2 of the word (the two
+    halves of one bf16x2 hold codes P / 2 apart)."""
+    P = 32 // bits
+    g = torch.Generator().manual_seed(bits)
+    asm = mm._mma_asm(bits)
+    for trial in range(60):
+        q = torch.randint(0, 2 ** bits, (P,), generator=g).tolist()
+        z = int(torch.randint(0, 2 ** bits, (1,), generator=g))
+        if trial == 0:
+            q, z = [2 ** bits - 1] * P, 0
+        elif trial == 1:
+            q, z = [0] * P, 2 ** bits - 1
+        word = sum(c << (i * bits) for i, c in enumerate(q))
+        got = _emulate_word(asm, word, _bf16_bits(-(128.0 + z)))
+        want = [_bf16_bits(float(q[p + h * P // 2] - z)) for p in range(P // 2) for h in range(2)]
+        assert got == want, (trial, q, z)
+
+
+def test_launcher_config_and_applicability():
+    assert mm.mma_config(1, 4096, 14336, 128, 132) == (8, 128, 16)  # 32 tiles x 16 splits <= 4 per SM
+    assert mm.mma_config(16, 4096, 14336, 64, 132)[:2] == (16, 64)  # BLOCK_K divides the group
+    bm, bk, split = mm.mma_config(9, 128256, 4096, 128, 132)
+    assert (bm, split) == (16, 1)  # lm_head: 1002 tiles fill the GPU without split-K
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
+    assert not mm.mma_applies(pw, 1, x)  # CPU tensors never take the Gluon path
+    assert mm.integer_zeros(pw)
+    with pytest.raises(ValueError, match="quant_gemv_mma"):
+        mm.quant_gemv_mma(x, pw, torch.empty(1, 128, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits,bm", [(4, 8), (2, 16)])
+def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
+    """The loop loads words as 16-byte vectors straight into the MMA operand registers: HMMA, no
+    shared memory (the epilogue's split-K flag broadcast aside), no spills."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True),
+                           ptrs, {"num_warps": 4})
+    assert sum(s.startswith("HMMA.16816.F32.BF16") for s in lines) >= 16
+    assert sum(s.startswith("LDG.E.128") for s in lines) >= 4
+    assert not any(s.split()[0].startswith(("LDSM", "STSM", "STL", "LDL")) for s in lines)
+    assert sum(s.split()[0] in ("LDS", "STS") for s in lines) <= 2
+
+
+def _rtn(N, K, bits, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, "uniform")).to("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("group", [64, 128, -1])
+def test_matches_reference(bits, M, group):
+    N, K = 384, 1536
+    pw = _rtn(N, K, bits, group, seed=M + bits)
+    assert mm.mma_applies(pw, M, torch.empty(M, K, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to("cuda", torch.bfloat16)
+    want = ref_quant_matmul(x.float(), pw)
+    for split in (None, 1, 3):
+        y = quant_matmul(x, pw, path="mma", split_k=split)
+        err = (y.float() - want).abs().max().item()
+        assert err <= 1e-2 * want.abs().max().item() + 1e-3, (split, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+def test_output_slice_strided_x_and_non_integer_zeros():
+    pw = _rtn(256, 512, 4, 128)
+    xs = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)[:, :512]  # row stride 1024
+    fused = torch.zeros(4, 512, device="cuda", dtype=torch.bfloat16)
+    quant_matmul(xs, pw, out=fused[:, 128:384], path="mma")
+    want = ref_quant_matmul(xs.float(), pw)
+    assert (fused[:, 128:384].float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
+    assert fused[:, :128].abs().max() == 0 and fused[:, 384:].abs().max() == 0
+    pw.zeros.add_(0.5)  # fractional zero points: not this kernel's exact q - z
+    assert not mm.mma_applies(pw, 4, xs)
