@@ -45,7 +45,7 @@ def correctness(log) -> list[dict]:
             cases.append((f"b{bits} g{g} 384x1536 M5 split3", pw, 5, dict(split_k=3)))
         pw = random_packed(4096, 14336, bits)
         for M in (1, 16):
-            for kw in ({}, dict(block_k=64), dict(block_k=256), dict(split_k=7)):
+            for kw in ({}, dict(block_k=64), dict(split_k=7)):
                 cases.append((f"b{bits} random 4096x14336 M{M}", pw, M, kw))
     for tag, pw, M, kw in cases:
         x = torch.randn(M, pw.in_features, device="cuda", dtype=torch.bfloat16)
@@ -74,10 +74,16 @@ def main_variants(M: int, b: int) -> list:
 def sweep_variants(M: int, b: int) -> list:
     sms = _num_sms(torch.device("cuda"))
     out = [("anybit_mma", dict(path="mma"))]
-    for name, kw in (("bk64", dict(block_k=64)), ("bk256", dict(block_k=256))):
-        out.append((f"anybit_mma_{name}", dict(path="mma", **kw)))
-    return out + [(f"anybit_mma_sk{s}", dict(path="mma", split_k=s)) for s in (2, 4, 8, 16, 32)
+    out.append(("anybit_mma_bk64", dict(path="mma", block_k=64)))
+    return out + [(f"anybit_mma_sk{s}", dict(path="mma", split_k=s)) for s in (4, 8, 16, 32)
                   if s != mma_config(M, 4096, 14336, 128, sms)[2]]
+
+
+def diag_variants(M: int, b: int) -> list:
+    """What limits the kernel: PDL off; DIAG bit 0 = no x load in the loop, bit 1 = no split-K sum
+    (wrong results)."""
+    return [("anybit_mma", dict(direct_mma=True)), ("anybit_mma_nopdl", dict(direct_mma=True, pdl=False))] + [
+        (f"anybit_mma_diag{d}", dict(direct_mma=True, diag=d)) for d in (1, 2, 3)]
 
 
 def main() -> int:
@@ -110,7 +116,9 @@ def main() -> int:
                       f"dequantization passed (rel err < 5e-3, repeated call identical)"],
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
-    plan = [((N, K), MS, [4], main_variants) for N, K in SHAPES]
+    plan = [((4096, 14336), [1, 16], [4], diag_variants), ((14336, 4096), [1], [4], diag_variants),
+            ((6144, 4096), [1], [4], diag_variants)]
+    plan += [((N, K), MS, [4], main_variants) for N, K in SHAPES]
     plan += [((4096, 14336), [1, 16], [2], main_variants), ((4096, 14336), [1, 16], [4], sweep_variants),
              ((14336, 4096), [1, 16], [2], main_variants)]
     for (N, K), ms, bits, variants in plan:
@@ -121,7 +129,8 @@ def main() -> int:
         dump()
         log(f"after {N}x{K} {variants.__name__}: {time.time() - t0:.0f}s")
     dump()
-    print(f"{'shape':>12} {'M':>3} {'b':>2} {'cuBLAS':>7} {'int4':>6} {'auto':>6} {'mma':>6}  (x cuBLAS) mma TB/s")
+    print(f"{'shape':>12} {'M':>3} {'b':>2} {'cuBLAS':>7} {'int4':>6} {'auto':>6} {'mma':>6}  (x cuBLAS) "
+          "mma TB/s")
     keys = sorted({(r["shape"], r["M"], r["bits"]) for r in rows if r.get("section") == "main_variants"
                    and r["method"] == "anybit_mma"}, key=lambda k: (k[0], k[2], k[1]))
     for shp, M, b in keys:
@@ -134,7 +143,7 @@ def main() -> int:
         print(f"{shp:>12} {M:>3} {b:>2} {sel['cublas_bf16']['time_us']:7.1f} " + " ".join(cells)
               + f"  {sel['anybit_mma']['tbps']:.2f}")
     for r in rows:
-        if r.get("section") == "sweep_variants":
+        if r.get("section") in ("sweep_variants", "diag_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 

@@ -247,8 +247,8 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
-        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, _tile_cols(acc, off_n), pid,
-                    pid_k, SPLIT)
+        cols = _tile_cols(acc, off_n)
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, cols, pid, pid_k, SPLIT)
 
 
 WG_MIN_M = 2  # quant_gemm_wg runs for M >= WG_MIN_M (bf16 x, uniform 2/4/8 bits, Hopper)

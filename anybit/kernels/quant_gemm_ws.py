@@ -95,8 +95,8 @@ if gluon is not None:
             mbarrier.arrive(raw_empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, _tile_cols(acc, off_n), pid,
-                    pid_k, SPLIT)
+        cols = _tile_cols(acc, off_n)
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, cols, pid, pid_k, SPLIT)
 
     @gluon.jit
     def _ws_convert_partition(w_smem, t_smem, a_smem, raw_ready, raw_empty, a_ready, a_empty, n_iters,

@@ -33,6 +33,7 @@ import weakref
 
 import torch
 
+from anybit.kernels.pdl import pdl_enabled
 from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, _pair_layout
 from anybit.kernels.quant_gemm_wg import gluon
 from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, k_split
@@ -62,7 +63,8 @@ def _mma_asm(bits: int) -> str:
         sc = 2.0 ** (-f * bits)
         if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
             lines += [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
-                      "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};", "fma.rn.bf16x2 t, t, k, c;"]
+                      "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};",
+                      "fma.rn.bf16x2 t, t, k, c;"]
         else:
             lines += [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
         lines.append(f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;")
@@ -175,22 +177,39 @@ if gluon is not None:
         a = _words_tile(v, w.shape[0], 128, 32 // W0)
         return gl.convert_layout(_relabel_a(a, W0), AL)
 
+    @gluon.jit
+    def _gdc_wait():
+        """PDL: wait until the previous grid of the stream completed (its writes visible)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        """PDL: let the next grid of the stream start (it waits in its own ``_gdc_wait``)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
     @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
     def _quant_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm,
-                               stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr, BLOCK_M: gl.constexpr,
-                               BLOCK_K: gl.constexpr, SPLIT: gl.constexpr):
+                               stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
+                               BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
+                               PDL: gl.constexpr, DIAG: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
         y ``[M, N]``. Per tile: exact ``q - z`` weights, one MMA chain into zeroed partials, then
         ``acc += s * part`` in float32. SPLIT: float32 partials in ws, summed by the tile's last
-        program."""
+        program. PDL: the first two tiles' weights are requested before waiting for the previous
+        kernel (which may write x). DIAG (benchmarks only, wrong results): bit 0 reuses the first x
+        tile for every tile (no x load in the loop), bit 1 stores the partials without the split-K
+        sum."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         off_n = pid * 128
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, 8])
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)
         BL: gl.constexpr = gl.DotOperandLayout(1, MMA, 8)
         WL: gl.constexpr = _words_layout(R, 128)
@@ -207,17 +226,25 @@ if gluon is not None:
         w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, off_n, cols, WL, R, P)
         k1 = k_start + gl.minimum(1, n_iters - 1) * BLOCK_K
         w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, off_n, cols, WL, R, P)
+        if PDL:
+            _gdc_launch_dependents()
+            _gdc_wait()
+        if DIAG & 1:
+            xt = gl.load(x_ptrs + k_start, mask=x_mask, other=0.0)
+            xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
         for i in range(n_iters):
             k0 = k_start + i * BLOCK_K
             k2 = k_start + gl.minimum(i + 2, n_iters - 1) * BLOCK_K  # past the end: reload the last tile
             w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, off_n, cols, WL, R, P)
-            xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-            xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
+            if DIAG & 1 == 0:
+                xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+                xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
             part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
             acc += part * s.to(gl.float32)[:, None]
             w, z, s = w1, z1, s1
             w1, z1, s1 = w2, z2, s2
-        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k, SPLIT)
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
+                    SPLIT and DIAG & 2 == 0)
 
 
 _INT_ZEROS: dict = {}  # id(zeros) -> (weakref, version, bool)
@@ -259,23 +286,28 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 8 and integer_zeros(packed)
 
 
+MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # resident programs by BLOCK_M (offline sm_90: 128 / 162 registers)
+
+
 def mma_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, split): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); split-K
-    doubled while the programs fit ~4 per SM and each keeps >= 2 K tiles."""
+    doubled while all programs stay resident at once (one wave) and each keeps >= 2 K tiles."""
     bm = 8 if M <= 8 else 16
     bk = 128 if G % 128 == 0 else 64
     tiles, k_tiles = N // 128, K // bk
     split = 1
-    while tiles * split * 2 <= 4 * sms and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 2:
+    slots = MMA_PROGRAMS_PER_SM[bm] * sms
+    while tiles * split * 2 <= slots and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 2:
         split *= 2
     return bm, bk, split
 
 
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
-                   split_k: int | None = None) -> torch.Tensor:
+                   split_k: int | None = None, pdl: bool | None = None, diag: int = 0) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
-    ``mma_config`` (benchmarks)."""
+    ``mma_config`` (benchmarks); ``pdl``: programmatic dependent launch (None: where
+    anybit/kernels/pdl.py enables it); ``diag``: the kernel's DIAG (benchmarks only)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -289,6 +321,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 and divide the group size {G}")
     per, split = k_split(K // BK, split_k or split)
     tiles = N // 128
+    pdl = pdl_enabled(x.device, pdl)
     if split > 1:
         ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
         locks = _lock_buffer(x.device, tiles)
@@ -296,5 +329,6 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         ws, locks = y, y
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
-        per * BK, per, split, bits, bm, BK, split > 1, num_warps=4)
+        per * BK, per, split, bits, bm, BK, split > 1, pdl, diag, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}))
     return y

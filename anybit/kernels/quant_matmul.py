@@ -33,7 +33,6 @@ import torch
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
 from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws
-from anybit.kernels.quant_gemv_mma import mma_applies, quant_gemv_mma
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
     _INTERPRET,
     H2_BITS,
@@ -46,6 +45,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     k_split,
     quant_gemv_h2,
 )
+from anybit.kernels.quant_gemv_mma import quant_gemv_mma
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
 try:  # Triton is optional on CPU-only installs

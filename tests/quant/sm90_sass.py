@@ -61,8 +61,8 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
         aligned = [n for n in names if n in ptr_types or n in ("N", "K", "G", "k_per_split")
                    or n.startswith("stride")]
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        return _sass_of(triton.compile(GluonASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                       options=options))
+        src = GluonASTSource(kernel, sig, consts, attrs)
+        return _sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
     P = 32 // bits
     x = torch.empty(64, 4096, dtype=torch.bfloat16)
     q = torch.empty(4096 // P, 1024, dtype=torch.int32)

@@ -59,8 +59,8 @@ def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True),
-                           ptrs, {"num_warps": 4})
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, DIAG=0)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     assert sum(s.startswith("HMMA.16816.F32.BF16") for s in lines) >= 16
     assert sum(s.startswith("LDG.E.128") for s in lines) >= 4
     assert not any(s.split()[0].startswith(("LDSM", "STSM", "STL", "LDL")) for s in lines)
@@ -81,7 +81,7 @@ def test_matches_reference(bits, M, group):
     N, K = 384, 1536
     pw = _rtn(N, K, bits, group, seed=M + bits)
     assert mm.mma_applies(pw, M, torch.empty(M, K, dtype=torch.bfloat16, device="cuda"))
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M), dtype=torch.float32).to("cuda", torch.bfloat16)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
     want = ref_quant_matmul(x.float(), pw)
     for split in (None, 1, 3):
         y = quant_matmul(x, pw, path="mma", split_k=split)
