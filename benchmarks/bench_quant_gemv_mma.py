@@ -119,8 +119,8 @@ def main() -> int:
     plan = [((4096, 14336), [1, 16], [4], diag_variants), ((14336, 4096), [1], [4], diag_variants),
             ((6144, 4096), [1], [4], diag_variants)]
     plan += [((N, K), MS, [4], main_variants) for N, K in SHAPES]
-    plan += [((4096, 14336), [1, 16], [2], main_variants), ((4096, 14336), [1, 16], [4], sweep_variants),
-             ((14336, 4096), [1, 16], [2], main_variants)]
+    plan += [((4096, 14336), MS, [2], main_variants), ((4096, 14336), [1, 16], [4], sweep_variants),
+             ((14336, 4096), MS, [2], main_variants)]
     for (N, K), ms, bits, variants in plan:
         if time.time() - t0 > args.budget:
             log(f"budget reached: skipped {N}x{K} {variants.__name__}")

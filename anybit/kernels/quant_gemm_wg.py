@@ -173,10 +173,13 @@ if gluon is not None:
             gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
             gl.thread_barrier()
             count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if count == split_k - 1:  # the last split of this tile adds the partials
-                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for sk in range(split_k):
-                    tot += gl.load(ws_ptr + sk * M * N + part, mask=omask, other=0.0, cache_modifier=".cg")
+            if count == split_k - 1:  # the last split of this tile adds the others' partials to its own
+                tot = acc
+                for sk0 in range(0, split_k, 8):  # 8 loads in flight per round trip
+                    for j in gl.static_range(8):
+                        sk = sk0 + j
+                        keep = omask & (sk < split_k) & (sk != pid_k)
+                        tot += gl.load(ws_ptr + sk * M * N + part, mask=keep, other=0.0, cache_modifier=".cg")
                 gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
                          mask=omask)
                 gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls
