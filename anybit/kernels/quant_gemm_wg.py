@@ -159,12 +159,12 @@ if gluon is not None:
 
     @gluon.jit
     def _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, on, pid, pid_k,
-                    SPLIT: gl.constexpr):
+                    SPLIT: gl.constexpr, SUM_LOADS: gl.constexpr = 8):
         """Epilogue of the tensor-core kernels: the float32 tile ``acc [BLOCK_N, BLOCK_M]`` (row r =
         output column ``on[r]``) to y; with SPLIT, to this split's partials in ws, and the tile's
-        last program (``lock_ptr`` counter, reset to 0 by it) adds the partials into y."""
+        last program (``lock_ptr`` counter, reset to 0 by it) adds the others' partials to its own
+        tile, SUM_LOADS loads in flight at a time (registers: SUM_LOADS x the tile), into y."""
         MMA: gl.constexpr = acc.type.layout
-        BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
         om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         omask = (on < N)[:, None] & (om < M)[None, :]
@@ -175,8 +175,8 @@ if gluon is not None:
             count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
             if count == split_k - 1:  # the last split of this tile adds the others' partials to its own
                 tot = acc
-                for sk0 in range(0, split_k, 8):  # 8 loads in flight per round trip
-                    for j in gl.static_range(8):
+                for sk0 in range(0, split_k, SUM_LOADS):
+                    for j in gl.static_range(SUM_LOADS):
                         sk = sk0 + j
                         keep = omask & (sk < split_k) & (sk != pid_k)
                         tot += gl.load(ws_ptr + sk * M * N + part, mask=keep, other=0.0, cache_modifier=".cg")

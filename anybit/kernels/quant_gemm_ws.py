@@ -96,7 +96,8 @@ if gluon is not None:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
         cols = _tile_cols(acc, off_n)
-        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, cols, pid, pid_k, SPLIT)
+        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, cols, pid, pid_k, SPLIT,
+                    2)  # 80 registers in this partition: 8 loads would spill
 
     @gluon.jit
     def _ws_convert_partition(w_smem, t_smem, a_smem, raw_ready, raw_empty, a_ready, a_empty, n_iters,
