@@ -162,9 +162,11 @@ if gluon is not None:
                     SPLIT: gl.constexpr, SUM_LOADS: gl.constexpr = 8):
         """Epilogue of the tensor-core kernels: the float32 tile ``acc [BLOCK_N, BLOCK_M]`` (row r =
         output column ``on[r]``) to y; with SPLIT, to this split's partials in ws, and the tile's
-        last program (``lock_ptr`` counter, reset to 0 by it) adds the others' partials to its own
-        tile, SUM_LOADS loads in flight at a time (registers: SUM_LOADS x the tile), into y."""
+        last program (``lock_ptr`` counter, reset to 0 by it) adds the partials in split order (the
+        same bits every call), SUM_LOADS loads in flight at a time (registers: SUM_LOADS x the
+        tile), into y."""
         MMA: gl.constexpr = acc.type.layout
+        BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
         om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         omask = (on < N)[:, None] & (om < M)[None, :]
@@ -173,13 +175,13 @@ if gluon is not None:
             gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
             gl.thread_barrier()
             count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if count == split_k - 1:  # the last split of this tile adds the others' partials to its own
-                tot = acc
+            if count == split_k - 1:  # the last split of this tile adds the partials, in split order
+                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)  # (deterministic: not its own first)
                 for sk0 in range(0, split_k, SUM_LOADS):
                     for j in gl.static_range(SUM_LOADS):
                         sk = sk0 + j
-                        keep = omask & (sk < split_k) & (sk != pid_k)
-                        tot += gl.load(ws_ptr + sk * M * N + part, mask=keep, other=0.0, cache_modifier=".cg")
+                        tot += gl.load(ws_ptr + sk * M * N + part, mask=omask & (sk < split_k), other=0.0,
+                                       cache_modifier=".cg")
                 gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
                          mask=omask)
                 gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls

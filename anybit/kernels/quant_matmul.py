@@ -45,7 +45,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     k_split,
     quant_gemv_h2,
 )
-from anybit.kernels.quant_gemv_mma import quant_gemv_mma
+from anybit.kernels.quant_gemv_mma import mma_applies, quant_gemv_mma
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
 try:  # Triton is optional on CPU-only installs
@@ -413,6 +413,21 @@ def ws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return WS_AUTO and WS_MIN_M <= M <= WS_MAX_M and wg_applies(packed, M, x)
 
 
+# The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 2/4 bits, integer zero
+# points, M <= 16): in the H100 runs of session 6 (quant_matmul_mma_s6_*.json, x cuBLAS, mma vs the
+# previous choice) it wins clearly at M 2..16 (W4 M 4: 2.1-2.6 vs 1.4-1.8 on the layer shapes, 3.5
+# vs 2.0 on lm_head; W2 M 4-8: 3.0-3.4 vs 1.6-1.8) and is within -5..+9% of the packed-half GEMV at
+# M = 1. ANYBIT_MMA=0: off; =2: only for M >= 2 (the GEMV keeps M = 1); default 1: M 1..16.
+MMA_MODE = os.environ.get("ANYBIT_MMA", "1")
+
+
+def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE and its applicability)."""
+    if MMA_MODE == "0" or (MMA_MODE == "2" and M == 1):
+        return False
+    return mma_applies(packed, M, x)
+
+
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
 DEQUANT_MIN_M = 128  # and from this many rows dequantize to a scratch W^T + cuBLAS
 
@@ -426,11 +441,11 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
                  bf16_codes: bool | None = None) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ nothing). x ``[M, K]`` fp16/bf16/fp32, packed ``PackedWeight``
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
-    slice of a fused output). ``path``: "auto" (the packed-half GEMV for M <= H2_MAX_M when the
-    weight is uniform 2/4/8-bit, or 3/5/6-bit with integer zero points, and x fp16/bf16 on CUDA,
-    else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon wgmma kernel where
-    ``wg_chosen``, the warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2", "gemm", "wg",
-    "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "mma" (register-operand
+    slice of a fused output). ``path``: "auto" (the mma.sync kernel where ``mma_chosen``, else the
+    packed-half GEMV for M <= H2_MAX_M when the weight is uniform 2/4/8-bit, or 3/5/6-bit with integer
+    zero points, and x fp16/bf16 on CUDA, else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon
+    wgmma kernel where ``wg_chosen``, the warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2",
+    "gemm", "wg", "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "mma" (register-operand
     mma.sync kernel, quant_gemv_mma.py, M <= 16), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
@@ -459,6 +474,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     is_cb = packed.fmt != "uniform"
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     cb = packed.codebook if packed.codebook is not None else packed.scales
+    if path == "auto" and mma_chosen(packed, M, x):
+        path = "mma"
     if path == "auto":
         h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"

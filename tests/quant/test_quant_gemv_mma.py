@@ -11,6 +11,7 @@ from sm90_sass import nvdisasm, sm90_sass_ptrs  # same folder (pytest puts it on
 from test_quant_gemm_wg import _bf16_bits, _emulate_word
 
 from anybit.kernels import quant_gemv_mma as mm
+from anybit.kernels import quant_matmul as qm
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
 from anybit.quant.rtn import QuantSpec, rtn_quantize
 
@@ -87,6 +88,9 @@ def test_matches_reference(bits, M, group):
         y = quant_matmul(x, pw, path="mma", split_k=split)
         err = (y.float() - want).abs().max().item()
         assert err <= 1e-2 * want.abs().max().item() + 1e-3, (split, err)
+        assert torch.equal(y, quant_matmul(x, pw, path="mma", split_k=split))  # fixed split-K sum order
+    if qm.MMA_MODE == "1":  # "auto" routes here by default
+        assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
 
 
 @pytest.mark.gpu
