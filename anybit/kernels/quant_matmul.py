@@ -45,7 +45,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     k_split,
     quant_gemv_h2,
 )
-from anybit.kernels.quant_gemv_mma import mma_applies, quant_gemv_mma
+from anybit.kernels.quant_gemv_mma import mma_applies, mma_config, quant_gemv_mma
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
 try:  # Triton is optional on CPU-only installs
@@ -415,17 +415,26 @@ def ws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 
 # The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 2/4 bits, integer zero
 # points, M <= 16): in the H100 runs of session 6 (quant_matmul_mma_s6_*.json, x cuBLAS, mma vs the
-# previous choice) it wins clearly at M 2..16 (W4 M 4: 2.1-2.6 vs 1.4-1.8 on the layer shapes, 3.5
-# vs 2.0 on lm_head; W2 M 4-8: 3.0-3.4 vs 1.6-1.8) and is within -5..+9% of the packed-half GEMV at
-# M = 1. ANYBIT_MMA=0: off; =2: only for M >= 2 (the GEMV keeps M = 1); default 1: M 1..16.
-MMA_MODE = os.environ.get("ANYBIT_MMA", "1")
+# previous choice) it wins clearly at M 2..8 (W4 M 4: 2.1-2.6 vs 1.4-1.8 on the layer shapes, 3.5 vs
+# 2.0 on lm_head; W2 M 4-8: 3.0-3.4 vs 1.6-1.8), at M 9..16 where each program keeps >= 8 K tiles
+# (4096x14336 M 16: 1.89 vs 1.76; 6144x4096, 4 K tiles per program: 1.16 vs 1.51), and is within
+# -5..+9% of the packed-half GEMV at M = 1, where end to end (e2e_w4_mma_mode*.json, batch 1) the
+# GEMV's decode step is faster (372 vs 360 tok/s; batch 8: 2645 vs 1905 with this kernel).
+# ANYBIT_MMA=0: off; =1: also M = 1; default 2: M 2..16.
+MMA_MODE = os.environ.get("ANYBIT_MMA", "2")
+MMA_MIN_TILES_M16 = 8  # K tiles per program below which M 9..16 keeps the other paths
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
-    """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE and its applicability)."""
-    if MMA_MODE == "0" or (MMA_MODE == "2" and M == 1):
+    """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M 9..16 rule above, and
+    its applicability)."""
+    if MMA_MODE == "0" or (MMA_MODE == "2" and M == 1) or not mma_applies(packed, M, x):
         return False
-    return mma_applies(packed, M, x)
+    if M > 8:
+        _, bk, split = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
+                                  _num_sms(x.device))
+        return packed.in_features // bk // split >= MMA_MIN_TILES_M16
+    return True
 
 
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,

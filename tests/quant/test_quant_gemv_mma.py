@@ -89,8 +89,9 @@ def test_matches_reference(bits, M, group):
         err = (y.float() - want).abs().max().item()
         assert err <= 1e-2 * want.abs().max().item() + 1e-3, (split, err)
         assert torch.equal(y, quant_matmul(x, pw, path="mma", split_k=split))  # fixed split-K sum order
-    if qm.MMA_MODE == "1":  # "auto" routes here by default
+    if qm.mma_chosen(pw, M, x):  # "auto" (M 2..8 by default)
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
+    assert qm.mma_chosen(pw, M, x) == (qm.MMA_MODE != "0" and (M > 1 or qm.MMA_MODE == "1") and M <= 8)
 
 
 @pytest.mark.gpu
