@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     t0 = time.time()
+    qm.MMA_MODE = "0"  # "anybit" = the launcher without this kernel; anybit_mma* call it directly
     logs: list[str] = []
 
     def log(msg):
@@ -125,7 +126,8 @@ def main() -> int:
         if time.time() - t0 > args.budget:
             log(f"budget reached: skipped {N}x{K} {variants.__name__}")
             continue
-        rows += [dict(r, section=variants.__name__) for r in bench_shape(N, K, ms, bits, variants, log)]
+        rows += [dict(r, section=variants.__name__, plan_bits=bits[0])
+                 for r in bench_shape(N, K, ms, bits, variants, log)]
         dump()
         log(f"after {N}x{K} {variants.__name__}: {time.time() - t0:.0f}s")
     dump()
@@ -134,8 +136,8 @@ def main() -> int:
     keys = sorted({(r["shape"], r["M"], r["bits"]) for r in rows if r.get("section") == "main_variants"
                    and r["method"] == "anybit_mma"}, key=lambda k: (k[0], k[2], k[1]))
     for shp, M, b in keys:
-        sel = {r["method"]: r for r in rows if (r["shape"], r["M"]) == (shp, M)
-               and r.get("section") == "main_variants" and r["bits"] in (b, 16)}
+        sel = {r["method"]: r for r in rows if (r["shape"], r["M"], r.get("plan_bits")) == (shp, M, b)
+               and r.get("section") == "main_variants"}
         sel.update({r["method"]: r for r in rows
                     if (r["shape"], r["M"], r["method"]) == (shp, M, "torch_int4pack")})
         cells = [f"{sel[m]['speedup']:6.2f}" if m in sel else "     -"
