@@ -26,7 +26,7 @@ from anybit.kernels import quant_matmul as qm  # noqa: E402
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws, ws_config, ws_split  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import _num_sms  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
-from benchmarks.bench_quant_matmul import bench_shape, random_packed  # noqa: E402
+from benchmarks.bench_quant_matmul import bench_shape, check_cases, random_packed  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096), (128256, 4096)]
@@ -46,7 +46,6 @@ LARGE_M_ONLY = {"bk128"}
 def correctness(log) -> list[dict]:
     """ws vs the float32 dequantization (ref_quant_matmul) on RTN weights and random codes, launcher
     configuration and the sweep's variants; a repeated call must give the same bits."""
-    rows = []
     torch.manual_seed(0)
     cases = []
     for bits in (2, 4, 8):
@@ -63,25 +62,7 @@ def correctness(log) -> list[dict]:
         pw = random_packed(4096, 14336, bits)
         for M in (1, 16, 64):
             cases.append((f"b{bits} random 4096x14336 M{M}", pw, M, {}))
-    for tag, pw, M, kw in cases:
-        x = torch.randn(M, pw.in_features, device="cuda", dtype=torch.bfloat16)
-        ref = qm.ref_quant_matmul(x.float(), pw)
-        out = torch.full((M, pw.out_features), float("nan"), device="cuda", dtype=torch.bfloat16)
-        try:
-            y = quant_gemm_ws(x, pw, out, **kw)
-            y2 = quant_gemm_ws(x, pw, torch.empty_like(out), **kw)  # counters must have been reset
-            err = float((y.float() - ref).norm() / ref.norm())
-            same = bool(torch.equal(y, y2))
-        except Exception as e:  # noqa: BLE001
-            log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
-            err, same = float("inf"), False
-        ok = err < 1e-2 and same
-        rows.append(dict(case=tag, kw=str(kw), rel_err=err, repeat_equal=same, ok=ok))
-        if not ok:
-            log(f"FAIL {tag} {kw}: rel err {err:.3e} repeat_equal {same}")
-    log(f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
-        f"{max(r['rel_err'] for r in rows):.2e}")
-    return rows
+    return check_cases(cases, lambda x, pw, out, kw: quant_gemm_ws(x, pw, out, **kw), log, 1e-2)
 
 
 def main_variants(M: int, b: int) -> list:

@@ -24,7 +24,7 @@ from anybit.kernels import quant_matmul as qm  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import _num_sms  # noqa: E402
 from anybit.kernels.quant_gemv_mma import mma_config  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
-from benchmarks.bench_quant_matmul import bench_shape, random_packed  # noqa: E402
+from benchmarks.bench_quant_matmul import bench_shape, check_cases, random_packed  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096), (128256, 4096)]
@@ -35,7 +35,7 @@ def correctness(log) -> list[dict]:
     """mma vs the float32 dequantization (ref_quant_matmul) on RTN weights and random codes, with
     the launcher's configuration and forced splits / BLOCK_K; a repeated call must give the same
     bits."""
-    rows, cases = [], []
+    cases = []
     torch.manual_seed(0)
     for bits in (2, 4):
         for g in (64, 128, -1):
@@ -47,24 +47,8 @@ def correctness(log) -> list[dict]:
         for M in (1, 16):
             for kw in ({}, dict(block_k=64), dict(split_k=7)):
                 cases.append((f"b{bits} random 4096x14336 M{M}", pw, M, kw))
-    for tag, pw, M, kw in cases:
-        x = torch.randn(M, pw.in_features, device="cuda", dtype=torch.bfloat16)
-        ref = qm.ref_quant_matmul(x.float(), pw)
-        try:
-            y = qm.quant_matmul(x, pw, path="mma", **kw)
-            y2 = qm.quant_matmul(x, pw, path="mma", **kw)  # counters must have been reset
-            err = float((y.float() - ref).norm() / ref.norm())
-            same = bool(torch.equal(y, y2))
-        except Exception as e:  # noqa: BLE001
-            log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
-            err, same = float("inf"), False
-        ok = err < 5e-3 and same
-        rows.append(dict(case=tag, kw=str(kw), rel_err=err, repeat_equal=same, ok=ok))
-        if not ok:
-            log(f"FAIL {tag} {kw}: rel err {err:.3e} repeat_equal {same}")
-    log(f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
-        f"{max(r['rel_err'] for r in rows):.2e}")
-    return rows
+    return check_cases(cases, lambda x, pw, out, kw: qm.quant_matmul(x, pw, out=out, path="mma", **kw),
+                       log, 5e-3)
 
 
 def main_variants(M: int, b: int) -> list:

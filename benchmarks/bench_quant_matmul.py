@@ -172,6 +172,32 @@ def bench_shape(N: int, K: int, ms, bits_list, variants, log) -> list[dict]:
     return rows
 
 
+def check_cases(cases, call, log, tol: float = 1e-2) -> list[dict]:
+    """Correctness rows of ``cases`` [(tag, packed, M, kw)]: ``call(x, pw, out, kw)`` (into a
+    NaN-filled ``out``) against the float32 dequantization (relative error < tol), and a second
+    call into a fresh buffer must give the same bits (split-K counters reset, fixed sum order)."""
+    rows = []
+    for tag, pw, M, kw in cases:
+        x = torch.randn(M, pw.in_features, device="cuda", dtype=torch.bfloat16)
+        ref = ref_quant_matmul(x.float(), pw)
+        out = torch.full((M, pw.out_features), float("nan"), device="cuda", dtype=torch.bfloat16)
+        try:
+            y = call(x, pw, out, kw)
+            y2 = call(x, pw, torch.empty_like(out), kw)
+            err = float((y.float() - ref).norm() / ref.norm())
+            same = bool(torch.equal(y, y2))
+        except Exception as e:  # noqa: BLE001
+            log(f"ERROR {tag} {kw}: {type(e).__name__}: {str(e)[:300]}")
+            err, same = float("inf"), False
+        ok = err < tol and same
+        rows.append(dict(case=tag, kw=str(kw), rel_err=err, repeat_equal=same, ok=ok))
+        if not ok:
+            log(f"FAIL {tag} {kw}: rel err {err:.3e} repeat_equal {same}")
+    log(f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
+        f"{max(r['rel_err'] for r in rows):.2e}")
+    return rows
+
+
 def run_variant(x, pw, kw, out=None):
     """quant_matmul with kw, or (kw["direct_h2"]) the packed-half GEMV launcher with its own
     keywords (fuse_x, programs_per_sm), or (kw["direct_ws"]) the warp-specialized GEMM with its own

@@ -980,6 +980,13 @@ _RESIDENT: dict = {}  # kernel config -> programs resident per SM (from its regi
 _TABLES: dict = {}  # id(scales) -> (weakref to scales, versions key, table or None)
 
 
+def zeros_are_codes(z: torch.Tensor, bits: int) -> bool:
+    """Whether every zero point is an integer in [0, 2^bits) (RTN, GPTQ), the condition of the
+    kernels that fold or subtract it exactly."""
+    z = z.float()
+    return bool(((z == z.round()) & (z >= 0) & (z < (1 << bits))).all())
+
+
 def gemv_table(packed: PackedWeight) -> torch.Tensor | None:
     """int32 ``[K // G, N]`` per-column operands of the folded-zero GEMV: f16 scale in the low
     half, f16 ``-z 2^-S`` in the high half (exact: z is an integer in [0, 2^b)). None when some
@@ -995,7 +1002,7 @@ def gemv_table(packed: PackedWeight) -> torch.Tensor | None:
         raise RuntimeError("gemv_table must be built before CUDA-graph capture: run the layer once first")
     z = packed.zeros.float()
     table = None
-    if bool(((z == z.round()) & (z >= 0) & (z < (1 << packed.bits))).all()):
+    if zeros_are_codes(z, packed.bits):
         lo = packed.scales.view(torch.int16).to(torch.int32) & 0xFFFF
         hi = (-z * 2.0 ** -H2_SHIFT[packed.bits]).half().view(torch.int16).to(torch.int32)
         table = (lo | (hi << 16)).contiguous()

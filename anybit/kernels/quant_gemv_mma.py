@@ -36,7 +36,7 @@ import torch
 from anybit.kernels.pdl import pdl_enabled
 from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, _pair_layout
 from anybit.kernels.quant_gemm_wg import gluon
-from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, k_split
+from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, k_split, zeros_are_codes
 from anybit.quant.format import PackedWeight
 
 MMA_BITS = (2, 4)  # widths whose words fill whole k_width-8 operand rows after relabeling
@@ -145,6 +145,12 @@ if gluon is not None:
         return gl.reshape(xt, [BM, BK])
 
     @gluon.jit
+    def _x_operand(ptrs, mask, BL: gl.constexpr, W0: gl.constexpr):
+        """The x^T tile ``[BK, BM]`` (rows >= M as 0) relabeled into the MMA's B operand layout."""
+        xt = gl.load(ptrs, mask=mask, other=0.0)
+        return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
+
+    @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, off_n, s_cols, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
@@ -230,15 +236,13 @@ if gluon is not None:
             _gdc_launch_dependents()
             _gdc_wait()
         if DIAG & 1:
-            xt = gl.load(x_ptrs + k_start, mask=x_mask, other=0.0)
-            xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
+            xb = _x_operand(x_ptrs + k_start, x_mask, BL, W0)
         for i in range(n_iters):
             k0 = k_start + i * BLOCK_K
             k2 = k_start + gl.minimum(i + 2, n_iters - 1) * BLOCK_K  # past the end: reload the last tile
             w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, off_n, cols, WL, R, P)
             if DIAG & 1 == 0:
-                xt = gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
-                xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
+                xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
             part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
             acc += part * s.to(gl.float32)[:, None]
             w, z, s = w1, z1, s1
@@ -260,8 +264,7 @@ def integer_zeros(packed: PackedWeight) -> bool:
         return hit[2]
     if zeros.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    z = zeros.float()
-    ok = bool(((z == z.round()) & (z >= 0) & (z < (1 << packed.bits))).all())
+    ok = zeros_are_codes(zeros, packed.bits)
     for k in [k for k, v in _INT_ZEROS.items() if v[0]() is None]:
         del _INT_ZEROS[k]
     _INT_ZEROS[id(zeros)] = (weakref.ref(zeros), zeros._version, ok)
