@@ -29,6 +29,7 @@ offline and check the loop (no shared memory, LDG.128, HMMA), the GPU tests comp
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -81,16 +82,28 @@ if gluon is not None:
     _MMA_ASM4: gl.constexpr = gl.constexpr(_mma_asm(4))
 
     @gluon.constexpr_function
-    def _words_layout(rows, cols):
+    def _cga(cluster):
+        """CTA bases of a 2-D layout replicated over a cluster of ``cluster`` CTAs (every CTA holds
+        the whole tile: each works on its own K split, the compiler only sees copies)."""
+        return [[0, 0]] * (int(cluster).bit_length() - 1)
+
+    @gluon.constexpr_function
+    def _mma_layout(cluster):
+        """``mma.sync`` m16n8 accumulators on 4 warps along the tile's rows (output columns)."""
+        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8],
+                                         cga_layout=_cga(cluster))
+
+    @gluon.constexpr_function
+    def _words_layout(rows, cols, cluster=1):
         """Layout of the words ``[R, 128]`` on 4 warps: 4 adjacent columns per thread (16-byte
         loads), lanes over 4 word rows x 8 column quads, warps over 32-column blocks; word rows
         beyond 4 repeat in registers. After ``_relabel_cols`` and unpacking it is the MMA's A
         operand layout (k_width 8) up to the order of registers."""
         assert cols == 128 and rows >= 4
-        return gl.BlockedLayout([1, 4], [4, 8], [1, 4], [0, 1])
+        return gl.BlockedLayout([1, 4], [4, 8], [1, 4], [0, 1], cga_layout=_cga(cluster))
 
     @gluon.constexpr_function
-    def _x_layout(block_k, block_m, bits):
+    def _x_layout(block_k, block_m, bits, cluster=1):
         """Layout of the x^T tile ``[BK, BM]`` in natural K order whose ``_relabel_x`` is the MMA's B
         operand layout (k_width 8): 8 consecutive K per thread (one 16-byte load; W2: two 8-byte
         ones), lanes over the next two K bits and 8 rows of x, warps replicated."""
@@ -102,7 +115,7 @@ if gluon is not None:
         if block_m == 16:
             reg.append([0, 8])
         lane = [[lanes[0], 0], [lanes[1], 0], [0, 1], [0, 2], [0, 4]]
-        return gl.DistributedLinearLayout(reg, lane, [[0, 0], [0, 0]], [], [block_k, block_m])
+        return gl.DistributedLinearLayout(reg, lane, [[0, 0], [0, 0]], _cga(cluster), [block_k, block_m])
 
     @gluon.jit
     def _relabel_cols(t):
@@ -195,31 +208,84 @@ if gluon is not None:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
 
+    @gluon.constexpr_function
+    def _partial_smem_layout(cluster):
+        """Row-major, unswizzled: element (r, c) of a ``[BN, BM]`` float32 tile at byte 4 (r BM + c)."""
+        return gl.SwizzledSharedLayout(1, 1, 1, [1, 0], cga_layout=_cga(cluster))
+
+    @gluon.constexpr_function
+    def _dsmem_load_asm(rank):
+        """PTX: the float32 at shared byte offset ``$1`` (from the kernel's shared base) of cluster
+        CTA ``rank``."""
+        return ("{ .reg .b32 a; mov.u32 a, global_smem; add.u32 a, a, $1; "
+                f"mapa.shared::cluster.u32 a, a, {int(rank)}; ld.shared::cluster.f32 $0, [a]; }}")
+
+    @gluon.jit
+    def _cluster_rank():
+        """This CTA's rank in its cluster (0 .. CLUSTER - 1)."""
+        return gl.inline_asm_elementwise("mov.u32 $0, %cluster_ctarank;", "=r", [], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _cluster_barrier():
+        """All threads of all CTAs of the cluster: shared-memory writes before it (release) are
+        visible to reads after it (acquire) in every CTA of the cluster."""
+        gl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned; "
+                                  "barrier.cluster.wait.acquire.aligned; // dummy $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _cluster_sum(acc, rank, CLUSTER: gl.constexpr):
+        """Split-K over the CTAs of a cluster without global memory: every CTA puts its partial
+        ``acc [BN, BM]`` in its shared memory, CTA 0 adds them in rank order (the same bits every
+        call) through distributed shared memory; the sum is valid in CTA 0 only. The buffer must be
+        the kernel's only shared allocation (offset 0; the launcher checks the kernel's size)."""
+        BN: gl.constexpr = acc.shape[0]
+        BM: gl.constexpr = acc.shape[1]
+        L: gl.constexpr = acc.type.layout
+        buf = gl.allocate_shared_memory(gl.float32, [BN, BM], _partial_smem_layout(CLUSTER))
+        buf.store(acc)
+        _cluster_barrier()
+        r = gl.arange(0, BN, layout=gl.SliceLayout(1, L))
+        c = gl.arange(0, BM, layout=gl.SliceLayout(0, L))
+        offs = (r[:, None] * BM + c[None, :]) * 4
+        tot = gl.zeros([BN, BM], gl.float32, L)
+        if rank == 0:
+            for j in gl.static_range(CLUSTER):
+                tot += gl.inline_asm_elementwise(_dsmem_load_asm(j), "=f,r", [offs], dtype=gl.float32,
+                                                 is_pure=False, pack=1)
+        _cluster_barrier()  # no CTA leaves (its shared memory) before CTA 0 has read it
+        return tot
+
     @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
     def _quant_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm,
                                stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
-                               PDL: gl.constexpr, DIAG: gl.constexpr = 0):
+                               PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
         y ``[M, N]``. Per tile: exact ``q - z`` weights, one MMA chain into zeroed partials, then
         ``acc += s * part`` in float32. SPLIT: float32 partials in ws, summed by the tile's last
-        program. PDL: the first two tiles' weights are requested before waiting for the previous
-        kernel (which may write x). DIAG (benchmarks only, wrong results): bit 0 reuses the first x
-        tile for every tile (no x load in the loop), bit 1 stores the partials without the split-K
-        sum."""
+        program. CLUSTER > 1 (launched with ``num_ctas=CLUSTER``, grid ``(N / 128,)``): the K splits of
+        a tile are the CTAs of one cluster (rank = split) and are summed through distributed shared
+        memory instead (SPLIT off, no workspace). PDL: the first two tiles' weights are requested
+        before waiting for the previous kernel (which may write x). DIAG (benchmarks only, wrong
+        results): bit 0 reuses the first x tile for every tile (no x load in the loop), bit 1 stores
+        the partials without the split-K sum."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
+        pid = gl.program_id(0)  # with CLUSTER: the cluster's index
+        if CLUSTER > 1:
+            pid_k = _cluster_rank()
+        else:
+            pid_k = gl.program_id(1)
         off_n = pid * 128
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, 8])
+        MMA: gl.constexpr = _mma_layout(CLUSTER)
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)
         BL: gl.constexpr = gl.DotOperandLayout(1, MMA, 8)
-        WL: gl.constexpr = _words_layout(R, 128)
-        XL: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, W0)
+        WL: gl.constexpr = _words_layout(R, 128, CLUSTER)
+        XL: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)
         xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XL))
         xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
         x_ptrs = x_ptr + xm[None, :] * stride_xm + xk[:, None]
@@ -247,6 +313,8 @@ if gluon is not None:
             acc += part * s.to(gl.float32)[:, None]
             w, z, s = w1, z1, s1
             w1, z1, s1 = w2, z2, s2
+        if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)
+            acc = _cluster_sum(acc, pid_k, CLUSTER)
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
                     SPLIT and DIAG & 2 == 0)
 
@@ -305,12 +373,29 @@ def mma_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int]
     return bm, bk, split
 
 
+MMA_CLUSTER = os.environ.get("ANYBIT_MMA_CLUSTER", "0") == "1"  # split-K as a cluster: opt-in (slower, s7-1)
+
+
+def cluster_applies(split: int, device: torch.device, cluster: bool | None = None) -> bool:
+    """Whether the K splits run as one thread-block cluster per tile (sm_90+, split a power of two
+    from 2 to 16; 16 is a non-portable cluster size that Hopper allows). ``cluster`` None:
+    ``MMA_CLUSTER`` (env ``ANYBIT_MMA_CLUSTER=1``; off by default: on the H100 (call s7-1) split 16
+    as clusters took 32 us against 17 us through the workspace, split 8 12.3 against 10.5 us,
+    split 4 16.1 against 16.4 us)."""
+    if not (MMA_CLUSTER if cluster is None else cluster):
+        return False
+    return split in (2, 4, 8, 16) and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
-                   split_k: int | None = None, pdl: bool | None = None, diag: int = 0) -> torch.Tensor:
+                   split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
+                   diag: int = 0) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks); ``pdl``: programmatic dependent launch (None: where
-    anybit/kernels/pdl.py enables it); ``diag``: the kernel's DIAG (benchmarks only)."""
+    anybit/kernels/pdl.py enables it); ``cluster``: split-K as a thread-block cluster summed in
+    distributed shared memory rather than through a global workspace (None: ``cluster_applies``'s
+    default); ``diag``: the kernel's DIAG (benchmarks only)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -325,6 +410,13 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     per, split = k_split(K // BK, split_k or split)
     tiles = N // 128
     pdl = pdl_enabled(x.device, pdl)
+    launch = {"launch_pdl": True} if pdl else {}
+    if cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared memory
+        _quant_gemv_mma_kernel[(tiles, 1)](
+            x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
+            per * BK, per, split, bits, bm, BK, False, pdl, split, diag, num_warps=4, num_ctas=split,
+            **launch)
+        return y
     if split > 1:
         ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
         locks = _lock_buffer(x.device, tiles)
@@ -332,6 +424,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         ws, locks = y, y
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
-        per * BK, per, split, bits, bm, BK, split > 1, pdl, diag, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}))
+        per * BK, per, split, bits, bm, BK, split > 1, pdl, 1, diag, num_warps=4, **launch)
     return y

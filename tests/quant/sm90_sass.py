@@ -85,12 +85,19 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
 
 
 def _sass_of(compiled) -> list[str]:
-    """SASS instruction texts of a compiled kernel (nvdisasm of its cubin)."""
+    """SASS instruction texts of a compiled kernel (nvdisasm of its cubin), then one line
+    ``// shared BYTES`` (the kernel's shared memory: ``shared_bytes`` reads it)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         sass = subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    return [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(.*?);", sass)]
+    lines = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(.*?);", sass)]
+    return lines + [f"// shared {compiled.metadata.shared}"]
+
+
+def shared_bytes(lines: list[str]) -> int:
+    """The shared memory of the kernel whose SASS lines (from ``sm90_sass``) these are."""
+    return int(next(s for s in lines if s.startswith("// shared ")).split()[-1])
 
 
 if __name__ == "__main__":  # child process: argv[1] = the job as JSON, prints the SASS lines as JSON

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from sm90_sass import nvdisasm, sm90_sass_ptrs  # same folder (pytest puts it on sys.path)
+from sm90_sass import nvdisasm, shared_bytes, sm90_sass_ptrs  # same folder (pytest puts it on sys.path)
 from test_quant_gemm_wg import _bf16_bits, _emulate_word
 
 from anybit.kernels import quant_gemv_mma as mm
@@ -60,12 +60,32 @@ def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, DIAG=0)
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0)
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     assert sum(s.startswith("HMMA.16816.F32.BF16") for s in lines) >= 16
     assert sum(s.startswith("LDG.E.128") for s in lines) >= 4
     assert not any(s.split()[0].startswith(("LDSM", "STSM", "STL", "LDL")) for s in lines)
     assert sum(s.split()[0] in ("LDS", "STS") for s in lines) <= 2
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits,bm,cluster", [(4, 8, 16), (2, 16, 4)])
+def test_sm90_cluster_split_k_stays_on_chip(bits, bm, cluster):
+    """Split-K as a cluster: the partials go to shared memory (the buffer must be the kernel's only
+    shared allocation: ``_cluster_sum`` addresses it from offset 0), two cluster barriers, no global
+    atomics or workspace, the same register-only loop."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=cluster, DIAG=0)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4, "num_ctas": cluster})
+    ops = [s.split()[0] for s in lines if not s.startswith("//")]
+    assert shared_bytes(lines) == 128 * bm * 4
+    assert ops.count("UCGABAR_ARV") == 2 and ops.count("UCGABAR_WAIT") == 2
+    assert not any(o.startswith(("ATOM", "RED", "LDSM", "STSM", "STL", "LDL")) for o in ops)
+    assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) >= 16
+    assert sum(o.startswith("LD.E") for o in ops) >= cluster * bm // 2  # reads of the other CTAs' partials
 
 
 def _rtn(N, K, bits, group, seed=0):
@@ -89,6 +109,14 @@ def test_matches_reference(bits, M, group):
         err = (y.float() - want).abs().max().item()
         assert err <= 1e-2 * want.abs().max().item() + 1e-3, (split, err)
         assert torch.equal(y, quant_matmul(x, pw, path="mma", split_k=split))  # fixed split-K sum order
+    for split, cluster in ((2, True), (4, True), (4, False)):  # K splits as a cluster / via workspace
+        y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=split,
+                              cluster=cluster)
+        err = (y.float() - want).abs().max().item()
+        assert err <= 1e-2 * want.abs().max().item() + 1e-3, (split, cluster, err)
+        if cluster:  # the same partials summed in the same order as the workspace path
+            ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, cluster=False)
+            assert torch.equal(y, ref), (split, (y.float() - ref.float()).abs().max().item())
     if qm.mma_chosen(pw, M, x):  # "auto" (M 2..8 by default)
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
     assert qm.mma_chosen(pw, M, x) == (qm.MMA_MODE != "0" and (M > 1 or qm.MMA_MODE == "1") and M <= 8)
