@@ -403,6 +403,62 @@ def bench_decode_variants(notes, out_dir):
     return cols, rows
 
 
+def graph_time_us(fn, reps: int = 20) -> float:
+    """GPU time of one call: a CUDA graph of ``reps`` calls (no host launch overhead, as in the
+    engine's decode graphs), median of 15 replays / reps."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_decode_merge(out_dir):
+    """Split merge inside the decode kernel (default) vs the reduction kernel (merge_max=0), with
+    the split count sized as in the engine's CUDA graphs (max_seq_len = max(context, 8192), the
+    Llama-3 max_model_len), timed inside a CUDA graph; each output checked against ref_."""
+    rows = []
+    for batch in (1, 32):
+        for ctx in (200, 1000, 4096, 32768):
+            sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
+            for dtype in ("bfloat16", "int8", "int4"):
+                cache, table = paged_batch([ctx] * batch, dtype)
+                ref = ref_paged_attention_decode(q[:1], cache, sl[:1], table[:1], D ** -0.5, None, ctx)
+                t = {}
+                for name, kw in (("merge", {}), ("reduce", {"merge_max": 0})):
+                    fn = functools.partial(paged_attention_decode, q, cache, sl, table, D ** -0.5, None,
+                                           max(ctx, 8192), **kw)
+                    err = rel(fn()[:1], ref)
+                    t[name] = graph_time_us(fn)
+                    rows.append({"batch": batch, "context": ctx, "kv_dtype": dtype, "method": name,
+                                 "time_us": t[name], "rel_err": err})
+                rows[-2]["speedup_vs_reduce"] = t["reduce"] / t["merge"]
+                print(f"b{batch} ctx{ctx} {dtype:9s} merge {t['merge']:7.1f} us reduce {t['reduce']:7.1f} us "
+                      f"x{t['reduce'] / t['merge']:.2f} err {rows[-2]['rel_err']:.1e}", flush=True)
+                cache = table = None
+                torch.cuda.empty_cache()
+    cols = ["batch", "context", "kv_dtype", "method", "time_us", "speedup_vs_reduce", "rel_err"]
+    write_result("attention_decode_merge", "Decode split merge in the kernel vs a reduction kernel "
+                 "(graph-sized splits), 32 q / 8 kv heads, d128", cols, rows,
+                 ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, "
+                  "8192) sizes the splits as the engine's decode graphs do (max_model_len); merge = the "
+                  "decode kernel's last split merges the partials (DECODE_MERGE_MAX at a time); reduce = "
+                  "merge_max=0 (a second kernel); rel_err: first sequence vs ref_ (bf16 query and output)"],
+                 out_dir=out_dir)
+    return cols, rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -411,7 +467,12 @@ def main():
     ap.add_argument("--profile", default=None, help="only run this decode variant at b32/8k (for ncu)")
     ap.add_argument("--variants", action="store_true",
                     help="only the quantized-decode variant sweep (attention_decode_variants.json)")
+    ap.add_argument("--merge", action="store_true",
+                    help="only the split-merge comparison (attention_decode_merge.json)")
     a = ap.parse_args()
+    if a.merge:
+        print_table(*bench_decode_merge(a.out))
+        return
     if a.variants:
         cols, rows = bench_decode_variants([], a.out)
         if rows:

@@ -44,17 +44,47 @@ def kernel_table(graph, steps: int, top: int = 14) -> list[dict]:
             graph.replay()
         torch.cuda.synchronize()
     per: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            d = per.setdefault(e.name, [0, 0.0])
-            d[0] += 1
-            d[1] += e.device_time
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in events:
+        d = per.setdefault(e.name, [0, 0.0])
+        d[0] += 1
+        d[1] += e.device_time
     rows = [{"kernel": k[:60], "calls_per_step": c / steps, "us_per_step": t / steps}
             for k, (c, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]]
     total = sum(t for _, t in per.values()) / steps
     print(f"GPU kernel time per step: {total:.1f} us", flush=True)
     print_table(["kernel", "calls_per_step", "us_per_step"], rows)
-    return [{"total_us_per_step": total}] + rows
+    return [{"total_us_per_step": total}] + rows + layer_timeline(events, steps)
+
+
+def layer_timeline(events, steps: int, layers: int = 32) -> list[dict]:
+    """The kernels of one decoder layer in launch order, each with its GPU time and the idle gap
+    before it (start minus the previous kernel's end; negative = overlap, e.g. PDL), as medians
+    over the layers of the middle replayed step."""
+    events = sorted(events, key=lambda e: e.time_range.start)
+    per_step = len(events) // steps
+    step = events[per_step * (steps // 2):per_step * (steps // 2 + 1)]
+    per_layer = per_step // layers
+    extra = per_step - per_layer * layers  # embedding, final norm: assumed at the ends
+    body = step[extra // 2: extra // 2 + per_layer * layers]
+    rows = []
+    for i in range(per_layer):
+        durs, gaps = [], []
+        for j in range(layers):
+            k = j * per_layer + i
+            e = body[k]
+            durs.append(e.time_range.end - e.time_range.start)
+            if k > 0:
+                gaps.append(e.time_range.start - body[k - 1].time_range.end)
+        durs.sort()
+        gaps.sort()
+        rows.append({"kernel": f"layer[{i}] {body[i].name[:50]}", "calls_per_step": layers,
+                     "us_per_step": durs[len(durs) // 2] * layers, "median_us": durs[len(durs) // 2],
+                     "median_gap_before_us": gaps[len(gaps) // 2] if gaps else 0.0})
+    span = step[-1].time_range.end - step[0].time_range.start
+    print(f"one step: {len(step)} kernels, first start to last end {span:.1f} us; one layer:", flush=True)
+    print_table(["kernel", "median_us", "median_gap_before_us"], rows)
+    return [{"kernel": "step_span", "us_per_step": span}] + rows
 
 
 def profile(folder: Path, batch: int, steps: int, kernels: bool = False) -> dict:

@@ -29,6 +29,7 @@ from anybit.kernels.kv_cache_ops import (
     load_kv_tile,
 )
 from anybit.kernels.pdl import pdl_enabled
+from anybit.kernels.quant_gemm_h2 import _lock_buffer
 from anybit.layers.attention_meta import LayerKVCache
 
 
@@ -219,14 +220,15 @@ def _pv_update(p, vsc, vz, va, vb, acc, acc_b, l, zsum, alpha, VB: tl.constexpr,
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, seq_lens_ptr,
-                   out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
+                   out_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, qk_scale, window, tokens_per_split,
                    stride_qs, stride_qh, stride_os, stride_oh,
                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, stride_bt,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, MODE: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SPLIT_OUT: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr,
                    BIASED: tl.constexpr, USE_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr,
-                   PREFETCH: tl.constexpr, V_EXACT: tl.constexpr, PDL: tl.constexpr = False):
+                   PREFETCH: tl.constexpr, V_EXACT: tl.constexpr, PDL: tl.constexpr = False,
+                   MERGE_MAX: tl.constexpr = 0, G_P2: tl.constexpr = 1, TRIGGER: tl.constexpr = False):
     """Grid (num_seqs, num_kv_heads, num_splits). One program = all G query heads of one kv head
     over one slice of the context; partial (o, lse) go to mid buffers when SPLIT_OUT (num_splits > 1;
     the split count itself is the grid size, not a compile-time constant: fewer compiled variants).
@@ -245,7 +247,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     the bias of a whole split is ~10^3 times the result, and the error grew linearly with the tokens
     of a split (0.05-0.14 relative at 32k on the H100). int4 zero points enter as ``sum(q) * k_zero``
     per score and ``zsum = sum(p * v_zero)`` per row. PDL (anybit/kernels/pdl.py): the sequence
-    length (a step input) is read before waiting for the kernel that wrote q and the cache."""
+    length (a step input) is read before waiting for the kernel that wrote q and the cache.
+
+    Splits past the context (``split >= cdiv(seq_len, tokens_per_split)``: a CUDA graph sizes the
+    grid for max_model_len) return at once and write nothing. MERGE_MAX > 0 (SPLIT_OUT): the last
+    split of a (sequence, kv head) to finish (``count_ptr`` counter, reset by it) merges the
+    partials in split order, MERGE_MAX at a time, into out: no reduction kernel. TRIGGER: let the
+    next kernel of the stream launch early (PDL; it waits for this grid before reading out)."""
     if HEADS_FIRST:  # grid (num_kv_heads, num_seqs, splits): the kv heads of one token range run together
         kvh = tl.program_id(0)
         seq = tl.program_id(1).to(tl.int64)
@@ -261,6 +269,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     num_splits = tl.num_programs(2)
     if split == num_splits - 1:
         end = seq_len  # a context longer than max_seq_len (stale CUDA graph sizing) stays correct
+    if TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
+    n_need = _splits_needed(seq_len, tokens_per_split, num_splits)
+    if split >= n_need:
+        return
     if window > 0:
         start = tl.maximum(start, seq_len - window)
     offs_g = tl.arange(0, BLOCK_G)
@@ -481,34 +494,107 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         if MODE == 2:
             tl.store(mid_rows + offs_b[None, :], acc_b / l_safe[:, None], mask=gmask[:, None])
         tl.store(mid_lse_ptr + mrow, tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")), mask=gmask)
+        if MERGE_MAX > 0:
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            counter = count_ptr + seq * n_kv + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel") == n_need - 1:  # the last split merges
+                _merge_group(mid_o_ptr, mid_lse_ptr, out_ptr + seq * stride_os, stride_oh, kvh * G,
+                             (seq * n_heads + kvh * G) * num_splits, num_splits, n_need, G, G_P2, HEAD_DIM,
+                             MERGE_MAX)
+                tl.atomic_xchg(counter, 0)  # counters stay zeroed between calls
 
 
 @triton.jit
-def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, stride_os, stride_oh, num_splits,
-                          HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    """Grid (num_seqs, num_heads): merge the num_splits (<= BLOCK_K) partial softmaxes of one query head."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+def _splits_needed(seq_len, tokens_per_split, num_splits):
+    """Splits that hold part of a context of seq_len tokens (the last split takes any overflow)."""
+    return tl.minimum(tl.cdiv(tl.maximum(seq_len, 1), tokens_per_split), num_splits)
+
+
+@triton.jit
+def _merge_splits(mid_o_ptr, mid_lse_ptr, out_row_ptr, base, n_splits, HEAD_DIM: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """One query head: the n_splits partial softmaxes at rows base.. of mid_o ``[.., HEAD_DIM]`` /
+    mid_lse (log2-sum-exp2, -inf for an empty split), BLOCK_K at a time in split order with a
+    running max (the same bits every call), to out_row."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    mx = tl.full([], float("-inf"), tl.float32)
+    wsum = tl.zeros([], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for k0 in range(0, n_splits, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < n_splits
+        lse = tl.load(mid_lse_ptr + base + ks, mask=kmask, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(mid_o_ptr + (base + ks)[:, None] * HEAD_DIM + offs_d[None, :], mask=kmask[:, None],
+                    other=0.0, cache_modifier=".cg")
+        mx_new = tl.maximum(mx, tl.max(lse, axis=0))
+        live = mx_new > float("-inf")
+        alpha = tl.where(live, tl.exp2(mx - mx_new), 1.0)
+        w = tl.where(lse > float("-inf"), tl.exp2(lse - mx_new), 0.0)  # (then mx_new is finite)
+        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
+        wsum = wsum * alpha + tl.sum(w, axis=0)
+        mx = mx_new
+    tl.store(out_row_ptr + offs_d, (acc / wsum).to(out_row_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _merge_group(mid_o_ptr, mid_lse_ptr, out_seq_ptr, stride_oh, head0, base, num_splits, n_splits,
+                 G: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_merge_splits`` for the G query heads head0.. of one kv group at once (their partials at
+    rows base + g num_splits + split), so all heads' loads of a round are in flight together."""
+    gs = tl.arange(0, G_P2)
+    gmask = gs < G
+    rows = base + gs * num_splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    mx = tl.full([G_P2], float("-inf"), tl.float32)
+    wsum = tl.zeros([G_P2], tl.float32)
+    acc = tl.zeros([G_P2, HEAD_DIM], tl.float32)
+    for k0 in range(0, n_splits, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m2 = gmask[:, None] & (ks < n_splits)[None, :]
+        idx = rows[:, None] + ks[None, :]
+        lse = tl.load(mid_lse_ptr + idx, mask=m2, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(mid_o_ptr + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=m2[:, :, None],
+                    other=0.0, cache_modifier=".cg")
+        mx_new = tl.maximum(mx, tl.max(lse, axis=1))
+        alpha = tl.where(mx_new > float("-inf"), tl.exp2(mx - mx_new), 1.0)
+        w = tl.where(lse > float("-inf"), tl.exp2(lse - mx_new[:, None]), 0.0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=1)
+        wsum = wsum * alpha + tl.sum(w, axis=1)
+        mx = mx_new
+    res = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]
+    tl.store(out_seq_ptr + (head0 + gs)[:, None] * stride_oh + offs_d[None, :],
+             res.to(out_seq_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, seq_lens_ptr, stride_os, stride_oh, num_splits,
+                          tokens_per_split, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False):
+    """Grid (num_seqs, num_heads): merge the partial softmaxes of one query head (the splits that
+    hold part of its context, <= num_splits <= BLOCK_K). Only with ``merge_max=0``."""
+    if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    base = seq * tl.num_programs(1) + h
-    ks = tl.arange(0, BLOCK_K)
-    kmask = ks < num_splits
-    lse = tl.load(mid_lse_ptr + base * num_splits + ks, mask=kmask, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    w = tl.where(kmask & (lse > float("-inf")), tl.exp2(lse - mx), 0.0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    o = tl.load(mid_o_ptr + (base * num_splits + ks)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=kmask[:, None], other=0.0)
-    res = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + seq * stride_os + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    n_need = _splits_needed(tl.load(seq_lens_ptr + seq), tokens_per_split, num_splits)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    base = (seq * tl.num_programs(1) + h) * num_splits
+    _merge_splits(mid_o_ptr, mid_lse_ptr, out_ptr + seq * stride_os + h * stride_oh, base, n_need, HEAD_DIM,
+                  BLOCK_K)
 
 
 # Register prefetch of the quantized tiles (``prefetch`` kwarg): off until measured on a GPU. With
 # prefetch on and no ``max_registers`` given, the cap below applies (168: 3 programs per SM; int8
 # prefetch 1 spills 20 bytes there, int4 none); ``max_registers=0`` means no cap (204-226 regs, 2/SM).
 DEFAULT_PREFETCH = 0
+# merge_max > 0: the decode kernel's last split merges the partials, this many at a time
+# (_decode_kernel's MERGE_MAX), instead of a reduction kernel. Opt-in (env ANYBIT_DECODE_MERGE):
+# on the H100 (call s7-4) it was no faster end to end (W4 batch 1: 384.6 vs 383.4 decode tok/s) and
+# 4-10% slower for bf16 caches in the kernel benchmark; the counter's fence and atomic cost what
+# the second launch did.
+DECODE_MERGE_MAX = 0
 DEFAULT_PREFETCH_MAX_REGISTERS = 168
 # Quantized caches at batch >= PREFETCH_MIN_SEQS: prefetch 2 by default, with the register cap per mode
 # (0 = none). H100 session 2 (benchmarks/results/attention_decode_variants.json): int4 pf2 (cap 168)
@@ -583,7 +669,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            int8_pv: bool = False, biased: bool | None = None,
                            heads_first: bool | None = None, max_registers: int | None = None,
                            prefetch: int | None = None, exact_v: bool = True,
-                           pdl: bool | None = None) -> torch.Tensor:
+                           pdl: bool | None = None, merge_max: int | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -611,7 +697,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     each program reads its slice once for all heads of a GQA group; a reduction kernel merges.
     ``pdl``: programmatic dependent launch of both kernels (None: off unless ``ANYBIT_PDL_ATTN=1``;
     it made the W4 batch-1 decode graph slower on the H100: launched early, the kernels hold SM
-    slots while they wait).
+    slots while they wait). Whatever ``pdl`` says, on PDL-capable GPUs both kernels let the next
+    kernel of the stream launch early (the output projection prefetches its weights meanwhile).
+    ``merge_max``: the splits are merged by the decode kernel's last split of each (sequence, kv
+    head), this many partials at a time (no reduction kernel); 0 = the reduction kernel instead.
+    Default: env ``ANYBIT_DECODE_MERGE``, else ``DECODE_MERGE_MAX`` (0).
     """
     _check_attn_args(query, kv_cache, block_table, "paged_attention_decode")
     mode = kv_mode(kv_cache.dtype)
@@ -665,11 +755,17 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                          f"{tuple(out.shape)} {out.dtype}")
     if num_seqs == 0:
         return out
+    if merge_max is None:
+        merge_max = int(os.environ.get("ANYBIT_DECODE_MERGE", DECODE_MERGE_MAX))
+    merge_max = int(merge_max)
+    if merge_max < 0 or merge_max & (merge_max - 1):
+        raise ValueError(f"paged_attention_decode: merge_max must be 0 or a power of two, got {merge_max}")
     if splits > 1:
         mid_o = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
+        counts = _lock_buffer(query.device, num_seqs * nkv, "decode") if merge_max else mid_lse
     else:
-        mid_o = mid_lse = out
+        mid_o = mid_lse = counts = out
     kc = kv_cache.key
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
     if heads_first is None:  # measured: no gain (run 5), seq-first 2-4% faster at 16k-32k for int8
@@ -678,9 +774,10 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     if pdl is None:  # measured (session 3, call 7, H100 W4 batch 1): decode graph 2.72 ms without, 2.79 with
         pdl = os.environ.get("ANYBIT_PDL_ATTN", "0") == "1"
     pdl = pdl_enabled(query.device, pdl)
+    trigger = pdl_enabled(query.device, True)
     launch = {"launch_pdl": True} if pdl else {}
     _decode_kernel[grid](
-        query, kc, kv_cache.value, ks, vs, kz, vz, block_table, seq_lens, out, mid_o, mid_lse,
+        query, kc, kv_cache.value, ks, vs, kz, vz, block_table, seq_lens, out, mid_o, mid_lse, counts,
         scale * 1.4426950408889634, window, tps,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), sstr[0], sstr[1], sstr[2], block_table.stride(0),
@@ -689,10 +786,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         INT8_QK=bool(int8_qk and mode == 1), INT8_PV=bool(int8_pv and mode == 1),
         BIASED=biased, USE_ASM=bool(biased and cdt == tl.float16 and not interpret),
         HEADS_FIRST=bool(heads_first), PREFETCH=prefetch, V_EXACT=bool(exact_v), PDL=pdl,
+        MERGE_MAX=merge_max if splits > 1 else 0, G_P2=triton.next_power_of_2(g), TRIGGER=trigger,
         num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
         **({"maxnreg": max_registers} if max_registers else {}), **launch)
-    if splits > 1:
+    if splits > 1 and not merge_max:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, HEAD_DIM=head_dim,
-            BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, **launch)
+            mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,
+            BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, TRIGGER=trigger, num_warps=4, **launch)
     return out

@@ -380,12 +380,12 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
+def _lock_buffer(device: torch.device, n: int, tag: str = "split_k") -> torch.Tensor:
     """Split-K counters that the kernel leaves at zero: one zeroed buffer per device (one stream at
     a time uses it, as for the GEMV's counters), grown outside CUDA-graph capture (the old one is
     kept alive for graphs captured with it); inside a capture a missing/short one is made fresh
     (a memset node in the graph: warm up outside the capture to avoid it)."""
-    key = str(device)
+    key = f"{device}/{tag}"  # a tag per user (split-K GEMMs, decode attention): separate counters
     buf = _locks.get(key)
     if buf is None or buf.numel() < n:
         fresh = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
