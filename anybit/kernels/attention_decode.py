@@ -511,36 +511,13 @@ def _splits_needed(seq_len, tokens_per_split, num_splits):
 
 
 @triton.jit
-def _merge_splits(mid_o_ptr, mid_lse_ptr, out_row_ptr, base, n_splits, HEAD_DIM: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """One query head: the n_splits partial softmaxes at rows base.. of mid_o ``[.., HEAD_DIM]`` /
-    mid_lse (log2-sum-exp2, -inf for an empty split), BLOCK_K at a time in split order with a
-    running max (the same bits every call), to out_row."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    mx = tl.full([], float("-inf"), tl.float32)
-    wsum = tl.zeros([], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for k0 in range(0, n_splits, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < n_splits
-        lse = tl.load(mid_lse_ptr + base + ks, mask=kmask, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(mid_o_ptr + (base + ks)[:, None] * HEAD_DIM + offs_d[None, :], mask=kmask[:, None],
-                    other=0.0, cache_modifier=".cg")
-        mx_new = tl.maximum(mx, tl.max(lse, axis=0))
-        live = mx_new > float("-inf")
-        alpha = tl.where(live, tl.exp2(mx - mx_new), 1.0)
-        w = tl.where(lse > float("-inf"), tl.exp2(lse - mx_new), 0.0)  # (then mx_new is finite)
-        acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
-        wsum = wsum * alpha + tl.sum(w, axis=0)
-        mx = mx_new
-    tl.store(out_row_ptr + offs_d, (acc / wsum).to(out_row_ptr.dtype.element_ty))
-
-
-@triton.jit
 def _merge_group(mid_o_ptr, mid_lse_ptr, out_seq_ptr, stride_oh, head0, base, num_splits, n_splits,
                  G: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_merge_splits`` for the G query heads head0.. of one kv group at once (their partials at
-    rows base + g num_splits + split), so all heads' loads of a round are in flight together."""
+    """The G query heads head0.. of one kv group (G_P2 = next power of two): each head's n_splits
+    partial softmaxes at rows base + g num_splits + split of mid_o ``[.., HEAD_DIM]`` / mid_lse
+    (log2-sum-exp2, -inf for an empty split), BLOCK_K per round in split order with a running max
+    (the same bits every call), to out rows head0 + g; all heads' loads of a round in flight
+    together."""
     gs = tl.arange(0, G_P2)
     gmask = gs < G
     rows = base + gs * num_splits
@@ -580,9 +557,8 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, seq_lens_ptr, stride_
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    base = (seq * tl.num_programs(1) + h) * num_splits
-    _merge_splits(mid_o_ptr, mid_lse_ptr, out_ptr + seq * stride_os + h * stride_oh, base, n_need, HEAD_DIM,
-                  BLOCK_K)
+    _merge_group(mid_o_ptr, mid_lse_ptr, out_ptr + seq * stride_os, stride_oh, h,
+                 (seq * tl.num_programs(1) + h) * num_splits, num_splits, n_need, 1, 1, HEAD_DIM, BLOCK_K)
 
 
 # Register prefetch of the quantized tiles (``prefetch`` kwarg): off until measured on a GPU. With
