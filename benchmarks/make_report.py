@@ -29,6 +29,14 @@ def render(record: dict) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in record["rows"]:
         lines.append("| " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+    vcols = ["variant", "env", "graph_gpu_ms", "min_ms", "max_ms", "speedup_vs_first", "same_logits"]
+    for row in record["rows"]:
+        if row.get("variants"):  # profile_step --variants: one decode graph per environment
+            lines += ["", f"Variants (batch {row.get('batch', '?')}):", "", "| " + " | ".join(vcols) + " |",
+                      "|" + "---|" * len(vcols)]
+            for v in row["variants"]:
+                env = " ".join(f"{k}={val}" for k, val in v.get("env", {}).items()) or "(as is)"
+                lines.append("| " + " | ".join(env if c == "env" else fmt(v.get(c)) for c in vcols) + " |")
     for note in record.get("notes", []):
         lines.append(f"\n- {note}")
     analysis = HERE / "analysis" / f"{record['benchmark']}.md"

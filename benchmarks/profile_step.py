@@ -87,7 +87,72 @@ def layer_timeline(events, steps: int, layers: int = 32) -> list[dict]:
     return [{"kernel": "step_span", "us_per_step": span}] + rows
 
 
-def profile(folder: Path, batch: int, steps: int, kernels: bool = False) -> dict:
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:ENV=V,ENV2=W`` (``NAME:`` = the environment as it is) -> (name, {ENV: V, ...})."""
+    name, _, spec = text.partition(":")
+    env = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    return name, env
+
+
+def variant_graphs(gr, b: int, variants: list[str], steps: int, rounds: int = 5,
+                   kernels: bool = False) -> list[dict]:
+    """The decode graph of bucket b captured once per environment variant (kernels read their
+    switches at launch, i.e. at capture), replayed in interleaved rounds; median GPU ms per step
+    and whether its logits equal the first variant's bit for bit."""
+    import os
+
+    graphs, outs = {}, {}
+    for text in variants:
+        name, env = parse_variant(text)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with torch.inference_mode():
+                for _ in range(2):
+                    gr._forward(b)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=gr.pool):
+                    outs[name] = gr._forward(b)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        graphs[name] = graph
+    times: dict[str, list] = {n: [] for n in graphs}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            start.record()
+            for _ in range(steps):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / steps)
+    first = next(iter(graphs))
+    rows = []
+    for name, graph in graphs.items():
+        # the graphs share one memory pool: copy each output right after its own replay
+        graphs[first].replay()
+        ref = outs[first].clone()
+        graph.replay()
+        same = bool(torch.equal(outs[name], ref))
+        ts = sorted(times[name])
+        row = {"variant": name, "env": parse_variant(next(v for v in variants if v.split(":")[0] == name))[1],
+               "graph_gpu_ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1], "same_logits": same}
+        if kernels:
+            print(f"variant {name}:", flush=True)
+            row["kernels"] = kernel_table(graph, steps)
+        rows.append(row)
+    base = rows[0]["graph_gpu_ms"]
+    for row in rows:
+        row["speedup_vs_first"] = base / row["graph_gpu_ms"]
+    return rows
+
+
+def profile(folder: Path, batch: int, steps: int, kernels: bool = False, variants: list[str] = ()) -> dict:
     from anybit import LLM, SamplingParams
 
     llm = LLM(str(folder), load_format="dummy", progress=False, max_num_seqs=max(batch, 8))
@@ -135,6 +200,10 @@ def profile(folder: Path, batch: int, steps: int, kernels: bool = False) -> dict
         row[f"{k}_ms"] = v / steps * 1e3
     if kernels:
         row["kernels"] = kernel_table(gr.graphs[b], steps)
+    if variants:
+        row["variants"] = variant_graphs(gr, b, variants, steps, kernels=kernels)
+        print_table(["variant", "graph_gpu_ms", "min_ms", "max_ms", "speedup_vs_first", "same_logits"],
+                    row["variants"])
     del llm, eng
     torch.cuda.empty_cache()
     return row
@@ -147,6 +216,10 @@ def main():
     ap.add_argument("--quant-bits", type=int, default=None)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--kernels", action="store_true", help="per-kernel GPU time table")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="NAME:ENV=V,... decode graphs captured under these environments, timed interleaved")
+    ap.add_argument("--name", default=None, help="result file name (default e2e_step_profile_<weights>)")
+    ap.add_argument("--title", default=None, help="result title prefix")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,13 +227,14 @@ def main():
         quant = quant_config("llama3-8b", args.quant_bits, lm_head_bits=8) if args.quant_bits else None
         make_folder("llama3-8b", folder, with_weights=False, quant=quant)
         for b in args.batch:
-            row = profile(folder, b, args.steps, args.kernels)
+            row = profile(folder, b, args.steps, args.kernels, args.variants)
             row["weights"] = f"w{args.quant_bits}" if args.quant_bits else "bf16"
             rows.append(row)
             print(row, flush=True)
-    cols = ["weights"] + [c for c in rows[0] if c not in ("weights", "kernels")]
-    name = "e2e_step_profile_" + (f"w{args.quant_bits}" if args.quant_bits else "bf16")
-    write_result(name, "Decode step breakdown (Llama-3-8B shape, triton + CUDA graphs)", cols, rows,
+    cols = ["weights"] + [c for c in rows[0] if c not in ("weights", "kernels", "variants")]
+    name = args.name or "e2e_step_profile_" + (f"w{args.quant_bits}" if args.quant_bits else "bf16")
+    title = "Decode step breakdown (Llama-3-8B shape, triton + CUDA graphs)"
+    write_result(name, f"{args.title}: {title}" if args.title else title, cols, rows,
                  ["step_wall_ms: engine.step() in steady decode; graph_gpu_ms: the captured decode graph "
                   "replayed back to back (GPU only); phases timed with a synchronize at each boundary"],
                  out_dir=args.out_dir)

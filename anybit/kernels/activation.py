@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from anybit.kernels.pdl import pdl_enabled, pdl_launch
+from anybit.kernels.pdl import pdl_early, pdl_enabled, pdl_launch
 
 
 def ref_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -20,12 +20,16 @@ def ref_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False):
+                         PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """Grid (num_tokens, cdiv(d, BLOCK)); rounds silu to the dtype before the product, like torch.
-    PDL: waits for the previous kernel first (anybit/kernels/pdl.py)."""
+    PDL: waits for the previous kernel first (anybit/kernels/pdl.py); EARLY: the next kernel may
+    launch at once (``pdl_early``), not only after the wait."""
+    if PDL and EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -50,6 +54,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         pdl = pdl_enabled(x.device)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, y, d, x2.stride(0), y.stride(0),
-                                                                   BLOCK=block, PDL=pdl, num_warps=4,
+                                                                   BLOCK=block, PDL=pdl,
+                                                                   EARLY=pdl_early(x.device), num_warps=4,
                                                                    **pdl_launch(x.device))
     return y.view(*x.shape[:-1], d)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anybit.kernels.pdl import pdl_enabled, pdl_launch
+from anybit.kernels.pdl import pdl_early, pdl_enabled, pdl_launch
 
 
 def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -37,16 +37,21 @@ def ref_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
                      stride_x, stride_r, stride_y, stride_nr,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                     EARLY: tl.constexpr = False):
     """One program per row: y = (x * rsqrt(mean(x^2) + eps)).to(dtype) * w (+ residual add first).
-    PDL: the weight is loaded before waiting for the previous kernel (anybit/kernels/pdl.py)."""
+    PDL: the weight is loaded before waiting for the previous kernel (anybit/kernels/pdl.py);
+    EARLY: the next kernel may launch at once (``pdl_early``), not only after the wait."""
+    if PDL and EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -79,7 +84,7 @@ def _launch_norm(x, residual, weight, eps):
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, new_r, hidden, eps,
                                          x2.stride(0), r2.stride(0), y.stride(0), new_r.stride(0),
                                          HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
-                                         num_warps=warps, **pdl_launch(x.device))
+                                         EARLY=pdl_early(x.device), num_warps=warps, **pdl_launch(x.device))
     return y.view(x.shape), new_r.view(x.shape)
 
 

@@ -1,5 +1,6 @@
-"""Offline sm_90 compile of the Gluon GEMM kernels (quant_gemm_wg / quant_gemm_ws) on a machine
-without a GPU: Triton's bundled ptxas and nvdisasm give the SASS that the tests inspect.
+"""Offline sm_90 compile of the Gluon GEMM kernels (quant_gemm_wg / quant_gemm_ws) and of plain
+Triton kernels on a machine without a GPU: Triton's bundled ptxas and nvdisasm give the SASS that
+the tests inspect.
 
 The compile runs in a fresh Python process: after the interpreter-mode kernel tests of the same
 pytest run (TRITON_INTERPRET=1), Triton's code generator no longer wraps the kernel arguments
@@ -28,7 +29,7 @@ def sm90_sass(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, option
     for sm_90 with x tiles [bm, bk], word tiles [bk * bits / 32, bn], in a fresh process."""
     job = dict(module=kernel.fn.__module__, name=kernel.fn.__name__, consts=consts, bm=bm, bn=bn, bk=bk,
                bits=bits, options=options)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: anybit.kernels sets 1 when there is no GPU
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(job)], capture_output=True,
@@ -40,7 +41,8 @@ def sm90_sass(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, option
 
 def sm90_sass_ptrs(kernel, consts: dict, ptr_types: dict, options: dict) -> list[str]:
     """As ``sm90_sass`` for a kernel of plain pointers (``ptr_types``: name -> "*bf16", ...) and
-    i32 scalars; pointers, N, K, G, strides and k_per_split are assumed 16-aligned."""
+    i32 scalars; pointers, N, K, G, strides and k_per_split are assumed 16-aligned. Gluon kernels;
+    ``options["plain_triton"] = True`` for a ``@triton.jit`` kernel."""
     return sm90_sass(kernel, consts, 0, 0, 0, 0, dict(options, ptr_types=ptr_types))
 
 
@@ -54,6 +56,7 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     from triton.runtime.jit import mangle_type
 
     ptr_types = options.pop("ptr_types", None)
+    plain = options.pop("plain_triton", False)
     names = list(kernel.arg_names)
     if ptr_types:
         sig = {n: ptr_types.get(n, "i32") for n in names}
@@ -61,7 +64,11 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
         aligned = [n for n in names if n in ptr_types or n in ("N", "K", "G", "k_per_split")
                    or n.startswith("stride")]
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        src = GluonASTSource(kernel, sig, consts, attrs)
+        if plain:
+            from triton.compiler import ASTSource
+            src = ASTSource(kernel, sig, consts, attrs)
+        else:
+            src = GluonASTSource(kernel, sig, consts, attrs)
         return _sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
     P = 32 // bits
     x = torch.empty(64, 4096, dtype=torch.bfloat16)

@@ -1,0 +1,62 @@
+"""Options of the decode chain that change when work runs, never the result: the early PDL trigger of
+the short kernels (anybit/kernels/pdl.py ``pdl_early``; on sm_90 the trigger, PREEXIT, comes before
+the wait, ACQBULK, with EARLY and after it without). On the GPU a bf16 W4 model generates the same
+tokens and logprobs with it on and off."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from anybit.kernels.activation import _silu_and_mul_kernel
+from anybit.kernels.rms_norm import _rms_norm_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "quant"))
+from sm90_sass import nvdisasm, sm90_sass_ptrs  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize("which", ["rms_norm", "silu_and_mul"])
+def test_sm90_trigger_before_or_after_the_wait(which, early):
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    if which == "rms_norm":
+        kernel, consts = _rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=True, EARLY=early)
+        ptrs = {n: "*bf16" for n in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "newr_ptr")}
+    else:
+        kernel, consts = _silu_and_mul_kernel, dict(BLOCK=2048, PDL=True, EARLY=early)
+        ptrs = {"x_ptr": "*bf16", "y_ptr": "*bf16"}
+    lines = sm90_sass_ptrs(kernel, consts, ptrs, {"num_warps": 4, "plain_triton": True})
+    ops = [s.split()[0] for s in lines if not s.startswith("//")]
+    assert ops.count("PREEXIT") == 1 and ops.count("ACQBULK") == 1
+    assert (ops.index("PREEXIT") < ops.index("ACQBULK")) == early
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_engine_generates_the_same_with_and_without_early_trigger(tmp_path, monkeypatch):
+    """A bf16 W4 model through CUDA graphs (packed-half GEMVs, PDL-launched): same tokens and
+    logprobs with the early trigger on and off."""
+    from anybit import LLM, SamplingParams
+    from anybit.quant.quantize import quantize_model
+    from tests.model_factory import make_tiny_model
+
+    dense = make_tiny_model(tmp_path / "llama", hidden_size=512, intermediate_size=1024,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_layers=2,
+                            dtype="bfloat16")
+    model = quantize_model(dense, tmp_path / "w4", bits=4, group_size=128, progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    prompts = ["def fibonacci(n):", "The quick brown fox jumps over the lazy dog"]
+    outs = {}
+    for early in ("0", "1"):
+        monkeypatch.setenv("ANYBIT_PDL_EARLY", early)
+        llm = LLM(str(model), dtype="bfloat16", device="cuda", kv_cache_memory=64 << 20, progress=False)
+        res = llm.generate(prompts, params)
+        assert llm.engine.runner.graph_runner is not None and llm.engine.runner.graph_runner.captured
+        outs[early] = [(c.token_ids, [list(d.values()) for d in c.logprobs])
+                       for c in (o.outputs[0] for o in res)]
+        del llm
+    assert outs["0"] == outs["1"]
