@@ -88,13 +88,15 @@ def layer_timeline(events, steps: int, layers: int = 32) -> list[dict]:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME:ENV=V,ENV2=W`` (``NAME:`` = the environment as it is) -> (name, {ENV: V, ...})."""
+    """``NAME:ENV=V,ENV2=W`` (``NAME:`` = the environment as it is) -> (name, {ENV: V, ...}). The
+    pseudo-variable ``GRAPH=short`` / ``GRAPH=full`` picks the runner's one-split short-context graph
+    or the full one (default: the one the profiled steps replayed)."""
     name, _, spec = text.partition(":")
     env = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
     return name, env
 
 
-def variant_graphs(gr, b: int, variants: list[str], steps: int, rounds: int = 5,
+def variant_graphs(gr, key: tuple[int, bool], variants: list[str], steps: int, rounds: int = 5,
                    kernels: bool = False) -> list[dict]:
     """The decode graph of bucket b captured once per environment variant (kernels read their
     switches at launch, i.e. at capture), replayed in interleaved rounds; median GPU ms per step
@@ -104,16 +106,17 @@ def variant_graphs(gr, b: int, variants: list[str], steps: int, rounds: int = 5,
     graphs, outs = {}, {}
     for text in variants:
         name, env = parse_variant(text)
+        kind = env.pop("GRAPH", "short" if key[1] else "full")
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
             with torch.inference_mode():
                 for _ in range(2):
-                    gr._forward(b)
+                    gr._forward(key[0], kind == "short")
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=gr.pool):
-                    outs[name] = gr._forward(b)
+                    outs[name] = gr._forward(key[0], kind == "short")
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -171,11 +174,11 @@ def profile(folder: Path, batch: int, steps: int, kernels: bool = False, variant
     wall = (time.perf_counter() - t) / steps
     # 2. pure GPU time of the graph
     gr = eng.runner.graph_runner
-    b = next(x for x in gr.buckets if x >= batch)
+    key = gr.last_key  # (bucket, short-context graph) of the steps above
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        gr.graphs[b].replay()
+        gr.graphs[key].replay()
     end.record()
     torch.cuda.synchronize()
     graph_ms = start.elapsed_time(end) / steps
@@ -198,10 +201,11 @@ def profile(folder: Path, batch: int, steps: int, kernels: bool = False, variant
            "host_overhead_ms": wall * 1e3 - graph_ms, "synced_step_ms": synced * 1e3}
     for k, v in acc.items():
         row[f"{k}_ms"] = v / steps * 1e3
+    row["graph"] = "short" if key[1] else "full"
     if kernels:
-        row["kernels"] = kernel_table(gr.graphs[b], steps)
+        row["kernels"] = kernel_table(gr.graphs[key], steps)
     if variants:
-        row["variants"] = variant_graphs(gr, b, variants, steps, kernels=kernels)
+        row["variants"] = variant_graphs(gr, key, variants, steps, kernels=kernels)
         print_table(["variant", "graph_gpu_ms", "min_ms", "max_ms", "speedup_vs_first", "same_logits"],
                     row["variants"])
     del llm, eng

@@ -333,3 +333,40 @@ def test_async_matches_sync_on_cuda_graphs(tmp_path):
             if ca[5] is not None:
                 assert [list(d.values()) for d in cb[5]] == [pytest.approx(list(d.values()), abs=1e-4)
                                                               for d in ca[5]]
+
+
+def test_graph_choice_by_context(model_dir, monkeypatch):
+    """The one-split short-context graph is chosen while every context (incl. the new token) fits
+    ANYBIT_GRAPH_SHORT_CONTEXT and the bucket is small enough; the limit is validated and turned
+    off where it would cover max_model_len anyway."""
+    from anybit.core.outputs import ScheduledSeq
+    from anybit.runtime import cuda_graph
+
+    llm = make_llm(model_dir, False, max_num_seqs=64)
+    runner = llm.engine.runner
+    fake = types.SimpleNamespace(backend=types.SimpleNamespace(name="torch"), config=runner.config,
+                                 max_model_len=runner.max_model_len, block_size=runner.block_size,
+                                 device=runner.device)
+    params = SamplingParams()
+
+    def seqs(n, pos):
+        blocks = list(range(1, pos // runner.block_size + 2))
+        return [ScheduledSeq(f"r{i}", [5], pos, blocks, True, params, None, [1], [], False, 1)
+                for i in range(n)]
+
+    monkeypatch.setenv("ANYBIT_GRAPH_SHORT_CONTEXT", "40")
+    graphs = cuda_graph.DecodeGraphRunner(fake)
+    assert graphs.short_context == 40
+    keys = graphs.graph_keys()
+    assert (2, True) in keys and (1, True) not in keys and (64, True) not in keys and (64, False) in keys
+    for n, pos, key in ((2, 38, (2, True)), (2, 39, (2, True)), (2, 40, (2, False)), (3, 10, (4, True)),
+                        (1, 10, (1, False)), (40, 10, (48, False))):
+        graphs.prepare_inputs(seqs(n, pos))
+        assert graphs.last_key == key, (n, pos)
+    monkeypatch.setenv("ANYBIT_GRAPH_SHORT_CONTEXT", "0")
+    assert cuda_graph.DecodeGraphRunner(fake).graph_keys() == [(b, False) for b in reversed(graphs.buckets)]
+    monkeypatch.setenv("ANYBIT_GRAPH_SHORT_CONTEXT", str(runner.max_model_len))
+    assert cuda_graph.short_context_limit(runner.max_model_len) == 0
+    monkeypatch.setenv("ANYBIT_GRAPH_SHORT_CONTEXT", "-5")
+    with pytest.raises(ValueError, match="ANYBIT_GRAPH_SHORT_CONTEXT"):
+        cuda_graph.DecodeGraphRunner(fake)

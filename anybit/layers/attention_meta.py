@@ -52,6 +52,7 @@ class AttentionMetadata:
 
     query_start_loc: [num_seqs + 1] int32; seq_lens: [num_seqs] int32 (context incl. this step);
     block_table: [num_seqs, max_blocks_per_seq] int32; slot_mapping: [num_tokens] int64.
+    decode_splits: fixed split count of the decode kernel (a short-context CUDA graph: 1).
     """
 
     num_seqs: int
@@ -64,6 +65,7 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    decode_splits: int | None = None  # CUDA-graph runner: decode split count (None: sized from max_seq_len)
 
     @property
     def num_decode_tokens(self) -> int:

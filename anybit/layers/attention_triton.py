@@ -52,7 +52,8 @@ class TritonAttentionBackend:
             # Split sizing uses meta.max_seq_len only (a host int): a CUDA-graph runner sets it to the
             # largest context the graph replays with; longer contexts stay correct, just slower.
             paged_attention_decode(q[:nd], kv_cache, meta.seq_lens[:nd], meta.block_table[:nd], layer.scale,
-                                   layer.sliding_window, meta.max_seq_len, out=out[:nd])
+                                   layer.sliding_window, meta.max_seq_len, out=out[:nd],
+                                   num_splits=meta.decode_splits)
         if meta.num_seqs > nd:
             # query_start_loc stays absolute: the kernel indexes rows of the full q/out directly.
             paged_attention_prefill(q, kv_cache, meta.query_start_loc[nd:], meta.seq_lens[nd:],

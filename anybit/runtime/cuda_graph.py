@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps, one per batch-size bucket.
+"""CUDA graphs for decode steps, one per batch-size bucket (two for small buckets: see below).
 
 In: a decode-only batch (every sequence has one new token) from ModelRunner, and for async
 scheduling the rows whose input id is a token the previous step sampled (still on the device).
@@ -6,6 +6,17 @@ Out: hidden states [num_seqs, hidden] computed by replaying the captured graph o
 bucket that fits (padding rows write nowhere: slot -1, and read one token of block 0). Only
 used with the Triton attention backend, whose decode path has no host syncs and sizes its grid
 from ``max_seq_len`` (fixed to max_model_len at capture).
+
+Short contexts: the full graph's decode attention is split for max_model_len (e.g. 64 splits of
+128 tokens at 8192), so a short chat runs a split-K kernel whose other programs exit at once (8
+sequences x 8 kv heads x 64 = 4096 programs) and a second kernel that merges one or two partials.
+Buckets from SHORT_MIN_BATCH to SHORT_MAX_BATCH also get a graph captured with one split per
+(sequence, kv head), which writes the output directly and launches no merge kernel; a step
+replays it while every context (incl. the new token) is at most ``short_context`` tokens
+(``ANYBIT_GRAPH_SHORT_CONTEXT``, default SHORT_CONTEXT; 0 = off). Measured on the H100 (s8-4, W4,
+~130-220 token contexts): batch 8 graph 2.761 -> 2.689 ms; batch 1 level (2.393 vs 2.399 ms: its
+one program per kv head walks the context serially, 9.5 us, as long as split kernel + merge), so
+batch 1 keeps the full graph.
 
 Inputs travel in two host->device copies per step (int64: input ids, positions, slots and the
 in-flight rows/sources; int32: seq lens and the used block-table columns), from pinned staging
@@ -15,11 +26,25 @@ then the in-flight input ids are gathered on the device from the previous step's
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from anybit.layers.attention_meta import AttentionMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+SHORT_CONTEXT = 256  # contexts up to this many tokens replay the one-split graph
+SHORT_MIN_BATCH, SHORT_MAX_BATCH = 2, 32  # buckets that get one
+
+
+def short_context_limit(max_model_len: int) -> int:
+    """Longest context that replays a one-split graph: ``ANYBIT_GRAPH_SHORT_CONTEXT`` (default
+    SHORT_CONTEXT; 0 = no such graphs), 0 when it would cover max_model_len anyway."""
+    raw = os.environ.get("ANYBIT_GRAPH_SHORT_CONTEXT", str(SHORT_CONTEXT))
+    if not raw.isdigit():
+        raise ValueError(f"ANYBIT_GRAPH_SHORT_CONTEXT: a token count >= 0, got {raw!r}")
+    limit = int(raw)
+    return limit if limit < max_model_len else 0
 
 
 class _HostStaging:
@@ -56,8 +81,12 @@ class DecodeGraphRunner:
         if self.buckets[-1] < limit:
             self.buckets.append(limit)
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.short_context = short_context_limit(runner.max_model_len)
+        # (bucket, short): graphs and their outputs; replays per key (tests, benchmarks)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.replays: dict[tuple[int, bool], int] = {}
+        self.last_key: tuple[int, bool] | None = None
         self.pool = None
         self.captured = False
         dev = runner.device
@@ -88,37 +117,48 @@ class DecodeGraphRunner:
     def bucket(self, num_seqs: int) -> int:
         return next(x for x in self.buckets if x >= num_seqs)
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        max_len = self.runner.max_model_len
+    def graph_keys(self) -> list[tuple[int, bool]]:
+        """(bucket, short) of every graph, largest bucket first."""
+        return [(b, short) for b in reversed(self.buckets)
+                for short in (False, True) if not short or self._short_bucket(b)]
+
+    def _short_bucket(self, b: int) -> bool:
+        return bool(self.short_context) and SHORT_MIN_BATCH <= b <= SHORT_MAX_BATCH
+
+    def _meta(self, b: int, short: bool = False) -> AttentionMetadata:
+        max_len = self.short_context if short else self.runner.max_model_len
         return AttentionMetadata(
             num_seqs=b, num_decodes=b, query_start_loc=self.query_start_loc[:b + 1],
             seq_lens=self.seq_lens[:b], block_table=self.block_table[:b], slot_mapping=self.slot_mapping[:b],
-            max_query_len=1, max_seq_len=max_len, query_lens_cpu=[1] * b, seq_lens_cpu=[max_len] * b)
+            max_query_len=1, max_seq_len=max_len, query_lens_cpu=[1] * b, seq_lens_cpu=[max_len] * b,
+            decode_splits=1 if short else None)
 
-    def _forward(self, b: int) -> torch.Tensor:
-        return self.runner.model(self.input_ids[:b], self.positions[:b], self.runner.kv_caches, self._meta(b))
+    def _forward(self, b: int, short: bool = False) -> torch.Tensor:
+        return self.runner.model(self.input_ids[:b], self.positions[:b], self.runner.kv_caches,
+                                 self._meta(b, short))
 
     @torch.inference_mode()
     def capture(self) -> None:
         self.captured = True
         torch.cuda.synchronize()
-        for b in reversed(self.buckets):  # largest first so smaller graphs reuse its memory pool
+        for key in self.graph_keys():  # largest first so smaller graphs reuse its memory pool
             for _ in range(2):  # warm-up: Triton compiles and autotunes outside the graph
-                self._forward(b)
+                self._forward(*key)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(b)
+                out = self._forward(*key)
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[b] = graph
-            self.outputs[b] = out
+            self.graphs[key] = graph
+            self.outputs[key] = out
         torch.cuda.synchronize()
 
     @torch.inference_mode()
     def prepare_inputs(self, seqs, inflight_rows: list[int] = (), inflight_sources: list[int] = (),
                        prev_sampled_ids: torch.Tensor | None = None) -> int:
-        """Fill the graph's input buffers for ``seqs`` (decodes) and return the bucket size.
+        """Fill the graph's input buffers for ``seqs`` (decodes) and return the bucket size; the graph
+        to replay (bucket, short) is left in ``last_key``.
 
         ``seqs[inflight_rows[i]]`` takes its input id from ``prev_sampled_ids[inflight_sources[i]]``
         (prev_sampled_ids [num_prev_samples] int64 on the device); the others from token_ids."""
@@ -152,11 +192,15 @@ class DecodeGraphRunner:
         if k:
             taken = prev_sampled_ids.index_select(0, self._inflight_src[:k])
             self.input_ids.index_copy_(0, self._inflight_rows[:k], taken)
+        short = self._short_bucket(b) and max(pos) + 1 <= self.short_context
+        self.last_key = (b, short)
         return b
 
     @torch.inference_mode()
     def run(self, seqs, inflight_rows: list[int] = (), inflight_sources: list[int] = (),
             prev_sampled_ids: torch.Tensor | None = None) -> torch.Tensor:
-        b = self.prepare_inputs(seqs, inflight_rows, inflight_sources, prev_sampled_ids)
-        self.graphs[b].replay()
-        return self.outputs[b][:len(seqs)]
+        self.prepare_inputs(seqs, inflight_rows, inflight_sources, prev_sampled_ids)
+        key = self.last_key
+        self.graphs[key].replay()
+        self.replays[key] = self.replays.get(key, 0) + 1
+        return self.outputs[key][:len(seqs)]
