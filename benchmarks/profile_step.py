@@ -9,10 +9,12 @@ transfer, scheduler update, detokenize / outputs).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -101,28 +103,18 @@ def variant_graphs(gr, key: tuple[int, bool], variants: list[str], steps: int, r
     """The decode graph of bucket b captured once per environment variant (kernels read their
     switches at launch, i.e. at capture), replayed in interleaved rounds; median GPU ms per step
     and whether its logits equal the first variant's bit for bit."""
-    import os
-
-    graphs, outs = {}, {}
+    graphs, outs, envs = {}, {}, {}
     for text in variants:
         name, env = parse_variant(text)
-        kind = env.pop("GRAPH", "short" if key[1] else "full")
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            with torch.inference_mode():
-                for _ in range(2):
-                    gr._forward(key[0], kind == "short")
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=gr.pool):
-                    outs[name] = gr._forward(key[0], kind == "short")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        envs[name] = dict(env)
+        short = env.pop("GRAPH", "short" if key[1] else "full") == "short"
+        with mock.patch.dict(os.environ, env), torch.inference_mode():
+            for _ in range(2):
+                gr._forward(key[0], short)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=gr.pool):
+                outs[name] = gr._forward(key[0], short)
         graphs[name] = graph
     times: dict[str, list] = {n: [] for n in graphs}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -135,16 +127,15 @@ def variant_graphs(gr, key: tuple[int, bool], variants: list[str], steps: int, r
             torch.cuda.synchronize()
             times[name].append(start.elapsed_time(end) / steps)
     first = next(iter(graphs))
+    graphs[first].replay()
+    ref = outs[first].clone()  # the graphs share one memory pool: a later replay may overwrite it
     rows = []
     for name, graph in graphs.items():
-        # the graphs share one memory pool: copy each output right after its own replay
-        graphs[first].replay()
-        ref = outs[first].clone()
         graph.replay()
         same = bool(torch.equal(outs[name], ref))
         ts = sorted(times[name])
-        row = {"variant": name, "env": parse_variant(next(v for v in variants if v.split(":")[0] == name))[1],
-               "graph_gpu_ms": ts[len(ts) // 2], "min_ms": ts[0], "max_ms": ts[-1], "same_logits": same}
+        row = {"variant": name, "env": envs[name], "graph_gpu_ms": ts[len(ts) // 2], "min_ms": ts[0],
+               "max_ms": ts[-1], "same_logits": same}
         if kernels:
             print(f"variant {name}:", flush=True)
             row["kernels"] = kernel_table(graph, steps)

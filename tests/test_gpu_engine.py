@@ -42,7 +42,7 @@ def test_short_context_graphs_generate_what_full_graphs_do(tmp_path, monkeypatch
     path = make_tiny_model(tmp_path / "llama", arch="llama", hidden_size=128, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=32)
     params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
-    prompts = PROMPTS[:3] + ["word " * 60]  # the last one starts near the limit of 64 tokens below
+    prompts = PROMPTS[:3] + ["word " * 60]  # the last one starts below the limit of 96 tokens used here
     outs, replays = {}, {}
     for limit in ("0", "96"):
         monkeypatch.setenv("ANYBIT_GRAPH_SHORT_CONTEXT", limit)
