@@ -228,7 +228,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                    SPLIT_OUT: tl.constexpr, INT8_QK: tl.constexpr, INT8_PV: tl.constexpr,
                    BIASED: tl.constexpr, USE_ASM: tl.constexpr, HEADS_FIRST: tl.constexpr,
                    PREFETCH: tl.constexpr, V_EXACT: tl.constexpr, PDL: tl.constexpr = False,
-                   MERGE_MAX: tl.constexpr = 0, G_P2: tl.constexpr = 1, TRIGGER: tl.constexpr = False):
+                   MERGE_MAX: tl.constexpr = 0, G_P2: tl.constexpr = 1, TRIGGER: tl.constexpr = False,
+                   DYN_SPLIT: tl.constexpr = False):
     """Grid (num_seqs, num_kv_heads, num_splits). One program = all G query heads of one kv head
     over one slice of the context; partial (o, lse) go to mid buffers when SPLIT_OUT (num_splits > 1;
     the split count itself is the grid size, not a compile-time constant: fewer compiled variants).
@@ -253,7 +254,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
     grid for max_model_len) return at once and write nothing. MERGE_MAX > 0 (SPLIT_OUT): the last
     split of a (sequence, kv head) to finish (``count_ptr`` counter, reset by it) merges the
     partials in split order, MERGE_MAX at a time, into out: no reduction kernel. TRIGGER: let the
-    next kernel of the stream launch early (PDL; it waits for this grid before reading out)."""
+    next kernel of the stream launch early (PDL; it waits for this grid before reading out).
+    DYN_SPLIT: a sequence's slices are ``_split_len`` tokens (its own length spread over all splits,
+    whole BLOCK_N blocks, at most ``tokens_per_split``) instead of ``tokens_per_split``: a short
+    context uses as many one-block programs as it has blocks instead of a few multi-block ones."""
     if HEADS_FIRST:  # grid (num_kv_heads, num_seqs, splits): the kv heads of one token range run together
         kvh = tl.program_id(0)
         seq = tl.program_id(1).to(tl.int64)
@@ -264,9 +268,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
         n_kv = tl.num_programs(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    num_splits = tl.num_programs(2)
+    if DYN_SPLIT:
+        tokens_per_split = _split_len(seq_len, tokens_per_split, num_splits, BLOCK_N)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
-    num_splits = tl.num_programs(2)
     if split == num_splits - 1:
         end = seq_len  # a context longer than max_seq_len (stale CUDA graph sizing) stays correct
     if TRIGGER:
@@ -505,6 +511,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
 
 
 @triton.jit
+def _split_len(seq_len, tokens_per_split, num_splits, BLOCK_N: tl.constexpr):
+    """DYN_SPLIT slice length: seq_len spread over num_splits in whole BLOCK_N blocks, between
+    BLOCK_N and the graph-sized ``tokens_per_split``."""
+    per = tl.cdiv(tl.cdiv(tl.maximum(seq_len, 1), num_splits), BLOCK_N) * BLOCK_N
+    return tl.minimum(tokens_per_split, tl.maximum(per, BLOCK_N))
+
+
+@triton.jit
 def _splits_needed(seq_len, tokens_per_split, num_splits):
     """Splits that hold part of a context of seq_len tokens (the last split takes any overflow)."""
     return tl.minimum(tl.cdiv(tl.maximum(seq_len, 1), tokens_per_split), num_splits)
@@ -546,14 +560,18 @@ def _merge_group(mid_o_ptr, mid_lse_ptr, out_seq_ptr, stride_oh, head0, base, nu
 @triton.jit
 def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, seq_lens_ptr, stride_os, stride_oh, num_splits,
                           tokens_per_split, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False):
+                          PDL: tl.constexpr = False, TRIGGER: tl.constexpr = False,
+                          DYN_SPLIT: tl.constexpr = False, BLOCK_N: tl.constexpr = 64):
     """Grid (num_seqs, num_heads): merge the partial softmaxes of one query head (the splits that
     hold part of its context, <= num_splits <= BLOCK_K). Only with ``merge_max=0``."""
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    n_need = _splits_needed(tl.load(seq_lens_ptr + seq), tokens_per_split, num_splits)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if DYN_SPLIT:
+        tokens_per_split = _split_len(seq_len, tokens_per_split, num_splits, BLOCK_N)
+    n_need = _splits_needed(seq_len, tokens_per_split, num_splits)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -571,6 +589,10 @@ DEFAULT_PREFETCH = 0
 # 4-10% slower for bf16 caches in the kernel benchmark; the counter's fence and atomic cost what
 # the second launch did.
 DECODE_MERGE_MAX = 0
+# dyn_split default (env ANYBIT_DECODE_DYN_SPLIT overrides): see paged_attention_decode. H100 s9-1
+# (W4 batch-1 decode graph, ~130-190 token contexts in splits sized for 8192): 2.395 -> 2.355 ms,
+# the decode kernel 5.8 -> 4.5 us per layer (one 64-token block per program instead of two).
+DECODE_DYN_SPLIT = True
 DEFAULT_PREFETCH_MAX_REGISTERS = 168
 # Quantized caches at batch >= PREFETCH_MIN_SEQS: prefetch 2 by default, with the register cap per mode
 # (0 = none). H100 session 2 (benchmarks/results/attention_decode_variants.json): int4 pf2 (cap 168)
@@ -645,7 +667,8 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            int8_pv: bool = False, biased: bool | None = None,
                            heads_first: bool | None = None, max_registers: int | None = None,
                            prefetch: int | None = None, exact_v: bool = True,
-                           pdl: bool | None = None, merge_max: int | None = None) -> torch.Tensor:
+                           pdl: bool | None = None, merge_max: int | None = None,
+                           dyn_split: bool | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -678,6 +701,10 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     ``merge_max``: the splits are merged by the decode kernel's last split of each (sequence, kv
     head), this many partials at a time (no reduction kernel); 0 = the reduction kernel instead.
     Default: env ``ANYBIT_DECODE_MERGE``, else ``DECODE_MERGE_MAX`` (0).
+    ``dyn_split``: each sequence spreads its own length over the splits (whole blocks of
+    ``block_n``, at most the ``max_seq_len``-sized slice), so a short context in a graph sized for
+    long ones runs one block per program; default env ``ANYBIT_DECODE_DYN_SPLIT``, else
+    ``DECODE_DYN_SPLIT``.
     """
     _check_attn_args(query, kv_cache, block_table, "paged_attention_decode")
     mode = kv_mode(kv_cache.dtype)
@@ -736,6 +763,9 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     merge_max = int(merge_max)
     if merge_max < 0 or merge_max & (merge_max - 1):
         raise ValueError(f"paged_attention_decode: merge_max must be 0 or a power of two, got {merge_max}")
+    if dyn_split is None:
+        dyn_split = os.environ.get("ANYBIT_DECODE_DYN_SPLIT", str(int(DECODE_DYN_SPLIT))) == "1"
+    dyn_split = bool(dyn_split and splits > 1)
     if splits > 1:
         mid_o = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
@@ -763,10 +793,11 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         BIASED=biased, USE_ASM=bool(biased and cdt == tl.float16 and not interpret),
         HEADS_FIRST=bool(heads_first), PREFETCH=prefetch, V_EXACT=bool(exact_v), PDL=pdl,
         MERGE_MAX=merge_max if splits > 1 else 0, G_P2=triton.next_power_of_2(g), TRIGGER=trigger,
-        num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
+        DYN_SPLIT=dyn_split, num_warps=num_warps or d_warps, num_stages=num_stages or d_stages,
         **({"maxnreg": max_registers} if max_registers else {}), **launch)
     if splits > 1 and not merge_max:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,
-            BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, TRIGGER=trigger, num_warps=4, **launch)
+            BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, TRIGGER=trigger, DYN_SPLIT=dyn_split,
+            BLOCK_N=block_n, num_warps=4, **launch)
     return out

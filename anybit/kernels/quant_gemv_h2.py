@@ -258,11 +258,16 @@ def _h2s_asm(bits: int, nv: int = 2) -> str:
 if triton is not None:
     @triton.jit
     def _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n, mask_n, stride_ym,
-                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Store one row's ``[BLOCK_N]`` float32 partial. Without split-K straight to y; with it to
-        the ``[SPLIT_K, M, N]`` workspace, and the last split of the tile (counted in lock_ptr)
-        adds the partials, 16 at a time in one 2-D load, writes y and resets the counter."""
-        if SPLIT_K == 1:
+                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr = False):
+        """Store one row's ``[BLOCK_N]`` float32 partial. ACC: added into the float32 accumulator
+        ws_ptr (rows ``stride_ym`` apart; anybit/layers/pending.py) by a fire-and-forget float
+        atomic; its reader zeroes it; summation order not fixed. Without split-K straight to y;
+        with it to the ``[SPLIT_K, M, N]`` workspace, and the last split of the tile (counted in
+        lock_ptr) adds the partials, 16 at a time in one 2-D load, writes y and resets the
+        counter."""
+        if ACC:
+            tl.atomic_add(ws_ptr + m * stride_ym + offs_n, out, mask=mask_n, sem="relaxed")
+        elif SPLIT_K == 1:
             tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
         else:
             tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, out, mask=mask_n)
@@ -546,7 +551,8 @@ if triton is not None:
                               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
                               USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr,
                               PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                              EVEN_N: tl.constexpr = False, ZFOLD: tl.constexpr = False):
+                              EVEN_N: tl.constexpr = False, ZFOLD: tl.constexpr = False,
+                              ACC: tl.constexpr = False):
         """One row m, BLOCK_N columns, one K split, single-slice uniform W0 in {2, 4, 8}:
         ``y = sum_tiles s * (2^S * sum x (q - C) 2^-S - (z - C) * sum x)`` with the word dot of
         ``_word_dot_h2``. The tile's R = BLOCK_K / P word rows are loaded as WPT slabs of R / WPT
@@ -633,7 +639,7 @@ if triton is not None:
         if ZFOLD:
             out = out * XSCALE
         _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
-                           mask_n, stride_ym, SPLIT_K, BLOCK_N)
+                           mask_n, stride_ym, SPLIT_K, BLOCK_N, ACC)
 
 
     # ---- two-slice widths (3 = 2+1, 5 = 4+1, 6 = 4+2), folded zero only: see _h2s_asm ------------
@@ -863,7 +869,7 @@ if triton is not None:
                                XSCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                SPLIT_K: tl.constexpr, ITERS: tl.constexpr, USE_ASM: tl.constexpr,
                                XKIND: tl.constexpr, NV: tl.constexpr = 2, PDL: tl.constexpr = False,
-                               EVEN_N: tl.constexpr = False):
+                               EVEN_N: tl.constexpr = False, ACC: tl.constexpr = False):
         """Two-slice twin of ``_quant_gemv_h2_kernel`` (folded zero, register prefetch): one row m,
         BLOCK_N columns, one K split; ``y = 2^S sum_tiles s sum x (q - z) 2^-S`` (t_ptr: the
         ``gemv_table``). A tile's BLOCK_K / P1 slice-1 word rows are loaded as NV slabs
@@ -932,7 +938,7 @@ if triton is not None:
             tt = tl.where(tt == tpg, 0, tt)
         out = tl.sum(acc, axis=0) * XSCALE
         _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
-                           mask_n, stride_ym, SPLIT_K, BLOCK_N)
+                           mask_n, stride_ym, SPLIT_K, BLOCK_N, ACC)
 
 H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (CUDA)
 H2_MAX_M = 1
@@ -1035,7 +1041,8 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
                   block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
                   use_asm: bool | None = None, words_per_asm: int | None = None, fuse_x: bool = True,
                   programs_per_sm: int | None = None, pdl: bool | None = None,
-                  stages: int | None = None, zfold: bool | None = None) -> torch.Tensor:
+                  stages: int | None = None, zfold: bool | None = None,
+                  acc: torch.Tensor | None = None) -> torch.Tensor:
     """Packed-half GEMV (uniform 2/4/8 bits; 3/5/6 bits with integer zero points through
     ``_quant_gemv_h2s_kernel``, ``words_per_asm`` then = slice-1 words per PTX block, 1 or 2, and
     only ``zfold``, ``fuse_x`` and ``stages`` 1): x ``[M, K]`` contiguous (perm applied)
@@ -1046,7 +1053,9 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     1 = the next weight tile prefetched into registers by hand, >= 2 = Triton's software pipeliner
     keeps ``stages - 1`` tiles of weights and x in flight (cp.async into shared memory); ``zfold``
     (None: where ``gemv_table`` exists, i.e. integer zero points): the zero point folded into the
-    code conversion instead of an x-sum term."""
+    code conversion instead of an x-sum term. ``acc`` (float32 ``[M, N]``, zeroed; y may then be
+    None): every program adds its partial into acc with a float atomic instead of the ordered
+    split-K sum into y (anybit/layers/pending.py); returns acc."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     two = bits in H2_SLICE_BITS  # two-slice widths: _quant_gemv_h2s_kernel (folded zero only)
@@ -1083,12 +1092,18 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     xkind = 3 if not fuse_x else {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
     stages = stages or 1  # the pipelined loop (stages >= 2) lost on every shape (session 3, call 1)
     sz = packed.scales if table is None else table
-    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None, nv)
+    # acc: the ACC twin compiles to another register count (no split-K sum)
+    occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None, nv, acc is not None)
     if split_k is None:
         per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
         split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
     per, split_k = k_split(k_tiles, split_k)
-    if split_k > 1:
+    if acc is not None:
+        if acc.dtype != torch.float32 or acc.shape != (M, N) or acc.stride(1) != 1:
+            raise ValueError(f"acc must be a float32 [{M}, {N}] matrix with contiguous rows, got "
+                             f"{acc.dtype} {tuple(acc.shape)}")
+        ws, locks, y = acc, acc, acc
+    elif split_k > 1:
         ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
         locks = split_k_counters(x.device, tiles)
     else:
@@ -1109,14 +1124,15 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         kernel = _quant_gemv_h2s_kernel[(M, num_n, split_k)](
             xin, packed.qweight, table, y, ws, locks, M, N, K, G, stride_x, packed.qweight.stride(0),
             table.stride(0), y.stride(0), per * BK, per, 0, bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k,
-            per if _INTERPRET else 0, bool(use_asm), xkind, nv, pdl, N % BN == 0, num_warps=warps,
-            num_stages=1, **({"launch_pdl": True} if pdl else {}))
+            per if _INTERPRET else 0, bool(use_asm), xkind, nv, pdl, N % BN == 0, acc is not None,
+            num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
     else:
         kernel = _quant_gemv_h2_kernel[(M, num_n, split_k)](
             xin, xq, xs, packed.qweight, sz, packed.zeros, y, ws, locks, M, N, K, G,
             stride_x, packed.qweight.stride(0), sz.stride(0), y.stride(0), per * BK, per, 0,
             bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
-            xkind, pdl, stages, N % BN == 0, table is not None, num_warps=warps, num_stages=stages,
+            xkind, pdl, stages, N % BN == 0, table is not None, acc is not None, num_warps=warps,
+            num_stages=stages,
             **({"launch_pdl": True} if pdl else {}))
     regs = getattr(kernel, "n_regs", 0) if x.is_cuda else 0
     if regs and occ_key not in _RESIDENT:  # programs that fit on an SM at once, for the next split choice

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from anybit.kernels.pdl import pdl_early, pdl_enabled, pdl_launch
+from anybit.layers.pending import PendingSum
 
 
 def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,10 +39,11 @@ def ref_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
                      stride_x, stride_r, stride_y, stride_nr,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                     EARLY: tl.constexpr = False):
+                     EARLY: tl.constexpr = False, X_ACC: tl.constexpr = False):
     """One program per row: y = (x * rsqrt(mean(x^2) + eps)).to(dtype) * w (+ residual add first).
     PDL: the weight is loaded before waiting for the previous kernel (anybit/kernels/pdl.py);
-    EARLY: the next kernel may launch at once (``pdl_early``), not only after the wait."""
+    EARLY: the next kernel may launch at once (``pdl_early``), not only after the wait. X_ACC: x is
+    a GEMV's float32 accumulator (anybit/layers/pending.py): rounded to y's dtype on load, zeroed."""
     if PDL and EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -53,6 +55,9 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
         if not EARLY:
             tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if X_ACC:
+        x = x.to(y_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * stride_x + offs, tl.zeros([BLOCK], tl.float32), mask=mask)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
@@ -65,36 +70,43 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
 
 
 def _launch_norm(x, residual, weight, eps):
-    hidden = x.shape[-1]
+    x_acc = isinstance(x, PendingSum)
+    shape, dtype = x.shape, x.dtype
+    hidden = shape[-1]
     if weight.shape != (hidden,):
         raise ValueError(f"weight must be [hidden={hidden}], got {tuple(weight.shape)}")
-    if x.stride(-1) != 1:
+    x2 = x.acc if x_acc else x.reshape(-1, hidden)
+    if x2.stride(-1) != 1:
         raise ValueError("rms_norm: x must be contiguous in its last dim")
-    x2 = x.reshape(-1, hidden)
-    y = torch.empty_like(x2)
+    y = torch.empty(x2.shape, dtype=dtype, device=x2.device)
     block = triton.next_power_of_2(hidden)
     warps = min(max(block // 256, 1), 16)
     if residual is not None:
         r2 = residual.reshape(-1, hidden)
-        new_r = torch.empty_like(x2)
+        new_r = torch.empty_like(y)
     else:
-        r2, new_r = x2, y
+        r2, new_r = y, y
     if x2.shape[0]:
-        pdl = pdl_enabled(x.device)
+        pdl = pdl_enabled(x2.device)
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, new_r, hidden, eps,
                                          x2.stride(0), r2.stride(0), y.stride(0), new_r.stride(0),
                                          HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
-                                         EARLY=pdl_early(x.device), num_warps=warps, **pdl_launch(x.device))
-    return y.view(x.shape), new_r.view(x.shape)
+                                         EARLY=pdl_early(x2.device), X_ACC=x_acc, num_warps=warps,
+                                         **pdl_launch(x2.device))
+    if x_acc:
+        x.consumed()
+    return y.view(shape), new_r.view(shape)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton RMSNorm. x ``[..., hidden]``, weight ``[hidden]`` -> y ``[..., hidden]`` in x's dtype."""
+def rms_norm(x, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton RMSNorm. x ``[..., hidden]`` (a tensor or a PendingSum, which is consumed), weight
+    ``[hidden]`` -> y ``[..., hidden]`` in x's dtype."""
     return _launch_norm(x, None, weight, eps)[0]
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """Triton fused residual add + RMSNorm: returns ``(rms_norm(x + residual), x + residual)``."""
+def fused_add_rms_norm(x, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Triton fused residual add + RMSNorm: returns ``(rms_norm(x + residual), x + residual)``;
+    x may be a PendingSum (consumed)."""
     if x.shape != residual.shape or x.dtype != residual.dtype:
         raise ValueError(f"x and residual must match in shape and dtype, got {tuple(x.shape)} {x.dtype} "
                          f"and {tuple(residual.shape)} {residual.dtype}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from anybit.layers.pending import PendingSum
+
 
 class SiluAndMul(nn.Module):
     """x: [num_tokens, 2 * d] (gate then up) -> [num_tokens, d]."""
@@ -12,4 +14,4 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from anybit.kernels import activation as k
 
-        return k.silu_and_mul(x) if x.is_cuda else k.ref_silu_and_mul(x)
+        return k.silu_and_mul(x) if isinstance(x, PendingSum) or x.is_cuda else k.ref_silu_and_mul(x)

@@ -121,5 +121,11 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.backend = backend
 
+    def accepts_pending(self) -> bool:
+        """Whether ``forward(qkv_pending, None, None, ...)`` is possible: the backend reads a fused
+        QKV projection left as a PendingSum (anybit/layers/pending.py)."""
+        check = getattr(self.backend, "accepts_pending", None)
+        return bool(check is not None and check(self))
+
     def forward(self, query, key, value, positions, kv_cache: LayerKVCache, meta: AttentionMetadata):
         return self.backend.forward(self, query, key, value, positions, kv_cache, meta)

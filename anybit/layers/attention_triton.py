@@ -18,6 +18,7 @@ from anybit.kernels.attention_decode import paged_attention_decode
 from anybit.kernels.attention_prefill import paged_attention_prefill
 from anybit.kernels.rope import rotary_and_cache
 from anybit.layers.attention_meta import AttentionMetadata, LayerKVCache
+from anybit.layers.pending import PendingSum
 
 
 def _heads(x: torch.Tensor, num_tokens: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -35,17 +36,33 @@ class TritonAttentionBackend:
 
     name = "triton"
 
-    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    def accepts_pending(self, layer) -> bool:
+        """Whether ``forward`` takes the QKV projection as one PendingSum (full-width rotary)."""
+        return layer.rotary.cos_sin_cache.shape[-1] == layer.head_dim
+
+    def forward(self, layer, query, key: torch.Tensor | None, value: torch.Tensor | None,
                 positions: torch.Tensor, kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """query / key / value projections, or ``query`` a PendingSum of the fused QKV projection
+        ``[num_tokens, (nh + 2 nkv) hd]`` (key / value None): the rotary kernel then reads it."""
         num_tokens = query.shape[0]
         nh, nkv, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        acc = None
+        if isinstance(query, PendingSum):
+            pending = query
+            sizes = [nh * hd, nkv * hd, nkv * hd]
+            qkv = torch.empty(pending.shape, dtype=pending.dtype, device=pending.acc.device)
+            query, key, value = qkv.split(sizes, dim=-1)
+            acc = tuple(_heads(a, num_tokens, n, hd) for a, n in zip(pending.acc.split(sizes, dim=-1),
+                                                                      (nh, nkv, nkv), strict=True))
         q = _heads(query, num_tokens, nh, hd)
         k = _heads(key, num_tokens, nkv, hd)
         v = _heads(value, num_tokens, nkv, hd)
         # one launch: rotary on q/k (in place) + K/V write (quantize-on-write) into the paged cache
         rot = layer.rotary
         slots = meta.slot_mapping
-        q, k = rotary_and_cache(positions, q, k, v, rot.cos_sin_cache, rot.is_neox, kv_cache, slots)
+        q, k = rotary_and_cache(positions, q, k, v, rot.cos_sin_cache, rot.is_neox, kv_cache, slots, acc=acc)
+        if acc is not None:
+            pending.consumed()
         out = torch.empty(num_tokens, nh, hd, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
         if nd > 0:

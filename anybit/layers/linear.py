@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anybit.layers.pending import as_tensor
+
 
 class QuantMethod:
     """Strategy that owns a Linear layer's weights. Subclasses: UnquantizedMethod here,
@@ -27,7 +29,9 @@ class QuantMethod:
     def process_after_loading(self, layer: Linear) -> None:
         """Called once after every tensor is loaded."""
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, pending: bool = False):
+        """y = x @ W^T (+ b). ``pending``: the caller can take a ``PendingSum``
+        (anybit/layers/pending.py) instead of a tensor; methods that cannot produce one ignore it."""
         raise NotImplementedError
 
     def expected_tensors(self, layer: Linear) -> list[tuple[str, str | None]]:
@@ -53,7 +57,7 @@ class UnquantizedMethod(QuantMethod):
             raise ValueError(f"shape {tuple(tensor.shape)} does not match the expected {expected}")
         layer.weight.data[start:start + size].copy_(tensor)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, pending: bool = False) -> torch.Tensor:
         w = layer.weight
         if (BF16_GEMV and x.is_cuda and w.dtype in _GEMV_DTYPES and x.dtype == w.dtype
                 and x.numel() == x.shape[-1] and not _interpreting()
@@ -134,7 +138,12 @@ class Linear(nn.Module):
     def process_after_loading(self) -> None:
         self.quant_method.process_after_loading(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, pending: bool = False):
+        """x ``[..., in_features]`` (a tensor or a PendingSum) -> y ``[..., out_features]``;
+        ``pending``: a PendingSum may be returned (the caller's consumer finishes it)."""
+        x = as_tensor(x)
+        if pending:
+            return self.quant_method.apply(self, x, pending=True)
         return self.quant_method.apply(self, x)
 
     def extra_repr(self) -> str:

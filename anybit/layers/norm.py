@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from anybit.layers.pending import PendingSum
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32. x: [num_tokens, hidden].
@@ -21,7 +23,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         from anybit.kernels import rms_norm as k
 
-        if x.is_cuda:
+        if isinstance(x, PendingSum) or x.is_cuda:  # a PendingSum exists only on CUDA
             if residual is None:
                 return k.rms_norm(x, self.weight, self.eps)
             return k.fused_add_rms_norm(x, residual, self.weight, self.eps)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from anybit.layers.linear import Linear, QuantMethod
+from anybit.layers.pending import PendingSum, gemv_acc_enabled, new_pending
 from anybit.quant.format import PackedWeight, resolve_group_size
 from anybit.quant.rtn import QuantSpec
 
@@ -92,9 +93,11 @@ class _PackedMethodBase(QuantMethod):
                 if t is not None:
                     layer.register_buffer(f"part{i}_{field}", t, persistent=False)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, pending: bool = False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if pending and layer.bias is None and _pending_applies(layer, x2):
+            return _apply_pending(layer, x2, shape)
         if x2.is_cuda:
             from anybit.kernels.quant_matmul import quant_matmul
             if len(layer.quant_parts) == 1:
@@ -112,6 +115,27 @@ class _PackedMethodBase(QuantMethod):
         if layer.bias is not None:
             y = y + layer.bias
         return y.reshape(*shape[:-1], layer.out_features)
+
+
+def _pending_applies(layer: Linear, x2: torch.Tensor) -> bool:
+    """Every part of the layer takes the packed-half GEMV (one token, fp16/bf16, CUDA)."""
+    if not x2.is_cuda or not gemv_acc_enabled():
+        return False
+    from anybit.kernels.quant_gemv_h2 import gemv_h2_applies
+    from anybit.kernels.quant_matmul import _INTERPRET
+    rows = x2.shape[0]
+    return not _INTERPRET and all(gemv_h2_applies(pw, rows, x2.dtype, True) for _, pw in layer.quant_parts)
+
+
+def _apply_pending(layer: Linear, x2: torch.Tensor, shape) -> PendingSum:
+    """The packed-half GEMV of every part adding into one float32 accumulator (pending.py)."""
+    from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
+    pending = new_pending(x2.shape[0], layer.out_features, x2.dtype, (*shape[:-1], layer.out_features),
+                          x2.device)
+    for start, pw in layer.quant_parts:
+        xp = x2.index_select(1, pw.perm) if pw.perm is not None else x2
+        quant_gemv_h2(xp.contiguous(), pw, None, acc=pending.acc[:, start:start + pw.out_features])
+    return pending
 
 
 def _check_perm(perm: torch.Tensor, sid) -> torch.Tensor:

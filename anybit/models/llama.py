@@ -18,6 +18,7 @@ from anybit.layers.attention_meta import AttentionMetadata, LayerKVCache
 from anybit.layers.embedding import VocabEmbedding
 from anybit.layers.linear import Linear
 from anybit.layers.norm import RMSNorm
+from anybit.layers.pending import PendingSum, as_tensor
 from anybit.layers.rotary import RotaryEmbedding
 from anybit.models.arch import ArchConfig
 
@@ -48,9 +49,15 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(nh, nkv, hd, rotary, backend, sliding_window=cfg.sliding_windows[layer_idx])
 
     def forward(self, positions, hidden, kv_cache: LayerKVCache, meta: AttentionMetadata):
-        qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(q, k, v, positions, kv_cache, meta))
+        """The projections may stay PendingSums (anybit/layers/pending.py) where their consumer
+        takes one: QKV for a backend that reads it in its rotary kernel, o_proj for the RMSNorm."""
+        qkv = self.qkv_proj(hidden, pending=self.attn.accepts_pending())
+        if isinstance(qkv, PendingSum):
+            out = self.attn(qkv, None, None, positions, kv_cache, meta)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            out = self.attn(q, k, v, positions, kv_cache, meta)
+        return self.o_proj(out, pending=True)
 
 
 class LlamaMLP(nn.Module):
@@ -65,7 +72,8 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        """gate_up and down may stay PendingSums (consumed by SiLU-and-mul and the next RMSNorm)."""
+        return self.down_proj(self.act(self.gate_up_proj(x, pending=True)), pending=True)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -120,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
         hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        return as_tensor(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

@@ -95,18 +95,19 @@ def test_decode_context_longer_than_max_seq_len_stays_correct():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("merge_max", [0, 2, 8])
+@pytest.mark.parametrize("merge_max,dyn", [(0, False), (2, False), (8, False), (0, True), (2, True)])
 @pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
-def test_decode_graph_sized_splits_merge_in_kernel(device, merge_max, cache_dtype):
+def test_decode_graph_sized_splits_merge_in_kernel(device, merge_max, dyn, cache_dtype):
     """A CUDA graph sizes the splits for max_model_len (here 16 splits of 128 tokens for 2048): the
     splits past each context write nothing (1, 16, 17 tokens: 1 split; 129: 2; 300: 3), the decode
     kernel's last split merges merge_max partials at a time (2: two rounds for 300 tokens) or the
-    reduction kernel does (0); a second call gives the same bits (counters reset)."""
+    reduction kernel does (0); a second call gives the same bits (counters reset). ``dyn_split``:
+    every context spread over the splits in 32-token blocks instead (129: 5 splits, 300: 10)."""
     b = make_batch(DEC_LENS, [1] * len(DEC_LENS), 8, 2, 64, cache_dtype, device=device)
     args = list(_decode_args(b, None))
     ref = ref_paged_attention_decode(*args)
     args[-1] = 2048
-    kw = dict(num_splits=16, block_n=32, merge_max=merge_max)
+    kw = dict(num_splits=16, block_n=32, merge_max=merge_max, dyn_split=dyn)
     out = paged_attention_decode(*args, **kw)
     assert rel_err(out, ref) < _tol(torch.float32, device)
     assert torch.equal(out, paged_attention_decode(*args, **kw))

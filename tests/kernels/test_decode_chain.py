@@ -60,3 +60,40 @@ def test_gpu_engine_generates_the_same_with_and_without_early_trigger(tmp_path, 
                        for c in (o.outputs[0] for o in res)]
         del llm
     assert outs["0"] == outs["1"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_gpu_engine_pending_sums_generate_what_ordered_sums_do(tmp_path, monkeypatch, kv_cache_dtype):
+    """Batch-1 decode of a bf16 W4 model: the packed-half GEMVs leave float32 PendingSums that the
+    rotary, RMSNorm and SiLU kernels finish (ANYBIT_GEMV_ACC=1) or sum their splits in order (0):
+    same greedy tokens, every sum consumed and zeroed. The float32 sums differ only in the order
+    of the split partials, so a bf16 rounding flips rarely: with a bf16 cache the logprobs were
+    equal bit for bit (s9-3, H100); an int8 cache re-quantizes K/V, and one flipped bf16 input can
+    move a code by one step (~1% of the head's range), which moved the logprobs by up to 0.03."""
+    from anybit import LLM, SamplingParams
+    from anybit.layers import pending
+    from anybit.quant.quantize import quantize_model
+    from tests.model_factory import make_tiny_model
+
+    dense = make_tiny_model(tmp_path / "llama", hidden_size=512, intermediate_size=1024,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_layers=2,
+                            dtype="bfloat16")
+    model = quantize_model(dense, tmp_path / "w4", bits=4, group_size=128, progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    outs = {}
+    for acc in ("0", "1", "1b"):
+        monkeypatch.setenv("ANYBIT_GEMV_ACC", acc[0])
+        pending._ACCS.clear()
+        llm = LLM(str(model), dtype="bfloat16", device="cuda", kv_cache_memory=64 << 20, progress=False,
+                  kv_cache_dtype=kv_cache_dtype)
+        res = llm.generate(["def fibonacci(n):"], params)[0].outputs[0]
+        outs[acc] = (res.token_ids, [max(d.values()) for d in res.logprobs])
+        used = {k[2] for k in pending._ACCS}
+        assert used == ({1024, 512, 2048} if acc != "0" else set())  # qkv, o / down, gate_up
+        assert all(slot[1] is None and not slot[0].any() for slot in pending._ACCS.values())
+        del llm
+    diff = {k: max(abs(a - b) for a, b in zip(outs["0"][1], outs[k][1], strict=True)) for k in ("1", "1b")}
+    assert outs["0"][0] == outs["1"][0] == outs["1b"][0]
+    assert max(diff.values()) < (2e-3 if kv_cache_dtype == "auto" else 0.1), diff

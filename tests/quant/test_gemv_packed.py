@@ -260,3 +260,28 @@ def test_gemv_h2_fractional_zeros_keep_the_x_sum_form():
     assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
     with pytest.raises(ValueError, match="zfold"):
         quant_gemv_h2(x, frac, torch.empty(1, 64, device=DEV, dtype=torch.bfloat16), zfold=True)
+
+
+@pytest.mark.parametrize("bits,split_k", [(4, 4), (2, 1), (3, 2)])
+def test_gemv_h2_adds_its_partials_into_the_accumulator(bits, split_k):
+    """quant_gemv_h2(acc=...): the float32 sum of the split partials lands in acc (a column slice of
+    a wider accumulator, as for a fused layer's part), y untouched; rounded, it is within one bf16
+    step of the ordered split-K result."""
+    from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
+    from anybit.layers.pending import new_pending
+
+    pw = _packed(80, 512, bits, 64, seed=bits)
+    x = torch.randn(1, 512).to(torch.bfloat16).to(DEV)
+    wide = new_pending(1, 120, torch.bfloat16, (1, 120), torch.device(DEV))
+    out = quant_gemv_h2(x, pw, None, acc=wide.acc[:, 20:100], split_k=split_k)
+    assert out.data_ptr() == wide.acc[:, 20:100].data_ptr()
+    assert not wide.acc[:, :20].any() and not wide.acc[:, 100:].any()
+    ref = ref_quant_matmul(x.float(), pw)
+    assert float((wide.acc[:, 20:100] - ref).norm() / ref.norm()) < 1e-2
+    y = torch.empty(1, 80, dtype=torch.bfloat16, device=DEV)
+    quant_gemv_h2(x, pw, y, split_k=split_k)
+    step = y.float().abs() * 2 ** -7 + 1e-6
+    assert ((wide.acc[:, 20:100].to(torch.bfloat16).float() - y.float()).abs() <= step).all()
+    with pytest.raises(ValueError, match="acc"):
+        quant_gemv_h2(x, pw, None, acc=torch.zeros(1, 79, device=DEV))
+    wide.materialize()
