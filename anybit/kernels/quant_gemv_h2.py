@@ -945,7 +945,7 @@ H2_MAX_M = 1
 H2_WORDS_PER_ASM = 2  # words whose f16 lane sums are added before the float32 conversion
 
 
-def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
+def h2_config(bits: int, N: int, K: int, zfold: bool, acc: bool = False) -> tuple[int, int]:
     """(BLOCK_N, warps) of the launcher. Folded zero (session 3, device call 2 on an H200,
     benchmarks/results/quant_matmul_h2_z.json): 4 warps; BLOCK_N 256, 512 for the small matrices
     (N, K <= 8192: qkv / o_proj) at 2 and 8 bits, 128 for 8-bit large and for 4-bit down_proj-like
@@ -956,7 +956,10 @@ def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
     PTX block on lm_head, the row of their slice-0 width on qkv / o_proj; offline SASS per code (sm_90, 4
     warps): W3 3.55 at BLOCK_N 256/512 (2 slice-1 words per PTX block, 163-166 registers), 4.05
     at 128 (1 word, 72); W5 3.89 at 256 (166), 4.12 at 128 (93); W6 4.08 at 256 (128), 4.19 at
-    128 (95); W2 / W4 at 256: 3.04 / 3.07."""
+    128 (95); W2 / W4 at 256: 3.04 / 3.07. ``acc`` (pending sums, no ordered split-K ending; H100
+    s9-8, W4 batch-1 decode graph): 4-bit down_proj-like shapes take 256 (graph 2.138 -> 2.057 ms;
+    64 gave 2.065, 128 was the slowest); gate_up 256 (512 / 128 slower), qkv / o_proj 512 (256 level,
+    128 slower) unchanged."""
     small, huge = N <= 8192 and K <= 8192, N >= 65536
     if bits in H2_SLICE_BITS:  # two-slice widths (device call 5, H100, quant_matmul_h2.json)
         if huge:
@@ -968,7 +971,7 @@ def h2_config(bits: int, N: int, K: int, zfold: bool) -> tuple[int, int]:
         if huge and bits in (2, 8):
             return 256, 8
         if bits == 4:
-            return (128 if N <= 4096 < K else 256), 4
+            return (128 if N <= 4096 < K and not acc else 256), 4
         return (512 if small else 256 if bits == 2 else 128), 4
     warps = 8 if bits == 8 or (bits == 4 and huge) else 4
     if bits == 4:
@@ -984,6 +987,20 @@ _RESIDENT: dict = {}  # kernel config -> programs resident per SM (from its regi
 
 
 _TABLES: dict = {}  # id(scales) -> (weakref to scales, versions key, table or None)
+
+
+def _bn_override(N: int, K: int) -> int | None:
+    """BLOCK_N from env ``ANYBIT_H2_BN`` (``NxK=BN,...`` or ``;``-separated, e.g.
+    ``4096x14336=256``) for one weight shape, for experiments; None when the shape is not listed."""
+    spec = os.environ.get("ANYBIT_H2_BN", "").replace(";", ",")
+    for item in filter(None, spec.split(",")):
+        shape, _, bn = item.partition("=")
+        if shape == f"{N}x{K}":
+            if not bn.isdigit() or int(bn) & (int(bn) - 1) or not 16 <= int(bn) <= 1024:
+                raise ValueError(f"ANYBIT_H2_BN: BLOCK_N for {shape} must be a power of two in 16..1024, "
+                                 f"got {bn!r}")
+            return int(bn)
+    return None
 
 
 def zeros_are_codes(z: torch.Tensor, bits: int) -> bool:
@@ -1072,8 +1089,8 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if two and (table is None or (stages or 1) != 1):
         raise ValueError(f"path gemv_h2: {bits}-bit weights need the folded zero (zfold: integer zero points "
                          f"in [0, 2^bits), fuse_x) and stages 1")
-    auto_bn, auto_warps = h2_config(bits, N, K, table is not None)
-    BN = block_n or auto_bn
+    auto_bn, auto_warps = h2_config(bits, N, K, table is not None, acc is not None)
+    BN = block_n or _bn_override(N, K) or auto_bn
     BK = _pick_block_k(G, K, block_k or 128)
     wpt = words_per_asm or H2_WORDS_PER_ASM
     if wpt not in (1, 2) or (BK // P0) % wpt or two:

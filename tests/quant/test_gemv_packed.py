@@ -285,3 +285,19 @@ def test_gemv_h2_adds_its_partials_into_the_accumulator(bits, split_k):
     with pytest.raises(ValueError, match="acc"):
         quant_gemv_h2(x, pw, None, acc=torch.zeros(1, 79, device=DEV))
     wide.materialize()
+
+
+def test_gemv_h2_block_n_override_by_shape(monkeypatch):
+    """ANYBIT_H2_BN=NxK=BN (experiments) sets BLOCK_N for one weight shape; bad values are refused."""
+    from anybit.kernels.quant_gemv_h2 import _bn_override, quant_gemv_h2
+
+    pw = _packed(80, 512, 4, 64, seed=11)
+    x = torch.randn(1, 512).to(torch.bfloat16).to(DEV)
+    monkeypatch.setenv("ANYBIT_H2_BN", "96x512=64,80x512=32")
+    assert _bn_override(80, 512) == 32 and _bn_override(96, 512) == 64 and _bn_override(80, 256) is None
+    y = quant_gemv_h2(x, pw, torch.empty(1, 80, dtype=torch.bfloat16, device=DEV))
+    ref = ref_quant_matmul(x.float(), pw)
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    monkeypatch.setenv("ANYBIT_H2_BN", "80x512=48")
+    with pytest.raises(ValueError, match="ANYBIT_H2_BN"):
+        quant_gemv_h2(x, pw, torch.empty(1, 80, dtype=torch.bfloat16, device=DEV))
