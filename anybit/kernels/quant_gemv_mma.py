@@ -261,7 +261,8 @@ if gluon is not None:
     def _quant_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm,
                                stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
-                               PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0):
+                               PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
+                               ACC: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -272,7 +273,8 @@ if gluon is not None:
         memory instead (SPLIT off, no workspace). PDL: the first two tiles' weights are requested
         before waiting for the previous kernel (which may write x). DIAG (benchmarks only, wrong
         results): bit 0 reuses the first x tile for every tile (no x load in the loop), bit 1 stores
-        the partials without the split-K sum."""
+        the partials without the split-K sum. ACC: every program adds its partial into the float32
+        accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py)."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         pid = gl.program_id(0)  # with CLUSTER: the cluster's index
@@ -316,7 +318,7 @@ if gluon is not None:
         if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)
             acc = _cluster_sum(acc, pid_k, CLUSTER)
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
-                    SPLIT and DIAG & 2 == 0)
+                    SPLIT and DIAG & 2 == 0, ACC=ACC)
 
 
 _INT_ZEROS: dict = {}  # id(zeros) -> (weakref, version, bool)
@@ -389,13 +391,15 @@ def cluster_applies(split: int, device: torch.device, cluster: bool | None = Non
 
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
                    split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
-                   diag: int = 0) -> torch.Tensor:
+                   diag: int = 0, acc: torch.Tensor | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks); ``pdl``: programmatic dependent launch (None: where
     anybit/kernels/pdl.py enables it); ``cluster``: split-K as a thread-block cluster summed in
     distributed shared memory rather than through a global workspace (None: ``cluster_applies``'s
-    default); ``diag``: the kernel's DIAG (benchmarks only)."""
+    default); ``diag``: the kernel's DIAG (benchmarks only). ``acc`` (float32 ``[M, N]``, rows
+    contiguous, zeroed; y may then be None): the programs add their partials into it with float
+    atomics instead of the ordered split-K sum into y (anybit/layers/pending.py); returns acc."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -411,6 +415,15 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     tiles = N // 128
     pdl = pdl_enabled(x.device, pdl)
     launch = {"launch_pdl": True} if pdl else {}
+    if acc is not None:
+        if acc.dtype != torch.float32 or acc.shape != (M, N) or acc.stride(1) != 1:
+            raise ValueError(f"acc must be a float32 [{M}, {N}] matrix with contiguous rows, got "
+                             f"{acc.dtype} {tuple(acc.shape)}")
+        _quant_gemv_mma_kernel[(tiles, split)](
+            x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
+            acc.stride(0), per * BK, per, split, bits, bm, BK, split > 1, pdl, 1, diag, ACC=True, num_warps=4,
+            **launch)
+        return acc
     if cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared memory
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),

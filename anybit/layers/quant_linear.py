@@ -117,24 +117,32 @@ class _PackedMethodBase(QuantMethod):
         return y.reshape(*shape[:-1], layer.out_features)
 
 
+def _pending_kernel(pw: PackedWeight, x2: torch.Tensor):
+    """The kernel that adds this part's partials into an accumulator, as quant_matmul's "auto"
+    routes: the mma.sync kernel (``mma_chosen``, M 2..16 by default) or the packed-half GEMV (one
+    row), else None."""
+    from anybit.kernels.quant_gemv_h2 import gemv_h2_applies, quant_gemv_h2
+    from anybit.kernels.quant_matmul import mma_chosen, quant_gemv_mma
+    if mma_chosen(pw, x2.shape[0], x2):
+        return quant_gemv_mma
+    return quant_gemv_h2 if gemv_h2_applies(pw, x2.shape[0], x2.dtype, True) else None
+
+
 def _pending_applies(layer: Linear, x2: torch.Tensor) -> bool:
-    """Every part of the layer takes the packed-half GEMV (one token, fp16/bf16, CUDA)."""
+    """Every part of the layer takes a kernel that can accumulate (fp16/bf16 x, CUDA)."""
     if not x2.is_cuda or not gemv_acc_enabled():
         return False
-    from anybit.kernels.quant_gemv_h2 import gemv_h2_applies
     from anybit.kernels.quant_matmul import _INTERPRET
-    rows = x2.shape[0]
-    return not _INTERPRET and all(gemv_h2_applies(pw, rows, x2.dtype, True) for _, pw in layer.quant_parts)
+    return not _INTERPRET and all(_pending_kernel(pw, x2) is not None for _, pw in layer.quant_parts)
 
 
 def _apply_pending(layer: Linear, x2: torch.Tensor, shape) -> PendingSum:
-    """The packed-half GEMV of every part adding into one float32 accumulator (pending.py)."""
-    from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
+    """Every part's GEMV adding into one float32 accumulator (pending.py)."""
     pending = new_pending(x2.shape[0], layer.out_features, x2.dtype, (*shape[:-1], layer.out_features),
                           x2.device)
     for start, pw in layer.quant_parts:
-        xp = x2.index_select(1, pw.perm) if pw.perm is not None else x2
-        quant_gemv_h2(xp.contiguous(), pw, None, acc=pending.acc[:, start:start + pw.out_features])
+        xp = (x2.index_select(1, pw.perm) if pw.perm is not None else x2).contiguous()
+        _pending_kernel(pw, x2)(xp, pw, None, acc=pending.acc[:, start:start + pw.out_features])
     return pending
 
 

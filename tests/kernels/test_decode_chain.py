@@ -64,9 +64,11 @@ def test_gpu_engine_generates_the_same_with_and_without_early_trigger(tmp_path, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
-def test_gpu_engine_pending_sums_generate_what_ordered_sums_do(tmp_path, monkeypatch, kv_cache_dtype):
-    """Batch-1 decode of a bf16 W4 model: the packed-half GEMVs leave float32 PendingSums that the
+@pytest.mark.parametrize("kv_cache_dtype,prompts", [("auto", 1), ("int8", 1), ("auto", 3)])
+def test_gpu_engine_pending_sums_generate_what_ordered_sums_do(tmp_path, monkeypatch, kv_cache_dtype,
+                                                              prompts):
+    """Decode of a bf16 W4 model at batch 1 (packed-half GEMVs) and 3 (mma.sync kernel): the GEMVs
+    leave float32 PendingSums that the
     rotary, RMSNorm and SiLU kernels finish (ANYBIT_GEMV_ACC=1) or sum their splits in order (0).
     Every sum is consumed and zeroed. The float32 sums differ from the ordered ones only in the
     order (and, where the two kernel variants size their splits differently, the grouping) of the
@@ -92,14 +94,15 @@ def test_gpu_engine_pending_sums_generate_what_ordered_sums_do(tmp_path, monkeyp
         pending._ACCS.clear()
         llm = LLM(str(model), dtype="bfloat16", device="cuda", kv_cache_memory=64 << 20, progress=False,
                   kv_cache_dtype=kv_cache_dtype)
-        res = llm.generate(["def fibonacci(n):"], params)[0].outputs[0]
-        outs[acc] = (res.token_ids, [d[t] for t, d in zip(res.token_ids, res.logprobs, strict=True)])
+        texts = ["def fibonacci(n):", "The quick brown fox", "import os\nimport sys"][:prompts]
+        outs[acc] = [(r.token_ids, [d[t] for t, d in zip(r.token_ids, r.logprobs, strict=True)])
+                     for r in (o.outputs[0] for o in llm.generate(texts, params))]
         used = {k[2] for k in pending._ACCS}
         assert used == ({1024, 512, 2048} if acc == "1" else set())  # qkv, o / down, gate_up
         assert all(slot[1] is None and not slot[0].any() for slot in pending._ACCS.values())
         del llm
-    (tok0, lp0), (tok1, lp1) = outs["0"], outs["1"]
-    same = next((i for i, (a, b) in enumerate(zip(tok0, tok1, strict=True)) if a != b), len(tok0))
-    assert same >= 4, (tok0, tok1)
-    last = min(same + 1, len(tok0))  # the first differing step too: its two tokens were near-tied
-    assert max(abs(a - b) for a, b in zip(lp0[:last], lp1[:last], strict=True)) < 0.1, (lp0, lp1)
+    for (tok0, lp0), (tok1, lp1) in zip(outs["0"], outs["1"], strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(tok0, tok1, strict=True)) if a != b), len(tok0))
+        assert same >= 4, (tok0, tok1)
+        last = min(same + 1, len(tok0))  # the first differing step too: its two tokens were near-tied
+        assert max(abs(a - b) for a, b in zip(lp0[:last], lp1[:last], strict=True)) < 0.1, (lp0, lp1)

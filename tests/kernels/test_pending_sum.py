@@ -120,3 +120,24 @@ def test_linear_returns_a_tensor_on_cpu_even_when_pending_is_asked():
     lin.weight.data.copy_(torch.randn(8, 16))
     y = lin(torch.randn(1, 16), pending=True)
     assert isinstance(y, torch.Tensor)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [2, 3, 8, 16])
+def test_mma_kernel_adds_its_partials_into_the_accumulator(M):
+    """quant_gemv_mma(acc=...) (batches 2..16): the split partials land in acc (a column slice of a
+    wider accumulator); rounded, within one bf16 step of the ordered split-K result."""
+    from anybit.kernels.quant_gemv_mma import quant_gemv_mma
+    from anybit.quant.rtn import QuantSpec, rtn_quantize
+
+    g = torch.Generator().manual_seed(M)
+    pw = rtn_quantize(torch.randn(256, 1024, generator=g), QuantSpec(4, 128, "uniform")).to("cuda")
+    x = torch.randn(M, 1024, generator=g).to(DT).cuda()
+    wide = new_pending(M, 384, DT, (M, 384), torch.device("cuda"))
+    out = quant_gemv_mma(x, pw, None, acc=wide.acc[:, 64:320], split_k=4)
+    assert out.data_ptr() == wide.acc[:, 64:320].data_ptr()
+    assert not wide.acc[:, :64].any() and not wide.acc[:, 320:].any()
+    y = quant_gemv_mma(x, pw, torch.empty(M, 256, dtype=DT, device="cuda"), split_k=4)
+    step = y.float().abs() * 2 ** -7 + 1e-6
+    assert ((wide.acc[:, 64:320].to(DT).float() - y.float()).abs() <= step).all()
+    wide.materialize()

@@ -88,6 +88,22 @@ def test_sm90_cluster_split_k_stays_on_chip(bits, bm, cluster):
     assert sum(o.startswith("LD.E") for o in ops) >= cluster * bm // 2  # reads of the other CTAs' partials
 
 
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+def test_sm90_accumulating_epilogue_is_fire_and_forget():
+    """ACC (pending sums): each program's partial goes out as float reductions (RED, nothing waits
+    for a result), with no counter atomic, no fence and no reads of other programs' partials."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp32",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    consts = dict(W0=4, BLOCK_M=8, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=True)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+    ops = [s.split()[0] for s in lines if not s.startswith("//")]
+    assert sum(o.startswith("RED") for o in ops) >= 8, [o for o in ops if "RED" in o or "ATOM" in o]
+    assert not any(o.startswith(("ATOM", "MEMBAR", "LDL", "STL")) for o in ops)
+    assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) >= 16
+
+
 def _rtn(N, K, bits, group, seed=0):
     g = torch.Generator().manual_seed(seed)
     return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, "uniform")).to("cuda")
