@@ -1,4 +1,4 @@
-"""A linear layer's output left as a float32 sum for the next kernel to finish (batch-1 decode).
+"""A linear layer's output left as a float32 sum for the next kernel to finish (decode, <= 16 rows).
 
 A split-K GEMV normally ends with a serial step: every program stores its partial, passes a fence
 and a counter atomic, and the last program of a column tile loads all partials, adds them and
