@@ -8,6 +8,7 @@ pytest run (TRITON_INTERPRET=1), Triton's code generator no longer wraps the ker
 compile passed or failed depending on the test order and on Triton's on-disk cache."""
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -59,6 +60,12 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     plain = options.pop("plain_triton", False)
     names = list(kernel.arg_names)
     if ptr_types:
+        # constexpr parameters left out take their defaults (else they would compile as i32 run-time
+        # arguments, and a branch on one would keep both sides)
+        consts = dict(consts)
+        for p in kernel.params:
+            if p.is_constexpr and p.name not in consts and p.default is not inspect.Parameter.empty:
+                consts[p.name] = p.default
         sig = {n: ptr_types.get(n, "i32") for n in names}
         sig.update({c: "constexpr" for c in consts})
         aligned = [n for n in names if n in ptr_types or n in ("N", "K", "G", "k_per_split")

@@ -60,7 +60,7 @@ def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0)
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False)
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     assert sum(s.startswith("HMMA.16816.F32.BF16") for s in lines) >= 16
     assert sum(s.startswith("LDG.E.128") for s in lines) >= 4
@@ -78,7 +78,7 @@ def test_sm90_cluster_split_k_stays_on_chip(bits, bm, cluster):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=cluster, DIAG=0)
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=cluster, DIAG=0, ACC=False)
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4, "num_ctas": cluster})
     ops = [s.split()[0] for s in lines if not s.startswith("//")]
     assert shared_bytes(lines) == 128 * bm * 4
