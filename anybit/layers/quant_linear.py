@@ -96,8 +96,9 @@ class _PackedMethodBase(QuantMethod):
     def apply(self, layer: Linear, x: torch.Tensor, pending: bool = False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if pending and layer.bias is None and _pending_applies(layer, x2):
-            return _apply_pending(layer, x2, shape)
+        kernels = _pending_kernels(layer, x2) if pending and layer.bias is None else None
+        if kernels:
+            return _apply_pending(layer, x2, shape, kernels)
         if x2.is_cuda:
             from anybit.kernels.quant_matmul import quant_matmul
             if len(layer.quant_parts) == 1:
@@ -128,21 +129,23 @@ def _pending_kernel(pw: PackedWeight, x2: torch.Tensor):
     return quant_gemv_h2 if gemv_h2_applies(pw, x2.shape[0], x2.dtype, True) else None
 
 
-def _pending_applies(layer: Linear, x2: torch.Tensor) -> bool:
-    """Every part of the layer takes a kernel that can accumulate (fp16/bf16 x, CUDA)."""
+def _pending_kernels(layer: Linear, x2: torch.Tensor) -> list | None:
+    """One accumulating kernel per part of the layer (fp16/bf16 x, CUDA), or None where some part
+    has none."""
     if not x2.is_cuda or not gemv_acc_enabled():
-        return False
+        return None
     from anybit.kernels.quant_matmul import _INTERPRET
-    return not _INTERPRET and all(_pending_kernel(pw, x2) is not None for _, pw in layer.quant_parts)
+    kernels = [] if _INTERPRET else [_pending_kernel(pw, x2) for _, pw in layer.quant_parts]
+    return kernels if kernels and all(k is not None for k in kernels) else None
 
 
-def _apply_pending(layer: Linear, x2: torch.Tensor, shape) -> PendingSum:
-    """Every part's GEMV adding into one float32 accumulator (pending.py)."""
+def _apply_pending(layer: Linear, x2: torch.Tensor, shape, kernels: list) -> PendingSum:
+    """Every part's GEMV (``kernels``, one per part) adding into one float32 accumulator (pending.py)."""
     pending = new_pending(x2.shape[0], layer.out_features, x2.dtype, (*shape[:-1], layer.out_features),
                           x2.device)
-    for start, pw in layer.quant_parts:
+    for (start, pw), kernel in zip(layer.quant_parts, kernels, strict=True):
         xp = (x2.index_select(1, pw.perm) if pw.perm is not None else x2).contiguous()
-        _pending_kernel(pw, x2)(xp, pw, None, acc=pending.acc[:, start:start + pw.out_features])
+        kernel(xp, pw, None, acc=pending.acc[:, start:start + pw.out_features])
     return pending
 
 

@@ -66,3 +66,13 @@ def make_batch(seq_lens: list[int], query_lens: list[int], num_heads: int, num_k
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+CACHE_TENSORS = ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero")
+
+
+def assert_same_cache(a: LayerKVCache, b: LayerKVCache) -> None:
+    """Every tensor of two caches (codes, scales, zero points) equal bit for bit, or absent in both."""
+    for name in CACHE_TENSORS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y), name

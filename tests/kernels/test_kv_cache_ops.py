@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kv_helpers import make_cache
+from kv_helpers import CACHE_TENSORS, make_cache
 
 from anybit.kernels.kv_cache_ops import (
     gather_kv,
@@ -54,7 +54,7 @@ def test_reshape_and_cache(device, dtype, head_dim, num_tokens):
     slots = slots.to(device)
     c_ref = make_cache(dtype, nb, bs, nkv, head_dim, device)
     c_tri = make_cache(dtype, nb, bs, nkv, head_dim, device)
-    for name in ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero"):
+    for name in CACHE_TENSORS:
         if getattr(c_ref, name) is not None:
             getattr(c_tri, name).copy_(getattr(c_ref, name))
     ref_reshape_and_cache(key, value, c_ref, slots)

@@ -54,7 +54,7 @@ def test_silu_and_mul_reads_and_zeroes_the_accumulator(device):
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "int8", "int4"])
 def test_rotary_and_cache_reads_the_qkv_accumulator(device, cache_dtype):
     """Same q, k, v outputs and cache contents as from the rounded QKV tensor; acc zeroed."""
-    from kv_helpers import make_cache
+    from kv_helpers import assert_same_cache, make_cache
     from test_rope import _cos_sin
 
     from anybit.kernels.rope import rotary_and_cache
@@ -77,9 +77,7 @@ def test_rotary_and_cache_reads_the_qkv_accumulator(device, cache_dtype):
         caches.append(cache)
         outs.append(buf)
     assert torch.equal(outs[0], outs[1])
-    for name in ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero"):
-        a, b = getattr(caches[0], name), getattr(caches[1], name)
-        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_same_cache(caches[0], caches[1])
     assert not p.acc.any()
 
 

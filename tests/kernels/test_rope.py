@@ -65,7 +65,7 @@ def test_rotary_errors():
                                                        ("int4", torch.float32, True)])
 def test_rotary_and_cache_matches_two_launches(device, cache_dtype, dtype, is_neox):
     """Fused rope + cache write == rotary_embedding then reshape_and_cache, bit for bit (padding slot -1)."""
-    from kv_helpers import make_cache
+    from kv_helpers import assert_same_cache, make_cache
 
     from anybit.kernels.kv_cache_ops import reshape_and_cache
     from anybit.kernels.rope import ref_rotary_and_cache, rotary_and_cache
@@ -91,9 +91,7 @@ def test_rotary_and_cache_matches_two_launches(device, cache_dtype, dtype, is_ne
         caches.append(cache)
         outs.append(buf)
     assert torch.equal(outs[0], outs[1])
-    for name in ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero"):
-        a, b = getattr(caches[0], name), getattr(caches[1], name)
-        assert (a is None and b is None) or torch.equal(a, b), name
+    assert_same_cache(caches[0], caches[1])
     # and against the torch reference (query and key rotation)
     q0 = qkv[:, :nh * hd].view(tokens, nh, hd)
     k0 = qkv[:, nh * hd:(nh + nkv) * hd].view(tokens, nkv, hd)
