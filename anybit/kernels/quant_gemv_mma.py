@@ -38,14 +38,15 @@ from anybit.kernels.pdl import pdl_enabled
 from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, _pair_layout
 from anybit.kernels.quant_gemm_wg import gluon
 from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, k_split, zeros_are_codes
-from anybit.quant.format import PackedWeight
+from anybit.quant.format import SLICES, PackedWeight
 
-MMA_BITS = (2, 4)  # widths whose words fill whole k_width-8 operand rows after relabeling
+MMA_SLICE_BITS = (1, 2, 4)  # slice widths whose words fill whole k_width-8 operand rows after relabeling
+MMA_BITS = tuple(b for b, parts in SLICES.items() if all(w in MMA_SLICE_BITS for w in parts))  # 1..7
 MMA_MAX_M = 16
 
 
 def _mma_asm(bits: int) -> str:
-    """PTX for one word of a b-bit slice (b in 2/4): inputs ``$P`` = the word, ``$P+1`` = bf16
+    """PTX for one word of a b-bit slice (b in 1/2/4): inputs ``$P`` = the word, ``$P+1`` = bf16
     ``-(128 + z)`` (z the column's integer zero point); outputs ``$0..$P-1`` = bf16 ``q - z``
     (exact) of the codes in pair order: output 2 p + h is code p + h P / 2 (the two halves of one
     bf16x2). Per pair: ``lop3 (w >> shift & mask) | 0x4300`` = 128 + q 2^(f b) (fields of <= 7
@@ -78,6 +79,7 @@ if gluon is not None:
 
     from anybit.kernels.quant_gemm_wg import _join8, _store_tile, _words_tile
 
+    _MMA_ASM1: gl.constexpr = gl.constexpr(_mma_asm(1))
     _MMA_ASM2: gl.constexpr = gl.constexpr(_mma_asm(2))
     _MMA_ASM4: gl.constexpr = gl.constexpr(_mma_asm(4))
 
@@ -106,12 +108,15 @@ if gluon is not None:
     def _x_layout(block_k, block_m, bits, cluster=1):
         """Layout of the x^T tile ``[BK, BM]`` in natural K order whose ``_relabel_x`` is the MMA's B
         operand layout (k_width 8): 8 consecutive K per thread (one 16-byte load; W2: two 8-byte
-        ones), lanes over the next two K bits and 8 rows of x, warps replicated."""
-        if bits == 2:  # natural K of MMA K bits 1, 2, 4 | 32 | 8, 16 (see _relabel_x)
-            low, k32, lanes = [8, 1, 2], 4, [16, 32]
+        ones; W1: 32-byte rows of 16 K), lanes over the next two K bits and 8 rows of x, warps
+        replicated."""
+        if bits == 1:  # natural K of MMA K bits 1, 2, 4 | 8, 16 (lanes) | 32, 64 | 128 (see _relabel_x)
+            regs, lanes = [1, 2, 4, 8, 16] + [k for k in (128,) if k < block_k], [32, 64]
+        elif bits == 2:  # natural K of MMA K bits 1, 2, 4 | 32 | 8, 16 (see _relabel_x)
+            regs, lanes = [1, 2, 4, 8] + [k for k in (64, 128) if k < block_k], [16, 32]
         else:
-            low, k32, lanes = [4, 1, 2], 32, [8, 16]
-        reg = [[k, 0] for k in sorted(low + [k32])] + [[k, 0] for k in (64, 128) if k < block_k]
+            regs, lanes = [1, 2, 4, 32] + [k for k in (64, 128) if k < block_k], [8, 16]
+        reg = [[k, 0] for k in regs]
         if block_m == 16:
             reg.append([0, 8])
         lane = [[lanes[0], 0], [lanes[1], 0], [0, 1], [0, 2], [0, 4]]
@@ -136,8 +141,14 @@ if gluon is not None:
     @gluon.jit
     def _relabel_a(a, W0: gl.constexpr):
         """W2: weights ``[128, BK]`` with k' = 16 r + 8 j2 + (pair-order index of j0 j1 j3) -> MMA K
-        order: j2 goes to K bit 5, word-row bits 0-1 to K bits 3-4 (the lanes of k_width 8)."""
-        if W0 == 2:
+        order: j2 goes to K bit 5, word-row bits 0-1 to K bits 3-4 (the lanes of k_width 8). W1:
+        k' = 32 r + 16 j3 + 8 j2 + (pair-order index of j0 j1 j4) -> j3 j2 to K bits 6, 5, word-row
+        bits 0-1 to K bits 3-4, further word rows to K bit 7."""
+        if W0 == 1:
+            BK: gl.constexpr = a.shape[1]
+            a = gl.reshape(a, [128, BK // 128, 2, 2, 2, 2, 8])  # r_hi, r1, r0, j3, j2, (j1 j0 j4)
+            a = gl.reshape(gl.permute(a, (0, 1, 4, 5, 2, 3, 6)), [128, BK])
+        elif W0 == 2:
             BK: gl.constexpr = a.shape[1]
             a = gl.reshape(a, [128, BK // 64, 2, 2, 2, 8])  # r_hi, r1, r0, j2, (j1 j0 j3)
             a = gl.reshape(gl.permute(a, (0, 1, 4, 2, 3, 5)), [128, BK])
@@ -149,7 +160,10 @@ if gluon is not None:
         order (j0 j1 j2 -> bits j2 j0 j1 from low to high); W2 as ``_relabel_a``."""
         BM: gl.constexpr = xt.shape[0]
         BK: gl.constexpr = xt.shape[1]
-        if W0 == 2:  # natural r_hi r1 r0 j3 j2 j1 j0 -> r_hi j2 r1 r0 j1 j0 j3
+        if W0 == 1:  # natural r_hi r1 r0 j4 j3 j2 j1 j0 -> r_hi j3 j2 r1 r0 j1 j0 j4
+            xt = gl.reshape(xt, [BM, BK // 128, 2, 2, 2, 2, 2, 2, 2])
+            xt = gl.permute(xt, (0, 1, 5, 6, 2, 3, 7, 8, 4))
+        elif W0 == 2:  # natural r_hi r1 r0 j3 j2 j1 j0 -> r_hi j2 r1 r0 j1 j0 j3
             xt = gl.reshape(xt, [BM, BK // 64, 2, 2, 2, 2, 2, 2])
             xt = gl.permute(xt, (0, 1, 5, 2, 3, 6, 7, 4))
         else:  # natural r j2 j1 j0 -> r j1 j0 j2
@@ -158,19 +172,28 @@ if gluon is not None:
         return gl.reshape(xt, [BM, BK])
 
     @gluon.jit
-    def _x_operand(ptrs, mask, BL: gl.constexpr, W0: gl.constexpr):
-        """The x^T tile ``[BK, BM]`` (rows >= M as 0) relabeled into the MMA's B operand layout."""
+    def _x_operand(ptrs, mask, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
+        """The x^T tile ``[BK, BM]`` (rows >= M as 0) relabeled into the MMA's B operand layout,
+        times SCALE (a power of two: exact; the weight of a higher slice's codes)."""
         xt = gl.load(ptrs, mask=mask, other=0.0)
+        if SCALE != 1.0:
+            xt = (xt.to(gl.float32) * SCALE).to(gl.bfloat16)
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
+
+    @gluon.jit
+    def _load_words(w_ptr, N, k0, off_n, WL: gl.constexpr, R: gl.constexpr, P: gl.constexpr):
+        """Words ``[R, 128]`` of the K tile at k0 (WL) of one slice (w_ptr: its first word row)."""
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
+        n = off_n + gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
+        return gl.load(w_ptr + (k0 // P + r)[:, None] * N + n[None, :])
 
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, off_n, s_cols, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order) and its scales (MMA rows ``s_cols``)."""
-        r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
         n = off_n + gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
-        w = gl.load(w_ptr + (k0 // P + r)[:, None] * N + n[None, :])
+        w = _load_words(w_ptr, N, k0, off_n, WL, R, P)
         g = k0 // G
         z = gl.load(z_ptr + g * N + n)
         s = gl.load(s_ptr + g * N + s_cols)
@@ -188,6 +211,13 @@ if gluon is not None:
                 _MMA_ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.bfloat16,) * 8, is_pure=True,
                 pack=1)
             v = _join8(o0, o1, o2, o3, o4, o5, o6, o7)
+        elif W0 == 1:
+            o = gl.inline_asm_elementwise(_MMA_ASM1, "=h," * 32 + "r,h", [w, zb], dtype=(gl.bfloat16,) * 32,
+                                          is_pure=True, pack=1)
+            v = gl.join(gl.join(_join8(o[0], o[4], o[8], o[12], o[16], o[20], o[24], o[28]),
+                                _join8(o[2], o[6], o[10], o[14], o[18], o[22], o[26], o[30])),
+                        gl.join(_join8(o[1], o[5], o[9], o[13], o[17], o[21], o[25], o[29]),
+                                _join8(o[3], o[7], o[11], o[15], o[19], o[23], o[27], o[31])))
         else:
             o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = gl.inline_asm_elementwise(
                 _MMA_ASM2, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb],
@@ -262,7 +292,7 @@ if gluon is not None:
                                stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
                                PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
-                               ACC: gl.constexpr = False):
+                               ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -274,9 +304,18 @@ if gluon is not None:
         before waiting for the previous kernel (which may write x). DIAG (benchmarks only, wrong
         results): bit 0 reuses the first x tile for every tile (no x load in the loop), bit 1 stores
         the partials without the split-K sum. ACC: every program adds its partial into the float32
-        accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py)."""
+        accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py).
+
+        WB, WC (widths of a second and third slice, 0 = none; anybit/quant/format.py: 3 = 2+1, 5 = 4+1,
+        6 = 4+2, 7 = 4+2+1): the code is ``q = q0 + 2^W0 qb + 2^(W0+WB) qc``, so ``s (q - z)`` = ``s ((q0
+        - z) + 2^W0 qb + ...)``: each slice is unpacked on its own (zero point on the first only) and
+        multiplied by its own relabeled copy of x times 2^shift (exact) in one MMA chain per tile."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
+        PB: gl.constexpr = 32 // WB if WB > 0 else 32
+        PC: gl.constexpr = 32 // WC if WC > 0 else 32
+        RB: gl.constexpr = BLOCK_K // PB
+        RC: gl.constexpr = BLOCK_K // PC
         pid = gl.program_id(0)  # with CLUSTER: the cluster's index
         if CLUSTER > 1:
             pid_k = _cluster_rank()
@@ -300,6 +339,28 @@ if gluon is not None:
         w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, off_n, cols, WL, R, P)
         k1 = k_start + gl.minimum(1, n_iters - 1) * BLOCK_K
         w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, off_n, cols, WL, R, P)
+        if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
+            WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
+            XLB: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)
+            wb_ptr = w_ptr + (K // 32 * W0) * N
+            xkb = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XLB))
+            xmb = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XLB))
+            xb_ptrs = x_ptr + xmb[None, :] * stride_xm + xkb[:, None]
+            xb_mask = (xmb < M)[None, :]
+            zb0 = gl.zeros([128], gl.float16, gl.SliceLayout(0, WLB))
+            wb = _load_words(wb_ptr, N, k_start, off_n, WLB, RB, PB)
+            wb1 = _load_words(wb_ptr, N, k1, off_n, WLB, RB, PB)
+        if WC > 0:
+            WLC: gl.constexpr = _words_layout(RC, 128, CLUSTER)
+            XLC: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)
+            wc_ptr = w_ptr + (K // 32 * (W0 + WB)) * N
+            xkc = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XLC))
+            xmc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XLC))
+            xc_ptrs = x_ptr + xmc[None, :] * stride_xm + xkc[:, None]
+            xc_mask = (xmc < M)[None, :]
+            zc0 = gl.zeros([128], gl.float16, gl.SliceLayout(0, WLC))
+            wc = _load_words(wc_ptr, N, k_start, off_n, WLC, RC, PC)
+            wc1 = _load_words(wc_ptr, N, k1, off_n, WLC, RC, PC)
         if PDL:
             _gdc_launch_dependents()
             _gdc_wait()
@@ -309,9 +370,23 @@ if gluon is not None:
             k0 = k_start + i * BLOCK_K
             k2 = k_start + gl.minimum(i + 2, n_iters - 1) * BLOCK_K  # past the end: reload the last tile
             w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, off_n, cols, WL, R, P)
+            if WB > 0:
+                wb2 = _load_words(wb_ptr, N, k2, off_n, WLB, RB, PB)
+            if WC > 0:
+                wc2 = _load_words(wc_ptr, N, k2, off_n, WLC, RC, PC)
             if DIAG & 1 == 0:
                 xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
             part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
+            if WB > 0:
+                xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
+                part = mma_v2(_unpack_tile(wb, zb0, AL, WB), xbb, part)
+                wb = wb1
+                wb1 = wb2
+            if WC > 0:
+                xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC, 1 << (W0 + WB))
+                part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
+                wc = wc1
+                wc1 = wc2
             acc += part * s.to(gl.float32)[:, None]
             w, z, s = w1, z1, s1
             w1, z1, s1 = w2, z2, s2
@@ -343,13 +418,15 @@ def integer_zeros(packed: PackedWeight) -> bool:
 
 def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether this path can run the call: CUDA sm_80+, bf16 x (unit inner stride), 1 <= M <= 16, a
-    uniform single-slice 2/4-bit weight with integer zero points, N a multiple of 128, K and the
-    group size multiples of 64, contiguous words."""
+    uniform weight of 1..7 bits (slices of 1, 2 and 4 bits) with integer zero points, N a multiple
+    of 128, K and the group size multiples of 64 (128 with a 1-bit slice: its words hold 32 K),
+    contiguous words."""
     if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= M <= MMA_MAX_M:
         return False
     if packed.fmt != "uniform" or packed.bits not in MMA_BITS or packed.zeros is None:
         return False
-    if packed.out_features % 128 or packed.in_features % 64 or packed.group_size % 64:
+    kmul = 128 if 1 in SLICES[packed.bits] else 64
+    if packed.out_features % 128 or packed.in_features % kmul or packed.group_size % kmul:
         return False
     q = packed.qweight
     if q.stride(1) != 1 or q.stride(0) != packed.out_features or x.stride(1) != 1:
@@ -362,14 +439,14 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # resident programs by BLOCK_M (offline sm_90: 128 / 162 registers)
 
 
-def mma_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int]:
+def mma_config(M: int, N: int, K: int, G: int, sms: int, bits: int = 4) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, split): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); split-K
     doubled while all programs stay resident at once (one wave) and each keeps >= 2 K tiles."""
     bm = 8 if M <= 8 else 16
     bk = 128 if G % 128 == 0 else 64
     tiles, k_tiles = N // 128, K // bk
     split = 1
-    slots = MMA_PROGRAMS_PER_SM[bm] * sms
+    slots = MMA_PROGRAMS_PER_SM.get((bm, bits), MMA_PROGRAMS_PER_SM[bm]) * sms
     while tiles * split * 2 <= slots and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 2:
         split *= 2
     return bm, bk, split
@@ -407,10 +484,12 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"{'/'.join(map(str, MMA_BITS))}-bit weight with integer f16 zero points, N % 128 "
                          f"== 0, K and group % 64 == 0 (got {x.dtype} x, M {M}, {packed.fmt} {bits}-bit, "
                          f"N {N}, K {K}, G {G})")
-    bm, bk, split = mma_config(M, N, K, G, _num_sms(x.device))
+    bm, bk, split = mma_config(M, N, K, G, _num_sms(x.device), bits)
     BK = block_k or bk
-    if BK not in (64, 128, 256) or G % BK:
-        raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 and divide the group size {G}")
+    if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
+        raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "
+                         f"and divide the group size {G}")
+    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
     per, split = k_split(K // BK, split_k or split)
     tiles = N // 128
     pdl = pdl_enabled(x.device, pdl)
@@ -421,13 +500,13 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                              f"{acc.dtype} {tuple(acc.shape)}")
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
-            acc.stride(0), per * BK, per, split, bits, bm, BK, split > 1, pdl, 1, diag, ACC=True, num_warps=4,
+            acc.stride(0), per * BK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc, num_warps=4,
             **launch)
         return acc
     if cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared memory
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
-            per * BK, per, split, bits, bm, BK, False, pdl, split, diag, num_warps=4, num_ctas=split,
+            per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4, num_ctas=split,
             **launch)
         return y
     if split > 1:
@@ -437,5 +516,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         ws, locks = y, y
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
-        per * BK, per, split, bits, bm, BK, split > 1, pdl, 1, diag, num_warps=4, **launch)
+        per * BK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, num_warps=4, **launch)
     return y

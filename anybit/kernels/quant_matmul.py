@@ -432,7 +432,7 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
         return False
     if M > 8:
         _, bk, split = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
-                                  _num_sms(x.device))
+                                  _num_sms(x.device), packed.bits)
         return packed.in_features // bk // split >= MMA_MIN_TILES_M16
     return True
 
