@@ -280,6 +280,18 @@ DECODE_VARIANTS = {
     "int4-pf0": ("int4", {"prefetch": 0}),
     "int4-tilebias": ("int4", {"exact_v": False}),
     "int4-pf2-nocap": ("int4", {"prefetch": 2, "max_registers": 0}),
+    # the batch >= 16 defaults before session 10 (4 warps x 128 tokens)
+    "int8-s9def": ("int8", {"prefetch": 2, "max_registers": 0, "block_n": 128, "num_warps": 4}),
+    "int4-s9def": ("int4", {"prefetch": 2, "max_registers": 168, "block_n": 128, "num_warps": 4}),
+    # session 10: smaller programs (1-2 warps) -> more of them per SM and cheaper barriers
+    "int8-w1b32": ("int8", {"block_n": 32, "num_warps": 1, "num_stages": 2, "prefetch": 0}),
+    "int8-w1b32-pf2": ("int8", {"block_n": 32, "num_warps": 1, "prefetch": 2, "max_registers": 0}),
+    "int8-w2b64": ("int8", {"block_n": 64, "num_warps": 2, "num_stages": 2, "prefetch": 0}),
+    "int8-w2b64-pf2": ("int8", {"block_n": 64, "num_warps": 2, "prefetch": 2, "max_registers": 0}),
+    "int4-w1b32": ("int4", {"block_n": 32, "num_warps": 1, "num_stages": 2, "prefetch": 0}),
+    "int4-w1b32-pf2": ("int4", {"block_n": 32, "num_warps": 1, "prefetch": 2, "max_registers": 0}),
+    "int4-w2b64": ("int4", {"block_n": 64, "num_warps": 2, "num_stages": 2, "prefetch": 0}),
+    "int4-w2b64-pf2": ("int4", {"block_n": 64, "num_warps": 2, "prefetch": 2, "max_registers": 0}),
 }
 VARIANT_CONTEXTS = (4096, 16384, 32768)
 
@@ -343,17 +355,23 @@ def check_variants(notes: list[str]) -> dict[str, float]:
     return errs
 
 
-def bench_decode_variants(notes, out_dir):
+def bench_decode_variants(notes, out_dir, only=None, batches=(1, 32, 64), contexts=VARIANT_CONTEXTS,
+                          result_name="attention_decode_variants"):
+    """``only``: variant names to run (each dtype's launcher default is always kept)."""
+    global DECODE_VARIANTS
+    if only:
+        keep = set(only) | {"bf16", "int8", "int4"}
+        DECODE_VARIANTS = {k: v for k, v in DECODE_VARIANTS.items() if k in keep}
     errs = check_variants(notes)
     long_errs = long_context_errors(notes)
     from anybit.kernels import attention_decode as ad
 
     notes.append(f"launcher defaults in this run: DEFAULT_PREFETCH={ad.DEFAULT_PREFETCH} (batch < "
                  f"{ad.PREFETCH_MIN_SEQS}), DEFAULT_PREFETCH_BY_MODE (prefetch, maxnreg; 0 = no cap) "
-                 f"{ad.DEFAULT_PREFETCH_BY_MODE} at batch >= {ad.PREFETCH_MIN_SEQS}")
+                 f"{ad.DEFAULT_PREFETCH_BY_MODE} at batch >= {ad.PREFETCH_MIN_SEQS} (session 10: + block_n, num_warps)")
     rows = []
-    for batch in (1, 32, 64):
-        for ctx in VARIANT_CONTEXTS:
+    for batch in batches:
+        for ctx in contexts:
             sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
             t_bf16 = None
@@ -397,7 +415,7 @@ def bench_decode_variants(notes, out_dir):
                  "opt-in); floor_us: bytes / 3.0 TB/s; err_32k: rel err vs ref_ at 1 x 32k, splits 1 / auto")
     cols = ["batch", "context", "variant", "time_us", "floor_us", "tb_per_s", "speedup_vs_bf16", "vs_default",
             "diff_vs_default", "check_err", "err_32k"]
-    write_result("attention_decode_variants",
+    write_result(result_name,
                  "Quantized split-K paged decode variants, 32 q / 8 kv heads, d128", cols, rows, notes,
                  out_dir=out_dir)
     return cols, rows
@@ -467,6 +485,10 @@ def main():
     ap.add_argument("--profile", default=None, help="only run this decode variant at b32/8k (for ncu)")
     ap.add_argument("--variants", action="store_true",
                     help="only the quantized-decode variant sweep (attention_decode_variants.json)")
+    ap.add_argument("--only", default=None, help="--variants: comma list of variant names (defaults kept)")
+    ap.add_argument("--batches", default="1,32,64", help="--variants: batch sizes")
+    ap.add_argument("--contexts", default=None, help="--variants: context lengths (default 4096,16384,32768)")
+    ap.add_argument("--name", default="attention_decode_variants", help="--variants: result name")
     ap.add_argument("--merge", action="store_true",
                     help="only the split-merge comparison (attention_decode_merge.json)")
     a = ap.parse_args()
@@ -474,7 +496,9 @@ def main():
         print_table(*bench_decode_merge(a.out))
         return
     if a.variants:
-        cols, rows = bench_decode_variants([], a.out)
+        ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
+        cols, rows = bench_decode_variants([], a.out, a.only.split(",") if a.only else None, ints(a.batches),
+                                           ints(a.contexts) if a.contexts else VARIANT_CONTEXTS, a.name)
         if rows:
             print_table(cols, rows)
         return

@@ -599,8 +599,11 @@ DEFAULT_PREFETCH_MAX_REGISTERS = 168
 # 1.14-1.27x over no prefetch at batch 32/64; int8 pf2 without cap (~216 regs, 2 programs/SM)
 # 1.04-1.09x. Its output "drift" there was the split count meeting the bias bug fixed in session 3
 # (V bias accumulated over a whole split), not the prefetch. Slower at batch 1: off there.
+# Session 10 (H100 s10-2, attention_decode_small_s10.json, b32/b64 at 16k): smaller programs with more of
+# them per SM, each keeping prefetch 2 without a cap: int8 2 warps x 64 tokens 1.73x bf16 (the session-3
+# default 1.56-1.59x), int4 1 warp x 32 tokens 2.17x (1.97-1.99x). (prefetch, maxnreg, block_n, num_warps).
 PREFETCH_MIN_SEQS = 16
-DEFAULT_PREFETCH_BY_MODE = {1: (2, 0), 2: (2, DEFAULT_PREFETCH_MAX_REGISTERS)}
+DEFAULT_PREFETCH_BY_MODE = {1: (2, 0, 64, 2), 2: (2, 0, 32, 1)}
 INT4_PREFETCH_MIN_SEQS = PREFETCH_MIN_SEQS  # old name
 
 _NUM_SMS: dict[int, int] = {}
@@ -621,6 +624,8 @@ def blocks_per_sm(mode: int, block_n: int, num_warps: int, num_stages: int, max_
     G=4: bf16 (64, 4, 3) 128 regs / 39 KB -> 4; quantized (128, 4, 3) 154-168 regs / 59-75 KB -> 3;
     quantized (128, 4, 1) capped at 128 regs / 41 KB -> 4; register prefetch (128, 4, 1) 204-226
     regs -> 2, capped at 168 -> 3). Only sizes the split count."""
+    if num_warps < 4:  # offline sm_90 (d128, G=4, quantized): 1 warp 218-255 regs, 2 warps 243-255
+        return 8 if num_warps == 1 else 4
     if num_warps != 4:
         return 2
     if mode == 0:
@@ -725,10 +730,12 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
     if prefetch is None:
         prefetch = DEFAULT_PREFETCH
-        if mode in DEFAULT_PREFETCH_BY_MODE and num_seqs >= PREFETCH_MIN_SEQS:
-            prefetch, cap = DEFAULT_PREFETCH_BY_MODE[mode]
-            if max_registers is None and biased:
+        if mode in DEFAULT_PREFETCH_BY_MODE and num_seqs >= PREFETCH_MIN_SEQS and biased:
+            prefetch, cap, bn, warps = DEFAULT_PREFETCH_BY_MODE[mode]
+            if max_registers is None:
                 max_registers = cap
+            if block_n is None and num_warps is None:
+                block_n, num_warps = bn, warps
     prefetch = int(prefetch) if biased else 0
     if prefetch not in (0, 1, 2):
         raise ValueError(f"paged_attention_decode: prefetch must be 0, 1 or 2, got {prefetch}")

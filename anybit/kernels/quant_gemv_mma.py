@@ -500,14 +500,14 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                              f"{acc.dtype} {tuple(acc.shape)}")
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
-            acc.stride(0), per * BK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc, num_warps=4,
-            **launch)
+            acc.stride(0), per * BK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
+            num_warps=4, **launch)
         return acc
     if cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared memory
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
-            per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4, num_ctas=split,
-            **launch)
+            per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
+            num_ctas=split, **launch)
         return y
     if split > 1:
         ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)

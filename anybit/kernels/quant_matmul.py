@@ -422,13 +422,18 @@ def ws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # GEMV's decode step is faster (372 vs 360 tok/s; batch 8: 2645 vs 1905 with this kernel).
 # ANYBIT_MMA=0: off; =1: also M = 1; default 2: M 2..16.
 MMA_MODE = os.environ.get("ANYBIT_MMA", "2")
+# Widths that take the mma.sync kernel at M = 1 too: 7 bits (three slices) ran 0.74-0.93x cuBLAS on the
+# packed-half GEMV at M = 1 on the H100 (s10-1, quant_matmul_slices_s10) against 1.10-1.32x at M 4-8
+# on this kernel.
+MMA_M1_BITS = (7,)
 MMA_MIN_TILES_M16 = 8  # K tiles per program below which M 9..16 keeps the other paths
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M 9..16 rule above, and
     its applicability)."""
-    if MMA_MODE == "0" or (MMA_MODE == "2" and M == 1) or not mma_applies(packed, M, x):
+    if MMA_MODE == "0" or (MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS) \
+            or not mma_applies(packed, M, x):
         return False
     if M > 8:
         _, bk, split = mma_config(M, packed.out_features, packed.in_features, packed.group_size,

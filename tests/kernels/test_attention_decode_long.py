@@ -96,3 +96,20 @@ def test_decode_long_context_window_and_stale_max(cache_dtype):
             out = paged_attention_decode(*args, num_splits=4, biased=True, prefetch=pf, block_n=64)
             err = _per_seq_rel(out, ref)
             assert err < 1e-4, f"{cache_dtype} window={window} max_len={max_len} prefetch={pf}: {err:.2e}"
+
+
+@pytest.mark.parametrize("cache_dtype", ["int8", "int4"])
+def test_decode_batch16_default_small_programs(cache_dtype):
+    """From PREFETCH_MIN_SEQS sequences the launcher's default is the small-program config of
+    ``DEFAULT_PREFETCH_BY_MODE`` (1-2 warps, 32-64 tokens, prefetch 2): odd lengths across tiles
+    and pages, against ref_ and against the previous 4-warp x 128-token config (same math)."""
+    from anybit.kernels import attention_decode as ad
+
+    lens = [1, 15, 16, 17, 33, 63, 64, 65, 97, 130, 150, 31, 2, 200, 5, 77][:ad.PREFETCH_MIN_SEQS]
+    b = make_batch(lens, [1] * len(lens), 4, 1, 64, cache_dtype, q_dtype=torch.float16, seed=11)
+    args = (b["query"], b["cache"], b["seq_lens"], b["block_table"], 0.125, None, b["max_seq_len"])
+    ref = ref_paged_attention_decode(*args)
+    out = paged_attention_decode(*args, biased=True)
+    old = paged_attention_decode(*args, biased=True, block_n=128, num_warps=4)
+    assert _per_seq_rel(out, ref) < 2e-3
+    assert _per_seq_rel(out, old) < 2e-3

@@ -144,7 +144,8 @@ def test_matches_reference(bits, M, group):
             assert torch.equal(y, ref), (split, (y.float() - ref.float()).abs().max().item())
     if qm.mma_chosen(pw, M, x):  # "auto" (M 2..8 by default)
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
-    assert qm.mma_chosen(pw, M, x) == (qm.MMA_MODE != "0" and (M > 1 or qm.MMA_MODE == "1") and M <= 8)
+    m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS
+    assert qm.mma_chosen(pw, M, x) == (qm.MMA_MODE != "0" and (M > 1 or m1) and M <= 8)
 
 
 @pytest.mark.gpu
