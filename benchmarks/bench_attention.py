@@ -292,6 +292,12 @@ DECODE_VARIANTS = {
     "int4-w1b32-pf2": ("int4", {"block_n": 32, "num_warps": 1, "prefetch": 2, "max_registers": 0}),
     "int4-w2b64": ("int4", {"block_n": 64, "num_warps": 2, "num_stages": 2, "prefetch": 0}),
     "int4-w2b64-pf2": ("int4", {"block_n": 64, "num_warps": 2, "prefetch": 2, "max_registers": 0}),
+    "int8-w1b16-pf2": ("int8", {"block_n": 16, "num_warps": 1, "prefetch": 2, "max_registers": 0}),
+    "int8-w2b32-pf2": ("int8", {"block_n": 32, "num_warps": 2, "prefetch": 2, "max_registers": 0}),
+    "int8-w4b64-pf2": ("int8", {"block_n": 64, "num_warps": 4, "prefetch": 2, "max_registers": 0}),
+    "int4-w1b16-pf2": ("int4", {"block_n": 16, "num_warps": 1, "prefetch": 2, "max_registers": 0}),
+    "int4-w2b32-pf2": ("int4", {"block_n": 32, "num_warps": 2, "prefetch": 2, "max_registers": 0}),
+    "int4-w4b64-pf2": ("int4", {"block_n": 64, "num_warps": 4, "prefetch": 2, "max_registers": 0}),
 }
 VARIANT_CONTEXTS = (4096, 16384, 32768)
 

@@ -618,14 +618,24 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
+# Registers per thread of the small quantized programs with prefetch 2 (offline sm_90 compile, d128,
+# G = 4, no cap): (mode, num_warps, block_n) -> regs. 1 warp x 16: 223 / 233; 2 x 32: 207 / 184;
+# 1 x 32: 255 / 254; 2 x 64: 255 / 243; 4 x 64: 168 / 182 (int8 / int4).
+SMALL_PROGRAM_REGS = {(1, 1, 16): 223, (2, 1, 16): 233, (1, 2, 32): 207, (2, 2, 32): 184,
+                      (1, 1, 32): 255, (2, 1, 32): 254, (1, 2, 64): 255, (2, 2, 64): 243,
+                      (1, 4, 64): 168, (2, 4, 64): 182}
+
+
 def blocks_per_sm(mode: int, block_n: int, num_warps: int, num_stages: int, max_registers: int | None,
                   prefetch: int = 0) -> int:
     """Resident programs per SM on Hopper (registers and shared memory from ptxas for d128,
     G=4: bf16 (64, 4, 3) 128 regs / 39 KB -> 4; quantized (128, 4, 3) 154-168 regs / 59-75 KB -> 3;
     quantized (128, 4, 1) capped at 128 regs / 41 KB -> 4; register prefetch (128, 4, 1) 204-226
     regs -> 2, capped at 168 -> 3). Only sizes the split count."""
-    if num_warps < 4:  # offline sm_90 (d128, G=4, quantized): 1 warp 218-255 regs, 2 warps 243-255
-        return 8 if num_warps == 1 else 4
+    key = (mode, num_warps, block_n)
+    if mode > 0 and (num_warps < 4 or (prefetch and max_registers is None and key in SMALL_PROGRAM_REGS)):
+        regs = (SMALL_PROGRAM_REGS.get(key, 255) + 7) // 8 * 8  # quantized, 255 when not listed
+        return max(1, 65536 // (regs * 32 * num_warps))
     if num_warps != 4:
         return 2
     if mode == 0:
