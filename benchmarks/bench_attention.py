@@ -374,7 +374,8 @@ def bench_decode_variants(notes, out_dir, only=None, batches=(1, 32, 64), contex
 
     notes.append(f"launcher defaults in this run: DEFAULT_PREFETCH={ad.DEFAULT_PREFETCH} (batch < "
                  f"{ad.PREFETCH_MIN_SEQS}), DEFAULT_PREFETCH_BY_MODE (prefetch, maxnreg; 0 = no cap) "
-                 f"{ad.DEFAULT_PREFETCH_BY_MODE} at batch >= {ad.PREFETCH_MIN_SEQS} (session 10: + block_n, num_warps)")
+                 f"{ad.DEFAULT_PREFETCH_BY_MODE} at batch >= {ad.PREFETCH_MIN_SEQS} "
+                 "(session 10: + block_n, num_warps)")
     rows = []
     for batch in batches:
         for ctx in contexts:
