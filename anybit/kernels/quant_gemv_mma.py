@@ -1,5 +1,5 @@
-"""Register-to-tensor-core GEMV/GEMM for packed 2/4-bit weights and small M (Gluon, sm_80+):
-y = x @ dequant(W)^T for M = 1..16.
+"""Register-to-tensor-core GEMV/GEMM for packed 1..7-bit weights (slices of 1, 2 and 4 bits) and
+small M (Gluon, sm_80+): y = x @ dequant(W)^T for M = 1..16.
 
 Why: the CUDA-core GEMV (quant_gemv_h2) spends ~3.3 instructions per W4 code (unpack, convert to
 float32, one FFMA per code with x), so at M = 1 it is issue-bound at ~1.3 TB/s; the TMA/wgmma

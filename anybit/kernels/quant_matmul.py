@@ -413,7 +413,8 @@ def ws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return WS_AUTO and WS_MIN_M <= M <= WS_MAX_M and wg_applies(packed, M, x)
 
 
-# The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 2/4 bits, integer zero
+# The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 1..7 bits as slices of
+# 1/2/4 bits since session 10 (W3/5/6 at M 4-8: 1.8-2.4x cuBLAS, s10-1), integer zero
 # points, M <= 16): in the H100 runs of session 6 (quant_matmul_mma_s6_*.json, x cuBLAS, mma vs the
 # previous choice) it wins clearly at M 2..8 (W4 M 4: 2.1-2.6 vs 1.4-1.8 on the layer shapes, 3.5 vs
 # 2.0 on lm_head; W2 M 4-8: 3.0-3.4 vs 1.6-1.8), at M 9..16 where each program keeps >= 8 K tiles
