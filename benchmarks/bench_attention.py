@@ -302,7 +302,7 @@ DECODE_VARIANTS = {
 VARIANT_CONTEXTS = (4096, 16384, 32768)
 
 
-def long_context_errors(notes: list[str]) -> dict[str, float]:
+def long_context_errors(notes: list[str], variants: dict) -> dict[str, float]:
     """Drift check at the benchmark's longest context: one 32k sequence, one split (all tokens in
     one accumulator) and the launcher's split count, every variant vs ref_ (bf16 query)."""
     torch.manual_seed(2)
@@ -313,7 +313,7 @@ def long_context_errors(notes: list[str]) -> dict[str, float]:
     for dtype in ("bfloat16", "int8", "int4"):
         cache, table = paged_batch([ctx], dtype)
         ref = ref_paged_attention_decode(q, cache, sl, table, D ** -0.5, None, ctx)
-        for name, (dt, kw) in DECODE_VARIANTS.items():
+        for name, (dt, kw) in variants.items():
             if dt != dtype:
                 continue
             worst = 0.0
@@ -329,7 +329,7 @@ def long_context_errors(notes: list[str]) -> dict[str, float]:
     return errs
 
 
-def check_variants(notes: list[str]) -> dict[str, float]:
+def check_variants(notes: list[str], variants: dict) -> dict[str, float]:
     """Every variant vs ref_ on the GPU (bf16 query): odd lengths, windows, split counts, GQA 32/8."""
     torch.manual_seed(1)
     seq = [1, 17, 129, 300, 1030, 4097]
@@ -340,7 +340,7 @@ def check_variants(notes: list[str]) -> dict[str, float]:
         cache, table = paged_batch(seq, dtype)
         refs = {win: ref_paged_attention_decode(q, cache, sl, table, D ** -0.5, win, max(seq))
                 for win in (None, 100)}
-        for name, (dt, kw) in DECODE_VARIANTS.items():
+        for name, (dt, kw) in variants.items():
             if dt != dtype:
                 continue
             worst = 0.0
@@ -364,12 +364,10 @@ def check_variants(notes: list[str]) -> dict[str, float]:
 def bench_decode_variants(notes, out_dir, only=None, batches=(1, 32, 64), contexts=VARIANT_CONTEXTS,
                           result_name="attention_decode_variants"):
     """``only``: variant names to run (each dtype's launcher default is always kept)."""
-    global DECODE_VARIANTS
-    if only:
-        keep = set(only) | {"bf16", "int8", "int4"}
-        DECODE_VARIANTS = {k: v for k, v in DECODE_VARIANTS.items() if k in keep}
-    errs = check_variants(notes)
-    long_errs = long_context_errors(notes)
+    keep = set(only or DECODE_VARIANTS) | {"bf16", "int8", "int4"}
+    variants = {k: v for k, v in DECODE_VARIANTS.items() if k in keep}
+    errs = check_variants(notes, variants)
+    long_errs = long_context_errors(notes, variants)
     from anybit.kernels import attention_decode as ad
 
     notes.append(f"launcher defaults in this run: DEFAULT_PREFETCH={ad.DEFAULT_PREFETCH} (batch < "
@@ -386,7 +384,7 @@ def bench_decode_variants(notes, out_dir, only=None, batches=(1, 32, 64), contex
                 cache, table = paged_batch([ctx] * batch, dtype)
                 nbytes = batch * ctx * NKV * 2 * kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
                 base = None
-                for name, (dt, kw) in DECODE_VARIANTS.items():
+                for name, (dt, kw) in variants.items():
                     if dt != dtype or errs.get(name, 0.0) > 2e-2:
                         continue
                     fn = functools.partial(paged_attention_decode, q, cache, sl, table, D ** -0.5, None, ctx,

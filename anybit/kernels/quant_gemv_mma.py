@@ -181,6 +181,24 @@ if gluon is not None:
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
 
     @gluon.jit
+    def _x_tile_ptrs(x_ptr, stride_xm, M, XL: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Pointers ``[BLOCK_K, BLOCK_M]`` (layout XL) of the x^T tile at K 0, and its row mask."""
+        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XL))
+        xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
+        return x_ptr + xm[None, :] * stride_xm + xk[:, None], (xm < M)[None, :]
+
+    @gluon.jit
+    def _higher_slice(x_ptr, ws_ptr, stride_xm, M, N, k_start, k1, off_n, WL: gl.constexpr, XL: gl.constexpr,
+                      R: gl.constexpr, P: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Start of a second or third slice (words from ws_ptr, its first word row): its x^T tile
+        pointers and mask (XL, the slice's relabeling), zero points 0 and its first two tiles."""
+        x_ptrs, x_mask = _x_tile_ptrs(x_ptr, stride_xm, M, XL, BLOCK_K, BLOCK_M)
+        z0 = gl.zeros([128], gl.float16, gl.SliceLayout(0, WL))
+        w = _load_words(ws_ptr, N, k_start, off_n, WL, R, P)
+        w1 = _load_words(ws_ptr, N, k1, off_n, WL, R, P)
+        return ws_ptr, x_ptrs, x_mask, z0, w, w1
+
+    @gluon.jit
     def _load_words(w_ptr, N, k0, off_n, WL: gl.constexpr, R: gl.constexpr, P: gl.constexpr):
         """Words ``[R, 128]`` of the K tile at k0 (WL) of one slice (w_ptr: its first word row)."""
         r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
@@ -326,11 +344,8 @@ if gluon is not None:
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)
         BL: gl.constexpr = gl.DotOperandLayout(1, MMA, 8)
         WL: gl.constexpr = _words_layout(R, 128, CLUSTER)
-        XL: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)
-        xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XL))
-        xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
-        x_ptrs = x_ptr + xm[None, :] * stride_xm + xk[:, None]
-        x_mask = (xm < M)[None, :]
+        x_ptrs, x_mask = _x_tile_ptrs(x_ptr, stride_xm, M, _x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER), BLOCK_K,
+                                      BLOCK_M)
         cols = _tile_cols_perm(gl.zeros([128, BLOCK_M], gl.float32, MMA), off_n)
         k_start = pid_k * k_per_split
         acc = gl.zeros([128, BLOCK_M], gl.float32, MMA)
@@ -341,26 +356,14 @@ if gluon is not None:
         w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, off_n, cols, WL, R, P)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
-            XLB: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)
-            wb_ptr = w_ptr + (K // 32 * W0) * N
-            xkb = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XLB))
-            xmb = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XLB))
-            xb_ptrs = x_ptr + xmb[None, :] * stride_xm + xkb[:, None]
-            xb_mask = (xmb < M)[None, :]
-            zb0 = gl.zeros([128], gl.float16, gl.SliceLayout(0, WLB))
-            wb = _load_words(wb_ptr, N, k_start, off_n, WLB, RB, PB)
-            wb1 = _load_words(wb_ptr, N, k1, off_n, WLB, RB, PB)
+            wb_ptr, xb_ptrs, xb_mask, zb0, wb, wb1 = _higher_slice(
+                x_ptr, w_ptr + (K // 32 * W0) * N, stride_xm, M, N, k_start, k1, off_n, WLB,
+                _x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER), RB, PB, BLOCK_K, BLOCK_M)
         if WC > 0:
             WLC: gl.constexpr = _words_layout(RC, 128, CLUSTER)
-            XLC: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)
-            wc_ptr = w_ptr + (K // 32 * (W0 + WB)) * N
-            xkc = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XLC))
-            xmc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XLC))
-            xc_ptrs = x_ptr + xmc[None, :] * stride_xm + xkc[:, None]
-            xc_mask = (xmc < M)[None, :]
-            zc0 = gl.zeros([128], gl.float16, gl.SliceLayout(0, WLC))
-            wc = _load_words(wc_ptr, N, k_start, off_n, WLC, RC, PC)
-            wc1 = _load_words(wc_ptr, N, k1, off_n, WLC, RC, PC)
+            wc_ptr, xc_ptrs, xc_mask, zc0, wc, wc1 = _higher_slice(
+                x_ptr, w_ptr + (K // 32 * (W0 + WB)) * N, stride_xm, M, N, k_start, k1, off_n, WLC,
+                _x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER), RC, PC, BLOCK_K, BLOCK_M)
         if PDL:
             _gdc_launch_dependents()
             _gdc_wait()
@@ -439,14 +442,14 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # resident programs by BLOCK_M (offline sm_90: 128 / 162 registers)
 
 
-def mma_config(M: int, N: int, K: int, G: int, sms: int, bits: int = 4) -> tuple[int, int, int]:
+def mma_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, split): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); split-K
     doubled while all programs stay resident at once (one wave) and each keeps >= 2 K tiles."""
     bm = 8 if M <= 8 else 16
     bk = 128 if G % 128 == 0 else 64
     tiles, k_tiles = N // 128, K // bk
     split = 1
-    slots = MMA_PROGRAMS_PER_SM.get((bm, bits), MMA_PROGRAMS_PER_SM[bm]) * sms
+    slots = MMA_PROGRAMS_PER_SM[bm] * sms
     while tiles * split * 2 <= slots and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 2:
         split *= 2
     return bm, bk, split
@@ -484,7 +487,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"{'/'.join(map(str, MMA_BITS))}-bit weight with integer f16 zero points, N % 128 "
                          f"== 0, K and group % 64 == 0 (got {x.dtype} x, M {M}, {packed.fmt} {bits}-bit, "
                          f"N {N}, K {K}, G {G})")
-    bm, bk, split = mma_config(M, N, K, G, _num_sms(x.device), bits)
+    bm, bk, split = mma_config(M, N, K, G, _num_sms(x.device))
     BK = block_k or bk
     if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "

@@ -438,7 +438,7 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
         return False
     if M > 8:
         _, bk, split = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
-                                  _num_sms(x.device), packed.bits)
+                                  _num_sms(x.device))
         return packed.in_features // bk // split >= MMA_MIN_TILES_M16
     return True
 
