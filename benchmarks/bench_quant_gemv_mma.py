@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from anybit.kernels import quant_matmul as qm  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import _num_sms  # noqa: E402
-from anybit.kernels.quant_gemv_mma import mma_config  # noqa: E402
+from anybit.kernels.quant_gemv_mma import mma_config, mma_rows  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
 from benchmarks.bench_quant_matmul import bench_shape, check_cases, random_packed, run_variant  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
@@ -68,6 +68,24 @@ def sweep_variants(M: int, b: int) -> list:
                   if s != mma_config(M, 4096, 14336, 128, sms)[2]]
 
 
+def ks_variants(M: int, b: int) -> list:
+    """The K split inside the program (KS): the launcher without this kernel ("anybit": the packed-half
+    GEMV at M = 1), the kernel with KS = 1 (the session-10 kernel), its default (mma_config), and each
+    KS with the split-K of mma_config and without split-K."""
+    out = ks_bits_variants(M, b)
+    for ks in (2, 4, 8):
+        if ks * mma_rows(M) <= 8:
+            out += [(f"anybit_mma_ks{ks}", dict(direct_mma=True, ks=ks)),
+                    (f"anybit_mma_ks{ks}_sk1", dict(direct_mma=True, ks=ks, split_k=1))]
+    return out
+
+
+def ks_bits_variants(M: int, b: int) -> list:
+    """Other widths: the launcher without this kernel, KS = 1 and the default."""
+    return [("anybit", {}), ("anybit_mma_ks1", dict(direct_mma=True, ks=1)),
+            ("anybit_mma", dict(direct_mma=True))]
+
+
 def diag_variants(M: int, b: int) -> list:
     """What limits the kernel: PDL off; DIAG bit 0 = no x load in the loop, bit 1 = no split-K sum
     (wrong results)."""
@@ -79,6 +97,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--plan", choices=["default", "ks"], default="default",
+                    help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1)")
+    ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
     qm.MMA_MODE = "0"  # "anybit" = the launcher without this kernel; anybit_mma* call it directly
@@ -88,14 +109,14 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    corr = correctness(log)
+    corr = [] if args.skip_correctness else correctness(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
     rows: list[dict] = []
     sms = _num_sms(torch.device("cuda"))
     configs = {f"{N}x{K} M{M}": mma_config(M, N, K, 128, sms) for N, K in SHAPES for M in MS}
 
     def dump():
-        write_result("quant_matmul_mma", "Register-operand mma.sync any-bit GEMV/GEMM (M <= 16) vs cuBLAS "
+        write_result(name, "Register-operand mma.sync any-bit GEMV/GEMM (M <= 16) vs cuBLAS "
                      "bf16, torch int4 and the current launcher, Llama-3-8B shapes, group 128",
                      ["shape", "M", "method", "bits", "time_us", "tbps", "speedup"], rows,
                      ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB) / R; "
@@ -103,14 +124,20 @@ def main() -> int:
                       "config (mma_config: BLOCK_M, BLOCK_K, split), anybit_mma_<name> = one change "
                       "(_cluster: the K splits as one thread-block cluster per tile), "
                       "anybit = the launcher's choice without this kernel ('auto')",
+                      "ks = the K split inside a program (anybit_mma_ks<k>[_sk1]: forced, without split-K)",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks vs the float32 "
                       f"dequantization passed (rel err < 5e-3, repeated call identical)"],
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
-    plan = [((4096, 14336), [1], [4], diag_variants)]
-    plan += [((N, K), MS, [4], main_variants) for N, K in SHAPES]
-    plan += [((4096, 14336), MS, [2], main_variants), ((4096, 14336), [1, 16], [4], sweep_variants),
-             ((14336, 4096), MS, [2], main_variants)]
+    name = "quant_matmul_mma" if args.plan == "default" else f"quant_matmul_mma_{args.plan}"
+    if args.plan == "ks":
+        plan = [((N, K), [1, 2, 4], [4], ks_variants) for N, K in SHAPES[:3]]
+        plan += [((N, K), [1], [2, 3, 5, 6], ks_bits_variants) for N, K in SHAPES[:3]]
+    else:
+        plan = [((4096, 14336), [1], [4], diag_variants)]
+        plan += [((N, K), MS, [4], main_variants) for N, K in SHAPES]
+        plan += [((4096, 14336), MS, [2], main_variants), ((4096, 14336), [1, 16], [4], sweep_variants),
+                 ((14336, 4096), MS, [2], main_variants)]
     for (N, K), ms, bits, variants in plan:
         if time.time() - t0 > args.budget:
             log(f"budget reached: skipped {N}x{K} {variants.__name__}")
@@ -133,6 +160,13 @@ def main() -> int:
                  for m in ("torch_int4pack", "anybit", "anybit_mma")]
         print(f"{shp:>12} {M:>3} {b:>2} {sel['cublas_bf16']['time_us']:7.1f} " + " ".join(cells)
               + f"  {sel['anybit_mma']['tbps']:.2f}")
+    ks_rows = [r for r in rows if r.get("section") in ("ks_variants", "ks_bits_variants")]
+    for shp, M, b in sorted({(r["shape"], r["M"], r["bits"]) for r in ks_rows if r["bits"] < 16}):
+        cub = next(r["time_us"] for r in ks_rows
+                   if (r["shape"], r["M"], r["method"]) == (shp, M, "cublas_bf16"))
+        cells = [f"{r['method'][7:] or 'auto'}={r['time_us']:.1f}({r['speedup']:.2f}x)" for r in ks_rows
+                 if (r["shape"], r["M"], r["bits"]) == (shp, M, b)]
+        print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
         if r.get("section") in ("sweep_variants", "diag_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")

@@ -132,11 +132,20 @@ if gluon is not None:
         return gl.reshape(gl.permute(t, (0, 4, 1, 2, 5, 3)), [R, 128])
 
     @gluon.jit
-    def _tile_cols_perm(acc, off_n):
-        """Output column of each MMA row of ``acc [128, BLOCK_M]`` (inverse of ``_relabel_cols``)."""
-        i = gl.arange(0, 128, layout=gl.SliceLayout(1, acc.type.layout))
-        col = ((i >> 5) & 1) * 64 + ((i >> 4) & 1) * 32 + (i & 7) * 4 + ((i >> 6) & 1) * 2 + ((i >> 3) & 1)
-        return off_n + col
+    def _ks_sum(acc, KS: gl.constexpr, MR: gl.constexpr):
+        """``acc [128, BM]`` of a KS > 1 tile (MMA row i = tile column t(i) = kr CW + c, MMA column j =
+        kr' MR + m) -> ``[CW, MR]``: the sum over kr of the entries with kr' = kr (the others pair a
+        weight chunk with another chunk's x), rows in column order c."""
+        BM: gl.constexpr = acc.shape[1]
+        CW: gl.constexpr = 128 // KS
+        L: gl.constexpr = acc.type.layout
+        t = _tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, L)))
+        j = gl.arange(0, BM, layout=gl.SliceLayout(0, L))
+        a = gl.where((t // CW)[:, None] == (j // MR)[None, :], acc, 0.0)
+        a = gl.reshape(a, [2, 2, 2, 2, 2, 2, 2, BM])  # MMA row bits i6 .. i0, j
+        a = gl.permute(a, (1, 2, 4, 5, 6, 0, 3, 7))  # tile column bits t6 .. t0 (see _tile_col), j
+        a = gl.sum(gl.reshape(a, [KS, CW, BM // MR, MR]), axis=2)
+        return gl.sum(a, axis=0)
 
     @gluon.jit
     def _relabel_a(a, W0: gl.constexpr):
@@ -181,40 +190,66 @@ if gluon is not None:
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
 
     @gluon.jit
-    def _x_tile_ptrs(x_ptr, stride_xm, M, XL: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr):
-        """Pointers ``[BLOCK_K, BLOCK_M]`` (layout XL) of the x^T tile at K 0, and its row mask."""
+    def _x_tile_ptrs(x_ptr, stride_xm, M, XL: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
+                     KS: gl.constexpr = 1, MR: gl.constexpr = 0):
+        """Pointers ``[BLOCK_K, BLOCK_M]`` (layout XL) of the x^T tile at K 0, and its mask. KS > 1
+        (K split over the tile's rows, ``_ks_offsets``): MMA column j = kr MR + m is row m of x at K
+        kr BLOCK_K (rows m >= M and chunks kr >= KS read as 0); MR 0: BLOCK_M."""
+        MRR: gl.constexpr = BLOCK_M if MR == 0 else MR
         xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XL))
-        xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
-        return x_ptr + xm[None, :] * stride_xm + xk[:, None], (xm < M)[None, :]
+        j = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
+        m = j % MRR
+        kr = j // MRR
+        ptrs = x_ptr + (m * stride_xm + kr * BLOCK_K)[None, :] + xk[:, None]
+        return ptrs, ((m < M) & (kr < KS))[None, :]
 
     @gluon.jit
-    def _higher_slice(x_ptr, ws_ptr, stride_xm, M, N, k_start, k1, off_n, WL: gl.constexpr, XL: gl.constexpr,
-                      R: gl.constexpr, P: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr):
+    def _tile_col(i):
+        """Tile column (0..127) of MMA row i (inverse of ``_relabel_cols``)."""
+        return ((i >> 5) & 1) * 64 + ((i >> 4) & 1) * 32 + (i & 7) * 4 + ((i >> 6) & 1) * 2 + ((i >> 3) & 1)
+
+    @gluon.jit
+    def _ks_offsets(t, off_n, N, G, KS: gl.constexpr, BLOCK_K: gl.constexpr, P: gl.constexpr):
+        """For tile columns t: the element offsets of their words (word row 0 of the tile) and of their
+        group's scale / zero (group row of the tile's first K). KS = 1: column off_n + t. KS > 1: the
+        tile's rows hold CW = 128 / KS output columns x KS chunks of BLOCK_K consecutive K (tile
+        column t = kr CW + c: column off_n + c, K chunk kr); needs KS BLOCK_K and G to divide one
+        another (the launcher), so the chunk's group is the tile's plus kr BLOCK_K // G."""
+        CW: gl.constexpr = 128 // KS
+        n = off_n + t % CW
+        kr = t // CW
+        return n + kr * (BLOCK_K // P) * N, n + (kr * BLOCK_K // G) * N
+
+    @gluon.jit
+    def _higher_slice(x_ptr, ws_ptr, stride_xm, M, N, G, k_start, k1, off_n, WL: gl.constexpr,
+                      XL: gl.constexpr, R: gl.constexpr, P: gl.constexpr, BLOCK_K: gl.constexpr,
+                      BLOCK_M: gl.constexpr, KS: gl.constexpr, MR: gl.constexpr):
         """Start of a second or third slice (words from ws_ptr, its first word row): its x^T tile
-        pointers and mask (XL, the slice's relabeling), zero points 0 and its first two tiles."""
-        x_ptrs, x_mask = _x_tile_ptrs(x_ptr, stride_xm, M, XL, BLOCK_K, BLOCK_M)
+        pointers and mask (XL, the slice's relabeling), word offsets, zero points 0 and its first two
+        tiles."""
+        x_ptrs, x_mask = _x_tile_ptrs(x_ptr, stride_xm, M, XL, BLOCK_K, BLOCK_M, KS, MR)
+        w_off, _ = _ks_offsets(gl.arange(0, 128, layout=gl.SliceLayout(0, WL)), off_n, N, G, KS, BLOCK_K, P)
         z0 = gl.zeros([128], gl.float16, gl.SliceLayout(0, WL))
-        w = _load_words(ws_ptr, N, k_start, off_n, WL, R, P)
-        w1 = _load_words(ws_ptr, N, k1, off_n, WL, R, P)
-        return ws_ptr, x_ptrs, x_mask, z0, w, w1
+        w = _load_words(ws_ptr, N, k_start, w_off, WL, R, P)
+        w1 = _load_words(ws_ptr, N, k1, w_off, WL, R, P)
+        return ws_ptr, x_ptrs, x_mask, w_off, z0, w, w1
 
     @gluon.jit
-    def _load_words(w_ptr, N, k0, off_n, WL: gl.constexpr, R: gl.constexpr, P: gl.constexpr):
-        """Words ``[R, 128]`` of the K tile at k0 (WL) of one slice (w_ptr: its first word row)."""
+    def _load_words(w_ptr, N, k0, w_off, WL: gl.constexpr, R: gl.constexpr, P: gl.constexpr):
+        """Words ``[R, 128]`` of the K tile at k0 (WL) of one slice (w_ptr: its first word row; w_off:
+        the columns' offsets, ``_ks_offsets``)."""
         r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
-        n = off_n + gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
-        return gl.load(w_ptr + (k0 // P + r)[:, None] * N + n[None, :])
+        return gl.load(w_ptr + (k0 // P + r)[:, None] * N + w_off[None, :])
 
     @gluon.jit
-    def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, off_n, s_cols, WL: gl.constexpr, R: gl.constexpr,
+    def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
-        order) and its scales (MMA rows ``s_cols``)."""
-        n = off_n + gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
-        w = _load_words(w_ptr, N, k0, off_n, WL, R, P)
+        order, offsets z_off) and its scales (MMA rows, offsets s_off)."""
+        w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
         g = k0 // G
-        z = gl.load(z_ptr + g * N + n)
-        s = gl.load(s_ptr + g * N + s_cols)
+        z = gl.load(z_ptr + g * N + z_off)
+        s = gl.load(s_ptr + g * N + s_off)
         return w, z, s
 
     @gluon.jit
@@ -310,7 +345,8 @@ if gluon is not None:
                                stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
                                PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
-                               ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0):
+                               ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
+                               KS: gl.constexpr = 1, MR: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -327,7 +363,13 @@ if gluon is not None:
         WB, WC (widths of a second and third slice, 0 = none; anybit/quant/format.py: 3 = 2+1, 5 = 4+1,
         6 = 4+2, 7 = 4+2+1): the code is ``q = q0 + 2^W0 qb + 2^(W0+WB) qc``, so ``s (q - z)`` = ``s ((q0
         - z) + 2^W0 qb + ...)``: each slice is unpacked on its own (zero point on the first only) and
-        multiplied by its own relabeled copy of x times 2^shift (exact) in one MMA chain per tile."""
+        multiplied by its own relabeled copy of x times 2^shift (exact) in one MMA chain per tile.
+
+        KS > 1 (K split inside the program, for M <= MR with KS MR <= BLOCK_M): the 128 MMA rows are
+        CW = 128 / KS output columns x KS chunks of BLOCK_K consecutive K, and MMA column kr MR + m is x
+        row m at chunk kr, so one iteration covers KS BLOCK_K of K (k_per_split counts those) and the
+        entries with matching chunks are summed at the end (``_ks_sum``, through shared memory once per
+        program). Fewer output columns per program give enough programs without split-K (M = 1)."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -339,44 +381,49 @@ if gluon is not None:
             pid_k = _cluster_rank()
         else:
             pid_k = gl.program_id(1)
-        off_n = pid * 128
+        CW: gl.constexpr = 128 // KS
+        SK: gl.constexpr = KS * BLOCK_K  # K per iteration
+        off_n = pid * CW
         MMA: gl.constexpr = _mma_layout(CLUSTER)
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)
         BL: gl.constexpr = gl.DotOperandLayout(1, MMA, 8)
         WL: gl.constexpr = _words_layout(R, 128, CLUSTER)
         x_ptrs, x_mask = _x_tile_ptrs(x_ptr, stride_xm, M, _x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER), BLOCK_K,
-                                      BLOCK_M)
-        cols = _tile_cols_perm(gl.zeros([128, BLOCK_M], gl.float32, MMA), off_n)
+                                      BLOCK_M, KS, MR)
+        t = gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
+        w_off, z_off = _ks_offsets(t, off_n, N, G, KS, BLOCK_K, P)
+        _, s_off = _ks_offsets(_tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))), off_n, N, G, KS,
+                               BLOCK_K, P)
         k_start = pid_k * k_per_split
         acc = gl.zeros([128, BLOCK_M], gl.float32, MMA)
         # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
         # them to the end of the iteration, so a distance of one would wait for each tile)
-        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, off_n, cols, WL, R, P)
-        k1 = k_start + gl.minimum(1, n_iters - 1) * BLOCK_K
-        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, off_n, cols, WL, R, P)
+        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P)
+        k1 = k_start + gl.minimum(1, n_iters - 1) * SK
+        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
-            wb_ptr, xb_ptrs, xb_mask, zb0, wb, wb1 = _higher_slice(
-                x_ptr, w_ptr + (K // 32 * W0) * N, stride_xm, M, N, k_start, k1, off_n, WLB,
-                _x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER), RB, PB, BLOCK_K, BLOCK_M)
+            wb_ptr, xb_ptrs, xb_mask, wb_off, zb0, wb, wb1 = _higher_slice(
+                x_ptr, w_ptr + (K // 32 * W0) * N, stride_xm, M, N, G, k_start, k1, off_n, WLB,
+                _x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER), RB, PB, BLOCK_K, BLOCK_M, KS, MR)
         if WC > 0:
             WLC: gl.constexpr = _words_layout(RC, 128, CLUSTER)
-            wc_ptr, xc_ptrs, xc_mask, zc0, wc, wc1 = _higher_slice(
-                x_ptr, w_ptr + (K // 32 * (W0 + WB)) * N, stride_xm, M, N, k_start, k1, off_n, WLC,
-                _x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER), RC, PC, BLOCK_K, BLOCK_M)
+            wc_ptr, xc_ptrs, xc_mask, wc_off, zc0, wc, wc1 = _higher_slice(
+                x_ptr, w_ptr + (K // 32 * (W0 + WB)) * N, stride_xm, M, N, G, k_start, k1, off_n, WLC,
+                _x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER), RC, PC, BLOCK_K, BLOCK_M, KS, MR)
         if PDL:
             _gdc_launch_dependents()
             _gdc_wait()
         if DIAG & 1:
             xb = _x_operand(x_ptrs + k_start, x_mask, BL, W0)
         for i in range(n_iters):
-            k0 = k_start + i * BLOCK_K
-            k2 = k_start + gl.minimum(i + 2, n_iters - 1) * BLOCK_K  # past the end: reload the last tile
-            w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, off_n, cols, WL, R, P)
+            k0 = k_start + i * SK
+            k2 = k_start + gl.minimum(i + 2, n_iters - 1) * SK  # past the end: reload the last tile
+            w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P)
             if WB > 0:
-                wb2 = _load_words(wb_ptr, N, k2, off_n, WLB, RB, PB)
+                wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
             if WC > 0:
-                wc2 = _load_words(wc_ptr, N, k2, off_n, WLC, RC, PC)
+                wc2 = _load_words(wc_ptr, N, k2, wc_off, WLC, RC, PC)
             if DIAG & 1 == 0:
                 xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
             part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
@@ -395,6 +442,11 @@ if gluon is not None:
             w1, z1, s1 = w2, z2, s2
         if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)
             acc = _cluster_sum(acc, pid_k, CLUSTER)
+        if KS > 1:
+            acc = _ks_sum(acc, KS, MR)
+            cols = off_n + gl.arange(0, CW, layout=gl.SliceLayout(1, acc.type.layout))
+        else:
+            cols = off_n + _tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA)))
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
                     SPLIT and DIAG & 2 == 0, ACC=ACC)
 
@@ -440,19 +492,38 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 
 
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # resident programs by BLOCK_M (offline sm_90: 128 / 162 registers)
+MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 
 
-def mma_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, split): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); split-K
-    doubled while all programs stay resident at once (one wave) and each keeps >= 2 K tiles."""
+def ks_fits(ks: int, M: int, bm: int, K: int, G: int, bk: int) -> bool:
+    """Whether KS = ks applies: a power of two up to 8, ks x (M rounded up to a power of two) <= bm
+    MMA columns, whole iterations of ks x bk of K, and groups that divide or are multiples of it."""
+    sk = ks * bk
+    return ks in MMA_KS and ks * mma_rows(M) <= bm and K % sk == 0 and (G % sk == 0 or sk % G == 0)
+
+
+def mma_rows(M: int) -> int:
+    """The kernel's MR: x rows per K chunk, M rounded up to a power of two."""
+    return 1 << (M - 1).bit_length()
+
+
+def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, split, ks): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); the
+    in-program K split ks (None: at M = 1, doubled while the programs, N ks / 128, all stay resident at
+    once and each keeps >= 2 iterations); then split-K across programs doubled the same way."""
     bm = 8 if M <= 8 else 16
     bk = 128 if G % 128 == 0 else 64
-    tiles, k_tiles = N // 128, K // bk
-    split = 1
     slots = MMA_PROGRAMS_PER_SM[bm] * sms
+    if ks is None:  # M = 1 only: at M 2..4 it measured level or slower on the H100 (s11-1)
+        ks = 1
+        while M == 1 and ks_fits(ks * 2, M, bm, K, G, bk) and N * ks * 2 // 128 <= slots \
+                and K // (ks * 2 * bk) >= 2:
+            ks *= 2
+    tiles, k_tiles = N * ks // 128, K // (ks * bk)
+    split = 1
     while tiles * split * 2 <= slots and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 2:
         split *= 2
-    return bm, bk, split
+    return bm, bk, split, ks
 
 
 MMA_CLUSTER = os.environ.get("ANYBIT_MMA_CLUSTER", "0") == "1"  # split-K as a cluster: opt-in (slower, s7-1)
@@ -471,15 +542,16 @@ def cluster_applies(split: int, device: torch.device, cluster: bool | None = Non
 
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
                    split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
-                   diag: int = 0, acc: torch.Tensor | None = None) -> torch.Tensor:
+                   diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
-    ``mma_config`` (benchmarks); ``pdl``: programmatic dependent launch (None: where
-    anybit/kernels/pdl.py enables it); ``cluster``: split-K as a thread-block cluster summed in
-    distributed shared memory rather than through a global workspace (None: ``cluster_applies``'s
-    default); ``diag``: the kernel's DIAG (benchmarks only). ``acc`` (float32 ``[M, N]``, rows
-    contiguous, zeroed; y may then be None): the programs add their partials into it with float
-    atomics instead of the ordered split-K sum into y (anybit/layers/pending.py); returns acc."""
+    ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
+    programmatic dependent launch (None: where anybit/kernels/pdl.py enables it); ``cluster``:
+    split-K as a thread-block cluster summed in distributed shared memory rather than through a
+    global workspace (None: ``cluster_applies``'s default); ``diag``: the kernel's DIAG (benchmarks
+    only). ``acc`` (float32 ``[M, N]``, rows contiguous, zeroed; y may then be None): the programs
+    add their partials into it with float atomics instead of the ordered split-K sum into y
+    (anybit/layers/pending.py); returns acc."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -487,14 +559,26 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"{'/'.join(map(str, MMA_BITS))}-bit weight with integer f16 zero points, N % 128 "
                          f"== 0, K and group % 64 == 0 (got {x.dtype} x, M {M}, {packed.fmt} {bits}-bit, "
                          f"N {N}, K {K}, G {G})")
-    bm, bk, split = mma_config(M, N, K, G, _num_sms(x.device))
+    sms = _num_sms(x.device)
+    bm, bk, split, ks_auto = mma_config(M, N, K, G, sms)
     BK = block_k or bk
     if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "
                          f"and divide the group size {G}")
+    clustered = cluster_applies(split_k or mma_config(M, N, K, G, sms, 1)[2], x.device, cluster)
+    if ks is None:
+        ks = 1 if clustered or bk != BK else ks_auto
+    elif ks != 1 and (clustered or not ks_fits(ks, M, bm, K, G, BK)):
+        raise ValueError(f"quant_gemv_mma: ks {ks} must be 1, 2, 4 or 8 with ks x {mma_rows(M)} (M {M} "
+                         f"rounded up) <= {bm}, K {K} a multiple of ks x block_k {BK} and the group size {G} "
+                         f"a divisor or multiple of it, and no cluster")
+    if ks != ks_auto:
+        split = mma_config(M, N, K, G, sms, ks)[2]
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    per, split = k_split(K // BK, split_k or split)
-    tiles = N // 128
+    SK = ks * BK
+    per, split = k_split(K // SK, split_k or split)
+    tiles = N * ks // 128
+    mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)
     launch = {"launch_pdl": True} if pdl else {}
     if acc is not None:
@@ -503,10 +587,10 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                              f"{acc.dtype} {tuple(acc.shape)}")
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
-            acc.stride(0), per * BK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            num_warps=4, **launch)
+            acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
+            KS=ks, MR=mr, num_warps=4, **launch)
         return acc
-    if cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared memory
+    if ks == 1 and cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared mem.
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
@@ -519,5 +603,6 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         ws, locks = y, y
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
-        per * BK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, num_warps=4, **launch)
+        per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, num_warps=4,
+        **launch)
     return y

@@ -427,19 +427,31 @@ MMA_MODE = os.environ.get("ANYBIT_MMA", "2")
 # packed-half GEMV at M = 1 on the H100 (s10-1, quant_matmul_slices_s10) against 1.10-1.32x at M 4-8
 # on this kernel.
 MMA_M1_BITS = (7,)
+# Widths that take it at M = 1 where mma_config splits K inside the program (ks > 1, i.e. N small
+# enough: not lm_head), for a call that writes y (not for pending sums): on the H100 (s11-1,
+# quant_matmul_mma_ks) W4 16.9 / 15.3 / 9.0 us against the packed-half GEMV's 18.3 / 16.9 / 10.2 on
+# 4096x14336 / 14336x4096 / 6144x4096, W2 12.3 / 11.5 / 6.3 against 14.5 / 14.0 / 7.6; W3, W5 and W6
+# were level or faster on the GEMV. With pending sums (float atomics, no split-K ending: the decode
+# step) the GEMV stays: W4 batch-1 decode 453.2 tok/s against 435.1 with this kernel (s11-2).
+# ANYBIT_MMA_M1_KS=0: off.
+MMA_M1_KS_BITS = (1, 2, 4)
+MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
 MMA_MIN_TILES_M16 = 8  # K tiles per program below which M 9..16 keeps the other paths
 
 
-def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
-    """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M 9..16 rule above, and
-    its applicability)."""
-    if MMA_MODE == "0" or (MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS) \
-            or not mma_applies(packed, M, x):
+def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:
+    """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M = 1 and M 9..16 rules
+    above, and its applicability); ``pending``: a call that adds into a pending sum
+    (anybit/layers/pending.py) rather than writing y."""
+    if MMA_MODE == "0" or not mma_applies(packed, M, x):
         return False
+    if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
+        return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and mma_config(
+            1, packed.out_features, packed.in_features, packed.group_size, _num_sms(x.device))[3] > 1
     if M > 8:
-        _, bk, split = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
-                                  _num_sms(x.device))
-        return packed.in_features // bk // split >= MMA_MIN_TILES_M16
+        _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
+                                      _num_sms(x.device))
+        return packed.in_features // (bk * ks) // split >= MMA_MIN_TILES_M16
     return True
 
 

@@ -40,10 +40,19 @@ def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
 
 
 def test_launcher_config_and_applicability():
-    assert mm.mma_config(1, 4096, 14336, 128, 132) == (8, 128, 16)  # 32 tiles x 16 splits <= 4 per SM
+    assert mm.mma_config(1, 4096, 14336, 128, 132, ks=1) == (8, 128, 16, 1)  # 32 tiles x 16 splits: 4 per SM
     assert mm.mma_config(16, 4096, 14336, 64, 132)[:2] == (16, 64)  # BLOCK_K divides the group
-    bm, bk, split = mm.mma_config(9, 128256, 4096, 128, 132)
-    assert (bm, split) == (16, 1)  # lm_head: 1002 tiles fill the GPU without split-K
+    bm, bk, split, ks = mm.mma_config(9, 128256, 4096, 128, 132)
+    assert (bm, split, ks) == (16, 1, 1)  # lm_head: 1002 tiles fill the GPU without split-K
+    # K split inside the program: 128 / ks columns x ks chunks of BLOCK_K per program, ks x M <= BLOCK_M
+    assert mm.mma_config(1, 14336, 4096, 128, 132)[2:] == (1, 4)  # 448 programs of 8 iterations
+    assert mm.mma_config(1, 6144, 4096, 128, 132)[2:] == (1, 8)
+    assert mm.mma_config(8, 6144, 4096, 128, 132)[3] == 1 and mm.mma_config(2, 6144, 4096, 128, 132)[3] <= 4
+    assert mm.mma_rows(3) == 4 and mm.ks_fits(2, 3, 8, 4096, 128, 128)
+    assert not mm.ks_fits(4, 3, 8, 4096, 128, 128)  # 4 chunks x 4 rows > 8 MMA columns
+    assert not mm.ks_fits(8, 1, 8, 1536, 128, 128)  # K not a multiple of 8 x 128
+    assert not mm.ks_fits(4, 1, 8, 4608, 192, 64)  # groups of 192 vs chunks of 256 K
+    assert mm.ks_fits(8, 1, 8, 14336, 14336, 128)  # per-channel: one group per column
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
     assert not mm.mma_applies(pw, 1, x)  # CPU tensors never take the Gluon path
@@ -71,6 +80,29 @@ def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
     assert sum(s.startswith("LDG.E.128") for s in lines) >= 4
     assert not any(s.split()[0].startswith(("LDSM", "STSM", "STL", "LDL")) for s in lines)
     assert sum(s.split()[0] in ("LDS", "STS") for s in lines) <= 2
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits,ks,mr", [(4, 8, 1), (3, 2, 4)])
+def test_sm90_compile_k_split_inside_the_program(bits, ks, mr):
+    """KS > 1: the same register-only loop (words still as 16-byte loads: the column offsets of the K
+    chunks keep 4 adjacent columns per thread), shared memory only for the one cross-warp sum of
+    the K chunks after the loop."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
+    consts = dict(W0=w0, BLOCK_M=8, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
+                  WC=wc, KS=ks, MR=mr)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+    ops = [s.split()[0] for s in lines if not s.startswith("//")]
+    loop_end = max(i for i, o in enumerate(ops) if o.startswith("HMMA"))
+    assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) >= 16 * len(SLICES[bits])
+    assert sum(o.startswith("LDG.E.128") for o in ops) >= 4 * len(SLICES[bits])
+    assert not any(o.startswith(("LDS", "STS", "BAR")) for o in ops[:loop_end])
+    assert any(o.startswith("BAR.SYNC") for o in ops[loop_end:])
+    assert not any(o.startswith(("LDSM", "STSM", "STL", "LDL")) for o in ops)
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
@@ -140,12 +172,30 @@ def test_matches_reference(bits, M, group):
         err = (y.float() - want).abs().max().item()
         assert err <= 1e-2 * want.abs().max().item() + 1e-3, (split, cluster, err)
         if cluster:  # the same partials summed in the same order as the workspace path
-            ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, cluster=False)
+            ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, cluster=False, ks=1)
             assert torch.equal(y, ref), (split, (y.float() - ref.float()).abs().max().item())
+    for ks in (2, 4, 8):  # K split inside the program (M <= 4): on its own weight with K = 2048
+        if not mm.ks_fits(ks, M, 8, 2048, 2048 if group == -1 else group, 64 if group == 64 else 128):
+            continue
+        pk = _rtn(N, 2048, bits, group, seed=ks)
+        xk = torch.randn(M, 2048, generator=torch.Generator().manual_seed(ks)).to("cuda", torch.bfloat16)
+        want_k = ref_quant_matmul(xk.float(), pk)
+        for split in (None, 1, 2):
+            y = mm.quant_gemv_mma(xk, pk, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"),
+                                  split_k=split, ks=ks)
+            err = (y.float() - want_k).abs().max().item()
+            assert err <= 1e-2 * want_k.abs().max().item() + 1e-3, (ks, split, err)
+        acc = torch.zeros(M, N, dtype=torch.float32, device="cuda")
+        mm.quant_gemv_mma(xk, pk, None, acc=acc, split_k=2, ks=ks)  # pending sums (atomics)
+        assert (acc - want_k).abs().max().item() <= 1e-2 * want_k.abs().max().item() + 1e-3, ks
     if qm.mma_chosen(pw, M, x):  # "auto" (M 2..8 by default)
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
-    m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS
+    ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device))[3]
+    m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (qm.MMA_M1_KS and bits in qm.MMA_M1_KS_BITS
+                                                          and ks1 > 1)
     assert qm.mma_chosen(pw, M, x) == (qm.MMA_MODE != "0" and (M > 1 or m1) and M <= 8)
+    m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS  # pending sums keep the GEMV at M = 1
+    assert qm.mma_chosen(pw, M, x, pending=True) == (qm.MMA_MODE != "0" and (M > 1 or m1_pending) and M <= 8)
 
 
 @pytest.mark.gpu
