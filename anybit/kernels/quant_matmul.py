@@ -45,7 +45,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     k_split,
     quant_gemv_h2,
 )
-from anybit.kernels.quant_gemv_mma import mma_applies, mma_config, quant_gemv_mma
+from anybit.kernels.quant_gemv_mma import MMA_BITS, mma_applies, mma_config, quant_gemv_mma
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
 try:  # Triton is optional on CPU-only installs
@@ -384,7 +384,9 @@ GEMM_H2_AUTO = False
 # where it beat the other paths in the H100 runs of session 4 (quant_matmul_wg.json, W4): M 17..384
 # on every shape (M 32: 1.2-1.3x cuBLAS vs 0.95-1.04x; M 128: 0.67-0.92x vs 0.47-0.51x), and
 # M 2..16 when N <= WG_SMALL_N (QKV 6144x4096: 1.52-1.61x vs 1.20-1.32x; on the MLP shapes and
-# lm_head the older kernel is 3-20% faster there). From M 512 the dequantize + cuBLAS path wins.
+# lm_head the older kernel is 3-20% faster there for W4) or the width has no mma.sync kernel (W8: on
+# 14336x4096 at M 4 / 16 34.5 / 35.6 us against 46.0 / 48.2 on the generic path, lm_head 215 / 213
+# against 230 / 231; H100 s11-4, quant_matmul_routes_s11). From M 512 the dequantize + cuBLAS path wins.
 WG_AUTO = os.environ.get("ANYBIT_WG", "1") != "0"  # ANYBIT_WG=0: experiments without it
 WG_MAX_M = 384
 WG_SMALL_N = 8192
@@ -392,7 +394,8 @@ WG_SMALL_N = 8192
 
 def wg_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the wgmma kernel (WG_AUTO and the ranges above)."""
-    if not WG_AUTO or M > WG_MAX_M or (M <= 16 and packed.out_features > WG_SMALL_N):
+    wide_small_m = M <= 16 and packed.out_features > WG_SMALL_N and packed.bits in MMA_BITS
+    if not WG_AUTO or M > WG_MAX_M or wide_small_m:
         return False
     return wg_applies(packed, M, x)
 

@@ -100,3 +100,19 @@ def test_experimental_fast_dequant(bits, swap):
     x = torch.randn(5, 384, device=DEV)
     y = quant_matmul(x, pw, path="gemm", swap=swap, fast_dequant=True)
     _check(y, ref_quant_matmul(x, pw), 1e-5 if not CUDA else 5e-3)
+
+
+@pytest.mark.parametrize("bits,N,M,want", [(8, 14336, 4, True), (8, 128256, 16, True), (4, 14336, 4, False),
+                                           (4, 4096, 4, True), (8, 14336, 400, False)])
+def test_wgmma_routing_by_width_and_width_of_output(monkeypatch, bits, N, M, want):
+    """At M <= 16 "auto" keeps wide outputs (N > WG_SMALL_N) off the wgmma kernel only for widths the
+    mma.sync kernel takes (it is chosen first there); W8 has no mma kernel and takes wgmma (H100
+    s11-4). Above WG_MAX_M never."""
+    from anybit.kernels import quant_matmul as qm
+    from anybit.quant.format import PackedWeight
+    monkeypatch.setattr(qm, "WG_AUTO", True)
+    monkeypatch.setattr(qm, "wg_applies", lambda packed, M, x: True)  # CPU: only the routing rule
+    K = 128
+    pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
+                      torch.zeros(1, N).half(), bits, 128, K, N)
+    assert qm.wg_chosen(pw, M, torch.empty(M, K)) == want
