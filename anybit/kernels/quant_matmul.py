@@ -390,11 +390,12 @@ GEMM_H2_AUTO = False
 WG_AUTO = os.environ.get("ANYBIT_WG", "1") != "0"  # ANYBIT_WG=0: experiments without it
 WG_MAX_M = 384
 WG_SMALL_N = 8192
+WG_WIDE = os.environ.get("ANYBIT_WG_WIDE", "1") != "0"  # 0: the session-10 rule (N <= WG_SMALL_N, all widths)
 
 
 def wg_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the wgmma kernel (WG_AUTO and the ranges above)."""
-    wide_small_m = M <= 16 and packed.out_features > WG_SMALL_N and packed.bits in MMA_BITS
+    wide_small_m = M <= 16 and packed.out_features > WG_SMALL_N and (packed.bits in MMA_BITS or not WG_WIDE)
     if not WG_AUTO or M > WG_MAX_M or wide_small_m:
         return False
     return wg_applies(packed, M, x)
