@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from status import status_section  # noqa: E402  (same folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.status import status_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["e2e", "quant_matmul", "attention_prefill", "attention_decode", "quality"]

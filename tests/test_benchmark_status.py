@@ -1,11 +1,9 @@
 """The generated status section of BENCHMARKS.md (benchmarks/status.py): ranges, verdicts and the
 cases that meet a goal come from the result rows; missing files are reported, not guessed."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from status import GOALS, Goal, goal_row, status_section  # noqa: E402
+from benchmarks.status import GOALS, Goal, goal_row, status_section
 
 
 def _record(rows, device="GPU X"):

@@ -565,10 +565,10 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "
                          f"and divide the group size {G}")
-    clustered = cluster_applies(split_k or mma_config(M, N, K, G, sms, 1)[2], x.device, cluster)
+    want_cluster = MMA_CLUSTER if cluster is None else cluster  # the cluster sum needs KS 1
     if ks is None:
-        ks = 1 if clustered or bk != BK else ks_auto
-    elif ks != 1 and (clustered or not ks_fits(ks, M, bm, K, G, BK)):
+        ks = 1 if want_cluster or bk != BK else ks_auto
+    elif ks != 1 and (want_cluster or not ks_fits(ks, M, bm, K, G, BK)):
         raise ValueError(f"quant_gemv_mma: ks {ks} must be 1, 2, 4 or 8 with ks x {mma_rows(M)} (M {M} "
                          f"rounded up) <= {bm}, K {K} a multiple of ks x block_k {BK} and the group size {G} "
                          f"a divisor or multiple of it, and no cluster")
