@@ -31,6 +31,7 @@ import os
 import torch
 
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
+from anybit.kernels.quant_gemm_ra import quant_gemm_ra, ra_applies
 from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
@@ -417,6 +418,20 @@ def ws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return WS_AUTO and WS_MIN_M <= M <= WS_MAX_M and wg_applies(packed, M, x)
 
 
+# The register-A wgmma kernel of quant_gemm_ra.py (W4): "auto" takes it for RA_MIN_M <= M <= RA_MAX_M,
+# where it beat the previous choice (wg) on every shape in the H100 run of session 12
+# (quant_matmul_ra_s12_*.json, s12-3, time ra / previous): M 128 53 / 109 us (4096x14336), 47 / 51
+# (14336x4096), 33 / 34 (6144x4096); M 256 84 / 111, 66 / 90, 45 / 50, lm_head 520 / 639. At M 32-64 the
+# warp-specialized kernel stays (ra 0.86-0.99x of it on the layer shapes), from M 512 dequantize + cuBLAS.
+RA_AUTO = os.environ.get("ANYBIT_RA", "1") != "0"  # ANYBIT_RA=0: experiments without it
+RA_MIN_M, RA_MAX_M = 65, 384
+
+
+def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether "auto" routes this call to the register-A wgmma kernel (RA_AUTO and the range above)."""
+    return RA_AUTO and RA_MIN_M <= M <= RA_MAX_M and ra_applies(packed, M, x)
+
+
 # The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 1..7 bits as slices of
 # 1/2/4 bits since session 10 (W3/5/6 at M 4-8: 1.8-2.4x cuBLAS, s10-1), integer zero
 # points, M <= 16): in the H100 runs of session 6 (quant_matmul_mma_s6_*.json, x cuBLAS, mma vs the
@@ -475,9 +490,11 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     slice of a fused output). ``path``: "auto" (the mma.sync kernel where ``mma_chosen``, else the
     packed-half GEMV for M <= H2_MAX_M when the weight is uniform 2/4/8-bit, or 3/5/6-bit with integer
     zero points, and x fp16/bf16 on CUDA, else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon
-    wgmma kernel where ``wg_chosen``, the warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2",
+    register-A wgmma kernel where ``ra_chosen``, the wgmma kernel where ``wg_chosen``, the
+    warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2",
     "gemm", "wg", "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "mma" (register-operand
-    mma.sync kernel, quant_gemv_mma.py, M <= 16), "dequant";
+    mma.sync kernel, quant_gemv_mma.py, M <= 16), "ra" (wgmma with the weights as a register operand,
+    quant_gemm_ra.py, W4), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
@@ -510,7 +527,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if path == "auto":
         h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
-        if path != "gemv_h2" and ws_chosen(packed, M, x):
+        if path != "gemv_h2" and ra_chosen(packed, M, x):
+            path = "ra"
+        elif path != "gemv_h2" and ws_chosen(packed, M, x):
             path = "ws"
         elif path != "gemv_h2" and wg_chosen(packed, M, x):
             path = "wg"
@@ -525,6 +544,10 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if path == "wg":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemm_wg(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
+                             stages=num_stages, num_warps=num_warps, split_k=split_k)
+    if path == "ra":
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return quant_gemm_ra(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
                              stages=num_stages, num_warps=num_warps, split_k=split_k)
     if path == "mma":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -557,7 +580,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, mma, dequant")
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, ra, mma, dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over
         split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1

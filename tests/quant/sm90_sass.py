@@ -99,14 +99,61 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
 
 
 def _sass_of(compiled) -> list[str]:
-    """SASS instruction texts of a compiled kernel (nvdisasm of its cubin), then one line
-    ``// shared BYTES`` (the kernel's shared memory: ``shared_bytes`` reads it)."""
+    """SASS instruction texts of a compiled kernel (nvdisasm of its cubin), with a line ``// label
+    .L_x_N`` where a branch target starts, then one line ``// shared BYTES`` (the kernel's shared
+    memory: ``shared_bytes`` reads it)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         sass = subprocess.run([nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    lines = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(.*?);", sass)]
+    lines = [m.group(2) if m.group(2) is not None else f"// label {m.group(1)}"
+             for m in re.finditer(r"^(\.L_x_\d+):|/\*[0-9a-f]{4,}\*/\s*(.*?);", sass, re.M)]
     return lines + [f"// shared {compiled.metadata.shared}"]
+
+
+def loop_bodies(lines: list[str]) -> list[list[str]]:
+    """The instructions of each loop: from a label to a later branch back to it (inclusive)."""
+    where = {s.split()[-1]: i for i, s in enumerate(lines) if s.startswith("// label ")}
+    loops = []
+    for i, s in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", s)
+        if m and where.get(m.group(1), len(lines)) < i:
+            loops.append(lines[where[m.group(1)] + 1:i + 1])
+    return loops
+
+
+def wgmma_register_a_hazards(body: list[str]) -> list[str]:
+    """Instructions of a loop body that write a register which an HGMMA still in flight reads as its
+    A operand (``HGMMA.64xNx16 Racc, Ra, gdesc``: Ra..Ra+3). Groups end at the HGMMA marked
+    ``gsb0``; ``WARPGROUP.DEPBAR.LE gsb0, k`` leaves the last k groups in flight. The body is
+    walked twice, so groups left in flight at the branch back are in flight at the top."""
+    groups: list[set] = []
+    current: set = set()
+    hazards = []
+    for s in body + body:
+        t = s.split()
+        if not t or s.startswith("//"):
+            continue
+        op, args = (t[1], t[2:]) if t[0].startswith("@") else (t[0], t[1:])
+        if op.startswith("HGMMA"):
+            if len(args) > 1 and re.fullmatch(r"R\d+,", args[1]):
+                base = int(args[1][1:-1])
+                current |= set(range(base, base + 4))
+            if "gsb0" in s:
+                groups.append(current)
+                current = set()
+            continue
+        if op.startswith("WARPGROUP.DEPBAR.LE"):
+            keep = int(args[-1], 0)
+            groups = groups[len(groups) - keep:] if keep else []
+            continue
+        in_flight = set().union(*groups) if groups else set()
+        m = re.match(r"R(\d+)", args[0]) if args else None
+        if m and in_flight and not op.startswith(("ST", "RED", "ATOM", "BRA", "SYNCS", "BAR")):
+            width = 4 if ".128" in op else 2 if ".64" in op else 1
+            if set(range(int(m.group(1)), int(m.group(1)) + width)) & in_flight:
+                hazards.append(s)
+    return hazards
 
 
 def shared_bytes(lines: list[str]) -> int:

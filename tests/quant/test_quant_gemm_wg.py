@@ -66,7 +66,7 @@ def _emulate_word(asm: str, *inputs: int) -> list[int]:
             regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
         elif op == "prmt.b32":
             by = [(val(t) >> 8 * i) & 0xFF for t in a[1:3] for i in range(4)]
-            sel = int(a[3], 0)
+            sel = val(a[3])
             regs[a[0]] = sum(by[(sel >> 4 * i) & 0xF] << 8 * i for i in range(4))
         elif op == "fma.rn.bf16x2":
             x, y, c = (_halves(val(t), True) for t in a[1:4])

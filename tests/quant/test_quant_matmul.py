@@ -116,3 +116,19 @@ def test_wgmma_routing_by_width_and_width_of_output(monkeypatch, bits, N, M, wan
     pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
                       torch.zeros(1, N).half(), bits, 128, K, N)
     assert qm.wg_chosen(pw, M, torch.empty(M, K)) == want
+
+
+@pytest.mark.parametrize("bits,M,want", [(4, 64, False), (4, 65, True), (4, 384, True), (4, 385, False),
+                                         (8, 128, False), (2, 128, False)])
+def test_register_a_routing(monkeypatch, bits, M, want):
+    """"auto" takes the register-A wgmma kernel for W4 at RA_MIN_M..RA_MAX_M (65..384; H100 s12-3),
+    where the kernel applies (Hopper, bf16 x: wg_applies, stubbed here); other widths never."""
+    from anybit.kernels import quant_gemm_ra
+    from anybit.kernels import quant_matmul as qm
+    from anybit.quant.format import PackedWeight
+    monkeypatch.setattr(qm, "RA_AUTO", True)
+    monkeypatch.setattr(quant_gemm_ra, "wg_applies", lambda packed, M, x: True)  # CPU: only the rule
+    K, N = 128, 256
+    pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
+                      torch.zeros(1, N).half(), bits, 128, K, N)
+    assert qm.ra_chosen(pw, M, torch.empty(M, K)) == want
