@@ -218,19 +218,18 @@ def ra_split(M: int, N: int, K: int, bm: int, bn: int, bk: int, warps: int, sms:
 
 def ra_config(M: int, N: int, K: int, G: int, sms: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps). BLOCK_M: the power of two >= M in 16..256 (x rows:
-    the wgmma's N side), 128 instead of 256 when 256 would leave half the SMs idle (no split-K there).
-    BLOCK_N: the x tile is re-read from L2 for every BLOCK_N weight rows, so as many as the
-    registers allow: 256 on two warpgroups (two m64 blocks each) up to BLOCK_M 64, else 128 (one
-    each). BLOCK_K 64; as many stages (3..6) as fit 227 KB (one program per SM)."""
+    the wgmma's N side), 128 instead of 256 when 256 would leave half the SMs idle (no split-K
+    there). Up to BLOCK_M 128: one warpgroup, BLOCK_N 64, 4 stages, 2-3 programs per SM (their
+    conversions overlap each other's MMA); at 256: two warpgroups sharing the x tile, BLOCK_N 128 (x
+    is re-read from L2 for every BLOCK_N weight rows). From the H100 sweep of s12-4
+    (quant_matmul_ra_s12, 4096x14336): M 64 36.6 us against 42.2 on two warpgroups, M 256 75.9 against
+    83.0, M 1024 187.6 against 225.9 on one. BLOCK_K 64."""
     bm = max(16, min(256, triton.next_power_of_2(M)))
     programs_256 = -(-M // 256) * -(-N // 128)
     if bm == 256 and 2 * programs_256 <= sms:
         bm = 128
-    bn = 256 if bm <= 64 else 128
-    stages = 6
-    while stages > 3 and ra_shared_bytes(bm, bn, 64, stages) > 227 * 1024:
-        stages -= 1
-    return bm, bn, 64, stages, 8
+    bn, warps = (128, 8) if bm == 256 else (64, 4)
+    return bm, bn, 64, 4, warps
 
 
 def quant_gemm_ra(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,

@@ -418,13 +418,14 @@ def ws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return WS_AUTO and WS_MIN_M <= M <= WS_MAX_M and wg_applies(packed, M, x)
 
 
-# The register-A wgmma kernel of quant_gemm_ra.py (W4): "auto" takes it for RA_MIN_M <= M <= RA_MAX_M,
-# where it beat the previous choice (wg) on every shape in the H100 run of session 12
-# (quant_matmul_ra_s12_*.json, s12-3, time ra / previous): M 128 53 / 109 us (4096x14336), 47 / 51
-# (14336x4096), 33 / 34 (6144x4096); M 256 84 / 111, 66 / 90, 45 / 50, lm_head 520 / 639. At M 32-64 the
-# warp-specialized kernel stays (ra 0.86-0.99x of it on the layer shapes), from M 512 dequantize + cuBLAS.
+# The register-A wgmma kernel of quant_gemm_ra.py (W4): "auto" takes it for RA_MIN_M <= M <= RA_MAX_M.
+# H100 s12-5 (quant_matmul_ra_s12_final.json, time ra / previous choice, 4096x14336, 14336x4096,
+# 6144x4096, lm_head): M 64 39 / 46, 37 / 36, 25 / 29, 241 / 266 us (ws); M 128 49 / 108, 43 / 53, 31 / 34
+# (wg); M 256 77 / 111, 60 / 87, 41 / 50, 459 / 653 (wg); M 512 131 / 132, 115 / 141, 60 / 57 (dequant +
+# cuBLAS). M 32 is even with ws (35 / 34, 33 / 33, 22 / 22); from M 1024 dequantize + cuBLAS wins on the
+# layer shapes (195 / 195, 249 / 212, 120 / 88).
 RA_AUTO = os.environ.get("ANYBIT_RA", "1") != "0"  # ANYBIT_RA=0: experiments without it
-RA_MIN_M, RA_MAX_M = 65, 384
+RA_MIN_M, RA_MAX_M = 64, 512
 
 
 def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:

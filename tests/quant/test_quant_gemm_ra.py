@@ -41,15 +41,15 @@ def test_ptx_gives_codes_2q_and_2q1_of_the_word():
 
 
 def test_launcher_config_and_applicability():
-    assert ra.ra_config(16, 4096, 14336, 128, 132)[:2] == (16, 256)  # wide programs: fewer x re-reads
-    assert ra.ra_config(1024, 4096, 14336, 128, 132)[:2] == (256, 128)
+    assert ra.ra_config(64, 4096, 14336, 128, 132) == (64, 64, 64, 4, 4)  # s12-4 sweep: one warpgroup
+    assert ra.ra_config(1024, 4096, 14336, 128, 132)[:2] == (256, 128)  # two sharing the x tile
     assert ra.ra_config(256, 4096, 14336, 128, 132)[0] == 128  # 256 would leave SMs idle (no split-K)
     for M in (16, 64, 256, 1024):
         bm, bn, bk, st, warps = ra.ra_config(M, 14336, 4096, 128, 132)
-        assert ra.ra_shared_bytes(bm, bn, bk, st) <= 227 * 1024 and st >= 3 and warps == 8
+        assert ra.ra_shared_bytes(bm, bn, bk, st) <= 227 * 1024 and bn == 16 * warps
     assert ra.ra_split(1024, 4096, 14336, 256, 128, 64, 8, 132) == 1  # no split-K at BLOCK_M 256
-    sk = ra.ra_split(16, 4096, 14336, 16, 256, 64, 8, 132)
-    assert 16 * sk <= 132 < 16 * sk * 2 and (14336 // 64) % sk == 0  # one wave of programs
+    sk = ra.ra_split(64, 4096, 14336, 64, 64, 64, 4, 132)
+    assert 64 * sk <= 2 * 132 < 64 * sk * 2 and (14336 // 64) % sk == 0  # one wave, 2 programs per SM
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
     assert not ra.ra_applies(pw, 16, x)  # CPU tensors never take the Gluon path
@@ -104,7 +104,7 @@ def test_ra_vs_reference_and_wg(group, M):
 @pytest.mark.parametrize("kw", [dict(split_k=3), dict(block_m=256, num_stages=3),
                                 dict(block_m=64, num_stages=2), dict(block_k=128, split_k=2),
                                 dict(block_n=64, num_warps=4), dict(block_n=128, num_warps=4, block_m=32),
-                                dict(block_n=256, block_m=128)])
+                                dict(block_n=256, block_m=128, num_warps=8)])
 def test_ra_variants_and_out_slice(kw):
     """Forced split-K (counters left at zero: a second call gives the same result), BLOCK_M 256,
     2-3 stages, BLOCK_K 128, one warpgroup with one or two m64 blocks, two warpgroups with two;

@@ -118,10 +118,10 @@ def test_wgmma_routing_by_width_and_width_of_output(monkeypatch, bits, N, M, wan
     assert qm.wg_chosen(pw, M, torch.empty(M, K)) == want
 
 
-@pytest.mark.parametrize("bits,M,want", [(4, 64, False), (4, 65, True), (4, 384, True), (4, 385, False),
+@pytest.mark.parametrize("bits,M,want", [(4, 63, False), (4, 64, True), (4, 512, True), (4, 513, False),
                                          (8, 128, False), (2, 128, False)])
 def test_register_a_routing(monkeypatch, bits, M, want):
-    """"auto" takes the register-A wgmma kernel for W4 at RA_MIN_M..RA_MAX_M (65..384; H100 s12-3),
+    """"auto" takes the register-A wgmma kernel for W4 at RA_MIN_M..RA_MAX_M (64..512; H100 s12-5),
     where the kernel applies (Hopper, bf16 x: wg_applies, stubbed here); other widths never."""
     from anybit.kernels import quant_gemm_ra
     from anybit.kernels import quant_matmul as qm
