@@ -298,6 +298,10 @@ DECODE_VARIANTS = {
     "int4-w1b16-pf2": ("int4", {"block_n": 16, "num_warps": 1, "prefetch": 2, "max_registers": 0}),
     "int4-w2b32-pf2": ("int4", {"block_n": 32, "num_warps": 2, "prefetch": 2, "max_registers": 0}),
     "int4-w4b64-pf2": ("int4", {"block_n": 64, "num_warps": 4, "prefetch": 2, "max_registers": 0}),
+    # session 13: the launcher default on Hopper is attention_decode_gl's one-warp Gluon kernel;
+    # "-triton" = this module's Triton kernel with its own defaults (the previous default)
+    "int8-triton": ("int8", {"gl": False}),
+    "int4-triton": ("int4", {"gl": False}),
 }
 VARIANT_CONTEXTS = (4096, 16384, 32768)
 
@@ -482,6 +486,50 @@ def bench_decode_merge(out_dir):
     return cols, rows
 
 
+def bench_decode_gl_graph(out_dir, name="attention_decode_gl_graph", batches=(1, 8, 32, 64),
+                          contexts=(200, 1000, 4096, 16384, 32768)):
+    """Quantized decode in CUDA graphs, as the engine runs it (no host launch cost; splits sized from
+    max_seq_len = max(context, 8192) as in the engine's graphs): the launcher default ("int8",
+    "int4"), the Gluon one-warp kernel ("-gl", attention_decode_gl) and the Triton kernel
+    ("-triton"), against the bf16 cache in the same run; every output checked against ref_."""
+    rows = []
+    runs = (("bf16", "bfloat16", None), ("int8", "int8", None), ("int8-gl", "int8", True),
+            ("int8-triton", "int8", False), ("int4", "int4", None), ("int4-gl", "int4", True),
+            ("int4-triton", "int4", False))
+    for batch in batches:
+        for ctx in contexts:
+            sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
+            t_bf16 = None
+            for dtype in ("bfloat16", "int8", "int4"):
+                cache, table = paged_batch([ctx] * batch, dtype)
+                ref = ref_paged_attention_decode(q[:1], cache, sl[:1], table[:1], D ** -0.5, None, ctx)
+                nbytes = batch * ctx * NKV * 2 * kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
+                for variant, dt, use_gl in runs:
+                    if dt != dtype:
+                        continue
+                    fn = functools.partial(paged_attention_decode, q, cache, sl, table, D ** -0.5, None,
+                                           max(ctx, 8192), gl=use_gl)
+                    err = rel(fn()[:1], ref)
+                    t = graph_time_us(fn)
+                    t_bf16 = t if dtype == "bfloat16" else t_bf16
+                    rows.append({"batch": batch, "context": ctx, "variant": variant, "time_us": t,
+                                 "tb_per_s": nbytes / t / 1e6, "speedup_vs_bf16": t_bf16 / t, "rel_err": err})
+                    print(f"b{batch} ctx{ctx} {variant:12s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s "
+                          f"x{t_bf16 / t:.2f} vs bf16 err {err:.1e}", flush=True)
+                cache = table = None
+                torch.cuda.empty_cache()
+    cols = ["batch", "context", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
+    write_result(name, "Quantized decode in CUDA graphs: launcher default, Gluon one-warp kernel, Triton "
+                 "kernel vs bf16 cache, 32 q / 8 kv heads, d128", cols, rows,
+                 ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
+                  "sizes the splits as the engine's decode graphs do; tb_per_s: K+V codes and scales of the "
+                  "context + q + out per time; rel_err: first sequence vs ref_ (bf16 query and output); "
+                  "int8 / int4 = the launcher default (paged_attention_decode, gl=None), -gl = "
+                  "attention_decode_gl forced, -triton = gl=False"], out_dir=out_dir)
+    return cols, rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -496,7 +544,16 @@ def main():
     ap.add_argument("--name", default="attention_decode_variants", help="--variants: result name")
     ap.add_argument("--merge", action="store_true",
                     help="only the split-merge comparison (attention_decode_merge.json)")
+    ap.add_argument("--gl-graph", action="store_true",
+                    help="only the Gluon vs Triton quantized decode comparison in CUDA graphs")
     a = ap.parse_args()
+    if a.gl_graph:
+        ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
+        print_table(*bench_decode_gl_graph(a.out, a.name if a.name != "attention_decode_variants"
+                                           else "attention_decode_gl_graph", ints(a.batches),
+                                           ints(a.contexts) if a.contexts else (200, 1000, 4096, 16384,
+                                                                                32768)))
+        return
     if a.merge:
         print_table(*bench_decode_merge(a.out))
         return

@@ -32,15 +32,13 @@ def _qm(bits: int, ms: tuple[int, ...]) -> Callable[[str, dict], bool]:
 
 
 def _decode(variant: str) -> Callable[[str, dict], bool]:
-    """The launcher's default for one cache dtype; the b32/4k rows of the s10-3 run are excluded (its
-    analysis: they ran first and bf16 read 1.65 TB/s against ~2.7 in every other run)."""
-    return lambda f, r: r["variant"] == variant and not (
-        f == "attention_decode_small_s10_confirm" and (r["batch"], r["context"]) == (32, 4096))
+    """The launcher's default for one cache dtype at batch 32/64 and 4k-32k tokens."""
+    return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
 QM = ("quant_matmul_s11", "quant_matmul_s11_lm_head")
 QM_S12 = ("quant_matmul_ra_s12_auto",)  # W4 M 16-1024 with the register-A wgmma routing (s12-6)
-DECODE = ("attention_decode_shapes_s10", "attention_decode_small_s10_confirm")
+DECODE = ("attention_decode_gl_graph_s13",)  # s13-5: CUDA graphs, launcher defaults, bf16 in the same run
 E2E = ("e2e_w4_s11_m1ks0",)
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
 SHAPE = lambda r: f"{r['shape']} M{r['M']}"  # noqa: E731

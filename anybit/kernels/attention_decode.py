@@ -16,6 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from anybit.kernels.attention_decode_gl import (
+    GL_SPLIT_MIN,
+    gl_decode_applies,
+    gl_programs_per_sm,
+    launch_decode_gl,
+)
 from anybit.kernels.attention_prefill import _check_attn_args, ref_attend
 from anybit.kernels.kv_cache_ops import (
     _ASM_I8,
@@ -606,6 +612,14 @@ PREFETCH_MIN_SEQS = 16
 DEFAULT_PREFETCH_BY_MODE = {1: (2, 0, 64, 2), 2: (2, 0, 32, 1)}
 INT4_PREFETCH_MIN_SEQS = PREFETCH_MIN_SEQS  # old name
 
+# The one-warp Gluon kernel (attention_decode_gl) is the default from GL_MIN_SEQS sequences for int4
+# caches, and for int8 caches below GL_INT8_MAX_SEQS. H100 s13-3/5 in CUDA graphs (graph-sized splits):
+# int4 at batch 8-64 from 4k tokens 1.17-1.70x the Triton kernel (2.42-2.83x the bf16 cache at batch
+# 32/64); int8 at batch 8 1.08-1.13x, at batch 32/64 0.96-0.98x; at batch 1 it is 2-4 us slower per
+# call below 16k tokens (a longer latency chain per program) and only faster beyond.
+GL_MIN_SEQS = 8
+GL_INT8_MAX_SEQS = PREFETCH_MIN_SEQS
+
 _NUM_SMS: dict[int, int] = {}
 
 
@@ -683,7 +697,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                            heads_first: bool | None = None, max_registers: int | None = None,
                            prefetch: int | None = None, exact_v: bool = True,
                            pdl: bool | None = None, merge_max: int | None = None,
-                           dyn_split: bool | None = None) -> torch.Tensor:
+                           dyn_split: bool | None = None, gl: bool | None = None) -> torch.Tensor:
     """Triton split-K paged decode (Flash-Decoding). No host syncs (CUDA-graph friendly).
 
     query ``[num_seqs, num_heads, head_dim]`` -> out same shape/dtype; seq_lens ``[num_seqs]``
@@ -716,6 +730,10 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     ``merge_max``: the splits are merged by the decode kernel's last split of each (sequence, kv
     head), this many partials at a time (no reduction kernel); 0 = the reduction kernel instead.
     Default: env ``ANYBIT_DECODE_MERGE``, else ``DECODE_MERGE_MAX`` (0).
+    ``gl``: int8 / int4 caches on Hopper run attention_decode_gl's one-warp Gluon kernel where it
+    applies (``gl_decode_applies``, off with env ``ANYBIT_DECODE_GL=0``) and no Triton-kernel tuning
+    argument is given; None: from ``GL_MIN_SEQS`` sequences, int8 only below ``GL_INT8_MAX_SEQS``;
+    False: always this module's Triton kernel.
     ``dyn_split``: each sequence spreads its own length over the splits (whole blocks of
     ``block_n``, at most the ``max_seq_len``-sized slice), so a short context in a graph sized for
     long ones runs one block per program; default env ``ANYBIT_DECODE_DYN_SPLIT``, else
@@ -738,6 +756,14 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     if biased is None:  # float32 queries keep exact parity with the torch backend (greedy tests)
         biased = cdt == tl.float16
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
+    tuned = (block_n, num_warps, num_stages, max_registers, prefetch, merge_max) != (None,) * 6
+    if gl is None:  # H100 s13-3/5 (CUDA graphs, attention_decode_gl_graph_s13*): see GL_MIN_SEQS
+        gl = num_seqs >= GL_MIN_SEQS and (mode == 2 or num_seqs < GL_INT8_MAX_SEQS)
+    use_gl = (gl and not tuned and biased and not interpret and exact_v
+              and gl_decode_applies(query, kv_cache))
+    if use_gl:
+        return _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_window, max_seq_len,
+                                num_splits, out, dyn_split)
     if prefetch is None:
         prefetch = DEFAULT_PREFETCH
         if mode in DEFAULT_PREFETCH_BY_MODE and num_seqs >= PREFETCH_MIN_SEQS and biased:
@@ -817,4 +843,43 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,
             BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, TRIGGER=trigger, DYN_SPLIT=dyn_split,
             BLOCK_N=block_n, num_warps=4, **launch)
+    return out
+
+
+def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_window, max_seq_len, num_splits,
+                     out, dyn_split):
+    """paged_attention_decode through attention_decode_gl's kernel: splits sized from its resident
+    programs per SM (``gl_programs_per_sm``), slices in whole 16-token chunks, partials merged by
+    ``_decode_reduce_kernel``."""
+    num_seqs, num_heads, head_dim = query.shape
+    nkv = kv_cache.num_kv_heads
+    mode = kv_mode(kv_cache.dtype)
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if num_seqs == 0:
+        return out
+    cap = gl_programs_per_sm(mode, head_dim) * _num_sms(query.device)
+    splits = num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap)
+    tps = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), GL_SPLIT_MIN) * GL_SPLIT_MIN
+    splits = max(1, triton.cdiv(max(max_seq_len, 1), tps))
+    if dyn_split is None:
+        dyn_split = os.environ.get("ANYBIT_DECODE_DYN_SPLIT", str(int(DECODE_DYN_SPLIT))) == "1"
+    dyn_split = bool(dyn_split and splits > 1)
+    if splits > 1:
+        mid_o = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+        mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
+    else:
+        mid_o = mid_lse = out
+    window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
+    launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
+                     window, tps, splits, dyn_split)
+    if splits > 1:
+        trigger = pdl_enabled(query.device, True)
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,
+            BLOCK_K=triton.next_power_of_2(splits), PDL=False, TRIGGER=trigger, DYN_SPLIT=dyn_split,
+            BLOCK_N=GL_SPLIT_MIN, num_warps=4)
     return out

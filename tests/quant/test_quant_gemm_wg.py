@@ -31,6 +31,17 @@ def _bf16_bits(v: float) -> int:
     return int(torch.tensor([v], dtype=torch.float32).to(torch.bfloat16).view(torch.int16)) & 0xFFFF
 
 
+def _f16_halves(u: int) -> list[float]:
+    bits = torch.tensor([(u >> 16 * i) & 0xFFFF for i in range(2)], dtype=torch.int32).to(torch.int16)
+    return [float(v) for v in bits.view(torch.float16)]
+
+
+def _f16_pack(vals) -> int:
+    bits = torch.tensor(vals, dtype=torch.float32).to(torch.float16).view(torch.int16).to(torch.int32)
+    bits = bits & 0xFFFF
+    return int(bits[0]) | int(bits[1]) << 16
+
+
 def _emulate_word(asm: str, *inputs: int) -> list[int]:
     """Run a per-word PTX block (``_wg_asm``: inputs word, s2, c2) on ints; the inputs are its last
     operands ``$n_out..``; returns the n_out output registers (16-bit halves)."""
@@ -57,6 +68,11 @@ def _emulate_word(asm: str, *inputs: int) -> list[int]:
             regs[a[0]] = (val(a[1].strip("{} ")) & 0xFFFF) | (val(a[2].strip("{} ")) & 0xFFFF) << 16
         elif op == "mov.b32":
             regs[a[0]] = val(a[1])
+        elif op == "xor.b32":
+            regs[a[0]] = val(a[1]) ^ val(a[2])
+        elif op == "sub.f16x2":  # exact here: small integers in fp16
+            x, y = (_f16_halves(val(t)) for t in a[1:3])
+            regs[a[0]] = _f16_pack([x[i] - y[i] for i in range(2)])
         elif op == "shr.u32":
             regs[a[0]] = val(a[1]) >> int(a[2])
         elif op == "shl.b32":

@@ -1,0 +1,443 @@
+"""Paged decode attention over an int8 / int4 KV cache for Hopper, in Gluon: one warp per program.
+
+Why (docs/notes_attention.md, sessions 3-10): the Triton kernel of attention_decode.py reaches
+1.70-1.74x (int8) and 2.07-2.22x (int4) of our bf16-cache time at batch 32/64, against 1.94x / 3.56x
+from the bytes. Its programs hold the next tile in registers (Triton's pipeliner cannot pipeline
+the paged loads), which costs ~250 registers and leaves 8 warps per SM, each running a long chain
+of dependent work per tile; queries padded to 16 rows waste 3/4 of every MMA and of the
+accumulator.
+
+``_decode_gl_kernel``: program = (sequence, kv head, split) on **one warp**, 16 tokens (one MMA
+tile) per iteration:
+
+1. A three-slot TMA ring per program: the K and V code rows of a 16-token chunk of one kv head
+   (2D views ``[num_blocks * block_size, kv_heads * words]`` of the caches as int32 words), requested
+   two chunks ahead; their page ids come from the block table a chunk earlier still. The scales
+   (and int4 zero points) of the next chunk are loaded into registers one chunk ahead.
+2. Swap-AB scores ``S^T = K q^T`` (``mma.sync`` m16n8k16: 16 tokens x 8 heads, G <= 8 query heads
+   of the kv group padded to 8, not 16). K is the A operand with ``k_width 8``: lane ``q`` of a quad
+   holds 32 head-dim values of its two token rows, which the kernel takes as 16-32 *contiguous* bytes
+   of the row (one or two 16-byte shared loads): the head dimension is relabelled, and q is loaded
+   with the same relabelling (``_k_memory_dim``), which leaves every dot product unchanged. K codes
+   enter as biased fp16 (int8 ``1152 + code``, int4 ``1024 + code``: packed integer instructions, no
+   conversions); the bias leaves each score as ``bias * sum(q)``, the scale (and zero point) after.
+3. Online softmax over the 16 tokens of the chunk in registers (3 shuffles per head), ``p *
+   v_scale`` to fp16 and through one layout conversion into the B operand of
+3. ``O^T += V^T P^T`` (8 MMAs): V^T is the A operand (``k_width 2``: token pairs), built from the
+   words of two token rows by one ``prmt`` per four codes; V codes enter exactly (int8 ``code``,
+   int4 ``code - 8`` with ``8 * scale`` moved to the zero point). Output rows are relabelled head-dim
+   values (``_v_memory_dim``), undone at the store.
+
+No barrier but the slot hand-back (a 32-thread ``bar.sync``) and no cross-warp reduction. Splits are
+merged by attention_decode's reduction kernel, as for the Triton kernel.
+
+Testing: Gluon kernels do not run under ``TRITON_INTERPRET``. On CPU the tests emulate the PTX of the
+conversions bit by bit, replay the kernel's reshape / join / permute chain in torch to check the
+relabelling, and compile the kernel for sm_90 (no shared-memory round trip for the operands); on
+CUDA they compare with ``ref_paged_attention_decode``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from anybit.layers.attention_meta import LayerKVCache
+
+try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use attention_decode's kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover
+    gluon = None
+
+CHUNK = 16  # tokens per iteration (one MMA tile)
+GL_STAGES = 3  # TMA ring slots per program (the loop is written for 3: page ids two chunks ahead)
+GL_MAX_GROUP = 8  # query heads per kv head (the MMA's N)
+# Splits hold whole multiples of this many tokens (the kernel's DYN_SPLIT granularity too): with
+# 16-token slices a short context in a graph sized for long ones ran ~60 one-chunk programs per head
+# and merged ~60 partials (H100 s13-2: b1 ctx 1000 10.2 us against the Triton kernel's 7.4).
+GL_SPLIT_MIN = 128
+# Registers per thread of the compiled kernel (offline sm_90, d128; tests/kernels check them) and
+# shared memory per program: they size the split count (resident programs per SM).
+GL_REGS = {1: 128, 2: 128}
+
+# --- PTX of the conversions (tests/kernels/test_attention_decode_gl.py emulates them) -------------
+# K int8 word (4 codes) -> 4 halves ``1152 + code`` in memory order.
+PTX_K_I8 = "\n".join([
+    "{", ".reg .b32 u, t0, t1;",
+    "xor.b32 u, $4, 0x80808080;",
+    "prmt.b32 t0, u, 0x64646464, 0x4140;",
+    "prmt.b32 t1, u, 0x64646464, 0x4342;",
+    "mov.b32 {$0, $1}, t0;", "mov.b32 {$2, $3}, t1;", "}"])
+# K int4 word (8 codes, code j at bits 4j) -> 8 halves ``1024 + code`` in the order of codes
+# 0, 4, 1, 5, 2, 6, 3, 7 (K_I4_ORDER).
+PTX_K_I4 = "\n".join([
+    "{", ".reg .b32 s, t0, t1, t2, t3;",
+    "lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;",
+    "shr.u32 s, $8, 4;", "lop3.b32 t1, s, 0x000F000F, 0x64006400, 0xEA;",
+    "shr.u32 s, $8, 8;", "lop3.b32 t2, s, 0x000F000F, 0x64006400, 0xEA;",
+    "shr.u32 s, $8, 12;", "lop3.b32 t3, s, 0x000F000F, 0x64006400, 0xEA;",
+    "mov.b32 {$0, $1}, t0;", "mov.b32 {$2, $3}, t1;", "mov.b32 {$4, $5}, t2;", "mov.b32 {$6, $7}, t3;", "}"])
+K_I4_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+# V int8: the words of an even and an odd token row ($8, $9) -> 8 halves ``code``: (even, odd) of
+# code 0, then of code 1, 2, 3.
+PTX_V_I8 = "\n".join([
+    "{", ".reg .b32 ue, uo, x0, x1, h0, h1, h2, h3, k;",
+    "xor.b32 ue, $8, 0x80808080;", "xor.b32 uo, $9, 0x80808080;",
+    "prmt.b32 x0, ue, uo, 0x5140;",  # even c0, odd c0, even c1, odd c1
+    "prmt.b32 x1, ue, uo, 0x7362;",  # the same for codes 2, 3
+    "prmt.b32 h0, x0, 0x64646464, 0x4140;", "prmt.b32 h1, x0, 0x64646464, 0x4342;",
+    "prmt.b32 h2, x1, 0x64646464, 0x4140;", "prmt.b32 h3, x1, 0x64646464, 0x4342;",
+    "mov.b32 k, 0x64806480;",
+    "sub.f16x2 h0, h0, k;", "sub.f16x2 h1, h1, k;", "sub.f16x2 h2, h2, k;", "sub.f16x2 h3, h3, k;",
+    "mov.b32 {$0, $1}, h0;", "mov.b32 {$2, $3}, h1;", "mov.b32 {$4, $5}, h2;", "mov.b32 {$6, $7}, h3;", "}"])
+
+
+def _ptx_v_i4() -> str:
+    """V int4: the words of an even and an odd token row ($16, $17) -> 16 halves ``code - 8``:
+    (even, odd) of code 0, then of codes 1..7."""
+    lines = ["{", ".reg .b32 x, y, s, t, k;", "mov.b32 k, 0x64086408;",
+             "prmt.b32 x, $16, $17, 0x5410;",  # low halves: codes 0-3 of each row
+             "prmt.b32 y, $16, $17, 0x7632;"]  # high halves: codes 4-7
+    out = 0
+    for src in ("x", "y"):
+        for shift in (0, 4, 8, 12):
+            s = src
+            if shift:
+                lines.append(f"shr.u32 s, {src}, {shift};")
+                s = "s"
+            lines += [f"lop3.b32 t, {s}, 0x000F000F, 0x64006400, 0xEA;", "sub.f16x2 t, t, k;",
+                      f"mov.b32 {{${out}, ${out + 1}}}, t;"]
+            out += 2
+    return "\n".join(lines + ["}"])
+
+
+PTX_V_I4 = _ptx_v_i4()
+
+
+def k_memory_dim(d: torch.Tensor, mode: int, head_dim: int) -> torch.Tensor:
+    """Byte-code position in a cached row of the K operand's (relabelled) head-dim index d: lane q
+    of a quad holds d = 32 c + 8 q + i (c < head_dim / 32, i < 8) and reads codes
+    ``head_dim / 4 * q + 8 c + order(i)`` (order: the conversion's; identity for int8)."""
+    i = d & 7
+    if mode == 2:
+        i = (i >> 1) + 4 * (i & 1)  # K_I4_ORDER
+    return head_dim // 4 * ((d >> 3) & 3) + 8 * (d >> 5) + i
+
+
+def v_memory_dim(d: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Code position of the V operand's (relabelled) output row d: lane r (d % 8) reads the
+    ``head_dim / 8`` contiguous codes from ``head_dim / 8 * r``."""
+    return head_dim // 8 * (d & 7) + (d >> 3)
+
+
+if gluon is not None:
+    _PTX_K_I8: gl.constexpr = gl.constexpr(PTX_K_I8)
+    _PTX_K_I4: gl.constexpr = gl.constexpr(PTX_K_I4)
+    _PTX_V_I8: gl.constexpr = gl.constexpr(PTX_V_I8)
+    _PTX_V_I4: gl.constexpr = gl.constexpr(PTX_V_I4)
+
+    @gluon.constexpr_function
+    def _k_word_layout(words):
+        """K words ``[16 tokens, words]`` in memory order: lane (token row % 8, quad lane q) holds the
+        words ``[q words / 4, (q + 1) words / 4)`` of rows r and r + 8."""
+        return gl.BlockedLayout([1, words // 4], [8, 4], [1, 1], [1, 0])
+
+    @gluon.constexpr_function
+    def _v_word_layout(words):
+        """V words ``[16 tokens, words]`` in memory order: lane (quad lane q, r) holds the words
+        ``[r words / 8, (r + 1) words / 8)`` of token rows 2q, 2q + 1, 2q + 8, 2q + 9."""
+        per = words // 8
+        regs = [[1, 0]] + [[0, 1 << i] for i in range(per.bit_length() - 1)] + [[8, 0]]
+        lanes = [[2, 0], [4, 0], [0, per], [0, 2 * per], [0, 4 * per]]
+        return gl.DistributedLinearLayout(regs, lanes, [], [], [16, words])
+
+    @gluon.jit
+    def _join4(o0, o1, o2, o3):
+        """``[..., 4]`` with o_k at index k."""
+        return gl.join(gl.join(o0, o2), gl.join(o1, o3))
+
+    @gluon.jit
+    def _join8(o0, o1, o2, o3, o4, o5, o6, o7):
+        """``[..., 2, 2, 2]`` with o_k at flat index k."""
+        return gl.join(gl.join(gl.join(o0, o4), gl.join(o2, o6)), gl.join(gl.join(o1, o5), gl.join(o3, o7)))
+
+    @gluon.jit
+    def _k_operand(words, MODE: gl.constexpr, HEAD_DIM: gl.constexpr, AL: gl.constexpr):
+        """K words ``[16, W]`` (``_k_word_layout``) -> the biased fp16 A operand ``[16, HEAD_DIM]`` with
+        the head dimension relabelled as ``k_memory_dim``."""
+        if MODE == 1:
+            h0, h1, h2, h3 = gl.inline_asm_elementwise(_PTX_K_I8, "=h,=h,=h,=h,r", [words],
+                                                       dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+            x = _join4(h0, h1, h2, h3)
+        else:
+            h0, h1, h2, h3, h4, h5, h6, h7 = gl.inline_asm_elementwise(
+                _PTX_K_I4, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(gl.float16,) * 8, is_pure=True,
+                pack=1)
+            x = _join8(h0, h1, h2, h3, h4, h5, h6, h7)
+        x = gl.reshape(x, [16, 4, HEAD_DIM // 32, 8])  # (row, q, c, i): f = HEAD_DIM / 4 * q + 8 c + i
+        x = gl.reshape(gl.permute(x, (0, 2, 1, 3)), [16, HEAD_DIM])  # d = 32 c + 8 q + i
+        return gl.convert_layout(x, AL)
+
+    @gluon.jit
+    def _v_operand(words, MODE: gl.constexpr, HEAD_DIM: gl.constexpr, AL: gl.constexpr):
+        """V words ``[16, W]`` (``_v_word_layout``) -> the exact fp16 A operand ``V^T`` ``[HEAD_DIM, 16]``
+        with the head dimension relabelled as ``v_memory_dim``."""
+        W: gl.constexpr = words.shape[1]
+        w3 = gl.permute(gl.reshape(words, [8, 2, W]), (0, 2, 1))
+        we, wo = gl.split(w3)  # [8, W]: the even and odd token rows
+        if MODE == 1:
+            e0, o0, e1, o1, e2, o2, e3, o3 = gl.inline_asm_elementwise(
+                _PTX_V_I8, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [we, wo], dtype=(gl.float16,) * 8, is_pure=True,
+                pack=1)
+            x = _join4(gl.join(e0, o0), gl.join(e1, o1), gl.join(e2, o2), gl.join(e3, o3))  # [8, W, 2, 4]
+            NK: gl.constexpr = 4
+        else:
+            (e0, o0, e1, o1, e2, o2, e3, o3, e4, o4, e5, o5, e6, o6, e7, o7) = gl.inline_asm_elementwise(
+                _PTX_V_I4, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r", [we, wo],
+                dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+            x = _join8(gl.join(e0, o0), gl.join(e1, o1), gl.join(e2, o2), gl.join(e3, o3), gl.join(e4, o4),
+                       gl.join(e5, o5), gl.join(e6, o6), gl.join(e7, o7))  # [8, W, 2, 2, 2, 2]
+            NK: gl.constexpr = 8
+        x = gl.permute(gl.reshape(x, [8, W, 2, NK]), (0, 2, 1, 3))  # (pair, parity, word, code)
+        x = gl.reshape(x, [16, 8, HEAD_DIM // 8])  # token, r, j: memory position HEAD_DIM / 8 * r + j
+        x = gl.reshape(gl.permute(x, (0, 2, 1)), [16, HEAD_DIM])  # d = 8 j + r
+        return gl.convert_layout(gl.permute(x, (1, 0)), AL)
+
+    @gluon.jit
+    def _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, j, page, tok, kvh, PAGE: gl.constexpr, pred):
+        """TMA of chunk j (first token tok, in page ``page``) of kv head kvh into ring slot j % 3."""
+        W: gl.constexpr = k_desc.block_type.shape[1]
+        slot = j % 3
+        bar = bars.index(slot)
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=pred)
+        row = page * PAGE + tok % PAGE
+        tma.async_copy_global_to_shared(k_desc, [row, kvh * W], bar, k_smem.index(slot), pred=pred)
+        tma.async_copy_global_to_shared(v_desc, [row, kvh * W], bar, v_smem.index(slot), pred=pred)
+
+    @gluon.jit
+    def _one_scale(s_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE: gl.constexpr,
+                   TL: gl.constexpr):
+        """Per-token values ``[16]`` (layout TL) of the chunk from tok (one page) at element offsets
+        ``page * stride_sb + (token % PAGE) * stride_st + soff``; tokens outside [lo, end) read 0."""
+        t = tok + gl.arange(0, 16, layout=TL)
+        ok = (t >= lo) & (t < end)
+        return gl.load(s_ptr + page.to(gl.int64) * stride_sb + (t % PAGE) * stride_st + soff, mask=ok,
+                       other=0.0)
+
+    @gluon.jit
+    def _chunk_scales(ks_ptr, vs_ptr, kz_ptr, vz_ptr, page, tok, lo, end, stride_sb, stride_st, soff,
+                      qk_scale, MODE: gl.constexpr, PAGE: gl.constexpr, TL: gl.constexpr):
+        """``(ks * qk_scale, vs, kz * qk_scale, vz)`` of the chunk (``_one_scale`` each). Measured (H100
+        s13-4, twice): one shared scalar offset plus a loop-invariant per-token vector for the four
+        arrays made int4 at batch 32-64 x 16k-32k 1.23x *slower* (2.10-2.29x bf16 against 2.63-2.82x),
+        though it compiled to 18 fewer instructions per chunk."""
+        ks = _one_scale(ks_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL) * qk_scale
+        vs = _one_scale(vs_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL)
+        if MODE == 2:
+            kz = _one_scale(kz_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL) * qk_scale
+            vz = _one_scale(vz_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL)
+        else:
+            kz = ks
+            vz = vs
+        return ks, vs, kz, vz
+
+    @gluon.jit(do_not_specialize=["window", "tokens_per_split"])
+    def _decode_gl_kernel(q_ptr, k_desc, v_desc, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, seq_lens_ptr,
+                          out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
+                          stride_qs, stride_qh, stride_os, stride_oh, stride_sb, stride_st, stride_sh,
+                          stride_bt, G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
+                          MODE: gl.constexpr, SPLIT_OUT: gl.constexpr, DYN_SPLIT: gl.constexpr,
+                          SPLIT_MIN: gl.constexpr = 128):
+        """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
+        ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
+        buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
+        codes as int32 words ``[num_blocks * PAGE, kv_heads * W]`` (block ``[16, W]``, W = words per
+        head row); scales / zero points float32 by strides."""
+        W: gl.constexpr = k_desc.block_type.shape[1]
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                      instr_shape=[16, 8])
+        KA: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)
+        QB: gl.constexpr = gl.DotOperandLayout(1, MMA, 8)
+        VA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+        PB: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
+        TOK: gl.constexpr = gl.SliceLayout(1, MMA)  # per token of a chunk (rows of S^T)
+        HEAD: gl.constexpr = gl.SliceLayout(0, MMA)  # per query head (columns of S^T and O^T)
+        seq = gl.program_id(0).to(gl.int64)
+        kvh = gl.program_id(1)
+        split = gl.program_id(2)
+        num_splits = gl.num_programs(2)
+        seq_len = gl.load(seq_lens_ptr + seq)
+        if DYN_SPLIT:  # attention_decode._split_len with BLOCK_N = GL_SPLIT_MIN
+            per = gl.cdiv(gl.cdiv(gl.maximum(seq_len, 1), num_splits), SPLIT_MIN) * SPLIT_MIN
+            tokens_per_split = gl.minimum(tokens_per_split, gl.maximum(per, SPLIT_MIN))
+        n_need = gl.minimum(gl.cdiv(gl.maximum(seq_len, 1), tokens_per_split), num_splits)
+        if split >= n_need:
+            return
+        start = split * tokens_per_split
+        end = gl.minimum(start + tokens_per_split, seq_len)
+        if split == num_splits - 1:
+            end = seq_len
+        lo = start
+        if window > 0:
+            lo = gl.maximum(start, seq_len - window)
+        c0 = lo - lo % 16
+        n_it = gl.cdiv(end - c0, 16)
+
+        # query heads of the group as the B operand [HEAD_DIM, 8] (head dim relabelled like K)
+        dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, QB))
+        hq = gl.arange(0, 8, layout=gl.SliceLayout(0, QB))
+        iq = dq & 7
+        if MODE == 2:
+            iq = (iq >> 1) + 4 * (iq & 1)
+        mq = HEAD_DIM // 4 * ((dq >> 3) & 3) + 8 * (dq >> 5) + iq
+        q = gl.load(q_ptr + seq * stride_qs + (kvh * G + hq)[None, :] * stride_qh + mq[:, None],
+                    mask=(hq < G)[None, :], other=0.0).to(gl.float16)
+        qsum = gl.convert_layout(gl.sum(q.to(gl.float32), axis=0), HEAD)
+        if MODE == 1:
+            kbias = 1152.0 * qsum
+        else:
+            kbias = 1024.0 * qsum
+
+        k_smem = gl.allocate_shared_memory(gl.int32, [3, 16, W], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(gl.int32, [3, 16, W], v_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(3):
+            mbarrier.init(bars.index(i), count=1)
+        bt_row = bt_ptr + seq * stride_bt
+        soff = kvh * stride_sh
+        # prologue: chunks 0 and 1 requested, page ids of chunks 1, 2 kept, scales of chunk 0 loaded
+        pg0 = gl.load(bt_row + c0 // PAGE)
+        pg_a = gl.load(bt_row + (c0 + 16) // PAGE, mask=n_it > 1, other=0)
+        _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, 0, pg0, c0, kvh, PAGE, n_it > 0)
+        _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, 1, pg_a, c0 + 16, kvh, PAGE, n_it > 1)
+        pg_b = gl.load(bt_row + (c0 + 32) // PAGE, mask=n_it > 2, other=0)
+        ks, vs, kz, vz = _chunk_scales(ks_ptr, vs_ptr, kz_ptr, vz_ptr, pg0, c0, lo, end, stride_sb, stride_st,
+                                       soff, qk_scale, MODE, PAGE, TOK)
+
+        KWL: gl.constexpr = _k_word_layout(W)
+        VWL: gl.constexpr = _v_word_layout(W)
+        m = gl.full([8], float("-inf"), gl.float32, HEAD)
+        l_sum = gl.zeros([8], gl.float32, HEAD)
+        zsum = gl.zeros([8], gl.float32, HEAD)
+        acc = gl.zeros([HEAD_DIM, 8], gl.float32, MMA)
+        for it in range(n_it):
+            slot = it % 3
+            tok = c0 + 16 * it
+            mbarrier.wait(bars.index(slot), (it // 3) & 1)
+            gl.thread_barrier()  # every lane is done with slot (it + 2) % 3 (chunk it - 1)
+            _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, it + 2, pg_b, tok + 32, kvh, PAGE,
+                         it + 2 < n_it)
+            pg_c = gl.load(bt_row + (tok + 48) // PAGE, mask=it + 3 < n_it, other=0)
+            # next chunk's scales (registers, one chunk ahead)
+            ks_n, vs_n, kz_n, vz_n = _chunk_scales(ks_ptr, vs_ptr, kz_ptr, vz_ptr, pg_a, tok + 16, lo, end,
+                                                   stride_sb, stride_st, soff, qk_scale, MODE, PAGE, TOK)
+
+            ka = _k_operand(k_smem.index(slot).load(KWL), MODE, HEAD_DIM, KA)
+            s = mma_v2(ka, q, gl.zeros([16, 8], gl.float32, MMA))  # S^T [tokens, heads]
+            s = (s - kbias[None, :]) * ks[:, None]
+            if MODE == 2:
+                s += kz[:, None] * qsum[None, :]
+            t = tok + gl.arange(0, 16, layout=TOK)
+            s = gl.where(((t >= lo) & (t < end))[:, None], s, float("-inf"))
+            m_new = gl.maximum(m, gl.max(s, axis=0))
+            alpha = gl.exp2(m - m_new)
+            p = gl.exp2(s - m_new[None, :])
+            l_sum = l_sum * alpha + gl.sum(p, axis=0)
+            if MODE == 2:  # centred V codes: the zero point carries 8 scales
+                zsum = zsum * alpha + gl.sum(p * (vz + 8.0 * vs)[:, None], axis=0)
+            pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), PB)
+            va = _v_operand(v_smem.index(slot).load(VWL), MODE, HEAD_DIM, VA)
+            acc = mma_v2(va, pb, acc * alpha[None, :])
+            m = m_new
+            pg_a = pg_b
+            pg_b = pg_c
+            ks = ks_n
+            vs = vs_n
+            kz = kz_n
+            vz = vz_n
+        for i in gl.static_range(3):
+            mbarrier.invalidate(bars.index(i))
+
+        l_safe = gl.where(l_sum > 0.0, l_sum, 1.0)
+        o = (acc + zsum[None, :]) / l_safe[None, :]
+        do = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA))
+        ho = gl.arange(0, 8, layout=HEAD)
+        mo = HEAD_DIM // 8 * (do & 7) + (do >> 3)
+        omask = (ho < G)[None, :]
+        heads = kvh * G + ho
+        if SPLIT_OUT:
+            # mid_o [num_seqs, num_heads, num_splits, HEAD_DIM], mid_lse [num_seqs, num_heads, num_splits]
+            mrow = (seq * (gl.num_programs(1) * G) + heads) * num_splits + split
+            gl.store(mid_o_ptr + mrow[None, :] * HEAD_DIM + mo[:, None], o, mask=omask)
+            gl.store(mid_lse_ptr + mrow, gl.where(l_sum > 0.0, m + gl.log2(l_safe), float("-inf")),
+                     mask=ho < G)
+        else:
+            gl.store(out_ptr + seq * stride_os + heads[None, :] * stride_oh + mo[:, None],
+                     o.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def gl_decode_applies(query: torch.Tensor, kv_cache: LayerKVCache) -> bool:
+    """This kernel's conditions: a Hopper GPU with Gluon, an int8 / int4 cache of head_dim 64 or 128,
+    block_size a multiple of 16, at most 8 query heads per kv head, contiguous 16-byte-aligned code
+    caches; not under the interpreter and not switched off (``ANYBIT_DECODE_GL=0``)."""
+    if gluon is None or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    if os.environ.get("ANYBIT_DECODE_GL", "1") == "0" or kv_cache.dtype not in ("int8", "int4"):
+        return False
+    hd = query.shape[-1]
+    g = query.shape[1] // max(kv_cache.num_kv_heads, 1)
+    kc, vc = kv_cache.key, kv_cache.value
+    return (hd in (64, 128) and kv_cache.block_size % CHUNK == 0 and 1 <= g <= GL_MAX_GROUP
+            and query.dtype in (torch.bfloat16, torch.float16) and query.stride(-1) == 1
+            and kc.is_contiguous() and vc.is_contiguous() and kc.data_ptr() % 16 == 0
+            and vc.data_ptr() % 16 == 0 and _is_hopper(query.device))
+
+
+def gl_programs_per_sm(mode: int, head_dim: int) -> int:
+    """Resident one-warp programs per SM: registers (``GL_REGS``), shared memory (3 ring slots of K
+    and V, ~1 KB of layout-conversion scratch) and Hopper's 32 blocks per SM."""
+    regs = (GL_REGS.get(mode, 168) + 7) // 8 * 8
+    row_bytes = head_dim if mode == 1 else head_dim // 2
+    smem = 3 * 2 * CHUNK * row_bytes + 1024 + 64
+    return max(1, min(32, 65536 // (regs * 32), (227 * 1024) // smem))
+
+
+def code_descriptor(codes: torch.Tensor):
+    """The TMA descriptor of a code cache ``[num_blocks, block_size, kv_heads, row bytes]`` seen as
+    int32 words ``[num_blocks * block_size, kv_heads * words]``, block ``[16, words]``."""
+    nb, bs, nkv, row = codes.shape
+    words = row // 4
+    flat = codes.view(torch.int32).view(nb * bs, nkv * words)
+    layout = gl.NVMMASharedLayout.get_default_for([CHUNK, words], gl.int32)
+    return TensorDescriptor(flat, [nb * bs, nkv * words], [nkv * words, 1], [CHUNK, words], layout)
+
+
+def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_lse: torch.Tensor,
+                     qk_scale: float, window: int, tokens_per_split: int, splits: int,
+                     dyn_split: bool) -> None:
+    """Launch ``_decode_gl_kernel`` on grid (num_seqs, kv heads, splits); attention_decode's
+    ``paged_attention_decode`` sizes the splits and merges them."""
+    from anybit.kernels.kv_cache_ops import kv_mode, kv_scale_args
+
+    mode = kv_mode(kv_cache.dtype)
+    ks, vs, kz, vz, sstr = kv_scale_args(kv_cache)
+    num_seqs, num_heads, head_dim = query.shape
+    nkv = kv_cache.num_kv_heads
+    _decode_gl_kernel[(num_seqs, nkv, splits)](
+        query, code_descriptor(kv_cache.key), code_descriptor(kv_cache.value), ks, vs, kz, vz, block_table,
+        seq_lens, out, mid_o, mid_lse, qk_scale, window, tokens_per_split,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), sstr[0], sstr[1], sstr[2],
+        block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size, MODE=mode,
+        SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, num_warps=1)
+
+

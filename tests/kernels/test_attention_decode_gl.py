@@ -1,0 +1,146 @@
+"""One-warp Gluon decode kernel for int8 / int4 KV caches (anybit/kernels/attention_decode_gl.py).
+
+Gluon does not run under the Triton interpreter, so on CPU: the conversions' PTX by bit-level
+emulation, the kernel's reshape / join / permute chain replayed in torch (which cached code lands at
+which relabelled head-dim index), and an offline sm_90 compile (no spills, no shared-memory round
+trip for the MMA operands). On a Hopper GPU: the kernel against ``ref_paged_attention_decode``."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "quant"))
+from kv_helpers import make_batch, rel_err  # noqa: E402
+from sm90_sass import loop_bodies, shared_bytes, sm90_sass_ptrs  # noqa: E402
+from test_quant_gemm_wg import _emulate_word, _f16_halves  # noqa: E402
+
+from anybit.kernels import attention_decode_gl as agl  # noqa: E402
+from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode  # noqa: E402
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _halves(regs: list[int]) -> list[float]:
+    return [float(torch.tensor([r], dtype=torch.int32).to(torch.int16).view(torch.float16)) for r in regs]
+
+
+def _word(codes: list[int], bits: int) -> int:
+    return sum((c & (2 ** bits - 1)) << bits * j for j, c in enumerate(codes))
+
+
+def test_ptx_conversions_emulated():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        c8 = torch.randint(-128, 128, (2, 4), generator=g).tolist()
+        c4 = torch.randint(0, 16, (2, 8), generator=g).tolist()
+        # K int8: 1152 + code, memory order
+        assert _halves(_emulate_word(agl.PTX_K_I8, _word(c8[0], 8))) == [1152.0 + c for c in c8[0]]
+        # K int4: 1024 + code in K_I4_ORDER
+        got = _halves(_emulate_word(agl.PTX_K_I4, _word(c4[0], 4)))
+        assert got == [1024.0 + c4[0][j] for j in agl.K_I4_ORDER]
+        # V: (even, odd) token pairs per code, exact codes (int4 centred)
+        got = _halves(_emulate_word(agl.PTX_V_I8, _word(c8[0], 8), _word(c8[1], 8)))
+        assert got == [float(c8[t][j]) for j in range(4) for t in (0, 1)]
+        got = _halves(_emulate_word(agl.PTX_V_I4, _word(c4[0], 4), _word(c4[1], 4)))
+        assert got == [float(c4[t][j] - 8) for j in range(8) for t in (0, 1)]
+    assert _f16_halves(0x3C00BC00) == [-1.0, 1.0]
+
+
+def _join(a, b):
+    return torch.stack([a, b], -1)  # gl.join
+
+
+def _join4(o0, o1, o2, o3):
+    return _join(_join(o0, o2), _join(o1, o3))
+
+
+def _join8(o0, o1, o2, o3, o4, o5, o6, o7):
+    return _join(_join(_join(o0, o4), _join(o2, o6)), _join(_join(o1, o5), _join(o3, o7)))
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_relabelling_matches_the_kernels_chain(mode, head_dim):
+    """The torch replay of ``_k_operand`` / ``_v_operand`` (same reshapes, joins and permutes; the
+    conversion outputs as the emulated PTX orders them) puts at relabelled index d the code at
+    ``k_memory_dim(d)`` / ``v_memory_dim(d)``: the contract the query load and the output store use."""
+    per_word = 4 if mode == 1 else 8
+    words = head_dim // per_word
+    code = torch.arange(16 * head_dim).view(16, head_dim)  # "code" = token * head_dim + position
+    w = code.view(16, words, per_word)  # a word's codes, memory order
+    # K: the conversion emits the codes of each word in this order
+    order = list(range(4)) if mode == 1 else list(agl.K_I4_ORDER)
+    outs = [w[:, :, j] for j in order]
+    x = _join4(*outs) if mode == 1 else _join8(*outs)
+    x = x.reshape(16, 4, head_dim // 32, 8).permute(0, 2, 1, 3).reshape(16, head_dim)
+    d = torch.arange(head_dim)
+    assert torch.equal(x, code[:, agl.k_memory_dim(d, mode, head_dim)])
+    # V: word pairs of even / odd token rows -> (even, odd) per code, in memory order
+    w3 = w.view(8, 2, words, per_word).permute(0, 2, 1, 3)  # [pair, word, parity, code]
+    pairs = [_join(w3[:, :, 0, j], w3[:, :, 1, j]) for j in range(per_word)]
+    x = _join4(*pairs) if mode == 1 else _join8(*pairs)
+    x = x.reshape(8, words, 2, per_word).permute(0, 2, 1, 3).reshape(16, 8, head_dim // 8)
+    x = x.permute(0, 2, 1).reshape(16, head_dim).permute(1, 0)  # [d, token]
+    assert torch.equal(x, code[:, agl.v_memory_dim(d, head_dim)].T)
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_sm90_compile_loop(mode):
+    """One warp, no spills, registers within GL_REGS (they size the splits), and in the loop no
+    shared-memory stores or local memory: the operands' layout conversions are register renames."""
+    row = 128 if mode == 1 else 64
+    desc = f"desc:int32:1024x{8 * row // 4}:16x{row // 4}"
+    ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "qk_scale": "fp32"}
+    ptrs.update({n: "*fp32" for n in ("ks_ptr", "vs_ptr", "kz_ptr", "vz_ptr", "mid_o_ptr", "mid_lse_ptr")})
+    ptrs.update({"bt_ptr": "*i32", "seq_lens_ptr": "*i32"})
+    consts = dict(G=4, HEAD_DIM=128, PAGE=16, MODE=mode, SPLIT_OUT=True, DYN_SPLIT=True)
+    lines = sm90_sass_ptrs(agl._decode_gl_kernel, consts, ptrs, {"num_warps": 1})
+    main = [b for b in loop_bodies(lines) if sum("HMMA" in s for s in b) == 16 and
+            not any(s.startswith("STG") for s in b)]
+    assert main, "no loop with the chunk's 16 MMAs"
+    body = main[0]
+    assert sum("UTMALDG" in s for s in body) == 2
+    assert not [s for s in body if s.startswith(("STS", "STL", "LDL"))], "shared-memory round trip or spills"
+    assert shared_bytes(lines) <= 3 * 2 * 16 * row + 1024 + 64
+
+
+def test_programs_per_sm():
+    assert agl.gl_programs_per_sm(1, 128) == 16
+    assert agl.gl_programs_per_sm(2, 128) == 16
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("nh,nkv,hd,bs", [(32, 8, 128, 16), (8, 8, 128, 32), (16, 2, 64, 16),
+                                         (14, 2, 128, 64)])
+def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs):
+    seq = [1, 15, 16, 17, 129, 300, 1030]
+    b = make_batch(seq, [1] * len(seq), nh, nkv, hd, dtype, block_size=bs, q_dtype=torch.bfloat16)
+    q, cache = b["query"], b["cache"]
+    assert agl.gl_decode_applies(q, cache)
+    for win in (None, 100):
+        args = (q, cache, b["seq_lens"], b["block_table"], hd ** -0.5, win, max(seq))
+        ref = ref_paged_attention_decode(*args)
+        for splits in (None, 1, 7):
+            for dyn in (True, False):
+                out = paged_attention_decode(*args, num_splits=splits, dyn_split=dyn, gl=True)
+                e = rel_err(out, ref)
+                assert e < 1e-2, (win, splits, dyn, e)
+        tri = paged_attention_decode(*args, gl=False)
+        assert rel_err(out, tri) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_gl_decode_long_context_one_split(dtype):
+    """32k tokens in one accumulator: no drift (the V codes enter exactly)."""
+    seq = [32768]
+    b = make_batch(seq, [1], 32, 8, 128, dtype, q_dtype=torch.bfloat16)
+    args = (b["query"], b["cache"], b["seq_lens"], b["block_table"], 128 ** -0.5, None, seq[0])
+    ref = ref_paged_attention_decode(*args)
+    assert rel_err(paged_attention_decode(*args, num_splits=1, gl=True), ref) < 1e-2
