@@ -794,11 +794,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     tps = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), block_n) * block_n
     splits = max(1, triton.cdiv(max(max_seq_len, 1), tps))
     g = num_heads // nkv
-    if out is None:
-        out = torch.empty_like(query)
-    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = _checked_out(query, out)
     if num_seqs == 0:
         return out
     if merge_max is None:
@@ -849,16 +845,12 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
 def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_window, max_seq_len, num_splits,
                      out, dyn_split):
     """paged_attention_decode through attention_decode_gl's kernel: splits sized from its resident
-    programs per SM (``gl_programs_per_sm``), slices in whole 16-token chunks, partials merged by
+    programs per SM (``gl_programs_per_sm``), slices in multiples of ``GL_SPLIT_MIN`` tokens, merged by
     ``_decode_reduce_kernel``."""
     num_seqs, num_heads, head_dim = query.shape
     nkv = kv_cache.num_kv_heads
     mode = kv_mode(kv_cache.dtype)
-    if out is None:
-        out = torch.empty_like(query)
-    elif out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = _checked_out(query, out)
     if num_seqs == 0:
         return out
     cap = gl_programs_per_sm(mode, head_dim) * _num_sms(query.device)
@@ -882,4 +874,15 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,
             BLOCK_K=triton.next_power_of_2(splits), PDL=False, TRIGGER=trigger, DYN_SPLIT=dyn_split,
             BLOCK_N=GL_SPLIT_MIN, num_warps=4)
+    return out
+
+
+def _checked_out(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The output buffer: ``out`` after checking it matches query (shape, dtype, last dim contiguous),
+    or a new one."""
+    if out is None:
+        return torch.empty_like(query)
+    if out.shape != query.shape or out.dtype != query.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
     return out
