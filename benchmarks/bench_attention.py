@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode  # noqa: E402
 from anybit.kernels.attention_prefill import paged_attention_prefill, ref_paged_attention_prefill  # noqa: E402
-from anybit.layers.attention_meta import LayerKVCache  # noqa: E402
+from anybit.layers.attention_meta import LayerKVCache, kv_scale_buffers  # noqa: E402
 from benchmarks.common import print_table, write_result  # noqa: E402
 
 NH, NKV, D, BS = 32, 8, 128, 16
@@ -38,23 +38,26 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def make_cache(dtype: str, num_blocks: int, nkv: int = NKV, d: int = D) -> LayerKVCache:
-    """Random (never zero) cache contents: speed does not depend on the values."""
+def make_cache(dtype: str, num_blocks: int, nkv: int = NKV, d: int = D,
+               scale_layout: str = "packed") -> LayerKVCache:
+    """Random (never zero) cache contents: speed does not depend on the values. scale_layout: a
+    kv_scale_buffers layout ("packed" = the engine's; "token" = the layout before session 14)."""
     shp = (num_blocks, BS, nkv)
     if dtype == "bfloat16":
         k = torch.randn(*shp, d, device="cuda", dtype=torch.bfloat16)
         return LayerKVCache(k, torch.randn_like(k), "bfloat16")
+    count = 2 if dtype == "int8" else 4
+    sc = kv_scale_buffers(num_blocks, BS, nkv, count, "cuda", scale_layout)
+    for i, t in enumerate(sc):  # int8 scales, int4 scales, int4 zero points
+        t.uniform_(*((0.005, 0.025) if dtype == "int8" else (0.05, 0.25) if i < 2 else (-2.0, -1.0)))
     if dtype == "int8":
         k = torch.randint(-127, 128, (*shp, d), device="cuda", dtype=torch.int8)
-        sc = [torch.rand(shp, device="cuda") * 0.02 + 0.005 for _ in range(2)]
-        return LayerKVCache(k, torch.randint_like(k, -127, 128), "int8", sc[0], sc[1])
+        return LayerKVCache(k, torch.randint_like(k, -127, 128), "int8", *sc)
     k = torch.randint(0, 256, (*shp, d // 2), device="cuda", dtype=torch.uint8)
-    sc = [torch.rand(shp, device="cuda") * 0.2 + 0.05 for _ in range(2)]
-    z = [-torch.rand(shp, device="cuda") - 1.0 for _ in range(2)]
-    return LayerKVCache(k, torch.randint_like(k, 0, 256), "int4", sc[0], sc[1], z[0], z[1])
+    return LayerKVCache(k, torch.randint_like(k, 0, 256), "int4", *sc)
 
 
-def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D):
+def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D, scale_layout: str = "packed"):
     """A cache holding exactly these contexts, pages shuffled; returns (cache, block_table)."""
     nbs = [triton.cdiv(s, BS) for s in seq_lens]
     perm = torch.randperm(sum(nbs), device="cuda").to(torch.int32)
@@ -63,7 +66,7 @@ def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D):
     for i, nb in enumerate(nbs):
         table[i, :nb] = perm[used:used + nb]
         used += nb
-    return make_cache(dtype, sum(nbs), nkv, d), table
+    return make_cache(dtype, sum(nbs), nkv, d, scale_layout), table
 
 
 def kv_bytes_per_token_head(dtype: str, d: int = D) -> int:
@@ -487,27 +490,31 @@ def bench_decode_merge(out_dir):
 
 
 def bench_decode_gl_graph(out_dir, name="attention_decode_gl_graph", batches=(1, 8, 32, 64),
-                          contexts=(200, 1000, 4096, 16384, 32768)):
+                          contexts=(200, 1000, 4096, 16384, 32768), scale_layouts=("packed",)):
     """Quantized decode in CUDA graphs, as the engine runs it (no host launch cost; splits sized from
     max_seq_len = max(context, 8192) as in the engine's graphs): the launcher default ("int8",
     "int4"), the Gluon one-warp kernel ("-gl", attention_decode_gl) and the Triton kernel
-    ("-triton"), against the bf16 cache in the same run; every output checked against ref_."""
+    ("-triton"), against the bf16 cache in the same run; every output checked against ref_.
+    scale_layouts: kv_scale_buffers layouts; "packed" is the engine's, others suffix the variant
+    ("@token")."""
     rows = []
     runs = (("bf16", "bfloat16", None), ("int8", "int8", None), ("int8-gl", "int8", True),
             ("int8-triton", "int8", False), ("int4", "int4", None), ("int4-gl", "int4", True),
             ("int4-triton", "int4", False))
+    caches = [("bfloat16", "packed")] + [(dt, lay) for dt in ("int8", "int4") for lay in scale_layouts]
     for batch in batches:
         for ctx in contexts:
             sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
             t_bf16 = None
-            for dtype in ("bfloat16", "int8", "int4"):
-                cache, table = paged_batch([ctx] * batch, dtype)
+            for dtype, layout in caches:
+                cache, table = paged_batch([ctx] * batch, dtype, scale_layout=layout)
                 ref = ref_paged_attention_decode(q[:1], cache, sl[:1], table[:1], D ** -0.5, None, ctx)
                 nbytes = batch * ctx * NKV * 2 * kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
-                for variant, dt, use_gl in runs:
+                for base, dt, use_gl in runs:
                     if dt != dtype:
                         continue
+                    variant = base + ("" if layout == "packed" else "@" + layout)
                     fn = functools.partial(paged_attention_decode, q, cache, sl, table, D ** -0.5, None,
                                            max(ctx, 8192), gl=use_gl)
                     err = rel(fn()[:1], ref)
@@ -526,7 +533,10 @@ def bench_decode_gl_graph(out_dir, name="attention_decode_gl_graph", batches=(1,
                   "sizes the splits as the engine's decode graphs do; tb_per_s: K+V codes and scales of the "
                   "context + q + out per time; rel_err: first sequence vs ref_ (bf16 query and output); "
                   "int8 / int4 = the launcher default (paged_attention_decode, gl=None), -gl = "
-                  "attention_decode_gl forced, -triton = gl=False"], out_dir=out_dir)
+                  "attention_decode_gl forced, -triton = gl=False; scales and zero points packed per "
+                  "(page, kv head) (the engine's kv_scale_buffers); '@head' = one head-major buffer per "
+                  "array, '@token' = token-major arrays (the layout before session 14)"],
+                 out_dir=out_dir)
     return cols, rows
 
 
@@ -546,13 +556,16 @@ def main():
                     help="only the split-merge comparison (attention_decode_merge.json)")
     ap.add_argument("--gl-graph", action="store_true",
                     help="only the Gluon vs Triton quantized decode comparison in CUDA graphs")
+    ap.add_argument("--scale-layouts", default="packed",
+                    help="--gl-graph: comma list of kv_scale_buffers layouts (packed, head, token)")
     a = ap.parse_args()
     if a.gl_graph:
         ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
         print_table(*bench_decode_gl_graph(a.out, a.name if a.name != "attention_decode_variants"
                                            else "attention_decode_gl_graph", ints(a.batches),
                                            ints(a.contexts) if a.contexts else (200, 1000, 4096, 16384,
-                                                                                32768)))
+                                                                                32768),
+                                           tuple(a.scale_layouts.split(","))))
         return
     if a.merge:
         print_table(*bench_decode_merge(a.out))

@@ -160,6 +160,10 @@ def test_batched_torch_decode_matches_reference(kv, window):
     arch = ArchConfig("LlamaForCausalLM", 10, 8, 8, 1, 8, 2, 16, 1e-6, 1e4, None, 64, False, False, False,
                       (None,), None, None, ())
     cache: LayerKVCache = allocate_kv_caches(arch, 16, 4, kv, torch.device("cpu"))[0]
+    if cache.key_scale is not None:  # packed: a (page, kv head) holds its 2 or 4 arrays contiguously
+        n = 2 if kv == "int8" else 4
+        assert cache.key_scale.shape == (16, 4, 2) and cache.key_scale.stride() == (8 * n, 1, 4 * n)
+        assert cache.value_scale.data_ptr() == cache.key_scale.data_ptr() + 16
     lens = [1, 7, 13]
     tables = torch.tensor([[3, 0, 0, 0], [5, 1, 0, 0], [2, 4, 6, 7]], dtype=torch.int32)
     for i, n in enumerate(lens):

@@ -12,8 +12,12 @@ tile) per iteration:
 
 1. A three-slot TMA ring per program: the K and V code rows of a 16-token chunk of one kv head
    (2D views ``[num_blocks * block_size, kv_heads * words]`` of the caches as int32 words), requested
-   two chunks ahead; their page ids come from the block table a chunk earlier still. The scales
-   (and int4 zero points) of the next chunk are loaded into registers one chunk ahead.
+   two chunks ahead; their page ids come from the block table a chunk earlier still. The chunk's
+   scales (and int4 zero points) ride in the same ring: the engine packs them per (page, kv head)
+   (``kv_scale_buffers``), so one ``[count, 16]`` float box brings all of them (``scale_rows``).
+   Loaded into registers only one chunk ahead, they were late whenever they came from DRAM: head-
+   major scales made int4 at b64 x 32k 1.3x slower than token-major ones, whose other kv heads hit
+   the page's scales in L2 (H100 s14-1/2).
 2. Swap-AB scores ``S^T = K q^T`` (``mma.sync`` m16n8k16: 16 tokens x 8 heads, G <= 8 query heads
    of the kv group padded to 8, not 16). K is the A operand with ``k_width 8``: lane ``q`` of a quad
    holds 32 head-dim values of its two token rows, which the kernel takes as 16-32 *contiguous* bytes
@@ -209,55 +213,42 @@ if gluon is not None:
         return gl.convert_layout(gl.permute(x, (1, 0)), AL)
 
     @gluon.jit
-    def _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, j, page, tok, kvh, PAGE: gl.constexpr, pred):
-        """TMA of chunk j (first token tok, in page ``page``) of kv head kvh into ring slot j % 3."""
+    def _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, page, tok, kvh, nkv,
+                     PAGE: gl.constexpr, pred):
+        """TMA of chunk j (first token tok, in page ``page``) of kv head kvh into ring slot j % 3: its
+        K and V code rows and its ``[count, 16]`` scales / zero points."""
         W: gl.constexpr = k_desc.block_type.shape[1]
+        COUNT: gl.constexpr = s_desc.block_type.shape[0]
         slot = j % 3
         bar = bars.index(slot)
-        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=pred)
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes + s_desc.block_type.nbytes, pred=pred)
         row = page * PAGE + tok % PAGE
         tma.async_copy_global_to_shared(k_desc, [row, kvh * W], bar, k_smem.index(slot), pred=pred)
         tma.async_copy_global_to_shared(v_desc, [row, kvh * W], bar, v_smem.index(slot), pred=pred)
+        tma.async_copy_global_to_shared(s_desc, [(page * nkv + kvh) * COUNT, tok % PAGE], bar,
+                                        s_smem.index(slot), pred=pred)
 
     @gluon.jit
-    def _one_scale(s_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE: gl.constexpr,
-                   TL: gl.constexpr):
-        """Per-token values ``[16]`` (layout TL) of the chunk from tok (one page) at element offsets
-        ``page * stride_sb + (token % PAGE) * stride_st + soff``; tokens outside [lo, end) read 0."""
-        t = tok + gl.arange(0, 16, layout=TL)
-        ok = (t >= lo) & (t < end)
-        return gl.load(s_ptr + page.to(gl.int64) * stride_sb + (t % PAGE) * stride_st + soff, mask=ok,
-                       other=0.0)
-
-    @gluon.jit
-    def _chunk_scales(ks_ptr, vs_ptr, kz_ptr, vz_ptr, page, tok, lo, end, stride_sb, stride_st, soff,
-                      qk_scale, MODE: gl.constexpr, PAGE: gl.constexpr, TL: gl.constexpr):
-        """``(ks * qk_scale, vs, kz * qk_scale, vz)`` of the chunk (``_one_scale`` each). Measured (H100
-        s13-4, twice): one shared scalar offset plus a loop-invariant per-token vector for the four
-        arrays made int4 at batch 32-64 x 16k-32k 1.23x *slower* (2.10-2.29x bf16 against 2.63-2.82x),
-        though it compiled to 18 fewer instructions per chunk."""
-        ks = _one_scale(ks_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL) * qk_scale
-        vs = _one_scale(vs_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL)
-        if MODE == 2:
-            kz = _one_scale(kz_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL) * qk_scale
-            vz = _one_scale(vz_ptr, page, tok, lo, end, stride_sb, stride_st, soff, PAGE, TL)
-        else:
-            kz = ks
-            vz = vs
-        return ks, vs, kz, vz
+    def _chunk_scale(s_slot, i: gl.constexpr, TOK: gl.constexpr):
+        """Row i ``[16]`` (layout TOK) of a ring slot's ``[count, 16]`` scales (the box is unswizzled:
+        row i is 16 consecutive floats)."""
+        COUNT: gl.constexpr = s_slot.shape[0]
+        flat = s_slot._reinterpret(gl.float32, [COUNT * 16], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        return flat.slice(16 * i, 16).load(TOK)
 
     @gluon.jit(do_not_specialize=["window", "tokens_per_split"])
-    def _decode_gl_kernel(q_ptr, k_desc, v_desc, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, seq_lens_ptr,
+    def _decode_gl_kernel(q_ptr, k_desc, v_desc, s_desc, bt_ptr, seq_lens_ptr,
                           out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
-                          stride_qs, stride_qh, stride_os, stride_oh, stride_sb, stride_st, stride_sh,
-                          stride_bt, G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
+                          stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
+                          G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
                           MODE: gl.constexpr, SPLIT_OUT: gl.constexpr, DYN_SPLIT: gl.constexpr,
                           SPLIT_MIN: gl.constexpr = 128):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
         codes as int32 words ``[num_blocks * PAGE, kv_heads * W]`` (block ``[16, W]``, W = words per
-        head row); scales / zero points float32 by strides."""
+        head row); the packed scales ``[num_blocks * kv_heads * count, PAGE]`` float32 (block
+        ``[count, 16]``; rows key scale, value scale, then int4's key and value zero points)."""
         W: gl.constexpr = k_desc.block_type.shape[1]
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                       instr_shape=[16, 8])
@@ -303,21 +294,23 @@ if gluon is not None:
         else:
             kbias = 1024.0 * qsum
 
+        COUNT: gl.constexpr = s_desc.block_type.shape[0]
+        nkv = gl.num_programs(1)
         k_smem = gl.allocate_shared_memory(gl.int32, [3, 16, W], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.int32, [3, 16, W], v_desc.layout)
+        s_smem = gl.allocate_shared_memory(gl.float32, [3, COUNT, 16], s_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(3):
             mbarrier.init(bars.index(i), count=1)
         bt_row = bt_ptr + seq * stride_bt
-        soff = kvh * stride_sh
-        # prologue: chunks 0 and 1 requested, page ids of chunks 1, 2 kept, scales of chunk 0 loaded
+        # prologue: chunks 0 and 1 requested, page id of chunk 2 kept
         pg0 = gl.load(bt_row + c0 // PAGE)
         pg_a = gl.load(bt_row + (c0 + 16) // PAGE, mask=n_it > 1, other=0)
-        _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, 0, pg0, c0, kvh, PAGE, n_it > 0)
-        _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, 1, pg_a, c0 + 16, kvh, PAGE, n_it > 1)
+        _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 0, pg0, c0, kvh, nkv, PAGE,
+                     n_it > 0)
+        _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 1, pg_a, c0 + 16, kvh, nkv, PAGE,
+                     n_it > 1)
         pg_b = gl.load(bt_row + (c0 + 32) // PAGE, mask=n_it > 2, other=0)
-        ks, vs, kz, vz = _chunk_scales(ks_ptr, vs_ptr, kz_ptr, vz_ptr, pg0, c0, lo, end, stride_sb, stride_st,
-                                       soff, qk_scale, MODE, PAGE, TOK)
 
         KWL: gl.constexpr = _k_word_layout(W)
         VWL: gl.constexpr = _v_word_layout(W)
@@ -330,36 +323,33 @@ if gluon is not None:
             tok = c0 + 16 * it
             mbarrier.wait(bars.index(slot), (it // 3) & 1)
             gl.thread_barrier()  # every lane is done with slot (it + 2) % 3 (chunk it - 1)
-            _issue_chunk(k_desc, v_desc, k_smem, v_smem, bars, it + 2, pg_b, tok + 32, kvh, PAGE,
-                         it + 2 < n_it)
+            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, it + 2, pg_b, tok + 32, kvh,
+                         nkv, PAGE, it + 2 < n_it)
             pg_c = gl.load(bt_row + (tok + 48) // PAGE, mask=it + 3 < n_it, other=0)
-            # next chunk's scales (registers, one chunk ahead)
-            ks_n, vs_n, kz_n, vz_n = _chunk_scales(ks_ptr, vs_ptr, kz_ptr, vz_ptr, pg_a, tok + 16, lo, end,
-                                                   stride_sb, stride_st, soff, qk_scale, MODE, PAGE, TOK)
+            t = tok + gl.arange(0, 16, layout=TOK)
+            ok = (t >= lo) & (t < end)
+            s_slot = s_smem.index(slot)
+            ks = _chunk_scale(s_slot, 0, TOK) * qk_scale
+            vs = gl.where(ok, _chunk_scale(s_slot, 1, TOK), 0.0)  # tokens outside the slice: any finite
 
             ka = _k_operand(k_smem.index(slot).load(KWL), MODE, HEAD_DIM, KA)
             s = mma_v2(ka, q, gl.zeros([16, 8], gl.float32, MMA))  # S^T [tokens, heads]
             s = (s - kbias[None, :]) * ks[:, None]
             if MODE == 2:
-                s += kz[:, None] * qsum[None, :]
-            t = tok + gl.arange(0, 16, layout=TOK)
-            s = gl.where(((t >= lo) & (t < end))[:, None], s, float("-inf"))
+                s += (_chunk_scale(s_slot, 2, TOK) * qk_scale)[:, None] * qsum[None, :]
+            s = gl.where(ok[:, None], s, float("-inf"))
             m_new = gl.maximum(m, gl.max(s, axis=0))
             alpha = gl.exp2(m - m_new)
             p = gl.exp2(s - m_new[None, :])
             l_sum = l_sum * alpha + gl.sum(p, axis=0)
             if MODE == 2:  # centred V codes: the zero point carries 8 scales
+                vz = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0)
                 zsum = zsum * alpha + gl.sum(p * (vz + 8.0 * vs)[:, None], axis=0)
             pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), PB)
             va = _v_operand(v_smem.index(slot).load(VWL), MODE, HEAD_DIM, VA)
             acc = mma_v2(va, pb, acc * alpha[None, :])
             m = m_new
-            pg_a = pg_b
             pg_b = pg_c
-            ks = ks_n
-            vs = vs_n
-            kz = kz_n
-            vz = vz_n
         for i in gl.static_range(3):
             mbarrier.invalidate(bars.index(i))
 
@@ -399,15 +389,36 @@ def gl_decode_applies(query: torch.Tensor, kv_cache: LayerKVCache) -> bool:
     return (hd in (64, 128) and kv_cache.block_size % CHUNK == 0 and 1 <= g <= GL_MAX_GROUP
             and query.dtype in (torch.bfloat16, torch.float16) and query.stride(-1) == 1
             and kc.is_contiguous() and vc.is_contiguous() and kc.data_ptr() % 16 == 0
-            and vc.data_ptr() % 16 == 0 and _is_hopper(query.device))
+            and vc.data_ptr() % 16 == 0 and scale_rows(kv_cache) is not None and _is_hopper(query.device))
+
+
+def scale_rows(kv_cache: LayerKVCache) -> torch.Tensor | None:
+    """The packed scales (``kv_scale_buffers`` layout "packed") as float32 rows ``[num_blocks *
+    kv_heads * count, block_size]`` (row ``(page * kv_heads + head) * count + i``: i = key scale,
+    value scale, int4's key and value zero points), or None when the cache's scales are not packed
+    that way (the Triton kernel reads any layout)."""
+    arrays = [kv_cache.key_scale, kv_cache.value_scale]
+    if kv_cache.dtype == "int4":
+        arrays += [kv_cache.key_zero, kv_cache.value_zero]
+    nb, bs, nkv, count = kv_cache.num_blocks, kv_cache.block_size, kv_cache.num_kv_heads, len(arrays)
+    base = arrays[0]
+    for i, a in enumerate(arrays):
+        if (a is None or a.dtype != torch.float32 or tuple(a.shape) != (nb, bs, nkv)
+                or a.stride() != (nkv * count * bs, 1, count * bs)
+                or a.data_ptr() != base.data_ptr() + 4 * i * bs):
+            return None
+    size = nb * nkv * count * bs
+    if base.data_ptr() % 16 or base.untyped_storage().nbytes() < 4 * (base.storage_offset() + size):
+        return None
+    return torch.as_strided(base, (nb * nkv * count, bs), (bs, 1))
 
 
 def gl_programs_per_sm(mode: int, head_dim: int) -> int:
     """Resident one-warp programs per SM: registers (``GL_REGS``), shared memory (3 ring slots of K
-    and V, ~1 KB of layout-conversion scratch) and Hopper's 32 blocks per SM."""
+    and V codes and scales, ~1 KB of layout-conversion scratch) and Hopper's 32 blocks per SM."""
     regs = (GL_REGS.get(mode, 168) + 7) // 8 * 8
     row_bytes = head_dim if mode == 1 else head_dim // 2
-    smem = 3 * 2 * CHUNK * row_bytes + 1024 + 64
+    smem = 3 * (2 * row_bytes + 4 * 2 * mode) * CHUNK + 1024 + 64
     return max(1, min(32, 65536 // (regs * 32), (227 * 1024) // smem))
 
 
@@ -421,22 +432,31 @@ def code_descriptor(codes: torch.Tensor):
     return TensorDescriptor(flat, [nb * bs, nkv * words], [nkv * words, 1], [CHUNK, words], layout)
 
 
+def scale_descriptor(rows: torch.Tensor, count: int):
+    """The TMA descriptor of ``scale_rows``: block ``[count, 16]``, unswizzled (the kernel reads
+    each row as 16 consecutive floats)."""
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return TensorDescriptor(rows, list(rows.shape), [rows.shape[1], 1], [count, CHUNK], layout)
+
+
 def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
                      block_table: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_lse: torch.Tensor,
                      qk_scale: float, window: int, tokens_per_split: int, splits: int,
                      dyn_split: bool) -> None:
     """Launch ``_decode_gl_kernel`` on grid (num_seqs, kv heads, splits); attention_decode's
     ``paged_attention_decode`` sizes the splits and merges them."""
-    from anybit.kernels.kv_cache_ops import kv_mode, kv_scale_args
+    from anybit.kernels.kv_cache_ops import kv_mode
 
     mode = kv_mode(kv_cache.dtype)
-    ks, vs, kz, vz, sstr = kv_scale_args(kv_cache)
+    rows = scale_rows(kv_cache)
+    if rows is None:
+        raise ValueError("launch_decode_gl: the cache's scales must be packed (kv_scale_buffers 'packed')")
     num_seqs, num_heads, head_dim = query.shape
     nkv = kv_cache.num_kv_heads
     _decode_gl_kernel[(num_seqs, nkv, splits)](
-        query, code_descriptor(kv_cache.key), code_descriptor(kv_cache.value), ks, vs, kz, vz, block_table,
-        seq_lens, out, mid_o, mid_lse, qk_scale, window, tokens_per_split,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), sstr[0], sstr[1], sstr[2],
+        query, code_descriptor(kv_cache.key), code_descriptor(kv_cache.value),
+        scale_descriptor(rows, 2 * mode), block_table, seq_lens, out, mid_o, mid_lse, qk_scale, window,
+        tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size, MODE=mode,
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, num_warps=1)
 

@@ -118,10 +118,11 @@ def ref_reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: Laye
                                    (value, kv_cache.value, kv_cache.value_scale, kv_cache.value_zero)):
         q, scale, zero = ref_quantize_kv(src[keep], kv_cache.dtype)
         dst.view(-1, *dst.shape[2:])[slots] = q.to(dst.dtype)
+        page, in_page = slots // kv_cache.block_size, slots % kv_cache.block_size  # any scale strides
         if scale is not None:
-            s_dst.view(-1, s_dst.shape[2])[slots] = scale
+            s_dst[page, in_page] = scale
         if zero is not None:
-            z_dst.view(-1, z_dst.shape[2])[slots] = zero
+            z_dst[page, in_page] = zero
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ class LayerKVCache:
     key, value: [num_blocks, block_size, num_kv_heads, head_dim] (int4: head_dim // 2 uint8)
     key_scale, value_scale: [num_blocks, block_size, num_kv_heads] float32 for int8/int4
     key_zero, value_zero: [num_blocks, block_size, num_kv_heads] float32 for int4
+
+    Kernels address scales through their strides (any layout works; scales and zero points must
+    share strides). The engine packs them per (page, kv head) (``kv_scale_buffers``).
     """
 
     key: torch.Tensor
@@ -44,6 +47,32 @@ class LayerKVCache:
     @property
     def is_quantized(self) -> bool:
         return self.dtype in ("int8", "int4")
+
+
+SCALE_LAYOUTS = ("packed", "head", "token")
+
+
+def kv_scale_buffers(num_blocks: int, block_size: int, num_kv_heads: int, count: int,
+                     device: torch.device | str, layout: str = "packed") -> list[torch.Tensor]:
+    """``count`` zeroed float32 per-token arrays (key/value scales, then zero points), each of shape
+    ``[num_blocks, block_size, num_kv_heads]``; kernels follow any of these layouts by strides.
+
+    - "packed" (the engine's): one buffer ``[num_blocks, num_kv_heads, count, block_size]``: a
+      (page, kv head) keeps all its scales and zero points in ``count * block_size`` contiguous
+      floats, read by a decode program in one run;
+    - "head": one ``[num_blocks, num_kv_heads, block_size]`` buffer per array;
+    - "token": one contiguous ``[num_blocks, block_size, num_kv_heads]`` buffer per array (a head's
+      tokens 4 * num_kv_heads bytes apart: one sector per token)."""
+    shape = (num_blocks, block_size, num_kv_heads)
+    if layout == "token":
+        return [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(count)]
+    if layout == "head":
+        return [torch.zeros(num_blocks, num_kv_heads, block_size, dtype=torch.float32,
+                            device=device).permute(0, 2, 1) for _ in range(count)]
+    if layout != "packed":
+        raise ValueError(f"scale layout must be one of {SCALE_LAYOUTS}, got {layout!r}")
+    buf = torch.zeros(num_blocks, num_kv_heads, count, block_size, dtype=torch.float32, device=device)
+    return [buf[:, :, i, :].permute(0, 2, 1) for i in range(count)]
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from anybit.config import CacheConfig
-from anybit.layers.attention_meta import LayerKVCache
+from anybit.layers.attention_meta import LayerKVCache, kv_scale_buffers
 from anybit.models.arch import ArchConfig
 
 _FLOAT_KV = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -65,8 +65,11 @@ def compute_num_blocks(arch: ArchConfig, cache: CacheConfig, kv_dtype: str, devi
 def allocate_kv_caches(arch: ArchConfig, num_blocks: int, block_size: int, kv_dtype: str,
                        device: torch.device) -> list[LayerKVCache]:
     shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-    scale_shape = (num_blocks, block_size, arch.num_kv_heads)
     caches = []
+
+    def scales(count):
+        return kv_scale_buffers(num_blocks, block_size, arch.num_kv_heads, count, device)
+
     for _ in range(arch.num_layers):
         if kv_dtype in _FLOAT_KV:
             dt = _FLOAT_KV[kv_dtype]
@@ -76,8 +79,7 @@ def allocate_kv_caches(arch: ArchConfig, num_blocks: int, block_size: int, kv_dt
             caches.append(LayerKVCache(
                 torch.zeros(shape, dtype=torch.int8, device=device),
                 torch.zeros(shape, dtype=torch.int8, device=device), kv_dtype,
-                key_scale=torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                value_scale=torch.zeros(scale_shape, dtype=torch.float32, device=device)))
+                *scales(2)))
         elif kv_dtype == "int4":
             if arch.head_dim % 2:
                 raise ValueError(f"kv_cache_dtype: int4 needs an even head_dim, got {arch.head_dim}")
@@ -85,10 +87,7 @@ def allocate_kv_caches(arch: ArchConfig, num_blocks: int, block_size: int, kv_dt
             caches.append(LayerKVCache(
                 torch.zeros(packed, dtype=torch.uint8, device=device),
                 torch.zeros(packed, dtype=torch.uint8, device=device), kv_dtype,
-                key_scale=torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                value_scale=torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                key_zero=torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                value_zero=torch.zeros(scale_shape, dtype=torch.float32, device=device)))
+                *scales(4)))
         else:
             raise ValueError(f"kv_cache_dtype: unsupported {kv_dtype!r}")
     return caches

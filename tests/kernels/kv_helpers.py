@@ -5,31 +5,35 @@ from __future__ import annotations
 import torch
 
 from anybit.kernels.kv_cache_ops import ref_reshape_and_cache
-from anybit.layers.attention_meta import LayerKVCache
+from anybit.layers.attention_meta import LayerKVCache, kv_scale_buffers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_cache(dtype: str, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-               device=DEVICE) -> LayerKVCache:
-    """An empty cache filled with random garbage (never zeros), so unwritten reads show up."""
+               device=DEVICE, scale_layout: str = "packed") -> LayerKVCache:
+    """An empty cache filled with random garbage (never zeros), so unwritten reads show up.
+
+    scale_layout: a ``kv_scale_buffers`` layout ("packed" = the engine's, "head", "token")."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    sshape = shape[:3]
     if dtype == "int8":
         k = torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
     elif dtype == "int4":
-        k = torch.randint(0, 256, (*sshape, head_dim // 2), dtype=torch.uint8, device=device)
+        k = torch.randint(0, 256, (*shape[:3], head_dim // 2), dtype=torch.uint8, device=device)
     else:
         k = torch.randn(shape, device=device).to(getattr(torch, dtype))
-    quant = dtype in ("int8", "int4")
-    scales = [torch.rand(sshape, device=device) for _ in range(2)] if quant else [None, None]
-    zeros = [torch.randn(sshape, device=device) for _ in range(2)] if dtype == "int4" else [None, None]
-    return LayerKVCache(key=k, value=k.clone(), dtype=dtype, key_scale=scales[0], value_scale=scales[1],
-                        key_zero=zeros[0], value_zero=zeros[1])
+    count = {"int8": 2, "int4": 4}.get(dtype, 0)
+    sc = kv_scale_buffers(num_blocks, block_size, num_kv_heads, count, device, scale_layout)
+    for i, t in enumerate(sc):  # scales in [0, 1), zero points normal
+        t.uniform_() if i < 2 else t.normal_()
+    sc += [None] * (4 - count)
+    return LayerKVCache(key=k, value=k.clone(), dtype=dtype, key_scale=sc[0], value_scale=sc[1],
+                        key_zero=sc[2], value_zero=sc[3])
 
 
 def make_batch(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-               cache_dtype: str, block_size: int = 16, q_dtype=torch.float32, seed: int = 0, device=DEVICE):
+               cache_dtype: str, block_size: int = 16, q_dtype=torch.float32, seed: int = 0, device=DEVICE,
+               scale_layout: str = "packed"):
     """Random context K/V written into a paged cache through shuffled block tables.
 
     Returns dict with query [sum(query_lens), num_heads, head_dim], cache, query_start_loc,
@@ -41,7 +45,7 @@ def make_batch(seq_lens: list[int], query_lens: list[int], num_heads: int, num_k
     num_blocks = sum(nbs) + 3
     perm = torch.randperm(num_blocks, generator=g)
     table = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=g, dtype=torch.int32)
-    cache = make_cache(cache_dtype, num_blocks, block_size, num_kv_heads, head_dim, device)
+    cache = make_cache(cache_dtype, num_blocks, block_size, num_kv_heads, head_dim, device, scale_layout)
     used = 0
     ks, vs = [], []
     for i, (s, nb) in enumerate(zip(seq_lens, nbs)):

@@ -84,6 +84,22 @@ def test_decode_kernel(device, num_splits, cache_dtype, head_dim, nh, nkv, windo
     assert rel_err(out, ref) < _tol(qdt, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype", ["int8", "int4"])
+def test_token_major_scales(device, cache_dtype):
+    """Scales stored token-major (contiguous [blocks, block_size, kv_heads], not the engine's
+    packed kv_scale_buffers): the write, prefill and decode kernels follow the strides."""
+    b = make_batch(SEQ_LENS, QUERY_LENS, 4, 2, 64, cache_dtype, device=device, scale_layout="token")
+    assert b["cache"].key_scale.is_contiguous()
+    kw = dict(block_m=16, block_n=16) if device == "cpu" else {}
+    pre = paged_attention_prefill(*_prefill_args(b, None), **kw)
+    assert rel_err(pre, ref_paged_attention_prefill(*_prefill_args(b, None))) < _tol(torch.float32, device)
+    d = make_batch(DEC_LENS, [1] * len(DEC_LENS), 4, 2, 64, cache_dtype, device=device, scale_layout="token")
+    out = paged_attention_decode(*_decode_args(d, None), num_splits=3,
+                                 block_n=32 if device == "cpu" else None)
+    assert rel_err(out, ref_paged_attention_decode(*_decode_args(d, None))) < _tol(torch.float32, device)
+
+
 def test_decode_context_longer_than_max_seq_len_stays_correct():
     """A stale (CUDA-graph) max_seq_len only sizes the splits; the last split runs to seq_len."""
     b = make_batch([130, 61], [1, 1], 4, 2, 64, "float32", device="cpu")

@@ -92,8 +92,9 @@ def test_sm90_compile_loop(mode):
     shared-memory stores or local memory: the operands' layout conversions are register renames."""
     row = 128 if mode == 1 else 64
     desc = f"desc:int32:1024x{8 * row // 4}:16x{row // 4}"
-    ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "qk_scale": "fp32"}
-    ptrs.update({n: "*fp32" for n in ("ks_ptr", "vs_ptr", "kz_ptr", "vz_ptr", "mid_o_ptr", "mid_lse_ptr")})
+    ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "qk_scale": "fp32",
+            "s_desc": f"desc:float32:{1024 * 8 * 2 * mode}x16:{2 * mode}x16:0"}
+    ptrs.update({n: "*fp32" for n in ("mid_o_ptr", "mid_lse_ptr")})
     ptrs.update({"bt_ptr": "*i32", "seq_lens_ptr": "*i32"})
     consts = dict(G=4, HEAD_DIM=128, PAGE=16, MODE=mode, SPLIT_OUT=True, DYN_SPLIT=True)
     lines = sm90_sass_ptrs(agl._decode_gl_kernel, consts, ptrs, {"num_warps": 1})
@@ -101,9 +102,26 @@ def test_sm90_compile_loop(mode):
             not any(s.startswith("STG") for s in b)]
     assert main, "no loop with the chunk's 16 MMAs"
     body = main[0]
-    assert sum("UTMALDG" in s for s in body) == 2
+    assert sum("UTMALDG" in s for s in body) == 3  # K and V codes, scales
     assert not [s for s in body if s.startswith(("STS", "STL", "LDL"))], "shared-memory round trip or spills"
     assert shared_bytes(lines) <= 3 * 2 * 16 * row + 1024 + 64
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_scale_rows_only_for_packed_scales(dtype):
+    """scale_rows views the packed buffer as the TMA rows (page, head, array); other layouts: None."""
+    from kv_helpers import make_cache
+
+    cache = make_cache(dtype, 5, 32, 3, 64, device="cpu")
+    rows = agl.scale_rows(cache)
+    arrays = [cache.key_scale, cache.value_scale]
+    arrays += [cache.key_zero, cache.value_zero] if dtype == "int4" else []
+    assert rows.shape == (5 * 3 * len(arrays), 32)
+    for i, a in enumerate(arrays):
+        for page, head in ((0, 0), (4, 2), (2, 1)):
+            assert torch.equal(rows[(page * 3 + head) * len(arrays) + i], a[page, :, head])
+    for layout in ("head", "token"):
+        assert agl.scale_rows(make_cache(dtype, 5, 32, 3, 64, device="cpu", scale_layout=layout)) is None
 
 
 def test_programs_per_sm():
@@ -132,6 +150,20 @@ def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs):
                 assert e < 1e-2, (win, splits, dyn, e)
         tri = paged_attention_decode(*args, gl=False)
         assert rel_err(out, tri) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_unpacked_scales_use_the_triton_kernel(dtype):
+    """Scales not packed per (page, kv head): the Gluon kernel does not apply, gl=True falls back to
+    the Triton kernel (which follows any strides) and the result stays right."""
+    seq = [1, 17, 300, 1030]
+    b = make_batch(seq, [1] * len(seq), 32, 8, 128, dtype, q_dtype=torch.bfloat16, scale_layout="token")
+    assert not agl.gl_decode_applies(b["query"], b["cache"])
+    args = (b["query"], b["cache"], b["seq_lens"], b["block_table"], 128 ** -0.5, None, max(seq))
+    ref = ref_paged_attention_decode(*args)
+    assert rel_err(paged_attention_decode(*args, num_splits=3, gl=True), ref) < 1e-2
 
 
 @pytest.mark.gpu

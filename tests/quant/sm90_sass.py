@@ -67,12 +67,13 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
             if p.is_constexpr and p.name not in consts and p.default is not inspect.Parameter.empty:
                 consts[p.name] = p.default
         sig = {n: ptr_types.get(n, "i32") for n in names}
-        for n, spec in ptr_types.items():  # "desc:int32:ROWSxCOLS:BROWSxBCOLS": a 2D TMA descriptor
+        for n, spec in ptr_types.items():  # "desc:int32:ROWSxCOLS:BROWSxBCOLS[:SWIZZLE]": a 2D TMA descriptor
             if spec.startswith("desc:"):
-                _, dt, shape, block = spec.split(":")
+                _, dt, shape, block, *swz = spec.split(":")
                 shape, block = [int(v) for v in shape.split("x")], [int(v) for v in block.split("x")]
                 base = torch.empty(shape, dtype=getattr(torch, dt))
-                layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, dt))
+                layout = (gl.NVMMASharedLayout(int(swz[0]), base.element_size() * 8, 2) if swz else
+                          gl.NVMMASharedLayout.get_default_for(block, getattr(gl, dt)))
                 sig[n] = mangle_type(TensorDescriptor(base, shape, [shape[1], 1], block, layout))
         sig.update({c: "constexpr" for c in consts})
         aligned = [n for n in names if (n in ptr_types and not ptr_types[n].startswith("desc:"))
