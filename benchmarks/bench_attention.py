@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode  # noqa: E402
 from anybit.kernels.attention_prefill import paged_attention_prefill, ref_paged_attention_prefill  # noqa: E402
-from anybit.layers.attention_meta import LayerKVCache, kv_scale_buffers  # noqa: E402
+from anybit.layers.attention_meta import LayerKVCache, new_layer_kv_cache  # noqa: E402
 from benchmarks.common import print_table, write_result  # noqa: E402
 
 NH, NKV, D, BS = 32, 8, 128, 16
@@ -39,25 +39,25 @@ def bench(fn) -> float:
 
 
 def make_cache(dtype: str, num_blocks: int, nkv: int = NKV, d: int = D,
-               scale_layout: str = "packed") -> LayerKVCache:
-    """Random (never zero) cache contents: speed does not depend on the values. scale_layout: a
-    kv_scale_buffers layout ("packed" = the engine's; "token" = the layout before session 14)."""
-    shp = (num_blocks, BS, nkv)
-    if dtype == "bfloat16":
-        k = torch.randn(*shp, d, device="cuda", dtype=torch.bfloat16)
-        return LayerKVCache(k, torch.randn_like(k), "bfloat16")
-    count = 2 if dtype == "int8" else 4
-    sc = kv_scale_buffers(num_blocks, BS, nkv, count, "cuda", scale_layout)
-    for i, t in enumerate(sc):  # int8 scales, int4 scales, int4 zero points
-        t.uniform_(*((0.005, 0.025) if dtype == "int8" else (0.05, 0.25) if i < 2 else (-2.0, -1.0)))
-    if dtype == "int8":
-        k = torch.randint(-127, 128, (*shp, d), device="cuda", dtype=torch.int8)
-        return LayerKVCache(k, torch.randint_like(k, -127, 128), "int8", *sc)
-    k = torch.randint(0, 256, (*shp, d // 2), device="cuda", dtype=torch.uint8)
-    return LayerKVCache(k, torch.randint_like(k, 0, 256), "int4", *sc)
+               layout: str = "head/packed") -> LayerKVCache:
+    """Random (never zero) cache contents: speed does not depend on the values. layout:
+    "CODE/SCALE" of kv_code_buffer / kv_scale_buffers ("head/packed" = the engine's; "token/token" =
+    the layout before session 14)."""
+    code_layout, scale_layout = layout.split("/")
+    c = new_layer_kv_cache(num_blocks, BS, nkv, d, dtype, "cuda", code_layout, scale_layout)
+    for t in (c.key, c.value):
+        if dtype == "bfloat16":
+            t.normal_()
+        else:
+            lo, hi = (-127, 128) if dtype == "int8" else (0, 256)
+            t.copy_(torch.randint(lo, hi, t.shape, device="cuda", dtype=t.dtype))
+    for i, t in enumerate((c.key_scale, c.value_scale, c.key_zero, c.value_zero)):
+        if t is not None:  # int8 scales, int4 scales, int4 zero points
+            t.uniform_(*((0.005, 0.025) if dtype == "int8" else (0.05, 0.25) if i < 2 else (-2.0, -1.0)))
+    return c
 
 
-def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D, scale_layout: str = "packed"):
+def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D, layout: str = "head/packed"):
     """A cache holding exactly these contexts, pages shuffled; returns (cache, block_table)."""
     nbs = [triton.cdiv(s, BS) for s in seq_lens]
     perm = torch.randperm(sum(nbs), device="cuda").to(torch.int32)
@@ -66,7 +66,7 @@ def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D, sca
     for i, nb in enumerate(nbs):
         table[i, :nb] = perm[used:used + nb]
         used += nb
-    return make_cache(dtype, sum(nbs), nkv, d, scale_layout), table
+    return make_cache(dtype, sum(nbs), nkv, d, layout), table
 
 
 def kv_bytes_per_token_head(dtype: str, d: int = D) -> int:
@@ -114,8 +114,8 @@ def check_correctness(notes: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def prefill_case(seq_lens, sweep=None):
-    cache, table = paged_batch(seq_lens, "bfloat16")
+def prefill_case(seq_lens, sweep=None, layout="head/packed"):
+    cache, table = paged_batch(seq_lens, "bfloat16", layout=layout)
     q = torch.randn(sum(seq_lens), NH, D, device="cuda", dtype=torch.bfloat16)
     qsl = torch.tensor([0] + list(torch.tensor(seq_lens).cumsum(0)), dtype=torch.int32, device="cuda")
     sl = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
@@ -490,36 +490,36 @@ def bench_decode_merge(out_dir):
 
 
 def bench_decode_gl_graph(out_dir, name="attention_decode_gl_graph", batches=(1, 8, 32, 64),
-                          contexts=(200, 1000, 4096, 16384, 32768), scale_layouts=("packed",)):
+                          contexts=(200, 1000, 4096, 16384, 32768), layouts=("head/packed",)):
     """Quantized decode in CUDA graphs, as the engine runs it (no host launch cost; splits sized from
     max_seq_len = max(context, 8192) as in the engine's graphs): the launcher default ("int8",
     "int4"), the Gluon one-warp kernel ("-gl", attention_decode_gl) and the Triton kernel
     ("-triton"), against the bf16 cache in the same run; every output checked against ref_.
-    scale_layouts: kv_scale_buffers layouts; "packed" is the engine's, others suffix the variant
-    ("@token")."""
+    layouts: "CODE/SCALE" cache layouts (make_cache); the first is the reference for bf16 and
+    unsuffixed, others suffix the variant ("@token/token")."""
     rows = []
     runs = (("bf16", "bfloat16", None), ("int8", "int8", None), ("int8-gl", "int8", True),
             ("int8-triton", "int8", False), ("int4", "int4", None), ("int4-gl", "int4", True),
             ("int4-triton", "int4", False))
-    caches = [("bfloat16", "packed")] + [(dt, lay) for dt in ("int8", "int4") for lay in scale_layouts]
+    caches = [(dt, lay) for dt in ("bfloat16", "int8", "int4") for lay in layouts]
     for batch in batches:
         for ctx in contexts:
             sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
             q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
             t_bf16 = None
             for dtype, layout in caches:
-                cache, table = paged_batch([ctx] * batch, dtype, scale_layout=layout)
+                cache, table = paged_batch([ctx] * batch, dtype, layout=layout)
                 ref = ref_paged_attention_decode(q[:1], cache, sl[:1], table[:1], D ** -0.5, None, ctx)
                 nbytes = batch * ctx * NKV * 2 * kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
                 for base, dt, use_gl in runs:
                     if dt != dtype:
                         continue
-                    variant = base + ("" if layout == "packed" else "@" + layout)
+                    variant = base + ("" if layout == layouts[0] else "@" + layout)
                     fn = functools.partial(paged_attention_decode, q, cache, sl, table, D ** -0.5, None,
                                            max(ctx, 8192), gl=use_gl)
                     err = rel(fn()[:1], ref)
                     t = graph_time_us(fn)
-                    t_bf16 = t if dtype == "bfloat16" else t_bf16
+                    t_bf16 = t if variant == "bf16" else t_bf16
                     rows.append({"batch": batch, "context": ctx, "variant": variant, "time_us": t,
                                  "tb_per_s": nbytes / t / 1e6, "speedup_vs_bf16": t_bf16 / t, "rel_err": err})
                     print(f"b{batch} ctx{ctx} {variant:12s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s "
@@ -533,10 +533,36 @@ def bench_decode_gl_graph(out_dir, name="attention_decode_gl_graph", batches=(1,
                   "sizes the splits as the engine's decode graphs do; tb_per_s: K+V codes and scales of the "
                   "context + q + out per time; rel_err: first sequence vs ref_ (bf16 query and output); "
                   "int8 / int4 = the launcher default (paged_attention_decode, gl=None), -gl = "
-                  "attention_decode_gl forced, -triton = gl=False; scales and zero points packed per "
-                  "(page, kv head) (the engine's kv_scale_buffers); '@head' = one head-major buffer per "
-                  "array, '@token' = token-major arrays (the layout before session 14)"],
+                  "attention_decode_gl forced, -triton = gl=False; unsuffixed: the cache in layout "
+                  f"{layouts[0]} (codes by kv_code_buffer / scales by kv_scale_buffers), '@CODE/SCALE' = "
+                  "another layout (head/packed is the engine's since session 14, token/token the one "
+                  "before); speedup_vs_bf16 against the unsuffixed bf16 row"],
                  out_dir=out_dir)
+    return cols, rows
+
+
+def bench_prefill_layouts(out_dir, shapes=((1024,), (2048,), (8192,), (2048,) * 8), rounds=3):
+    """Prefill over a bf16 cache in the engine's head-major layout vs token-major codes, timed in
+    alternation (A B A B ...) so drift between the two shows; median per layout and shape."""
+    rows = []
+    for seq_lens in shapes:
+        fns = {lay: prefill_case(list(seq_lens), layout=lay)[0] for lay in ("head/packed", "token/token")}
+        times = {lay: [] for lay in fns}
+        for _ in range(rounds):
+            for lay, fn in fns.items():
+                times[lay].append(bench(fn))
+        med = {lay: sorted(ts)[len(ts) // 2] for lay, ts in times.items()}
+        flops = 2 * NH * D * sum(s * s for s in seq_lens)
+        rows.append({"seqs": f"{len(seq_lens)}x{seq_lens[0]}", "head_ms": med["head/packed"],
+                     "token_ms": med["token/token"], "head_tflops": flops / med["head/packed"] / 1e9,
+                     "head_vs_token": med["token/token"] / med["head/packed"],
+                     "head_all_ms": times["head/packed"], "token_all_ms": times["token/token"]})
+        print(rows[-1], flush=True)
+    cols = ["seqs", "head_ms", "token_ms", "head_tflops", "head_vs_token"]
+    write_result("attention_prefill_layouts", "Paged causal prefill over a bf16 cache: head-major codes "
+                 "(engine) vs token-major, d128, 32 q / 8 kv heads", cols, rows,
+                 [f"do_bench medians (L2 flushed), {rounds} alternating rounds per layout; "
+                  "head_vs_token > 1: head-major faster"], out_dir=out_dir)
     return cols, rows
 
 
@@ -556,16 +582,22 @@ def main():
                     help="only the split-merge comparison (attention_decode_merge.json)")
     ap.add_argument("--gl-graph", action="store_true",
                     help="only the Gluon vs Triton quantized decode comparison in CUDA graphs")
-    ap.add_argument("--scale-layouts", default="packed",
-                    help="--gl-graph: comma list of kv_scale_buffers layouts (packed, head, token)")
+    ap.add_argument("--layouts", default="head/packed",
+                    help="--gl-graph: comma list of CODE/SCALE cache layouts (kv_code_buffer / "
+                         "kv_scale_buffers), the first the reference")
+    ap.add_argument("--prefill-layouts", action="store_true",
+                    help="only the prefill A/B of the cache code layouts (attention_prefill_layouts.json)")
     a = ap.parse_args()
+    if a.prefill_layouts:
+        print_table(*bench_prefill_layouts(a.out))
+        return
     if a.gl_graph:
         ints = lambda v: tuple(int(x) for x in v.split(","))  # noqa: E731
         print_table(*bench_decode_gl_graph(a.out, a.name if a.name != "attention_decode_variants"
                                            else "attention_decode_gl_graph", ints(a.batches),
                                            ints(a.contexts) if a.contexts else (200, 1000, 4096, 16384,
                                                                                 32768),
-                                           tuple(a.scale_layouts.split(","))))
+                                           tuple(a.layouts.split(","))))
         return
     if a.merge:
         print_table(*bench_decode_merge(a.out))

@@ -38,8 +38,8 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 
 QM = ("quant_matmul_s11", "quant_matmul_s11_lm_head")
 QM_S12 = ("quant_matmul_ra_s12_auto",)  # W4 M 16-1024 with the register-A wgmma routing (s12-6)
-DECODE = ("attention_decode_gl_graph_s13",)  # s13-5: CUDA graphs, launcher defaults, bf16 in the same run
-E2E = ("e2e_w4_s11_m1ks0",)
+DECODE = ("attention_decode_graph_s14",)  # s14-6: CUDA graphs, engine layouts + routing, bf16 same run
+E2E = ("e2e_w4_s14",)
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
 SHAPE = lambda r: f"{r['shape']} M{r['M']}"  # noqa: E731
 
@@ -53,7 +53,7 @@ GOALS = [
     Goal(3, "W4 at M = 16", QM_S12, _qm(4, (16,)), SPEEDUP, 3.0, per=SHAPE),
     Goal(3, "W4 at M = 64", QM_S12, _qm(4, (64,)), SPEEDUP, 2.0, per=SHAPE),
     Goal(3, "W4 at M = 256 and 1024", QM_S12, _qm(4, (256, 1024)), SPEEDUP, 0.9, per=SHAPE),
-    Goal(4, "prefill vs SDPA flash (causal d128, 1k-16k)", ("attention_prefill_h100_s11",), lambda f, r: True,
+    Goal(4, "prefill vs SDPA flash (causal d128, 1k-16k)", ("attention_prefill_s14",), lambda f, r: True,
          lambda r: r["vs_flash"], 1.0, per=lambda r: r["seqs"]),
     Goal(4, "decode b32/b64 4k-32k, bf16 KV: effective TB/s", DECODE, _decode("bf16"),
          lambda r: r["tb_per_s"], 2.6, " TB/s", per=lambda r: f"b{r['batch']} {r['context']}"),

@@ -613,10 +613,11 @@ DEFAULT_PREFETCH_BY_MODE = {1: (2, 0, 64, 2), 2: (2, 0, 32, 1)}
 INT4_PREFETCH_MIN_SEQS = PREFETCH_MIN_SEQS  # old name
 
 # The one-warp Gluon kernel (attention_decode_gl) is the default from GL_MIN_SEQS sequences for int4
-# caches, and for int8 caches below GL_INT8_MAX_SEQS. H100 s13-3/5 in CUDA graphs (graph-sized splits):
-# int4 at batch 8-64 from 4k tokens 1.17-1.70x the Triton kernel (2.42-2.83x the bf16 cache at batch
-# 32/64); int8 at batch 8 1.08-1.13x, at batch 32/64 0.96-0.98x; at batch 1 it is 2-4 us slower per
-# call below 16k tokens (a longer latency chain per program) and only faster beyond.
+# caches, and for int8 caches below GL_INT8_MAX_SEQS. H100 s14-4/5 in CUDA graphs (graph-sized splits,
+# the engine's cache layouts: head-major codes, packed scales): int4 at batch 8-64 from 4k tokens
+# 1.2-1.6x the Triton kernel; int8 at batch 8 1.16-1.24x; int8 at batch 32/64: 1.02-1.05x at 16k-32k
+# but 0.97-0.98x at 4k and 0.83x at 1k tokens, so the Triton kernel stays. At batch 1 it is 2-4 us
+# slower per call below 16k tokens (a longer latency chain per program; s13).
 GL_MIN_SEQS = 8
 GL_INT8_MAX_SEQS = PREFETCH_MIN_SEQS
 
@@ -757,7 +758,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
         biased = cdt == tl.float16
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
     tuned = (block_n, num_warps, num_stages, max_registers, prefetch, merge_max) != (None,) * 6
-    if gl is None:  # H100 s13-3/5 (CUDA graphs, attention_decode_gl_graph_s13*): see GL_MIN_SEQS
+    if gl is None:  # H100 s14-4/5 (CUDA graphs, attention_decode_*_s14*): see GL_MIN_SEQS
         gl = num_seqs >= GL_MIN_SEQS and (mode == 2 or num_seqs < GL_INT8_MAX_SEQS)
     use_gl = (gl and not tuned and biased and not interpret and exact_v
               and gl_decode_applies(query, kv_cache))

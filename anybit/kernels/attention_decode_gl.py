@@ -214,17 +214,24 @@ if gluon is not None:
 
     @gluon.jit
     def _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, page, tok, kvh, nkv,
-                     PAGE: gl.constexpr, pred):
+                     PAGE: gl.constexpr, HEAD_MAJOR: gl.constexpr, pred):
         """TMA of chunk j (first token tok, in page ``page``) of kv head kvh into ring slot j % 3: its
-        K and V code rows and its ``[count, 16]`` scales / zero points."""
+        K and V code rows and its ``[count, 16]`` scales / zero points. HEAD_MAJOR: the code views
+        are ``[blocks * kv_heads * PAGE, W]`` (``code_descriptor``), else ``[blocks * PAGE,
+        kv_heads * W]``."""
         W: gl.constexpr = k_desc.block_type.shape[1]
         COUNT: gl.constexpr = s_desc.block_type.shape[0]
         slot = j % 3
         bar = bars.index(slot)
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes + s_desc.block_type.nbytes, pred=pred)
-        row = page * PAGE + tok % PAGE
-        tma.async_copy_global_to_shared(k_desc, [row, kvh * W], bar, k_smem.index(slot), pred=pred)
-        tma.async_copy_global_to_shared(v_desc, [row, kvh * W], bar, v_smem.index(slot), pred=pred)
+        if HEAD_MAJOR:
+            row = (page * nkv + kvh) * PAGE + tok % PAGE
+            col = 0
+        else:
+            row = page * PAGE + tok % PAGE
+            col = kvh * W
+        tma.async_copy_global_to_shared(k_desc, [row, col], bar, k_smem.index(slot), pred=pred)
+        tma.async_copy_global_to_shared(v_desc, [row, col], bar, v_smem.index(slot), pred=pred)
         tma.async_copy_global_to_shared(s_desc, [(page * nkv + kvh) * COUNT, tok % PAGE], bar,
                                         s_smem.index(slot), pred=pred)
 
@@ -241,14 +248,14 @@ if gluon is not None:
                           out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
                           stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
                           G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
-                          MODE: gl.constexpr, SPLIT_OUT: gl.constexpr, DYN_SPLIT: gl.constexpr,
-                          SPLIT_MIN: gl.constexpr = 128):
+                          HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
+                          DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
-        codes as int32 words ``[num_blocks * PAGE, kv_heads * W]`` (block ``[16, W]``, W = words per
-        head row); the packed scales ``[num_blocks * kv_heads * count, PAGE]`` float32 (block
-        ``[count, 16]``; rows key scale, value scale, then int4's key and value zero points)."""
+        codes as int32 words (``code_descriptor``, block ``[16, W]``, W = words per head row); the
+        packed scales ``[num_blocks * kv_heads * count, PAGE]`` float32 (block ``[count, 16]``; rows
+        key scale, value scale, then int4's key and value zero points)."""
         W: gl.constexpr = k_desc.block_type.shape[1]
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                       instr_shape=[16, 8])
@@ -307,9 +314,9 @@ if gluon is not None:
         pg0 = gl.load(bt_row + c0 // PAGE)
         pg_a = gl.load(bt_row + (c0 + 16) // PAGE, mask=n_it > 1, other=0)
         _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 0, pg0, c0, kvh, nkv, PAGE,
-                     n_it > 0)
+                     HEAD_MAJOR, n_it > 0)
         _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 1, pg_a, c0 + 16, kvh, nkv, PAGE,
-                     n_it > 1)
+                     HEAD_MAJOR, n_it > 1)
         pg_b = gl.load(bt_row + (c0 + 32) // PAGE, mask=n_it > 2, other=0)
 
         KWL: gl.constexpr = _k_word_layout(W)
@@ -324,7 +331,7 @@ if gluon is not None:
             mbarrier.wait(bars.index(slot), (it // 3) & 1)
             gl.thread_barrier()  # every lane is done with slot (it + 2) % 3 (chunk it - 1)
             _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, it + 2, pg_b, tok + 32, kvh,
-                         nkv, PAGE, it + 2 < n_it)
+                         nkv, PAGE, HEAD_MAJOR, it + 2 < n_it)
             pg_c = gl.load(bt_row + (tok + 48) // PAGE, mask=it + 3 < n_it, other=0)
             t = tok + gl.arange(0, 16, layout=TOK)
             ok = (t >= lo) & (t < end)
@@ -388,8 +395,16 @@ def gl_decode_applies(query: torch.Tensor, kv_cache: LayerKVCache) -> bool:
     kc, vc = kv_cache.key, kv_cache.value
     return (hd in (64, 128) and kv_cache.block_size % CHUNK == 0 and 1 <= g <= GL_MAX_GROUP
             and query.dtype in (torch.bfloat16, torch.float16) and query.stride(-1) == 1
-            and kc.is_contiguous() and vc.is_contiguous() and kc.data_ptr() % 16 == 0
+            and code_layout(kc) is not None and code_layout(kc) == code_layout(vc) and kc.data_ptr() % 16 == 0
             and vc.data_ptr() % 16 == 0 and scale_rows(kv_cache) is not None and _is_hopper(query.device))
+
+
+def code_layout(codes: torch.Tensor) -> str | None:
+    """"token" for a contiguous code cache ``[num_blocks, block_size, kv_heads, row]``, "head" for
+    one stored ``[num_blocks, kv_heads, block_size, row]`` (``kv_code_buffer``), else None."""
+    if codes.is_contiguous():
+        return "token"
+    return "head" if codes.permute(0, 2, 1, 3).is_contiguous() else None
 
 
 def scale_rows(kv_cache: LayerKVCache) -> torch.Tensor | None:
@@ -423,13 +438,17 @@ def gl_programs_per_sm(mode: int, head_dim: int) -> int:
 
 
 def code_descriptor(codes: torch.Tensor):
-    """The TMA descriptor of a code cache ``[num_blocks, block_size, kv_heads, row bytes]`` seen as
-    int32 words ``[num_blocks * block_size, kv_heads * words]``, block ``[16, words]``."""
+    """The TMA descriptor of a code cache ``[num_blocks, block_size, kv_heads, row bytes]`` as int32
+    words, block ``[16, words]``: ``[num_blocks * kv_heads * block_size, words]`` for head-major
+    storage (``code_layout`` "head"), ``[num_blocks * block_size, kv_heads * words]`` for token-major."""
     nb, bs, nkv, row = codes.shape
     words = row // 4
-    flat = codes.view(torch.int32).view(nb * bs, nkv * words)
+    if code_layout(codes) == "head":
+        flat = codes.permute(0, 2, 1, 3).view(torch.int32).reshape(nb * nkv * bs, words)
+    else:
+        flat = codes.view(torch.int32).view(nb * bs, nkv * words)
     layout = gl.NVMMASharedLayout.get_default_for([CHUNK, words], gl.int32)
-    return TensorDescriptor(flat, [nb * bs, nkv * words], [nkv * words, 1], [CHUNK, words], layout)
+    return TensorDescriptor(flat, list(flat.shape), [flat.shape[1], 1], [CHUNK, words], layout)
 
 
 def scale_descriptor(rows: torch.Tensor, count: int):
@@ -457,7 +476,8 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         query, code_descriptor(kv_cache.key), code_descriptor(kv_cache.value),
         scale_descriptor(rows, 2 * mode), block_table, seq_lens, out, mid_o, mid_lse, qk_scale, window,
         tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size, MODE=mode,
+        block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
+        HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode,
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, num_warps=1)
 
 

@@ -117,8 +117,8 @@ def ref_reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: Laye
     for src, dst, s_dst, z_dst in ((key, kv_cache.key, kv_cache.key_scale, kv_cache.key_zero),
                                    (value, kv_cache.value, kv_cache.value_scale, kv_cache.value_zero)):
         q, scale, zero = ref_quantize_kv(src[keep], kv_cache.dtype)
-        dst.view(-1, *dst.shape[2:])[slots] = q.to(dst.dtype)
-        page, in_page = slots // kv_cache.block_size, slots % kv_cache.block_size  # any scale strides
+        page, in_page = slots // kv_cache.block_size, slots % kv_cache.block_size  # any cache strides
+        dst[page, in_page] = q.to(dst.dtype)
         if scale is not None:
             s_dst[page, in_page] = scale
         if zero is not None:

@@ -16,7 +16,8 @@ import torch
 class LayerKVCache:
     """One layer's paged K/V cache.
 
-    key, value: [num_blocks, block_size, num_kv_heads, head_dim] (int4: head_dim // 2 uint8)
+    key, value: [num_blocks, block_size, num_kv_heads, head_dim] (int4: head_dim // 2 uint8); the
+        engine stores them head-major inside a page (``kv_code_buffer``)
     key_scale, value_scale: [num_blocks, block_size, num_kv_heads] float32 for int8/int4
     key_zero, value_zero: [num_blocks, block_size, num_kv_heads] float32 for int4
 
@@ -50,6 +51,24 @@ class LayerKVCache:
 
 
 SCALE_LAYOUTS = ("packed", "head", "token")
+CODE_LAYOUTS = ("head", "token")
+
+
+def kv_code_buffer(num_blocks: int, block_size: int, num_kv_heads: int, row: int, dtype: torch.dtype,
+                   device: torch.device | str, layout: str = "head") -> torch.Tensor:
+    """A zeroed K or V cache ``[num_blocks, block_size, num_kv_heads, row]`` (row = head_dim, or
+    head_dim // 2 packed int4 bytes); kernels follow either layout by strides.
+
+    - "head" (the engine's): stored ``[num_blocks, num_kv_heads, block_size, row]``: one kv head's
+      rows of a page are contiguous, so a decode program streams ``block_size * row`` bytes;
+    - "token": contiguous (a token's heads side by side; one head's rows ``num_kv_heads * row``
+      bytes apart)."""
+    if layout == "token":
+        return torch.zeros(num_blocks, block_size, num_kv_heads, row, dtype=dtype, device=device)
+    if layout != "head":
+        raise ValueError(f"code layout must be one of {CODE_LAYOUTS}, got {layout!r}")
+    buf = torch.zeros(num_blocks, num_kv_heads, block_size, row, dtype=dtype, device=device)
+    return buf.permute(0, 2, 1, 3)
 
 
 def kv_scale_buffers(num_blocks: int, block_size: int, num_kv_heads: int, count: int,
@@ -73,6 +92,31 @@ def kv_scale_buffers(num_blocks: int, block_size: int, num_kv_heads: int, count:
         raise ValueError(f"scale layout must be one of {SCALE_LAYOUTS}, got {layout!r}")
     buf = torch.zeros(num_blocks, num_kv_heads, count, block_size, dtype=torch.float32, device=device)
     return [buf[:, :, i, :].permute(0, 2, 1) for i in range(count)]
+
+
+FLOAT_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def new_layer_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, kv_dtype: str,
+                       device: torch.device | str, code_layout: str = "head",
+                       scale_layout: str = "packed") -> LayerKVCache:
+    """A zeroed cache of one layer: codes by ``kv_code_buffer``, int8 / int4 scales (and int4 zero
+    points) by ``kv_scale_buffers``; the defaults are the engine's layouts."""
+    if kv_dtype in FLOAT_KV_DTYPES:
+        dt, row, count = FLOAT_KV_DTYPES[kv_dtype], head_dim, 0
+    elif kv_dtype == "int8":
+        dt, row, count = torch.int8, head_dim, 2
+    elif kv_dtype == "int4":
+        if head_dim % 2:
+            raise ValueError(f"kv_cache_dtype: int4 needs an even head_dim, got {head_dim}")
+        dt, row, count = torch.uint8, head_dim // 2, 4
+    else:
+        raise ValueError(f"kv_cache_dtype: unsupported {kv_dtype!r} (allowed: {', '.join(FLOAT_KV_DTYPES)}, "
+                         "int8, int4)")
+    key, value = (kv_code_buffer(num_blocks, block_size, num_kv_heads, row, dt, device, code_layout)
+                  for _ in range(2))
+    scales = kv_scale_buffers(num_blocks, block_size, num_kv_heads, count, device, scale_layout)
+    return LayerKVCache(key, value, kv_dtype, *scales)
 
 
 @dataclass(slots=True)

@@ -9,10 +9,8 @@ from __future__ import annotations
 import torch
 
 from anybit.config import CacheConfig
-from anybit.layers.attention_meta import LayerKVCache, kv_scale_buffers
+from anybit.layers.attention_meta import FLOAT_KV_DTYPES, LayerKVCache, new_layer_kv_cache
 from anybit.models.arch import ArchConfig
-
-_FLOAT_KV = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_kv_dtype(cache: CacheConfig, model_dtype: torch.dtype) -> str:
@@ -24,8 +22,8 @@ def resolve_kv_dtype(cache: CacheConfig, model_dtype: torch.dtype) -> str:
 def bytes_per_block(arch: ArchConfig, block_size: int, kv_dtype: str) -> int:
     """Bytes of K and V (and their scales) for one block across all layers."""
     elems = block_size * arch.num_kv_heads * arch.head_dim
-    if kv_dtype in _FLOAT_KV:
-        per_tensor = elems * torch.tensor([], dtype=_FLOAT_KV[kv_dtype]).element_size()
+    if kv_dtype in FLOAT_KV_DTYPES:
+        per_tensor = elems * torch.tensor([], dtype=FLOAT_KV_DTYPES[kv_dtype]).element_size()
     elif kv_dtype == "int8":
         per_tensor = elems + block_size * arch.num_kv_heads * 4
     elif kv_dtype == "int4":
@@ -64,30 +62,6 @@ def compute_num_blocks(arch: ArchConfig, cache: CacheConfig, kv_dtype: str, devi
 
 def allocate_kv_caches(arch: ArchConfig, num_blocks: int, block_size: int, kv_dtype: str,
                        device: torch.device) -> list[LayerKVCache]:
-    shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-    caches = []
-
-    def scales(count):
-        return kv_scale_buffers(num_blocks, block_size, arch.num_kv_heads, count, device)
-
-    for _ in range(arch.num_layers):
-        if kv_dtype in _FLOAT_KV:
-            dt = _FLOAT_KV[kv_dtype]
-            caches.append(LayerKVCache(torch.zeros(shape, dtype=dt, device=device),
-                                       torch.zeros(shape, dtype=dt, device=device), kv_dtype))
-        elif kv_dtype == "int8":
-            caches.append(LayerKVCache(
-                torch.zeros(shape, dtype=torch.int8, device=device),
-                torch.zeros(shape, dtype=torch.int8, device=device), kv_dtype,
-                *scales(2)))
-        elif kv_dtype == "int4":
-            if arch.head_dim % 2:
-                raise ValueError(f"kv_cache_dtype: int4 needs an even head_dim, got {arch.head_dim}")
-            packed = shape[:-1] + (arch.head_dim // 2,)
-            caches.append(LayerKVCache(
-                torch.zeros(packed, dtype=torch.uint8, device=device),
-                torch.zeros(packed, dtype=torch.uint8, device=device), kv_dtype,
-                *scales(4)))
-        else:
-            raise ValueError(f"kv_cache_dtype: unsupported {kv_dtype!r}")
-    return caches
+    """One zeroed ``LayerKVCache`` per layer in the engine's layouts (``new_layer_kv_cache``)."""
+    return [new_layer_kv_cache(num_blocks, block_size, arch.num_kv_heads, arch.head_dim, kv_dtype, device)
+            for _ in range(arch.num_layers)]

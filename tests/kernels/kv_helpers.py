@@ -5,35 +5,34 @@ from __future__ import annotations
 import torch
 
 from anybit.kernels.kv_cache_ops import ref_reshape_and_cache
-from anybit.layers.attention_meta import LayerKVCache, kv_scale_buffers
+from anybit.layers.attention_meta import LayerKVCache, new_layer_kv_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_cache(dtype: str, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-               device=DEVICE, scale_layout: str = "packed") -> LayerKVCache:
+               device=DEVICE, scale_layout: str = "packed", code_layout: str = "head") -> LayerKVCache:
     """An empty cache filled with random garbage (never zeros), so unwritten reads show up.
 
-    scale_layout: a ``kv_scale_buffers`` layout ("packed" = the engine's, "head", "token")."""
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    if dtype == "int8":
-        k = torch.randint(-127, 128, shape, dtype=torch.int8, device=device)
-    elif dtype == "int4":
-        k = torch.randint(0, 256, (*shape[:3], head_dim // 2), dtype=torch.uint8, device=device)
-    else:
-        k = torch.randn(shape, device=device).to(getattr(torch, dtype))
-    count = {"int8": 2, "int4": 4}.get(dtype, 0)
-    sc = kv_scale_buffers(num_blocks, block_size, num_kv_heads, count, device, scale_layout)
-    for i, t in enumerate(sc):  # scales in [0, 1), zero points normal
-        t.uniform_() if i < 2 else t.normal_()
-    sc += [None] * (4 - count)
-    return LayerKVCache(key=k, value=k.clone(), dtype=dtype, key_scale=sc[0], value_scale=sc[1],
-                        key_zero=sc[2], value_zero=sc[3])
+    Layouts: ``kv_code_buffer`` / ``kv_scale_buffers`` ones (defaults: the engine's)."""
+    c = new_layer_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, code_layout,
+                           scale_layout)
+    for t in (c.key, c.value):
+        if dtype == "int8":
+            t.copy_(torch.randint(-127, 128, t.shape, dtype=torch.int8))
+        elif dtype == "int4":
+            t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8))
+        else:
+            t.normal_()
+    for i, t in enumerate((c.key_scale, c.value_scale, c.key_zero, c.value_zero)):
+        if t is not None:  # scales in [0, 1), zero points normal
+            t.uniform_() if i < 2 else t.normal_()
+    return c
 
 
 def make_batch(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
                cache_dtype: str, block_size: int = 16, q_dtype=torch.float32, seed: int = 0, device=DEVICE,
-               scale_layout: str = "packed"):
+               scale_layout: str = "packed", code_layout: str = "head"):
     """Random context K/V written into a paged cache through shuffled block tables.
 
     Returns dict with query [sum(query_lens), num_heads, head_dim], cache, query_start_loc,
@@ -45,7 +44,8 @@ def make_batch(seq_lens: list[int], query_lens: list[int], num_heads: int, num_k
     num_blocks = sum(nbs) + 3
     perm = torch.randperm(num_blocks, generator=g)
     table = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=g, dtype=torch.int32)
-    cache = make_cache(cache_dtype, num_blocks, block_size, num_kv_heads, head_dim, device, scale_layout)
+    cache = make_cache(cache_dtype, num_blocks, block_size, num_kv_heads, head_dim, device, scale_layout,
+                       code_layout)
     used = 0
     ks, vs = [], []
     for i, (s, nb) in enumerate(zip(seq_lens, nbs)):

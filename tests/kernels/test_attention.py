@@ -85,19 +85,23 @@ def test_decode_kernel(device, num_splits, cache_dtype, head_dim, nh, nkv, windo
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cache_dtype", ["int8", "int4"])
-def test_token_major_scales(device, cache_dtype):
-    """Scales stored token-major (contiguous [blocks, block_size, kv_heads], not the engine's
-    packed kv_scale_buffers): the write, prefill and decode kernels follow the strides."""
-    b = make_batch(SEQ_LENS, QUERY_LENS, 4, 2, 64, cache_dtype, device=device, scale_layout="token")
-    assert b["cache"].key_scale.is_contiguous()
-    kw = dict(block_m=16, block_n=16) if device == "cpu" else {}
-    pre = paged_attention_prefill(*_prefill_args(b, None), **kw)
-    assert rel_err(pre, ref_paged_attention_prefill(*_prefill_args(b, None))) < _tol(torch.float32, device)
-    d = make_batch(DEC_LENS, [1] * len(DEC_LENS), 4, 2, 64, cache_dtype, device=device, scale_layout="token")
+@pytest.mark.parametrize("cache_dtype", ["int8", "int4", "bfloat16"])
+@pytest.mark.parametrize("code_layout,scale_layout", [("token", "token"), ("head", "head")])
+def test_other_cache_layouts(device, cache_dtype, code_layout, scale_layout):
+    """Caches not in the engine's layouts (head-major codes, packed scales): token-major codes and
+    scales (the layout before session 14), per-array head-major scales; the write, prefill and decode
+    kernels follow the strides."""
+    kw = dict(device=device, code_layout=code_layout, scale_layout=scale_layout)
+    b = make_batch(SEQ_LENS, QUERY_LENS, 4, 2, 64, cache_dtype, **kw)
+    assert b["cache"].key.is_contiguous() == (code_layout == "token")
+    tol = _tol(torch.float32, device)
+    bkw = dict(block_m=16, block_n=16) if device == "cpu" else {}
+    pre = paged_attention_prefill(*_prefill_args(b, None), **bkw)
+    assert rel_err(pre, ref_paged_attention_prefill(*_prefill_args(b, None))) < tol
+    d = make_batch(DEC_LENS, [1] * len(DEC_LENS), 4, 2, 64, cache_dtype, **kw)
     out = paged_attention_decode(*_decode_args(d, None), num_splits=3,
                                  block_n=32 if device == "cpu" else None)
-    assert rel_err(out, ref_paged_attention_decode(*_decode_args(d, None))) < _tol(torch.float32, device)
+    assert rel_err(out, ref_paged_attention_decode(*_decode_args(d, None))) < tol
 
 
 def test_decode_context_longer_than_max_seq_len_stays_correct():

@@ -96,7 +96,7 @@ def test_sm90_compile_loop(mode):
             "s_desc": f"desc:float32:{1024 * 8 * 2 * mode}x16:{2 * mode}x16:0"}
     ptrs.update({n: "*fp32" for n in ("mid_o_ptr", "mid_lse_ptr")})
     ptrs.update({"bt_ptr": "*i32", "seq_lens_ptr": "*i32"})
-    consts = dict(G=4, HEAD_DIM=128, PAGE=16, MODE=mode, SPLIT_OUT=True, DYN_SPLIT=True)
+    consts = dict(G=4, HEAD_DIM=128, PAGE=16, MODE=mode, SPLIT_OUT=True, DYN_SPLIT=True, HEAD_MAJOR=True)
     lines = sm90_sass_ptrs(agl._decode_gl_kernel, consts, ptrs, {"num_warps": 1})
     main = [b for b in loop_bodies(lines) if sum("HMMA" in s for s in b) == 16 and
             not any(s.startswith("STG") for s in b)]
@@ -122,6 +122,8 @@ def test_scale_rows_only_for_packed_scales(dtype):
             assert torch.equal(rows[(page * 3 + head) * len(arrays) + i], a[page, :, head])
     for layout in ("head", "token"):
         assert agl.scale_rows(make_cache(dtype, 5, 32, 3, 64, device="cpu", scale_layout=layout)) is None
+    assert agl.code_layout(cache.key) == "head"
+    assert agl.code_layout(make_cache(dtype, 5, 32, 3, 64, device="cpu", code_layout="token").key) == "token"
 
 
 def test_programs_per_sm():
@@ -155,12 +157,14 @@ def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_unpacked_scales_use_the_triton_kernel(dtype):
-    """Scales not packed per (page, kv head): the Gluon kernel does not apply, gl=True falls back to
-    the Triton kernel (which follows any strides) and the result stays right."""
+@pytest.mark.parametrize("code_layout,scale_layout", [("token", "packed"), ("head", "token")])
+def test_other_cache_layouts(dtype, code_layout, scale_layout):
+    """Token-major codes run on this kernel too; scales not packed per (page, kv head) do not apply
+    (gl=True falls back to the Triton kernel, which follows any strides). Either way: right."""
     seq = [1, 17, 300, 1030]
-    b = make_batch(seq, [1] * len(seq), 32, 8, 128, dtype, q_dtype=torch.bfloat16, scale_layout="token")
-    assert not agl.gl_decode_applies(b["query"], b["cache"])
+    b = make_batch(seq, [1] * len(seq), 32, 8, 128, dtype, q_dtype=torch.bfloat16, code_layout=code_layout,
+                   scale_layout=scale_layout)
+    assert agl.gl_decode_applies(b["query"], b["cache"]) == (scale_layout == "packed")
     args = (b["query"], b["cache"], b["seq_lens"], b["block_table"], 128 ** -0.5, None, max(seq))
     ref = ref_paged_attention_decode(*args)
     assert rel_err(paged_attention_decode(*args, num_splits=3, gl=True), ref) < 1e-2
