@@ -10,14 +10,16 @@ accumulator.
 ``_decode_gl_kernel``: program = (sequence, kv head, split) on **one warp**, 16 tokens (one MMA
 tile) per iteration:
 
-1. A three-slot TMA ring per program: the K and V code rows of a 16-token chunk of one kv head
-   (2D views ``[num_blocks * block_size, kv_heads * words]`` of the caches as int32 words), requested
-   two chunks ahead; their page ids come from the block table a chunk earlier still. The chunk's
-   scales (and int4 zero points) ride in the same ring: the engine packs them per (page, kv head)
-   (``kv_scale_buffers``), so one ``[count, 16]`` float box brings all of them (``scale_rows``).
-   Loaded into registers only one chunk ahead, they were late whenever they came from DRAM: head-
-   major scales made int4 at b64 x 32k 1.3x slower than token-major ones, whose other kv heads hit
-   the page's scales in L2 (H100 s14-1/2).
+1. A TMA ring of ``GL_STAGES`` slots per program (3; a constexpr): the K and V code rows of
+   a 16-token chunk of one kv head (2D int32-word views of the caches, ``code_descriptor``),
+   requested ``STAGES - 1`` chunks ahead; their page ids come from the block table a chunk earlier.
+   The engine stores codes head-major inside a page (``kv_code_buffer``), so a chunk is one
+   contiguous run of ``16 * row`` bytes; with token-major codes (also accepted) it is 16 pieces
+   spread over a page that 7 other programs share, and int4 at b64 x 32k ran 2.37x bf16 instead of
+   3.30x (H100 s14-4). The chunk's scales (and int4 zero points) ride in the same ring: the engine
+   packs them per (page, kv head) (``kv_scale_buffers``), so one ``[count, 16]`` float box brings
+   all of them (``scale_rows``). Loaded into registers only one chunk ahead, they were late whenever
+   they came from DRAM (s14-1/2).
 2. Swap-AB scores ``S^T = K q^T`` (``mma.sync`` m16n8k16: 16 tokens x 8 heads, G <= 8 query heads
    of the kv group padded to 8, not 16). K is the A operand with ``k_width 8``: lane ``q`` of a quad
    holds 32 head-dim values of its two token rows, which the kernel takes as 16-32 *contiguous* bytes
@@ -59,7 +61,10 @@ except ImportError:  # pragma: no cover
     gluon = None
 
 CHUNK = 16  # tokens per iteration (one MMA tile)
-GL_STAGES = 3  # TMA ring slots per program (the loop is written for 3: page ids two chunks ahead)
+# TMA ring slots per program by mode (chunks requested STAGES - 1 ahead). Measured (H100 s14-9, CUDA
+# graphs, int4 at b8-64 x 1k-32k): 4 slots were 0-4% slower than 3, so more bytes in flight do not
+# help; int8 at 4 slots would also fit only 12 programs per SM.
+GL_STAGES = {1: 3, 2: 3}
 GL_MAX_GROUP = 8  # query heads per kv head (the MMA's N)
 # Splits hold whole multiples of this many tokens (the kernel's DYN_SPLIT granularity too): with
 # 16-token slices a short context in a graph sized for long ones ran ~60 one-chunk programs per head
@@ -215,13 +220,13 @@ if gluon is not None:
     @gluon.jit
     def _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, page, tok, kvh, nkv,
                      PAGE: gl.constexpr, HEAD_MAJOR: gl.constexpr, pred):
-        """TMA of chunk j (first token tok, in page ``page``) of kv head kvh into ring slot j % 3: its
+        """TMA of chunk j (first token tok, in page ``page``) of kv head kvh into ring slot j % STAGES: its
         K and V code rows and its ``[count, 16]`` scales / zero points. HEAD_MAJOR: the code views
         are ``[blocks * kv_heads * PAGE, W]`` (``code_descriptor``), else ``[blocks * PAGE,
         kv_heads * W]``."""
         W: gl.constexpr = k_desc.block_type.shape[1]
         COUNT: gl.constexpr = s_desc.block_type.shape[0]
-        slot = j % 3
+        slot = j % k_smem.shape[0]
         bar = bars.index(slot)
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes + s_desc.block_type.nbytes, pred=pred)
         if HEAD_MAJOR:
@@ -249,7 +254,7 @@ if gluon is not None:
                           stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
                           G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
-                          DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128):
+                          DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
@@ -303,21 +308,19 @@ if gluon is not None:
 
         COUNT: gl.constexpr = s_desc.block_type.shape[0]
         nkv = gl.num_programs(1)
-        k_smem = gl.allocate_shared_memory(gl.int32, [3, 16, W], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(gl.int32, [3, 16, W], v_desc.layout)
-        s_smem = gl.allocate_shared_memory(gl.float32, [3, COUNT, 16], s_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(3):
+        k_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], v_desc.layout)
+        s_smem = gl.allocate_shared_memory(gl.float32, [STAGES, COUNT, 16], s_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         bt_row = bt_ptr + seq * stride_bt
-        # prologue: chunks 0 and 1 requested, page id of chunk 2 kept
-        pg0 = gl.load(bt_row + c0 // PAGE)
-        pg_a = gl.load(bt_row + (c0 + 16) // PAGE, mask=n_it > 1, other=0)
-        _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 0, pg0, c0, kvh, nkv, PAGE,
-                     HEAD_MAJOR, n_it > 0)
-        _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 1, pg_a, c0 + 16, kvh, nkv, PAGE,
-                     HEAD_MAJOR, n_it > 1)
-        pg_b = gl.load(bt_row + (c0 + 32) // PAGE, mask=n_it > 2, other=0)
+        # prologue: chunks 0 .. STAGES - 2 requested, the page id of chunk STAGES - 1 kept
+        for j in gl.static_range(STAGES - 1):
+            pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
+            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh, nkv,
+                         PAGE, HEAD_MAJOR, n_it > j)
+        pg_next = gl.load(bt_row + (c0 + 16 * (STAGES - 1)) // PAGE, mask=n_it > STAGES - 1, other=0)
 
         KWL: gl.constexpr = _k_word_layout(W)
         VWL: gl.constexpr = _v_word_layout(W)
@@ -326,13 +329,14 @@ if gluon is not None:
         zsum = gl.zeros([8], gl.float32, HEAD)
         acc = gl.zeros([HEAD_DIM, 8], gl.float32, MMA)
         for it in range(n_it):
-            slot = it % 3
+            slot = it % STAGES
             tok = c0 + 16 * it
-            mbarrier.wait(bars.index(slot), (it // 3) & 1)
-            gl.thread_barrier()  # every lane is done with slot (it + 2) % 3 (chunk it - 1)
-            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, it + 2, pg_b, tok + 32, kvh,
-                         nkv, PAGE, HEAD_MAJOR, it + 2 < n_it)
-            pg_c = gl.load(bt_row + (tok + 48) // PAGE, mask=it + 3 < n_it, other=0)
+            mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
+            gl.thread_barrier()  # every lane is done with slot (it - 1) % STAGES (chunk it - 1)
+            ahead = it + STAGES - 1
+            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
+                         tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_it)
+            pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 1 < n_it, other=0)
             t = tok + gl.arange(0, 16, layout=TOK)
             ok = (t >= lo) & (t < end)
             s_slot = s_smem.index(slot)
@@ -356,8 +360,7 @@ if gluon is not None:
             va = _v_operand(v_smem.index(slot).load(VWL), MODE, HEAD_DIM, VA)
             acc = mma_v2(va, pb, acc * alpha[None, :])
             m = m_new
-            pg_b = pg_c
-        for i in gl.static_range(3):
+        for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
         l_safe = gl.where(l_sum > 0.0, l_sum, 1.0)
@@ -384,8 +387,9 @@ def _is_hopper(device: torch.device) -> bool:
 
 def gl_decode_applies(query: torch.Tensor, kv_cache: LayerKVCache) -> bool:
     """This kernel's conditions: a Hopper GPU with Gluon, an int8 / int4 cache of head_dim 64 or 128,
-    block_size a multiple of 16, at most 8 query heads per kv head, contiguous 16-byte-aligned code
-    caches; not under the interpreter and not switched off (``ANYBIT_DECODE_GL=0``)."""
+    block_size a multiple of 16, at most 8 query heads per kv head, 16-byte-aligned code caches stored
+    token- or head-major (``code_layout``), packed scales (``scale_rows``); not under the interpreter
+    and not switched off (``ANYBIT_DECODE_GL=0``)."""
     if gluon is None or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
     if os.environ.get("ANYBIT_DECODE_GL", "1") == "0" or kv_cache.dtype not in ("int8", "int4"):
@@ -429,11 +433,12 @@ def scale_rows(kv_cache: LayerKVCache) -> torch.Tensor | None:
 
 
 def gl_programs_per_sm(mode: int, head_dim: int) -> int:
-    """Resident one-warp programs per SM: registers (``GL_REGS``), shared memory (3 ring slots of K
-    and V codes and scales, ~1 KB of layout-conversion scratch) and Hopper's 32 blocks per SM."""
+    """Resident one-warp programs per SM: registers (``GL_REGS``), shared memory (``GL_STAGES`` ring
+    slots of K and V codes and scales, ~1 KB of layout-conversion scratch) and Hopper's 32 blocks per
+    SM."""
     regs = (GL_REGS.get(mode, 168) + 7) // 8 * 8
     row_bytes = head_dim if mode == 1 else head_dim // 2
-    smem = 3 * (2 * row_bytes + 4 * 2 * mode) * CHUNK + 1024 + 64
+    smem = GL_STAGES[mode] * ((2 * row_bytes + 4 * 2 * mode) * CHUNK + 8) + 1024
     return max(1, min(32, 65536 // (regs * 32), (227 * 1024) // smem))
 
 
@@ -477,7 +482,7 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         scale_descriptor(rows, 2 * mode), block_table, seq_lens, out, mid_o, mid_lse, qk_scale, window,
         tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
-        HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode,
+        HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode, STAGES=GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, num_warps=1)
 
 
