@@ -791,9 +791,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
                             max_registers, prefetch) * _num_sms(query.device)
         d_splits = choose_splits(num_seqs * nkv, max_seq_len, cap)
     block_n = block_n or d_bn
-    splits = num_splits or d_splits
-    tps = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), block_n) * block_n
-    splits = max(1, triton.cdiv(max(max_seq_len, 1), tps))
+    splits, tps = _split_slices(max_seq_len, num_splits or d_splits, block_n)
     g = num_heads // nkv
     out = _checked_out(query, out)
     if num_seqs == 0:
@@ -803,15 +801,9 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     merge_max = int(merge_max)
     if merge_max < 0 or merge_max & (merge_max - 1):
         raise ValueError(f"paged_attention_decode: merge_max must be 0 or a power of two, got {merge_max}")
-    if dyn_split is None:
-        dyn_split = os.environ.get("ANYBIT_DECODE_DYN_SPLIT", str(int(DECODE_DYN_SPLIT))) == "1"
-    dyn_split = bool(dyn_split and splits > 1)
-    if splits > 1:
-        mid_o = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
-        mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
-        counts = _lock_buffer(query.device, num_seqs * nkv, "decode") if merge_max else mid_lse
-    else:
-        mid_o = mid_lse = counts = out
+    dyn_split = _dyn_split(dyn_split, splits)
+    mid_o, mid_lse = _split_partials(query, splits, out)
+    counts = _lock_buffer(query.device, num_seqs * nkv, "decode") if merge_max and splits > 1 else mid_lse
     kc = kv_cache.key
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
     if heads_first is None:  # measured: no gain (run 5), seq-first 2-4% faster at 16k-32k for int8
@@ -855,17 +847,10 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     if num_seqs == 0:
         return out
     cap = gl_programs_per_sm(mode, head_dim) * _num_sms(query.device)
-    splits = num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap)
-    tps = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), GL_SPLIT_MIN) * GL_SPLIT_MIN
-    splits = max(1, triton.cdiv(max(max_seq_len, 1), tps))
-    if dyn_split is None:
-        dyn_split = os.environ.get("ANYBIT_DECODE_DYN_SPLIT", str(int(DECODE_DYN_SPLIT))) == "1"
-    dyn_split = bool(dyn_split and splits > 1)
-    if splits > 1:
-        mid_o = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
-        mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
-    else:
-        mid_o = mid_lse = out
+    splits, tps = _split_slices(max_seq_len, num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap),
+                                GL_SPLIT_MIN)
+    dyn_split = _dyn_split(dyn_split, splits)
+    mid_o, mid_lse = _split_partials(query, splits, out)
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
                      window, tps, splits, dyn_split)
@@ -876,6 +861,33 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
             BLOCK_K=triton.next_power_of_2(splits), PDL=False, TRIGGER=trigger, DYN_SPLIT=dyn_split,
             BLOCK_N=GL_SPLIT_MIN, num_warps=4)
     return out
+
+
+def _split_slices(max_seq_len: int, splits: int, granule: int) -> tuple[int, int]:
+    """``(splits, tokens_per_split)``: slices of whole multiples of ``granule`` tokens covering
+    ``max_seq_len``, at most ``splits`` of them."""
+    length = max(max_seq_len, 1)
+    tps = triton.cdiv(triton.cdiv(length, splits), granule) * granule
+    return max(1, triton.cdiv(length, tps)), tps
+
+
+def _dyn_split(dyn_split: bool | None, splits: int) -> bool:
+    """Per-sequence split lengths (default env ``ANYBIT_DECODE_DYN_SPLIT``, else ``DECODE_DYN_SPLIT``);
+    meaningless with one split."""
+    if dyn_split is None:
+        dyn_split = os.environ.get("ANYBIT_DECODE_DYN_SPLIT", str(int(DECODE_DYN_SPLIT))) == "1"
+    return bool(dyn_split and splits > 1)
+
+
+def _split_partials(query: torch.Tensor, splits: int, out: torch.Tensor):
+    """``(mid_o [num_seqs, num_heads, splits, head_dim], mid_lse [num_seqs, num_heads, splits])``
+    float32 partials of a split decode; with one split the kernel writes ``out`` directly (both
+    returned as ``out``)."""
+    if splits == 1:
+        return out, out
+    num_seqs, num_heads, head_dim = query.shape
+    mid_o = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
+    return mid_o, torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
 
 
 def _checked_out(query: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
