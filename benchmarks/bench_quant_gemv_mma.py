@@ -80,6 +80,42 @@ def ks_variants(M: int, b: int) -> list:
     return out
 
 
+def tma_variants(M: int, b: int) -> list:
+    """The TMA-ring variant (quant_gemv_tma.py) against the launcher ("auto" as shipped: anybit) and
+    quant_gemv_mma with its config; the ring with 3 / 6 slots, without split-K, without PDL."""
+    return [("anybit", {}), ("anybit_mma", dict(direct_mma=True)), ("anybit_tma", dict(direct_tma=True)),
+            ("anybit_tma_s3", dict(direct_tma=True, stages=3)),
+            ("anybit_tma_s6", dict(direct_tma=True, stages=6)),
+            ("anybit_tma_sk1", dict(direct_tma=True, split_k=1)),
+            ("anybit_tma_nopdl", dict(direct_tma=True, pdl=False))]
+
+
+def tma_bits_variants(M: int, b: int) -> list:
+    return [("anybit", {}), ("anybit_mma", dict(direct_mma=True)), ("anybit_tma", dict(direct_tma=True))]
+
+
+def tma_correctness(log) -> list[dict]:
+    """quant_gemv_tma vs the float32 dequantization: RTN weights of 1/2/4 bits, groups 64 / 128 /
+    per channel, M 1..16, forced splits, K splits inside the program, ring sizes; random codes on
+    4096x14336."""
+    cases = []
+    torch.manual_seed(0)
+    for bits in (1, 2, 4):
+        for g in (64, 128, -1):
+            if bits == 1 and g == 64:
+                continue
+            pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
+            for M in (1, 3, 8, 9, 16):
+                cases.append((f"tma b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_tma=True)))
+            for kw in (dict(split_k=3), dict(split_k=1, ks=8), dict(ks=2, stages=2), dict(stages=6)):
+                cases.append((f"tma b{bits} g{g} 384x2048 M1 {kw}", pw, 1, dict(kw, direct_tma=True)))
+        pw = random_packed(4096, 14336, bits)
+        for M in (1, 16):
+            for kw in ({}, dict(split_k=1), dict(stages=3)):
+                cases.append((f"tma b{bits} random 4096x14336 M{M} {kw}", pw, M, dict(kw, direct_tma=True)))
+    return check_cases(cases, lambda x, pw, out, kw: run_variant(x, pw, kw, out), log, 5e-3)
+
+
 def ks_bits_variants(M: int, b: int) -> list:
     """Other widths: the launcher without this kernel, KS = 1 and the default."""
     return [("anybit", {}), ("anybit_mma_ks1", dict(direct_mma=True, ks=1)),
@@ -97,8 +133,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--plan", choices=["default", "ks"], default="default",
-                    help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1)")
+    ap.add_argument("--plan", choices=["default", "ks", "tma"], default="default",
+                    help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
+                    "tma: the TMA-ring variant (quant_gemv_tma.py)")
     ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
@@ -109,7 +146,7 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    corr = [] if args.skip_correctness else correctness(log)
+    corr = [] if args.skip_correctness else tma_correctness(log) if args.plan == "tma" else correctness(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
     rows: list[dict] = []
     sms = _num_sms(torch.device("cuda"))
@@ -130,7 +167,10 @@ def main() -> int:
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
     name = "quant_matmul_mma" if args.plan == "default" else f"quant_matmul_mma_{args.plan}"
-    if args.plan == "ks":
+    if args.plan == "tma":
+        plan = [((N, K), MS, [4], tma_variants) for N, K in SHAPES]
+        plan += [((N, K), [1, 16], [2], tma_bits_variants) for N, K in SHAPES[:2]]
+    elif args.plan == "ks":
         plan = [((N, K), [1, 2, 4], [4], ks_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [1], [2, 3, 5, 6], ks_bits_variants) for N, K in SHAPES[:3]]
     else:

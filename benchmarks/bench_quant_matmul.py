@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import quant_gemv_h2  # noqa: E402
 from anybit.kernels.quant_gemv_mma import quant_gemv_mma  # noqa: E402
+from anybit.kernels.quant_gemv_tma import quant_gemv_tma  # noqa: E402
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul  # noqa: E402
 from anybit.quant.format import PackedWeight, dequantize  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
@@ -202,7 +203,8 @@ def run_variant(x, pw, kw, out=None):
     """quant_matmul with kw, or (kw["direct_h2"]) the packed-half GEMV launcher with its own
     keywords (fuse_x, programs_per_sm), or (kw["direct_ws"]) the warp-specialized GEMM with its own
     (a_stages, nconv, registers), or (kw["direct_mma"]) the mma.sync kernel with its own (pdl,
-    diag), which quant_matmul does not forward."""
+    diag), or (kw["direct_tma"]) its TMA-ring variant with its own (ks, stages, pdl), which
+    quant_matmul does not forward."""
     if kw.get("direct_h2"):
         y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
         return quant_gemv_h2(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_h2"})
@@ -212,6 +214,9 @@ def run_variant(x, pw, kw, out=None):
     if kw.get("direct_mma"):
         y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
         return quant_gemv_mma(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_mma"})
+    if kw.get("direct_tma"):
+        y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
+        return quant_gemv_tma(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_tma"})
     return quant_matmul(x, pw, out=out, **kw)
 
 

@@ -507,13 +507,15 @@ def mma_rows(M: int) -> int:
     return 1 << (M - 1).bit_length()
 
 
-def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None) -> tuple[int, int, int, int]:
+def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,
+               per_sm: dict | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, split, ks): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); the
     in-program K split ks (None: at M = 1, doubled while the programs, N ks / 128, all stay resident at
-    once and each keeps >= 2 iterations); then split-K across programs doubled the same way."""
+    once and each keeps >= 2 iterations); then split-K across programs doubled the same way.
+    ``per_sm``: resident programs per SM by BLOCK_M (default ``MMA_PROGRAMS_PER_SM``)."""
     bm = 8 if M <= 8 else 16
     bk = 128 if G % 128 == 0 else 64
-    slots = MMA_PROGRAMS_PER_SM[bm] * sms
+    slots = (per_sm or MMA_PROGRAMS_PER_SM)[bm] * sms
     if ks is None:  # M = 1 only: at M 2..4 it measured level or slower on the H100 (s11-1)
         ks = 1
         while M == 1 and ks_fits(ks * 2, M, bm, K, G, bk) and N * ks * 2 // 128 <= slots \

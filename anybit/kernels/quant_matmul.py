@@ -47,6 +47,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     quant_gemv_h2,
 )
 from anybit.kernels.quant_gemv_mma import MMA_BITS, mma_applies, mma_config, quant_gemv_mma
+from anybit.kernels.quant_gemv_tma import quant_gemv_tma
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
 try:  # Triton is optional on CPU-only installs
@@ -494,7 +495,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     register-A wgmma kernel where ``ra_chosen``, the wgmma kernel where ``wg_chosen``, the
     warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2",
     "gemm", "wg", "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "mma" (register-operand
-    mma.sync kernel, quant_gemv_mma.py, M <= 16), "ra" (wgmma with the weights as a register operand,
+    mma.sync kernel, quant_gemv_mma.py, M <= 16), "tma" (the same with the weights through a TMA ring,
+    quant_gemv_tma.py, Hopper, 1/2/4 bits), "ra" (wgmma with the weights as a register operand,
     quant_gemm_ra.py, W4), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
@@ -553,6 +555,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if path == "mma":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemv_mma(x, packed, y, block_k=block_k, split_k=split_k)
+    if path == "tma":
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return quant_gemv_tma(x, packed, y, split_k=split_k)
     if path == "ws":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemm_ws(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
@@ -581,7 +586,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, ra, mma, dequant")
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, ra, mma, tma, "
+                         "dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over
         split_k = max(1, min(k_tiles, (4 * sms + tiles - 1) // tiles)) if tiles < 2 * sms else 1
