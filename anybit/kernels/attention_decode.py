@@ -620,6 +620,15 @@ INT4_PREFETCH_MIN_SEQS = PREFETCH_MIN_SEQS  # old name
 # slower per call below 16k tokens (a longer latency chain per program; s13).
 GL_MIN_SEQS = 8
 GL_INT8_MAX_SEQS = PREFETCH_MIN_SEQS
+# The Gluon kernel lets its split merge start early (programmatic dependent launch: the merge's
+# launch overlaps the decode grid, then waits for it; env ANYBIT_GL_REDUCE_PDL=0 turns it off). H100
+# s15-2 (attention_decode_splits_s15_2): 0.5-1 us less per call at b32/b64 x 4k-16k.
+GL_REDUCE_PDL = os.environ.get("ANYBIT_GL_REDUCE_PDL", "1") == "1"
+# Fraction of the Gluon kernel's resident program slots that its splits aim to fill (choose_splits'
+# capacity). H100 s15-2, int4 b32 x 4k: 4 splits (1024 programs, half the slots) 66.1 us against 69.3
+# at 8 (2048); b32 x 16k 222.6 against 226.8; b64 (already 4 splits) unchanged: a program's fixed
+# cost (page-id chain, partial store) outweighs the extra occupancy.
+GL_WAVE_FILL = float(os.environ.get("ANYBIT_GL_WAVE_FILL", "0.5"))
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -846,20 +855,21 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     out = _checked_out(query, out)
     if num_seqs == 0:
         return out
-    cap = gl_programs_per_sm(mode, head_dim) * _num_sms(query.device)
+    cap = max(1, int(gl_programs_per_sm(mode, head_dim) * GL_WAVE_FILL)) * _num_sms(query.device)
     splits, tps = _split_slices(max_seq_len, num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap),
                                 GL_SPLIT_MIN)
     dyn_split = _dyn_split(dyn_split, splits)
     mid_o, mid_lse = _split_partials(query, splits, out)
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
+    trigger = pdl_enabled(query.device, True)
+    pdl = splits > 1 and trigger and GL_REDUCE_PDL
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
-                     window, tps, splits, dyn_split)
+                     window, tps, splits, dyn_split, trigger=pdl)
     if splits > 1:
-        trigger = pdl_enabled(query.device, True)
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,
-            BLOCK_K=triton.next_power_of_2(splits), PDL=False, TRIGGER=trigger, DYN_SPLIT=dyn_split,
-            BLOCK_N=GL_SPLIT_MIN, num_warps=4)
+            BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, TRIGGER=trigger, DYN_SPLIT=dyn_split,
+            BLOCK_N=GL_SPLIT_MIN, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

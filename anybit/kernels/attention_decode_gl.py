@@ -57,6 +57,8 @@ try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use att
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from anybit.kernels.quant_gemv_mma import _gdc_launch_dependents
 except ImportError:  # pragma: no cover
     gluon = None
 
@@ -254,13 +256,17 @@ if gluon is not None:
                           stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
                           G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
-                          DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3):
+                          DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
+                          TRIGGER: gl.constexpr = False):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
         codes as int32 words (``code_descriptor``, block ``[16, W]``, W = words per head row); the
         packed scales ``[num_blocks * kv_heads * count, PAGE]`` float32 (block ``[count, 16]``; rows
-        key scale, value scale, then int4's key and value zero points)."""
+        key scale, value scale, then int4's key and value zero points). TRIGGER: let the next kernel
+        of the stream (the split merge, launched with PDL) start now; it waits for this grid."""
+        if TRIGGER:
+            _gdc_launch_dependents()
         W: gl.constexpr = k_desc.block_type.shape[1]
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                       instr_shape=[16, 8])
@@ -466,9 +472,10 @@ def scale_descriptor(rows: torch.Tensor, count: int):
 def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
                      block_table: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_lse: torch.Tensor,
                      qk_scale: float, window: int, tokens_per_split: int, splits: int,
-                     dyn_split: bool) -> None:
+                     dyn_split: bool, trigger: bool = False) -> None:
     """Launch ``_decode_gl_kernel`` on grid (num_seqs, kv heads, splits); attention_decode's
-    ``paged_attention_decode`` sizes the splits and merges them."""
+    ``paged_attention_decode`` sizes the splits and merges them. ``trigger``: the kernel lets the
+    next one (a PDL launch) start at once."""
     from anybit.kernels.kv_cache_ops import kv_mode
 
     mode = kv_mode(kv_cache.dtype)
@@ -483,6 +490,7 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
         HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode, STAGES=GL_STAGES[mode],
-        SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, num_warps=1)
+        SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
+        num_warps=1)
 
 

@@ -22,8 +22,6 @@ offline (TMA loads, HMMA, no spills), the GPU tests compare with ``ref_quant_mat
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from anybit.kernels.pdl import pdl_enabled
@@ -34,7 +32,7 @@ from anybit.kernels.quant_gemv_mma import ks_fits, mma_applies, mma_config, mma_
 from anybit.quant.format import SLICES, PackedWeight
 
 TMA_BITS = (1, 2, 4)  # single-slice widths (several slices would need one ring per slice)
-TMA_STAGES = 4  # ring slots: 3 tiles in flight per program
+TMA_STAGES = 3  # ring slots: 2 tiles in flight per program (4 and 6 were level or slower, H100 s15-1)
 # Resident programs per SM by BLOCK_M (registers from the offline sm_90 compile, 4 warps; shared
 # memory TMA_STAGES x 8 KB for W4 BLOCK_K 128): they size the split-K as in quant_gemv_mma.
 TMA_PROGRAMS_PER_SM = {8: 4, 16: 4}
@@ -106,10 +104,12 @@ if gluon is not None:
                                stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
                                PDL: gl.constexpr, STAGES: gl.constexpr = 4, ACC: gl.constexpr = False,
-                               KS: gl.constexpr = 1, MR: gl.constexpr = 0):
+                               KS: gl.constexpr = 1, MR: gl.constexpr = 0, TILED: gl.constexpr = False):
         """quant_gemv_mma's ``_quant_gemv_mma_kernel`` (same arguments, one slice, no cluster, no DIAG)
         with the words from ``w_desc``: the int32 words ``[K / P, N]``, block ``[KS BLOCK_K / P, 128 /
-        KS]``. Grid (N KS / 128, split)."""
+        KS]``. Grid (N KS / 128, split). TILED: ``w_desc`` is over the words stored column block by
+        column block (``tiled_words``: ``[N / CW * K / P, CW]``, block ``[KS BLOCK_K / P, CW]``), so a
+        tile is one contiguous run of memory."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         CW: gl.constexpr = 128 // KS
@@ -125,13 +125,17 @@ if gluon is not None:
         XL: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, W0)
         k_start = pid_k * k_per_split
         row0 = k_start // P
+        w_col = off_n
+        if TILED:
+            row0 += pid * (K // P)
+            w_col = 0
 
         w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS * R, CW], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         for j in gl.static_range(STAGES - 1):  # the weights do not depend on the previous kernel
-            _issue_words(w_desc, w_smem, bars, j, row0, off_n, n_iters > j)
+            _issue_words(w_desc, w_smem, bars, j, row0, w_col, n_iters > j)
         x_ptrs, x_mask = _x_tile_ptrs(x_ptr, stride_xm, M, XL, BLOCK_K, BLOCK_M, KS, MR)
         t = gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
         _, z_off = _ks_offsets(t, off_n, N, G, KS, BLOCK_K, P)
@@ -154,7 +158,7 @@ if gluon is not None:
             # refill the slot of tile i - 1: the compiler's fence.proxy.async + bar.sync before the TMA
             # (every warp has read it: the reads are before this point in program order)
             ahead = i + STAGES - 1
-            _issue_words(w_desc, w_smem, bars, ahead, row0, off_n, ahead < n_iters)
+            _issue_words(w_desc, w_smem, bars, ahead, row0, w_col, ahead < n_iters)
             w = gl.reshape(gl.permute(gl.reshape(w, [KS, R, CW]), (1, 0, 2)), [R, 128])
             w = gl.convert_layout(w, WL)  # the same layout: a relabelling
             xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
@@ -175,9 +179,9 @@ if gluon is not None:
 
 
 def tma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
-    """quant_gemv_mma's conditions (``mma_applies``), a single-slice width (``TMA_BITS``), a Hopper GPU
-    (TMA) and not switched off (``ANYBIT_MMA_TMA=0``)."""
-    if os.environ.get("ANYBIT_MMA_TMA", "1") == "0" or packed.bits not in TMA_BITS:
+    """quant_gemv_mma's conditions (``mma_applies``), a single-slice width (``TMA_BITS``) and a Hopper GPU
+    (TMA)."""
+    if packed.bits not in TMA_BITS:
         return False
     if not mma_applies(packed, M, x):
         return False
@@ -201,6 +205,21 @@ def words_descriptor(qweight: torch.Tensor, rows: int, cols: int):
     return desc
 
 
+_TILED: dict = {}
+
+
+def tiled_words(qweight: torch.Tensor, cw: int) -> torch.Tensor:
+    """The words ``[K / P, N]`` stored column block by column block: ``[N / cw * K / P, cw]`` (row
+    ``b K / P + r`` = word row r of columns ``[b cw, (b + 1) cw)``); cached per tensor and width."""
+    key = (qweight.data_ptr(), tuple(qweight.shape), cw, qweight.device.index)
+    t = _TILED.get(key)
+    if t is None:
+        kp, n = qweight.shape
+        t = qweight.view(kp, n // cw, cw).permute(1, 0, 2).contiguous().view(n // cw * kp, cw)
+        _TILED[key] = t
+    return t
+
+
 def tma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, split, ks): ``mma_config`` with this kernel's resident programs per SM
     (``TMA_PROGRAMS_PER_SM``)."""
@@ -209,10 +228,12 @@ def tma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None) 
 
 def quant_gemv_tma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor | None, *,
                    split_k: int | None = None, ks: int | None = None, stages: int | None = None,
-                   pdl: bool | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
+                   pdl: bool | None = None, acc: torch.Tensor | None = None,
+                   tiled: bool = False) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16, 1/2/4-bit weights,
     as ``quant_gemv_mma`` (same keywords: ``split_k``, ``ks``, ``pdl``, ``acc`` for pending sums)
-    with the words through a TMA ring of ``stages`` slots (default ``TMA_STAGES``)."""
+    with the words through a TMA ring of ``stages`` slots (default ``TMA_STAGES``). ``tiled``: read a
+    column-block copy of the words (``tiled_words``, made once per weight; experiments)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not tma_applies(packed, M, x):
@@ -236,11 +257,12 @@ def quant_gemv_tma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor | None
     per, split = k_split(K // SK, split_k or split)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
-    desc = words_descriptor(packed.qweight, ks * bk * w0 // 32, 128 // ks)
+    words = tiled_words(packed.qweight, 128 // ks) if tiled else packed.qweight
+    desc = words_descriptor(words, ks * bk * w0 // 32, 128 // ks)
     pdl = pdl_enabled(x.device, pdl)
     launch = {"launch_pdl": True} if pdl else {}
-    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=bk, PDL=pdl, STAGES=stages, KS=ks, MR=mr, num_warps=4,
-                  maxnreg=TMA_MAX_REGISTERS, **launch)
+    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=bk, PDL=pdl, STAGES=stages, KS=ks, MR=mr, TILED=tiled,
+                  num_warps=4, maxnreg=TMA_MAX_REGISTERS, **launch)
     if acc is not None:
         if acc.dtype != torch.float32 or acc.shape != (M, N) or acc.stride(1) != 1:
             raise ValueError(f"acc must be a float32 [{M}, {N}] matrix with contiguous rows, got "

@@ -47,7 +47,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     quant_gemv_h2,
 )
 from anybit.kernels.quant_gemv_mma import MMA_BITS, mma_applies, mma_config, quant_gemv_mma
-from anybit.kernels.quant_gemv_tma import quant_gemv_tma
+from anybit.kernels.quant_gemv_tma import quant_gemv_tma, tma_applies
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
 try:  # Triton is optional on CPU-only installs
@@ -476,6 +476,22 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
     return True
 
 
+# The TMA-ring variant of that kernel (quant_gemv_tma.py: Hopper, 1/2/4 bits, 4 programs per SM under a
+# 128-register cap) for TMA_MIN_M <= M <= 16 on wide weights (N >= TMA_MIN_N). H100 s15-1/2
+# (quant_matmul_mma_tma_s15_*, W4 M 16, us, tma / mma): lm_head 123-125 / 152-154, 14336x4096 24.0-24.7 /
+# 26.4-26.7; but 4096x14336 26.5-27.0 / 25.6 and M 1-8 level or slower (the ring does not make the loop
+# faster: more bytes in flight and contiguous tiles changed nothing; the gain is 4 programs per SM
+# at BLOCK_M 16 where quant_gemv_mma's 224 registers allow 2).
+TMA_AUTO = os.environ.get("ANYBIT_MMA_TMA", "1") != "0"
+TMA_MIN_M, TMA_MIN_N = 9, 8192
+
+
+def tma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether "auto" routes this call to the TMA-ring mma.sync kernel (TMA_AUTO and the range above)."""
+    wide = TMA_MIN_M <= M <= 16 and packed.out_features >= TMA_MIN_N
+    return TMA_AUTO and wide and tma_applies(packed, M, x)
+
+
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
 DEQUANT_MIN_M = 128  # and from this many rows dequantize to a scratch W^T + cuBLAS
 
@@ -489,7 +505,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
                  bf16_codes: bool | None = None) -> torch.Tensor:
     """y = x @ dequant(W)^T (+ nothing). x ``[M, K]`` fp16/bf16/fp32, packed ``PackedWeight``
     for ``W [N, K]`` -> y ``[M, N]`` in x.dtype (written into ``out`` when given, e.g. a column
-    slice of a fused output). ``path``: "auto" (the mma.sync kernel where ``mma_chosen``, else the
+    slice of a fused output). ``path``: "auto" (the TMA-ring mma.sync kernel where ``tma_chosen``, the
+    mma.sync kernel where ``mma_chosen``, else the
     packed-half GEMV for M <= H2_MAX_M when the weight is uniform 2/4/8-bit, or 3/5/6-bit with integer
     zero points, and x fp16/bf16 on CUDA, else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon
     register-A wgmma kernel where ``ra_chosen``, the wgmma kernel where ``wg_chosen``, the
@@ -525,6 +542,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     is_cb = packed.fmt != "uniform"
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     cb = packed.codebook if packed.codebook is not None else packed.scales
+    if path == "auto" and tma_chosen(packed, M, x):
+        path = "tma"
     if path == "auto" and mma_chosen(packed, M, x):
         path = "mma"
     if path == "auto":

@@ -11,6 +11,7 @@ from sm90_sass import loop_bodies, nvdisasm, shared_bytes, sm90_sass_ptrs
 
 from anybit.kernels import quant_gemv_mma as mm
 from anybit.kernels import quant_gemv_tma as mt
+from anybit.kernels import quant_matmul as qm
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
 from anybit.quant.rtn import QuantSpec, rtn_quantize
 
@@ -26,6 +27,7 @@ def test_launcher_config_and_applicability():
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
     assert not mt.tma_applies(pw, 1, x)  # CPU tensors never take the Gluon path
+    assert not qm.tma_chosen(pw, 12, torch.randn(12, 256, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="quant_gemv_tma"):
         mt.quant_gemv_tma(x, pw, torch.empty(1, 128, dtype=torch.bfloat16))
 
@@ -112,9 +114,9 @@ def test_matches_reference(bits, M, group):
     assert mt.tma_applies(pw, M, x)
     want = ref_quant_matmul(x.float(), pw)
     tol = 1e-2 * want.abs().max().item() + 1e-3
-    kws = [{}, dict(split_k=1), dict(split_k=3), dict(stages=2), dict(stages=6)]
+    kws = [{}, dict(split_k=1), dict(split_k=3), dict(stages=2), dict(stages=6), dict(tiled=True)]
     bm, bk, _, _ = mt.tma_config(M, N, K, pw.group_size, 132)
-    kws += [dict(ks=ks, split_k=s) for ks in (2, 4, 8) for s in (None, 1, 2)
+    kws += [dict(ks=ks, split_k=s, tiled=s == 2) for ks in (2, 4, 8) for s in (None, 1, 2)
             if mm.ks_fits(ks, M, bm, K, pw.group_size, bk)]
     nan = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
     for kw in kws:
@@ -141,3 +143,17 @@ def test_output_slice_and_strided_x():
     want = ref_quant_matmul(xs.float(), pw)
     assert (fused[:, 128:384].float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
     assert fused[:, :128].abs().max() == 0 and fused[:, 384:].abs().max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER or mt.gluon is None, reason="needs a Hopper GPU and Gluon")
+@pytest.mark.parametrize("M", [8, 9, 16])
+def test_auto_routes_wide_weights_at_m_9_to_16(M):
+    """"auto" takes this kernel for M 9..16 on weights at least TMA_MIN_N wide (lm_head, gate_up)."""
+    pw = _rtn(qm.TMA_MIN_N, 512, 4, 128, seed=M)
+    x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+    assert qm.tma_chosen(pw, M, x) == (M >= qm.TMA_MIN_M and qm.TMA_AUTO)
+    if qm.tma_chosen(pw, M, x):
+        assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="tma"))
+    want = ref_quant_matmul(x.float(), pw)
+    assert (quant_matmul(x, pw).float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3

@@ -1,0 +1,102 @@
+"""Quantized decode in CUDA graphs at the short end of the issue-4 grid (b32/b64 x 4k-16k): the Gluon
+kernel's split count forced up and down, and its split merge launched with PDL (``GL_REDUCE_PDL``),
+against the shipped launcher and the bf16 cache in the same run; outputs checked against ref_.
+
+    python benchmarks/bench_attention_splits.py      # JSON attention_decode_splits.json to $OUT or results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from anybit.kernels import attention_decode as ad  # noqa: E402
+from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode  # noqa: E402
+from benchmarks import bench_attention as ba  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
+
+CASES = [(32, 4096), (64, 4096), (32, 16384), (64, 16384)]
+GRID = [(b, c) for b in (8, 32, 64) for c in (1000, 4096, 16384, 32768)]
+
+
+def sweep_runs(dtype: str) -> list:
+    """(name, launcher keywords, GL_REDUCE_PDL, GL_WAVE_FILL): the Gluon split count and PDL merge."""
+    runs = [("shipped", {}, False, 1.0)]
+    if dtype != "bfloat16":
+        runs += [("gl", dict(gl=True), False, 1.0), ("gl_pdl", dict(gl=True), True, 1.0)]
+        runs += [(f"gl_s{s}", dict(gl=True, num_splits=s), False, 1.0) for s in (4, 6, 12, 16)]
+        runs += [(f"gl_s{s}_pdl", dict(gl=True, num_splits=s), True, 1.0) for s in (4, 6)]
+    return runs
+
+
+def grid_runs(dtype: str) -> list:
+    """The session-14 rule (all resident slots, no PDL) against half the slots with the PDL merge,
+    for the launcher's choice and the Gluon kernel forced."""
+    runs = [("default_old", {}, False, 1.0), ("default_new", {}, True, 0.5)]
+    if dtype != "bfloat16":
+        runs += [("gl_old", dict(gl=True), False, 1.0), ("gl_new", dict(gl=True), True, 0.5)]
+    return runs
+
+
+def fill_runs(dtype: str) -> list:
+    """The Gluon kernel with its splits filling 0.5 / 0.35 / 0.25 of the resident slots (PDL merge)."""
+    if dtype == "bfloat16":
+        return [("default", {}, True, 0.5)]
+    return [(f"gl_fill{f}", dict(gl=True), True, f) for f in (0.5, 0.35, 0.25)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
+    ap.add_argument("--fills", action="store_true", help="GL_WAVE_FILL 0.5 / 0.35 / 0.25, b8/32/64 x 1k-32k")
+    args = ap.parse_args()
+    cases, runs_of = (CASES, sweep_runs)
+    if args.grid or args.fills:
+        cases, runs_of = GRID, grid_runs if args.grid else fill_runs
+    rows = []
+    defaults = ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL
+    for batch, ctx in cases:
+        sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, ba.NH, ba.D, device="cuda", dtype=torch.bfloat16)
+        t_bf16 = None
+        for dtype in ("bfloat16", "int4", "int8"):
+            cache, table = ba.paged_batch([ctx] * batch, dtype)
+            ref = ref_paged_attention_decode(q[:1], cache, sl[:1], table[:1], ba.D ** -0.5, None, ctx)
+            nbytes = batch * ctx * ba.NKV * 2 * ba.kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
+            for name, kw, pdl, fill in runs_of(dtype):
+                ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = pdl, fill
+                fn = functools.partial(paged_attention_decode, q, cache, sl, table, ba.D ** -0.5, None,
+                                       max(ctx, 8192), **kw)
+                err = ba.rel(fn()[:1], ref)
+                t = ba.graph_time_us(fn)
+                t_bf16 = t if dtype == "bfloat16" and t_bf16 is None else t_bf16
+                rows.append({"batch": batch, "context": ctx, "kv_dtype": dtype, "variant": name, "time_us": t,
+                             "tb_per_s": nbytes / t / 1e6, "speedup_vs_bf16": t_bf16 / t, "rel_err": err})
+                print(f"b{batch} ctx{ctx} {dtype:9s} {name:12s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s "
+                      f"x{t_bf16 / t:.2f} err {err:.1e}", flush=True)
+            ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = defaults
+            cache = table = None
+            torch.cuda.empty_cache()
+    cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
+    name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else "")
+    write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
+                 "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
+                 ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
+                  "as in the engine's graphs; shipped = paged_attention_decode defaults; gl = the Gluon "
+                  "kernel forced; _s<n> = n splits forced; _pdl = the split merge launched with PDL "
+                  "(GL_REDUCE_PDL); shipped = the session-14 rule (splits fill every resident slot, no PDL); "
+                  "--grid: _old = that rule, _new = half the slots (GL_WAVE_FILL 0.5) with the PDL merge; "
+                  "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
+                  "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],
+                 out_dir=os.environ.get("OUT"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
