@@ -181,3 +181,31 @@ def test_gl_decode_long_context_one_split(dtype):
     args = (b["query"], b["cache"], b["seq_lens"], b["block_table"], 128 ** -0.5, None, seq[0])
     ref = ref_paged_attention_decode(*args)
     assert rel_err(paged_attention_decode(*args, num_splits=1, gl=True), ref) < 1e-2
+
+
+def test_split_count_fills_half_the_resident_slots(monkeypatch):
+    """``_paged_decode_gl`` sizes its splits for GL_WAVE_FILL of the resident programs (half: b32 x 8k
+    on 132 SMs takes 4 splits of 2048 tokens, 1024 programs, not 8) and merges them in a second kernel
+    (launched with PDL where the GPU has it; never on CPU). Launches stubbed: the sizing only."""
+    from anybit.kernels import attention_decode as ad
+    seen = {}
+    monkeypatch.setattr(ad, "launch_decode_gl", lambda *a, **k: seen.update(gl=a, trigger=k.get("trigger")))
+
+    class _Reduce:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.update(reduce_grid=grid, reduce_kw=k)
+
+    monkeypatch.setattr(ad, "_decode_reduce_kernel", _Reduce())
+    monkeypatch.setattr(ad, "_num_sms", lambda device: 132)
+    from anybit.layers.attention_meta import new_layer_kv_cache
+    cache = new_layer_kv_cache(2, 16, 8, 128, "int4", torch.device("cpu"))  # contents unused
+    seq_lens, table = torch.full((32,), 8192, dtype=torch.int32), torch.zeros(32, 512, dtype=torch.int32)
+    q = torch.randn(32, 32, 128, dtype=torch.bfloat16)
+    ad._paged_decode_gl(q, cache, seq_lens, table, 128 ** -0.5, None, 8192, None, None, True)
+    tps, splits = seen["gl"][-3], seen["gl"][-2]  # (..., tokens_per_split, splits, dyn_split)
+    slots = int(agl.gl_programs_per_sm(2, 128) * ad.GL_WAVE_FILL) * 132
+    assert splits == ad.choose_splits(32 * 8, 8192, slots) and splits * tps >= 8192
+    if ad.GL_WAVE_FILL == 0.5 and agl.gl_programs_per_sm(2, 128) == 16:
+        assert (splits, tps) == (4, 2048)
+    assert seen["reduce_grid"] == (32, 32) and seen["trigger"] is False
+    assert "launch_pdl" not in seen["reduce_kw"]  # CPU: no programmatic dependent launch
