@@ -97,6 +97,28 @@ def tma_bits_variants(M: int, b: int) -> list:
             ("anybit_tma_tiled", dict(direct_tma=True, tiled=True))]
 
 
+def m16_variants(M: int, b: int) -> list:
+    """M 9..16: quant_gemv_mma with the split-K sum of session 14 (8 partial tiles in flight: 224
+    registers, 2 programs per SM), as shipped now (2 in flight: 160 registers, 3 per SM), capped at 128
+    registers (4 per SM), and the TMA-ring kernel (single-slice widths)."""
+    out = [("anybit", {}), ("anybit_mma_sl8", dict(direct_mma=True, sum_loads=8)),
+           ("anybit_mma", dict(direct_mma=True)),
+           ("anybit_mma_cap128", dict(direct_mma=True, max_registers=128))]
+    return out + ([("anybit_tma", dict(direct_tma=True))] if b in (1, 2, 4) else [])
+
+
+def m16_correctness(log) -> list[dict]:
+    """quant_gemv_mma at M 9..16 with its register cap and split-K sum variants, RTN weights."""
+    cases = []
+    torch.manual_seed(0)
+    for bits in (2, 3, 4):
+        pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, 128, "uniform")).to("cuda")
+        for M in (9, 16):
+            for kw in (dict(max_registers=128), dict(sum_loads=8), dict(max_registers=128, split_k=4)):
+                cases.append((f"m16 b{bits} 384x2048 M{M} {kw}", pw, M, dict(kw, direct_mma=True)))
+    return check_cases(cases, lambda x, pw, out, kw: run_variant(x, pw, kw, out), log, 5e-3)
+
+
 def tma_correctness(log) -> list[dict]:
     """quant_gemv_tma vs the float32 dequantization: RTN weights of 1/2/4 bits, groups 64 / 128 /
     per channel, M 1..16, forced splits, K splits inside the program, ring sizes; random codes on
@@ -137,7 +159,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--plan", choices=["default", "ks", "tma"], default="default",
+    ap.add_argument("--plan", choices=["default", "ks", "tma", "m16"], default="default",
                     help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
                     "tma: the TMA-ring variant (quant_gemv_tma.py)")
     ap.add_argument("--skip-correctness", action="store_true")
@@ -150,7 +172,8 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    corr = [] if args.skip_correctness else tma_correctness(log) if args.plan == "tma" else correctness(log)
+    checks = {"tma": tma_correctness, "m16": m16_correctness}.get(args.plan, correctness)
+    corr = [] if args.skip_correctness else checks(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
     rows: list[dict] = []
     sms = _num_sms(torch.device("cuda"))
@@ -171,7 +194,10 @@ def main() -> int:
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
     name = "quant_matmul_mma" if args.plan == "default" else f"quant_matmul_mma_{args.plan}"
-    if args.plan == "tma":
+    if args.plan == "m16":
+        plan = [((N, K), [9, 12, 16], [4], m16_variants) for N, K in SHAPES]
+        plan += [((N, K), [16], [2, 3], m16_variants) for N, K in SHAPES[:2]]
+    elif args.plan == "tma":
         plan = [((N, K), MS, [4], tma_variants) for N, K in SHAPES]
         plan += [((N, K), [1, 16], [2], tma_bits_variants) for N, K in SHAPES[:2]]
     elif args.plan == "ks":

@@ -38,7 +38,7 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 
 QM = ("quant_matmul_s11", "quant_matmul_s11_lm_head")
 QM_S12 = ("quant_matmul_ra_s12_auto",)  # W4 M 16-1024 with the register-A wgmma routing (s12-6)
-DECODE = ("attention_decode_graph_s15",)  # s15-6: CUDA graphs, engine layouts, splits + routing, bf16 same run
+DECODE = ("attention_decode_graph_s15",)  # s15-6: CUDA graphs, engine layouts, splits, routing, bf16
 E2E = ("e2e_w4_s15",)
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
 SHAPE = lambda r: f"{r['shape']} M{r['M']}"  # noqa: E731

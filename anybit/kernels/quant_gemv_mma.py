@@ -346,7 +346,8 @@ if gluon is not None:
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
                                PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
-                               KS: gl.constexpr = 1, MR: gl.constexpr = 0):
+                               KS: gl.constexpr = 1, MR: gl.constexpr = 0,
+                               SUM_LOADS: gl.constexpr = 8):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -448,7 +449,7 @@ if gluon is not None:
         else:
             cols = off_n + _tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA)))
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
-                    SPLIT and DIAG & 2 == 0, ACC=ACC)
+                    SPLIT and DIAG & 2 == 0, SUM_LOADS=SUM_LOADS, ACC=ACC)
 
 
 _INT_ZEROS: dict = {}  # id(zeros) -> (weakref, version, bool)
@@ -491,7 +492,13 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 8 and integer_zeros(packed)
 
 
-MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # resident programs by BLOCK_M (offline sm_90: 128 / 162 registers)
+MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # resident programs by BLOCK_M (offline sm_90: 128 / 160 registers)
+# Partial tiles in flight in the split-K sum by BLOCK_M: 8 at BLOCK_M 16 took the kernel to 224 registers
+# (2 programs per SM, the epilogue's peak; found in session 15), 2 keeps it at 160.
+MMA_SUM_LOADS = {8: 8, 16: 2}
+# Register cap by BLOCK_M (None: none). 128 at BLOCK_M 16 gives 4 programs per SM (16 bytes of spill
+# outside the loop, offline sm_90); measured in s15-8.
+MMA_MAX_REGISTERS = {8: None, 16: None}
 MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 
 
@@ -544,7 +551,8 @@ def cluster_applies(split: int, device: torch.device, cluster: bool | None = Non
 
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
                    split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
-                   diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None) -> torch.Tensor:
+                   diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
+                   max_registers: int | None = None, sum_loads: int | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -553,7 +561,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     global workspace (None: ``cluster_applies``'s default); ``diag``: the kernel's DIAG (benchmarks
     only). ``acc`` (float32 ``[M, N]``, rows contiguous, zeroed; y may then be None): the programs
     add their partials into it with float atomics instead of the ordered split-K sum into y
-    (anybit/layers/pending.py); returns acc."""
+    (anybit/layers/pending.py); returns acc. ``max_registers``: Triton ``maxnreg`` (None:
+    ``MMA_MAX_REGISTERS`` by BLOCK_M, 0: no cap; the split count assumes the resident programs it
+    allows); ``sum_loads``: partial tiles in flight in the split-K sum (None: ``MMA_SUM_LOADS``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -562,7 +572,11 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"== 0, K and group % 64 == 0 (got {x.dtype} x, M {M}, {packed.fmt} {bits}-bit, "
                          f"N {N}, K {K}, G {G})")
     sms = _num_sms(x.device)
-    bm, bk, split, ks_auto = mma_config(M, N, K, G, sms)
+    bm = 8 if M <= 8 else 16
+    cap = MMA_MAX_REGISTERS[bm] if max_registers is None else max_registers or None
+    per_sm = {b: max(1, 65536 // (128 * cap)) for b in (8, 16)} if cap else None
+    bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm)
+    regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
     BK = block_k or bk
     if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "
@@ -575,7 +589,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"rounded up) <= {bm}, K {K} a multiple of ks x block_k {BK} and the group size {G} "
                          f"a divisor or multiple of it, and no cluster")
     if ks != ks_auto:
-        split = mma_config(M, N, K, G, sms, ks)[2]
+        split = mma_config(M, N, K, G, sms, ks, per_sm)[2]
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
     SK = ks * BK
     per, split = k_split(K // SK, split_k or split)
@@ -590,13 +604,13 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, num_warps=4, **launch)
+            KS=ks, MR=mr, num_warps=4, **regs, **launch)
         return acc
     if ks == 1 and cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared mem.
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
-            num_ctas=split, **launch)
+            num_ctas=split, **regs, **launch)
         return y
     if split > 1:
         ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
@@ -606,5 +620,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, num_warps=4,
-        **launch)
+        **regs, **launch)
     return y
