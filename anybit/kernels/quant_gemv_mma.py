@@ -492,13 +492,16 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 8 and integer_zeros(packed)
 
 
-MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # resident programs by BLOCK_M (offline sm_90: 128 / 160 registers)
-# Partial tiles in flight in the split-K sum by BLOCK_M: 8 at BLOCK_M 16 took the kernel to 224 registers
-# (2 programs per SM, the epilogue's peak; found in session 15), 2 keeps it at 160.
-MMA_SUM_LOADS = {8: 8, 16: 2}
-# Register cap by BLOCK_M (None: none). 128 at BLOCK_M 16 gives 4 programs per SM (16 bytes of spill
-# outside the loop, offline sm_90); measured in s15-8.
-MMA_MAX_REGISTERS = {8: None, 16: None}
+MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # programs per SM assumed by the split count, by BLOCK_M (see below)
+# Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
+# 224 (BLOCK_M 16) registers (offline sm_90; the epilogue sets the peak), so 2 programs of BLOCK_M 16
+# fit per SM, not the 3 the split count assumes. Fewer loads (2: 160 registers) or a 128-register cap
+# (4 per SM) were *slower* on the H100 (s15-8, quant_matmul_mma_m16_s15_8; W4 M 9-16 on 4096x14336
+# 24.3-26.2 / 27.3-32.7 against 22.4-24.9 us, W3 M 16 42.8 against 30.7): with fewer registers ptxas
+# schedules the loop's loads less far ahead. Only 6144x4096 (split 8, where "auto" takes the wgmma
+# kernel) was faster with 2 (12.8 against 16.9 us at M 9).
+MMA_SUM_LOADS = {8: 8, 16: 8}
+MMA_MAX_REGISTERS = {8: None, 16: None}  # register cap by BLOCK_M (None: none); see MMA_SUM_LOADS
 MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 
 
