@@ -36,8 +36,7 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
     return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
-QM = ("quant_matmul_s11", "quant_matmul_s11_lm_head")
-QM_S12 = ("quant_matmul_ra_s12_auto",)  # W4 M 16-1024 with the register-A wgmma routing (s12-6)
+QM = ("quant_matmul_s15", "quant_matmul_s15_lm_head")  # s15-9/10: every width and M, launcher's choice
 DECODE = ("attention_decode_graph_s15",)  # s15-6: CUDA graphs, engine layouts, splits, routing, bf16
 E2E = ("e2e_w4_s15",)
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
@@ -50,9 +49,9 @@ GOALS = [
     Goal(3, "W5 at M = 1", QM, _qm(5, (1,)), SPEEDUP, 2.6, per=SHAPE),
     Goal(3, "W6 at M = 1", QM, _qm(6, (1,)), SPEEDUP, 2.2, per=SHAPE),
     Goal(3, "W8 at M = 1", QM, _qm(8, (1,)), SPEEDUP, 1.8, per=SHAPE),
-    Goal(3, "W4 at M = 16", QM_S12, _qm(4, (16,)), SPEEDUP, 3.0, per=SHAPE),
-    Goal(3, "W4 at M = 64", QM_S12, _qm(4, (64,)), SPEEDUP, 2.0, per=SHAPE),
-    Goal(3, "W4 at M = 256 and 1024", QM_S12, _qm(4, (256, 1024)), SPEEDUP, 0.9, per=SHAPE),
+    Goal(3, "W4 at M = 16", QM, _qm(4, (16,)), SPEEDUP, 3.0, per=SHAPE),
+    Goal(3, "W4 at M = 64", QM, _qm(4, (64,)), SPEEDUP, 2.0, per=SHAPE),
+    Goal(3, "W4 at M = 256 and 1024", QM, _qm(4, (256, 1024)), SPEEDUP, 0.9, per=SHAPE),
     Goal(4, "prefill vs SDPA flash (causal d128, 1k-16k)", ("attention_prefill_s14",), lambda f, r: True,
          lambda r: r["vs_flash"], 1.0, per=lambda r: r["seqs"]),
     Goal(4, "decode b32/b64 4k-32k, bf16 KV: effective TB/s", DECODE, _decode("bf16"),
