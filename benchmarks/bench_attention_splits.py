@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from anybit.kernels import attention_decode as ad  # noqa: E402
+from anybit.kernels import attention_decode_gl as agl  # noqa: E402
 from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode  # noqa: E402
 from benchmarks import bench_attention as ba  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
@@ -51,16 +52,29 @@ def fill_runs(dtype: str) -> list:
     return [(f"gl_fill{f}", dict(gl=True), True, f) for f in (0.5, 0.35, 0.25)]
 
 
+def stage_runs(dtype: str) -> list:
+    """The Gluon kernel's TMA ring at 3 (shipped) to 6 slots, the split count held at the shipped rule's
+    (with half the resident programs per SM, each program streams twice as long: s14-9's 4-slot test
+    ran at 16 programs per SM)."""
+    if dtype == "bfloat16":
+        return [("default", {}, True, 0.5)]
+    return [(f"gl_stages{n}", dict(gl=True, stages=n), True, 0.5) for n in ((3, 4, 5, 6) if dtype == "int4"
+                                                                            else (3, 4, 5))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
     ap.add_argument("--fills", action="store_true", help="GL_WAVE_FILL 0.5 / 0.35 / 0.25, b8/32/64 x 1k-32k")
+    ap.add_argument("--stages", action="store_true", help="GL_STAGES 3-6 at the shipped split count")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
-    if args.grid or args.fills:
-        cases, runs_of = GRID, grid_runs if args.grid else fill_runs
+    if args.grid or args.fills or args.stages:
+        cases, runs_of = GRID, grid_runs if args.grid else fill_runs if args.fills else stage_runs
     rows = []
     defaults = ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL
+    stage_defaults = dict(agl.GL_STAGES)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, ctx in cases:
         sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, ba.NH, ba.D, device="cuda", dtype=torch.bfloat16)
@@ -71,6 +85,14 @@ def main() -> int:
             nbytes = batch * ctx * ba.NKV * 2 * ba.kv_bytes_per_token_head(dtype) + 2 * q.numel() * 2
             for name, kw, pdl, fill in runs_of(dtype):
                 ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = pdl, fill
+                kw = dict(kw)
+                stages = kw.pop("stages", None)
+                agl.GL_STAGES.update(stage_defaults)
+                if stages:  # hold the split count at the shipped rule's, then change the ring
+                    mode = 1 if dtype == "int8" else 2
+                    cap = int(agl.gl_programs_per_sm(mode, ba.D) * fill) * sms
+                    kw["num_splits"] = ad.choose_splits(batch * ba.NKV, max(ctx, 8192), cap)
+                    agl.GL_STAGES[mode] = stages
                 fn = functools.partial(paged_attention_decode, q, cache, sl, table, ba.D ** -0.5, None,
                                        max(ctx, 8192), **kw)
                 err = ba.rel(fn()[:1], ref)
@@ -81,10 +103,12 @@ def main() -> int:
                 print(f"b{batch} ctx{ctx} {dtype:9s} {name:12s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s "
                       f"x{t_bf16 / t:.2f} err {err:.1e}", flush=True)
             ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = defaults
+            agl.GL_STAGES.update(stage_defaults)
             cache = table = None
             torch.cuda.empty_cache()
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
-    name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else "")
+    name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
+                                        "_stages" if args.stages else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
@@ -92,6 +116,7 @@ def main() -> int:
                   "kernel forced; _s<n> = n splits forced; _pdl = the split merge launched with PDL "
                   "(GL_REDUCE_PDL); shipped = the session-14 rule (splits fill every resident slot, no PDL); "
                   "--grid: _old = that rule, _new = half the slots (GL_WAVE_FILL 0.5) with the PDL merge; "
+                  "--stages: gl_stages<n> = a ring of n slots, the split count of the shipped rule; "
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
                   "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],
                  out_dir=os.environ.get("OUT"))
