@@ -209,3 +209,40 @@ def test_split_count_fills_half_the_resident_slots(monkeypatch):
         assert (splits, tps) == (4, 2048)
     assert seen["reduce_grid"] == (32, 32) and seen["trigger"] is False
     assert "launch_pdl" not in seen["reduce_kw"]  # CPU: no programmatic dependent launch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_pdl_launch_sees_the_newest_token(dtype, monkeypatch):
+    """GL_PDL: the kernel requests its older chunks before waiting for the previous kernel. Each step
+    writes the newest token (Triton reshape_and_cache, then a decode at once on the same stream, also
+    inside a CUDA graph); the decode must read it (the newest keys change scale from step to step)."""
+    from anybit.kernels import attention_decode as ad
+    from anybit.kernels.kv_cache_ops import reshape_and_cache
+    monkeypatch.setattr(ad, "GL_PDL", True)
+    seq = [1, 15, 17, 33, 300, 1030, 1031, 2047]  # the newest token lands in each sequence's last page
+    b = make_batch(seq, [1] * len(seq), 32, 8, 128, dtype, q_dtype=torch.bfloat16, seed=3)
+    q, cache, table = b["query"], b["cache"], b["block_table"]
+    lens = torch.tensor(seq, dtype=torch.int32, device="cuda") + 1
+    pos = lens.long() - 1
+    slots = table[torch.arange(len(seq), device="cuda"), pos // 16].long() * 16 + pos % 16
+    g = torch.Generator(device="cpu").manual_seed(5)
+    for step in range(3):
+        k_new = torch.randn(len(seq), 8, 128, generator=g) * (4.0 if step % 2 else 1.0)
+        k_new = k_new.to("cuda", torch.bfloat16)
+        v_new = torch.randn(len(seq), 8, 128, generator=g).to("cuda", torch.bfloat16)
+        reshape_and_cache(k_new, v_new, cache, slots)
+        out = paged_attention_decode(q, cache, lens, table, 128 ** -0.5, None, 8192)
+        ref = ref_paged_attention_decode(q, cache, lens, table, 128 ** -0.5, None, 8192)
+        assert rel_err(out, ref) < 1e-2, step
+    graph = torch.cuda.CUDAGraph()
+    out = torch.empty_like(q)
+    with torch.cuda.graph(graph):
+        reshape_and_cache(k_new, v_new, cache, slots)
+        paged_attention_decode(q, cache, lens, table, 128 ** -0.5, None, 8192, out=out)
+    k_new.mul_(-3.0)
+    v_new.mul_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ref_paged_attention_decode(q, cache, lens, table, 128 ** -0.5, None, 8192)) < 1e-2
