@@ -62,28 +62,18 @@ def stage_runs(dtype: str) -> list:
                                                                             else (3, 4, 5))]
 
 
-def pdl_runs(dtype: str) -> list:
-    """The shipped launcher (Gluon from 8 sequences) with and without the Gluon kernel itself as a PDL
-    launch (GL_PDL: older chunks requested before griddepcontrol.wait)."""
-    return [("default", {}, True, 0.5), ("default_pdl", dict(gl_pdl=True), True, 0.5)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
     ap.add_argument("--fills", action="store_true", help="GL_WAVE_FILL 0.5 / 0.35 / 0.25, b8/32/64 x 1k-32k")
     ap.add_argument("--stages", action="store_true", help="GL_STAGES 3-6 at the shipped split count")
-    ap.add_argument("--pdl", action="store_true", help="the Gluon kernel as a PDL launch (GL_PDL)")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
-    modes = {"grid": grid_runs, "fills": fill_runs, "stages": stage_runs, "pdl": pdl_runs}
-    for mode, runs in modes.items():
-        if getattr(args, mode):
-            cases, runs_of = GRID, runs
+    if args.grid or args.fills or args.stages:
+        cases, runs_of = GRID, grid_runs if args.grid else fill_runs if args.fills else stage_runs
     rows = []
     defaults = ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL
     stage_defaults = dict(agl.GL_STAGES)
-    gl_pdl_default = ad.GL_PDL
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, ctx in cases:
         sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -97,7 +87,6 @@ def main() -> int:
                 ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = pdl, fill
                 kw = dict(kw)
                 stages = kw.pop("stages", None)
-                ad.GL_PDL = kw.pop("gl_pdl", False)
                 agl.GL_STAGES.update(stage_defaults)
                 if stages:  # hold the split count at the shipped rule's, then change the ring
                     mode = 1 if dtype == "int8" else 2
@@ -115,12 +104,11 @@ def main() -> int:
                       f"x{t_bf16 / t:.2f} err {err:.1e}", flush=True)
             ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = defaults
             agl.GL_STAGES.update(stage_defaults)
-            ad.GL_PDL = gl_pdl_default
             cache = table = None
             torch.cuda.empty_cache()
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
-                                        "_stages" if args.stages else "_pdl" if args.pdl else "")
+                                        "_stages" if args.stages else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
@@ -128,7 +116,6 @@ def main() -> int:
                   "kernel forced; _s<n> = n splits forced; _pdl = the split merge launched with PDL "
                   "(GL_REDUCE_PDL); shipped = the session-14 rule (splits fill every resident slot, no PDL); "
                   "--grid: _old = that rule, _new = half the slots (GL_WAVE_FILL 0.5) with the PDL merge; "
-                  "--pdl: _pdl = the Gluon kernel launched with PDL (GL_PDL); "
                   "--stages: gl_stages<n> = a ring of n slots, the split count of the shipped rule; "
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
                   "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],

@@ -630,10 +630,8 @@ GL_REDUCE_PDL = os.environ.get("ANYBIT_GL_REDUCE_PDL", "1") == "1"
 # at 8 (2048); b32 x 16k 222.6 against 226.8; b64 (already 4 splits) unchanged: a program's fixed
 # cost (page-id chain, partial store) outweighs the extra occupancy.
 GL_WAVE_FILL = float(os.environ.get("ANYBIT_GL_WAVE_FILL", "0.5"))
-# The Gluon kernel as a PDL launch: its first chunks that hold only older tokens are requested before it
-# waits for the previous kernel (which writes the newest token's K/V and the query). Experiment (env
-# ANYBIT_GL_PDL=1).
-GL_PDL = os.environ.get("ANYBIT_GL_PDL", "0") == "1"
+# The Gluon kernel itself as a PDL launch (older chunks requested before griddepcontrol.wait) was 1.25-1.6x
+# slower at b8/b64 (H100 s15-13, attention_decode_splits_pdl_s15_13) and was removed.
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -870,7 +868,7 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     trigger = pdl_enabled(query.device, True)
     pdl = splits > 1 and trigger and GL_REDUCE_PDL
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
-                     window, tps, splits, dyn_split, trigger=pdl, wait=trigger and GL_PDL)
+                     window, tps, splits, dyn_split, trigger=pdl)
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,

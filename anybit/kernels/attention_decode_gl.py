@@ -58,7 +58,7 @@ try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use att
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from anybit.kernels.quant_gemv_mma import _gdc_launch_dependents, _gdc_wait
+    from anybit.kernels.quant_gemv_mma import _gdc_launch_dependents
 except ImportError:  # pragma: no cover
     gluon = None
 
@@ -257,16 +257,14 @@ if gluon is not None:
                           G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
                           DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
-                          TRIGGER: gl.constexpr = False, WAIT: gl.constexpr = False):
+                          TRIGGER: gl.constexpr = False):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
         codes as int32 words (``code_descriptor``, block ``[16, W]``, W = words per head row); the
         packed scales ``[num_blocks * kv_heads * count, PAGE]`` float32 (block ``[count, 16]``; rows
         key scale, value scale, then int4's key and value zero points). TRIGGER: let the next kernel
-        of the stream (the split merge, launched with PDL) start now; it waits for this grid. WAIT: launched
-        with PDL itself: the chunks before the newest token are requested before ``griddepcontrol.wait``
-        (the previous kernel writes only the newest token's K/V, and the query)."""
+        of the stream (the split merge, launched with PDL) start now; it waits for this grid."""
         if TRIGGER:
             _gdc_launch_dependents()
         W: gl.constexpr = k_desc.block_type.shape[1]
@@ -299,32 +297,6 @@ if gluon is not None:
         c0 = lo - lo % 16
         n_it = gl.cdiv(end - c0, 16)
 
-        COUNT: gl.constexpr = s_desc.block_type.shape[0]
-        nkv = gl.num_programs(1)
-        k_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], v_desc.layout)
-        s_smem = gl.allocate_shared_memory(gl.float32, [STAGES, COUNT, 16], s_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
-        bt_row = bt_ptr + seq * stride_bt
-        # prologue: chunks 0 .. STAGES - 2 requested, the page id of chunk STAGES - 1 kept. WAIT (PDL): the
-        # chunks wholly before the newest token (the only one the previous kernel writes) go before
-        # griddepcontrol.wait, the others and the query after it.
-        for j in gl.static_range(STAGES - 1):
-            pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
-            early = (n_it > j) & (c0 + 16 * (j + 1) <= seq_len - 1)
-            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh, nkv,
-                         PAGE, HEAD_MAJOR, early if WAIT else n_it > j)
-        pg_next = gl.load(bt_row + (c0 + 16 * (STAGES - 1)) // PAGE, mask=n_it > STAGES - 1, other=0)
-        if WAIT:
-            _gdc_wait()
-            for j in gl.static_range(STAGES - 1):
-                pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
-                late = (n_it > j) & (c0 + 16 * (j + 1) > seq_len - 1)
-                _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh,
-                             nkv, PAGE, HEAD_MAJOR, late)
-
         # query heads of the group as the B operand [HEAD_DIM, 8] (head dim relabelled like K)
         dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, QB))
         hq = gl.arange(0, 8, layout=gl.SliceLayout(0, QB))
@@ -340,6 +312,21 @@ if gluon is not None:
         else:
             kbias = 1024.0 * qsum
 
+        COUNT: gl.constexpr = s_desc.block_type.shape[0]
+        nkv = gl.num_programs(1)
+        k_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], v_desc.layout)
+        s_smem = gl.allocate_shared_memory(gl.float32, [STAGES, COUNT, 16], s_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        bt_row = bt_ptr + seq * stride_bt
+        # prologue: chunks 0 .. STAGES - 2 requested, the page id of chunk STAGES - 1 kept
+        for j in gl.static_range(STAGES - 1):
+            pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
+            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh, nkv,
+                         PAGE, HEAD_MAJOR, n_it > j)
+        pg_next = gl.load(bt_row + (c0 + 16 * (STAGES - 1)) // PAGE, mask=n_it > STAGES - 1, other=0)
 
         KWL: gl.constexpr = _k_word_layout(W)
         VWL: gl.constexpr = _v_word_layout(W)
@@ -485,10 +472,10 @@ def scale_descriptor(rows: torch.Tensor, count: int):
 def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
                      block_table: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_lse: torch.Tensor,
                      qk_scale: float, window: int, tokens_per_split: int, splits: int,
-                     dyn_split: bool, trigger: bool = False, wait: bool = False) -> None:
+                     dyn_split: bool, trigger: bool = False) -> None:
     """Launch ``_decode_gl_kernel`` on grid (num_seqs, kv heads, splits); attention_decode's
     ``paged_attention_decode`` sizes the splits and merges them. ``trigger``: the kernel lets the
-    next one (a PDL launch) start at once; ``wait``: it is itself a PDL launch (``WAIT``)."""
+    next one (a PDL launch) start at once."""
     from anybit.kernels.kv_cache_ops import kv_mode
 
     mode = kv_mode(kv_cache.dtype)
@@ -504,6 +491,6 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
         HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode, STAGES=GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
-        WAIT=bool(wait), num_warps=1, **({"launch_pdl": True} if wait else {}))
+        num_warps=1)
 
 
