@@ -22,6 +22,8 @@ offline (TMA loads, HMMA, no spills), the GPU tests compare with ``ref_quant_mat
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from anybit.kernels.pdl import pdl_enabled
@@ -188,35 +190,28 @@ def tma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] == 9
 
 
-_DESCS: dict = {}
-
-
 def words_descriptor(qweight: torch.Tensor, rows: int, cols: int):
-    """The TMA descriptor of the int32 words ``[K / P, N]``, block ``[rows, cols]`` (cached per
-    tensor storage, shape and block: the weights live as long as the model)."""
-    key = (qweight.data_ptr(), tuple(qweight.shape), rows, cols, qweight.device.index)
-    desc = _DESCS.get(key)
-    if desc is None:
-        layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int32)
-        desc = TensorDescriptor(qweight, list(qweight.shape), [qweight.shape[1], 1], [rows, cols], layout)
-        if len(_DESCS) > 4096:
-            _DESCS.clear()
-        _DESCS[key] = desc
-    return desc
+    """The TMA descriptor of the int32 words ``[K / P, N]``, block ``[rows, cols]`` (made per call, as
+    for the other Gluon GEMMs: a cached one would keep its weight alive)."""
+    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int32)
+    return TensorDescriptor(qweight, list(qweight.shape), [qweight.shape[1], 1], [rows, cols], layout)
 
 
-_TILED: dict = {}
+_TILED: dict = {}  # id(words) -> (weakref, version, width, copy)
 
 
 def tiled_words(qweight: torch.Tensor, cw: int) -> torch.Tensor:
     """The words ``[K / P, N]`` stored column block by column block: ``[N / cw * K / P, cw]`` (row
-    ``b K / P + r`` = word row r of columns ``[b cw, (b + 1) cw)``); cached per tensor and width."""
-    key = (qweight.data_ptr(), tuple(qweight.shape), cw, qweight.device.index)
-    t = _TILED.get(key)
-    if t is None:
-        kp, n = qweight.shape
-        t = qweight.view(kp, n // cw, cw).permute(1, 0, 2).contiguous().view(n // cw * kp, cw)
-        _TILED[key] = t
+    ``b K / P + r`` = word row r of columns ``[b cw, (b + 1) cw)``). Experiments only (``tiled``); the
+    copy is cached while the words tensor lives and is unchanged."""
+    hit = _TILED.get(id(qweight))
+    if hit is not None and hit[0]() is qweight and hit[1] == qweight._version and hit[2] == cw:
+        return hit[3]
+    for k in [k for k, v in _TILED.items() if v[0]() is None]:
+        del _TILED[k]
+    kp, n = qweight.shape
+    t = qweight.view(kp, n // cw, cw).permute(1, 0, 2).contiguous().view(n // cw * kp, cw)
+    _TILED[id(qweight)] = (weakref.ref(qweight), qweight._version, cw, t)
     return t
 
 

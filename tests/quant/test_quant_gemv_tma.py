@@ -157,3 +157,18 @@ def test_auto_routes_wide_weights_at_m_9_to_16(M):
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="tma"))
     want = ref_quant_matmul(x.float(), pw)
     assert (quant_matmul(x, pw).float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
+
+
+def test_tiled_words_copy_follows_its_tensor():
+    """The column-block copy (``tiled=True`` experiments): row b K / P + r = word row r of columns
+    [b cw, (b + 1) cw); rebuilt when the words change, not kept for a tensor that no longer exists."""
+    q = torch.arange(8 * 64, dtype=torch.int32).view(8, 64)
+    t = mt.tiled_words(q, 16)
+    assert all(torch.equal(t[b * 8 + r], q[r, b * 16:(b + 1) * 16]) for b in range(4) for r in range(8))
+    assert mt.tiled_words(q, 16) is t
+    q.add_(1)
+    assert torch.equal(mt.tiled_words(q, 16)[0], q[0, :16])
+    del q, t
+    z = torch.zeros(8, 64, dtype=torch.int32)
+    mt.tiled_words(z, 32)
+    assert mt._TILED[id(z)][0]() is z and all(ref() is not None for ref, *_ in mt._TILED.values())
