@@ -552,6 +552,31 @@ def cluster_applies(split: int, device: torch.device, cluster: bool | None = Non
     return split in (2, 4, 8, 16) and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def not_applicable(kernel: str, gpu: str, widths, x: torch.Tensor, packed: PackedWeight) -> ValueError:
+    """The error for a call outside a kernel's conditions (``mma_applies`` and its variants), naming
+    what is needed and what came."""
+    M, K = x.shape
+    return ValueError(f"{kernel}: needs {gpu}, bf16 x, M <= {MMA_MAX_M} and a uniform "
+                      f"{'/'.join(map(str, widths))}-bit weight with integer f16 zero points, N % 128 == 0, "
+                      f"K and group % 64 == 0 (got {x.dtype} x, M {M}, {packed.fmt} {packed.bits}-bit, "
+                      f"N {packed.out_features}, K {K}, G {packed.group_size})")
+
+
+def check_acc(acc: torch.Tensor, M: int, N: int) -> None:
+    """A pending-sum accumulator must be float32 ``[M, N]`` with contiguous rows."""
+    if acc.dtype != torch.float32 or acc.shape != (M, N) or acc.stride(1) != 1:
+        raise ValueError(f"acc must be a float32 [{M}, {N}] matrix with contiguous rows, got "
+                         f"{acc.dtype} {tuple(acc.shape)}")
+
+
+def split_k_buffers(split: int, M: int, N: int, tiles: int, y: torch.Tensor):
+    """``(ws, locks)`` of a split-K launch: float32 partials ``[split, M, N]`` and the tiles' zeroed
+    counters (``_lock_buffer``), or ``(y, y)`` placeholders without split-K."""
+    if split == 1:
+        return y, y
+    return torch.empty(split, M, N, dtype=torch.float32, device=y.device), _lock_buffer(y.device, tiles)
+
+
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
                    split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
@@ -570,10 +595,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
-        raise ValueError(f"quant_gemv_mma: needs CUDA sm_80+, bf16 x, M <= {MMA_MAX_M} and a uniform "
-                         f"{'/'.join(map(str, MMA_BITS))}-bit weight with integer f16 zero points, N % 128 "
-                         f"== 0, K and group % 64 == 0 (got {x.dtype} x, M {M}, {packed.fmt} {bits}-bit, "
-                         f"N {N}, K {K}, G {G})")
+        raise not_applicable("quant_gemv_mma", "CUDA sm_80+", MMA_BITS, x, packed)
     sms = _num_sms(x.device)
     bm = 8 if M <= 8 else 16
     cap = MMA_MAX_REGISTERS[bm] if max_registers is None else max_registers or None
@@ -601,9 +623,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     pdl = pdl_enabled(x.device, pdl)
     launch = {"launch_pdl": True} if pdl else {}
     if acc is not None:
-        if acc.dtype != torch.float32 or acc.shape != (M, N) or acc.stride(1) != 1:
-            raise ValueError(f"acc must be a float32 [{M}, {N}] matrix with contiguous rows, got "
-                             f"{acc.dtype} {tuple(acc.shape)}")
+        check_acc(acc, M, N)
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
@@ -615,11 +635,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
             num_ctas=split, **regs, **launch)
         return y
-    if split > 1:
-        ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-        locks = _lock_buffer(x.device, tiles)
-    else:
-        ws, locks = y, y
+    ws, locks = split_k_buffers(split, M, N, tiles, y)
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, num_warps=4,

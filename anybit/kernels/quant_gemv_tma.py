@@ -27,10 +27,17 @@ import weakref
 import torch
 
 from anybit.kernels.pdl import pdl_enabled
-from anybit.kernels.quant_gemm_h2 import _lock_buffer
 from anybit.kernels.quant_gemm_wg import gluon
 from anybit.kernels.quant_gemv_h2 import _num_sms, k_split
-from anybit.kernels.quant_gemv_mma import ks_fits, mma_applies, mma_config, mma_rows
+from anybit.kernels.quant_gemv_mma import (
+    check_acc,
+    ks_fits,
+    mma_applies,
+    mma_config,
+    mma_rows,
+    not_applicable,
+    split_k_buffers,
+)
 from anybit.quant.format import SLICES, PackedWeight
 
 TMA_BITS = (1, 2, 4)  # single-slice widths (several slices would need one ring per slice)
@@ -232,10 +239,7 @@ def quant_gemv_tma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor | None
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not tma_applies(packed, M, x):
-        raise ValueError(f"quant_gemv_tma: needs a Hopper GPU, bf16 x, M <= 16 and a uniform "
-                         f"{'/'.join(map(str, TMA_BITS))}-bit weight with integer f16 zero points, "
-                         f"N % 128 == 0, K and group % 64 == 0 (got {x.dtype} x, M {M}, "
-                         f"{packed.fmt} {bits}-bit, N {N}, K {K}, G {G})")
+        raise not_applicable("quant_gemv_tma", "a Hopper GPU", TMA_BITS, x, packed)
     bm, bk, split, ks_auto = tma_config(M, N, K, G, _num_sms(x.device))
     if ks is None:
         ks = ks_auto
@@ -259,18 +263,12 @@ def quant_gemv_tma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor | None
     consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=bk, PDL=pdl, STAGES=stages, KS=ks, MR=mr, TILED=tiled,
                   num_warps=4, maxnreg=TMA_MAX_REGISTERS, **launch)
     if acc is not None:
-        if acc.dtype != torch.float32 or acc.shape != (M, N) or acc.stride(1) != 1:
-            raise ValueError(f"acc must be a float32 [{M}, {N}] matrix with contiguous rows, got "
-                             f"{acc.dtype} {tuple(acc.shape)}")
+        check_acc(acc, M, N)
         _quant_gemv_tma_kernel[(tiles, split)](
             x, desc, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0), acc.stride(0),
             per * SK, per, split, SPLIT=split > 1, ACC=True, **consts)
         return acc
-    if split > 1:
-        ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-        locks = _lock_buffer(x.device, tiles)
-    else:
-        ws, locks = y, y
+    ws, locks = split_k_buffers(split, M, N, tiles, y)
     _quant_gemv_tma_kernel[(tiles, split)](
         x, desc, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0), per * SK,
         per, split, SPLIT=split > 1, **consts)
