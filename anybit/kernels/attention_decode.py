@@ -613,14 +613,13 @@ DEFAULT_PREFETCH_BY_MODE = {1: (2, 0, 64, 2), 2: (2, 0, 32, 1)}
 INT4_PREFETCH_MIN_SEQS = PREFETCH_MIN_SEQS  # old name
 
 # The one-warp Gluon kernel (attention_decode_gl) is the default from GL_MIN_SEQS sequences for int4
-# and int8 caches (int8 below GL_INT8_MAX_SEQS; None: no limit). H100 s14-4/5 in CUDA graphs (graph-sized
-# splits, the engine's cache layouts: head-major codes, packed scales): int4 at batch 8-64 from 4k
-# tokens 1.2-1.6x the Triton kernel; int8 at batch 8 1.16-1.24x. Int8 at batch 32/64 stayed on the
-# Triton kernel until session 15: with the splits of GL_WAVE_FILL (H100 s15-3/4,
-# attention_decode_splits_*_s15_*) the Gluon kernel is 1.5-5% faster from 4k tokens and 1-2% slower at
-# 1k. At batch 1 it is 2-4 us slower per call below 16k tokens (a longer latency chain per program; s13).
+# and int8 caches. H100 s14-4/5 in CUDA graphs (graph-sized splits, the engine's cache layouts:
+# head-major codes, packed scales): int4 at batch 8-64 from 4k tokens 1.2-1.6x the Triton kernel; int8
+# at batch 8 1.16-1.24x. Int8 at batch 32/64 stayed on the Triton kernel until session 15: with the
+# splits of GL_WAVE_FILL (H100 s15-3/4, attention_decode_splits_*_s15_*) the Gluon kernel is 1.5-5%
+# faster from 4k tokens and 1-2% slower at 1k. At batch 1 it is 2-4 us slower per call below 16k
+# tokens (a longer latency chain per program; s13).
 GL_MIN_SEQS = 8
-GL_INT8_MAX_SEQS = None
 # The Gluon kernel lets its split merge start early (programmatic dependent launch: the merge's
 # launch overlaps the decode grid, then waits for it; env ANYBIT_GL_REDUCE_PDL=0 turns it off). H100
 # s15-2 (attention_decode_splits_s15_2): 0.5-1 us less per call at b32/b64 x 4k-16k.
@@ -745,7 +744,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     Default: env ``ANYBIT_DECODE_MERGE``, else ``DECODE_MERGE_MAX`` (0).
     ``gl``: int8 / int4 caches on Hopper run attention_decode_gl's one-warp Gluon kernel where it
     applies (``gl_decode_applies``, off with env ``ANYBIT_DECODE_GL=0``) and no Triton-kernel tuning
-    argument is given; None: from ``GL_MIN_SEQS`` sequences (int8 below ``GL_INT8_MAX_SEQS`` when set);
+    argument is given; None: from ``GL_MIN_SEQS`` sequences;
     False: always this module's Triton kernel.
     ``dyn_split``: each sequence spreads its own length over the splits (whole blocks of
     ``block_n``, at most the ``max_seq_len``-sized slice), so a short context in a graph sized for
@@ -771,8 +770,7 @@ def paged_attention_decode(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens
     biased = bool(biased and mode > 0 and not int8_qk and not int8_pv)
     tuned = (block_n, num_warps, num_stages, max_registers, prefetch, merge_max) != (None,) * 6
     if gl is None:  # H100 s14-4/5, s15-3/4 (CUDA graphs): see GL_MIN_SEQS
-        int8_ok = GL_INT8_MAX_SEQS is None or num_seqs < GL_INT8_MAX_SEQS
-        gl = num_seqs >= GL_MIN_SEQS and (mode == 2 or int8_ok)
+        gl = num_seqs >= GL_MIN_SEQS
     use_gl = (gl and not tuned and biased and not interpret and exact_v
               and gl_decode_applies(query, kv_cache))
     if use_gl:
