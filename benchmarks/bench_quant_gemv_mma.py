@@ -82,19 +82,17 @@ def ks_variants(M: int, b: int) -> list:
 
 def tma_variants(M: int, b: int) -> list:
     """The TMA-ring variant (quant_gemv_tma.py) against the launcher ("auto" as shipped: anybit) and
-    quant_gemv_mma with its config: 3 / 4 ring slots, the words read from a column-block copy
-    (``tiled``: one contiguous run per tile), without split-K."""
+    quant_gemv_mma with its config: 3 / 4 / 6 ring slots, without split-K, without PDL. (Session 15's
+    s15-2 also timed a column-block copy of the words, contiguous tiles: no faster; removed.)"""
     return [("anybit", {}), ("anybit_mma", dict(direct_mma=True)), ("anybit_tma", dict(direct_tma=True)),
-            ("anybit_tma_s3", dict(direct_tma=True, stages=3)),
-            ("anybit_tma_tiled", dict(direct_tma=True, tiled=True)),
-            ("anybit_tma_s3_tiled", dict(direct_tma=True, stages=3, tiled=True)),
-            ("anybit_tma_tiled_sk1", dict(direct_tma=True, tiled=True, split_k=1))]
+            ("anybit_tma_s4", dict(direct_tma=True, stages=4)),
+            ("anybit_tma_s6", dict(direct_tma=True, stages=6)),
+            ("anybit_tma_sk1", dict(direct_tma=True, split_k=1)),
+            ("anybit_tma_nopdl", dict(direct_tma=True, pdl=False))]
 
 
 def tma_bits_variants(M: int, b: int) -> list:
-    return [("anybit", {}), ("anybit_mma", dict(direct_mma=True)),
-            ("anybit_tma_s3", dict(direct_tma=True, stages=3)),
-            ("anybit_tma_tiled", dict(direct_tma=True, tiled=True))]
+    return [("anybit", {}), ("anybit_mma", dict(direct_mma=True)), ("anybit_tma", dict(direct_tma=True))]
 
 
 def m16_variants(M: int, b: int) -> list:
@@ -133,11 +131,11 @@ def tma_correctness(log) -> list[dict]:
             for M in (1, 3, 8, 9, 16):
                 cases.append((f"tma b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_tma=True)))
             for kw in (dict(split_k=3), dict(split_k=1, ks=8), dict(ks=2, stages=2), dict(stages=6),
-                       dict(tiled=True), dict(tiled=True, ks=4, split_k=2)):
+                       dict(ks=4, split_k=2)):
                 cases.append((f"tma b{bits} g{g} 384x2048 M1 {kw}", pw, 1, dict(kw, direct_tma=True)))
         pw = random_packed(4096, 14336, bits)
         for M in (1, 16):
-            for kw in ({}, dict(split_k=1), dict(stages=3), dict(tiled=True)):
+            for kw in ({}, dict(split_k=1), dict(stages=4)):
                 cases.append((f"tma b{bits} random 4096x14336 M{M} {kw}", pw, M, dict(kw, direct_tma=True)))
     return check_cases(cases, lambda x, pw, out, kw: run_variant(x, pw, kw, out), log, 5e-3)
 

@@ -22,8 +22,6 @@ offline (TMA loads, HMMA, no spills), the GPU tests compare with ``ref_quant_mat
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from anybit.kernels.pdl import pdl_enabled
@@ -113,12 +111,10 @@ if gluon is not None:
                                stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
                                PDL: gl.constexpr, STAGES: gl.constexpr = 4, ACC: gl.constexpr = False,
-                               KS: gl.constexpr = 1, MR: gl.constexpr = 0, TILED: gl.constexpr = False):
+                               KS: gl.constexpr = 1, MR: gl.constexpr = 0):
         """quant_gemv_mma's ``_quant_gemv_mma_kernel`` (same arguments, one slice, no cluster, no DIAG)
         with the words from ``w_desc``: the int32 words ``[K / P, N]``, block ``[KS BLOCK_K / P, 128 /
-        KS]``. Grid (N KS / 128, split). TILED: ``w_desc`` is over the words stored column block by
-        column block (``tiled_words``: ``[N / CW * K / P, CW]``, block ``[KS BLOCK_K / P, CW]``), so a
-        tile is one contiguous run of memory."""
+        KS]``. Grid (N KS / 128, split)."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         CW: gl.constexpr = 128 // KS
@@ -134,17 +130,13 @@ if gluon is not None:
         XL: gl.constexpr = _x_layout(BLOCK_K, BLOCK_M, W0)
         k_start = pid_k * k_per_split
         row0 = k_start // P
-        w_col = off_n
-        if TILED:
-            row0 += pid * (K // P)
-            w_col = 0
 
         w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KS * R, CW], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         for j in gl.static_range(STAGES - 1):  # the weights do not depend on the previous kernel
-            _issue_words(w_desc, w_smem, bars, j, row0, w_col, n_iters > j)
+            _issue_words(w_desc, w_smem, bars, j, row0, off_n, n_iters > j)
         x_ptrs, x_mask = _x_tile_ptrs(x_ptr, stride_xm, M, XL, BLOCK_K, BLOCK_M, KS, MR)
         t = gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
         _, z_off = _ks_offsets(t, off_n, N, G, KS, BLOCK_K, P)
@@ -167,7 +159,7 @@ if gluon is not None:
             # refill the slot of tile i - 1: the compiler's fence.proxy.async + bar.sync before the TMA
             # (every warp has read it: the reads are before this point in program order)
             ahead = i + STAGES - 1
-            _issue_words(w_desc, w_smem, bars, ahead, row0, w_col, ahead < n_iters)
+            _issue_words(w_desc, w_smem, bars, ahead, row0, off_n, ahead < n_iters)
             w = gl.reshape(gl.permute(gl.reshape(w, [KS, R, CW]), (1, 0, 2)), [R, 128])
             w = gl.convert_layout(w, WL)  # the same layout: a relabelling
             xb = gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
@@ -204,24 +196,6 @@ def words_descriptor(qweight: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(qweight, list(qweight.shape), [qweight.shape[1], 1], [rows, cols], layout)
 
 
-_TILED: dict = {}  # id(words) -> (weakref, version, width, copy)
-
-
-def tiled_words(qweight: torch.Tensor, cw: int) -> torch.Tensor:
-    """The words ``[K / P, N]`` stored column block by column block: ``[N / cw * K / P, cw]`` (row
-    ``b K / P + r`` = word row r of columns ``[b cw, (b + 1) cw)``). Experiments only (``tiled``); the
-    copy is cached while the words tensor lives and is unchanged."""
-    hit = _TILED.get(id(qweight))
-    if hit is not None and hit[0]() is qweight and hit[1] == qweight._version and hit[2] == cw:
-        return hit[3]
-    for k in [k for k, v in _TILED.items() if v[0]() is None]:
-        del _TILED[k]
-    kp, n = qweight.shape
-    t = qweight.view(kp, n // cw, cw).permute(1, 0, 2).contiguous().view(n // cw * kp, cw)
-    _TILED[id(qweight)] = (weakref.ref(qweight), qweight._version, cw, t)
-    return t
-
-
 def tma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, split, ks): ``mma_config`` with this kernel's resident programs per SM
     (``TMA_PROGRAMS_PER_SM``)."""
@@ -230,12 +204,10 @@ def tma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None) 
 
 def quant_gemv_tma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor | None, *,
                    split_k: int | None = None, ks: int | None = None, stages: int | None = None,
-                   pdl: bool | None = None, acc: torch.Tensor | None = None,
-                   tiled: bool = False) -> torch.Tensor:
+                   pdl: bool | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16, 1/2/4-bit weights,
     as ``quant_gemv_mma`` (same keywords: ``split_k``, ``ks``, ``pdl``, ``acc`` for pending sums)
-    with the words through a TMA ring of ``stages`` slots (default ``TMA_STAGES``). ``tiled``: read a
-    column-block copy of the words (``tiled_words``, made once per weight; experiments)."""
+    with the words through a TMA ring of ``stages`` slots (default ``TMA_STAGES``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not tma_applies(packed, M, x):
@@ -256,12 +228,11 @@ def quant_gemv_tma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor | None
     per, split = k_split(K // SK, split_k or split)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
-    words = tiled_words(packed.qweight, 128 // ks) if tiled else packed.qweight
-    desc = words_descriptor(words, ks * bk * w0 // 32, 128 // ks)
+    desc = words_descriptor(packed.qweight, ks * bk * w0 // 32, 128 // ks)
     pdl = pdl_enabled(x.device, pdl)
     launch = {"launch_pdl": True} if pdl else {}
-    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=bk, PDL=pdl, STAGES=stages, KS=ks, MR=mr, TILED=tiled,
-                  num_warps=4, maxnreg=TMA_MAX_REGISTERS, **launch)
+    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=bk, PDL=pdl, STAGES=stages, KS=ks, MR=mr, num_warps=4,
+                  maxnreg=TMA_MAX_REGISTERS, **launch)
     if acc is not None:
         check_acc(acc, M, N)
         _quant_gemv_tma_kernel[(tiles, split)](

@@ -200,13 +200,19 @@ def test_matches_reference(bits, M, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
-def test_output_slice_strided_x_and_non_integer_zeros():
+@pytest.mark.parametrize("path", ["mma", "tma"])
+def test_output_slice_strided_x_and_non_integer_zeros(path):
+    """Both mma.sync kernels (quant_gemv_mma, its TMA-ring variant quant_gemv_tma on Hopper)."""
+    from anybit.kernels.quant_gemv_tma import tma_applies
+    if path == "tma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA-ring kernel needs a Hopper GPU")
+    applies = mm.mma_applies if path == "mma" else tma_applies
     pw = _rtn(256, 512, 4, 128)
     xs = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)[:, :512]  # row stride 1024
     fused = torch.zeros(4, 512, device="cuda", dtype=torch.bfloat16)
-    quant_matmul(xs, pw, out=fused[:, 128:384], path="mma")
+    quant_matmul(xs, pw, out=fused[:, 128:384], path=path)
     want = ref_quant_matmul(xs.float(), pw)
     assert (fused[:, 128:384].float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
     assert fused[:, :128].abs().max() == 0 and fused[:, 384:].abs().max() == 0
     pw.zeros.add_(0.5)  # fractional zero points: not this kernel's exact q - z
-    assert not mm.mma_applies(pw, 4, xs)
+    assert not applies(pw, 4, xs)
