@@ -501,7 +501,6 @@ MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # programs per SM assumed by the split coun
 # schedules the loop's loads less far ahead. Only 6144x4096 (split 8, where "auto" takes the wgmma
 # kernel) was faster with 2 (12.8 against 16.9 us at M 9).
 MMA_SUM_LOADS = {8: 8, 16: 8}
-MMA_MAX_REGISTERS = {8: None, 16: None}  # register cap by BLOCK_M (None: none); see MMA_SUM_LOADS
 MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 
 
@@ -589,16 +588,16 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     global workspace (None: ``cluster_applies``'s default); ``diag``: the kernel's DIAG (benchmarks
     only). ``acc`` (float32 ``[M, N]``, rows contiguous, zeroed; y may then be None): the programs
     add their partials into it with float atomics instead of the ordered split-K sum into y
-    (anybit/layers/pending.py); returns acc. ``max_registers``: Triton ``maxnreg`` (None:
-    ``MMA_MAX_REGISTERS`` by BLOCK_M, 0: no cap; the split count assumes the resident programs it
-    allows); ``sum_loads``: partial tiles in flight in the split-K sum (None: ``MMA_SUM_LOADS``)."""
+    (anybit/layers/pending.py); returns acc. ``max_registers``: a Triton ``maxnreg`` cap
+    (None or 0: none; caps were slower, s15-8, see ``MMA_SUM_LOADS``; the split count assumes the
+    resident programs a cap allows); ``sum_loads``: partial tiles in flight in the split-K sum (None:
+    ``MMA_SUM_LOADS``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
         raise not_applicable("quant_gemv_mma", "CUDA sm_80+", MMA_BITS, x, packed)
     sms = _num_sms(x.device)
-    bm = 8 if M <= 8 else 16
-    cap = MMA_MAX_REGISTERS[bm] if max_registers is None else max_registers or None
+    cap = max_registers or None
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in (8, 16)} if cap else None
     bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm)
     regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
