@@ -117,6 +117,52 @@ def m16_correctness(log) -> list[dict]:
     return check_cases(cases, lambda x, pw, out, kw: run_variant(x, pw, kw, out), log, 5e-3)
 
 
+def xs_variants(M: int, b: int) -> list:
+    """The x ring (the kernel's XS): x tiles through 2 / 3 shared slots copied ahead against the loads in
+    the loop (XS 0), also under a 128-register cap (4 programs per SM at BLOCK_M 8)."""
+    out = [("anybit", {}), ("anybit_mma", dict(direct_mma=True, x_slots=0))]
+    for xs in (3, 4) if M > 8 else (3,):
+        out.append((f"anybit_mma_xs{xs}", dict(direct_mma=True, x_slots=xs)))
+    if b in (1, 2, 4) and M > 1:  # the TMA-ring kernel with x in its ring (KS 1) and without
+        out += [("anybit_tma_x", dict(direct_tma=True, x_tma=True)),
+                ("anybit_tma", dict(direct_tma=True, x_tma=False))]
+    return out
+
+
+def xs_correctness(log) -> list[dict]:
+    """quant_gemv_mma with the x ring (2-4 slots) on RTN weights of every width (slices share the tile),
+    groups 64 / 128 / per channel, M 1..16, forced splits and K splits, pending sums; random codes on
+    4096x14336."""
+    cases = []
+    torch.manual_seed(0)
+    for bits in (1, 2, 3, 4, 5, 6, 7):
+        for g in (64, 128, -1):
+            if bits in (1, 3, 5, 7) and g == 64:
+                continue
+            pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
+            for M in (1, 3, 8, 9, 16):
+                cases.append((f"xs b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_slots=3)))
+            for kw in (dict(x_slots=2, split_k=3), dict(x_slots=4, split_k=1, ks=8), dict(x_slots=2, ks=2),
+                       dict(x_slots=3, max_registers=128)):
+                cases.append((f"xs b{bits} g{g} 384x2048 M1 {kw}", pw, 1, dict(kw, direct_mma=True)))
+    for bits in (1, 2, 4):
+        for g in (64, 128, -1):
+            if bits == 1 and g == 64:
+                continue
+            pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
+            for M in (2, 5, 8, 9, 16):
+                for kw in (dict(x_tma=True), dict(x_tma=True, split_k=3), dict(x_tma=True, stages=2)):
+                    cases.append((f"tma_x b{bits} g{g} 384x2048 M{M} {kw}", pw, M, dict(kw, direct_tma=True)))
+    for bits in (2, 4):
+        pw = random_packed(4096, 14336, bits)
+        for M in (1, 5, 16):
+            for kw in (dict(x_slots=2), dict(x_slots=3), dict(x_slots=3, split_k=1)):
+                cases.append((f"xs b{bits} random 4096x14336 M{M} {kw}", pw, M, dict(kw, direct_mma=True)))
+        for M in (5, 16):
+            cases.append((f"tma_x b{bits} random 4096x14336 M{M}", pw, M, dict(direct_tma=True, x_tma=True)))
+    return check_cases(cases, lambda x, pw, out, kw: run_variant(x, pw, kw, out), log, 5e-3)
+
+
 def tma_correctness(log) -> list[dict]:
     """quant_gemv_tma vs the float32 dequantization: RTN weights of 1/2/4 bits, groups 64 / 128 /
     per channel, M 1..16, forced splits, K splits inside the program, ring sizes; random codes on
@@ -157,9 +203,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--plan", choices=["default", "ks", "tma", "m16"], default="default",
+    ap.add_argument("--plan", choices=["default", "ks", "tma", "m16", "diag", "xs"], default="default",
                     help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
-                    "tma: the TMA-ring variant (quant_gemv_tma.py)")
+                    "tma: the TMA-ring variant (quant_gemv_tma.py); diag: the DIAG variants at M 1/4/16 on "
+                    "the layer shapes; xs: the x ring (x_slots)")
     ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
@@ -170,7 +217,8 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    checks = {"tma": tma_correctness, "m16": m16_correctness}.get(args.plan, correctness)
+    checks = {"tma": tma_correctness, "m16": m16_correctness, "xs": xs_correctness}
+    checks = checks.get(args.plan, correctness)
     corr = [] if args.skip_correctness else checks(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
     rows: list[dict] = []
@@ -198,6 +246,12 @@ def main() -> int:
     elif args.plan == "tma":
         plan = [((N, K), MS, [4], tma_variants) for N, K in SHAPES]
         plan += [((N, K), [1, 16], [2], tma_bits_variants) for N, K in SHAPES[:2]]
+    elif args.plan == "xs":
+        plan = [((N, K), [4, 8, 12, 16], [4], xs_variants) for N, K in SHAPES[:3]]
+        plan += [((N, K), [16], [2, 3], xs_variants) for N, K in SHAPES[:2]]
+        plan += [((128256, 4096), [16], [4], xs_variants)]
+    elif args.plan == "diag":
+        plan = [((N, K), [1, 4, 16], [4], diag_variants) for N, K in SHAPES[:3]]
     elif args.plan == "ks":
         plan = [((N, K), [1, 2, 4], [4], ks_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [1], [2, 3, 5, 6], ks_bits_variants) for N, K in SHAPES[:3]]
@@ -236,7 +290,7 @@ def main() -> int:
                  if (r["shape"], r["M"], r["bits"]) == (shp, M, b)]
         print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
-        if r.get("section") in ("sweep_variants", "diag_variants"):
+        if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 

@@ -8,7 +8,9 @@ thread loads its words straight into the registers where ``mma.sync`` wants the 
 (``DotOperandLayout(0, mma v2, k_width=8)``: 8 consecutive K of one row per thread, i.e. one W4
 word) and unpacks them in place with quant_gemm_wg's PTX (``s (q - z)`` in bf16, rounded once);
 the multiply-add with x is one ``mma.m16n8k16`` per word and thread (W4). No shared memory, no
-barriers in the loop: ~1.5 instructions per W4 code.
+barriers in the loop: ~1.5 instructions per W4 code. Except x at BLOCK_M 16 (``XS``, session 16):
+loaded in the iteration that used it, its L2 latency was 28% of the warps' stall samples (ncu, H100
+s16-1), so there it comes through a ``cp.async`` ring in shared memory.
 
 Layout tricks (all bit relabelings, no data movement):
 - Rows of the MMA are a permutation of the output columns, chosen so that each thread's 4 rows
@@ -75,7 +77,7 @@ def _mma_asm(bits: int) -> str:
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
     from anybit.kernels.quant_gemm_wg import _join8, _store_tile, _words_tile
 
@@ -121,6 +123,29 @@ if gluon is not None:
             reg.append([0, 8])
         lane = [[lanes[0], 0], [lanes[1], 0], [0, 1], [0, 2], [0, 4]]
         return gl.DistributedLinearLayout(reg, lane, [[0, 0], [0, 0]], _cga(cluster), [block_k, block_m])
+
+    @gluon.constexpr_function
+    def _x_copy_layout(block_k, block_m, cluster=1):
+        """Layout of the x^T tile ``[BK, BM]`` for its asynchronous copy into shared memory: one
+        16-byte piece (8 consecutive K of one MMA column) per thread and copy, lanes along K first,
+        then over columns, warps over columns (no thread copies what another copies, except where the
+        tile is smaller than 128 pieces)."""
+        lanes_k = min(32, block_k // 8)
+        return gl.BlockedLayout([8, 1], [lanes_k, 32 // lanes_k], [1, 4], [0, 1], cga_layout=_cga(cluster))
+
+    @gluon.constexpr_function
+    def _x_smem_layout(bits, block_k, cluster=1):
+        """Shared layout of an x^T tile ``[BK, BM]`` (K contiguous, one row per MMA column) for
+        ``_x_layout``'s reads of a ``bits``-wide slice. Unswizzled, the lanes of one 16-byte read hit
+        the same banks in columns j and j + 1 (W4 and W2: 2-way conflicts). XOR-ing column j's lowest
+        bit into K bit 5 (W4: the bit above the lanes' K bits 3-4) or bit 3 (W2) removes them
+        (``gl.bank_conflicts`` = 0 for BK 64/128, BM 8/16: a CPU test). W1: none of the swizzles that
+        keep 16-byte copies reaches 0 (3 excess wavefronts); left unswizzled."""
+        if int(bits) == 4 and int(block_k) >= 64:
+            return gl.SwizzledSharedLayout(32, 1, 2, [0, 1], cga_layout=_cga(cluster))
+        if int(bits) == 2:
+            return gl.SwizzledSharedLayout(8, 1, 2, [0, 1], cga_layout=_cga(cluster))
+        return gl.SwizzledSharedLayout(8, 1, 1, [0, 1], cga_layout=_cga(cluster))
 
     @gluon.jit
     def _relabel_cols(t):
@@ -184,7 +209,11 @@ if gluon is not None:
     def _x_operand(ptrs, mask, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
         """The x^T tile ``[BK, BM]`` (rows >= M as 0) relabeled into the MMA's B operand layout,
         times SCALE (a power of two: exact; the weight of a higher slice's codes)."""
-        xt = gl.load(ptrs, mask=mask, other=0.0)
+        return _x_from_tile(gl.load(ptrs, mask=mask, other=0.0), BL, W0, SCALE)
+
+    @gluon.jit
+    def _x_from_tile(xt, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
+        """``_x_operand`` of a loaded x^T tile (``_x_layout`` for the slice width W0)."""
         if SCALE != 1.0:
             xt = (xt.to(gl.float32) * SCALE).to(gl.bfloat16)
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
@@ -347,7 +376,7 @@ if gluon is not None:
                                PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
-                               SUM_LOADS: gl.constexpr = 8):
+                               SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -370,7 +399,13 @@ if gluon is not None:
         CW = 128 / KS output columns x KS chunks of BLOCK_K consecutive K, and MMA column kr MR + m is x
         row m at chunk kr, so one iteration covers KS BLOCK_K of K (k_per_split counts those) and the
         entries with matching chunks are summed at the end (``_ks_sum``, through shared memory once per
-        program). Fewer output columns per program give enough programs without split-K (M = 1)."""
+        program). Fewer output columns per program give enough programs without split-K (M = 1).
+
+        XS > 1 (not with CLUSTER): the x^T tiles come through a ring of XS shared-memory slots, copied
+        (``cp.async``, by all threads) XS - 1 tiles ahead, one CTA barrier per tile; each slice reads
+        its operand from the shared tile. XS 0: every warp loads its x tile from global memory in the
+        iteration that uses it, so the loop waits for an L2 round trip per tile (s16-1: 28% of the
+        warps' stall samples at M 1 and 16)."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -415,6 +450,15 @@ if gluon is not None:
         if PDL:
             _gdc_launch_dependents()
             _gdc_wait()
+        if XS > 0:  # the first XS - 1 x tiles into the ring (past the end: the last tile again)
+            xr_ptrs, xr_mask = _x_tile_ptrs(x_ptr, stride_xm, M, _x_copy_layout(BLOCK_K, BLOCK_M, CLUSTER),
+                                            BLOCK_K, BLOCK_M, KS, MR)
+            x_ring = gl.allocate_shared_memory(gl.bfloat16, [XS, BLOCK_K, BLOCK_M],
+                                               _x_smem_layout(W0, BLOCK_K, CLUSTER))
+            for j in gl.static_range(XS - 1):
+                async_copy.async_copy_global_to_shared(x_ring.index(j), xr_ptrs + (k_start + j * SK),
+                                                       xr_mask & (j < n_iters))
+                async_copy.commit_group()
         if DIAG & 1:
             xb = _x_operand(x_ptrs + k_start, x_mask, BL, W0)
         for i in range(n_iters):
@@ -425,22 +469,42 @@ if gluon is not None:
                 wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
             if WC > 0:
                 wc2 = _load_words(wc_ptr, N, k2, wc_off, WLC, RC, PC)
-            if DIAG & 1 == 0:
+            if XS > 0:  # tile i has landed (own copies) and every thread is done with slot i - 1
+                async_copy.wait_group(XS - 2)
+                gl.thread_barrier()
+                x_tile = x_ring.index(i % XS)
+                if DIAG & 1 == 0:
+                    xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
+                # tile i + XS - 1 into the slot of tile i - 1 (past the end: zero-filled, no read)
+                kn = k_start + (i + XS - 1) * SK
+                async_copy.async_copy_global_to_shared(x_ring.index((i + XS - 1) % XS), xr_ptrs + kn,
+                                                       xr_mask & (i + XS - 1 < n_iters))
+                async_copy.commit_group()
+            elif DIAG & 1 == 0:
                 xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
             part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
             if WB > 0:
-                xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
+                if XS > 0:
+                    xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB, 1 << W0)
+                else:
+                    xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
                 part = mma_v2(_unpack_tile(wb, zb0, AL, WB), xbb, part)
                 wb = wb1
                 wb1 = wb2
             if WC > 0:
-                xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC, 1 << (W0 + WB))
+                if XS > 0:
+                    xbc = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)), BL, WC,
+                                       1 << (W0 + WB))
+                else:
+                    xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC, 1 << (W0 + WB))
                 part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
                 wc = wc1
                 wc1 = wc2
             acc += part * s.to(gl.float32)[:, None]
             w, z, s = w1, z1, s1
             w1, z1, s1 = w2, z2, s2
+        if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
+            async_copy.wait_group(0)
         if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)
             acc = _cluster_sum(acc, pid_k, CLUSTER)
         if KS > 1:
@@ -502,6 +566,15 @@ MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # programs per SM assumed by the split coun
 # kernel) was faster with 2 (12.8 against 16.9 us at M 9).
 MMA_SUM_LOADS = {8: 8, 16: 8}
 MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
+# Shared-memory slots of the x ring (the kernel's XS; 0: x loaded from global memory in the loop), by
+# BLOCK_M, for single-slice widths (several slices: 0); env ANYBIT_MMA_XS sets both. H100 s16-2/3, W4 (us,
+# XS 0 -> 3): M 16 25.4-25.8 -> 22.9-23.8 (4096x14336), 26.7-26.8 -> 23.4-24.0 (14336x4096), 151-153 ->
+# 122-124 (lm_head); M 12 23.9 -> 21.7, 27.2 -> 23.6; W2 M 16 level to -10%; W3 (2+1) M 16 level or slower
+# (14336x4096 32.1 -> 33.6). At BLOCK_M 8 the ring costs registers (W4 KS 8: 128 -> 140, 3 programs per
+# SM) and was slower at M 1 (17.1 -> 21.7 us on 4096x14336) and level at M 4-8. 4 slots: level with 3.
+MMA_X_SLOTS = {8: 0, 16: 3}
+if os.environ.get("ANYBIT_MMA_XS"):
+    MMA_X_SLOTS = dict.fromkeys(MMA_X_SLOTS, int(os.environ["ANYBIT_MMA_XS"]))
 
 
 def ks_fits(ks: int, M: int, bm: int, K: int, G: int, bk: int) -> bool:
@@ -579,7 +652,8 @@ def split_k_buffers(split: int, M: int, N: int, tiles: int, y: torch.Tensor):
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
                    split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
-                   max_registers: int | None = None, sum_loads: int | None = None) -> torch.Tensor:
+                   max_registers: int | None = None, sum_loads: int | None = None,
+                   x_slots: int | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -591,7 +665,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     (anybit/layers/pending.py); returns acc. ``max_registers``: a Triton ``maxnreg`` cap
     (None or 0: none; caps were slower, s15-8, see ``MMA_SUM_LOADS``; the split count assumes the
     resident programs a cap allows); ``sum_loads``: partial tiles in flight in the split-K sum (None:
-    ``MMA_SUM_LOADS``)."""
+    ``MMA_SUM_LOADS``); ``x_slots``: the x ring's slots (the kernel's XS: 0 or 2..4; None:
+    ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -600,6 +675,10 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     cap = max_registers or None
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in (8, 16)} if cap else None
     bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm)
+    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
+    xs = (0 if wb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
+    if xs not in (0, 2, 3, 4):
+        raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4, got {xs}")
     regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
     BK = block_k or bk
     if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
@@ -614,7 +693,6 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"a divisor or multiple of it, and no cluster")
     if ks != ks_auto:
         split = mma_config(M, N, K, G, sms, ks, per_sm)[2]
-    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
     SK = ks * BK
     per, split = k_split(K // SK, split_k or split)
     tiles = N * ks // 128
@@ -626,7 +704,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, num_warps=4, **regs, **launch)
         return acc
     if ks == 1 and cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared mem.
         _quant_gemv_mma_kernel[(tiles, 1)](
@@ -637,6 +715,6 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ws, locks = split_k_buffers(split, M, N, tiles, y)
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
-        per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, num_warps=4,
-        **regs, **launch)
+        per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs,
+        num_warps=4, **regs, **launch)
     return y

@@ -7,7 +7,12 @@ import os
 
 import pytest
 import torch
-from sm90_sass import nvdisasm, shared_bytes, sm90_sass_ptrs  # same folder (pytest puts it on sys.path)
+from sm90_sass import (  # same folder (pytest puts it on sys.path)
+    loop_bodies,
+    nvdisasm,
+    shared_bytes,
+    sm90_sass_ptrs,
+)
 from test_quant_gemm_wg import _bf16_bits, _emulate_word
 
 from anybit.kernels import quant_gemv_mma as mm
@@ -106,6 +111,66 @@ def test_sm90_compile_k_split_inside_the_program(bits, ks, mr):
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits,bm,ks", [(4, 16, 1), (2, 16, 1), (6, 16, 1), (4, 8, 8)])
+def test_sm90_compile_x_ring(bits, bm, ks):
+    """XS 3: x arrives by one 16-byte ``cp.async`` per thread and tile (LDGSTS; BLOCK_M 16: two)
+    into a ring of 3 slots and is read as 16-byte shared loads; the loop's global loads are the
+    words, scales and zero points only; two CTA barriers per tile (the kernel's, and the one the
+    compiler adds between the ring's reads and its refill: it cannot tell the slots apart), no
+    spills."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
+    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
+                  WC=wc, KS=ks, MR=bm // ks if ks > 1 else 0, XS=3)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+    loop = max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+    ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
+    assert sum(o.startswith("LDGSTS") for o in ops) == bm * 128 * 2 // 16 // 128
+    assert sum(o == "LDS.128" for o in ops) >= 4 * len(SLICES[bits]) * bm // 8 // (2 if w0 == 1 else 1)
+    n_words = sum(128 * w // 32 for w in SLICES[bits]) * 128 // (128 * 4 // 4) // 4  # 16-byte word loads
+    assert sum(o == "LDG.E.128" for o in ops) == n_words
+    # several slices read the tile after the refill's copy: one more barrier (why XS is 0 for them)
+    assert sum(o.startswith("BAR.SYNC") for o in ops) == (2 if len(SLICES[bits]) == 1 else 3)
+    assert not any(s.split()[0].startswith(("STL", "LDL")) for s in lines if not s.startswith("//"))
+
+
+if mm.gluon is not None:
+    from triton.experimental.gluon import language as gl
+
+    @mm.gluon.jit
+    def _x_ring_conflicts(out_ptr, W0: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr):
+        """Compiles only if ``_x_smem_layout`` serves the x tile's reads and copies conflict-free."""
+        SL: gl.constexpr = mm._x_smem_layout(W0, BK)
+        smem: gl.constexpr = gl.shared_memory_descriptor_type(gl.bfloat16, [BK, BM], SL, [BK, BM])
+        reads: gl.constexpr = gl.bank_conflicts(gl.distributed_type(gl.bfloat16, [BK, BM],
+                                                                    mm._x_layout(BK, BM, W0)), smem)
+        copies: gl.constexpr = gl.bank_conflicts(gl.distributed_type(gl.bfloat16, [BK, BM],
+                                                                     mm._x_copy_layout(BK, BM)), smem)
+        gl.static_assert(reads == 0, "x ring reads have bank conflicts")
+        gl.static_assert(copies == 0, "x ring copies have bank conflicts")
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("block_k,block_m", [(64, 8), (128, 8), (64, 16), (128, 16)])
+def test_x_ring_reads_have_no_bank_conflicts(bits, block_k, block_m):
+    """``_x_smem_layout`` against ``_x_layout``'s 16-byte reads of the slice width and the copies'
+    layout: no excess shared-memory wavefronts (``gl.bank_conflicts``, in an offline compile).
+    Unswizzled, the reads had one."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    consts = dict(W0=bits, BK=block_k, BM=block_m)
+    sig = {"out_ptr": "*i32", **dict.fromkeys(consts, "constexpr")}
+    src = GluonASTSource(_x_ring_conflicts, sig, consts, {})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
 @pytest.mark.parametrize("bits,bm,cluster", [(4, 8, 16), (2, 16, 4)])
 def test_sm90_cluster_split_k_stays_on_chip(bits, bm, cluster):
     """Split-K as a cluster: the partials go to shared memory (the buffer must be the kernel's only
@@ -174,6 +239,11 @@ def test_matches_reference(bits, M, group):
         if cluster:  # the same partials summed in the same order as the workspace path
             ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, cluster=False, ks=1)
             assert torch.equal(y, ref), (split, (y.float() - ref.float()).abs().max().item())
+    for xs, split in ((3, None), (2, 3), (4, 1), (3, 2)):  # x through the shared ring: the same bits
+        y = mm.quant_gemv_mma(x, pw, torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda"),
+                              split_k=split, x_slots=xs)
+        ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0)
+        assert torch.equal(y, ref), (xs, split, (y.float() - ref.float()).abs().max().item())
     for ks in (2, 4, 8):  # K split inside the program (M <= 4): on its own weight with K = 2048
         if not mm.ks_fits(ks, M, 8, 2048, 2048 if group == -1 else group, 64 if group == 64 else 128):
             continue
@@ -185,6 +255,8 @@ def test_matches_reference(bits, M, group):
                                   split_k=split, ks=ks)
             err = (y.float() - want_k).abs().max().item()
             assert err <= 1e-2 * want_k.abs().max().item() + 1e-3, (ks, split, err)
+            y3 = mm.quant_gemv_mma(xk, pk, torch.empty_like(y), split_k=split, ks=ks, x_slots=3)
+            assert torch.equal(y3, y), (ks, split)  # the ring's K chunks (the epilogue reuses its memory)
         acc = torch.zeros(M, N, dtype=torch.float32, device="cuda")
         mm.quant_gemv_mma(xk, pk, None, acc=acc, split_k=2, ks=ks)  # pending sums (atomics)
         assert (acc - want_k).abs().max().item() <= 1e-2 * want_k.abs().max().item() + 1e-3, ks

@@ -54,13 +54,16 @@ def test_shared_read_layout_relabels_to_the_register_layout(R, KS):
         assert [relabel(b) for b in mine] == [list(b) for b in want]
 
 
-def _compile(bits, bm, ks, split, acc=False):
+def _compile(bits, bm, ks, split, acc=False, x_tma=False):
     ptrs = {"x_ptr": "*bf16", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp32" if acc else "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     rows = ks * 128 * bits // 32
     ptrs["w_desc"] = f"desc:int32:{14336 * bits // 32}x4096:{rows}x{128 // ks}"
+    if x_tma:
+        ptrs["x_desc"] = f"desc:bfloat16:16x14336:{bm}x128"
     mr = (bm // ks if ks > 1 else 0)
-    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=split, PDL=True, STAGES=4, ACC=acc, KS=ks, MR=mr)
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=split, PDL=True, STAGES=4, ACC=acc, KS=ks, MR=mr,
+                  X_TMA=x_tma)
     return sm90_sass_ptrs(mt._quant_gemv_tma_kernel, consts, ptrs,
                           {"num_warps": 4, "maxnreg": mt.TMA_MAX_REGISTERS})
 
@@ -83,6 +86,24 @@ def test_sm90_compile_streams_words_through_the_ring(bits, bm, ks):
     all_ops = [s.split()[0] for s in lines if not s.startswith("//")]
     assert not any(o.startswith(("STL", "LDL")) for o in all_ops)
     assert shared_bytes(lines) >= 4 * (4 * bits) * 128 * 4
+
+
+@pytest.mark.skipif(mt.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits,bm", [(4, 16), (2, 8)])
+def test_sm90_compile_x_rides_in_the_ring(bits, bm):
+    """X_TMA: two TMA copies per tile (words and x) on one barrier, x read from shared memory (no
+    global load of x in the loop: the loop's only LDGs are the scales and zero points), no spills."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    lines = _compile(bits, bm, 1, True, x_tma=True)
+    loop = min((b for b in loop_bodies(lines) if any("UTMALDG" in s for s in b)), key=len)
+    ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
+    assert sum(o.startswith("UTMALDG") for o in ops) == 2
+    assert sum(o.startswith("LDS") for o in ops) >= bits + 4  # words, then 4 x 16 bytes of x per thread
+    assert not any(o.startswith("LDG.E.128") for o in ops)
+    all_ops = [s.split()[0] for s in lines if not s.startswith("//")]
+    assert not any(o.startswith(("STL", "LDL")) for o in all_ops)
+    assert shared_bytes(lines) >= 4 * ((4 * bits) * 128 * 4 + bm * 128 * 2)
 
 
 @pytest.mark.skipif(mt.gluon is None, reason="needs Gluon (Triton >= 3.5)")
@@ -115,6 +136,8 @@ def test_matches_reference(bits, M, group):
     want = ref_quant_matmul(x.float(), pw)
     tol = 1e-2 * want.abs().max().item() + 1e-3
     kws = [{}, dict(split_k=1), dict(split_k=3), dict(stages=2), dict(stages=6)]
+    if M > 1:  # the x tiles through the ring (KS 1) or as global loads
+        kws += [dict(x_tma=True, split_k=3), dict(x_tma=True, stages=2), dict(x_tma=False)]
     bm, bk, _, _ = mt.tma_config(M, N, K, pw.group_size, 132)
     kws += [dict(ks=ks, split_k=s) for ks in (2, 4, 8) for s in (None, 1, 2)
             if mm.ks_fits(ks, M, bm, K, pw.group_size, bk)]
@@ -127,6 +150,12 @@ def test_matches_reference(bits, M, group):
     ref_mma = mm.quant_gemv_mma(x, pw, nan.clone(), split_k=1, ks=1)
     y = mt.quant_gemv_tma(x, pw, torch.empty_like(ref_mma), split_k=1, ks=1)
     assert torch.equal(y, ref_mma)  # the same products and sums as quant_gemv_mma
+    if M > 1:
+        y = mt.quant_gemv_tma(x, pw, torch.empty_like(ref_mma), split_k=1, ks=1, x_tma=True)
+        assert torch.equal(y, ref_mma)
+    else:
+        with pytest.raises(ValueError, match="x_tma needs ks 1"):
+            mt.quant_gemv_tma(x, pw, torch.empty_like(ref_mma), ks=2, x_tma=True)
     acc = torch.zeros(M, N, dtype=torch.float32, device="cuda")
     mt.quant_gemv_tma(x, pw, None, acc=acc, split_k=2)  # pending sums (float atomics)
     assert (acc - want).abs().max().item() <= tol
