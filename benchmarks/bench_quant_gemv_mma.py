@@ -129,6 +129,14 @@ def xs_variants(M: int, b: int) -> list:
     return out
 
 
+def xw_variants(M: int, b: int) -> list:
+    """x from global memory in the loop (x_slots 0), through the ring (3 slots), and the whole slice in
+    shared memory up front (x_whole: the default where it fits)."""
+    return [("anybit_mma_x0", dict(direct_mma=True, x_slots=0, x_whole=False)),
+            ("anybit_mma_xs3", dict(direct_mma=True, x_slots=3, x_whole=False)),
+            ("anybit_mma_xw", dict(direct_mma=True))]
+
+
 def xs_correctness(log) -> list[dict]:
     """quant_gemv_mma with the x ring (2-4 slots) on RTN weights of every width (slices share the tile),
     groups 64 / 128 / per channel, M 1..16, forced splits and K splits, pending sums; random codes on
@@ -141,7 +149,11 @@ def xs_correctness(log) -> list[dict]:
                 continue
             pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
             for M in (1, 3, 8, 9, 16):
-                cases.append((f"xs b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_slots=3)))
+                cases.append((f"xs b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_slots=3,
+                                                                               x_whole=False)))
+                cases.append((f"xw b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_whole=True)))
+                cases.append((f"xw b{bits} g{g} 384x2048 M{M} split3", pw, M,
+                              dict(direct_mma=True, x_whole=True, split_k=3)))
             for kw in (dict(x_slots=2, split_k=3), dict(x_slots=4, split_k=1, ks=8), dict(x_slots=2, ks=2),
                        dict(x_slots=3, max_registers=128)):
                 cases.append((f"xs b{bits} g{g} 384x2048 M1 {kw}", pw, 1, dict(kw, direct_mma=True)))
@@ -156,7 +168,8 @@ def xs_correctness(log) -> list[dict]:
     for bits in (2, 4):
         pw = random_packed(4096, 14336, bits)
         for M in (1, 5, 16):
-            for kw in (dict(x_slots=2), dict(x_slots=3), dict(x_slots=3, split_k=1)):
+            for kw in (dict(x_slots=2, x_whole=False), dict(x_slots=3, x_whole=False), dict(x_whole=True),
+                       dict(x_whole=True, split_k=8)):
                 cases.append((f"xs b{bits} random 4096x14336 M{M} {kw}", pw, M, dict(kw, direct_mma=True)))
         for M in (5, 16):
             cases.append((f"tma_x b{bits} random 4096x14336 M{M}", pw, M, dict(direct_tma=True, x_tma=True)))
@@ -203,10 +216,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--plan", choices=["default", "ks", "tma", "m16", "diag", "xs"], default="default",
+    ap.add_argument("--plan", choices=["default", "ks", "tma", "m16", "diag", "xs", "xw"], default="default",
                     help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
                     "tma: the TMA-ring variant (quant_gemv_tma.py); diag: the DIAG variants at M 1/4/16 on "
-                    "the layer shapes; xs: the x ring (x_slots)")
+                    "the layer shapes; xs: the x ring (x_slots); xw: the whole x slice up front (x_whole)")
     ap.add_argument("--skip-correctness", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
@@ -217,7 +230,7 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    checks = {"tma": tma_correctness, "m16": m16_correctness, "xs": xs_correctness}
+    checks = {"tma": tma_correctness, "m16": m16_correctness, "xs": xs_correctness, "xw": xs_correctness}
     checks = checks.get(args.plan, correctness)
     corr = [] if args.skip_correctness else checks(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
@@ -250,6 +263,9 @@ def main() -> int:
         plan = [((N, K), [4, 8, 12, 16], [4], xs_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [16], [2, 3], xs_variants) for N, K in SHAPES[:2]]
         plan += [((128256, 4096), [16], [4], xs_variants)]
+    elif args.plan == "xw":
+        plan = [((N, K), [1, 4, 8, 16], [4], xw_variants) for N, K in SHAPES[:3]]
+        plan += [((N, K), [1, 16], [2, 3], xw_variants) for N, K in SHAPES[:2]]
     elif args.plan == "diag":
         plan = [((N, K), [1, 4, 16], [4], diag_variants) for N, K in SHAPES[:3]]
     elif args.plan == "ks":
@@ -290,7 +306,7 @@ def main() -> int:
                  if (r["shape"], r["M"], r["bits"]) == (shp, M, b)]
         print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
-        if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants"):
+        if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants", "xw_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 

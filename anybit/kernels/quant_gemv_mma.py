@@ -376,7 +376,7 @@ if gluon is not None:
                                PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
-                               SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0):
+                               SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -405,7 +405,9 @@ if gluon is not None:
         (``cp.async``, by all threads) XS - 1 tiles ahead, one CTA barrier per tile; each slice reads
         its operand from the shared tile. XS 0: every warp loads its x tile from global memory in the
         iteration that uses it, so the loop waits for an L2 round trip per tile (s16-1: 28% of the
-        warps' stall samples at M 1 and 16)."""
+        warps' stall samples at M 1 and 16). XW > 0 (n_iters <= XW, not with XS or CLUSTER): the
+        program's whole x slice (n_iters tiles) is copied into shared memory before the loop (one wait,
+        one barrier), and the loop only reads it: no barrier and no copy per tile."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -459,6 +461,18 @@ if gluon is not None:
                 async_copy.async_copy_global_to_shared(x_ring.index(j), xr_ptrs + (k_start + j * SK),
                                                        xr_mask & (j < n_iters))
                 async_copy.commit_group()
+        if XW > 0:  # the whole slice: n_iters tiles of x^T, then one wait and one barrier
+            xw_ptrs, xw_mask = _x_tile_ptrs(x_ptr, stride_xm, M, _x_copy_layout(BLOCK_K, BLOCK_M, CLUSTER),
+                                            BLOCK_K, BLOCK_M, KS, MR)
+            x_all = gl.allocate_shared_memory(gl.bfloat16, [XW, BLOCK_K, BLOCK_M],
+                                              _x_smem_layout(W0, BLOCK_K, CLUSTER))
+            # (the compiler puts a CTA barrier after each copy: it cannot tell the tiles apart; a single
+            # copy of all tiles ([XW, BK, BM], one more pointer dimension) crashes Triton 3.6's lowering)
+            for j in range(n_iters):
+                async_copy.async_copy_global_to_shared(x_all.index(j), xw_ptrs + (k_start + j * SK), xw_mask)
+            async_copy.commit_group()
+            async_copy.wait_group(0)
+            gl.thread_barrier()
         if DIAG & 1:
             xb = _x_operand(x_ptrs + k_start, x_mask, BL, W0)
         for i in range(n_iters):
@@ -480,11 +494,15 @@ if gluon is not None:
                 async_copy.async_copy_global_to_shared(x_ring.index((i + XS - 1) % XS), xr_ptrs + kn,
                                                        xr_mask & (i + XS - 1 < n_iters))
                 async_copy.commit_group()
+            elif XW > 0:
+                x_tile = x_all.index(i)
+                if DIAG & 1 == 0:
+                    xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
             elif DIAG & 1 == 0:
                 xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
             part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
             if WB > 0:
-                if XS > 0:
+                if XS > 0 or XW > 0:
                     xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB, 1 << W0)
                 else:
                     xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
@@ -492,7 +510,7 @@ if gluon is not None:
                 wb = wb1
                 wb1 = wb2
             if WC > 0:
-                if XS > 0:
+                if XS > 0 or XW > 0:
                     xbc = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)), BL, WC,
                                        1 << (W0 + WB))
                 else:
@@ -575,6 +593,21 @@ MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 MMA_X_SLOTS = {8: 0, 16: 3}
 if os.environ.get("ANYBIT_MMA_XS"):
     MMA_X_SLOTS = dict.fromkeys(MMA_X_SLOTS, int(os.environ["ANYBIT_MMA_XS"]))
+# The program's whole x slice in shared memory before the loop (the kernel's XW: tiles the buffer holds,
+# compiled for these sizes) where its n_iters tiles fit: no copy and no barrier per tile. Taken before
+# the ring; env ANYBIT_MMA_XW=0 turns it off.
+MMA_X_WHOLE = os.environ.get("ANYBIT_MMA_XW", "1") != "0"
+MMA_X_WHOLE_TILES = (8, 16)
+MMA_X_WHOLE_MAX_K = 16 * 128  # K per program (tiles x BLOCK_K x KS / KS): at most 64 KB at BLOCK_M 16
+
+
+def x_whole_tiles(n_iters: int, block_k: int, ks: int) -> int:
+    """The kernel's XW for a program of ``n_iters`` tiles of ``ks`` chunks of ``block_k`` K: the smallest
+    compiled size that holds them (``MMA_X_WHOLE_TILES``), 0 where none does or the slice is longer
+    than ``MMA_X_WHOLE_MAX_K`` per chunk."""
+    if n_iters * block_k > MMA_X_WHOLE_MAX_K:
+        return 0
+    return next((t for t in MMA_X_WHOLE_TILES if n_iters <= t), 0)
 
 
 def ks_fits(ks: int, M: int, bm: int, K: int, G: int, bk: int) -> bool:
@@ -653,7 +686,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
                    max_registers: int | None = None, sum_loads: int | None = None,
-                   x_slots: int | None = None) -> torch.Tensor:
+                   x_slots: int | None = None, x_whole: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -666,7 +699,10 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     (None or 0: none; caps were slower, s15-8, see ``MMA_SUM_LOADS``; the split count assumes the
     resident programs a cap allows); ``sum_loads``: partial tiles in flight in the split-K sum (None:
     ``MMA_SUM_LOADS``); ``x_slots``: the x ring's slots (the kernel's XS: 0 or 2..4; None:
-    ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster)."""
+    ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster); ``x_whole``:
+    the program's whole x slice in shared memory up front (the kernel's XW, ``x_whole_tiles``; None:
+    ``MMA_X_WHOLE`` where it fits, taking precedence over the ring; True where it does not fit is an
+    error)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -695,6 +731,13 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         split = mma_config(M, N, K, G, sms, ks, per_sm)[2]
     SK = ks * BK
     per, split = k_split(K // SK, split_k or split)
+    xw = x_whole_tiles(per, BK, ks)
+    if x_whole and not xw:
+        raise ValueError(f"quant_gemv_mma: x_whole needs at most {MMA_X_WHOLE_TILES[-1]} tiles and "
+                         f"{MMA_X_WHOLE_MAX_K} K per program (got {per} tiles of {BK})")
+    xw = xw if (MMA_X_WHOLE if x_whole is None else x_whole) else 0
+    if xw:
+        xs = 0
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)
@@ -704,7 +747,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, num_warps=4, **regs, **launch)
         return acc
     if ks == 1 and cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared mem.
         _quant_gemv_mma_kernel[(tiles, 1)](
@@ -715,6 +758,6 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ws, locks = split_k_buffers(split, M, N, tiles, y)
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
-        per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs,
+        per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
         num_warps=4, **regs, **launch)
     return y

@@ -62,6 +62,9 @@ def test_launcher_config_and_applicability():
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
     assert not mm.mma_applies(pw, 1, x)  # CPU tensors never take the Gluon path
     assert mm.integer_zeros(pw)
+    # the whole x slice in shared memory: the smallest compiled buffer that holds the program's tiles
+    assert mm.x_whole_tiles(7, 128, 8) == 8 and mm.x_whole_tiles(14, 128, 1) == 16
+    assert mm.x_whole_tiles(32, 128, 1) == 0 and mm.x_whole_tiles(24, 64, 1) == 0
     with pytest.raises(ValueError, match="quant_gemv_mma"):
         mm.quant_gemv_mma(x, pw, torch.empty(1, 128, dtype=torch.bfloat16))
 
@@ -239,11 +242,16 @@ def test_matches_reference(bits, M, group):
         if cluster:  # the same partials summed in the same order as the workspace path
             ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, cluster=False, ks=1)
             assert torch.equal(y, ref), (split, (y.float() - ref.float()).abs().max().item())
-    for xs, split in ((3, None), (2, 3), (4, 1), (3, 2)):  # x through the shared ring: the same bits
+    for xs, xw, split in ((3, False, None), (2, False, 3), (4, False, 1), (3, False, 2), (0, True, 3),
+                          (0, True, 4)):  # x through the shared ring or the whole slice: the same bits
         y = mm.quant_gemv_mma(x, pw, torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda"),
-                              split_k=split, x_slots=xs)
-        ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0)
-        assert torch.equal(y, ref), (xs, split, (y.float() - ref.float()).abs().max().item())
+                              split_k=split, x_slots=xs, x_whole=xw)
+        ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0, x_whole=False)
+        assert torch.equal(y, ref), (xs, xw, split, (y.float() - ref.float()).abs().max().item())
+    if 1 not in SLICES[bits]:  # 24 tiles of 64 K: more than the buffer holds
+        with pytest.raises(ValueError, match="x_whole needs"):
+            mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=1, ks=1,
+                              block_k=64, x_whole=True)
     for ks in (2, 4, 8):  # K split inside the program (M <= 4): on its own weight with K = 2048
         if not mm.ks_fits(ks, M, 8, 2048, 2048 if group == -1 else group, 64 if group == 64 else 128):
             continue
@@ -255,8 +263,9 @@ def test_matches_reference(bits, M, group):
                                   split_k=split, ks=ks)
             err = (y.float() - want_k).abs().max().item()
             assert err <= 1e-2 * want_k.abs().max().item() + 1e-3, (ks, split, err)
-            y3 = mm.quant_gemv_mma(xk, pk, torch.empty_like(y), split_k=split, ks=ks, x_slots=3)
-            assert torch.equal(y3, y), (ks, split)  # the ring's K chunks (the epilogue reuses its memory)
+            for kw in (dict(x_slots=3, x_whole=False), dict(x_whole=True), dict(x_slots=0, x_whole=False)):
+                y3 = mm.quant_gemv_mma(xk, pk, torch.empty_like(y), split_k=split, ks=ks, **kw)
+                assert torch.equal(y3, y), (ks, split, kw)  # K chunks in shared memory (reused later)
         acc = torch.zeros(M, N, dtype=torch.float32, device="cuda")
         mm.quant_gemv_mma(xk, pk, None, acc=acc, split_k=2, ks=ks)  # pending sums (atomics)
         assert (acc - want_k).abs().max().item() <= 1e-2 * want_k.abs().max().item() + 1e-3, ks
