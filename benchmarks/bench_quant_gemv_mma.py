@@ -137,6 +137,18 @@ def xw_variants(M: int, b: int) -> list:
             ("anybit_mma_xw", dict(direct_mma=True))]
 
 
+def xw_regs_variants(M: int, b: int) -> list:
+    """With the whole x slice (default): register caps at BLOCK_M 16 (x no longer lives in registers),
+    and other split counts at M 1 (no split-K ending with split 1)."""
+    out = [("anybit_mma", dict(direct_mma=True))]
+    if M > 8:  # 2 partial tiles in flight in the split-K sum: 154 registers (3 per SM); capped at 128: 4
+        out += [("anybit_mma_sl2", dict(direct_mma=True, sum_loads=2)),
+                ("anybit_mma_sl2_r128", dict(direct_mma=True, sum_loads=2, max_registers=128))]
+    else:
+        out += [(f"anybit_mma_sk{k}", dict(direct_mma=True, split_k=k)) for k in (1, 4)]
+    return out
+
+
 def xs_correctness(log) -> list[dict]:
     """quant_gemv_mma with the x ring (2-4 slots) on RTN weights of every width (slices share the tile),
     groups 64 / 128 / per channel, M 1..16, forced splits and K splits, pending sums; random codes on
@@ -216,7 +228,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--plan", choices=["default", "ks", "tma", "m16", "diag", "xs", "xw"], default="default",
+    ap.add_argument("--plan", default="default",
+                    choices=["default", "ks", "tma", "m16", "diag", "xs", "xw", "xw_regs"],
                     help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
                     "tma: the TMA-ring variant (quant_gemv_tma.py); diag: the DIAG variants at M 1/4/16 on "
                     "the layer shapes; xs: the x ring (x_slots); xw: the whole x slice up front (x_whole)")
@@ -266,6 +279,9 @@ def main() -> int:
     elif args.plan == "xw":
         plan = [((N, K), [1, 4, 8, 16], [4], xw_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [1, 16], [2, 3], xw_variants) for N, K in SHAPES[:2]]
+    elif args.plan == "xw_regs":
+        plan = [((N, K), [1, 12, 16], [4], xw_regs_variants) for N, K in SHAPES[:3]]
+        plan += [((N, K), [16], [3], xw_regs_variants) for N, K in SHAPES[:2]]
     elif args.plan == "diag":
         plan = [((N, K), [1, 4, 16], [4], diag_variants) for N, K in SHAPES[:3]]
     elif args.plan == "ks":
@@ -306,7 +322,8 @@ def main() -> int:
                  if (r["shape"], r["M"], r["bits"]) == (shp, M, b)]
         print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
-        if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants", "xw_variants"):
+        if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants", "xw_variants",
+                                "xw_regs_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 

@@ -595,8 +595,12 @@ if os.environ.get("ANYBIT_MMA_XS"):
     MMA_X_SLOTS = dict.fromkeys(MMA_X_SLOTS, int(os.environ["ANYBIT_MMA_XS"]))
 # The program's whole x slice in shared memory before the loop (the kernel's XW: tiles the buffer holds,
 # compiled for these sizes) where its n_iters tiles fit: no copy and no barrier per tile. Taken before
-# the ring; env ANYBIT_MMA_XW=0 turns it off.
+# the ring, for widths from MMA_X_WHOLE_MIN_BITS; env ANYBIT_MMA_XW=0 turns it off. H100 s16-4 (us, x
+# in the loop -> whole slice): W4 M 1 16.7 -> 15.9, 14.9 -> 14.7, 8.8 -> 8.0; M 8 20.0 -> 18.6; M 16 25.8
+# -> 23.4, 26.7 -> 22.5, 20.3 -> 18.0; W3 M 16 31.1 -> 25.0, 38.0 -> 27.1. W2 was level (M 1 12.1 ->
+# 12.2, M 16 21.9 -> 21.7) and 6144x4096 M 1 took 6.6 us against 6.2 in s15-9: W1/W2 keep x as before.
 MMA_X_WHOLE = os.environ.get("ANYBIT_MMA_XW", "1") != "0"
+MMA_X_WHOLE_MIN_BITS = 3
 MMA_X_WHOLE_TILES = (8, 16)
 MMA_X_WHOLE_MAX_K = 16 * 128  # K per program (tiles x BLOCK_K x KS / KS): at most 64 KB at BLOCK_M 16
 
@@ -701,8 +705,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ``MMA_SUM_LOADS``); ``x_slots``: the x ring's slots (the kernel's XS: 0 or 2..4; None:
     ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster); ``x_whole``:
     the program's whole x slice in shared memory up front (the kernel's XW, ``x_whole_tiles``; None:
-    ``MMA_X_WHOLE`` where it fits, taking precedence over the ring; True where it does not fit is an
-    error)."""
+    ``MMA_X_WHOLE`` where it fits and the width is at least ``MMA_X_WHOLE_MIN_BITS``, taking precedence
+    over the ring; True where it does not fit is an error)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -735,7 +739,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if x_whole and not xw:
         raise ValueError(f"quant_gemv_mma: x_whole needs at most {MMA_X_WHOLE_TILES[-1]} tiles and "
                          f"{MMA_X_WHOLE_MAX_K} K per program (got {per} tiles of {BK})")
-    xw = xw if (MMA_X_WHOLE if x_whole is None else x_whole) else 0
+    want_xw = MMA_X_WHOLE and bits >= MMA_X_WHOLE_MIN_BITS if x_whole is None else x_whole
+    xw = xw if want_xw else 0
     if xw:
         xs = 0
     tiles = N * ks // 128
