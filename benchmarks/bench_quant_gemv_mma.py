@@ -149,6 +149,35 @@ def xw_regs_variants(M: int, b: int) -> list:
     return out
 
 
+def zw_variants(M: int, b: int) -> list:
+    """Zero points as halves (the compiler packs them where they are loaded) or as int32 words."""
+    return [("anybit_mma", dict(direct_mma=True, zero_words=0)),
+            ("anybit_mma_zw", dict(direct_mma=True, zero_words=1)),
+            ("anybit_mma_zw2", dict(direct_mma=True, zero_words=2))]
+
+
+def zw_correctness(log) -> list[dict]:
+    """quant_gemv_mma with the zero points as int32 words: RTN weights of every width, groups 64 / 128 /
+    channel, M 1..16, splits and K splits; random codes on 4096x14336."""
+    cases = []
+    torch.manual_seed(0)
+    for bits in (1, 2, 3, 4, 5, 6, 7):
+        for g in (64, 128, -1):
+            if bits in (1, 3, 5, 7) and g == 64:
+                continue
+            pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
+            for M in (1, 3, 8, 9, 16):
+                for kw in (dict(zero_words=1), dict(zero_words=2), dict(zero_words=2, split_k=3),
+                           dict(zero_words=2, x_whole=False, x_slots=0)):
+                    cases.append((f"zw b{bits} g{g} 384x2048 M{M} {kw}", pw, M, dict(kw, direct_mma=True)))
+    for bits in (2, 4):
+        pw = random_packed(4096, 14336, bits)
+        for M in (1, 5, 16):
+            cases.append((f"zw b{bits} random 4096x14336 M{M}", pw, M,
+                          dict(direct_mma=True, zero_words=2)))
+    return check_cases(cases, lambda x, pw, out, kw: run_variant(x, pw, kw, out), log, 5e-3)
+
+
 def xs_correctness(log) -> list[dict]:
     """quant_gemv_mma with the x ring (2-4 slots) on RTN weights of every width (slices share the tile),
     groups 64 / 128 / per channel, M 1..16, forced splits and K splits, pending sums; random codes on
@@ -229,7 +258,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--plan", default="default",
-                    choices=["default", "ks", "tma", "m16", "diag", "xs", "xw", "xw_regs"],
+                    choices=["default", "ks", "tma", "m16", "diag", "xs", "xw", "xw_regs", "zw"],
                     help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
                     "tma: the TMA-ring variant (quant_gemv_tma.py); diag: the DIAG variants at M 1/4/16 on "
                     "the layer shapes; xs: the x ring (x_slots); xw: the whole x slice up front (x_whole)")
@@ -243,7 +272,8 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    checks = {"tma": tma_correctness, "m16": m16_correctness, "xs": xs_correctness, "xw": xs_correctness}
+    checks = {"tma": tma_correctness, "m16": m16_correctness, "xs": xs_correctness, "xw": xs_correctness,
+              "zw": zw_correctness}
     checks = checks.get(args.plan, correctness)
     corr = [] if args.skip_correctness else checks(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
@@ -279,6 +309,9 @@ def main() -> int:
     elif args.plan == "xw":
         plan = [((N, K), [1, 4, 8, 16], [4], xw_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [1, 16], [2, 3], xw_variants) for N, K in SHAPES[:2]]
+    elif args.plan == "zw":
+        plan = [((N, K), [1, 4, 8, 16], [4], zw_variants) for N, K in SHAPES[:3]]
+        plan += [((N, K), [1, 16], [2, 3], zw_variants) for N, K in SHAPES[:2]]
     elif args.plan == "xw_regs":
         plan = [((N, K), [1, 12, 16], [4], xw_regs_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [16], [3], xw_regs_variants) for N, K in SHAPES[:2]]
@@ -323,7 +356,7 @@ def main() -> int:
         print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
         if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants", "xw_variants",
-                                "xw_regs_variants"):
+                                "xw_regs_variants", "zw_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 

@@ -272,14 +272,46 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
-                   P: gl.constexpr):
+                   P: gl.constexpr, ZW: gl.constexpr = 0):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
-        order, offsets z_off) and its scales (MMA rows, offsets s_off)."""
+        order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
+        words of two f16 (z_off: ``_pair_offsets``), for ``_zero_halves``; ZW 2: the scales too (in
+        column order: ``_cols_to_rows``)."""
         w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
         g = k0 // G
-        z = gl.load(z_ptr + g * N + z_off)
-        s = gl.load(s_ptr + g * N + s_off)
+        if ZW:
+            z = gl.load(z_ptr.to(gl.pointer_type(gl.int32)) + (g * N) // 2 + z_off)
+        else:
+            z = gl.load(z_ptr + g * N + z_off)
+        if ZW == 2:  # the scales too, at the zero points' (column) offsets
+            s = gl.load(s_ptr.to(gl.pointer_type(gl.int32)) + (g * N) // 2 + z_off)
+        else:
+            s = gl.load(s_ptr + g * N + s_off)
         return w, z, s
+
+    @gluon.jit
+    def _cols_to_rows(v, L: gl.constexpr):
+        """``[128]`` values of tile columns -> the same values at their MMA rows (``_relabel_cols``'s
+        bit permutation; the owning threads do not change), layout L."""
+        v = gl.reshape(v, [2, 2, 8, 2, 2])  # c64, c32, (c16 c8 c4), c2, c1
+        return gl.convert_layout(gl.reshape(gl.permute(v, (3, 0, 1, 4, 2)), [128]), L)
+
+    @gluon.jit
+    def _pair_offsets(z_off):
+        """Element offsets ``[C]`` of f16 columns in adjacent pairs (even first) -> int32 word offsets
+        ``[C / 2]`` of the pairs."""
+        even, _ = gl.split(gl.reshape(z_off, [z_off.shape[0] // 2, 2]))
+        return even // 2
+
+    @gluon.jit
+    def _zero_halves(zw, L: gl.constexpr):
+        """int32 words ``[C / 2]`` of two f16 -> the f16 ``[C]`` (layout L; low half first). Loaded as
+        words and split only where used: loaded as halves, the compiler packs each pair right after the
+        loads (PRMT), i.e. waits for them in the iteration that issues them (s16-8 ncu: 16% of the
+        M = 1 loop's stall samples)."""
+        lo = (zw & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
+        hi = (zw >> 16).to(gl.int16).to(gl.float16, bitcast=True)
+        return gl.convert_layout(gl.reshape(gl.join(lo, hi), [zw.shape[0] * 2]), L)
 
     @gluon.jit
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr):
@@ -376,7 +408,8 @@ if gluon is not None:
                                PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
-                               SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0):
+                               SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
+                               ZW: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -407,7 +440,8 @@ if gluon is not None:
         iteration that uses it, so the loop waits for an L2 round trip per tile (s16-1: 28% of the
         warps' stall samples at M 1 and 16). XW > 0 (n_iters <= XW, not with XS or CLUSTER): the
         program's whole x slice (n_iters tiles) is copied into shared memory before the loop (one wait,
-        one barrier), and the loop only reads it: no barrier and no copy per tile."""
+        one barrier), and the loop only reads it: no barrier and no copy per tile. ZW: zero points
+        loaded as int32 words of two (``_zero_halves``; needs a 4-byte aligned zeros tensor)."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -430,15 +464,18 @@ if gluon is not None:
                                       BLOCK_M, KS, MR)
         t = gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
         w_off, z_off = _ks_offsets(t, off_n, N, G, KS, BLOCK_K, P)
+        ZL: gl.constexpr = z_off.type.layout
+        if ZW:
+            z_off = _pair_offsets(z_off)
         _, s_off = _ks_offsets(_tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA))), off_n, N, G, KS,
                                BLOCK_K, P)
         k_start = pid_k * k_per_split
         acc = gl.zeros([128, BLOCK_M], gl.float32, MMA)
         # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
         # them to the end of the iteration, so a distance of one would wait for each tile)
-        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P)
+        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW)
         k1 = k_start + gl.minimum(1, n_iters - 1) * SK
-        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P)
+        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
             wb_ptr, xb_ptrs, xb_mask, wb_off, zb0, wb, wb1 = _higher_slice(
@@ -478,7 +515,7 @@ if gluon is not None:
         for i in range(n_iters):
             k0 = k_start + i * SK
             k2 = k_start + gl.minimum(i + 2, n_iters - 1) * SK  # past the end: reload the last tile
-            w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P)
+            w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW)
             if WB > 0:
                 wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
             if WC > 0:
@@ -500,7 +537,8 @@ if gluon is not None:
                     xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
             elif DIAG & 1 == 0:
                 xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
-            part = mma_v2(_unpack_tile(w, z, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
+            zh = _zero_halves(z, ZL) if ZW else z
+            part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
             if WB > 0:
                 if XS > 0 or XW > 0:
                     xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB, 1 << W0)
@@ -518,7 +556,11 @@ if gluon is not None:
                 part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
                 wc = wc1
                 wc1 = wc2
-            acc += part * s.to(gl.float32)[:, None]
+            if ZW == 2:
+                sr = _cols_to_rows(_zero_halves(s, ZL), gl.SliceLayout(1, MMA))
+            else:
+                sr = s
+            acc += part * sr.to(gl.float32)[:, None]
             w, z, s = w1, z1, s1
             w1, z1, s1 = w2, z2, s2
         if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
@@ -602,6 +644,8 @@ if os.environ.get("ANYBIT_MMA_XS"):
 MMA_X_WHOLE = os.environ.get("ANYBIT_MMA_XW", "1") != "0"
 MMA_X_WHOLE_MIN_BITS = 3
 MMA_X_WHOLE_TILES = (8, 16)
+# Zero points loaded as int32 words of two f16 (the kernel's ZW; env ANYBIT_MMA_ZW).
+MMA_ZERO_WORDS = int(os.environ.get("ANYBIT_MMA_ZW", "0"))
 MMA_X_WHOLE_MAX_K = 16 * 128  # K per program (tiles x BLOCK_K x KS / KS): at most 64 KB at BLOCK_M 16
 
 
@@ -690,7 +734,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    split_k: int | None = None, pdl: bool | None = None, cluster: bool | None = None,
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
                    max_registers: int | None = None, sum_loads: int | None = None,
-                   x_slots: int | None = None, x_whole: bool | None = None) -> torch.Tensor:
+                   x_slots: int | None = None, x_whole: bool | None = None,
+                   zero_words: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -706,7 +751,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster); ``x_whole``:
     the program's whole x slice in shared memory up front (the kernel's XW, ``x_whole_tiles``; None:
     ``MMA_X_WHOLE`` where it fits and the width is at least ``MMA_X_WHOLE_MIN_BITS``, taking precedence
-    over the ring; True where it does not fit is an error)."""
+    over the ring; True where it does not fit is an error); ``zero_words``: the kernel's ZW (None:
+    ``MMA_ZERO_WORDS``; off where the zeros tensor is not 4-byte aligned)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -743,6 +789,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     xw = xw if want_xw else 0
     if xw:
         xs = 0
+    zw = MMA_ZERO_WORDS if zero_words is None else zero_words
+    zw = int(zw) if packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0 else 0
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)
@@ -752,7 +800,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, num_warps=4, **regs, **launch)
         return acc
     if ks == 1 and cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared mem.
         _quant_gemv_mma_kernel[(tiles, 1)](
@@ -764,5 +812,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        num_warps=4, **regs, **launch)
+        ZW=zw, num_warps=4, **regs, **launch)
     return y
