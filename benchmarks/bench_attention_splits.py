@@ -62,29 +62,18 @@ def stage_runs(dtype: str) -> list:
                                                                             else (3, 4, 5))]
 
 
-def lazy_runs(dtype: str) -> list:
-    """The Gluon kernel rescaling its running maximum every chunk (LAZY 0) or only when it grows by more
-    than 8 (log2 units), at the shipped split rule."""
-    if dtype == "bfloat16":
-        return [("default", {}, True, 0.5)]
-    return [(f"gl_lazy{lz}", dict(gl=True, lazy=lz), True, 0.5) for lz in (0.0, 8.0)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
     ap.add_argument("--fills", action="store_true", help="GL_WAVE_FILL 0.5 / 0.35 / 0.25, b8/32/64 x 1k-32k")
     ap.add_argument("--stages", action="store_true", help="GL_STAGES 3-6 at the shipped split count")
-    ap.add_argument("--lazy", action="store_true", help="GL_LAZY_RESCALE 0 / 8, b8/32/64 x 1k-32k")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
-    if args.grid or args.fills or args.stages or args.lazy:
-        cases, runs_of = GRID, (grid_runs if args.grid else fill_runs if args.fills else stage_runs
-                                if args.stages else lazy_runs)
+    if args.grid or args.fills or args.stages:
+        cases, runs_of = GRID, grid_runs if args.grid else fill_runs if args.fills else stage_runs
     rows = []
     defaults = ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL
     stage_defaults = dict(agl.GL_STAGES)
-    lazy_default = agl.GL_LAZY_RESCALE
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, ctx in cases:
         sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -98,7 +87,6 @@ def main() -> int:
                 ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = pdl, fill
                 kw = dict(kw)
                 stages = kw.pop("stages", None)
-                agl.GL_LAZY_RESCALE = kw.pop("lazy", lazy_default)
                 agl.GL_STAGES.update(stage_defaults)
                 if stages:  # hold the split count at the shipped rule's, then change the ring
                     mode = 1 if dtype == "int8" else 2
@@ -120,7 +108,7 @@ def main() -> int:
             torch.cuda.empty_cache()
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
-                                        "_stages" if args.stages else "_lazy" if args.lazy else "")
+                                        "_stages" if args.stages else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
@@ -130,7 +118,6 @@ def main() -> int:
                   "--grid: _old = that rule, _new = half the slots (GL_WAVE_FILL 0.5) with the PDL merge; "
                   "--stages: gl_stages<n> = a ring of n slots, the split count of the shipped rule; "
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
-                  "--lazy: gl_lazy<t> = GL_LAZY_RESCALE t (0: rescale every chunk); "
                   "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],
                  out_dir=os.environ.get("OUT"))
     return 0

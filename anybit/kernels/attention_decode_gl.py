@@ -68,9 +68,6 @@ CHUNK = 16  # tokens per iteration (one MMA tile)
 # help; int8 at 4 slots would also fit only 12 programs per SM.
 GL_STAGES = {1: 3, 2: 3}
 GL_MAX_GROUP = 8  # query heads per kv head (the MMA's N)
-# Lazy rescaling of the running maximum (the kernel's LAZY, log2 units; 0: every chunk). Env
-# ANYBIT_GL_LAZY sets it.
-GL_LAZY_RESCALE = float(os.environ.get("ANYBIT_GL_LAZY", "0"))
 # Splits hold whole multiples of this many tokens (the kernel's DYN_SPLIT granularity too): with
 # 16-token slices a short context in a graph sized for long ones ran ~60 one-chunk programs per head
 # and merged ~60 partials (H100 s13-2: b1 ctx 1000 10.2 us against the Triton kernel's 7.4).
@@ -260,19 +257,14 @@ if gluon is not None:
                           G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
                           DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
-                          TRIGGER: gl.constexpr = False, LAZY: gl.constexpr = 0.0):
+                          TRIGGER: gl.constexpr = False):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
         codes as int32 words (``code_descriptor``, block ``[16, W]``, W = words per head row); the
         packed scales ``[num_blocks * kv_heads * count, PAGE]`` float32 (block ``[count, 16]``; rows
         key scale, value scale, then int4's key and value zero points). TRIGGER: let the next kernel
-        of the stream (the split merge, launched with PDL) start now; it waits for this grid. LAZY > 0:
-        the running maximum (and with it the accumulator, sum and zero-point sum) is moved only when a
-        chunk raises some head's maximum by more than LAZY (log2 units), so most chunks skip the 32
-        multiplies of rescaling O^T; p = 2^(s - m) then stays below 2^LAZY (fp16: exact range), and o =
-        acc / l and lse = m + log2(l) hold for any common m. The sums over tokens (l, and int4's zero-
-        point sum) are then kept per token and reduced once after the loop (no shuffles per chunk)."""
+        of the stream (the split merge, launched with PDL) start now; it waits for this grid."""
         if TRIGGER:
             _gdc_launch_dependents()
         W: gl.constexpr = k_desc.block_type.shape[1]
@@ -338,12 +330,10 @@ if gluon is not None:
 
         KWL: gl.constexpr = _k_word_layout(W)
         VWL: gl.constexpr = _v_word_layout(W)
-        m = gl.full([8], float("-inf") if LAZY == 0.0 else -1.0e30, gl.float32, HEAD)  # LAZY: finite start
+        m = gl.full([8], float("-inf"), gl.float32, HEAD)
         l_sum = gl.zeros([8], gl.float32, HEAD)
         zsum = gl.zeros([8], gl.float32, HEAD)
         acc = gl.zeros([HEAD_DIM, 8], gl.float32, MMA)
-        l_part = gl.zeros([16, 8], gl.float32, MMA)  # LAZY: per-token partial sums, reduced after the loop
-        z_part = gl.zeros([16, 8], gl.float32, MMA)
         for it in range(n_it):
             slot = it % STAGES
             tok = c0 + 16 * it
@@ -366,37 +356,18 @@ if gluon is not None:
                 s += (_chunk_scale(s_slot, 2, TOK) * qk_scale)[:, None] * qsum[None, :]
             s = gl.where(ok[:, None], s, float("-inf"))
             m_new = gl.maximum(m, gl.max(s, axis=0))
-            if LAZY > 0.0:  # move the maximum only when some head's grows by more than LAZY
-                if gl.max(m_new - m, axis=0) > LAZY:
-                    alpha = gl.exp2(m - m_new)
-                    l_part = l_part * alpha[None, :]
-                    z_part = z_part * alpha[None, :]
-                    acc = acc * alpha[None, :]
-                    m = m_new
-                p = gl.exp2(s - m[None, :])
-                l_part += p  # summed over the tokens once, after the loop
-                if MODE == 2:
-                    vz = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0)
-                    z_part += p * (vz + 8.0 * vs)[:, None]
-                pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), PB)
-                va = _v_operand(v_smem.index(slot).load(VWL), MODE, HEAD_DIM, VA)
-                acc = mma_v2(va, pb, acc)
-            else:
-                alpha = gl.exp2(m - m_new)
-                p = gl.exp2(s - m_new[None, :])
-                l_sum = l_sum * alpha + gl.sum(p, axis=0)
-                if MODE == 2:  # centred V codes: the zero point carries 8 scales
-                    vz = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0)
-                    zsum = zsum * alpha + gl.sum(p * (vz + 8.0 * vs)[:, None], axis=0)
-                pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), PB)
-                va = _v_operand(v_smem.index(slot).load(VWL), MODE, HEAD_DIM, VA)
-                acc = mma_v2(va, pb, acc * alpha[None, :])
-                m = m_new
+            alpha = gl.exp2(m - m_new)
+            p = gl.exp2(s - m_new[None, :])
+            l_sum = l_sum * alpha + gl.sum(p, axis=0)
+            if MODE == 2:  # centred V codes: the zero point carries 8 scales
+                vz = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0)
+                zsum = zsum * alpha + gl.sum(p * (vz + 8.0 * vs)[:, None], axis=0)
+            pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), PB)
+            va = _v_operand(v_smem.index(slot).load(VWL), MODE, HEAD_DIM, VA)
+            acc = mma_v2(va, pb, acc * alpha[None, :])
+            m = m_new
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
-        if LAZY > 0.0:
-            l_sum = gl.sum(l_part, axis=0)
-            zsum = gl.sum(z_part, axis=0)
 
         l_safe = gl.where(l_sum > 0.0, l_sum, 1.0)
         o = (acc + zsum[None, :]) / l_safe[None, :]
@@ -520,6 +491,6 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
         HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode, STAGES=GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
-        LAZY=GL_LAZY_RESCALE, num_warps=1)
+        num_warps=1)
 
 
