@@ -644,8 +644,10 @@ if os.environ.get("ANYBIT_MMA_XS"):
 MMA_X_WHOLE = os.environ.get("ANYBIT_MMA_XW", "1") != "0"
 MMA_X_WHOLE_MIN_BITS = 3
 MMA_X_WHOLE_TILES = (8, 16)
-# Zero points loaded as int32 words of two f16 (the kernel's ZW; env ANYBIT_MMA_ZW).
-MMA_ZERO_WORDS = int(os.environ.get("ANYBIT_MMA_ZW", "0"))
+# Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
+# s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
+# slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
+MMA_ZERO_WORDS = int(os.environ["ANYBIT_MMA_ZW"]) if os.environ.get("ANYBIT_MMA_ZW") else None
 MMA_X_WHOLE_MAX_K = 16 * 128  # K per program (tiles x BLOCK_K x KS / KS): at most 64 KB at BLOCK_M 16
 
 
@@ -735,7 +737,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
                    max_registers: int | None = None, sum_loads: int | None = None,
                    x_slots: int | None = None, x_whole: bool | None = None,
-                   zero_words: bool | None = None) -> torch.Tensor:
+                   zero_words: int | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -751,8 +753,10 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster); ``x_whole``:
     the program's whole x slice in shared memory up front (the kernel's XW, ``x_whole_tiles``; None:
     ``MMA_X_WHOLE`` where it fits and the width is at least ``MMA_X_WHOLE_MIN_BITS``, taking precedence
-    over the ring; True where it does not fit is an error); ``zero_words``: the kernel's ZW (None:
-    ``MMA_ZERO_WORDS``; off where the zeros tensor is not 4-byte aligned)."""
+    over the ring; True where it does not fit is an error); ``zero_words``: the kernel's ZW (0: zero
+    points and scales as f16, 1: zero points as int32 words of two, 2: scales too; None:
+    ``MMA_ZERO_WORDS``, by default 2 for W2 at BLOCK_M 16; 0 where zeros or scales are not 4-byte
+    aligned)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -789,7 +793,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     xw = xw if want_xw else 0
     if xw:
         xs = 0
-    zw = MMA_ZERO_WORDS if zero_words is None else zero_words
+    zw = zero_words if zero_words is not None else MMA_ZERO_WORDS
+    if zw is None:
+        zw = 2 if bits == 2 and bm == 16 else 0
     zw = int(zw) if packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0 else 0
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
