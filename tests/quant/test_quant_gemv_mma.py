@@ -157,6 +157,25 @@ if mm.gluon is not None:
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits,bm,ks", [(2, 16, 1), (4, 8, 8)])
+def test_sm90_compile_zero_points_and_scales_as_words(bits, bm, ks):
+    """ZW 2: the loop loads the tile's zero points and scales as 32-bit words (no 16-bit loads, whose
+    pairs the compiler packs where they land), splits them in registers (no shared memory besides x's),
+    no spills."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False,
+                  KS=ks, MR=bm // ks if ks > 1 else 0, XW=16, ZW=2)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+    loop = max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+    ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
+    assert sum(o == "LDG.E" for o in ops) == 4  # 2 words of zero points + 2 of scales per thread
+    assert not any(o.startswith(("LDG.E.U16", "STS", "STL", "LDL")) for o in ops)
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("block_k,block_m", [(64, 8), (128, 8), (64, 16), (128, 16)])
 def test_x_ring_reads_have_no_bank_conflicts(bits, block_k, block_m):
@@ -248,6 +267,11 @@ def test_matches_reference(bits, M, group):
                               split_k=split, x_slots=xs, x_whole=xw)
         ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0, x_whole=False)
         assert torch.equal(y, ref), (xs, xw, split, (y.float() - ref.float()).abs().max().item())
+    for zw in (1, 2):  # zero points (and scales) loaded as words of two f16: the same bits
+        y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=3,
+                              zero_words=zw)
+        ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=3, zero_words=0)
+        assert torch.equal(y, ref), zw
     if 1 not in SLICES[bits]:  # 24 tiles of 64 K: more than the buffer holds
         with pytest.raises(ValueError, match="x_whole needs"):
             mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=1, ks=1,
