@@ -156,20 +156,26 @@ def zw_variants(M: int, b: int) -> list:
             ("anybit_mma_zw2", dict(direct_mma=True, zero_words=2))]
 
 
-def zw_correctness(log) -> list[dict]:
-    """quant_gemv_mma with the zero points as int32 words: RTN weights of every width, groups 64 / 128 /
-    channel, M 1..16, splits and K splits; random codes on 4096x14336."""
-    cases = []
+def _rtn_weights():
+    """(bits, group, RTN weight 384x2048 on CUDA) for every width 1-7 and group 64 / 128 / channel that
+    the mma.sync kernel takes (a 1-bit slice needs groups of 128 K or more)."""
     torch.manual_seed(0)
     for bits in (1, 2, 3, 4, 5, 6, 7):
         for g in (64, 128, -1):
             if bits in (1, 3, 5, 7) and g == 64:
                 continue
-            pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
-            for M in (1, 3, 8, 9, 16):
-                for kw in (dict(zero_words=1), dict(zero_words=2), dict(zero_words=2, split_k=3),
-                           dict(zero_words=2, x_whole=False, x_slots=0)):
-                    cases.append((f"zw b{bits} g{g} 384x2048 M{M} {kw}", pw, M, dict(kw, direct_mma=True)))
+            yield bits, g, rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
+
+
+def zw_correctness(log) -> list[dict]:
+    """quant_gemv_mma with the zero points as int32 words: RTN weights of every width, groups 64 / 128 /
+    channel, M 1..16, splits and K splits; random codes on 4096x14336."""
+    cases = []
+    for bits, g, pw in _rtn_weights():
+        for M in (1, 3, 8, 9, 16):
+            for kw in (dict(zero_words=1), dict(zero_words=2), dict(zero_words=2, split_k=3),
+                       dict(zero_words=2, x_whole=False, x_slots=0)):
+                cases.append((f"zw b{bits} g{g} 384x2048 M{M} {kw}", pw, M, dict(kw, direct_mma=True)))
     for bits in (2, 4):
         pw = random_packed(4096, 14336, bits)
         for M in (1, 5, 16):
@@ -183,21 +189,16 @@ def xs_correctness(log) -> list[dict]:
     groups 64 / 128 / per channel, M 1..16, forced splits and K splits, pending sums; random codes on
     4096x14336."""
     cases = []
-    torch.manual_seed(0)
-    for bits in (1, 2, 3, 4, 5, 6, 7):
-        for g in (64, 128, -1):
-            if bits in (1, 3, 5, 7) and g == 64:
-                continue
-            pw = rtn_quantize(torch.randn(384, 2048), QuantSpec(bits, g, "uniform")).to("cuda")
-            for M in (1, 3, 8, 9, 16):
-                cases.append((f"xs b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_slots=3,
-                                                                               x_whole=False)))
-                cases.append((f"xw b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_whole=True)))
-                cases.append((f"xw b{bits} g{g} 384x2048 M{M} split3", pw, M,
-                              dict(direct_mma=True, x_whole=True, split_k=3)))
-            for kw in (dict(x_slots=2, split_k=3), dict(x_slots=4, split_k=1, ks=8), dict(x_slots=2, ks=2),
-                       dict(x_slots=3, max_registers=128)):
-                cases.append((f"xs b{bits} g{g} 384x2048 M1 {kw}", pw, 1, dict(kw, direct_mma=True)))
+    for bits, g, pw in _rtn_weights():
+        for M in (1, 3, 8, 9, 16):
+            cases.append((f"xs b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_slots=3,
+                                                                           x_whole=False)))
+            cases.append((f"xw b{bits} g{g} 384x2048 M{M}", pw, M, dict(direct_mma=True, x_whole=True)))
+            cases.append((f"xw b{bits} g{g} 384x2048 M{M} split3", pw, M,
+                          dict(direct_mma=True, x_whole=True, split_k=3)))
+        for kw in (dict(x_slots=2, split_k=3), dict(x_slots=4, split_k=1, ks=8), dict(x_slots=2, ks=2),
+                   dict(x_slots=3, max_registers=128)):
+            cases.append((f"xs b{bits} g{g} 384x2048 M1 {kw}", pw, 1, dict(kw, direct_mma=True)))
     for bits in (1, 2, 4):
         for g in (64, 128, -1):
             if bits == 1 and g == 64:

@@ -69,6 +69,20 @@ def test_launcher_config_and_applicability():
         mm.quant_gemv_mma(x, pw, torch.empty(1, 128, dtype=torch.bfloat16))
 
 
+def _compile_loop(bits, bm, ks, **extra):
+    """Offline sm_90 SASS of the kernel (split-K on) and its K loop (the longest loop body with HMMA);
+    skips without nvdisasm."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
+    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
+                  WC=wc, KS=ks, MR=bm // ks if ks > 1 else 0, **extra)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+    return lines, max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+
+
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
 @pytest.mark.parametrize("bits,bm", [(4, 8), (2, 16), (3, 16), (6, 8), (7, 16)])
 def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
@@ -76,14 +90,7 @@ def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
     shared memory (the epilogue's split-K flag broadcast aside), no spills. Widths of several slices
     (3 = 2+1, 6 = 4+2, 7 = 4+2+1) run one MMA chain per slice: the x copies of the higher slices
     must land in their B operand layout without shared memory too."""
-    if not os.path.exists(nvdisasm()):
-        pytest.skip("no nvdisasm in this Triton install")
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
-            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
-                  WC=wc)
-    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+    lines, _ = _compile_loop(bits, bm, 1)
     assert sum(s.startswith("HMMA.16816.F32.BF16") for s in lines) >= 16 * len(SLICES[bits]) * bm // 8
     assert sum(s.startswith("LDG.E.128") for s in lines) >= 4
     assert not any(s.split()[0].startswith(("LDSM", "STSM", "STL", "LDL")) for s in lines)
@@ -121,15 +128,8 @@ def test_sm90_compile_x_ring(bits, bm, ks):
     words, scales and zero points only; two CTA barriers per tile (the kernel's, and the one the
     compiler adds between the ring's reads and its refill: it cannot tell the slots apart), no
     spills."""
-    if not os.path.exists(nvdisasm()):
-        pytest.skip("no nvdisasm in this Triton install")
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
-            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
-                  WC=wc, KS=ks, MR=bm // ks if ks > 1 else 0, XS=3)
-    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
-    loop = max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+    w0 = SLICES[bits][0]
+    lines, loop = _compile_loop(bits, bm, ks, XS=3)
     ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
     assert sum(o.startswith("LDGSTS") for o in ops) == bm * 128 * 2 // 16 // 128
     assert sum(o == "LDS.128" for o in ops) >= 4 * len(SLICES[bits]) * bm // 8 // (2 if w0 == 1 else 1)
@@ -162,14 +162,7 @@ def test_sm90_compile_zero_points_and_scales_as_words(bits, bm, ks):
     """ZW 2: the loop loads the tile's zero points and scales as 32-bit words (no 16-bit loads, whose
     pairs the compiler packs where they land), splits them in registers (no shared memory besides x's),
     no spills."""
-    if not os.path.exists(nvdisasm()):
-        pytest.skip("no nvdisasm in this Triton install")
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
-            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False,
-                  KS=ks, MR=bm // ks if ks > 1 else 0, XW=16, ZW=2)
-    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
-    loop = max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+    _, loop = _compile_loop(bits, bm, ks, XW=16, ZW=2)
     ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
     assert sum(o == "LDG.E" for o in ops) == 4  # 2 words of zero points + 2 of scales per thread
     assert not any(o.startswith(("LDG.E.U16", "STS", "STL", "LDL")) for o in ops)
