@@ -297,6 +297,30 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(gl.permute(v, (3, 0, 1, 4, 2)), [128]), L)
 
     @gluon.jit
+    def _x_at(i, x_ptrs, x_mask, k_start, SK: gl.constexpr, BL: gl.constexpr, W0: gl.constexpr,
+              XW: gl.constexpr, x_all):
+        """The B operand of tile i: from the whole x slice in shared memory (XW > 0: ``x_all``) or from
+        global memory."""
+        if XW > 0:
+            BK: gl.constexpr = x_all.shape[1]
+            BM: gl.constexpr = x_all.shape[2]
+            return _x_from_tile(x_all.index(i).load(_x_layout(BK, BM, W0)), BL, W0)
+        else:
+            return _x_operand(x_ptrs + (k_start + i * SK), x_mask, BL, W0)
+
+    @gluon.jit
+    def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
+                  ZL: gl.constexpr):
+        """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop."""
+        zh = _zero_halves(z, ZL) if ZW else z
+        part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros(acc.shape, gl.float32, MMA))
+        if ZW == 2:
+            sr = _cols_to_rows(_zero_halves(s, ZL), gl.SliceLayout(1, MMA))
+        else:
+            sr = s
+        return acc + part * sr.to(gl.float32)[:, None]
+
+    @gluon.jit
     def _pair_offsets(z_off):
         """Element offsets ``[C]`` of f16 columns in adjacent pairs (even first) -> int32 word offsets
         ``[C / 2]`` of the pairs."""
@@ -409,7 +433,7 @@ if gluon is not None:
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
-                               ZW: gl.constexpr = 0):
+                               ZW: gl.constexpr = 0, U2: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -510,59 +534,74 @@ if gluon is not None:
             async_copy.commit_group()
             async_copy.wait_group(0)
             gl.thread_barrier()
+        x_all_arg = x_all if XW > 0 else x_ptr
         if DIAG & 1:
             xb = _x_operand(x_ptrs + k_start, x_mask, BL, W0)
-        for i in range(n_iters):
-            k0 = k_start + i * SK
-            k2 = k_start + gl.minimum(i + 2, n_iters - 1) * SK  # past the end: reload the last tile
-            w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW)
-            if WB > 0:
-                wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
-            if WC > 0:
-                wc2 = _load_words(wc_ptr, N, k2, wc_off, WLC, RC, PC)
-            if XS > 0:  # tile i has landed (own copies) and every thread is done with slot i - 1
-                async_copy.wait_group(XS - 2)
-                gl.thread_barrier()
-                x_tile = x_ring.index(i % XS)
-                if DIAG & 1 == 0:
-                    xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
-                # tile i + XS - 1 into the slot of tile i - 1 (past the end: zero-filled, no read)
-                kn = k_start + (i + XS - 1) * SK
-                async_copy.async_copy_global_to_shared(x_ring.index((i + XS - 1) % XS), xr_ptrs + kn,
-                                                       xr_mask & (i + XS - 1 < n_iters))
-                async_copy.commit_group()
-            elif XW > 0:
-                x_tile = x_all.index(i)
-                if DIAG & 1 == 0:
-                    xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
-            elif DIAG & 1 == 0:
-                xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
-            zh = _zero_halves(z, ZL) if ZW else z
-            part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
-            if WB > 0:
-                if XS > 0 or XW > 0:
-                    xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB, 1 << W0)
+        if U2:  # unrolled by two, one word buffer per half, refilled right after its tile's unpacking
+            for i0 in range(0, n_iters, 2):
+                acc = _tile_acc(acc, w, z, s, _x_at(i0, x_ptrs, x_mask, k_start, SK, BL, W0, XW, x_all_arg),
+                                AL, MMA, W0, ZW, ZL)
+                ka = k_start + gl.minimum(i0 + 2, n_iters - 1) * SK
+                w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW)
+                if i0 + 1 < n_iters:
+                    acc = _tile_acc(acc, w1, z1, s1,
+                                    _x_at(i0 + 1, x_ptrs, x_mask, k_start, SK, BL, W0, XW, x_all_arg),
+                                    AL, MMA, W0, ZW, ZL)
+                    kb = k_start + gl.minimum(i0 + 3, n_iters - 1) * SK
+                    w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, kb, w_off, z_off, s_off, WL, R, P, ZW)
+        else:
+            for i in range(n_iters):
+                k0 = k_start + i * SK
+                k2 = k_start + gl.minimum(i + 2, n_iters - 1) * SK  # past the end: reload the last tile
+                w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW)
+                if WB > 0:
+                    wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
+                if WC > 0:
+                    wc2 = _load_words(wc_ptr, N, k2, wc_off, WLC, RC, PC)
+                if XS > 0:  # tile i has landed (own copies) and every thread is done with slot i - 1
+                    async_copy.wait_group(XS - 2)
+                    gl.thread_barrier()
+                    x_tile = x_ring.index(i % XS)
+                    if DIAG & 1 == 0:
+                        xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
+                    # tile i + XS - 1 into the slot of tile i - 1 (past the end: zero-filled, no read)
+                    kn = k_start + (i + XS - 1) * SK
+                    async_copy.async_copy_global_to_shared(x_ring.index((i + XS - 1) % XS), xr_ptrs + kn,
+                                                           xr_mask & (i + XS - 1 < n_iters))
+                    async_copy.commit_group()
+                elif XW > 0:
+                    x_tile = x_all.index(i)
+                    if DIAG & 1 == 0:
+                        xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
+                elif DIAG & 1 == 0:
+                    xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
+                zh = _zero_halves(z, ZL) if ZW else z
+                part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
+                if WB > 0:
+                    if XS > 0 or XW > 0:
+                        xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB,
+                                           1 << W0)
+                    else:
+                        xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
+                    part = mma_v2(_unpack_tile(wb, zb0, AL, WB), xbb, part)
+                    wb = wb1
+                    wb1 = wb2
+                if WC > 0:
+                    if XS > 0 or XW > 0:
+                        xbc = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)), BL, WC,
+                                           1 << (W0 + WB))
+                    else:
+                        xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC, 1 << (W0 + WB))
+                    part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
+                    wc = wc1
+                    wc1 = wc2
+                if ZW == 2:
+                    sr = _cols_to_rows(_zero_halves(s, ZL), gl.SliceLayout(1, MMA))
                 else:
-                    xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
-                part = mma_v2(_unpack_tile(wb, zb0, AL, WB), xbb, part)
-                wb = wb1
-                wb1 = wb2
-            if WC > 0:
-                if XS > 0 or XW > 0:
-                    xbc = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)), BL, WC,
-                                       1 << (W0 + WB))
-                else:
-                    xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC, 1 << (W0 + WB))
-                part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
-                wc = wc1
-                wc1 = wc2
-            if ZW == 2:
-                sr = _cols_to_rows(_zero_halves(s, ZL), gl.SliceLayout(1, MMA))
-            else:
-                sr = s
-            acc += part * sr.to(gl.float32)[:, None]
-            w, z, s = w1, z1, s1
-            w1, z1, s1 = w2, z2, s2
+                    sr = s
+                acc += part * sr.to(gl.float32)[:, None]
+                w, z, s = w1, z1, s1
+                w1, z1, s1 = w2, z2, s2
         if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
             async_copy.wait_group(0)
         if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)
