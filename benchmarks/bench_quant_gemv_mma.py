@@ -156,6 +156,34 @@ def zw_variants(M: int, b: int) -> list:
             ("anybit_mma_zw2", dict(direct_mma=True, zero_words=2))]
 
 
+def u2_variants(M: int, b: int) -> list:
+    """The K loop as shipped (three word buffers rotated by moves) or unrolled by two (one buffer per
+    half, refilled after its unpacking), also under a 128-register cap at BLOCK_M 8."""
+    out = [("anybit_mma", dict(direct_mma=True)), ("anybit_mma_u2", dict(direct_mma=True, unroll2=True))]
+    if M <= 8:
+        out.append(("anybit_mma_u2_r128", dict(direct_mma=True, unroll2=True, max_registers=128)))
+    return out
+
+
+def u2_correctness(log) -> list[dict]:
+    """quant_gemv_mma unrolled by two: single-slice RTN weights, odd and even tile counts, splits, K
+    splits, the whole x slice or x from global memory."""
+    cases = []
+    for bits, g, pw in _rtn_weights():
+        if bits not in (1, 2, 4):
+            continue
+        for M in (1, 3, 8, 9, 16):
+            for kw in ({}, dict(split_k=3), dict(split_k=1), dict(x_whole=False, x_slots=0),
+                       dict(max_registers=128)):
+                cases.append((f"u2 b{bits} g{g} 384x2048 M{M} {kw}", pw, M,
+                              dict(kw, direct_mma=True, unroll2=True)))
+    for bits in (2, 4):
+        pw = random_packed(4096, 14336, bits)
+        for M in (1, 5, 16):
+            cases.append((f"u2 b{bits} random 4096x14336 M{M}", pw, M, dict(direct_mma=True, unroll2=True)))
+    return check_cases(cases, lambda x, pw, out, kw: run_variant(x, pw, kw, out), log, 5e-3)
+
+
 def _rtn_weights():
     """(bits, group, RTN weight 384x2048 on CUDA) for every width 1-7 and group 64 / 128 / channel that
     the mma.sync kernel takes (a 1-bit slice needs groups of 128 K or more)."""
@@ -259,7 +287,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--plan", default="default",
-                    choices=["default", "ks", "tma", "m16", "diag", "xs", "xw", "xw_regs", "zw"],
+                    choices=["default", "ks", "tma", "m16", "diag", "xs", "xw", "xw_regs", "zw", "u2"],
                     help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
                     "tma: the TMA-ring variant (quant_gemv_tma.py); diag: the DIAG variants at M 1/4/16 on "
                     "the layer shapes; xs: the x ring (x_slots); xw: the whole x slice up front (x_whole)")
@@ -274,7 +302,7 @@ def main() -> int:
         logs.append(msg)
 
     checks = {"tma": tma_correctness, "m16": m16_correctness, "xs": xs_correctness, "xw": xs_correctness,
-              "zw": zw_correctness}
+              "zw": zw_correctness, "u2": u2_correctness}
     checks = checks.get(args.plan, correctness)
     corr = [] if args.skip_correctness else checks(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
@@ -310,6 +338,9 @@ def main() -> int:
     elif args.plan == "xw":
         plan = [((N, K), [1, 4, 8, 16], [4], xw_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [1, 16], [2, 3], xw_variants) for N, K in SHAPES[:2]]
+    elif args.plan == "u2":
+        plan = [((N, K), [1, 4, 8, 16], [4], u2_variants) for N, K in SHAPES[:3]]
+        plan += [((N, K), [1, 16], [2], u2_variants) for N, K in SHAPES[:2]]
     elif args.plan == "zw":
         plan = [((N, K), [1, 4, 8, 16], [4], zw_variants) for N, K in SHAPES[:3]]
         plan += [((N, K), [1, 16], [2, 3], zw_variants) for N, K in SHAPES[:2]]
@@ -357,7 +388,7 @@ def main() -> int:
         print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
         if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants", "xw_variants",
-                                "xw_regs_variants", "zw_variants"):
+                                "xw_regs_variants", "zw_variants", "u2_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 

@@ -776,7 +776,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
                    max_registers: int | None = None, sum_loads: int | None = None,
                    x_slots: int | None = None, x_whole: bool | None = None,
-                   zero_words: int | None = None) -> torch.Tensor:
+                   zero_words: int | None = None, unroll2: bool = False) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -795,7 +795,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     over the ring; True where it does not fit is an error); ``zero_words``: the kernel's ZW (0: zero
     points and scales as f16, 1: zero points as int32 words of two, 2: scales too; None:
     ``MMA_ZERO_WORDS``, by default 2 for W2 at BLOCK_M 16; 0 where zeros or scales are not 4-byte
-    aligned)."""
+    aligned); ``unroll2``: the K loop unrolled by two with one word buffer per half (kernel ``U2``:
+    single slice, no x ring, no DIAG; an experiment)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -836,6 +837,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if zw is None:
         zw = 2 if bits == 2 and bm == 16 else 0
     zw = int(zw) if packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0 else 0
+    u2 = bool(unroll2)
+    if u2 and (wb or xs or diag):
+        raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring and no diag")
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)
@@ -845,7 +849,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, num_warps=4, **regs, **launch)
         return acc
     if ks == 1 and cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared mem.
         _quant_gemv_mma_kernel[(tiles, 1)](
@@ -857,5 +861,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, num_warps=4, **regs, **launch)
     return y
