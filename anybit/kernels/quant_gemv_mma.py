@@ -683,6 +683,13 @@ if os.environ.get("ANYBIT_MMA_XS"):
 MMA_X_WHOLE = os.environ.get("ANYBIT_MMA_XW", "1") != "0"
 MMA_X_WHOLE_MIN_BITS = 3
 MMA_X_WHOLE_TILES = (8, 16)
+# The K loop unrolled by two, one word buffer per half refilled right after its tile's unpacking (the
+# kernel's U2; single slice, no x ring), by BLOCK_M. The three-buffer loop rotates its words by moves
+# that wait for the loads (s16-8 ncu). H100 s16-13, W4 (us, loop -> unrolled): M 16 23.5 -> 21.1, 22.5 ->
+# 21.0, 18.0 -> 16.4 (228 registers, still 2 programs per SM). At BLOCK_M 8 it takes 168 registers (3
+# per SM): M 1 16.3 -> 20.2 on 4096x14336; capped at 128, 16.9 (M 1) and -2..3% at M 4-8: not taken.
+# Env ANYBIT_MMA_U2=0 turns it off.
+MMA_UNROLL2 = {8: False, 16: os.environ.get("ANYBIT_MMA_U2", "1") != "0"}
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -776,7 +783,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
                    max_registers: int | None = None, sum_loads: int | None = None,
                    x_slots: int | None = None, x_whole: bool | None = None,
-                   zero_words: int | None = None, unroll2: bool = False) -> torch.Tensor:
+                   zero_words: int | None = None, unroll2: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -796,7 +803,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     points and scales as f16, 1: zero points as int32 words of two, 2: scales too; None:
     ``MMA_ZERO_WORDS``, by default 2 for W2 at BLOCK_M 16; 0 where zeros or scales are not 4-byte
     aligned); ``unroll2``: the K loop unrolled by two with one word buffer per half (kernel ``U2``:
-    single slice, no x ring, no DIAG; an experiment)."""
+    single slice, no x ring, no DIAG; None: ``MMA_UNROLL2`` by BLOCK_M where it applies; True where it
+    does not apply is an error)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -837,9 +845,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if zw is None:
         zw = 2 if bits == 2 and bm == 16 else 0
     zw = int(zw) if packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0 else 0
-    u2 = bool(unroll2)
-    if u2 and (wb or xs or diag):
+    if unroll2 and (wb or xs or diag):
         raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring and no diag")
+    u2 = bool(MMA_UNROLL2[bm] and not (wb or xs or diag) if unroll2 is None else unroll2)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)

@@ -157,6 +157,22 @@ if mm.gluon is not None:
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+def test_sm90_compile_unrolled_loop():
+    """U2 (BLOCK_M 16, the whole x slice): one loop body holds two tiles' MMA chains and word loads,
+    with far fewer register moves per tile than the three-buffer loop, and no spills."""
+    lines, loop = _compile_loop(4, 16, 1, XW=16, U2=True)
+    _, loop1 = _compile_loop(4, 16, 1, XW=16)
+    ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
+    ops1 = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop1 if not s.startswith("//")]
+    assert sum(o.startswith("HMMA") for o in ops) == 2 * sum(o.startswith("HMMA") for o in ops1) == 64
+    assert sum(o == "LDG.E.128" for o in ops) == 2 * sum(o == "LDG.E.128" for o in ops1)
+    movs = sum(o.startswith("IMAD.MOV") or o == "MOV" for o in ops)
+    movs1 = sum(o.startswith("IMAD.MOV") or o == "MOV" for o in ops1)
+    assert movs < movs1, (movs, movs1)  # per two tiles against per tile
+    assert not any(s.split()[0].startswith(("STL", "LDL")) for s in lines if not s.startswith("//"))
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
 @pytest.mark.parametrize("bits,bm,ks", [(2, 16, 1), (4, 8, 8)])
 def test_sm90_compile_zero_points_and_scales_as_words(bits, bm, ks):
     """ZW 2: the loop loads the tile's zero points and scales as 32-bit words (no 16-bit loads, whose
@@ -260,6 +276,13 @@ def test_matches_reference(bits, M, group):
                               split_k=split, x_slots=xs, x_whole=xw)
         ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0, x_whole=False)
         assert torch.equal(y, ref), (xs, xw, split, (y.float() - ref.float()).abs().max().item())
+    for split in (None, 1, 3):  # the K loop unrolled by two (odd and even tile counts): the same bits
+        if len(SLICES[bits]) > 1:
+            continue
+        y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=split,
+                              x_slots=0, unroll2=True)
+        ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0, unroll2=False)
+        assert torch.equal(y, ref), ("unroll2", split)
     for zw in (1, 2):  # zero points (and scales) loaded as words of two f16: the same bits
         y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=3,
                               zero_words=zw)
