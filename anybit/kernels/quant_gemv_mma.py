@@ -464,8 +464,11 @@ if gluon is not None:
         iteration that uses it, so the loop waits for an L2 round trip per tile (s16-1: 28% of the
         warps' stall samples at M 1 and 16). XW > 0 (n_iters <= XW, not with XS or CLUSTER): the
         program's whole x slice (n_iters tiles) is copied into shared memory before the loop (one wait,
-        one barrier), and the loop only reads it: no barrier and no copy per tile. ZW: zero points
-        loaded as int32 words of two (``_zero_halves``; needs a 4-byte aligned zeros tensor)."""
+        one barrier), and the loop only reads it: no barrier and no copy per tile. ZW 1: zero points
+        loaded as int32 words of two f16 (``_zero_halves``; 4-byte aligned zeros), ZW 2: the scales too
+        (4-byte aligned scales). U2 (single slice, no XS, no DIAG): the loop takes two tiles per
+        iteration, each with its own word buffer refilled right after its unpacking (``_tile_acc``), so
+        no buffer is moved between iterations (the three-buffer loop's moves wait for the loads)."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -513,7 +516,7 @@ if gluon is not None:
         if PDL:
             _gdc_launch_dependents()
             _gdc_wait()
-        if XS > 0:  # the first XS - 1 x tiles into the ring (past the end: the last tile again)
+        if XS > 0:  # the first XS - 1 x tiles into the ring (past the end: zero-filled, no read)
             xr_ptrs, xr_mask = _x_tile_ptrs(x_ptr, stride_xm, M, _x_copy_layout(BLOCK_K, BLOCK_M, CLUSTER),
                                             BLOCK_K, BLOCK_M, KS, MR)
             x_ring = gl.allocate_shared_memory(gl.bfloat16, [XS, BLOCK_K, BLOCK_M],
