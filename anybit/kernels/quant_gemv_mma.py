@@ -312,13 +312,20 @@ if gluon is not None:
     def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
                   ZL: gl.constexpr):
         """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop."""
-        zh = _zero_halves(z, ZL) if ZW else z
+        zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
         part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros(acc.shape, gl.float32, MMA))
+        return acc + part * sr.to(gl.float32)[:, None]
+
+    @gluon.jit
+    def _tile_zs(z, s, ZW: gl.constexpr, ZL: gl.constexpr, MMA: gl.constexpr):
+        """A tile's zero points as f16 in column order (layout ZL) and its scales at the MMA rows, from
+        ``_load_tile``'s ZW forms."""
+        zh = _zero_halves(z, ZL) if ZW else z
         if ZW == 2:
             sr = _cols_to_rows(_zero_halves(s, ZL), gl.SliceLayout(1, MMA))
         else:
             sr = s
-        return acc + part * sr.to(gl.float32)[:, None]
+        return zh, sr
 
     @gluon.jit
     def _pair_offsets(z_off):
@@ -578,7 +585,7 @@ if gluon is not None:
                         xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
                 elif DIAG & 1 == 0:
                     xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
-                zh = _zero_halves(z, ZL) if ZW else z
+                zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
                 part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
                 if WB > 0:
                     if XS > 0 or XW > 0:
@@ -598,10 +605,6 @@ if gluon is not None:
                     part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
                     wc = wc1
                     wc1 = wc2
-                if ZW == 2:
-                    sr = _cols_to_rows(_zero_halves(s, ZL), gl.SliceLayout(1, MMA))
-                else:
-                    sr = s
                 acc += part * sr.to(gl.float32)[:, None]
                 w, z, s = w1, z1, s1
                 w1, z1, s1 = w2, z2, s2
