@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_e2e import PRESETS, make_folder, sync  # noqa: E402
+from anybit.llm import OFFLINE_MAX_NUM_BATCHED_TOKENS  # noqa: E402
+from benchmarks.bench_e2e import PRESETS, make_folder, quant_config, sync  # noqa: E402
 from benchmarks.common import print_table, write_result  # noqa: E402
 
 
@@ -36,7 +37,44 @@ def make_requests(n, vocab, seed, in_range, out_range):
     return reqs
 
 
-def run_anybit(folder, reqs, dtype, device, backend, gpu, **kw):
+class StepProfile:
+    """Device time of every step, from CUDA events recorded around ``ModelRunner.launch`` (no
+    host sync added), grouped into decode-only steps and steps with prompt tokens."""
+
+    def __init__(self, runner):
+        self.steps = []  # (start event, end event, num seqs, num tokens, decode only)
+        launch = runner.launch
+
+        def timed(sched, prev=None):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step = launch(sched, prev)
+            end.record()
+            n_tok = sum(s.num_new_tokens for s in sched.seqs)
+            self.steps.append((start, end, len(sched.seqs), n_tok, n_tok == len(sched.seqs)))
+            return step
+
+        runner.launch = timed
+
+    def summary(self, wall_s: float) -> dict:
+        """Seconds of device time by step kind, their counts and token totals; ``idle_s`` = wall
+        minus the device time of all steps (host work the device waited for)."""
+        torch.cuda.synchronize()
+        out = {"decode_steps": 0, "decode_s": 0.0, "decode_seqs": 0, "mixed_steps": 0, "mixed_s": 0.0,
+               "mixed_tokens": 0}
+        for start, end, n_seq, n_tok, decode in self.steps:
+            ms = start.elapsed_time(end)
+            kind = "decode" if decode else "mixed"
+            out[f"{kind}_steps"] += 1
+            out[f"{kind}_s"] += ms / 1e3
+            out["decode_seqs" if decode else "mixed_tokens"] += n_seq if decode else n_tok
+        out["idle_s"] = wall_s - out["decode_s"] - out["mixed_s"]
+        out["decode_mean_batch"] = out["decode_seqs"] / max(1, out["decode_steps"])
+        out["mixed_tok_per_s"] = out["mixed_tokens"] / max(1e-9, out["mixed_s"])
+        return out
+
+
+def run_anybit(folder, reqs, dtype, device, backend, gpu, profile=False, **kw):
     from anybit import LLM, SamplingParams
 
     engine_kw = {"load_format": "dummy"} if gpu else {}
@@ -44,6 +82,7 @@ def run_anybit(folder, reqs, dtype, device, backend, gpu, **kw):
               **kw)
     llm.generate([reqs[0][0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+    prof = StepProfile(llm.engine.runner) if profile and gpu else None
     sync()
     t = time.perf_counter()
     outs = llm.generate([p for p, _ in reqs], params)
@@ -52,6 +91,8 @@ def run_anybit(folder, reqs, dtype, device, backend, gpu, **kw):
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == sum(o for _, o in reqs)
     stats = llm.engine.get_stats()
+    if prof is not None:
+        stats["profile"] = prof.summary(dt)
     del llm
     gc.collect()
     torch.cuda.empty_cache() if gpu else None
@@ -105,31 +146,50 @@ def main():
     ap.add_argument("--output", type=int, nargs=2, default=[64, 512])
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="default: the offline API's (anybit.llm.OFFLINE_MAX_NUM_BATCHED_TOKENS)")
     ap.add_argument("--kv-cache-dtype", default="auto")
-    ap.add_argument("--admit-batch", type=int, nargs="+", default=[1],
-                    help="anybit runs, one per value of the scheduler's admit_batch")
+    ap.add_argument("--admit-batch", type=int, nargs="+", default=[0],
+                    help="anybit runs, one per value of the scheduler's admit_batch (0: the engine's "
+                    "default)")
+    ap.add_argument("--quant-bits", type=int, default=None, help="quantize every Linear (random codes)")
+    ap.add_argument("--lm-head-bits", type=int, default=None, help="lm_head width with --quant-bits")
+    ap.add_argument("--profile", action="store_true", help="device time per step kind (CUDA events)")
+    ap.add_argument("--hf-only-ratio", type=float, default=None,
+                    help="skip transformers and divide by this earlier hf_out_tok_s instead")
+    ap.add_argument("--name", default=None, help="result name (default e2e_throughput_gpu/cpu)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        make_folder(args.preset, folder, with_weights=not gpu)
+        quant = quant_config(args.preset, args.quant_bits, lm_head_bits=args.lm_head_bits) \
+            if args.quant_bits else None
+        make_folder(args.preset, folder, with_weights=not gpu, quant=quant)
         vocab = PRESETS[args.preset]["vocab_size"]
         reqs = make_requests(args.num_requests, vocab, 0, args.input, args.output)
         rows = []
+        budget = args.max_num_batched_tokens or OFFLINE_MAX_NUM_BATCHED_TOKENS
         for admit in args.admit_batch:
             tps, dt, stats = run_anybit(folder, reqs, dtype, device, args.backend, gpu,
                                         max_num_seqs=args.max_num_seqs,
-                                        max_num_batched_tokens=args.max_num_batched_tokens,
-                                        kv_cache_dtype=args.kv_cache_dtype, admit_batch=admit)
-            row = {"preset": args.preset, "requests": args.num_requests, "anybit_backend": args.backend,
-                   "kv_cache_dtype": args.kv_cache_dtype, "admit_batch": admit, "anybit_out_tok_s": tps,
-                   "anybit_wall_s": dt, "preemptions": stats["num_preemptions"]}
+                                        max_num_batched_tokens=budget,
+                                        kv_cache_dtype=args.kv_cache_dtype, admit_batch=admit or None,
+                                        profile=args.profile)
+            row = {"preset": args.preset, "requests": args.num_requests, "weights":
+                   f"W{args.quant_bits}" if args.quant_bits else dtype, "anybit_backend": args.backend,
+                   "kv_cache_dtype": args.kv_cache_dtype,
+                   "max_num_batched_tokens": budget,
+                   "admit_batch": admit, "anybit_out_tok_s": tps, "anybit_wall_s": dt,
+                   "preemptions": stats["num_preemptions"], **stats.get("profile", {})}
             print(row, flush=True)
             rows.append(row)
-        if args.hf_requests:
+        if args.hf_only_ratio:
+            for row in rows:
+                row.update({"hf_out_tok_s": args.hf_only_ratio,
+                            "ratio_vs_hf": row["anybit_out_tok_s"] / args.hf_only_ratio})
+        elif args.hf_requests:
             hf_tps, hf_dt = run_hf(folder, reqs[:args.hf_requests], dtype, device, args.hf_batch)
             for row in rows:
                 row.update({"hf_requests": args.hf_requests, "hf_batch": args.hf_batch,
@@ -138,7 +198,10 @@ def main():
     note = (f"inputs uniform {args.input}, outputs uniform {args.output} tokens, seed 0, random ids, EOS "
             "ignored; transformers runs a prefix of the requests in left-padded batches, counting only "
             "requested tokens")
-    write_result(f"e2e_throughput_{'gpu' if gpu else 'cpu'}", "Offline throughput (output tokens/s)", cols,
+    if args.hf_only_ratio:
+        note += "; hf_out_tok_s from an earlier run of this script on the same device (--hf-only-ratio)"
+    name = args.name or f"e2e_throughput_{'gpu' if gpu else 'cpu'}"
+    write_result(name, "Offline throughput (output tokens/s)", cols,
                  rows, [note], out_dir=args.out_dir)
     print_table(cols, rows)
 

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.status import status_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+KERNELS_SHOWN = 10
 ORDER = ["e2e", "quant_matmul", "attention_prefill", "attention_decode", "quality"]
 
 
@@ -41,12 +42,30 @@ def render(record: dict) -> str:
             for v in row["variants"]:
                 env = " ".join(f"{k}={val}" for k, val in v.get("env", {}).items()) or "(as is)"
                 lines.append("| " + " | ".join(env if c == "env" else fmt(v.get(c)) for c in vcols) + " |")
+    lines += kernel_table(record.get("kernels", []))
     for note in record.get("notes", []):
         lines.append(f"\n- {note}")
     analysis = HERE / "analysis" / f"{record['benchmark']}.md"
     if analysis.exists():
         lines += ["", analysis.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+def kernel_table(kernels: list[dict], per_group: int = KERNELS_SHOWN) -> list[str]:
+    """Markdown lines for a profile's per-kernel rows (profile_mixed.py): the first
+    ``per_group`` of each (config, kind) group, in the file's order (largest first)."""
+    if not kernels:
+        return []
+    cols = list(kernels[0])
+    shown: dict[tuple, int] = {}
+    lines = ["", f"Top kernels (up to {per_group} per step kind; all of them in the JSON file):", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in kernels:
+        group = (row.get("config"), row.get("kind"))
+        shown[group] = shown.get(group, 0) + 1
+        if shown[group] <= per_group:
+            lines.append("| " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+    return lines
 
 
 def sort_key(path: Path):

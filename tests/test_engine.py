@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from anybit import LLM, SamplingParams
+from anybit.llm import OFFLINE_MAX_NUM_BATCHED_TOKENS
 from tests.model_factory import make_tiny_model
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox", "héllo 日本語", "import os\nimport sys\n",
@@ -183,6 +184,9 @@ def test_prompt_logprobs_with_chunked_prefill(model_dir, llm):
     chunked = LLM(model_dir, dtype="float32", device="cpu", block_size=8, progress=False,
                   max_num_batched_tokens=8)
     got = chunked.generate(prompt, params)[0].prompt_logprobs
+    # the offline API's own budget applies only where the caller gives none
+    assert chunked.config.scheduler.max_num_batched_tokens == 8
+    assert llm.config.scheduler.max_num_batched_tokens == OFFLINE_MAX_NUM_BATCHED_TOKENS
     assert len(got) == len(want) and got[0] is None
     for a, b in zip(got[1:], want[1:]):
         assert a.keys() == b.keys()

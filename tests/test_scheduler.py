@@ -200,3 +200,34 @@ def test_admit_batch_groups_prefills_and_keeps_outputs():
         mixed.append(n_mixed)
     assert results[0] == results[1]  # same tokens, fewer mixed prefill+decode steps
     assert mixed[1] < mixed[0]
+
+
+def test_full_blocks_are_registered_once_each_and_after_preemption(monkeypatch):
+    """cache_full_blocks registers only the blocks filled since its last call (a step costs
+    O(new blocks), not O(context)), and every full block of prompt and output ends up in the
+    prefix cache."""
+    calls: list[int] = []
+    original = BlockPool.cache_block
+
+    def counting(self, block_id, block_hash):
+        calls.append(block_id)
+        return original(self, block_id, block_hash)
+
+    monkeypatch.setattr(BlockPool, "cache_block", counting)
+    rng = random.Random(3)
+    prompts = {f"r{i}": [rng.randrange(5, 200) for _ in range(rng.randrange(5, 30))] for i in range(10)}
+    for num_blocks in (20, 400):  # with preemption (blocks recomputed), then without
+        calls.clear()
+        sched, runner = make(num_blocks=num_blocks, block_size=4, budget=24)
+        for rid, p in prompts.items():
+            sched.add_request(req(rid, p, max_tokens=12))
+        outputs, _ = run_all(sched, runner)
+        full = {rid: (len(p) + 11) // 4 for rid, p in prompts.items()}  # the last token is never computed
+        if num_blocks == 20:
+            assert sched.num_preemptions > 0
+            assert len(calls) <= sum(full.values()) * (1 + sched.num_preemptions)
+            continue
+        assert sched.num_preemptions == 0 and len(calls) == sum(full.values())
+        for rid, p in prompts.items():  # nothing was evicted: every full block is a hit
+            blocks, cached = sched.kv.get_computed_blocks(req(rid + "x", p + outputs[rid][:-1] + [7]))
+            assert len(blocks) == full[rid] and cached == 4 * full[rid]

@@ -24,6 +24,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
         self.req_blocks: dict[str, list[int]] = {}
+        self.num_cached_blocks: dict[str, int] = {}  # leading blocks of each request already registered
 
     @property
     def num_free_blocks(self) -> int:
@@ -40,14 +41,15 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _block_hashes(self, request: Request, num_full_blocks: int) -> list[int]:
-        """Hashes of the first ``num_full_blocks`` full blocks of the request (memoized)."""
+        """The request's memoized block hashes, computed up to at least ``num_full_blocks`` full
+        blocks (the list may be longer: slice it)."""
         hashes = request.block_hashes
         bs = self.block_size
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
             hashes.append(chain_hash(parent, tuple(request.token_ids_range(i * bs, (i + 1) * bs))))
-        return hashes[:num_full_blocks]
+        return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest cached prefix of full blocks: (block ids, number of tokens they cover).
@@ -57,7 +59,7 @@ class KVCacheManager:
         max_blocks = (request.num_tokens - 1) // self.block_size
         hit: list[int] = []
         self.pool.queries += 1
-        for h in self._block_hashes(request, max_blocks):
+        for h in self._block_hashes(request, max_blocks)[:max_blocks]:
             block_id = self.pool.lookup(h)
             if block_id is None:
                 break
@@ -89,20 +91,27 @@ class KVCacheManager:
         return True
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's blocks that are now full and computed in the prefix cache."""
+        """Register the request's blocks that are now full and computed in the prefix cache (only
+        those not registered by an earlier call: a step costs O(new blocks), not O(context))."""
         if not self.enable_prefix_caching or request.wants_prompt_logprobs:
             return
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        for block_id, h in zip(blocks[:num_full], self._block_hashes(request, num_full)):
-            self.pool.cache_block(block_id, h)
+        start = self.num_cached_blocks.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(request, num_full)
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], hashes[i])
+        self.num_cached_blocks[request.request_id] = num_full
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, None)
+        self.num_cached_blocks.pop(request.request_id, None)
         if blocks:
             self.pool.free(list(reversed(blocks)))
