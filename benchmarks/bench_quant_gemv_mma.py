@@ -388,7 +388,7 @@ def main() -> int:
         print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
         if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants", "xw_variants",
-                                "xw_regs_variants", "zw_variants", "u2_variants"):
+                                "xw_regs_variants", "zw_variants", "u2_variants", "m16_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 
