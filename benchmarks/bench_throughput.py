@@ -37,6 +37,9 @@ def make_requests(n, vocab, seed, in_range, out_range):
     return reqs
 
 
+WARMUP_MAX_TOKENS = 32
+
+
 class StepProfile:
     """Device time of every step, from CUDA events recorded around ``ModelRunner.launch`` (no
     host sync added), grouped into decode-only steps and steps with prompt tokens."""
@@ -74,13 +77,21 @@ class StepProfile:
         return out
 
 
-def run_anybit(folder, reqs, dtype, device, backend, gpu, profile=False, **kw):
+def run_anybit(folder, reqs, dtype, device, backend, gpu, profile=False, warmup=(), **kw):
+    """Output tok/s, wall s and engine stats for ``reqs``, after a warm-up pass over ``warmup``
+    (requests drawn like the workload, outputs capped at WARMUP_MAX_TOKENS): Triton compiles a
+    kernel variant the first time it meets a new specialization (prompt lengths, split counts),
+    ~10 s of the first pass on a fresh machine (H100 s17-4), which would otherwise be timed."""
     from anybit import LLM, SamplingParams
 
     engine_kw = {"load_format": "dummy"} if gpu else {}
     llm = LLM(str(folder), dtype=dtype, device=device, attention_backend=backend, progress=False, **engine_kw,
               **kw)
     llm.generate([reqs[0][0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    if warmup:
+        capped = [SamplingParams(temperature=0, max_tokens=min(o, WARMUP_MAX_TOKENS), ignore_eos=True)
+                  for _, o in warmup]
+        llm.generate([p for p, _ in warmup], capped)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
     prof = StepProfile(llm.engine.runner) if profile and gpu else None
     sync()
@@ -149,6 +160,8 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="default: the offline API's (anybit.llm.OFFLINE_MAX_NUM_BATCHED_TOKENS)")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--warmup-requests", type=int, default=200,
+                    help="untimed requests first (other seed, outputs capped at WARMUP_MAX_TOKENS)")
     ap.add_argument("--admit-batch", type=int, nargs="+", default=[0],
                     help="anybit runs, one per value of the scheduler's admit_batch (0: the engine's "
                     "default)")
@@ -169,6 +182,7 @@ def main():
         make_folder(args.preset, folder, with_weights=not gpu, quant=quant)
         vocab = PRESETS[args.preset]["vocab_size"]
         reqs = make_requests(args.num_requests, vocab, 0, args.input, args.output)
+        warmup = make_requests(args.warmup_requests, vocab, 1, args.input, args.output)
         rows = []
         budget = args.max_num_batched_tokens or OFFLINE_MAX_NUM_BATCHED_TOKENS
         for admit in args.admit_batch:
@@ -176,7 +190,7 @@ def main():
                                         max_num_seqs=args.max_num_seqs,
                                         max_num_batched_tokens=budget,
                                         kv_cache_dtype=args.kv_cache_dtype, admit_batch=admit or None,
-                                        profile=args.profile)
+                                        profile=args.profile, warmup=warmup)
             row = {"preset": args.preset, "requests": args.num_requests, "weights":
                    f"W{args.quant_bits}" if args.quant_bits else dtype, "anybit_backend": args.backend,
                    "kv_cache_dtype": args.kv_cache_dtype,
@@ -197,7 +211,8 @@ def main():
     cols = list(rows[-1])
     note = (f"inputs uniform {args.input}, outputs uniform {args.output} tokens, seed 0, random ids, EOS "
             "ignored; transformers runs a prefix of the requests in left-padded batches, counting only "
-            "requested tokens")
+            f"requested tokens; anybit runs {args.warmup_requests} untimed warm-up requests first (seed 1, "
+            f"outputs capped at {WARMUP_MAX_TOKENS})")
     if args.hf_only_ratio:
         note += "; hf_out_tok_s from an earlier run of this script on the same device (--hf-only-ratio)"
     name = args.name or f"e2e_throughput_{'gpu' if gpu else 'cpu'}"
