@@ -22,8 +22,8 @@ Prompt = str | list[int]
 
 # Token budget per step when the caller gives none: offline work has no per-token latency to
 # protect, and larger steps amortize each step's fixed cost (the decodes' attention and weight
-# reads ride along in every mixed step). H100, 1000 requests of bench_throughput (s17-3,
-# e2e_throughput_budget_s17): 2048 -> 6736, 4096 -> 7255, 16384 -> 7713 output tok/s. The server
+# reads ride along in every mixed step). H100, 1000 requests of bench_throughput: 2048 -> 6617,
+# 8192 -> 7493 output tok/s (s17-5, e2e_throughput_s17); 4096 7255, 16384 7713 (s17-3). The server
 # keeps SchedulerConfig's 2048, which bounds how long a prefill chunk stalls running streams.
 OFFLINE_MAX_NUM_BATCHED_TOKENS = 8192
 
