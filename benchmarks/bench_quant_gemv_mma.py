@@ -105,6 +105,11 @@ def m16_variants(M: int, b: int) -> list:
     return out + ([("anybit_tma", dict(direct_tma=True))] if b in (1, 2, 4) else [])
 
 
+def tma_n_variants(M: int, b: int) -> list:
+    """Where the TMA-ring kernel should start by N (TMA_MIN_N): the mma.sync kernel against it."""
+    return [("anybit_mma", dict(direct_mma=True)), ("anybit_tma", dict(direct_tma=True))]
+
+
 def m16_correctness(log) -> list[dict]:
     """quant_gemv_mma at M 9..16 with its register cap and split-K sum variants, RTN weights."""
     cases = []
@@ -287,7 +292,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--plan", default="default",
-                    choices=["default", "ks", "tma", "m16", "diag", "xs", "xw", "xw_regs", "zw", "u2"],
+                    choices=["default", "ks", "tma", "tma_n", "m16", "diag", "xs", "xw", "xw_regs", "zw",
+                             "u2"],
                     help="ks: the in-program K split sweep (W4 M 1/2/4 on three shapes, W2/3/5/6 at M 1); "
                     "tma: the TMA-ring variant (quant_gemv_tma.py); diag: the DIAG variants at M 1/4/16 on "
                     "the layer shapes; xs: the x ring (x_slots); xw: the whole x slice up front (x_whole)")
@@ -301,8 +307,8 @@ def main() -> int:
         print(msg, flush=True)
         logs.append(msg)
 
-    checks = {"tma": tma_correctness, "m16": m16_correctness, "xs": xs_correctness, "xw": xs_correctness,
-              "zw": zw_correctness, "u2": u2_correctness}
+    checks = {"tma": tma_correctness, "tma_n": tma_correctness, "m16": m16_correctness, "xs": xs_correctness,
+              "xw": xs_correctness, "zw": zw_correctness, "u2": u2_correctness}
     checks = checks.get(args.plan, correctness)
     corr = [] if args.skip_correctness else checks(log)
     log(f"after correctness: {time.time() - t0:.0f}s")
@@ -328,6 +334,8 @@ def main() -> int:
     if args.plan == "m16":
         plan = [((N, K), [9, 12, 16], [4], m16_variants) for N, K in SHAPES]
         plan += [((N, K), [16], [2, 3], m16_variants) for N, K in SHAPES[:2]]
+    elif args.plan == "tma_n":
+        plan = [((N, 4096), [9, 12, 16], [b], tma_n_variants) for N in (14336, 28672) for b in (4, 2)]
     elif args.plan == "tma":
         plan = [((N, K), MS, [4], tma_variants) for N, K in SHAPES]
         plan += [((N, K), [1, 16], [2], tma_bits_variants) for N, K in SHAPES[:2]]
@@ -388,7 +396,8 @@ def main() -> int:
         print(f"{shp} M{M} W{b} cublas={cub:.1f} " + " ".join(cells))
     for r in rows:
         if r.get("section") in ("sweep_variants", "diag_variants", "xs_variants", "xw_variants",
-                                "xw_regs_variants", "zw_variants", "u2_variants", "m16_variants"):
+                                "xw_regs_variants", "zw_variants", "u2_variants", "m16_variants",
+                                "tma_n_variants"):
             print(f"sweep {r['shape']} M{r['M']} {r['method']}: {r['time_us']:.1f}us {r['speedup']:.2f}x")
     return 0
 
