@@ -483,7 +483,8 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
 # faster: more bytes in flight and contiguous tiles changed nothing; the gain is 4 programs per SM
 # at BLOCK_M 16 where quant_gemv_mma's 224 registers allow 2).
 TMA_AUTO = os.environ.get("ANYBIT_MMA_TMA", "1") != "0"
-TMA_MIN_M, TMA_MIN_N = 9, 8192
+TMA_MIN_M = 9
+TMA_MIN_N = int(os.environ.get("ANYBIT_MMA_TMA_MIN_N", "8192"))  # experiments: the N where the ring starts
 
 
 def tma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
