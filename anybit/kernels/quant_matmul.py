@@ -481,10 +481,15 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
 # (quant_matmul_mma_tma_s15_*, W4 M 16, us, tma / mma): lm_head 123-125 / 152-154, 14336x4096 24.0-24.7 /
 # 26.4-26.7; but 4096x14336 26.5-27.0 / 25.6 and M 1-8 level or slower (the ring does not make the loop
 # faster: more bytes in flight and contiguous tiles changed nothing; the gain is 4 programs per SM
-# at BLOCK_M 16 where quant_gemv_mma's 224 registers allow 2).
+# at BLOCK_M 16 where quant_gemv_mma's 224 registers allow 2). Since session 16's whole-slice x and
+# unrolled loop the mma kernel wins at N 14336 and the ring only from the fused gate_up's 28672 (H100
+# s17-6, quant_matmul_mma_tma_n_s17, us mma / tma at M 9 / 12 / 16: W4 14336x4096 20.5 / 21.0, 20.8 /
+# 21.9, 21.0 / 23.5; 28672x4096 40.5 / 36.2, 40.3 / 36.4, 40.6 / 37.9; lm_head at M 16 121.7 / 118.0 in
+# s17-4), so the ring starts at 16384. Batch-16 W4 decode end to end was level with gate_up on either
+# kernel (4754 / 4740 against 4736 / 4747 tok/s, s17-6).
 TMA_AUTO = os.environ.get("ANYBIT_MMA_TMA", "1") != "0"
 TMA_MIN_M = 9
-TMA_MIN_N = int(os.environ.get("ANYBIT_MMA_TMA_MIN_N", "8192"))  # experiments: the N where the ring starts
+TMA_MIN_N = int(os.environ.get("ANYBIT_MMA_TMA_MIN_N", "16384"))  # experiments: the N where the ring starts
 
 
 def tma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:

@@ -166,9 +166,11 @@ def test_matches_reference(bits, M, group):
 @pytest.mark.skipif(not HOPPER or mt.gluon is None, reason="needs a Hopper GPU and Gluon")
 @pytest.mark.parametrize("M", [8, 9, 16])
 def test_auto_routes_wide_weights_at_m_9_to_16(M):
-    """"auto" takes this kernel for M 9..16 on weights at least TMA_MIN_N wide (lm_head, gate_up)."""
+    """"auto" takes this kernel for M 9..16 on weights at least TMA_MIN_N wide (lm_head, the fused
+    gate_up), not on an unfused MLP projection (N 14336: the mma.sync kernel was faster, s17-6)."""
     pw = _rtn(qm.TMA_MIN_N, 512, 4, 128, seed=M)
     x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+    assert not qm.tma_chosen(_rtn(14336, 512, 4, 128, seed=M), M, x)
     assert qm.tma_chosen(pw, M, x) == (M >= qm.TMA_MIN_M and qm.TMA_AUTO)
     if qm.tma_chosen(pw, M, x):
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="tma"))
