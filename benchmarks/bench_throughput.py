@@ -77,11 +77,12 @@ class StepProfile:
         return out
 
 
-def run_anybit(folder, reqs, dtype, device, backend, gpu, profile=False, warmup=(), **kw):
+def run_anybit(folder, reqs, dtype, device, backend, gpu, profile=False, warmup=(), passes=1, **kw):
     """Output tok/s, wall s and engine stats for ``reqs``, after a warm-up pass over ``warmup``
     (requests drawn like the workload, outputs capped at WARMUP_MAX_TOKENS): Triton compiles a
     kernel variant the first time it meets a new specialization (prompt lengths, split counts),
-    ~10 s of the first pass on a fresh machine (H100 s17-4), which would otherwise be timed."""
+    ~10 s of the first pass on a fresh machine (H100 s17-4), which would otherwise be timed.
+    ``passes`` > 1: the whole workload runs that many times and the last is timed."""
     from anybit import LLM, SamplingParams
 
     engine_kw = {"load_format": "dummy"} if gpu else {}
@@ -93,12 +94,13 @@ def run_anybit(folder, reqs, dtype, device, backend, gpu, profile=False, warmup=
                   for _, o in warmup]
         llm.generate([p for p, _ in warmup], capped)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
-    prof = StepProfile(llm.engine.runner) if profile and gpu else None
-    sync()
-    t = time.perf_counter()
-    outs = llm.generate([p for p, _ in reqs], params)
-    sync()
-    dt = time.perf_counter() - t
+    for last in [False] * (passes - 1) + [True]:  # only the last pass is timed
+        prof = StepProfile(llm.engine.runner) if profile and gpu and last else None
+        sync()
+        t = time.perf_counter()
+        outs = llm.generate([p for p, _ in reqs], params)
+        sync()
+        dt = time.perf_counter() - t
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == sum(o for _, o in reqs)
     stats = llm.engine.get_stats()
@@ -160,6 +162,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="default: the offline API's (anybit.llm.OFFLINE_MAX_NUM_BATCHED_TOKENS)")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--passes", type=int, default=1, help="run the workload this many times, time the last")
     ap.add_argument("--warmup-requests", type=int, default=200,
                     help="untimed requests first (other seed, outputs capped at WARMUP_MAX_TOKENS)")
     ap.add_argument("--admit-batch", type=int, nargs="+", default=[0],
@@ -190,12 +193,13 @@ def main():
                                         max_num_seqs=args.max_num_seqs,
                                         max_num_batched_tokens=budget,
                                         kv_cache_dtype=args.kv_cache_dtype, admit_batch=admit or None,
-                                        profile=args.profile, warmup=warmup)
+                                        profile=args.profile, warmup=warmup,
+                                        passes=args.passes)
             row = {"preset": args.preset, "requests": args.num_requests, "weights":
                    f"W{args.quant_bits}" if args.quant_bits else dtype, "anybit_backend": args.backend,
                    "kv_cache_dtype": args.kv_cache_dtype,
                    "max_num_batched_tokens": budget,
-                   "admit_batch": admit, "anybit_out_tok_s": tps, "anybit_wall_s": dt,
+                   "admit_batch": admit, "passes": args.passes, "anybit_out_tok_s": tps, "anybit_wall_s": dt,
                    "preemptions": stats["num_preemptions"], **stats.get("profile", {})}
             print(row, flush=True)
             rows.append(row)
