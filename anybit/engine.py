@@ -148,6 +148,15 @@ class LLMEngine:
     def get_stats(self) -> dict:
         return self.scheduler.get_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block (the blocks stay free for reuse), e.g. between benchmark
+        passes over the same prompts. Only while no request is in progress: returns False (and
+        changes nothing) otherwise."""
+        if self.has_unfinished_requests():
+            return False
+        self.scheduler.kv.pool.reset_prefix_cache()
+        return True
+
     # ---- stepping ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()

@@ -47,6 +47,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """LLMEngine.reset_prefix_cache: drop the prefix cache between generate calls."""
+        return self.engine.reset_prefix_cache()
+
     def _add(self, prompts: Prompt | Sequence[Prompt],
              params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
         single_ids = isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)

@@ -95,6 +95,8 @@ def run_anybit(folder, reqs, dtype, device, backend, gpu, profile=False, warmup=
         llm.generate([p for p, _ in warmup], capped)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
     for last in [False] * (passes - 1) + [True]:  # only the last pass is timed
+        if not llm.reset_prefix_cache():  # no hits on an earlier pass's prompts
+            raise RuntimeError("requests left over from the warm-up")
         prof = StepProfile(llm.engine.runner) if profile and gpu and last else None
         sync()
         t = time.perf_counter()

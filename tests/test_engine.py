@@ -191,3 +191,17 @@ def test_prompt_logprobs_with_chunked_prefill(model_dir, llm):
     for a, b in zip(got[1:], want[1:]):
         assert a.keys() == b.keys()
         assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-4)
+
+
+def test_reset_prefix_cache_drops_hits_only_when_idle(llm):
+    prompt = "A prompt long enough to fill a few KV blocks of eight tokens each, twice over."
+    params = SamplingParams(max_tokens=2, temperature=0)
+    first = llm.generate(prompt, params)[0]
+    assert llm.generate(prompt, params)[0].num_cached_tokens > 0
+    llm.engine.add_request("busy", prompt, params)
+    assert not llm.reset_prefix_cache()  # a request in progress: nothing changes
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.reset_prefix_cache()
+    again = llm.generate(prompt, params)[0]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
