@@ -62,18 +62,31 @@ def stage_runs(dtype: str) -> list:
                                                                             else (3, 4, 5))]
 
 
+def pair_runs(dtype: str) -> list:
+    """The Gluon kernel with one chunk per iteration (3 slots, shipped before session 18) against two
+    chunks per iteration (``GL_PAIR``) with 4 and 6 ring slots, the split count held at the shipped rule's."""
+    if dtype == "bfloat16":
+        return [("default", {}, True, 0.5)]
+    return [("gl_single", dict(gl=True, pair=False, stages=3), True, 0.5),
+            ("gl_pair4", dict(gl=True, pair=True, stages=4), True, 0.5),
+            ("gl_pair6", dict(gl=True, pair=True, stages=6), True, 0.5)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
     ap.add_argument("--fills", action="store_true", help="GL_WAVE_FILL 0.5 / 0.35 / 0.25, b8/32/64 x 1k-32k")
     ap.add_argument("--stages", action="store_true", help="GL_STAGES 3-6 at the shipped split count")
+    ap.add_argument("--pair", action="store_true", help="one vs two chunks per iteration, b8/32/64 x 1k-32k")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
-    if args.grid or args.fills or args.stages:
-        cases, runs_of = GRID, grid_runs if args.grid else fill_runs if args.fills else stage_runs
+    if args.grid or args.fills or args.stages or args.pair:
+        cases, runs_of = GRID, (grid_runs if args.grid else fill_runs if args.fills else stage_runs
+                                if args.stages else pair_runs)
     rows = []
     defaults = ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL
     stage_defaults = dict(agl.GL_STAGES)
+    pair_defaults, pair_stage_defaults = dict(agl.GL_PAIR), dict(agl.GL_PAIR_STAGES)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, ctx in cases:
         sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -87,12 +100,17 @@ def main() -> int:
                 ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = pdl, fill
                 kw = dict(kw)
                 stages = kw.pop("stages", None)
+                pair = kw.pop("pair", None)
                 agl.GL_STAGES.update(stage_defaults)
+                agl.GL_PAIR.update(pair_defaults)
+                agl.GL_PAIR_STAGES.update(pair_stage_defaults)
                 if stages:  # hold the split count at the shipped rule's, then change the ring
                     mode = 1 if dtype == "int8" else 2
                     cap = int(agl.gl_programs_per_sm(mode, ba.D) * fill) * sms
                     kw["num_splits"] = ad.choose_splits(batch * ba.NKV, max(ctx, 8192), cap)
-                    agl.GL_STAGES[mode] = stages
+                    if pair is not None:
+                        agl.GL_PAIR[mode] = pair
+                    (agl.GL_PAIR_STAGES if pair else agl.GL_STAGES)[mode] = stages
                 fn = functools.partial(paged_attention_decode, q, cache, sl, table, ba.D ** -0.5, None,
                                        max(ctx, 8192), **kw)
                 err = ba.rel(fn()[:1], ref)
@@ -104,11 +122,13 @@ def main() -> int:
                       f"x{t_bf16 / t:.2f} err {err:.1e}", flush=True)
             ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = defaults
             agl.GL_STAGES.update(stage_defaults)
+            agl.GL_PAIR.update(pair_defaults)
+            agl.GL_PAIR_STAGES.update(pair_stage_defaults)
             cache = table = None
             torch.cuda.empty_cache()
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
-                                        "_stages" if args.stages else "")
+                                        "_stages" if args.stages else "_pair" if args.pair else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
@@ -118,6 +138,8 @@ def main() -> int:
                   "--grid: _old = that rule, _new = half the slots (GL_WAVE_FILL 0.5) with the PDL merge; "
                   "--stages: gl_stages<n> = a ring of n slots, the split count of the shipped rule; "
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
+                  "--pair: gl_single = one chunk per iteration (3 slots), gl_pair<n> = two chunks per "
+                  "iteration (GL_PAIR) with n slots, split count of the shipped rule; "
                   "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],
                  out_dir=os.environ.get("OUT"))
     return 0

@@ -34,6 +34,10 @@ tile) per iteration:
    int4 ``code - 8`` with ``8 * scale`` moved to the zero point). Output rows are relabelled head-dim
    values (``_v_memory_dim``), undone at the store.
 
+With ``PAIR`` (the default, ``GL_PAIR``) an iteration takes two chunks: two independent K unpack /
+score MMA chains, one online-softmax update per 32 tokens, two PV MMAs; an odd chunk count is rounded up
+with a masked chunk read from page 0.
+
 No barrier but the slot hand-back (a 32-thread ``bar.sync``) and no cross-warp reduction. Splits are
 merged by attention_decode's reduction kernel, as for the Triton kernel.
 
@@ -67,6 +71,16 @@ CHUNK = 16  # tokens per iteration (one MMA tile)
 # graphs, int4 at b8-64 x 1k-32k): 4 slots were 0-4% slower than 3, so more bytes in flight do not
 # help; int8 at 4 slots would also fit only 12 programs per SM.
 GL_STAGES = {1: 3, 2: 3}
+# Two chunks per iteration (PAIR): each warp runs two independent unpack -> MMA chains and one online-softmax
+# update (one max / sum reduction and one rescale of O) per 32 tokens. Session 16's profile (b32 x 4k int4:
+# ~7.5 warps per SM, ~0.3 instructions per warp and cycle) says each warp waits on its chunk's dependent
+# chain; a second chunk in the same iteration gives the scheduler independent work. Ring slots with pairs:
+# GL_PAIR_STAGES (one pair in flight ahead at 4). Env ANYBIT_GL_PAIR=0/1 overrides GL_PAIR. H100 s18-1
+# (attention_decode_splits_pair_s18_1, CUDA graphs, b8-64 x 1k-32k): never slower, +0.5-3.5% at b32/b64,
+# +7-12% at b8 x 1k-4k and b32 x 1k (int4); 6 slots were slower than 4. Offline: int4 456 -> 394
+# instructions per chunk, int8 413 -> 348, <= 126 registers.
+GL_PAIR = {1: True, 2: True}
+GL_PAIR_STAGES = {1: 4, 2: 4}
 GL_MAX_GROUP = 8  # query heads per kv head (the MMA's N)
 # Splits hold whole multiples of this many tokens (the kernel's DYN_SPLIT granularity too): with
 # 16-token slices a short context in a graph sized for long ones ran ~60 one-chunk programs per head
@@ -250,6 +264,31 @@ if gluon is not None:
         flat = s_slot._reinterpret(gl.float32, [COUNT * 16], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         return flat.slice(16 * i, 16).load(TOK)
 
+    @gluon.jit
+    def _chunk_scores(k_slot, s_slot, q, kbias, qsum, qk_scale, tok, lo, end, MODE: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, KWL: gl.constexpr, KA: gl.constexpr, MMA: gl.constexpr,
+                      TOK: gl.constexpr):
+        """Scores ``S^T [16 tokens, 8 heads]`` (log2 units, -inf outside [lo, end)) of the chunk whose
+        first token is tok, from a ring slot's K codes and scales; and the tokens' in-slice mask."""
+        t = tok + gl.arange(0, 16, layout=TOK)
+        ok = (t >= lo) & (t < end)
+        ks = _chunk_scale(s_slot, 0, TOK) * qk_scale
+        ka = _k_operand(k_slot.load(KWL), MODE, HEAD_DIM, KA)
+        s = mma_v2(ka, q, gl.zeros([16, 8], gl.float32, MMA))  # S^T [tokens, heads]
+        s = (s - kbias[None, :]) * ks[:, None]
+        if MODE == 2:
+            s += (_chunk_scale(s_slot, 2, TOK) * qk_scale)[:, None] * qsum[None, :]
+        return gl.where(ok[:, None], s, float("-inf")), ok
+
+    @gluon.jit
+    def _chunk_pv(v_slot, p, vs, acc, MODE: gl.constexpr, HEAD_DIM: gl.constexpr, VWL: gl.constexpr,
+                  VA: gl.constexpr, PB: gl.constexpr):
+        """``acc [HEAD_DIM, 8] + V^T (p * v_scale)^T`` for one chunk (p ``[16, 8]``, vs ``[16]``: 0 outside
+        the slice)."""
+        pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), PB)
+        va = _v_operand(v_slot.load(VWL), MODE, HEAD_DIM, VA)
+        return mma_v2(va, pb, acc)
+
     @gluon.jit(do_not_specialize=["window", "tokens_per_split"])
     def _decode_gl_kernel(q_ptr, k_desc, v_desc, s_desc, bt_ptr, seq_lens_ptr,
                           out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
@@ -257,7 +296,7 @@ if gluon is not None:
                           G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
                           DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
-                          TRIGGER: gl.constexpr = False):
+                          TRIGGER: gl.constexpr = False, PAIR: gl.constexpr = False):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
@@ -321,12 +360,19 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         bt_row = bt_ptr + seq * stride_bt
-        # prologue: chunks 0 .. STAGES - 2 requested, the page id of chunk STAGES - 1 kept
-        for j in gl.static_range(STAGES - 1):
+        # prologue: chunks 0 .. AHEAD - 1 requested (AHEAD = STAGES - 1, or STAGES - 2 for pairs, whose
+        # chunk count is rounded up to even: the extra one reads page 0 and is masked), the page ids
+        # of the next chunk(s) kept
+        AHEAD: gl.constexpr = STAGES - 2 if PAIR else STAGES - 1
+        n_req = 2 * gl.cdiv(n_it, 2) if PAIR else n_it
+        for j in gl.static_range(AHEAD):
             pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
             _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh, nkv,
-                         PAGE, HEAD_MAJOR, n_it > j)
-        pg_next = gl.load(bt_row + (c0 + 16 * (STAGES - 1)) // PAGE, mask=n_it > STAGES - 1, other=0)
+                         PAGE, HEAD_MAJOR, n_req > j)
+        pg_next = gl.load(bt_row + (c0 + 16 * AHEAD) // PAGE, mask=n_it > AHEAD, other=0)
+        pg_next2 = pg_next
+        if PAIR:
+            pg_next2 = gl.load(bt_row + (c0 + 16 * (AHEAD + 1)) // PAGE, mask=n_it > AHEAD + 1, other=0)
 
         KWL: gl.constexpr = _k_word_layout(W)
         VWL: gl.constexpr = _v_word_layout(W)
@@ -334,38 +380,69 @@ if gluon is not None:
         l_sum = gl.zeros([8], gl.float32, HEAD)
         zsum = gl.zeros([8], gl.float32, HEAD)
         acc = gl.zeros([HEAD_DIM, 8], gl.float32, MMA)
-        for it in range(n_it):
-            slot = it % STAGES
-            tok = c0 + 16 * it
-            mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
-            gl.thread_barrier()  # every lane is done with slot (it - 1) % STAGES (chunk it - 1)
-            ahead = it + STAGES - 1
-            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
-                         tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_it)
-            pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 1 < n_it, other=0)
-            t = tok + gl.arange(0, 16, layout=TOK)
-            ok = (t >= lo) & (t < end)
-            s_slot = s_smem.index(slot)
-            ks = _chunk_scale(s_slot, 0, TOK) * qk_scale
-            vs = gl.where(ok, _chunk_scale(s_slot, 1, TOK), 0.0)  # tokens outside the slice: any finite
-
-            ka = _k_operand(k_smem.index(slot).load(KWL), MODE, HEAD_DIM, KA)
-            s = mma_v2(ka, q, gl.zeros([16, 8], gl.float32, MMA))  # S^T [tokens, heads]
-            s = (s - kbias[None, :]) * ks[:, None]
-            if MODE == 2:
-                s += (_chunk_scale(s_slot, 2, TOK) * qk_scale)[:, None] * qsum[None, :]
-            s = gl.where(ok[:, None], s, float("-inf"))
-            m_new = gl.maximum(m, gl.max(s, axis=0))
-            alpha = gl.exp2(m - m_new)
-            p = gl.exp2(s - m_new[None, :])
-            l_sum = l_sum * alpha + gl.sum(p, axis=0)
-            if MODE == 2:  # centred V codes: the zero point carries 8 scales
-                vz = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0)
-                zsum = zsum * alpha + gl.sum(p * (vz + 8.0 * vs)[:, None], axis=0)
-            pb = gl.convert_layout((p * vs[:, None]).to(gl.float16), PB)
-            va = _v_operand(v_smem.index(slot).load(VWL), MODE, HEAD_DIM, VA)
-            acc = mma_v2(va, pb, acc * alpha[None, :])
-            m = m_new
+        if PAIR:
+            # two chunks per iteration (the second of the last pair may be a dummy: page 0, masked);
+            # one pair in flight ahead at STAGES 4
+            n_pairs = gl.cdiv(n_it, 2)
+            n_ch = 2 * n_pairs
+            for it2 in range(n_pairs):
+                j0 = 2 * it2
+                tok = c0 + 16 * j0
+                mbarrier.wait(bars.index(j0 % STAGES), (j0 // STAGES) & 1)
+                mbarrier.wait(bars.index((j0 + 1) % STAGES), ((j0 + 1) // STAGES) & 1)
+                gl.thread_barrier()  # every lane is done with the previous pair's slots
+                ahead = j0 + STAGES - 2
+                _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
+                             tok + 16 * (STAGES - 2), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_ch)
+                _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead + 1, pg_next2,
+                             tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead + 1 < n_ch)
+                pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 2 < n_it, other=0)
+                pg_next2 = gl.load(bt_row + (tok + 16 * (STAGES + 1)) // PAGE, mask=ahead + 3 < n_it, other=0)
+                s0, ok0 = _chunk_scores(k_smem.index(j0 % STAGES), s_smem.index(j0 % STAGES), q, kbias, qsum,
+                                        qk_scale, tok, lo, end, MODE, HEAD_DIM, KWL, KA, MMA, TOK)
+                s1, ok1 = _chunk_scores(k_smem.index((j0 + 1) % STAGES), s_smem.index((j0 + 1) % STAGES), q,
+                                        kbias, qsum, qk_scale, tok + 16, lo, end, MODE, HEAD_DIM, KWL, KA,
+                                        MMA, TOK)
+                m_new = gl.maximum(m, gl.max(gl.maximum(s0, s1), axis=0))
+                alpha = gl.exp2(m - m_new)
+                p0 = gl.exp2(s0 - m_new[None, :])
+                p1 = gl.exp2(s1 - m_new[None, :])
+                l_sum = l_sum * alpha + gl.sum(p0 + p1, axis=0)
+                vs0 = gl.where(ok0, _chunk_scale(s_smem.index(j0 % STAGES), 1, TOK), 0.0)
+                vs1 = gl.where(ok1, _chunk_scale(s_smem.index((j0 + 1) % STAGES), 1, TOK), 0.0)
+                if MODE == 2:  # centred V codes: the zero point carries 8 scales
+                    vz0 = gl.where(ok0, _chunk_scale(s_smem.index(j0 % STAGES), 3, TOK), 0.0)
+                    vz1 = gl.where(ok1, _chunk_scale(s_smem.index((j0 + 1) % STAGES), 3, TOK), 0.0)
+                    zp = p0 * (vz0 + 8.0 * vs0)[:, None] + p1 * (vz1 + 8.0 * vs1)[:, None]
+                    zsum = zsum * alpha + gl.sum(zp, axis=0)
+                acc = _chunk_pv(v_smem.index(j0 % STAGES), p0, vs0, acc * alpha[None, :], MODE, HEAD_DIM, VWL,
+                                VA, PB)
+                acc = _chunk_pv(v_smem.index((j0 + 1) % STAGES), p1, vs1, acc, MODE, HEAD_DIM, VWL, VA, PB)
+                m = m_new
+        else:
+            for it in range(n_it):
+                slot = it % STAGES
+                tok = c0 + 16 * it
+                mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
+                gl.thread_barrier()  # every lane is done with slot (it - 1) % STAGES (chunk it - 1)
+                ahead = it + STAGES - 1
+                _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
+                             tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_it)
+                pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 1 < n_it, other=0)
+                s_slot = s_smem.index(slot)
+                s, ok = _chunk_scores(k_smem.index(slot), s_slot, q, kbias, qsum, qk_scale, tok, lo, end,
+                                      MODE, HEAD_DIM, KWL, KA, MMA, TOK)
+                vs = gl.where(ok, _chunk_scale(s_slot, 1, TOK), 0.0)  # tokens outside the slice: any finite
+                m_new = gl.maximum(m, gl.max(s, axis=0))
+                alpha = gl.exp2(m - m_new)
+                p = gl.exp2(s - m_new[None, :])
+                l_sum = l_sum * alpha + gl.sum(p, axis=0)
+                if MODE == 2:  # centred V codes: the zero point carries 8 scales
+                    vz = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0)
+                    zsum = zsum * alpha + gl.sum(p * (vz + 8.0 * vs)[:, None], axis=0)
+                acc = _chunk_pv(v_smem.index(slot), p, vs, acc * alpha[None, :], MODE, HEAD_DIM, VWL, VA,
+                                PB)
+                m = m_new
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -438,13 +515,25 @@ def scale_rows(kv_cache: LayerKVCache) -> torch.Tensor | None:
     return torch.as_strided(base, (nb * nkv * count, bs), (bs, 1))
 
 
-def gl_programs_per_sm(mode: int, head_dim: int) -> int:
-    """Resident one-warp programs per SM: registers (``GL_REGS``), shared memory (``GL_STAGES`` ring
-    slots of K and V codes and scales, ~1 KB of layout-conversion scratch) and Hopper's 32 blocks per
-    SM."""
+def gl_pair(mode: int) -> bool:
+    """Whether the kernel runs two chunks per iteration for this cache mode (``GL_PAIR``, env
+    ``ANYBIT_GL_PAIR``)."""
+    env = os.environ.get("ANYBIT_GL_PAIR")
+    return env == "1" if env in ("0", "1") else bool(GL_PAIR.get(mode, False))
+
+
+def gl_stages(mode: int) -> int:
+    """TMA ring slots of the kernel for this cache mode: ``GL_PAIR_STAGES`` with pairs, else ``GL_STAGES``."""
+    return GL_PAIR_STAGES[mode] if gl_pair(mode) else GL_STAGES[mode]
+
+
+def gl_programs_per_sm(mode: int, head_dim: int, stages: int | None = None) -> int:
+    """Resident one-warp programs per SM: registers (``GL_REGS``), shared memory (``stages`` ring slots,
+    default ``gl_stages``, of K and V codes and scales, ~1 KB of layout-conversion scratch) and Hopper's
+    32 blocks per SM."""
     regs = (GL_REGS.get(mode, 168) + 7) // 8 * 8
     row_bytes = head_dim if mode == 1 else head_dim // 2
-    smem = GL_STAGES[mode] * ((2 * row_bytes + 4 * 2 * mode) * CHUNK + 8) + 1024
+    smem = (stages or gl_stages(mode)) * ((2 * row_bytes + 4 * 2 * mode) * CHUNK + 8) + 1024
     return max(1, min(32, 65536 // (regs * 32), (227 * 1024) // smem))
 
 
@@ -489,8 +578,8 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         scale_descriptor(rows, 2 * mode), block_table, seq_lens, out, mid_o, mid_lse, qk_scale, window,
         tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
-        HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode, STAGES=GL_STAGES[mode],
+        HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode, STAGES=gl_stages(mode),
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
-        num_warps=1)
+        PAIR=gl_pair(mode), num_warps=1)
 
 

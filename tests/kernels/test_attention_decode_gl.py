@@ -6,6 +6,7 @@ which relabelled head-dim index), and an offline sm_90 compile (no spills, no sh
 trip for the MMA operands). On a Hopper GPU: the kernel against ``ref_paged_attention_decode``."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -86,26 +87,35 @@ def test_relabelling_matches_the_kernels_chain(mode, head_dim):
     assert torch.equal(x, code[:, agl.v_memory_dim(d, head_dim)].T)
 
 
+@pytest.mark.parametrize("pair", [False, True])
 @pytest.mark.parametrize("mode", [1, 2])
-def test_sm90_compile_loop(mode):
+def test_sm90_compile_loop(mode, pair):
     """One warp, no spills, registers within GL_REGS (they size the splits), and in the loop no
-    shared-memory stores or local memory: the operands' layout conversions are register renames."""
+    shared-memory stores or local memory: the operands' layout conversions are register renames.
+    PAIR: two chunks per iteration (32 MMAs, 6 TMA copies), fewer instructions per chunk."""
     row = 128 if mode == 1 else 64
     desc = f"desc:int32:1024x{8 * row // 4}:16x{row // 4}"
     ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "qk_scale": "fp32",
             "s_desc": f"desc:float32:{1024 * 8 * 2 * mode}x16:{2 * mode}x16:0"}
     ptrs.update({n: "*fp32" for n in ("mid_o_ptr", "mid_lse_ptr")})
     ptrs.update({"bt_ptr": "*i32", "seq_lens_ptr": "*i32"})
+    stages = agl.GL_PAIR_STAGES[mode] if pair else agl.GL_STAGES[mode]
     consts = dict(G=4, HEAD_DIM=128, PAGE=16, MODE=mode, SPLIT_OUT=True, DYN_SPLIT=True, HEAD_MAJOR=True,
-                  STAGES=agl.GL_STAGES[mode])
+                  STAGES=stages, PAIR=pair)
     lines = sm90_sass_ptrs(agl._decode_gl_kernel, consts, ptrs, {"num_warps": 1})
-    main = [b for b in loop_bodies(lines) if sum("HMMA" in s for s in b) == 16 and
+    chunks = 2 if pair else 1
+    main = [b for b in loop_bodies(lines) if sum("HMMA" in s for s in b) == 16 * chunks and
             not any(s.startswith("STG") for s in b)]
-    assert main, "no loop with the chunk's 16 MMAs"
+    assert main, f"no loop with the {16 * chunks} MMAs of {chunks} chunk(s)"
     body = main[0]
-    assert sum("UTMALDG" in s for s in body) == 3  # K and V codes, scales
+    assert sum("UTMALDG" in s for s in body) == 3 * chunks  # K and V codes, scales
     assert not [s for s in body if s.startswith(("STS", "STL", "LDL"))], "shared-memory round trip or spills"
-    assert shared_bytes(lines) <= agl.GL_STAGES[mode] * (2 * 16 * row + 2 * mode * 64 + 8) + 1024
+    assert not [s for s in lines if s.startswith(("STL", "LDL"))], "spills"
+    regs = max(int(r) for s in lines for r in re.findall(r"\bR(\d+)\b", s)) + 1
+    assert regs <= agl.GL_REGS[mode], regs
+    assert shared_bytes(lines) <= stages * (2 * 16 * row + 2 * mode * 64 + 8) + 1024
+    if pair:  # single-chunk loops: int8 413, int4 456 instructions (Triton 3.6 ptxas)
+        assert len(body) / 2 < {1: 380, 2: 420}[mode], len(body)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
@@ -127,18 +137,27 @@ def test_scale_rows_only_for_packed_scales(dtype):
     assert agl.code_layout(make_cache(dtype, 5, 32, 3, 64, device="cpu", code_layout="token").key) == "token"
 
 
-def test_programs_per_sm():
-    assert agl.gl_programs_per_sm(1, 128) == 16
+def test_programs_per_sm(monkeypatch):
+    """Single-chunk rings (3 slots): 16 per SM (registers); the int8 pair ring (4 slots, 17 KB) fits 12."""
+    monkeypatch.delenv("ANYBIT_GL_PAIR", raising=False)
+    assert agl.gl_programs_per_sm(1, 128, stages=3) == 16
+    assert agl.gl_programs_per_sm(2, 128, stages=3) == 16
+    monkeypatch.setattr(agl, "GL_PAIR", {1: True, 2: True})
+    assert agl.gl_programs_per_sm(1, 128) == 12
     assert agl.gl_programs_per_sm(2, 128) == 16
 
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
+@pytest.mark.parametrize("pair", [False, True])
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("nh,nkv,hd,bs", [(32, 8, 128, 16), (8, 8, 128, 32), (16, 2, 64, 16),
                                          (14, 2, 128, 64)])
-def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs):
+def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, monkeypatch):
+    """Odd and even chunk counts (PAIR rounds them up with a masked chunk of page 0), windows, splits."""
+    monkeypatch.setattr(agl, "GL_PAIR", {1: pair, 2: pair})
+    monkeypatch.delenv("ANYBIT_GL_PAIR", raising=False)
     seq = [1, 15, 16, 17, 129, 300, 1030]
     b = make_batch(seq, [1] * len(seq), nh, nkv, hd, dtype, block_size=bs, q_dtype=torch.bfloat16)
     q, cache = b["query"], b["cache"]
