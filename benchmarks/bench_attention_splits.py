@@ -72,17 +72,40 @@ def pair_runs(dtype: str) -> list:
             ("gl_pair6", dict(gl=True, pair=True, stages=6), True, 0.5)]
 
 
+FIXED_CASES = [(32, 16), (32, 256), (32, 1000), (32, 4096), (8, 4096), (64, 4096)]
+
+
+def fixed_runs(dtype: str) -> list:
+    """The per-call cost: the shipped split rule against one split (no partials, no merge kernel), at
+    short and 4k contexts. (s18-2 also timed the query converted after the prologue's copies: level,
+    not kept.)"""
+    if dtype == "bfloat16":
+        return [("default", {}, True, 0.5), ("s1", dict(num_splits=1), True, 0.5)]
+    return [("gl", dict(gl=True), True, 0.5), ("gl_s1", dict(gl=True, num_splits=1), True, 0.5)]
+
+
+def empty_graph_us() -> float:
+    """Two one-element kernels per call (the decode and its merge) in the same CUDA-graph timing: the
+    floor of a call's launches."""
+    x = torch.zeros(1, device="cuda")
+    return ba.graph_time_us(lambda: (x.add_(1.0), x.mul_(1.0)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
     ap.add_argument("--fills", action="store_true", help="GL_WAVE_FILL 0.5 / 0.35 / 0.25, b8/32/64 x 1k-32k")
     ap.add_argument("--stages", action="store_true", help="GL_STAGES 3-6 at the shipped split count")
     ap.add_argument("--pair", action="store_true", help="one vs two chunks per iteration, b8/32/64 x 1k-32k")
+    ap.add_argument("--fixed", action="store_true", help="per-call cost: query order, one split")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
     if args.grid or args.fills or args.stages or args.pair:
         cases, runs_of = GRID, (grid_runs if args.grid else fill_runs if args.fills else stage_runs
                                 if args.stages else pair_runs)
+    if args.fixed:
+        cases, runs_of = FIXED_CASES, fixed_runs
+        print(f"empty graph call (2 one-element kernels): {empty_graph_us():.2f} us", flush=True)
     rows = []
     defaults = ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL
     stage_defaults = dict(agl.GL_STAGES)
@@ -128,7 +151,8 @@ def main() -> int:
             torch.cuda.empty_cache()
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
-                                        "_stages" if args.stages else "_pair" if args.pair else "")
+                                        "_stages" if args.stages else "_pair" if args.pair else
+                                        "_fixed" if args.fixed else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
@@ -140,6 +164,8 @@ def main() -> int:
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
                   "--pair: gl_single = one chunk per iteration (3 slots), gl_pair<n> = two chunks per "
                   "iteration (GL_PAIR) with n slots, split count of the shipped rule; "
+                  "--fixed: _s1 = one split (no partials, no merge kernel); s18-2's gl_lateq0 / gl_lateq1 = "
+                  "the query converted before / after the prologue's copies (not kept); "
                   "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],
                  out_dir=os.environ.get("OUT"))
     return 0

@@ -72,12 +72,35 @@ def sweep_variants(M: int, b: int) -> list:
     return out
 
 
+def wave_sweep(N: int, K: int):
+    """Variants for one shape (session 18): BLOCK_M 64 / 128 / 256 x (BLOCK_N, warps) x split-K, around
+    the launcher's choice, for the wave fill that the 4096x14336 sweep did not see."""
+    def variants(M: int, b: int) -> list:
+        out = [("anybit_ra", dict(path="ra"))]
+        for bm in (64, 128, 256):
+            if bm > 2 * max(M, 64):
+                continue
+            for bn, warps in ((64, 4), (128, 8)):
+                auto = ra_split(M, N, K, bm, bn, 64, warps, 132)
+                for sk in sorted({1, auto, 2 * auto} if bm < 256 else {1}):
+                    if (K // 64) % sk or K // 64 // sk < 8:
+                        continue
+                    out.append((f"anybit_ra_bm{bm}_bn{bn}_w{warps}_sk{sk}",
+                                dict(path="ra", block_m=bm, block_n=bn, num_warps=warps, split_k=sk)))
+        return out
+    variants.__name__ = f"wave_sweep_{N}x{K}"
+    return variants
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget", type=float, default=420.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--name", default="quant_matmul_ra")
+    ap.add_argument("--sweep-shapes", default=None,
+                    help="only the correctness check and wave_sweep on these shapes (e.g. 6144x4096)")
+    ap.add_argument("--sweep-ms", default="256,1024")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -111,6 +134,10 @@ def main() -> int:
         [((4096, 14336), MS, main_variants), ((14336, 4096), MS, main_variants),
          ((6144, 4096), MS, main_variants), ((128256, 4096), [16, 64, 256, 1024], main_variants),
          ((4096, 14336), [16, 64, 256, 1024], sweep_variants)]
+    if args.sweep_shapes:
+        sweep_ms = [int(m) for m in args.sweep_ms.split(",")]
+        plan = [((n, k), sweep_ms, wave_sweep(n, k))
+                for n, k in (tuple(int(v) for v in sh.split("x")) for sh in args.sweep_shapes.split(","))]
     for (N, K), ms, variants in plan:
         if time.time() - t0 > args.budget:
             log(f"budget reached: skipped {N}x{K} {variants.__name__}")
@@ -130,12 +157,15 @@ def main() -> int:
         print(f"{shp:>12} {M:>5} {sel['cublas_bf16']['time_us']:8.1f} " + " ".join(cells))
     best = {}
     for r in rows:
-        if r.get("section") == "sweep_variants" and r["method"].startswith("anybit_ra"):
-            k = r["M"]
+        swept = r.get("section", "").startswith(("sweep_variants", "wave_sweep"))
+        if swept and r["method"].startswith("anybit_ra"):
+            k = (r["shape"], r["M"])
             if k not in best or r["time_us"] < best[k]["time_us"]:
                 best[k] = r
-    for M, r in sorted(best.items()):
-        print(f"sweep 4096x14336 M{M}: best {r['method']} {r['time_us']:.1f} us ({r['speedup']:.2f}x)")
+    for (shp, M), r in sorted(best.items()):
+        auto = next((x for x in rows if (x["shape"], x["M"], x["method"]) == (shp, M, "anybit_ra")), r)
+        print(f"sweep {shp} M{M}: best {r['method']} {r['time_us']:.1f} us ({r['speedup']:.2f}x); "
+              f"launcher {auto['time_us']:.1f} us ({auto['speedup']:.2f}x)")
     return 0
 
 
