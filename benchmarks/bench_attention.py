@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode  # noqa: E402
 from anybit.kernels.attention_prefill import paged_attention_prefill, ref_paged_attention_prefill  # noqa: E402
-from anybit.layers.attention_meta import LayerKVCache, new_layer_kv_cache  # noqa: E402
+from anybit.layers.attention_meta import KV_SCALE_DTYPE, LayerKVCache, new_layer_kv_cache  # noqa: E402
 from benchmarks.common import print_table, write_result  # noqa: E402
 
 NH, NKV, D, BS = 32, 8, 128, 16
@@ -70,7 +70,9 @@ def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D, lay
 
 
 def kv_bytes_per_token_head(dtype: str, d: int = D) -> int:
-    return {"bfloat16": 2 * d, "int8": d + 4, "int4": d // 2 + 8}[dtype]
+    """Bytes of one K or V row with its scale (int8) or scale and zero point (int4, KV_SCALE_DTYPE)."""
+    sb = torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
+    return {"bfloat16": 2 * d, "int8": d + sb, "int4": d // 2 + 2 * sb}[dtype]
 
 
 def rel(a, b) -> float:

@@ -164,7 +164,7 @@ def test_batched_torch_decode_matches_reference(kv, window):
     if cache.key_scale is not None:  # packed: a (page, kv head) holds its 2 or 4 arrays contiguously
         n = 2 if kv == "int8" else 4
         assert cache.key_scale.shape == (16, 4, 2) and cache.key_scale.stride() == (8 * n, 1, 4 * n)
-        assert cache.value_scale.data_ptr() == cache.key_scale.data_ptr() + 16
+        assert cache.value_scale.data_ptr() == cache.key_scale.data_ptr() + 4 * cache.key_scale.element_size()
     lens = [1, 7, 13]
     tables = torch.tensor([[3, 0, 0, 0], [5, 1, 0, 0], [2, 4, 6, 7]], dtype=torch.int32)
     for i, n in enumerate(lens):

@@ -184,7 +184,7 @@ def _bytes_to_codes(raw, MODE: tl.constexpr, CDT: tl.constexpr, USE_ASM: tl.cons
 def _zeros_or_load(ptr, srow, valid, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
     """int4 zero points of a tile (masked), zeros for other caches."""
     if MODE == 2:
-        z = tl.load(ptr + srow, mask=valid, other=0.0)
+        z = tl.load(ptr + srow, mask=valid, other=0.0).to(tl.float32)
     else:
         z = tl.zeros([BLOCK_N], tl.float32)
     return z
@@ -352,16 +352,16 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
             row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
             srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
             kraw = _load_words(k_ptr, row, offs_w, valid)
-            ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0) * qk_scale
+            ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0).to(tl.float32) * qk_scale
             kz = _zeros_or_load(kz_ptr, srow, valid, MODE, BLOCK_N) * qk_scale
             if PREFETCH == 2:
                 vraw = _load_words(v_ptr, row, offs_w, valid)
-                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0).to(tl.float32)
                 vz = _zeros_or_load(vz_ptr, srow, valid, MODE, BLOCK_N)
             for n0 in range(start, end, BLOCK_N):
                 if PREFETCH == 1:  # this tile's V: in flight during QK^T and the softmax
                     vraw = _load_words(v_ptr, row, offs_w, valid)
-                    vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                    vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0).to(tl.float32)
                     vz = _zeros_or_load(vz_ptr, srow, valid, MODE, BLOCK_N)
                 tok_n = n0 + BLOCK_N + ar
                 valid_n = tok_n < end
@@ -371,10 +371,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                 srow_n = page_n * stride_sb + in_page_n * stride_st + kvh * stride_sh
                 if PREFETCH == 2:  # the whole next tile: in flight during this iteration
                     kraw_n = _load_words(k_ptr, row_n, offs_w, valid_n)
-                    ksc_n = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0) * qk_scale
+                    ksc_n = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0).to(tl.float32) * qk_scale
                     kz_n = _zeros_or_load(kz_ptr, srow_n, valid_n, MODE, BLOCK_N) * qk_scale
                     vraw_n = _load_words(v_ptr, row_n, offs_w, valid_n)
-                    vsc_n = tl.load(vs_ptr + srow_n, mask=valid_n, other=0.0)
+                    vsc_n = tl.load(vs_ptr + srow_n, mask=valid_n, other=0.0).to(tl.float32)
                     vz_n = _zeros_or_load(vz_ptr, srow_n, valid_n, MODE, BLOCK_N)
                 ka, kb = _words_to_codes(kraw, MODE, HEAD_DIM, CDT, USE_ASM)
                 s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
@@ -389,7 +389,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                 p = tl.exp2(s - m_new[:, None])
                 if PREFETCH == 1:  # next K tile: in flight during PV and the next iteration's start
                     kraw = _load_words(k_ptr, row_n, offs_w, valid_n)
-                    ksc = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0) * qk_scale
+                    ksc = tl.load(ks_ptr + srow_n, mask=valid_n, other=0.0).to(tl.float32) * qk_scale
                     kz = _zeros_or_load(kz_ptr, srow_n, valid_n, MODE, BLOCK_N) * qk_scale
                 va, vb = _words_to_codes(vraw, MODE, HEAD_DIM, CDT, USE_ASM, V_EXACT)
                 if MODE == 2:
@@ -418,11 +418,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                 row = page * stride_cb + in_page * stride_ct + kvh * stride_ch
                 srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
                 ka, kb = load_codes_biased(k_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM)
-                ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0) * qk_scale  # softmax scale folded in
+                # the softmax scale folded in
+                ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0).to(tl.float32) * qk_scale
                 s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
                 if MODE == 2:
                     s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PREC)
-                    kz = tl.load(kz_ptr + srow, mask=valid, other=0.0) * qk_scale
+                    kz = tl.load(kz_ptr + srow, mask=valid, other=0.0).to(tl.float32) * qk_scale
                     s = (s - kbias[:, None]) * ksc[None, :] + qsum[:, None] * kz[None, :]
                 else:
                     s = (s - kbias[:, None]) * ksc[None, :]
@@ -431,9 +432,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 va, vb = _load_codes(v_ptr, row, MODE, HEAD_DIM, CDT, USE_ASM, V_EXACT)
-                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0).to(tl.float32)
                 if MODE == 2:
-                    vz = tl.load(vz_ptr + srow, mask=valid, other=0.0)
+                    vz = tl.load(vz_ptr + srow, mask=valid, other=0.0).to(tl.float32)
                     acc, acc_b, l, zsum = _pv_update(p, vsc, vz, va, vb, acc, acc_b, l, zsum, alpha, VB, MODE,
                                                      CDT, V_EXACT, DOT_PREC)
                 else:
@@ -453,7 +454,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
             srow = page * stride_sb + in_page * stride_st + kvh * stride_sh
             if INT8_QK:
                 kraw = tl.load(k_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
-                ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0)
+                ksc = tl.load(ks_ptr + srow, mask=valid, other=0.0).to(tl.float32)
                 s = tl.dot(qa, tl.trans(kraw)).to(tl.float32) * q_scale[:, None]
             else:
                 ka, kb, ksc, kz = load_kv_tile(k_ptr, ks_ptr, kz_ptr, row, srow, valid, MODE, HEAD_DIM,
@@ -472,7 +473,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, bt_ptr, 
             l = l * alpha + tl.sum(p, axis=1)
             if INT8_PV:  # p * v_scale quantized per row to int8 so raw V codes feed an int8 MMA
                 vraw = tl.load(v_ptr + row[:, None] + offs_raw[None, :], mask=valid[:, None], other=0)
-                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0)
+                vsc = tl.load(vs_ptr + srow, mask=valid, other=0.0).to(tl.float32)
                 w = p * vsc[None, :]
                 w_scale = tl.maximum(tl.max(w, axis=1), 1e-30) / 127.0
                 w8 = tl.floor(w / w_scale[:, None] + 0.5).to(tl.int8)
@@ -859,7 +860,7 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     if num_seqs == 0:
         return out
     # GL_WAVE_FILL was tuned (s15) on the single-chunk ring (16 resident programs per SM); the split count
-    # keeps that target with pairs too (s18-1 measured them at it), though int8's 4-slot pair ring fits 12
+    # keeps that target with pairs too (s18-1 measured them at it), though int8's 4-slot pair ring fits 13
     slots = gl_programs_per_sm(mode, head_dim, GL_STAGES[mode])
     cap = max(1, int(slots * GL_WAVE_FILL)) * _num_sms(query.device)
     splits, tps = _split_slices(max_seq_len, num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap),

@@ -53,7 +53,7 @@ import os
 
 import torch
 
-from anybit.layers.attention_meta import LayerKVCache
+from anybit.layers.attention_meta import KV_SCALE_DTYPE, LayerKVCache
 
 try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use attention_decode's kernel
     from triton.experimental import gluon
@@ -258,11 +258,11 @@ if gluon is not None:
 
     @gluon.jit
     def _chunk_scale(s_slot, i: gl.constexpr, TOK: gl.constexpr):
-        """Row i ``[16]`` (layout TOK) of a ring slot's ``[count, 16]`` scales (the box is unswizzled:
-        row i is 16 consecutive floats)."""
+        """Row i ``[16]`` (layout TOK) of a ring slot's ``[count, 16]`` scales, as float32 (the box is
+        unswizzled: row i is 16 consecutive values of the cache's scale type)."""
         COUNT: gl.constexpr = s_slot.shape[0]
-        flat = s_slot._reinterpret(gl.float32, [COUNT * 16], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        return flat.slice(16 * i, 16).load(TOK)
+        flat = s_slot._reinterpret(s_slot.dtype, [COUNT * 16], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        return flat.slice(16 * i, 16).load(TOK).to(gl.float32)
 
     @gluon.jit
     def _chunk_scores(k_slot, s_slot, q, kbias, qsum, qk_scale, tok, lo, end, MODE: gl.constexpr,
@@ -300,10 +300,11 @@ if gluon is not None:
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
-        codes as int32 words (``code_descriptor``, block ``[16, W]``, W = words per head row); the
-        packed scales ``[num_blocks * kv_heads * count, PAGE]`` float32 (block ``[count, 16]``; rows
-        key scale, value scale, then int4's key and value zero points). TRIGGER: let the next kernel
-        of the stream (the split merge, launched with PDL) start now; it waits for this grid."""
+        codes as int32 words (``code_descriptor``, block ``[16, W]``, W = words per head row);
+        the packed scales ``[num_blocks * kv_heads * count, PAGE]`` float16 or float32 (block
+        ``[count, 16]``; rows key scale, value scale, then int4's key and value zero points).
+        TRIGGER: let the next kernel of the stream (the split merge, launched with PDL) start now; it
+        waits for this grid."""
         if TRIGGER:
             _gdc_launch_dependents()
         W: gl.constexpr = k_desc.block_type.shape[1]
@@ -355,7 +356,7 @@ if gluon is not None:
         nkv = gl.num_programs(1)
         k_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], v_desc.layout)
-        s_smem = gl.allocate_shared_memory(gl.float32, [STAGES, COUNT, 16], s_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, COUNT, 16], s_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -495,8 +496,8 @@ def code_layout(codes: torch.Tensor) -> str | None:
 
 
 def scale_rows(kv_cache: LayerKVCache) -> torch.Tensor | None:
-    """The packed scales (``kv_scale_buffers`` layout "packed") as float32 rows ``[num_blocks *
-    kv_heads * count, block_size]`` (row ``(page * kv_heads + head) * count + i``: i = key scale,
+    """The packed scales (``kv_scale_buffers`` layout "packed") as float16 / float32 rows ``[num_blocks
+    * kv_heads * count, block_size]`` (row ``(page * kv_heads + head) * count + i``: i = key scale,
     value scale, int4's key and value zero points), or None when the cache's scales are not packed
     that way (the Triton kernel reads any layout)."""
     arrays = [kv_cache.key_scale, kv_cache.value_scale]
@@ -504,13 +505,16 @@ def scale_rows(kv_cache: LayerKVCache) -> torch.Tensor | None:
         arrays += [kv_cache.key_zero, kv_cache.value_zero]
     nb, bs, nkv, count = kv_cache.num_blocks, kv_cache.block_size, kv_cache.num_kv_heads, len(arrays)
     base = arrays[0]
+    if base is None or base.dtype not in (torch.float16, torch.float32):
+        return None
+    size_of = base.element_size()
     for i, a in enumerate(arrays):
-        if (a is None or a.dtype != torch.float32 or tuple(a.shape) != (nb, bs, nkv)
+        if (a is None or a.dtype != base.dtype or tuple(a.shape) != (nb, bs, nkv)
                 or a.stride() != (nkv * count * bs, 1, count * bs)
-                or a.data_ptr() != base.data_ptr() + 4 * i * bs):
+                or a.data_ptr() != base.data_ptr() + size_of * i * bs):
             return None
     size = nb * nkv * count * bs
-    if base.data_ptr() % 16 or base.untyped_storage().nbytes() < 4 * (base.storage_offset() + size):
+    if base.data_ptr() % 16 or base.untyped_storage().nbytes() < size_of * (base.storage_offset() + size):
         return None
     return torch.as_strided(base, (nb * nkv * count, bs), (bs, 1))
 
@@ -533,7 +537,8 @@ def gl_programs_per_sm(mode: int, head_dim: int, stages: int | None = None) -> i
     32 blocks per SM."""
     regs = (GL_REGS.get(mode, 168) + 7) // 8 * 8
     row_bytes = head_dim if mode == 1 else head_dim // 2
-    smem = (stages or gl_stages(mode)) * ((2 * row_bytes + 4 * 2 * mode) * CHUNK + 8) + 1024
+    scale_bytes = torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
+    smem = (stages or gl_stages(mode)) * ((2 * row_bytes + scale_bytes * 2 * mode) * CHUNK + 8) + 1024
     return max(1, min(32, 65536 // (regs * 32), (227 * 1024) // smem))
 
 
@@ -554,7 +559,7 @@ def code_descriptor(codes: torch.Tensor):
 def scale_descriptor(rows: torch.Tensor, count: int):
     """The TMA descriptor of ``scale_rows``: block ``[count, 16]``, unswizzled (the kernel reads
     each row as 16 consecutive floats)."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * rows.element_size(), rank=2)
     return TensorDescriptor(rows, list(rows.shape), [rows.shape[1], 1], [count, CHUNK], layout)
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from anybit.layers.attention_meta import LayerKVCache
+from anybit.layers.attention_meta import KV_SCALE_DTYPE, LayerKVCache
 
 _FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8", "int4")
@@ -28,25 +28,34 @@ _EPS = 1e-8  # smallest scale used as divisor (a constant row quantizes to zeros
 # ----------------------------------------------------------------------------------------------
 # torch references
 # ----------------------------------------------------------------------------------------------
+def ref_as_stored(v: torch.Tensor) -> torch.Tensor:
+    """float32 ``v`` rounded to the cache's scale dtype (``KV_SCALE_DTYPE``) and back: the codes are
+    computed with the scales and zero points that dequantization reads."""
+    if torch.float16 == KV_SCALE_DTYPE:
+        v = v.clamp(-65504.0, 65504.0)
+    return v.to(KV_SCALE_DTYPE).float()
+
+
 def ref_quantize_kv(x: torch.Tensor, dtype: str):
     """Quantize ``x [..., head_dim]`` per row (the last dim) for a cache of ``dtype``.
 
     Returns ``(q, scale, zero)``: int8 -> q int8 ``[..., head_dim]``, scale float32 ``[...]``,
-    zero None; int4 -> q uint8 ``[..., head_dim // 2]`` (packed), scale and zero float32 ``[...]``;
+    zero None; int4 -> q uint8 ``[..., head_dim // 2]`` (packed), scale and zero float32 ``[...]``
+    (values of ``KV_SCALE_DTYPE``, the cache's storage type, used as such for the codes);
     float dtypes -> ``(x.to(dtype), None, None)``.
     """
     if dtype in _FLOAT_DTYPES:
         return x.to(_FLOAT_DTYPES[dtype]), None, None
     xf = x.float()
     if dtype == "int8":
-        scale = xf.abs().amax(dim=-1) / 127.0
+        scale = ref_as_stored(xf.abs().amax(dim=-1) / 127.0)
         q = torch.round(xf / scale.clamp_min(_EPS).unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
         return q, scale, None
     if dtype == "int4":
         if x.shape[-1] % 2:
             raise ValueError(f"int4 KV cache needs an even head_dim, got {x.shape[-1]}")
-        lo = xf.amin(dim=-1)
-        scale = (xf.amax(dim=-1) - lo) / 15.0
+        lo = ref_as_stored(xf.amin(dim=-1))
+        scale = ref_as_stored((xf.amax(dim=-1) - lo) / 15.0)
         q = torch.round((xf - lo.unsqueeze(-1)) / scale.clamp_min(_EPS).unsqueeze(-1)).clamp(0, 15)
         q = q.to(torch.uint8)
         packed = q[..., 0::2] | (q[..., 1::2] << 4)
@@ -120,9 +129,9 @@ def ref_reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: Laye
         page, in_page = slots // kv_cache.block_size, slots % kv_cache.block_size  # any cache strides
         dst[page, in_page] = q.to(dst.dtype)
         if scale is not None:
-            s_dst[page, in_page] = scale
+            s_dst[page, in_page] = scale.to(s_dst.dtype)
         if zero is not None:
-            z_dst[page, in_page] = zero
+            z_dst[page, in_page] = zero.to(z_dst.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +157,16 @@ def _round_half_even(y):
 
 
 @triton.jit
+def _as_stored(v, ptr):
+    """float32 ``v`` rounded to the element type of ``ptr`` (the cache's scale / zero-point arrays,
+    float16: clamped to its finite range first) and back, so the codes are computed with the values
+    that dequantization will read."""
+    if ptr.dtype.element_ty == tl.float16:
+        v = tl.minimum(tl.maximum(v, -65504.0), 65504.0).to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _write_one(src_ptr, stride_st, stride_sh, tok, dst_ptr, s_ptr, z_ptr, dst_off, s_off, stride_dh,
                stride_s_h, n_heads, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
     """Quantize (MODE 1/2) or cast (MODE 0) one token's ``[n_heads, HEAD_DIM]`` and store it."""
@@ -159,9 +178,9 @@ def _write_one(src_ptr, stride_st, stride_sh, tok, dst_ptr, s_ptr, z_ptr, dst_of
         offs = tl.arange(0, HEAD_DIM // 2)
         xe = tl.load(src + 2 * offs[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
         xo = tl.load(src + 2 * offs[None, :] + 1, mask=hmask[:, None], other=0.0).to(tl.float32)
-        lo = tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1))
+        lo = _as_stored(tl.minimum(tl.min(xe, axis=1), tl.min(xo, axis=1)), z_ptr)
         hi = tl.maximum(tl.max(xe, axis=1), tl.max(xo, axis=1))
-        scale = (hi - lo) / 15.0
+        scale = _as_stored((hi - lo) / 15.0, s_ptr)
         inv = 1.0 / tl.maximum(scale, 1e-8)
         qe = tl.minimum(tl.maximum(_round_half_even((xe - lo[:, None]) * inv[:, None]), 0.0), 15.0)
         qo = tl.minimum(tl.maximum(_round_half_even((xo - lo[:, None]) * inv[:, None]), 0.0), 15.0)
@@ -174,7 +193,7 @@ def _write_one(src_ptr, stride_st, stride_sh, tok, dst_ptr, s_ptr, z_ptr, dst_of
         x = tl.load(src + offs[None, :], mask=hmask[:, None], other=0.0)
         if MODE == 1:
             xf = x.to(tl.float32)
-            scale = tl.max(tl.abs(xf), axis=1) / 127.0
+            scale = _as_stored(tl.max(tl.abs(xf), axis=1) / 127.0, s_ptr)
             inv = 1.0 / tl.maximum(scale, 1e-8)
             q = tl.minimum(tl.maximum(_round_half_even(xf * inv[:, None]), -127.0), 127.0)
             tl.store(dst + offs[None, :], q.to(tl.int8), mask=hmask[:, None])
@@ -296,15 +315,15 @@ def load_kv_tile(c_ptr, s_ptr, z_ptr, row, srow, valid, MODE: tl.constexpr, HEAD
         raw = tl.load(c_ptr + row[:, None] + offs[None, :], mask=valid[:, None], other=0)
         a = (_codes_to_f16((raw & 15).to(tl.uint16)) - 1024.0).to(CDT)
         b = (_codes_to_f16((raw >> 4).to(tl.uint16)) - 1024.0).to(CDT)
-        scale = tl.load(s_ptr + srow, mask=valid, other=0.0)
-        zero = tl.load(z_ptr + srow, mask=valid, other=0.0)
+        scale = tl.load(s_ptr + srow, mask=valid, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + srow, mask=valid, other=0.0).to(tl.float32)
     else:
         offs = tl.arange(0, HEAD_DIM)
         raw = tl.load(c_ptr + row[:, None] + offs[None, :], mask=valid[:, None], other=0)
         if MODE == 1:
             biased = (raw.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
             a = (_codes_to_f16(biased) - 1152.0).to(CDT)
-            scale = tl.load(s_ptr + srow, mask=valid, other=0.0)
+            scale = tl.load(s_ptr + srow, mask=valid, other=0.0).to(tl.float32)
         else:
             a = raw.to(CDT)
             scale = tl.full([BLOCK_N], 1.0, tl.float32)

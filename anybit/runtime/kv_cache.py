@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from anybit.config import CacheConfig
-from anybit.layers.attention_meta import FLOAT_KV_DTYPES, LayerKVCache, new_layer_kv_cache
+from anybit.layers.attention_meta import FLOAT_KV_DTYPES, KV_SCALE_DTYPE, LayerKVCache, new_layer_kv_cache
 from anybit.models.arch import ArchConfig
 
 
@@ -22,12 +22,13 @@ def resolve_kv_dtype(cache: CacheConfig, model_dtype: torch.dtype) -> str:
 def bytes_per_block(arch: ArchConfig, block_size: int, kv_dtype: str) -> int:
     """Bytes of K and V (and their scales) for one block across all layers."""
     elems = block_size * arch.num_kv_heads * arch.head_dim
+    scale_bytes = torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
     if kv_dtype in FLOAT_KV_DTYPES:
         per_tensor = elems * torch.tensor([], dtype=FLOAT_KV_DTYPES[kv_dtype]).element_size()
-    elif kv_dtype == "int8":
-        per_tensor = elems + block_size * arch.num_kv_heads * 4
-    elif kv_dtype == "int4":
-        per_tensor = elems // 2 + block_size * arch.num_kv_heads * 8
+    elif kv_dtype == "int8":  # codes + one scale per (token, kv head)
+        per_tensor = elems + block_size * arch.num_kv_heads * scale_bytes
+    elif kv_dtype == "int4":  # codes + scale and zero point
+        per_tensor = elems // 2 + block_size * arch.num_kv_heads * 2 * scale_bytes
     else:
         raise ValueError(f"kv_cache_dtype: unsupported {kv_dtype!r}")
     return 2 * arch.num_layers * per_tensor
