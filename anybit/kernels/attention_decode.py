@@ -860,7 +860,7 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     if num_seqs == 0:
         return out
     # GL_WAVE_FILL was tuned (s15) on the single-chunk ring (16 resident programs per SM); the split count
-    # keeps that target with pairs too (s18-1 measured them at it), though int8's 4-slot pair ring fits 13
+    # keeps that target with pairs too (s18-1 measured them at it), though int8's 4-slot pair ring fits 12
     slots = gl_programs_per_sm(mode, head_dim, GL_STAGES[mode])
     cap = max(1, int(slots * GL_WAVE_FILL)) * _num_sms(query.device)
     splits, tps = _split_slices(max_seq_len, num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap),

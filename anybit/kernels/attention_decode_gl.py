@@ -254,7 +254,14 @@ if gluon is not None:
         tma.async_copy_global_to_shared(k_desc, [row, col], bar, k_smem.index(slot), pred=pred)
         tma.async_copy_global_to_shared(v_desc, [row, col], bar, v_smem.index(slot), pred=pred)
         tma.async_copy_global_to_shared(s_desc, [(page * nkv + kvh) * COUNT, tok % PAGE], bar,
-                                        s_smem.index(slot), pred=pred)
+                                        s_smem.index(slot).slice(0, COUNT), pred=pred)
+
+    @gluon.constexpr_function
+    def _slot_rows(count, dtype):
+        """Rows of a ring slot for ``count`` scale rows of 16 values: at least 128 bytes per slot, since
+        a TMA copy's shared-memory destination must be 128-byte aligned (int8's two float16 rows are
+        64 bytes: padded to 4 rows)."""
+        return max(count, 64 // dtype.primitive_bitwidth)
 
     @gluon.jit
     def _chunk_scale(s_slot, i: gl.constexpr, TOK: gl.constexpr):
@@ -356,7 +363,8 @@ if gluon is not None:
         nkv = gl.num_programs(1)
         k_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.int32, [STAGES, 16, W], v_desc.layout)
-        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, COUNT, 16], s_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [STAGES, _slot_rows(COUNT, s_desc.dtype), 16],
+                                           s_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -537,8 +545,9 @@ def gl_programs_per_sm(mode: int, head_dim: int, stages: int | None = None) -> i
     32 blocks per SM."""
     regs = (GL_REGS.get(mode, 168) + 7) // 8 * 8
     row_bytes = head_dim if mode == 1 else head_dim // 2
-    scale_bytes = torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
-    smem = (stages or gl_stages(mode)) * ((2 * row_bytes + scale_bytes * 2 * mode) * CHUNK + 8) + 1024
+    # a slot's scales: 2 (int8) or 4 (int4) rows of CHUNK values, at least 128 bytes (_slot_rows)
+    scale_slot = max(128, torch.tensor([], dtype=KV_SCALE_DTYPE).element_size() * 2 * mode * CHUNK)
+    smem = (stages or gl_stages(mode)) * (2 * row_bytes * CHUNK + scale_slot + 8) + 1024
     return max(1, min(32, 65536 // (regs * 32), (227 * 1024) // smem))
 
 
