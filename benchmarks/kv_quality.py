@@ -52,7 +52,17 @@ def measure(model_dir: str, name: str, kv: str, ref_llm, dtype: str = "float32")
             "mean_tokens_before_divergence": sum(same_prefix) / len(same_prefix)}
 
 
-def main():
+def use_scale_dtype(name: str) -> None:
+    """Store the caches' scales and zero points as ``name`` (float16: the format; float32: the one before
+    session 18) for an A/B: the constant is read where caches are allocated, quantized and sized."""
+    import anybit.kernels.kv_cache_ops as ops
+    import anybit.layers.attention_meta as meta
+    import anybit.runtime.kv_cache as sizing
+    for module in (meta, ops, sizing):
+        module.KV_SCALE_DTYPE = getattr(torch, name)
+
+
+def main(result_name: str = "kv_quality", title_note: str = ""):
     from anybit import LLM
     from anybit.default_model import default_model_path
     from tests.model_factory import make_tiny_model
@@ -71,7 +81,8 @@ def main():
                 rows.append(row)
                 print(row, flush=True)
     cols = list(rows[0])
-    write_result("kv_quality", "int8 / int4 KV cache vs a float32 KV cache (CPU, torch backend)", cols, rows,
+    write_result(result_name, f"int8 / int4 KV cache{title_note} vs a float32 KV cache (CPU, torch backend)",
+                 cols, rows,
                  [f"{len(PROMPTS)} prompts; logits over every prompt position; greedy {GEN} tokens; tiny "
                   "models have random weights (near-tied logits make greedy divergence likely), the default "
                   "model is the trained built-in one"])
@@ -79,5 +90,13 @@ def main():
 
 
 if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale-dtype", choices=["float16", "float32"], default=None,
+                    help="store the caches' scales as this type (default: KV_SCALE_DTYPE)")
+    ap.add_argument("--name", default="kv_quality", help="result name")
+    args = ap.parse_args()
+    if args.scale_dtype:
+        use_scale_dtype(args.scale_dtype)
     torch.manual_seed(0)
-    main()
+    main(args.name, f" ({args.scale_dtype} scales)" if args.scale_dtype else "")
