@@ -91,6 +91,15 @@ def empty_graph_us() -> float:
     return ba.graph_time_us(lambda: (x.add_(1.0), x.mul_(1.0)))
 
 
+def split_runs(dtype: str) -> list:
+    """The shipped kernel (two chunks per iteration, float16 scales; s18) at 2-8 splits against the shipped
+    rule (PDL merge on)."""
+    if dtype == "bfloat16":
+        return [("default", {}, True, 0.5)]
+    return [("gl", dict(gl=True), True, 0.5)] + [(f"gl_s{n}", dict(gl=True, num_splits=n), True, 0.5)
+                                                 for n in (2, 3, 4, 6, 8)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
@@ -98,11 +107,14 @@ def main() -> int:
     ap.add_argument("--stages", action="store_true", help="GL_STAGES 3-6 at the shipped split count")
     ap.add_argument("--pair", action="store_true", help="one vs two chunks per iteration, b8/32/64 x 1k-32k")
     ap.add_argument("--fixed", action="store_true", help="per-call cost: query order, one split")
+    ap.add_argument("--splits", action="store_true", help="2-8 splits on b32/b64 x 4k/16k (s18 kernel)")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
     if args.grid or args.fills or args.stages or args.pair:
         cases, runs_of = GRID, (grid_runs if args.grid else fill_runs if args.fills else stage_runs
                                 if args.stages else pair_runs)
+    if args.splits:
+        runs_of = split_runs
     if args.fixed:
         cases, runs_of = FIXED_CASES, fixed_runs
         print(f"empty graph call (2 one-element kernels): {empty_graph_us():.2f} us", flush=True)
@@ -152,7 +164,7 @@ def main() -> int:
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
                                         "_stages" if args.stages else "_pair" if args.pair else
-                                        "_fixed" if args.fixed else "")
+                                        "_fixed" if args.fixed else "_count" if args.splits else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
@@ -164,6 +176,7 @@ def main() -> int:
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
                   "--pair: gl_single = one chunk per iteration (3 slots), gl_pair<n> = two chunks per "
                   "iteration (GL_PAIR) with n slots, split count of the shipped rule; "
+                  "--splits: gl_s<n> = n splits forced, gl = the shipped rule; "
                   "--fixed: _s1 = one split (no partials, no merge kernel); s18-2's gl_lateq0 / gl_lateq1 = "
                   "the query converted before / after the prologue's copies (not kept); "
                   "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],
