@@ -108,6 +108,8 @@ def main() -> int:
     ap.add_argument("--pair", action="store_true", help="one vs two chunks per iteration, b8/32/64 x 1k-32k")
     ap.add_argument("--fixed", action="store_true", help="per-call cost: query order, one split")
     ap.add_argument("--splits", action="store_true", help="2-8 splits on b32/b64 x 4k/16k (s18 kernel)")
+    ap.add_argument("--pair-large", action="store_true",
+                    help="--pair at b128/b192, pairs forced past gl_pair_fits")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
     if args.grid or args.fills or args.stages or args.pair:
@@ -115,6 +117,9 @@ def main() -> int:
                                 if args.stages else pair_runs)
     if args.splits:
         runs_of = split_runs
+    if args.pair_large:  # the A/B itself: pairs wherever GL_PAIR says, resident or not
+        cases, runs_of = [(128, 4096), (192, 1000), (192, 4096)], pair_runs
+        agl.gl_pair_fits = lambda mode, *_: agl.gl_pair(mode)
     if args.fixed:
         cases, runs_of = FIXED_CASES, fixed_runs
         print(f"empty graph call (2 one-element kernels): {empty_graph_us():.2f} us", flush=True)
@@ -164,7 +169,8 @@ def main() -> int:
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
                                         "_stages" if args.stages else "_pair" if args.pair else
-                                        "_fixed" if args.fixed else "_count" if args.splits else "")
+                                        "_fixed" if args.fixed else "_count" if args.splits else
+                                        "_pair_large" if args.pair_large else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "

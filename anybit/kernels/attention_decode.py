@@ -871,7 +871,7 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     trigger = pdl_enabled(query.device, True)
     pdl = splits > 1 and trigger and GL_REDUCE_PDL
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
-                     window, tps, splits, dyn_split, trigger=pdl)
+                     window, tps, splits, dyn_split, trigger=pdl, sms=_num_sms(query.device))
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,

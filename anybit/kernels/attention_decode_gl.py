@@ -539,6 +539,17 @@ def gl_stages(mode: int) -> int:
     return GL_PAIR_STAGES[mode] if gl_pair(mode) else GL_STAGES[mode]
 
 
+def gl_pair_fits(mode: int, head_dim: int, programs: int, sms: int) -> bool:
+    """Whether a launch of ``programs`` runs two chunks per iteration: ``gl_pair`` and all programs
+    resident at once with the pair ring. int8's 4-slot pair ring (18 KB) fits 12 programs per SM against
+    the single ring's 16; at large batch (the offline workload's ~180 sequences x 8 kv heads x 2 splits)
+    the lost residency cost more than the pairs gained (H100 s18-7: int8 decode steps +3.6% against
+    s17-8 while bf16's were -5%). int4's pair ring fits 16 like its single ring: pairs at any size."""
+    pair_slots = gl_programs_per_sm(mode, head_dim, GL_PAIR_STAGES[mode])
+    return gl_pair(mode) and (programs <= pair_slots * sms
+                              or pair_slots >= gl_programs_per_sm(mode, head_dim, GL_STAGES[mode]))
+
+
 def gl_programs_per_sm(mode: int, head_dim: int, stages: int | None = None) -> int:
     """Resident one-warp programs per SM: registers (``GL_REGS``), shared memory (``stages`` ring slots,
     default ``gl_stages``, of K and V codes and scales, ~1 KB of layout-conversion scratch) and Hopper's
@@ -575,10 +586,10 @@ def scale_descriptor(rows: torch.Tensor, count: int):
 def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
                      block_table: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_lse: torch.Tensor,
                      qk_scale: float, window: int, tokens_per_split: int, splits: int,
-                     dyn_split: bool, trigger: bool = False) -> None:
+                     dyn_split: bool, trigger: bool = False, sms: int = 132) -> None:
     """Launch ``_decode_gl_kernel`` on grid (num_seqs, kv heads, splits); attention_decode's
     ``paged_attention_decode`` sizes the splits and merges them. ``trigger``: the kernel lets the
-    next one (a PDL launch) start at once."""
+    next one (a PDL launch) start at once. ``sms``: the GPU's SM count (``gl_pair_fits``)."""
     from anybit.kernels.kv_cache_ops import kv_mode
 
     mode = kv_mode(kv_cache.dtype)
@@ -587,13 +598,15 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         raise ValueError("launch_decode_gl: the cache's scales must be packed (kv_scale_buffers 'packed')")
     num_seqs, num_heads, head_dim = query.shape
     nkv = kv_cache.num_kv_heads
+    pair = gl_pair_fits(mode, head_dim, num_seqs * nkv * splits, sms)
     _decode_gl_kernel[(num_seqs, nkv, splits)](
         query, code_descriptor(kv_cache.key), code_descriptor(kv_cache.value),
         scale_descriptor(rows, 2 * mode), block_table, seq_lens, out, mid_o, mid_lse, qk_scale, window,
         tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
-        HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode, STAGES=gl_stages(mode),
+        HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode,
+        STAGES=GL_PAIR_STAGES[mode] if pair else GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
-        PAIR=gl_pair(mode), num_warps=1)
+        PAIR=pair, num_warps=1)
 
 
