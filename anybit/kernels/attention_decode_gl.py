@@ -540,14 +540,14 @@ def gl_stages(mode: int) -> int:
 
 
 def gl_pair_fits(mode: int, head_dim: int, programs: int, sms: int) -> bool:
-    """Whether a launch of ``programs`` runs two chunks per iteration: ``gl_pair`` and all programs
-    resident at once with the pair ring. int8's 4-slot pair ring (18 KB) fits 12 programs per SM against
-    the single ring's 16; at large batch (the offline workload's ~180 sequences x 8 kv heads x 2 splits)
-    the lost residency cost more than the pairs gained (H100 s18-7: int8 decode steps +3.6% against
-    s17-8 while bf16's were -5%). int4's pair ring fits 16 like its single ring: pairs at any size."""
-    pair_slots = gl_programs_per_sm(mode, head_dim, GL_PAIR_STAGES[mode])
-    return gl_pair(mode) and (programs <= pair_slots * sms
-                              or pair_slots >= gl_programs_per_sm(mode, head_dim, GL_STAGES[mode]))
+    """Whether a launch of ``programs`` runs two chunks per iteration: ``gl_pair`` and every program
+    resident at once with the pair ring (int8's 4-slot pair ring, 18 KB, fits 12 per SM; int4's 16).
+    Past one wave the pairs did not pay on the H100: the offline workload (~180 sequences x 8 kv heads
+    x 2 splits per decode launch) ran its decode steps 6% (int8, s18-7/8) and 3% (int4, s18-9) faster
+    in one chunk per iteration, relative to bf16 in the same run; the kernel-level A/B there was mixed
+    (b192 x 4k int4 single 2.7% faster, b192 x 1k pairs 2.8% faster;
+    attention_decode_splits_pair_large_s18_8)."""
+    return gl_pair(mode) and programs <= gl_programs_per_sm(mode, head_dim, GL_PAIR_STAGES[mode]) * sms
 
 
 def gl_programs_per_sm(mode: int, head_dim: int, stages: int | None = None) -> int:

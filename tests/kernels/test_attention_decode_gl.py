@@ -149,11 +149,11 @@ def test_programs_per_sm(monkeypatch):
 
 def test_pairs_only_while_every_program_is_resident(monkeypatch):
     """int8's pair ring fits 12 programs per SM (the single ring 16): beyond 12 x SMs programs the launch
-    runs one chunk per iteration; int4 (16 per SM either way) keeps pairs at any size."""
+    runs one chunk per iteration; int4's fits 16 per SM, and past 16 x SMs it runs single chunks too."""
     monkeypatch.delenv("ANYBIT_GL_PAIR", raising=False)
     monkeypatch.setattr(agl, "GL_PAIR", {1: True, 2: True})
     assert agl.gl_pair_fits(1, 128, 12 * 132, 132) and not agl.gl_pair_fits(1, 128, 12 * 132 + 1, 132)
-    assert agl.gl_pair_fits(2, 128, 16 * 132, 132) and agl.gl_pair_fits(2, 128, 3 * 16 * 132, 132)
+    assert agl.gl_pair_fits(2, 128, 16 * 132, 132) and not agl.gl_pair_fits(2, 128, 16 * 132 + 1, 132)
     monkeypatch.setattr(agl, "GL_PAIR", {1: False, 2: True})
     assert not agl.gl_pair_fits(1, 128, 1, 132)
 
