@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anybit.kernels.attention_decode import paged_attention_decode, ref_paged_attention_decode  # noqa: E402
 from anybit.kernels.attention_prefill import paged_attention_prefill, ref_paged_attention_prefill  # noqa: E402
-from anybit.layers.attention_meta import KV_SCALE_DTYPE, LayerKVCache, new_layer_kv_cache  # noqa: E402
+from anybit.layers import attention_meta  # noqa: E402
+from anybit.layers.attention_meta import LayerKVCache, new_layer_kv_cache  # noqa: E402
 from benchmarks.common import print_table, write_result  # noqa: E402
 
 NH, NKV, D, BS = 32, 8, 128, 16
@@ -71,7 +72,7 @@ def paged_batch(seq_lens: list[int], dtype: str, nkv: int = NKV, d: int = D, lay
 
 def kv_bytes_per_token_head(dtype: str, d: int = D) -> int:
     """Bytes of one K or V row with its scale (int8) or scale and zero point (int4, KV_SCALE_DTYPE)."""
-    sb = torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
+    sb = attention_meta.KV_SCALE_DTYPE.itemsize
     return {"bfloat16": 2 * d, "int8": d + sb, "int4": d // 2 + 2 * sb}[dtype]
 
 

@@ -54,12 +54,9 @@ def measure(model_dir: str, name: str, kv: str, ref_llm, dtype: str = "float32")
 
 def use_scale_dtype(name: str) -> None:
     """Store the caches' scales and zero points as ``name`` (float16: the format; float32: the one before
-    session 18) for an A/B: the constant is read where caches are allocated, quantized and sized."""
-    import anybit.kernels.kv_cache_ops as ops
-    import anybit.layers.attention_meta as meta
-    import anybit.runtime.kv_cache as sizing
-    for module in (meta, ops, sizing):
-        module.KV_SCALE_DTYPE = getattr(torch, name)
+    session 18) for an A/B: every user reads ``attention_meta.KV_SCALE_DTYPE`` when it runs."""
+    from anybit.layers import attention_meta
+    attention_meta.KV_SCALE_DTYPE = getattr(torch, name)
 
 
 def main(result_name: str = "kv_quality", title_note: str = ""):

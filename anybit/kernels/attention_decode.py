@@ -861,8 +861,9 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
         return out
     # GL_WAVE_FILL was tuned (s15) on the single-chunk ring (16 resident programs per SM); the split count
     # keeps that target with pairs too (s18-1 measured them at it), though int8's 4-slot pair ring fits 12
+    sms = _num_sms(query.device)
     slots = gl_programs_per_sm(mode, head_dim, GL_STAGES[mode])
-    cap = max(1, int(slots * GL_WAVE_FILL)) * _num_sms(query.device)
+    cap = max(1, int(slots * GL_WAVE_FILL)) * sms
     splits, tps = _split_slices(max_seq_len, num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap),
                                 GL_SPLIT_MIN)
     dyn_split = _dyn_split(dyn_split, splits)
@@ -871,7 +872,7 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     trigger = pdl_enabled(query.device, True)
     pdl = splits > 1 and trigger and GL_REDUCE_PDL
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
-                     window, tps, splits, dyn_split, trigger=pdl, sms=_num_sms(query.device))
+                     window, tps, splits, dyn_split, trigger=pdl, sms=sms)
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,

@@ -53,7 +53,8 @@ import os
 
 import torch
 
-from anybit.layers.attention_meta import KV_SCALE_DTYPE, LayerKVCache
+from anybit.layers import attention_meta
+from anybit.layers.attention_meta import LayerKVCache
 
 try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use attention_decode's kernel
     from triton.experimental import gluon
@@ -288,6 +289,17 @@ if gluon is not None:
         return gl.where(ok[:, None], s, float("-inf")), ok
 
     @gluon.jit
+    def _chunk_v_weights(s_slot, ok, MODE: gl.constexpr, TOK: gl.constexpr):
+        """A chunk's value scales ``[16]`` (0 outside the slice: the codes there may be anything finite)
+        and each token's weight in the zero-point sum: int4's centred V codes carry ``z + 8 s``
+        (unused for int8)."""
+        vs = gl.where(ok, _chunk_scale(s_slot, 1, TOK), 0.0)
+        zw = vs
+        if MODE == 2:
+            zw = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0) + 8.0 * vs
+        return vs, zw
+
+    @gluon.jit
     def _chunk_pv(v_slot, p, vs, acc, MODE: gl.constexpr, HEAD_DIM: gl.constexpr, VWL: gl.constexpr,
                   VA: gl.constexpr, PB: gl.constexpr):
         """``acc [HEAD_DIM, 8] + V^T (p * v_scale)^T`` for one chunk (p ``[16, 8]``, vs ``[16]``: 0 outside
@@ -397,8 +409,10 @@ if gluon is not None:
             for it2 in range(n_pairs):
                 j0 = 2 * it2
                 tok = c0 + 16 * j0
-                mbarrier.wait(bars.index(j0 % STAGES), (j0 // STAGES) & 1)
-                mbarrier.wait(bars.index((j0 + 1) % STAGES), ((j0 + 1) // STAGES) & 1)
+                slot0 = j0 % STAGES
+                slot1 = (j0 + 1) % STAGES
+                mbarrier.wait(bars.index(slot0), (j0 // STAGES) & 1)
+                mbarrier.wait(bars.index(slot1), ((j0 + 1) // STAGES) & 1)
                 gl.thread_barrier()  # every lane is done with the previous pair's slots
                 ahead = j0 + STAGES - 2
                 _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
@@ -407,26 +421,22 @@ if gluon is not None:
                              tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead + 1 < n_ch)
                 pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 2 < n_it, other=0)
                 pg_next2 = gl.load(bt_row + (tok + 16 * (STAGES + 1)) // PAGE, mask=ahead + 3 < n_it, other=0)
-                s0, ok0 = _chunk_scores(k_smem.index(j0 % STAGES), s_smem.index(j0 % STAGES), q, kbias, qsum,
-                                        qk_scale, tok, lo, end, MODE, HEAD_DIM, KWL, KA, MMA, TOK)
-                s1, ok1 = _chunk_scores(k_smem.index((j0 + 1) % STAGES), s_smem.index((j0 + 1) % STAGES), q,
-                                        kbias, qsum, qk_scale, tok + 16, lo, end, MODE, HEAD_DIM, KWL, KA,
-                                        MMA, TOK)
+                s0, ok0 = _chunk_scores(k_smem.index(slot0), s_smem.index(slot0), q, kbias, qsum, qk_scale,
+                                        tok, lo, end, MODE, HEAD_DIM, KWL, KA, MMA, TOK)
+                s1, ok1 = _chunk_scores(k_smem.index(slot1), s_smem.index(slot1), q, kbias, qsum, qk_scale,
+                                        tok + 16, lo, end, MODE, HEAD_DIM, KWL, KA, MMA, TOK)
                 m_new = gl.maximum(m, gl.max(gl.maximum(s0, s1), axis=0))
                 alpha = gl.exp2(m - m_new)
                 p0 = gl.exp2(s0 - m_new[None, :])
                 p1 = gl.exp2(s1 - m_new[None, :])
                 l_sum = l_sum * alpha + gl.sum(p0 + p1, axis=0)
-                vs0 = gl.where(ok0, _chunk_scale(s_smem.index(j0 % STAGES), 1, TOK), 0.0)
-                vs1 = gl.where(ok1, _chunk_scale(s_smem.index((j0 + 1) % STAGES), 1, TOK), 0.0)
-                if MODE == 2:  # centred V codes: the zero point carries 8 scales
-                    vz0 = gl.where(ok0, _chunk_scale(s_smem.index(j0 % STAGES), 3, TOK), 0.0)
-                    vz1 = gl.where(ok1, _chunk_scale(s_smem.index((j0 + 1) % STAGES), 3, TOK), 0.0)
-                    zp = p0 * (vz0 + 8.0 * vs0)[:, None] + p1 * (vz1 + 8.0 * vs1)[:, None]
-                    zsum = zsum * alpha + gl.sum(zp, axis=0)
-                acc = _chunk_pv(v_smem.index(j0 % STAGES), p0, vs0, acc * alpha[None, :], MODE, HEAD_DIM, VWL,
-                                VA, PB)
-                acc = _chunk_pv(v_smem.index((j0 + 1) % STAGES), p1, vs1, acc, MODE, HEAD_DIM, VWL, VA, PB)
+                vs0, zw0 = _chunk_v_weights(s_smem.index(slot0), ok0, MODE, TOK)
+                vs1, zw1 = _chunk_v_weights(s_smem.index(slot1), ok1, MODE, TOK)
+                if MODE == 2:
+                    zsum = zsum * alpha + gl.sum(p0 * zw0[:, None] + p1 * zw1[:, None], axis=0)
+                acc = _chunk_pv(v_smem.index(slot0), p0, vs0, acc * alpha[None, :], MODE, HEAD_DIM, VWL, VA,
+                                PB)
+                acc = _chunk_pv(v_smem.index(slot1), p1, vs1, acc, MODE, HEAD_DIM, VWL, VA, PB)
                 m = m_new
         else:
             for it in range(n_it):
@@ -441,14 +451,13 @@ if gluon is not None:
                 s_slot = s_smem.index(slot)
                 s, ok = _chunk_scores(k_smem.index(slot), s_slot, q, kbias, qsum, qk_scale, tok, lo, end,
                                       MODE, HEAD_DIM, KWL, KA, MMA, TOK)
-                vs = gl.where(ok, _chunk_scale(s_slot, 1, TOK), 0.0)  # tokens outside the slice: any finite
+                vs, zw = _chunk_v_weights(s_slot, ok, MODE, TOK)
                 m_new = gl.maximum(m, gl.max(s, axis=0))
                 alpha = gl.exp2(m - m_new)
                 p = gl.exp2(s - m_new[None, :])
                 l_sum = l_sum * alpha + gl.sum(p, axis=0)
-                if MODE == 2:  # centred V codes: the zero point carries 8 scales
-                    vz = gl.where(ok, _chunk_scale(s_slot, 3, TOK), 0.0)
-                    zsum = zsum * alpha + gl.sum(p * (vz + 8.0 * vs)[:, None], axis=0)
+                if MODE == 2:
+                    zsum = zsum * alpha + gl.sum(p * zw[:, None], axis=0)
                 acc = _chunk_pv(v_smem.index(slot), p, vs, acc * alpha[None, :], MODE, HEAD_DIM, VWL, VA,
                                 PB)
                 m = m_new
@@ -557,7 +566,7 @@ def gl_programs_per_sm(mode: int, head_dim: int, stages: int | None = None) -> i
     regs = (GL_REGS.get(mode, 168) + 7) // 8 * 8
     row_bytes = head_dim if mode == 1 else head_dim // 2
     # a slot's scales: 2 (int8) or 4 (int4) rows of CHUNK values, at least 128 bytes (_slot_rows)
-    scale_slot = max(128, torch.tensor([], dtype=KV_SCALE_DTYPE).element_size() * 2 * mode * CHUNK)
+    scale_slot = max(128, attention_meta.KV_SCALE_DTYPE.itemsize * 2 * mode * CHUNK)
     smem = (stages or gl_stages(mode)) * (2 * row_bytes * CHUNK + scale_slot + 8) + 1024
     return max(1, min(32, 65536 // (regs * 32), (227 * 1024) // smem))
 

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from anybit.layers.attention_meta import KV_SCALE_DTYPE, LayerKVCache
+from anybit.layers import attention_meta
+from anybit.layers.attention_meta import LayerKVCache
 
 _FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "int8", "int4")
@@ -31,9 +32,10 @@ _EPS = 1e-8  # smallest scale used as divisor (a constant row quantizes to zeros
 def ref_as_stored(v: torch.Tensor) -> torch.Tensor:
     """float32 ``v`` rounded to the cache's scale dtype (``KV_SCALE_DTYPE``) and back: the codes are
     computed with the scales and zero points that dequantization reads."""
-    if torch.float16 == KV_SCALE_DTYPE:
+    dtype = attention_meta.KV_SCALE_DTYPE
+    if dtype == torch.float16:
         v = v.clamp(-65504.0, 65504.0)
-    return v.to(KV_SCALE_DTYPE).float()
+    return v.to(dtype).float()
 
 
 def ref_quantize_kv(x: torch.Tensor, dtype: str):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from anybit.config import CacheConfig
-from anybit.layers.attention_meta import FLOAT_KV_DTYPES, KV_SCALE_DTYPE, LayerKVCache, new_layer_kv_cache
+from anybit.layers import attention_meta
+from anybit.layers.attention_meta import FLOAT_KV_DTYPES, LayerKVCache, new_layer_kv_cache
 from anybit.models.arch import ArchConfig
 
 
@@ -22,7 +23,7 @@ def resolve_kv_dtype(cache: CacheConfig, model_dtype: torch.dtype) -> str:
 def bytes_per_block(arch: ArchConfig, block_size: int, kv_dtype: str) -> int:
     """Bytes of K and V (and their scales) for one block across all layers."""
     elems = block_size * arch.num_kv_heads * arch.head_dim
-    scale_bytes = torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
+    scale_bytes = attention_meta.KV_SCALE_DTYPE.itemsize
     if kv_dtype in FLOAT_KV_DTYPES:
         per_tensor = elems * torch.tensor([], dtype=FLOAT_KV_DTYPES[kv_dtype]).element_size()
     elif kv_dtype == "int8":  # codes + one scale per (token, kv head)
