@@ -626,6 +626,24 @@ GL_MIN_SEQS = 8
 # launch overlaps the decode grid, then waits for it; env ANYBIT_GL_REDUCE_PDL=0 turns it off). H100
 # s15-2 (attention_decode_splits_s15_2): 0.5-1 us less per call at b32/b64 x 4k-16k.
 GL_REDUCE_PDL = os.environ.get("ANYBIT_GL_REDUCE_PDL", "1") == "1"
+# The Gluon kernel merges its own splits (the last split of each (sequence, kv head) to finish, through a
+# counter) instead of a merge kernel, up to GL_MERGE_MAX_SPLITS splits; env ANYBIT_GL_MERGE=0/1 overrides
+# both. H100 s19-1 (attention_decode_splits_merge_s19_1, CUDA graphs): b32 x 16 tokens 10.4 -> 7.9 us
+# per call, b32 x 4k int4 62.0 -> 59.6 us (int8 101.8 -> 99.5), b64 0-1% faster; at b8 (13 splits, the
+# in-kernel merge reads them 4 at a time) int8 32.2 -> 32.9 us, so from 9 splits the merge kernel stays.
+GL_MERGE = True
+GL_MERGE_MAX_SPLITS = 8
+
+
+def gl_merge(splits: int) -> bool:
+    """Whether the Gluon decode merges its ``splits`` in-kernel (``GL_MERGE`` up to ``GL_MERGE_MAX_SPLITS``,
+    env ``ANYBIT_GL_MERGE`` = 0/1 overrides); never for one split."""
+    env = os.environ.get("ANYBIT_GL_MERGE")
+    if splits < 2:
+        return False
+    return env == "1" if env in ("0", "1") else GL_MERGE and splits <= GL_MERGE_MAX_SPLITS
+
+
 # Fraction of the Gluon kernel's resident program slots that its splits aim to fill (choose_splits'
 # capacity). H100 s15-2, int4 b32 x 4k: 4 splits (1024 programs, half the slots) 66.1 us against 69.3
 # at 8 (2048); b32 x 16k 222.6 against 226.8; b64 (already 4 splits) unchanged: a program's fixed
@@ -870,10 +888,12 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     mid_o, mid_lse = _split_partials(query, splits, out)
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
     trigger = pdl_enabled(query.device, True)
-    pdl = splits > 1 and trigger and GL_REDUCE_PDL
+    merge = gl_merge(splits)
+    pdl = splits > 1 and trigger and GL_REDUCE_PDL and not merge
+    counters = _lock_buffer(query.device, num_seqs * nkv, "decode_gl") if merge else None
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
-                     window, tps, splits, dyn_split, trigger=pdl, sms=sms)
-    if splits > 1:
+                     window, tps, splits, dyn_split, trigger=pdl, sms=sms, counters=counters)
+    if splits > 1 and not merge:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,
             BLOCK_K=triton.next_power_of_2(splits), PDL=pdl, TRIGGER=trigger, DYN_SPLIT=dyn_split,

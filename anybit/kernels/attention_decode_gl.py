@@ -39,7 +39,8 @@ score MMA chains, one online-softmax update per 32 tokens, two PV MMAs; an odd c
 with a masked chunk read from page 0.
 
 No barrier but the slot hand-back (a 32-thread ``bar.sync``) and no cross-warp reduction. Splits are
-merged by attention_decode's reduction kernel, as for the Triton kernel.
+merged by attention_decode's reduction kernel, as for the Triton kernel, or (MERGE) by the last split of
+each (sequence, kv head) to finish, through a counter.
 
 Testing: Gluon kernels do not run under ``TRITON_INTERPRET``. On CPU the tests emulate the PTX of the
 conversions bit by bit, replay the kernel's reshape / join / permute chain in torch to check the
@@ -308,14 +309,57 @@ if gluon is not None:
         va = _v_operand(v_slot.load(VWL), MODE, HEAD_DIM, VA)
         return mma_v2(va, pb, acc)
 
+    @gluon.constexpr_function
+    def _pow2_at_least(n):
+        """The smallest power of two >= n."""
+        return 1 << (int(n) - 1).bit_length()
+
+    @gluon.jit
+    def _merge_partials(mid_o_ptr, mid_lse_ptr, out_seq_ptr, stride_oh, head0, base, num_splits, n_splits,
+                        G: gl.constexpr, HEAD_DIM: gl.constexpr, MB: gl.constexpr):
+        """The G query heads head0.. of one kv group: each head's n_splits partial softmaxes at rows
+        ``base + g num_splits + split`` of mid_o ``[.., HEAD_DIM]`` / mid_lse (log2-sum-exp2, -inf for
+        an empty slice) merged into out rows head0 + g, MB splits per round (all their loads in flight
+        together) with a running max, in split order (the same bits every call)."""
+        G_P2: gl.constexpr = _pow2_at_least(G)
+        L3: gl.constexpr = gl.BlockedLayout([MB, 1, HEAD_DIM // 32], [1, 1, 32], [1, 1, 1], [2, 1, 0])
+        LW: gl.constexpr = gl.SliceLayout(2, L3)  # [MB, G_P2]
+        LO: gl.constexpr = gl.SliceLayout(0, L3)  # [G_P2, HEAD_DIM]
+        ks = gl.arange(0, MB, layout=gl.SliceLayout(1, LW))
+        gs = gl.arange(0, G_P2, layout=gl.SliceLayout(0, LW))
+        ds = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LO))
+        d3 = gl.expand_dims(gl.expand_dims(ds, 0), 0)  # [1, 1, HEAD_DIM]
+        rows = base + gs * num_splits
+        mx = gl.full([G_P2], float("-inf"), gl.float32, gl.SliceLayout(0, LW))
+        wsum = gl.zeros([G_P2], gl.float32, gl.SliceLayout(0, LW))
+        acc = gl.zeros([G_P2, HEAD_DIM], gl.float32, LO)
+        for k0 in range(0, n_splits, MB):
+            m2 = ((k0 + ks) < n_splits)[:, None] & (gs < G)[None, :]
+            idx = rows[None, :] + (k0 + ks)[:, None]
+            lse = gl.load(mid_lse_ptr + idx, mask=m2, other=float("-inf"), cache_modifier=".cg")
+            o = gl.load(mid_o_ptr + idx[:, :, None] * HEAD_DIM + d3, mask=m2[:, :, None],
+                        other=0.0, cache_modifier=".cg")
+            mx_new = gl.maximum(mx, gl.max(lse, axis=0))
+            alpha = gl.where(mx_new > float("-inf"), gl.exp2(mx - mx_new), 1.0)
+            w = gl.where(lse > float("-inf"), gl.exp2(lse - mx_new[None, :]), 0.0)
+            acc = (acc * gl.convert_layout(alpha, gl.SliceLayout(1, LO))[:, None]
+                   + gl.sum(w[:, :, None] * o, axis=0))
+            wsum = wsum * alpha + gl.sum(w, axis=0)
+            mx = mx_new
+        res = acc / gl.convert_layout(gl.where(wsum > 0.0, wsum, 1.0), gl.SliceLayout(1, LO))[:, None]
+        go = gl.arange(0, G_P2, layout=gl.SliceLayout(1, LO))
+        gl.store(out_seq_ptr + (head0 + go)[:, None] * stride_oh + ds[None, :],
+                 res.to(out_seq_ptr.dtype.element_ty), mask=(go < G)[:, None])
+
     @gluon.jit(do_not_specialize=["window", "tokens_per_split"])
     def _decode_gl_kernel(q_ptr, k_desc, v_desc, s_desc, bt_ptr, seq_lens_ptr,
-                          out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, window, tokens_per_split,
+                          out_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, qk_scale, window, tokens_per_split,
                           stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
                           G: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr,
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
                           DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
-                          TRIGGER: gl.constexpr = False, PAIR: gl.constexpr = False):
+                          TRIGGER: gl.constexpr = False, PAIR: gl.constexpr = False,
+                          MERGE: gl.constexpr = False, MERGE_BLOCK: gl.constexpr = 4):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
@@ -323,7 +367,9 @@ if gluon is not None:
         the packed scales ``[num_blocks * kv_heads * count, PAGE]`` float16 or float32 (block
         ``[count, 16]``; rows key scale, value scale, then int4's key and value zero points).
         TRIGGER: let the next kernel of the stream (the split merge, launched with PDL) start now; it
-        waits for this grid."""
+        waits for this grid. MERGE (with SPLIT_OUT): the last split of each (sequence, kv head) to store
+        its partial (``count_ptr`` int32 counters, zero before the launch and left at zero) merges all
+        of them into ``out``, ``MERGE_BLOCK`` splits per round; no merge kernel."""
         if TRIGGER:
             _gdc_launch_dependents()
         W: gl.constexpr = k_desc.block_type.shape[1]
@@ -477,6 +523,14 @@ if gluon is not None:
             gl.store(mid_o_ptr + mrow[None, :] * HEAD_DIM + mo[:, None], o, mask=omask)
             gl.store(mid_lse_ptr + mrow, gl.where(l_sum > 0.0, m + gl.log2(l_safe), float("-inf")),
                      mask=ho < G)
+            if MERGE:
+                gl.thread_barrier()  # every lane's partial stores precede the release below
+                counter = count_ptr + seq * nkv + kvh
+                if gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_need - 1:  # the last split
+                    _merge_partials(mid_o_ptr, mid_lse_ptr, out_ptr + seq * stride_os, stride_oh, kvh * G,
+                                    (seq * (nkv * G) + kvh * G) * num_splits, num_splits, n_need, G,
+                                    HEAD_DIM, MERGE_BLOCK)
+                    gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zero for the next call
         else:
             gl.store(out_ptr + seq * stride_os + heads[None, :] * stride_oh + mo[:, None],
                      o.to(out_ptr.dtype.element_ty), mask=omask)
@@ -595,10 +649,13 @@ def scale_descriptor(rows: torch.Tensor, count: int):
 def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torch.Tensor,
                      block_table: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_lse: torch.Tensor,
                      qk_scale: float, window: int, tokens_per_split: int, splits: int,
-                     dyn_split: bool, trigger: bool = False, sms: int = 132) -> None:
+                     dyn_split: bool, trigger: bool = False, sms: int = 132,
+                     counters: torch.Tensor | None = None) -> None:
     """Launch ``_decode_gl_kernel`` on grid (num_seqs, kv heads, splits); attention_decode's
-    ``paged_attention_decode`` sizes the splits and merges them. ``trigger``: the kernel lets the
-    next one (a PDL launch) start at once. ``sms``: the GPU's SM count (``gl_pair_fits``)."""
+    ``paged_attention_decode`` sizes the splits. ``counters`` (int32, >= num_seqs * kv heads, zero):
+    the kernel merges its splits itself (MERGE) and leaves them zero; None: a merge kernel follows.
+    ``trigger``: the kernel lets the next one (a PDL launch) start at once. ``sms``: the GPU's SM count
+    (``gl_pair_fits``)."""
     from anybit.kernels.kv_cache_ops import kv_mode
 
     mode = kv_mode(kv_cache.dtype)
@@ -608,14 +665,29 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
     num_seqs, num_heads, head_dim = query.shape
     nkv = kv_cache.num_kv_heads
     pair = gl_pair_fits(mode, head_dim, num_seqs * nkv * splits, sms)
+    merge = counters is not None and splits > 1
+    if merge and (counters.dtype != torch.int32 or counters.numel() < num_seqs * nkv):
+        raise ValueError(f"launch_decode_gl: counters must be int32 with >= {num_seqs * nkv} entries")
+    g = num_heads // nkv
     _decode_gl_kernel[(num_seqs, nkv, splits)](
         query, code_descriptor(kv_cache.key), code_descriptor(kv_cache.value),
-        scale_descriptor(rows, 2 * mode), block_table, seq_lens, out, mid_o, mid_lse, qk_scale, window,
+        scale_descriptor(rows, 2 * mode), block_table, seq_lens, out, mid_o, mid_lse,
+        counters if merge else mid_lse, qk_scale, window,
         tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        block_table.stride(0), G=num_heads // nkv, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
+        block_table.stride(0), G=g, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
         HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode,
         STAGES=GL_PAIR_STAGES[mode] if pair else GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
-        PAIR=pair, num_warps=1)
+        PAIR=pair, MERGE=merge, MERGE_BLOCK=merge_block(splits, g, head_dim), num_warps=1)
+
+
+def merge_block(splits: int, group: int, head_dim: int) -> int:
+    """Splits per round of the in-kernel merge: a power of two <= the split count whose partials of
+    the group's heads (padded to a power of two) stay within 64 float32 registers per lane."""
+    g_p2 = 1 << (group - 1).bit_length()
+    block = 1
+    while block * 2 <= splits and block * 2 * g_p2 * head_dim <= 64 * 32:
+        block *= 2
+    return block
 
 

@@ -161,13 +161,16 @@ def test_pairs_only_while_every_program_is_resident(monkeypatch):
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
-@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("pair,merge", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("nh,nkv,hd,bs", [(32, 8, 128, 16), (8, 8, 128, 32), (16, 2, 64, 16),
                                          (14, 2, 128, 64)])
-def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, monkeypatch):
-    """Odd and even chunk counts (PAIR rounds them up with a masked chunk of page 0), windows, splits."""
+def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, merge, monkeypatch):
+    """Odd and even chunk counts (PAIR rounds them up with a masked chunk of page 0), windows, splits
+    merged by a second kernel or in-kernel (MERGE, whose counters must be left at zero)."""
+    from anybit.kernels.quant_gemm_h2 import _lock_buffer
     monkeypatch.setattr(agl, "GL_PAIR", {1: pair, 2: pair})
+    monkeypatch.setenv("ANYBIT_GL_MERGE", str(int(merge)))  # any split count (7 and the rule's)
     monkeypatch.delenv("ANYBIT_GL_PAIR", raising=False)
     seq = [1, 15, 16, 17, 129, 300, 1030]
     b = make_batch(seq, [1] * len(seq), nh, nkv, hd, dtype, block_size=bs, q_dtype=torch.bfloat16)
@@ -183,6 +186,8 @@ def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, monkeypatch):
                 assert e < 1e-2, (win, splits, dyn, e)
         tri = paged_attention_decode(*args, gl=False)
         assert rel_err(out, tri) < 1e-2
+    if merge:
+        assert not _lock_buffer(q.device, len(seq) * nkv, "decode_gl").any()
 
 
 @pytest.mark.gpu
@@ -205,7 +210,9 @@ def test_other_cache_layouts(dtype, code_layout, scale_layout):
 @pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_gl_decode_long_context_one_split(dtype):
-    """32k tokens in one accumulator: no drift (the V codes enter exactly)."""
+    """32k tokens in one accumulator: no drift (the V codes enter exactly). Session 19 tried V codes
+    biased like K's (1024 + code, the bias removed before each pair's MMAs, 15% fewer instructions per
+    chunk): no faster on the H100 (s19-1) and 3.7% off here for int4, so not kept."""
     seq = [32768]
     b = make_batch(seq, [1], 32, 8, 128, dtype, q_dtype=torch.bfloat16)
     args = (b["query"], b["cache"], b["seq_lens"], b["block_table"], 128 ** -0.5, None, seq[0])
@@ -219,7 +226,9 @@ def test_split_count_fills_half_the_resident_slots(monkeypatch):
     (launched with PDL where the GPU has it; never on CPU). Launches stubbed: the sizing only."""
     from anybit.kernels import attention_decode as ad
     seen = {}
-    monkeypatch.setattr(ad, "launch_decode_gl", lambda *a, **k: seen.update(gl=a, trigger=k.get("trigger")))
+    monkeypatch.setattr(ad, "launch_decode_gl", lambda *a, **k: seen.update(
+        gl=a, trigger=k.get("trigger"), counters=k.get("counters")))
+    monkeypatch.setenv("ANYBIT_GL_MERGE", "0")
 
     class _Reduce:
         def __getitem__(self, grid):
@@ -239,3 +248,33 @@ def test_split_count_fills_half_the_resident_slots(monkeypatch):
         assert (splits, tps) == (4, 2048)
     assert seen["reduce_grid"] == (32, 32) and seen["trigger"] is False
     assert "launch_pdl" not in seen["reduce_kw"]  # CPU: no programmatic dependent launch
+    assert seen["counters"] is None
+    # in-kernel merge: counters for every (sequence, kv head), no merge kernel
+    seen.clear()
+    monkeypatch.setenv("ANYBIT_GL_MERGE", "1")
+    ad._paged_decode_gl(q, cache, seq_lens, table, 128 ** -0.5, None, 8192, None, None, True)
+    assert "reduce_grid" not in seen and seen["counters"].numel() >= 32 * 8
+    assert seen["counters"].dtype == torch.int32 and not seen["counters"].any()
+
+
+def test_in_kernel_merge_up_to_8_splits(monkeypatch):
+    """The in-kernel merge by default from 2 to GL_MERGE_MAX_SPLITS splits (b32/b64 at 4 / 2); the env
+    forces it either way, never for one split."""
+    from anybit.kernels import attention_decode as ad
+    monkeypatch.delenv("ANYBIT_GL_MERGE", raising=False)
+    assert ad.GL_MERGE and ad.GL_MERGE_MAX_SPLITS == 8
+    assert [ad.gl_merge(n) for n in (1, 2, 4, 8, 9, 13)] == [False, True, True, True, False, False]
+    monkeypatch.setenv("ANYBIT_GL_MERGE", "1")
+    assert ad.gl_merge(13) and not ad.gl_merge(1)
+    monkeypatch.setenv("ANYBIT_GL_MERGE", "0")
+    assert not ad.gl_merge(4)
+
+
+def test_merge_block_keeps_the_partials_in_64_registers():
+    """Splits per round of the in-kernel merge: a power of two <= splits, G_P2 * head_dim * block <= 2048."""
+    assert agl.merge_block(4, 4, 128) == 4
+    assert agl.merge_block(7, 4, 128) == 4
+    assert agl.merge_block(4, 8, 128) == 2
+    assert agl.merge_block(3, 1, 64) == 2
+    assert agl.merge_block(16, 1, 64) == 16
+    assert agl.merge_block(2, 7, 128) == 2
