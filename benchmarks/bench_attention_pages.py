@@ -61,8 +61,8 @@ def main() -> int:
                  "bf16, int8, int4 caches, launcher default, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
                   "as in the engine's graphs; pages in random order (paged_batch); vs_bf16_16: against the "
-                  "bf16 cache at 16-token pages (the engine's default block_size) in the same case; vs_bf16_same: "
-                  "against bf16 at the same page size; rel_err: first sequence vs ref_"],
+                  "bf16 cache at 16-token pages (the engine's default block_size) in the same case; "
+                  "vs_bf16_same: against bf16 at the same page size; rel_err: first sequence vs ref_"],
                  out_dir=os.environ.get("OUT"))
     return 0
 

@@ -38,7 +38,7 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 
 # s18-2 (TMA_MIN_N 16384) / s16-7: every width and M, launcher's choice
 QM = ("quant_matmul_s18_2", "quant_matmul_s16_lm_head")
-DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, float16 scales, GL_PAIR, in-kernel merge, bf16
+DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
 E2E = ("e2e_w4_s16_final",)
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
 SHAPE = lambda r: f"{r['shape']} M{r['M']}"  # noqa: E731
