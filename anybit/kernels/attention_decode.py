@@ -628,9 +628,9 @@ GL_MIN_SEQS = 8
 GL_REDUCE_PDL = os.environ.get("ANYBIT_GL_REDUCE_PDL", "1") == "1"
 # The Gluon kernel merges its own splits (the last split of each (sequence, kv head) to finish, through a
 # counter) instead of a merge kernel, up to GL_MERGE_MAX_SPLITS splits; env ANYBIT_GL_MERGE=0/1 overrides
-# both. H100 s19-1 (attention_decode_splits_merge_s19_1, CUDA graphs): b32 x 16 tokens 10.4 -> 7.9 us
-# per call, b32 x 4k int4 62.0 -> 59.6 us (int8 101.8 -> 99.5), b64 0-1% faster; at b8 (13 splits, the
-# in-kernel merge reads them 4 at a time) int8 32.2 -> 32.9 us, so from 9 splits the merge kernel stays.
+# both. H100 s19-2 (attention_decode_splits_merge_s19_2, CUDA graphs): b32 x 16 tokens 10.6 -> 7.8 us
+# per call, b32 x 4k int4 63.0 -> 60.9 us (int8 102.0 -> 98.9), b16/b64 0.5-1% faster; at b8 (13 splits,
+# the in-kernel merge reads them 4 at a time) int8 31.7 -> 32.5 us, so from 9 splits the merge kernel stays.
 GL_MERGE = True
 GL_MERGE_MAX_SPLITS = 8
 
