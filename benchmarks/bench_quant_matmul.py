@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from anybit.kernels.quant_gemm_rws import quant_gemm_rws  # noqa: E402
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import quant_gemv_h2  # noqa: E402
 from anybit.kernels.quant_gemv_mma import quant_gemv_mma  # noqa: E402
@@ -202,7 +203,8 @@ def check_cases(cases, call, log, tol: float = 1e-2) -> list[dict]:
 def run_variant(x, pw, kw, out=None):
     """quant_matmul with kw, or (kw["direct_h2"]) the packed-half GEMV launcher with its own
     keywords (fuse_x, programs_per_sm), or (kw["direct_ws"]) the warp-specialized GEMM with its own
-    (a_stages, nconv, registers), or (kw["direct_mma"]) the mma.sync kernel with its own (pdl,
+    (a_stages, nconv, registers), or (kw["direct_rws"]) the warp-specialized register-A GEMM with its own
+    (cons_regs, max_regs), or (kw["direct_mma"]) the mma.sync kernel with its own (pdl,
     diag), or (kw["direct_tma"]) its TMA-ring variant with its own (ks, stages, pdl), which
     quant_matmul does not forward."""
     if kw.get("direct_h2"):
@@ -211,6 +213,9 @@ def run_variant(x, pw, kw, out=None):
     if kw.get("direct_ws"):
         y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
         return quant_gemm_ws(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_ws"})
+    if kw.get("direct_rws"):
+        y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
+        return quant_gemm_rws(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_rws"})
     if kw.get("direct_mma"):
         y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
         return quant_gemv_mma(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_mma"})

@@ -32,6 +32,7 @@ import torch
 
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
 from anybit.kernels.quant_gemm_ra import quant_gemm_ra, ra_applies
+from anybit.kernels.quant_gemm_rws import quant_gemm_rws
 from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
@@ -520,7 +521,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     "gemm", "wg", "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "mma" (register-operand
     mma.sync kernel, quant_gemv_mma.py, M <= 16), "tma" (the same with the weights through a TMA ring,
     quant_gemv_tma.py, Hopper, 1/2/4 bits), "ra" (wgmma with the weights as a register operand,
-    quant_gemm_ra.py, W4), "dequant";
+    quant_gemm_ra.py, W4), "rws" (the same with a loader warp and two consumer warpgroups,
+    quant_gemm_rws.py, W4, N a multiple of 128), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
@@ -577,6 +579,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemm_ra(x, packed, y, block_m=block_m, block_n=block_n, block_k=block_k,
                              stages=num_stages, num_warps=num_warps, split_k=split_k)
+    if path == "rws":
+        y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+        return quant_gemm_rws(x, packed, y, block_m=block_m, stages=num_stages, split_k=split_k)
     if path == "mma":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemv_mma(x, packed, y, block_k=block_k, split_k=split_k)
@@ -611,7 +616,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, ra, mma, tma, "
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, ra, rws, mma, tma, "
                          "dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over

@@ -1,0 +1,109 @@
+"""Warp-specialized register-A wgmma path (``path="rws"``, anybit/kernels/quant_gemm_rws.py). Gluon does
+not run under the Triton interpreter, so on CPU: the launcher's rules and an offline sm_90 compile (both
+consumer loops feed the wgmma from registers with no hazard and no spill; the loader and the consumers
+meet only at mbarriers). On CUDA (Hopper): against ref_quant_matmul and bit-equal to path="ra"."""
+
+import os
+
+import pytest
+import torch
+from sm90_sass import loop_bodies, nvdisasm, sm90_sass, wgmma_register_a_hazards  # same folder
+
+from anybit.kernels import quant_gemm_rws as rws
+from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
+from anybit.quant.rtn import QuantSpec, rtn_quantize
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def test_launcher_config_and_applicability():
+    assert rws.rws_config(1024) == (256, 64, 6, 232)  # 6 stages of 37 KB fit in 227 KB
+    assert rws.rws_config(64)[0] == 64 and rws.rws_config(300)[0] == 256 and rws.rws_config(2)[0] == 64
+    for M in (64, 128, 256, 1024):
+        bm, bk, st, _ = rws.rws_config(M)
+        assert rws.rws_shared_bytes(bm, bk, st) <= 227 * 1024 < rws.rws_shared_bytes(bm, bk, st + 1) or st == 6
+    assert rws.rws_split(1024, 4096, 14336, 256, 64, 132) == 1  # no split-K at BLOCK_M 256
+    sk = rws.rws_split(64, 4096, 14336, 64, 64, 132)  # 32 tiles of 128 rows: 4 splits fill one wave
+    assert 32 * sk <= 132 < 32 * sk * 2
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
+    with pytest.raises(ValueError, match="quant_gemm_rws"):  # CPU tensors never take the Gluon path
+        rws.quant_gemm_rws(x, pw, torch.empty(16, 128, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bm,split", [(64, True), (128, False), (256, False)])
+def test_sm90_consumers_feed_wgmma_from_registers(bm, split):
+    """Both consumer loops (the default partition's and the worker's): 4 HGMMA per 64-wide K tile with
+    A in registers, no spills, no write to an in-flight A register, and no CTA-wide barrier (only the
+    warpgroup's own 128-thread named barriers); the worker consumer asks for its registers."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    bk, stages, regs = 64, rws.rws_config(bm)[2], rws.rws_config(bm)[3]
+    consts = dict(W0=4, STAGES=stages, SPLIT=split, SUM_LOADS=1, CONS_REGS=regs, num_warps=4)
+    lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, 4, {"num_warps": 4, "maxnreg": 168})
+    loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:2]
+    assert len(loops) == 2 and all(len(b) < 250 for b in loops), [len(b) for b in loops]  # the two consumers
+    for loop in loops:
+        mma = [s for s in loop if "HGMMA" in s]
+        assert len(mma) == 4 and all(s.split()[2].startswith("R") for s in mma)
+        ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
+        assert not any(op.startswith(("STS", "STL", "LDL")) for op in ops)
+        assert wgmma_register_a_hazards(loop) == []
+        bars = [s for s in loop if s.startswith("BAR.")]
+        assert bars and all(s.rstrip().endswith("0x80") for s in bars), bars  # 128 threads, not the CTA
+    assert any(f"TRY_ALLOC.CTAPOOL UP0, {hex(regs)}" in s for s in lines)
+    assert sum("UTMALDG" in s for s in lines) >= 7  # x, then words and two table rows per half
+
+
+def _rtn(N, K, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(4, group, "uniform")).to("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("M", [2, 40, 64, 130, 300])
+def test_rws_vs_reference_and_ra(group, M):
+    pw = _rtn(384, 1152, group, seed=M)
+    x = torch.randn(M, 1152, device="cuda", dtype=torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), pw)
+    y = quant_matmul(x, pw, path="rws")
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    bm = rws.rws_config(M)[0]
+    y_ra = quant_matmul(x, pw, path="ra", block_m=bm, split_k=1)  # same weights, products and K order
+    assert torch.equal(quant_matmul(x, pw, path="rws", split_k=1), y_ra)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("kw", [dict(split_k=3), dict(block_m=256, stages=3), dict(block_m=64, stages=2),
+                                dict(block_m=64, max_regs=80, cons_regs=104), dict(block_m=128, split_k=2)])
+def test_rws_variants_and_out_slice(kw):
+    """Forced split-K (counters left at zero: a second call gives the same result), BLOCK_M 64-256, 2-3
+    stages, two programs per SM; the output written into a column slice of a wider tensor."""
+    pw = _rtn(384, 1152 * 2, 128, seed=7)
+    M = 200
+    x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), pw)
+    wide = torch.zeros(M, 384 + 128, device="cuda", dtype=torch.bfloat16)
+    y = rws.quant_gemm_rws(x, pw, wide[:, 64:448], **kw)
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(rws.quant_gemm_rws(x, pw, torch.empty(M, 384, device="cuda", dtype=torch.bfloat16), **kw), y)
+    assert wide[:, :64].abs().sum() == 0 and wide[:, 448:].abs().sum() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+def test_rws_random_codes_real_shape():
+    """4096 x 14336 with uniformly random codes at M 64 (split-K) and 1024 (BLOCK_M 256) against the
+    float32 dequantization."""
+    from anybit.quant.format import dequantize
+    from benchmarks.bench_quant_matmul import random_packed
+    pw = random_packed(4096, 14336, 4)
+    wd = dequantize(pw, torch.float32)
+    for M in (64, 1024):
+        x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
+        y = quant_matmul(x, pw, path="rws")
+        assert float((y.float() - x.float() @ wd.t()).norm() / (x.float() @ wd.t()).norm()) < 1e-2, M
