@@ -1,7 +1,7 @@
 """Benchmark: the warp-specialized register-A wgmma kernel (quant_gemm_rws.py, ``path="rws"``, W4) for
 M 64..1024 against cuBLAS bf16 (F.linear), the launcher's current choice ("auto") and the one-program
 register-A kernel (``path="ra"``) on the Llama-3-8B layer shapes, with a correctness check first and a
-sweep (BLOCK_M, split-K, registers) per shape.
+sweep (BLOCK_M, stream-K or whole tiles, programs per SM) per shape.
 
     python benchmarks/bench_quant_gemm_rws.py            # JSON quant_matmul_rws.json to $OUT or results/
     python benchmarks/bench_quant_gemm_rws.py --quick    # correctness + 14336x4096 only
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from anybit.kernels import quant_matmul as qm  # noqa: E402
-from anybit.kernels.quant_gemm_rws import rws_config, rws_split  # noqa: E402
+from anybit.kernels.quant_gemm_rws import rws_config, rws_programs  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import _num_sms  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
 from benchmarks.bench_quant_matmul import bench_shape, check_cases, random_packed  # noqa: E402
@@ -35,29 +35,32 @@ MS = [64, 128, 256, 512, 1024]
 
 def correctness(log) -> list[dict]:
     """path="rws" vs the float32 dequantization on RTN weights and random codes: the launcher's
-    configuration and forced variants (split-K, BLOCK_M, stages, two programs per SM), and bit equality
-    with path="ra" at equal split (the same weights and products)."""
+    configuration and forced variants (stream-K over 5 / 7 programs, BLOCK_M, stages, two programs per
+    SM), and bit equality with path="ra" on whole tiles (the same weights and products)."""
     torch.manual_seed(0)
     cases = []
     for g in (64, 128):
         pw = rtn_quantize(torch.randn(384, 1152), QuantSpec(4, g, "uniform")).to("cuda")
         for M in (2, 16, 64, 100, 300):
             cases.append((f"b4 g{g} 384x1152 M{M}", pw, M, {}))
-        cases.append((f"b4 g{g} 384x1152 M64 split3", pw, 64, dict(split_k=3)))
+        cases.append((f"b4 g{g} 384x1152 M64 P5", pw, 64, dict(programs=5)))
+        cases.append((f"b4 g{g} 384x1152 M64 P7", pw, 64, dict(programs=7)))
         cases.append((f"b4 g{g} 384x1152 M200 bm256 st3", pw, 200, dict(block_m=256, stages=3)))
-        cases.append((f"b4 g{g} 384x1152 M40 bm64 2/SM", pw, 40, dict(block_m=64, max_regs=80, cons_regs=104)))
+        cases.append((f"b4 g{g} 384x1152 M40 bm64 2/SM", pw, 40,
+                      dict(block_m=64, max_regs=80, cons_regs=104)))
     pw = random_packed(4096, 14336, 4)
     for M in (64, 256, 1024):
         cases.append((f"b4 random 4096x14336 M{M}", pw, M, {}))
     rows = check_cases(cases, lambda x, pw, out, kw: qm.quant_gemm_rws(x, pw, out, **kw), log, 1e-2)
-    for M in (64, 256):  # same split as ra's launcher -> the same bits
+    for M in (64, 256):  # whole tiles (one program per tile) and ra without split-K: the same bits
         x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
-        a = qm.quant_matmul(x, pw, path="ra", split_k=1)
-        b = qm.quant_gemm_rws(x, pw, torch.empty_like(a), split_k=1)
+        bm = rws_config(M)[0]
+        a = qm.quant_matmul(x, pw, path="ra", block_m=bm, split_k=1)
+        b = qm.quant_gemm_rws(x, pw, torch.empty_like(a), programs=-(-M // bm) * 4096 // 128)
         same = bool(torch.equal(a, b))
-        rows.append(dict(case=f"rws == ra bits, 4096x14336 M{M} split 1", kw="", rel_err=0.0, repeat_equal=same,
-                         ok=same))
-        log(f"rws == ra at M{M}, split 1: {same}")
+        rows.append(dict(case=f"rws == ra bits, 4096x14336 M{M}, whole tiles", kw="", rel_err=0.0,
+                         repeat_equal=same, ok=same))
+        log(f"rws == ra at M{M}, whole tiles: {same}")
     return rows
 
 
@@ -66,20 +69,20 @@ def main_variants(M: int, b: int) -> list:
 
 
 def sweep(N: int, K: int):
-    """BLOCK_M x split-K (1, the launcher's, twice it) x one or two programs per SM."""
+    """BLOCK_M x programs: stream-K on every SM (the launcher), whole tiles (one program per tile, when
+    they fit one wave: s20-1's kernel without split-K), and two programs per SM at BLOCK_M 64."""
     def variants(M: int, b: int) -> list:
         out = [("anybit_rws", dict(direct_rws=True))]
         for bm in (64, 128, 256):
             if bm > 2 * max(M, 64) or bm < min(M, 256) // 2:
                 continue
-            auto = rws_split(M, N, K, bm, 64, 132)
-            for sk in sorted({1, auto, 2 * auto}):
-                if (K // 64) % sk or K // 64 // sk < 8:
-                    continue
-                out.append((f"anybit_rws_bm{bm}_sk{sk}", dict(direct_rws=True, block_m=bm, split_k=sk)))
-                if bm <= 64:
-                    out.append((f"anybit_rws_bm{bm}_sk{sk}_2sm",
-                                dict(direct_rws=True, block_m=bm, split_k=sk, max_regs=80, cons_regs=104)))
+            tiles = -(-M // bm) * N // 128
+            out.append((f"anybit_rws_bm{bm}", dict(direct_rws=True, block_m=bm)))
+            if tiles <= 132:
+                out.append((f"anybit_rws_bm{bm}_whole", dict(direct_rws=True, block_m=bm, programs=tiles)))
+            if bm == 64:
+                out.append((f"anybit_rws_bm{bm}_2sm", dict(direct_rws=True, block_m=bm, programs=264,
+                                                          max_regs=80, cons_regs=104)))
         return out
     variants.__name__ = f"sweep_{N}x{K}"
     return variants
@@ -109,7 +112,7 @@ def main() -> int:
         for M in MS:
             bm, bk, st, regs = rws_config(M)
             configs[f"{N}x{K} M{M}"] = dict(block_m=bm, stages=st, cons_regs=regs,
-                                             split_k=rws_split(M, N, K, bm, bk, sms))
+                                             programs=rws_programs(M, N, K, bm, bk, sms))
 
     def dump():
         write_result(args.name, "Warp-specialized register-A wgmma W4 GEMM (M 64-1024) vs cuBLAS bf16, the "
@@ -117,16 +120,18 @@ def main() -> int:
                      ["shape", "M", "method", "bits", "time_us", "tbps", "speedup"], rows,
                      ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB), "
                       "/ R; speedup = cuBLAS bf16 time / time; anybit = the launcher's choice, anybit_ra = "
-                      "path='ra', anybit_rws = quant_gemm_rws with its launcher config (rws_config, rws_split); "
-                      "anybit_rws_bm*_sk* = forced BLOCK_M / split-K, _2sm = 80 registers per thread at "
-                      "launch (two programs per SM)",
+                      "path='ra', anybit_rws = quant_gemm_rws with its launcher config (rws_config, "
+                      "rws_programs: stream-K on every SM); anybit_rws_bm* = forced BLOCK_M, _whole = one "
+                      "program per tile (no pieces), _2sm = 264 programs at 80 registers per thread (two per SM)",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks passed (rel err < 1e-2 "
-                      f"vs the float32 dequantization, repeated call identical; rws == ra bits at split 1)"],
+                      "vs the float32 dequantization, repeated call identical; rws == ra bits on whole "
+                      "tiles)"],
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]
     shapes = SHAPES[:1] if args.quick else SHAPES
-    plan = [((n, k), MS, main_variants) for n, k in shapes] + [((n, k), sweep_ms, sweep(n, k)) for n, k in shapes]
+    plan = [((n, k), MS, main_variants) for n, k in shapes]
+    plan += [((n, k), sweep_ms, sweep(n, k)) for n, k in shapes]
     for (N, K), ms, variants in plan:
         if time.time() - t0 > args.budget:
             log(f"budget reached: skipped {N}x{K} {variants.__name__}")
@@ -137,8 +142,10 @@ def main() -> int:
     dump()
     print(f"{'shape':>12} {'M':>5} {'cuBLAS':>8} {'auto':>6} {'ra':>6} {'rws':>6}  (x cuBLAS)")
     for shp, M in sorted({(r["shape"], r["M"]) for r in rows if r.get("section") == "main_variants"}):
-        sel = {r["method"]: r for r in rows if (r["shape"], r["M"]) == (shp, M) and r.get("section") == "main_variants"}
-        cells = [f"{sel[m]['speedup']:6.2f}" if m in sel else "     -" for m in ("anybit", "anybit_ra", "anybit_rws")]
+        sel = {r["method"]: r for r in rows
+               if (r["shape"], r["M"]) == (shp, M) and r.get("section") == "main_variants"}
+        cells = [f"{sel[m]['speedup']:6.2f}" if m in sel else "     -"
+                 for m in ("anybit", "anybit_ra", "anybit_rws")]
         print(f"{shp:>12} {M:>5} {sel['cublas_bf16']['time_us']:8.1f} " + " ".join(cells))
     best = {}
     for r in rows:

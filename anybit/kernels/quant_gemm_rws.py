@@ -14,12 +14,20 @@ moment. Here the two warpgroups share nothing but the ring:
 - two consumer warpgroups (``_rws_mma_partition``, C = 0 the default partition, C = 1 a worker),
   each on its own 64 weight rows: quant_gemm_ra's loop (wgmma of tile i from registers, while it
   runs wait for and convert tile i + 1, ``wait(0)`` with both A tiles as dependencies), then
-  ``arrive(empty[i % STAGES])``; no CTA barrier. Each stores its own ``[64, BLOCK_M]`` half
-  (split-K: its own lock counter, ``2 pid + C``).
+  ``arrive(empty[i % STAGES])``; no CTA barrier.
 
 Nothing makes the two warpgroups alternate, but nothing holds them together either: once one is
 behind, its conversion runs while the other's MMA occupies the tensor cores, as in a ping-pong
-schedule. Same weights and products as quant_gemm_ra, so results are bit-identical at equal splits.
+schedule (s20-1: 1235 cycles per K tile at BLOCK_M 256, 4096x14336 M 1024 at 0.97x cuBLAS).
+
+Stream-K: one program per SM (the ring takes ~222 KB of shared memory), and program p of P takes the
+tile-steps [p T / P, (p + 1) T / P) of the T = tiles x K tiles (tiles numbered M-block fastest). With
+one program per tile, s20-1 lost up to a whole wave: 448 tiles = 3.4 waves on 132 SMs (14336x4096
+M 1024, 0.79x), 32 tiles on 132 SMs (4096x14336 M 256). A program's range is cut into pieces, one
+per output tile it meets (``_segment``); the loader and both consumers walk the same pieces, the
+ring running on across them. A whole tile is stored to y; a piece is stored as float32 into the
+program's slot (2 p where its range starts, 2 p + 1 where it ends) and the tile's last piece to
+arrive adds all pieces in program order (fixed order: the same bits every call) and writes y.
 
 Testing as quant_gemm_ra: Gluon does not run under ``TRITON_INTERPRET``; the CPU tests compile the
 kernel for sm_90 offline (register-A HGMMA, no spills, no hazard); the GPU tests compare with
@@ -32,13 +40,12 @@ import torch
 
 from anybit.kernels.quant_gemm_h2 import _lock_buffer, scale_table
 from anybit.kernels.quant_gemm_ra import gluon, ra_applies
-from anybit.kernels.quant_gemv_h2 import _num_sms, k_split
+from anybit.kernels.quant_gemv_h2 import _num_sms
 from anybit.quant.format import PackedWeight
 
 HALF_N = 64  # weight rows per consumer warpgroup (one m64 block)
 
 if gluon is not None:
-    import triton
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         mbarrier,
@@ -49,40 +56,118 @@ if gluon is not None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from anybit.kernels.quant_gemm_ra import _convert_pairs, _quad_layout
-    from anybit.kernels.quant_gemm_wg import _store_tile
 
     LOAD_REGS: gl.constexpr = gl.constexpr(24)  # the loader warp: scalar TMA coordinates only
+    FIX_ROWS: gl.constexpr = gl.constexpr(32)  # x rows per step of the partial-tile sum
 
     @gluon.jit
-    def _rws_load_partition(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K, k_start,
-                            n_iters, off_m, off_n):
-        """One warp: K tile i into slot i % STAGES (x tile; per half c: words into w_smem[2 stage + c],
-        table rows into t_smem[4 stage + 2 c] and [... + 1]) once both consumers released it."""
+    def _segment(cur, end, k_tiles):
+        """The piece of this program's tile-step range [cur, end) that lies in one output tile: (tile,
+        first K tile, number of K tiles)."""
+        tile = cur // k_tiles
+        k_lo = cur - tile * k_tiles
+        return tile, k_lo, gl.minimum(k_tiles - k_lo, end - cur)
+
+    @gluon.jit
+    def _rws_load_partition(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K, k_tiles,
+                            total, num_m):
+        """One warp: every K tile of this program's range, in order, into slot it % STAGES (x tile; per
+        half c the words into w_smem[2 stage + c], the table rows into t_smem[4 stage + 2 c] and [... +
+        1]) once both consumers released the slot's previous tile."""
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         STAGES: gl.constexpr = x_smem.shape[0]
         HN: gl.constexpr = w_desc.block_type.shape[1]
-        nbytes: gl.constexpr = x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes + 4 * t_desc.block_type.nbytes
+        nbytes: gl.constexpr = (x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
+                                + 4 * t_desc.block_type.nbytes)
         KG = K // G
-        for i in range(n_iters):
-            stage = i % STAGES
-            mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
-            bar = ready.index(stage)
-            mbarrier.expect(bar, nbytes)
-            k0 = k_start + i * BLOCK_K
-            g = k0 // G
-            tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_smem.index(stage))
-            for c in gl.static_range(2):
-                n0 = off_n + c * HN
-                tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_smem.index(2 * stage + c))
-                tma.async_copy_global_to_shared(t_desc, [g, n0], bar, t_smem.index(4 * stage + 2 * c))
-                tma.async_copy_global_to_shared(t_desc, [KG + g, n0], bar, t_smem.index(4 * stage + 2 * c + 1))
+        p = gl.program_id(0)
+        P = gl.num_programs(0)
+        cur = p * total // P
+        end = (p + 1) * total // P
+        it = 0
+        while cur < end:
+            tile, k_lo, n = _segment(cur, end, k_tiles)
+            off_m = (tile % num_m) * BLOCK_M
+            off_n = (tile // num_m) * (2 * HN)
+            for j in range(n):
+                stage = it % STAGES
+                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(stage)
+                mbarrier.expect(bar, nbytes)
+                k0 = (k_lo + j) * BLOCK_K
+                g = k0 // G
+                tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_smem.index(stage))
+                for c in gl.static_range(2):
+                    n0 = off_n + c * HN
+                    tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_smem.index(2 * stage + c))
+                    tma.async_copy_global_to_shared(t_desc, [g, n0], bar, t_smem.index(4 * stage + 2 * c))
+                    tma.async_copy_global_to_shared(t_desc, [KG + g, n0], bar,
+                                                    t_smem.index(4 * stage + 2 * c + 1))
+                it += 1
+            cur += n
+
+    @gluon.jit
+    def _rws_convert(w_smem, t_smem, bars, it, sel, C: gl.constexpr, WL: gl.constexpr, AL: gl.constexpr):
+        """Wait for ring tile ``it``, read half C's words and table rows, convert (quant_gemm_ra)."""
+        STAGES: gl.constexpr = bars.shape[0]
+        stage = it % STAGES
+        mbarrier.wait(bars.index(stage), (it // STAGES) & 1)
+        w = w_smem.index(2 * stage + C).load(WL)
+        s2 = t_smem.index(4 * stage + 2 * C).load(WL)  # [1, 64]: (s, s) of each column
+        c2 = t_smem.index(4 * stage + 2 * C + 1).load(WL)  # ((8 - z) s, ...)
+        return _convert_pairs(w, sel, s2, c2, AL)
+
+    @gluon.jit
+    def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, off_m, off_n, tile, k_lo, n, k_tiles, total,
+                   C: gl.constexpr):
+        """Half C of output tile ``tile`` (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
+        r``), K tiles [k_lo, k_lo + n). A whole tile goes to y. A piece goes to this program's slot in
+        ws (``2 p`` for the piece in the tile where its range starts, ``2 p + 1`` for the one where it
+        ends; ``[2, BLOCK_M, 64]`` float32 each); the tile's last piece to arrive (counter
+        ``lock[2 tile + C]``, reset by it) adds the pieces in program order (the same bits every call)
+        and writes y."""
+        MMA: gl.constexpr = acc.type.layout
+        HN: gl.constexpr = acc.shape[0]
+        BLOCK_M: gl.constexpr = acc.shape[1]
+        on = off_n + C * HN + gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
+        ml = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        om = off_m + ml
+        if (k_lo == 0) & (n == k_tiles):
+            omask = (on < N)[:, None] & (om < M)[None, :]
+            gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=omask)
+        else:
+            p = gl.program_id(0)
+            P = gl.num_programs(0)
+            slot = 2 * p + ((p * total // P) // k_tiles != tile).to(gl.int32)  # first piece of the range: 2 p
+            nl = gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
+            gl.store(ws_ptr + ((slot * 2 + C) * BLOCK_M + ml[None, :]) * HN + nl[:, None], acc)
+            gl.thread_barrier()
+            count = gl.atomic_add(lock_ptr + 2 * tile + C, 1, sem="acq_rel")
+            first = ((tile * k_tiles + 1) * P - 1) // total  # programs whose ranges meet this tile
+            last = (((tile + 1) * k_tiles) * P - 1) // total
+            if count == last - first:
+                FL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
+                fm = gl.arange(0, FIX_ROWS, layout=gl.SliceLayout(1, FL))
+                fn = gl.arange(0, HN, layout=gl.SliceLayout(0, FL))
+                for r0 in gl.static_range(0, BLOCK_M, FIX_ROWS):
+                    tot = gl.zeros([FIX_ROWS, HN], gl.float32, FL)
+                    for q in range(first, last + 1):
+                        q_slot = 2 * q + ((q * total // P) // k_tiles != tile).to(gl.int32)
+                        piece = ((q_slot * 2 + C) * BLOCK_M + r0 + fm[:, None]) * HN + fn[None, :]
+                        tot += gl.load(ws_ptr + piece, cache_modifier=".cg")
+                    ym = off_m + r0 + fm
+                    yn = off_n + C * HN + fn
+                    gl.store(y_ptr + ym[:, None] * stride_ym + yn[None, :], tot.to(y_ptr.dtype.element_ty),
+                             mask=(ym < M)[:, None] & (yn < N)[None, :])
+                gl.atomic_xchg(lock_ptr + 2 * tile + C, 0)  # counters stay zeroed between calls
 
     @gluon.jit
     def _rws_mma_partition(x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym,
-                           n_iters, split_k, off_m, off_n, pid, pid_k, C: gl.constexpr, SPLIT: gl.constexpr,
-                           SUM_LOADS: gl.constexpr):
-        """Consumer warpgroup C: weight rows ``off_n + 64 C + [0, 64)`` over all n_iters K tiles, then
-        its store (quant_gemm_wg._store_tile; lock counter 2 pid + C)."""
+                           k_tiles, total, num_m, C: gl.constexpr):
+        """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
+        range, piece by piece (``_segment``), each piece stored by ``_rws_store``."""
         BLOCK_M: gl.constexpr = x_smem.shape[1]
         STAGES: gl.constexpr = x_smem.shape[0]
         R: gl.constexpr = w_smem.shape[1]
@@ -92,55 +177,49 @@ if gluon is not None:
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
-        q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, QL)))
-        sel = gl.expand_dims(gl.expand_dims(q * 0x11 + (q + 4) * 0x1100, 0), 0)  # quant_gemm_ra._ra_selector
-        acc = gl.zeros([HN, BLOCK_M], gl.float32, MMA)
-        a = _rws_convert(w_smem, t_smem, ready, 0, sel, C, STAGES, WL, AL)
-        for i in range(n_iters - 1):
-            stage = i % STAGES
-            acc = warpgroup_mma(a, x_smem.index(stage).permute((1, 0)), acc, is_async=True)
-            a_next = _rws_convert(w_smem, t_smem, ready, i + 1, sel, C, STAGES, WL, AL)
-            acc, a, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, a_next))
-            mbarrier.arrive(empty.index(stage))  # x, words and table of tile i: no longer read
-            a = a_next
-        acc = warpgroup_mma(a, x_smem.index((n_iters - 1) % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-        cols = off_n + C * HN + gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
-        _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, cols, 2 * pid + C, pid_k,
-                    SPLIT, SUM_LOADS)
+        q4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, QL)))
+        sel = gl.expand_dims(gl.expand_dims(q4 * 0x11 + (q4 + 4) * 0x1100, 0), 0)  # ra._ra_selector
+        p = gl.program_id(0)
+        P = gl.num_programs(0)
+        cur = p * total // P
+        end = (p + 1) * total // P
+        it = 0
+        while cur < end:
+            tile, k_lo, n = _segment(cur, end, k_tiles)
+            acc = gl.zeros([HN, BLOCK_M], gl.float32, MMA)
+            a = _rws_convert(w_smem, t_smem, ready, it, sel, C, WL, AL)
+            for j in range(n - 1):
+                acc = warpgroup_mma(a, x_smem.index((it + j) % STAGES).permute((1, 0)), acc, is_async=True)
+                a_next = _rws_convert(w_smem, t_smem, ready, it + j + 1, sel, C, WL, AL)
+                acc, a, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, a_next))
+                mbarrier.arrive(empty.index((it + j) % STAGES))  # x, words and table of that tile: read
+                a = a_next
+            acc = warpgroup_mma(a, x_smem.index((it + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+            mbarrier.arrive(empty.index((it + n - 1) % STAGES))
+            it += n
+            _rws_store(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, (tile % num_m) * BLOCK_M,
+                       (tile // num_m) * (2 * HN), tile, k_lo, n, k_tiles, total, C)
+            cur += n
 
-    @gluon.jit
-    def _rws_convert(w_smem, t_smem, bars, i, sel, C: gl.constexpr, STAGES: gl.constexpr, WL: gl.constexpr,
-                     AL: gl.constexpr):
-        """Wait for K tile i's slot, read half C's words and table rows, convert (quant_gemm_ra)."""
-        stage = i % STAGES
-        mbarrier.wait(bars.index(stage), (i // STAGES) & 1)
-        w = w_smem.index(2 * stage + C).load(WL)
-        s2 = t_smem.index(4 * stage + 2 * C).load(WL)  # [1, 64]: (s, s) of each column
-        c2 = t_smem.index(4 * stage + 2 * C + 1).load(WL)  # ((8 - z) s, ...)
-        return _convert_pairs(w, sel, s2, c2, AL)
-
-    @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
-    def _quant_gemm_rws_kernel(x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_ym,
-                               k_per_split, n_iters, split_k, W0: gl.constexpr, STAGES: gl.constexpr,
-                               SPLIT: gl.constexpr, SUM_LOADS: gl.constexpr, CONS_REGS: gl.constexpr,
+    @gluon.jit(do_not_specialize=["M", "total"])
+    def _quant_gemm_rws_kernel(x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_ym, total,
+                               W0: gl.constexpr, STAGES: gl.constexpr, CONS_REGS: gl.constexpr,
                                num_warps: gl.constexpr):
-        """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of BLOCK_K).
-        Descriptors: x ``[M, K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0), the int32
-        words ``[K / 8, N]`` (block [BLOCK_K / 8, 64]), the int32 half2 table ``[2 K / G, N]`` (block
-        [1, 64]); y ``[M, N]`` (row stride stride_ym). num_warps 4 (the default consumer); the second
-        consumer runs with CONS_REGS registers per thread, the loader with 24. SPLIT as in
-        quant_gemm_ra."""
+        """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 128]`` of y, numbered
+        M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
+        K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0), the int32 words ``[K / 8, N]``
+        (block [BLOCK_K / 8, 64]), the int32 half2 table ``[2 K / G, N]`` (block [1, 64]); y ``[M,
+        N]`` (row stride stride_ym); ws ``[2 P, 2, BLOCK_M, 64]`` float32 pieces; lock ``2 tiles``
+        int32 counters, zero. num_warps 4 (the default consumer); the second consumer runs with
+        CONS_REGS registers per thread, the loader with 24."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         R: gl.constexpr = w_desc.block_type.shape[0]
         HN: gl.constexpr = w_desc.block_type.shape[1]
         gl.static_assert(num_warps == 4 and W0 == 4 and HN == 64, "one warpgroup per 64 rows; W4")
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
+        k_tiles = K // BLOCK_K
         num_m = gl.cdiv(M, BLOCK_M)
-        off_m = (pid % num_m) * BLOCK_M
-        off_n = (pid // num_m) * (2 * HN)
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         w_smem = gl.allocate_shared_memory(gl.int32, [2 * STAGES, R, HN], w_desc.layout)
         t_smem = gl.allocate_shared_memory(gl.int32, [4 * STAGES, 1, HN], t_desc.layout)
@@ -149,16 +228,21 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=2)  # both consumers
-        k_start = pid_k * k_per_split
         # the tuples are written out: a tuple kept in a variable loses its constexprs (quant_gemm_ws)
         gl.warp_specialize([
-            (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym,
-                                  n_iters, split_k, off_m, off_n, pid, pid_k, 0, SPLIT, SUM_LOADS)),
-            (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym,
-                                  n_iters, split_k, off_m, off_n, pid, pid_k, 1, SPLIT, SUM_LOADS)),
-            (_rws_load_partition, (x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K, k_start,
-                                   n_iters, off_m, off_n))],
+            (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                  stride_ym, k_tiles, total, num_m, 0)),
+            (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                  stride_ym, k_tiles, total, num_m, 1)),
+            (_rws_load_partition, (x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K,
+                                   k_tiles, total, num_m))],
             [4, 1], [CONS_REGS, LOAD_REGS])
+
+
+# H100 s20-1 (quant_matmul_rws_s20_1, one program per SM, no split): cycles per K tile of one program at
+# BLOCK_M 64 / 128 / 256 (14336x4096 M 64 and 128, 4096x14336 M 1024). ``rws_config`` compares
+# ceil(M / BLOCK_M) x this, i.e. the work of a row of tiles; stream-K removes the wave effects.
+TILE_CYCLES = {64: 740, 128: 950, 256: 1235}
 
 
 def rws_shared_bytes(bm: int, bk: int, stages: int) -> int:
@@ -167,62 +251,58 @@ def rws_shared_bytes(bm: int, bk: int, stages: int) -> int:
     return stages * (bm * bk * 2 + 2 * HALF_N * bk // 2 + 4 * HALF_N * 4 + 16)
 
 
-def rws_split(M: int, N: int, K: int, bm: int, bk: int, sms: int) -> int:
-    """Split-K: doubled while the programs still fit one wave (one per SM) and each split keeps >= 8 K
-    tiles; none at BLOCK_M 256 (the split-K sum of a 64 x 256 float32 tile spills, quant_gemm_ra)."""
-    tiles = -(-M // bm) * -(-N // (2 * HALF_N))
-    k_tiles, split = K // bk, 1
-    while bm < 256 and tiles * split * 2 <= sms and k_tiles % (split * 2) == 0 and k_tiles // (split * 2) >= 8:
-        split *= 2
-    return split
-
-
 def rws_config(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, stages, consumer registers): BLOCK_M the power of two >= M in 64..256 (the
-    wgmma's N side), BLOCK_K 64, the most stages (<= 6) that fit, 232 registers for the worker
-    consumer (the default one gets what the launch's maxnreg leaves)."""
-    bm = max(64, min(256, triton.next_power_of_2(M)))
+    """(BLOCK_M, BLOCK_K, stages, consumer registers): BLOCK_M in 64..256 with the least
+    ``ceil(M / BLOCK_M) x TILE_CYCLES`` (the largest that pads M by less than about a third), BLOCK_K
+    64, the most stages (<= 6) that fit, 240 registers for the worker consumer (the default one gets
+    what the launch's maxnreg leaves: also 240; at 232 / 248 the worker's K loop spilled 3 registers at
+    BLOCK_M 256, offline sm_90 SASS)."""
+    bm = min((64, 128, 256), key=lambda b: (-(-M // b) * TILE_CYCLES[b], -b))
     stages = next(n for n in range(6, 1, -1) if rws_shared_bytes(bm, 64, n) <= 227 * 1024)
-    return bm, 64, stages, 232
+    return bm, 64, stages, 240
+
+
+def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int) -> int:
+    """Stream-K programs: one per SM, fewer when that would leave < 4 K tiles each."""
+    total = -(-M // bm) * (N // (2 * HALF_N)) * (K // bk)
+    return max(1, min(sms, total // 4))
 
 
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
-                   stages: int | None = None, split_k: int | None = None, cons_regs: int | None = None,
+                   stages: int | None = None, programs: int | None = None, cons_regs: int | None = None,
                    max_regs: int = 168) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, W4, N a
     multiple of 128; the same weights (bf16, rounded once) as quant_gemm_ra. Keywords override
-    ``rws_config`` / ``rws_split`` (benchmarks); ``max_regs``: the launch's register cap per thread
+    ``rws_config`` / ``rws_programs`` (benchmarks); ``max_regs``: the launch's register cap per thread
     (12 warps x 32 x 168 fills the register file: one program per SM)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not ra_applies(packed, M, x) or N % (2 * HALF_N):
         raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 4-bit weight with N a multiple "
-                         f"of 128 and K, group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, N {N}, "
-                         f"K {K}, G {G})")
+                         f"of 128 and K, group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, "
+                         f"N {N}, K {K}, G {G})")
     bm, BK, st, regs = rws_config(M)
     BM = block_m or bm
-    stages = stages or (st if bm == BM else next(
-        (n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n) <= 227 * 1024), 2))
+    fits = [n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n) <= 227 * 1024]
+    stages = stages or (st if bm == BM else (fits or [2])[0])
     smem = rws_shared_bytes(BM, BK, stages)
     if BM not in (16, 32, 64, 128, 256) or stages < 2 or smem > 227 * 1024 or G % BK or K % BK:
         raise ValueError(f"quant_gemm_rws: block_m {BM} must be a power of two in 16..256, stages >= 2 (got "
-                         f"{stages}), shared memory <= 227 KB (got {smem} bytes), K {K} and the group size {G} "
-                         f"multiples of {BK}")
-    per, split = k_split(K // BK, split_k or rws_split(M, N, K, BM, BK, _num_sms(x.device)))
+                         f"{stages}), shared memory <= 227 KB (got {smem} bytes), K {K} and the group size "
+                         f"{G} multiples of {BK}")
     tiles = -(-M // BM) * (N // (2 * HALF_N))
-    if split > 1:
-        ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-        locks = _lock_buffer(x.device, 2 * tiles)
-    else:
-        ws, locks = y, y
+    total = tiles * (K // BK)
+    P = min(programs or rws_programs(M, N, K, BM, BK, _num_sms(x.device)), total)
+    ws = torch.empty(2 * P * 2 * BM * HALF_N, dtype=torch.float32, device=x.device)
+    locks = _lock_buffer(x.device, 2 * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
-    sum_loads = 4 if BM * HALF_N // 128 < 64 else 1
     flat = gl.NVMMASharedLayout(0, 32, rank=2)
     x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BM, BK],
                               gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16))
-    w_desc = TensorDescriptor(packed.qweight, [K // 8, N], [packed.qweight.stride(0), 1], [BK // 8, HALF_N], flat)
+    w_desc = TensorDescriptor(packed.qweight, [K // 8, N], [packed.qweight.stride(0), 1], [BK // 8, HALF_N],
+                              flat)
     t_desc = TensorDescriptor(table, [2 * (K // G), N], [N, 1], [1, HALF_N], flat)
-    _quant_gemm_rws_kernel[(tiles, split)](
-        x_desc, w_desc, t_desc, y, ws, locks, M, N, K, G, y.stride(0), per * BK, per, split, bits, stages,
-        split > 1, sum_loads, cons_regs or regs, num_warps=4, maxnreg=max_regs)
+    _quant_gemm_rws_kernel[(P,)](
+        x_desc, w_desc, t_desc, y, ws, locks, M, N, K, G, y.stride(0), total, bits, stages, cons_regs or regs,
+        num_warps=4, maxnreg=max_regs)
     return y

@@ -435,6 +435,20 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return RA_AUTO and RA_MIN_M <= M <= RA_MAX_M and ra_applies(packed, M, x)
 
 
+# The warp-specialized stream-K register-A kernel of quant_gemm_rws.py (W4, N a multiple of 128): "auto"
+# takes it from RWS_MIN_M rows, before ra and dequantize + cuBLAS. H100 s20-1 (quant_matmul_rws_s20_1,
+# one program per tile, before stream-K), x cuBLAS against ra: 14336x4096 M 64 1.69 / 1.26, M 256 1.05 /
+# 0.84, M 1024 0.79 / 0.64; 4096x14336 M 64 1.53 / 1.26, M 1024 0.88-0.97 / 0.81.
+RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
+RWS_MIN_M = 64
+
+
+def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether "auto" routes this call to the warp-specialized register-A kernel (RWS_AUTO, M >= RWS_MIN_M,
+    N a multiple of 128 and ra's conditions)."""
+    return RWS_AUTO and M >= RWS_MIN_M and packed.out_features % 128 == 0 and ra_applies(packed, M, x)
+
+
 # The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 1..7 bits as slices of
 # 1/2/4 bits since session 10 (W3/5/6 at M 4-8: 1.8-2.4x cuBLAS, s10-1), integer zero
 # points, M <= 16): in the H100 runs of session 6 (quant_matmul_mma_s6_*.json, x cuBLAS, mma vs the
@@ -516,7 +530,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     mma.sync kernel where ``mma_chosen``, else the
     packed-half GEMV for M <= H2_MAX_M when the weight is uniform 2/4/8-bit, or 3/5/6-bit with integer
     zero points, and x fp16/bf16 on CUDA, else the GEMV for M <= GEMV_MAX_M, tensor cores above; the Gluon
-    register-A wgmma kernel where ``ra_chosen``, the wgmma kernel where ``wg_chosen``, the
+    warp-specialized register-A kernel where ``rws_chosen``, the register-A wgmma kernel where
+    ``ra_chosen``, the wgmma kernel where ``wg_chosen``, the
     warp-specialized one where ``ws_chosen``), "gemv", "gemv_h2",
     "gemm", "wg", "ws" (warp-specialized Gluon kernel, quant_gemm_ws.py, M >= 1), "mma" (register-operand
     mma.sync kernel, quant_gemv_mma.py, M <= 16), "tma" (the same with the weights through a TMA ring,
@@ -557,7 +572,9 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     if path == "auto":
         h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
         path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
-        if path != "gemv_h2" and ra_chosen(packed, M, x):
+        if path != "gemv_h2" and rws_chosen(packed, M, x):
+            path = "rws"
+        elif path != "gemv_h2" and ra_chosen(packed, M, x):
             path = "ra"
         elif path != "gemv_h2" and ws_chosen(packed, M, x):
             path = "ws"
@@ -581,7 +598,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
                              stages=num_stages, num_warps=num_warps, split_k=split_k)
     if path == "rws":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-        return quant_gemm_rws(x, packed, y, block_m=block_m, stages=num_stages, split_k=split_k)
+        return quant_gemm_rws(x, packed, y, block_m=block_m, stages=num_stages)
     if path == "mma":
         y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
         return quant_gemv_mma(x, packed, y, block_k=block_k, split_k=split_k)
@@ -616,7 +633,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         tiles = triton.cdiv(N, BN) * triton.cdiv(M, BM)
         warps, stages = num_warps or (4 if M <= 64 else 8), num_stages or (4 if M <= 64 else 3)
     else:
-        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, ra, rws, mma, tma, "
+        raise ValueError(f"path: got {path!r}, allowed: auto, gemv, gemv_h2, gemm, wg, ws, ra, rws, mma, "
+                         "tma, "
                          "dequant")
     k_tiles = K // BK
     if split_k is None:  # enough programs to fill the GPU ~4 times over

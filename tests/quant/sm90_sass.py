@@ -96,11 +96,12 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
              "t_desc": TensorDescriptor(t, [64, 1024], [1024, 1], [1, bn], flat)}
     sig = {n: mangle_type(d) for n, d in descs.items()}
     sig.update({"y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32"})
+                "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32",
+                "total": "i32"})
     sig.update({c: "constexpr" for c in consts})
     sig = {n: sig[n] for n in names}
     aligned = ("y_ptr", "ws_ptr", "lock_ptr", "N", "K", "G", "stride_ym", "k_per_split")
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names}
     compiled = triton.compile(GluonASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options=options)
     return _sass_of(compiled)

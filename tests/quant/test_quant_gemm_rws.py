@@ -17,31 +17,73 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 
 
 def test_launcher_config_and_applicability():
-    assert rws.rws_config(1024) == (256, 64, 6, 232)  # 6 stages of 37 KB fit in 227 KB
-    assert rws.rws_config(64)[0] == 64 and rws.rws_config(300)[0] == 256 and rws.rws_config(2)[0] == 64
+    assert rws.rws_config(1024) == (256, 64, 6, 240)  # 6 stages of 37 KB fit in 227 KB
+    ms = (2, 64, 100, 128, 200, 256, 300)
+    assert [rws.rws_config(M)[0] for M in ms] == [64, 64, 128, 128, 256, 256, 256]
     for M in (64, 128, 256, 1024):
         bm, bk, st, _ = rws.rws_config(M)
-        assert rws.rws_shared_bytes(bm, bk, st) <= 227 * 1024 < rws.rws_shared_bytes(bm, bk, st + 1) or st == 6
-    assert rws.rws_split(1024, 4096, 14336, 256, 64, 132) == 1  # no split-K at BLOCK_M 256
-    sk = rws.rws_split(64, 4096, 14336, 64, 64, 132)  # 32 tiles of 128 rows: 4 splits fill one wave
-    assert 32 * sk <= 132 < 32 * sk * 2
+        assert rws.rws_shared_bytes(bm, bk, st) <= 227 * 1024
+        assert st == 6 or rws.rws_shared_bytes(bm, bk, st + 1) > 227 * 1024
+    assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 132  # stream-K: one program per SM
+    assert rws.rws_programs(2, 128, 256, 64, 64, 132) == 1  # 4 tile-steps: one program
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
     with pytest.raises(ValueError, match="quant_gemm_rws"):  # CPU tensors never take the Gluon path
         rws.quant_gemm_rws(x, pw, torch.empty(16, 128, dtype=torch.bfloat16))
 
 
+def _pieces(total: int, k_tiles: int, P: int):
+    """Stream-K bookkeeping of the kernel in Python: each program's pieces (tile, k_lo, n), the slot
+    each piece is stored in, and the kernel's formulas for the first and last program of a tile."""
+    pieces = []
+    for p in range(P):
+        cur, end = p * total // P, (p + 1) * total // P
+        while cur < end:
+            tile, k_lo = divmod(cur, k_tiles)
+            n = min(k_tiles - k_lo, end - cur)
+            slot = 2 * p + int((p * total // P) // k_tiles != tile)
+            pieces.append((p, tile, k_lo, n, slot))
+            cur += n
+    return pieces
+
+
+@pytest.mark.parametrize("tiles,k_tiles,P", [(448, 64, 132), (32, 224, 132), (3, 18, 13), (5, 7, 5),
+                                             (1, 4, 1), (96, 64, 132), (4008, 64, 132)])
+def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P):
+    """Every tile-step is computed by exactly one piece; a tile's pieces come from programs first..last
+    of the kernel's formulas, in order; no two pieces share a slot; a tile in one piece is stored
+    directly (no slot)."""
+    total = tiles * k_tiles
+    pieces = _pieces(total, k_tiles, P)
+    seen = {}
+    for p, tile, k_lo, n, slot in pieces:
+        seen.setdefault(tile, []).append((k_lo, n, p, slot))
+    slots = [slot for p, tile, k_lo, n, slot in pieces if n < k_tiles]
+    assert len(slots) == len(set(slots))
+    for tile in range(tiles):
+        parts = sorted(seen[tile])
+        assert [k for k, n, *_ in parts] == [sum(n for _, n, *_ in parts[:i]) for i in range(len(parts))]
+        assert sum(n for _, n, *_ in parts) == k_tiles
+        first = ((tile * k_tiles + 1) * P - 1) // total
+        last = (((tile + 1) * k_tiles) * P - 1) // total
+        assert [p for _, _, p, _ in parts] == list(range(first, last + 1))
+        for q in range(first, last + 1):  # the slot the fix-up reads for program q is the one q wrote
+            q_slot = 2 * q + int((q * total // P) // k_tiles != tile)
+            assert any(p == q and slot == q_slot for _, _, p, slot in parts)
+
+
 @pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
-@pytest.mark.parametrize("bm,split", [(64, True), (128, False), (256, False)])
-def test_sm90_consumers_feed_wgmma_from_registers(bm, split):
-    """Both consumer loops (the default partition's and the worker's): 4 HGMMA per 64-wide K tile with
+@pytest.mark.parametrize("bm", [64, 128, 256])
+def test_sm90_consumers_feed_wgmma_from_registers(bm):
+    """Both consumer K loops (the default partition's and the worker's): 4 HGMMA per 64-wide K tile with
     A in registers, no spills, no write to an in-flight A register, and no CTA-wide barrier (only the
     warpgroup's own 128-thread named barriers); the worker consumer asks for its registers."""
     if not os.path.exists(nvdisasm()):
         pytest.skip("no nvdisasm in this Triton install")
     bk, stages, regs = 64, rws.rws_config(bm)[2], rws.rws_config(bm)[3]
-    consts = dict(W0=4, STAGES=stages, SPLIT=split, SUM_LOADS=1, CONS_REGS=regs, num_warps=4)
-    lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, 4, {"num_warps": 4, "maxnreg": 168})
+    consts = dict(W0=4, STAGES=stages, CONS_REGS=regs, num_warps=4)
+    lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, 4,
+                      {"num_warps": 4, "maxnreg": 168})
     loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:2]
     assert len(loops) == 2 and all(len(b) < 250 for b in loops), [len(b) for b in loops]  # the two consumers
     for loop in loops:
@@ -73,16 +115,19 @@ def test_rws_vs_reference_and_ra(group, M):
     assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
     bm = rws.rws_config(M)[0]
     y_ra = quant_matmul(x, pw, path="ra", block_m=bm, split_k=1)  # same weights, products and K order
-    assert torch.equal(quant_matmul(x, pw, path="rws", split_k=1), y_ra)
+    tiles = -(-M // bm) * 384 // 128
+    assert torch.equal(rws.quant_gemm_rws(x, pw, torch.empty_like(y), programs=tiles), y_ra)  # whole tiles
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("kw", [dict(split_k=3), dict(block_m=256, stages=3), dict(block_m=64, stages=2),
-                                dict(block_m=64, max_regs=80, cons_regs=104), dict(block_m=128, split_k=2)])
+@pytest.mark.parametrize("kw", [dict(programs=5), dict(programs=7), dict(block_m=256, stages=3),
+                                dict(block_m=64, stages=2, programs=13), dict(block_m=128, programs=132),
+                                dict(block_m=64, max_regs=80, cons_regs=104)])
 def test_rws_variants_and_out_slice(kw):
-    """Forced split-K (counters left at zero: a second call gives the same result), BLOCK_M 64-256, 2-3
-    stages, two programs per SM; the output written into a column slice of a wider tensor."""
+    """Stream-K with pieces of 1-3 programs per tile (counters left at zero: a second call gives the same
+    bits), BLOCK_M 64-256, 2-3 stages, two programs per SM; the output written into a column slice of a
+    wider tensor."""
     pw = _rtn(384, 1152 * 2, 128, seed=7)
     M = 200
     x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
@@ -90,15 +135,16 @@ def test_rws_variants_and_out_slice(kw):
     wide = torch.zeros(M, 384 + 128, device="cuda", dtype=torch.bfloat16)
     y = rws.quant_gemm_rws(x, pw, wide[:, 64:448], **kw)
     assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
-    assert torch.equal(rws.quant_gemm_rws(x, pw, torch.empty(M, 384, device="cuda", dtype=torch.bfloat16), **kw), y)
+    fresh = torch.empty(M, 384, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(rws.quant_gemm_rws(x, pw, fresh, **kw), y)
     assert wide[:, :64].abs().sum() == 0 and wide[:, 448:].abs().sum() == 0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 def test_rws_random_codes_real_shape():
-    """4096 x 14336 with uniformly random codes at M 64 (split-K) and 1024 (BLOCK_M 256) against the
-    float32 dequantization."""
+    """4096 x 14336 with uniformly random codes at M 64 and 1024 (BLOCK_M 256), stream-K over 132 programs,
+    against the float32 dequantization."""
     from anybit.quant.format import dequantize
     from benchmarks.bench_quant_matmul import random_packed
     pw = random_packed(4096, 14336, 4)
