@@ -122,7 +122,8 @@ def main() -> int:
                       "/ R; speedup = cuBLAS bf16 time / time; anybit = the launcher's choice, anybit_ra = "
                       "path='ra', anybit_rws = quant_gemm_rws with its launcher config (rws_config, "
                       "rws_programs: stream-K on every SM); anybit_rws_bm* = forced BLOCK_M, _whole = one "
-                      "program per tile (no pieces), _2sm = 264 programs at 80 registers per thread (two per SM)",
+                      "program per tile (no pieces), _2sm = 264 programs at 80 registers per thread (two "
+                      "per SM)",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks passed (rel err < 1e-2 "
                       "vs the float32 dequantization, repeated call identical; rws == ra bits on whole "
                       "tiles)"],
