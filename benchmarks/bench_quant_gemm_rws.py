@@ -69,8 +69,8 @@ def main_variants(M: int, b: int) -> list:
 
 
 def sweep(N: int, K: int):
-    """BLOCK_M x programs: stream-K on every SM (the launcher), whole tiles (one program per tile, when
-    they fit one wave: s20-1's kernel without split-K), and two programs per SM at BLOCK_M 64."""
+    """BLOCK_M x programs: stream-K over every SM (``_sk``), whole tiles (one program per tile, when they
+    fit one wave), and the launcher's choice between the two (``anybit_rws_bm*``)."""
     def variants(M: int, b: int) -> list:
         out = [("anybit_rws", dict(direct_rws=True))]
         for bm in (64, 128, 256):
@@ -78,11 +78,9 @@ def sweep(N: int, K: int):
                 continue
             tiles = -(-M // bm) * N // 128
             out.append((f"anybit_rws_bm{bm}", dict(direct_rws=True, block_m=bm)))
+            out.append((f"anybit_rws_bm{bm}_sk", dict(direct_rws=True, block_m=bm, programs=132)))
             if tiles <= 132:
                 out.append((f"anybit_rws_bm{bm}_whole", dict(direct_rws=True, block_m=bm, programs=tiles)))
-            if bm == 64:
-                out.append((f"anybit_rws_bm{bm}_2sm", dict(direct_rws=True, block_m=bm, programs=264,
-                                                          max_regs=80, cons_regs=104)))
         return out
     variants.__name__ = f"sweep_{N}x{K}"
     return variants
@@ -121,9 +119,8 @@ def main() -> int:
                      ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB), "
                       "/ R; speedup = cuBLAS bf16 time / time; anybit = the launcher's choice, anybit_ra = "
                       "path='ra', anybit_rws = quant_gemm_rws with its launcher config (rws_config, "
-                      "rws_programs: stream-K on every SM); anybit_rws_bm* = forced BLOCK_M, _whole = one "
-                      "program per tile (no pieces), _2sm = 264 programs at 80 registers per thread (two "
-                      "per SM)",
+                      "rws_programs: whole tiles or stream-K on every SM); anybit_rws_bm* = forced BLOCK_M, "
+                      "_whole = one program per tile (no pieces), _sk = stream-K over 132 programs",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks passed (rel err < 1e-2 "
                       "vs the float32 dequantization, repeated call identical; rws == ra bits on whole "
                       "tiles)"],
@@ -132,6 +129,7 @@ def main() -> int:
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]
     shapes = SHAPES[:1] if args.quick else SHAPES
     plan = [((n, k), MS, main_variants) for n, k in shapes]
+    plan += [] if args.quick else [((128256, 4096), [64, 256, 1024], main_variants)]
     plan += [((n, k), sweep_ms, sweep(n, k)) for n, k in shapes]
     for (N, K), ms, variants in plan:
         if time.time() - t0 > args.budget:

@@ -58,7 +58,10 @@ if gluon is not None:
     from anybit.kernels.quant_gemm_ra import _convert_pairs, _quad_layout
 
     LOAD_REGS: gl.constexpr = gl.constexpr(24)  # the loader warp: scalar TMA coordinates only
-    FIX_ROWS: gl.constexpr = gl.constexpr(32)  # x rows per step of the partial-tile sum
+    # the partial-tile sum: x rows per pass ([64, 64] float32: 32 registers per load) and pieces loaded at
+    # once (s20-2: one [32, 64] load at a time, 8 x pieces round trips, cost ~15-25 us per kernel)
+    FIX_ROWS: gl.constexpr = gl.constexpr(64)
+    FIX_PIECES: gl.constexpr = gl.constexpr(4)
 
     @gluon.jit
     def _segment(cur, end, k_tiles):
@@ -118,6 +121,28 @@ if gluon is not None:
         c2 = t_smem.index(4 * stage + 2 * C + 1).load(WL)  # ((8 - z) s, ...)
         return _convert_pairs(w, sel, s2, c2, AL)
 
+    @gluon.jit(noinline=True)
+    def _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, P,
+                   BLOCK_M: gl.constexpr, HN: gl.constexpr, C: gl.constexpr):
+        """Sum half C of tile ``tile``'s pieces (programs first..last, in order) into y. Not inlined: its
+        offsets, hoisted out of the consumer's K loop, made that loop spill at BLOCK_M 256."""
+        FL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
+        fm = gl.arange(0, FIX_ROWS, layout=gl.SliceLayout(1, FL))
+        fn = gl.arange(0, HN, layout=gl.SliceLayout(0, FL))
+        for r0 in gl.static_range(0, BLOCK_M, FIX_ROWS):
+            tot = gl.zeros([FIX_ROWS, HN], gl.float32, FL)
+            rows = (C * BLOCK_M + r0 + fm[:, None]) * HN + fn[None, :]
+            for q0 in range(first, last + 1, FIX_PIECES):  # loads in flight at once, added in order
+                for u in gl.static_range(FIX_PIECES):
+                    q = q0 + u
+                    q_slot = 2 * q + ((q * total // P) // k_tiles != tile).to(gl.int32)
+                    tot += gl.load(ws_ptr + q_slot * (2 * BLOCK_M * HN) + rows, mask=q <= last, other=0.0,
+                                   cache_modifier=".cg")
+            ym = off_m + r0 + fm
+            yn = off_n + C * HN + fn
+            gl.store(y_ptr + ym[:, None] * stride_ym + yn[None, :], tot.to(y_ptr.dtype.element_ty),
+                     mask=(ym < M)[:, None] & (yn < N)[None, :])
+
     @gluon.jit
     def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, off_m, off_n, tile, k_lo, n, k_tiles, total,
                    C: gl.constexpr):
@@ -148,19 +173,8 @@ if gluon is not None:
             first = ((tile * k_tiles + 1) * P - 1) // total  # programs whose ranges meet this tile
             last = (((tile + 1) * k_tiles) * P - 1) // total
             if count == last - first:
-                FL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
-                fm = gl.arange(0, FIX_ROWS, layout=gl.SliceLayout(1, FL))
-                fn = gl.arange(0, HN, layout=gl.SliceLayout(0, FL))
-                for r0 in gl.static_range(0, BLOCK_M, FIX_ROWS):
-                    tot = gl.zeros([FIX_ROWS, HN], gl.float32, FL)
-                    for q in range(first, last + 1):
-                        q_slot = 2 * q + ((q * total // P) // k_tiles != tile).to(gl.int32)
-                        piece = ((q_slot * 2 + C) * BLOCK_M + r0 + fm[:, None]) * HN + fn[None, :]
-                        tot += gl.load(ws_ptr + piece, cache_modifier=".cg")
-                    ym = off_m + r0 + fm
-                    yn = off_n + C * HN + fn
-                    gl.store(y_ptr + ym[:, None] * stride_ym + yn[None, :], tot.to(y_ptr.dtype.element_ty),
-                             mask=(ym < M)[:, None] & (yn < N)[None, :])
+                _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, P,
+                           BLOCK_M, HN, C)
                 gl.atomic_xchg(lock_ptr + 2 * tile + C, 0)  # counters stay zeroed between calls
 
     @gluon.jit
@@ -262,10 +276,18 @@ def rws_config(M: int) -> tuple[int, int, int, int]:
     return bm, 64, stages, 240
 
 
+FIX_STEPS = 8  # K tiles that the pieces of a split tile cost (stores, sum): a guess, to be measured
+
+
 def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int) -> int:
-    """Stream-K programs: one per SM, fewer when that would leave < 4 K tiles each."""
-    total = -(-M // bm) * (N // (2 * HALF_N)) * (K // bk)
-    return max(1, min(sms, total // 4))
+    """Programs: one per tile (whole tiles, no pieces) when the tiles fit one wave and stream-K over all
+    SMs would save fewer than FIX_STEPS K tiles per program; else stream-K over one program per SM
+    (fewer when that would leave < 4 K tiles each)."""
+    tiles = -(-M // bm) * (N // (2 * HALF_N))
+    k_tiles = K // bk
+    if tiles <= sms and k_tiles <= -(-tiles * k_tiles // sms) + FIX_STEPS:
+        return tiles
+    return max(1, min(sms, tiles * k_tiles // 4))
 
 
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
