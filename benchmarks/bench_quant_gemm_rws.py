@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -26,7 +28,14 @@ from anybit.kernels import quant_matmul as qm  # noqa: E402
 from anybit.kernels.quant_gemm_rws import rws_config, rws_programs  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import _num_sms  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
-from benchmarks.bench_quant_matmul import bench_shape, check_cases, random_packed  # noqa: E402
+from benchmarks.bench_quant_matmul import (  # noqa: E402
+    bench_shape,
+    check_cases,
+    copies_for,
+    graph_time_us,
+    random_packed,
+    run_variant,
+)
 from benchmarks.common import write_result  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 14336), (6144, 4096)]
@@ -86,6 +95,59 @@ def sweep(N: int, K: int):
     return variants
 
 
+AB_CASES = [(n, k, m) for n, k in SHAPES for m in (64, 256, 1024)]
+
+
+def ab_variants(N: int, K: int, M: int) -> list:
+    """The candidates for the launcher at this size: ra, rws whole tiles, rws stream-K, BLOCK_M 128 at M
+    256, dequantize + cuBLAS at M 1024."""
+    bm = rws_config(M)[0]
+    tiles = -(-M // bm) * N // 128
+    out = [("anybit_ra", dict(path="ra")), ("anybit_rws", dict(direct_rws=True)),
+           ("anybit_rws_whole", dict(direct_rws=True, programs=tiles)),
+           ("anybit_rws_sk", dict(direct_rws=True, programs=132))]
+    if M == 256:
+        out.append(("anybit_rws_bm128", dict(direct_rws=True, block_m=128)))
+    if M >= 1024:
+        out.append(("anybit_dequant", dict(path="dequant")))
+    return out
+
+
+def ab(log, reps: int) -> list[dict]:
+    """Interleaved timing: for each case, every variant and cuBLAS once per round, ``reps`` rounds; the
+    ratio to cuBLAS is taken within each round (next to each other in time), its median reported. In
+    s20-1..3 the same configuration differed by up to 10% between sections of one run (drift), more than
+    the differences between variants."""
+    rows = []
+    for N, K, M in AB_CASES:
+        R = copies_for(N * K * 2)
+        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
+        pws = [random_packed(N, K, 4) for _ in range(copies_for(N * K // 2))]
+        xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        calls = {"cublas_bf16": [lambda x=xs[i % 8], w=w: F.linear(x, w) for i, w in enumerate(Ws)]}
+        for name, kw in ab_variants(N, K, M):
+            calls[name] = [lambda x=xs[i % 8], p=p, kw=kw: run_variant(x, p, kw) for i, p in enumerate(pws)]
+        times = {name: [] for name in calls}
+        for _ in range(reps):
+            for name, cs in calls.items():
+                try:
+                    times[name].append(graph_time_us(cs))
+                except Exception as e:  # noqa: BLE001
+                    log(f"ab {N}x{K} M{M} {name}: {type(e).__name__}: {str(e)[:200]}")
+                    times[name].append(float("nan"))
+        base = times["cublas_bf16"]
+        for name, ts in times.items():
+            ratios = [b / t for b, t in zip(base, ts)]
+            rows.append(dict(shape=f"{N}x{K}", M=M, method=name, bits=16 if name == "cublas_bf16" else 4,
+                             time_us=statistics.median(ts), speedup=statistics.median(ratios),
+                             time_min_us=min(ts), time_max_us=max(ts), section="ab"))
+        log(f"ab {N}x{K} M{M}: " + " ".join(f"{r['method'].replace('anybit_', '')} {r['time_us']:.1f}us "
+                                             f"({r['speedup']:.2f}x)" for r in rows[-len(times):]))
+        del Ws, pws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -93,6 +155,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--name", default="quant_matmul_rws")
     ap.add_argument("--sweep-ms", default="64,256,1024")
+    ap.add_argument("--ab", type=int, default=0, help="only the correctness check and the interleaved A/B, "
+                    "this many rounds")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -126,6 +190,10 @@ def main() -> int:
                       "tiles)"],
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
+    if args.ab:
+        rows += ab(log, args.ab)
+        dump()
+        return 0
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]
     shapes = SHAPES[:1] if args.quick else SHAPES
     plan = [((n, k), MS, main_variants) for n, k in shapes]

@@ -276,18 +276,17 @@ def rws_config(M: int) -> tuple[int, int, int, int]:
     return bm, 64, stages, 240
 
 
-FIX_STEPS = 8  # K tiles that the pieces of a split tile cost (stores, sum): a guess, to be measured
-
-
 def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int) -> int:
-    """Programs: one per tile (whole tiles, no pieces) when the tiles fit one wave and stream-K over all
-    SMs would save fewer than FIX_STEPS K tiles per program; else stream-K over one program per SM
-    (fewer when that would leave < 4 K tiles each)."""
+    """Programs: one per tile (whole tiles, no pieces; more tiles than SMs run in rounds) when the tiles
+    keep at least 3/4 of the SMs busy; else stream-K over one program per SM (fewer when that would leave
+    < 4 K tiles each). H100 s20-3: stream-K lost to whole tiles wherever those filled 85% or more of the
+    SMs (14336x4096 M 64 31.0 / 28.7 us, M 256 65.6 / 56.5; 4096x14336 M 1024 214.9 / 201.6), even at
+    3.4 waves (14336x4096 M 1024: 201-212 against 187-193 in s20-1), and won where they left most SMs
+    idle (4096x14336 M 64, 32 tiles: 31.1 / 92.5; 6144x4096 M 64, 48 tiles: 18.0 / 27.2)."""
     tiles = -(-M // bm) * (N // (2 * HALF_N))
-    k_tiles = K // bk
-    if tiles <= sms and k_tiles <= -(-tiles * k_tiles // sms) + FIX_STEPS:
+    if 4 * tiles >= 3 * sms:
         return tiles
-    return max(1, min(sms, tiles * k_tiles // 4))
+    return max(1, min(sms, tiles * (K // bk) // 4))
 
 
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
@@ -314,7 +313,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"{G} multiples of {BK}")
     tiles = -(-M // BM) * (N // (2 * HALF_N))
     total = tiles * (K // BK)
-    P = min(programs or rws_programs(M, N, K, BM, BK, _num_sms(x.device)), total)
+    P = min(programs or rws_programs(M, N, K, BM, BK, _num_sms(x.device)), total)  # P = tiles: whole tiles
     ws = torch.empty(2 * P * 2 * BM * HALF_N, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, 2 * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)

@@ -24,9 +24,9 @@ def test_launcher_config_and_applicability():
         bm, bk, st, _ = rws.rws_config(M)
         assert rws.rws_shared_bytes(bm, bk, st) <= 227 * 1024
         assert st == 6 or rws.rws_shared_bytes(bm, bk, st + 1) > 227 * 1024
-    assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 132  # 448 tiles: stream-K, one per SM
-    assert rws.rws_programs(256, 4096, 14336, 256, 64, 132) == 132  # 32 tiles of 224 K tiles: stream-K
-    assert rws.rws_programs(64, 16384, 4096, 64, 64, 132) == 128  # 128 whole tiles: 64 vs 63 + FIX_STEPS
+    assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 448  # whole tiles, in rounds
+    assert rws.rws_programs(64, 14336, 4096, 64, 64, 132) == 112  # whole tiles: 85% of the SMs
+    assert rws.rws_programs(256, 4096, 14336, 256, 64, 132) == 132  # 32 tiles: stream-K over every SM
     assert rws.rws_programs(2, 128, 256, 64, 64, 132) == 1  # one tile
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
