@@ -63,9 +63,9 @@ def correctness(log) -> list[dict]:
     rows = check_cases(cases, lambda x, pw, out, kw: qm.quant_gemm_rws(x, pw, out, **kw), log, 1e-2)
     for M in (64, 256):  # whole tiles (one program per tile) and ra without split-K: the same bits
         x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
-        bm = rws_config(M)[0]
+        bm = rws_config(M, 4096)[0]
         a = qm.quant_matmul(x, pw, path="ra", block_m=bm, split_k=1)
-        b = qm.quant_gemm_rws(x, pw, torch.empty_like(a), programs=-(-M // bm) * 4096 // 128)
+        b = qm.quant_gemm_rws(x, pw, torch.empty_like(a), block_m=bm, programs=-(-M // bm) * 4096 // 128)
         same = bool(torch.equal(a, b))
         rows.append(dict(case=f"rws == ra bits, 4096x14336 M{M}, whole tiles", kw="", rel_err=0.0,
                          repeat_equal=same, ok=same))
@@ -101,7 +101,7 @@ AB_CASES = [(n, k, m) for n, k in SHAPES for m in (64, 256, 1024)]
 def ab_variants(N: int, K: int, M: int) -> list:
     """The candidates for the launcher at this size: ra, rws whole tiles, rws stream-K, BLOCK_M 128 at M
     256, dequantize + cuBLAS at M 1024."""
-    bm = rws_config(M)[0]
+    bm = rws_config(M, N)[0]
     tiles = -(-M // bm) * N // 128
     out = [("anybit_ra", dict(path="ra")), ("anybit_rws", dict(direct_rws=True)),
            ("anybit_rws_whole", dict(direct_rws=True, programs=tiles)),
@@ -172,7 +172,7 @@ def main() -> int:
     configs = {}
     for N, K in SHAPES:
         for M in MS:
-            bm, bk, st, regs = rws_config(M)
+            bm, bk, st, regs = rws_config(M, N, sms)
             configs[f"{N}x{K} M{M}"] = dict(block_m=bm, stages=st, cons_regs=regs,
                                              programs=rws_programs(M, N, K, bm, bk, sms))
 

@@ -253,38 +253,37 @@ if gluon is not None:
             [4, 1], [CONS_REGS, LOAD_REGS])
 
 
-# H100 s20-1 (quant_matmul_rws_s20_1, one program per SM, no split): cycles per K tile of one program at
-# BLOCK_M 64 / 128 / 256 (14336x4096 M 64 and 128, 4096x14336 M 1024). ``rws_config`` compares
-# ceil(M / BLOCK_M) x this, i.e. the work of a row of tiles; stream-K removes the wave effects.
-TILE_CYCLES = {64: 740, 128: 950, 256: 1235}
-
-
 def rws_shared_bytes(bm: int, bk: int, stages: int) -> int:
     """Shared memory of one program: per stage the x tile, two halves of W4 words, four table rows and
     two barriers."""
     return stages * (bm * bk * 2 + 2 * HALF_N * bk // 2 + 4 * HALF_N * 4 + 16)
 
 
-def rws_config(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, stages, consumer registers): BLOCK_M in 64..256 with the least
-    ``ceil(M / BLOCK_M) x TILE_CYCLES`` (the largest that pads M by less than about a third), BLOCK_K
-    64, the most stages (<= 6) that fit, 240 registers for the worker consumer (the default one gets
-    what the launch's maxnreg leaves: also 240; at 232 / 248 the worker's K loop spilled 3 registers at
-    BLOCK_M 256, offline sm_90 SASS)."""
-    bm = min((64, 128, 256), key=lambda b: (-(-M // b) * TILE_CYCLES[b], -b))
+def rws_config(M: int, N: int = 0, sms: int = 132) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, stages, consumer registers). BLOCK_M: 64 up to M 64, 128 up to 128; above, 256
+    when its tiles (N / 128 per row block) keep 3/4 of the SMs busy, else 128. BLOCK_K 64, the most
+    stages (<= 6) that fit, 240 registers for the worker consumer (the default one gets what the
+    launch's maxnreg leaves: also 240; at 232 / 248 the worker's K loop spilled 3 registers at BLOCK_M
+    256, offline sm_90 SASS). Fitted to the interleaved H100 A/B of s20-4 (quant_matmul_rws_ab_s20_4,
+    x cuBLAS): M 256 on 4096x14336 (32 tiles at 256) 0.98 at 128 against 0.93; 6144x4096 (48) 0.78
+    against 0.70; 14336x4096 (112) 0.92 at 256 against 0.81. Per K tile a program takes ~740 / 950 /
+    1235 cycles at 64 / 128 / 256 (s20-1)."""
+    bm = 64 if M <= 64 else 128 if M <= 128 else 256
+    if bm == 256 and N and 3 * sms > 4 * (-(-M // 256) * (N // (2 * HALF_N))):
+        bm = 128
     stages = next(n for n in range(6, 1, -1) if rws_shared_bytes(bm, 64, n) <= 227 * 1024)
     return bm, 64, stages, 240
 
 
 def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int) -> int:
-    """Programs: one per tile (whole tiles, no pieces; more tiles than SMs run in rounds) when the tiles
-    keep at least 3/4 of the SMs busy; else stream-K over one program per SM (fewer when that would leave
-    < 4 K tiles each). H100 s20-3: stream-K lost to whole tiles wherever those filled 85% or more of the
-    SMs (14336x4096 M 64 31.0 / 28.7 us, M 256 65.6 / 56.5; 4096x14336 M 1024 214.9 / 201.6), even at
-    3.4 waves (14336x4096 M 1024: 201-212 against 187-193 in s20-1), and won where they left most SMs
-    idle (4096x14336 M 64, 32 tiles: 31.1 / 92.5; 6144x4096 M 64, 48 tiles: 18.0 / 27.2)."""
+    """Programs: one per tile (whole tiles, no pieces) when the tiles fill one wave to at least 3/4;
+    else stream-K over one program per SM (fewer when that would leave < 4 K tiles each). Interleaved
+    H100 A/B of s20-4, x cuBLAS, whole / stream-K: one wave 85-97% full 14336x4096 M 64 1.67 / 1.57, M 256
+    0.92 / 0.78, 4096x14336 M 1024 0.82 / 0.75; few tiles 4096x14336 M 64 (32) 0.60 / 1.66, 6144x4096 M 64
+    (48) 0.83 / 1.28; more than one wave 14336x4096 M 1024 (448) 0.71 / 0.76, 6144x4096 M 1024 (192) 0.65 /
+    0.76."""
     tiles = -(-M // bm) * (N // (2 * HALF_N))
-    if 4 * tiles >= 3 * sms:
+    if 3 * sms <= 4 * tiles <= 4 * sms:
         return tiles
     return max(1, min(sms, tiles * (K // bk) // 4))
 
@@ -302,7 +301,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 4-bit weight with N a multiple "
                          f"of 128 and K, group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, "
                          f"N {N}, K {K}, G {G})")
-    bm, BK, st, regs = rws_config(M)
+    bm, BK, st, regs = rws_config(M, N, _num_sms(x.device))
     BM = block_m or bm
     fits = [n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n) <= 227 * 1024]
     stages = stages or (st if bm == BM else (fits or [2])[0])

@@ -435,10 +435,11 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return RA_AUTO and RA_MIN_M <= M <= RA_MAX_M and ra_applies(packed, M, x)
 
 
-# The warp-specialized stream-K register-A kernel of quant_gemm_rws.py (W4, N a multiple of 128): "auto"
-# takes it from RWS_MIN_M rows, before ra and dequantize + cuBLAS. H100 s20-1 (quant_matmul_rws_s20_1,
-# one program per tile, before stream-K), x cuBLAS against ra: 14336x4096 M 64 1.69 / 1.26, M 256 1.05 /
-# 0.84, M 1024 0.79 / 0.64; 4096x14336 M 64 1.53 / 1.26, M 1024 0.88-0.97 / 0.81.
+# The warp-specialized register-A kernel of quant_gemm_rws.py (W4, N a multiple of 128; whole tiles or
+# stream-K): "auto" takes it from RWS_MIN_M rows, before ra and dequantize + cuBLAS. Interleaved H100 A/B
+# of s20-4 (quant_matmul_rws_ab_s20_4), x cuBLAS, rws / ra / dequantize + cuBLAS, 14336x4096, 4096x14336,
+# 6144x4096: M 64 1.69 / 1.28, 1.66 / 1.26, 1.28 / 0.87; M 256 0.92 / 0.86, 0.98 / 0.77, 0.78 / 0.62; M 1024
+# 0.76 / 0.63 / 0.71, 0.82 / 0.76 / 0.75, 0.76 / 0.58 / 0.80. It needs no scratch copy of the weights.
 RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
 RWS_MIN_M = 64
 

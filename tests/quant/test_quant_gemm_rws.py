@@ -20,12 +20,16 @@ def test_launcher_config_and_applicability():
     assert rws.rws_config(1024) == (256, 64, 6, 240)  # 6 stages of 37 KB fit in 227 KB
     ms = (2, 64, 100, 128, 200, 256, 300)
     assert [rws.rws_config(M)[0] for M in ms] == [64, 64, 128, 128, 256, 256, 256]
+    assert rws.rws_config(256, 14336, 132)[0] == 256  # 112 tiles of 256 rows: 85% of the SMs
+    assert rws.rws_config(256, 4096, 132)[0] == 128  # 32 tiles of 256 rows would leave most SMs idle
+    assert rws.rws_config(1024, 6144, 132)[0] == 256
     for M in (64, 128, 256, 1024):
         bm, bk, st, _ = rws.rws_config(M)
         assert rws.rws_shared_bytes(bm, bk, st) <= 227 * 1024
         assert st == 6 or rws.rws_shared_bytes(bm, bk, st + 1) > 227 * 1024
-    assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 448  # whole tiles, in rounds
-    assert rws.rws_programs(64, 14336, 4096, 64, 64, 132) == 112  # whole tiles: 85% of the SMs
+    assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 132  # 448 tiles = 3.4 waves: stream-K
+    assert rws.rws_programs(64, 14336, 4096, 64, 64, 132) == 112  # whole tiles: one wave, 85% full
+    assert rws.rws_programs(1024, 4096, 14336, 256, 64, 132) == 128
     assert rws.rws_programs(256, 4096, 14336, 256, 64, 132) == 132  # 32 tiles: stream-K over every SM
     assert rws.rws_programs(2, 128, 256, 64, 64, 132) == 1  # one tile
     x = torch.randn(16, 256, dtype=torch.bfloat16)
@@ -118,7 +122,8 @@ def test_rws_vs_reference_and_ra(group, M):
     bm = rws.rws_config(M)[0]
     y_ra = quant_matmul(x, pw, path="ra", block_m=bm, split_k=1)  # same weights, products and K order
     tiles = -(-M // bm) * 384 // 128
-    assert torch.equal(rws.quant_gemm_rws(x, pw, torch.empty_like(y), programs=tiles), y_ra)  # whole tiles
+    whole = rws.quant_gemm_rws(x, pw, torch.empty_like(y), block_m=bm, programs=tiles)  # one program per tile
+    assert torch.equal(whole, y_ra)
 
 
 @pytest.mark.gpu

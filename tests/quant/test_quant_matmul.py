@@ -132,3 +132,20 @@ def test_register_a_routing(monkeypatch, bits, M, want):
     pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
                       torch.zeros(1, N).half(), bits, 128, K, N)
     assert qm.ra_chosen(pw, M, torch.empty(M, K)) == want
+
+
+@pytest.mark.parametrize("bits,M,N,want", [(4, 63, 256, False), (4, 64, 256, True), (4, 4096, 256, True),
+                                           (4, 128, 192, False), (8, 128, 256, False), (2, 128, 256, False)])
+def test_register_a_ws_routing(monkeypatch, bits, M, N, want):
+    """"auto" takes the warp-specialized register-A kernel (quant_gemm_rws) for W4 from RWS_MIN_M (64) rows
+    at any M (it needs no scratch weights), where N is a multiple of 128 (two 64-row halves per tile) and
+    the register-A conditions hold (stubbed here); other widths never."""
+    from anybit.kernels import quant_gemm_ra
+    from anybit.kernels import quant_matmul as qm
+    from anybit.quant.format import PackedWeight
+    monkeypatch.setattr(qm, "RWS_AUTO", True)
+    monkeypatch.setattr(quant_gemm_ra, "wg_applies", lambda packed, M, x: True)  # CPU: only the rule
+    K = 128
+    pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
+                      torch.zeros(1, N).half(), bits, 128, K, N)
+    assert qm.rws_chosen(pw, M, torch.empty(M, K)) == want
