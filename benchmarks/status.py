@@ -28,7 +28,9 @@ class Goal:
 
 
 def _qm(bits: int, ms: tuple[int, ...]) -> Callable[[str, dict], bool]:
-    return lambda f, r: r["method"] == "anybit" and r["bits"] == bits and r["M"] in ms
+    """The launcher's rows at this width and these M; lm_head W4 from its newer file (LM_HEAD_W4)."""
+    return lambda f, r: (r["method"] == "anybit" and r["bits"] == bits and r["M"] in ms
+                         and not (f == "quant_matmul_s16_lm_head" and bits == 4))
 
 
 def _decode(variant: str) -> Callable[[str, dict], bool]:
@@ -36,8 +38,9 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
     return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
-# s18-2 (TMA_MIN_N 16384) / s16-7: every width and M, launcher's choice
-QM = ("quant_matmul_s18_2", "quant_matmul_s16_lm_head")
+# s20-5: every width and M on the layer shapes, launcher's choice (W4 M >= 64: quant_gemm_rws); lm_head: W4
+# from s20-6 (rws), the other widths from s16-7 (their routes did not change)
+QM = ("quant_matmul_s20_5", "quant_matmul_s20_6_lm_head", "quant_matmul_s16_lm_head")
 DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
 E2E = ("e2e_w4_s16_final",)
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
