@@ -57,6 +57,9 @@ def correctness(log) -> list[dict]:
         cases.append((f"b4 g{g} 384x1152 M200 bm256 st3", pw, 200, dict(block_m=256, stages=3)))
         cases.append((f"b4 g{g} 384x1152 M40 bm64 2/SM", pw, 40,
                       dict(block_m=64, max_regs=80, cons_regs=104)))
+    pw = rtn_quantize(torch.randn(512, 1152), QuantSpec(4, 128, "uniform")).to("cuda")
+    for M, kw in ((40, {}), (64, dict(programs=9)), (200, {})):
+        cases.append((f"b4 g128 512x1152 M{M} four consumers", pw, M, dict(consumers=4, block_m=64, **kw)))
     pw = random_packed(4096, 14336, 4)
     for M in (64, 256, 1024):
         cases.append((f"b4 random 4096x14336 M{M}", pw, M, {}))
@@ -95,17 +98,22 @@ def sweep(N: int, K: int):
     return variants
 
 
-AB_CASES = [(n, k, m) for n, k in SHAPES for m in (64, 256, 1024)]
-
-
 def ab_variants(N: int, K: int, M: int) -> list:
-    """The candidates for the launcher at this size: ra, rws whole tiles, rws stream-K, BLOCK_M 128 at M
-    256, dequantize + cuBLAS at M 1024."""
+    """The candidates for the launcher at this size: the launcher's choice, ra, rws (whole tiles, stream-K),
+    BLOCK_M 128 at M 256, dequantize + cuBLAS at M 1024; four consumers (BLOCK_M 64) up to M 64."""
     bm = rws_config(M, N)[0]
     tiles = -(-M // bm) * N // 128
-    out = [("anybit_ra", dict(path="ra")), ("anybit_rws", dict(direct_rws=True)),
-           ("anybit_rws_whole", dict(direct_rws=True, programs=tiles)),
-           ("anybit_rws_sk", dict(direct_rws=True, programs=132))]
+    out = [("anybit", {}), ("anybit_rws", dict(direct_rws=True))]
+    if M >= 64:
+        out += [("anybit_ra", dict(path="ra")), ("anybit_rws_whole", dict(direct_rws=True, programs=tiles)),
+                ("anybit_rws_sk", dict(direct_rws=True, programs=132))]
+    if M <= 64 and N % 256 == 0:
+        b4 = max(16, min(64, 1 << (M - 1).bit_length()))
+        t4 = -(-M // b4) * N // 256
+        out += [("anybit_rws4", dict(direct_rws=True, consumers=4, block_m=b4)),
+                ("anybit_rws4_sk", dict(direct_rws=True, consumers=4, block_m=b4, programs=132))]
+        if t4 <= 132:
+            out.append(("anybit_rws4_whole", dict(direct_rws=True, consumers=4, block_m=b4, programs=t4)))
     if M == 256:
         out.append(("anybit_rws_bm128", dict(direct_rws=True, block_m=128)))
     if M >= 1024:
@@ -113,13 +121,13 @@ def ab_variants(N: int, K: int, M: int) -> list:
     return out
 
 
-def ab(log, reps: int) -> list[dict]:
+def ab(log, reps: int, ms: list[int]) -> list[dict]:
     """Interleaved timing: for each case, every variant and cuBLAS once per round, ``reps`` rounds; the
     ratio to cuBLAS is taken within each round (next to each other in time), its median reported. In
     s20-1..3 the same configuration differed by up to 10% between sections of one run (drift), more than
     the differences between variants."""
     rows = []
-    for N, K, M in AB_CASES:
+    for N, K, M in [(n, k, m) for n, k in SHAPES for m in ms]:
         R = copies_for(N * K * 2)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
         pws = [random_packed(N, K, 4) for _ in range(copies_for(N * K // 2))]
@@ -157,6 +165,7 @@ def main() -> int:
     ap.add_argument("--sweep-ms", default="64,256,1024")
     ap.add_argument("--ab", type=int, default=0, help="only the correctness check and the interleaved A/B, "
                     "this many rounds")
+    ap.add_argument("--ab-ms", default="64,256,1024")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -191,7 +200,7 @@ def main() -> int:
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
     if args.ab:
-        rows += ab(log, args.ab)
+        rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")])
         dump()
         return 0
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]

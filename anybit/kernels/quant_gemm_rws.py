@@ -73,7 +73,7 @@ if gluon is not None:
 
     @gluon.jit
     def _rws_load_partition(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K, k_tiles,
-                            total, num_m):
+                            total, num_m, NC: gl.constexpr):
         """One warp: every K tile of this program's range, in order, into slot it % STAGES (x tile; per
         half c the words into w_smem[2 stage + c], the table rows into t_smem[4 stage + 2 c] and [... +
         1]) once both consumers released the slot's previous tile."""
@@ -81,8 +81,8 @@ if gluon is not None:
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         STAGES: gl.constexpr = x_smem.shape[0]
         HN: gl.constexpr = w_desc.block_type.shape[1]
-        nbytes: gl.constexpr = (x_desc.block_type.nbytes + 2 * w_desc.block_type.nbytes
-                                + 4 * t_desc.block_type.nbytes)
+        nbytes: gl.constexpr = (x_desc.block_type.nbytes + NC * w_desc.block_type.nbytes
+                                + 2 * NC * t_desc.block_type.nbytes)
         KG = K // G
         p = gl.program_id(0)
         P = gl.num_programs(0)
@@ -92,7 +92,7 @@ if gluon is not None:
         while cur < end:
             tile, k_lo, n = _segment(cur, end, k_tiles)
             off_m = (tile % num_m) * BLOCK_M
-            off_n = (tile // num_m) * (2 * HN)
+            off_n = (tile // num_m) * (NC * HN)
             for j in range(n):
                 stage = it % STAGES
                 mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
@@ -101,29 +101,30 @@ if gluon is not None:
                 k0 = (k_lo + j) * BLOCK_K
                 g = k0 // G
                 tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_smem.index(stage))
-                for c in gl.static_range(2):
+                for c in gl.static_range(NC):
                     n0 = off_n + c * HN
-                    tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_smem.index(2 * stage + c))
-                    tma.async_copy_global_to_shared(t_desc, [g, n0], bar, t_smem.index(4 * stage + 2 * c))
+                    tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_smem.index(NC * stage + c))
+                    tma.async_copy_global_to_shared(t_desc, [g, n0], bar, t_smem.index(2 * (NC * stage + c)))
                     tma.async_copy_global_to_shared(t_desc, [KG + g, n0], bar,
-                                                    t_smem.index(4 * stage + 2 * c + 1))
+                                                    t_smem.index(2 * (NC * stage + c) + 1))
                 it += 1
             cur += n
 
     @gluon.jit
-    def _rws_convert(w_smem, t_smem, bars, it, sel, C: gl.constexpr, WL: gl.constexpr, AL: gl.constexpr):
+    def _rws_convert(w_smem, t_smem, bars, it, sel, C: gl.constexpr, NC: gl.constexpr, WL: gl.constexpr,
+                     AL: gl.constexpr):
         """Wait for ring tile ``it``, read half C's words and table rows, convert (quant_gemm_ra)."""
         STAGES: gl.constexpr = bars.shape[0]
         stage = it % STAGES
         mbarrier.wait(bars.index(stage), (it // STAGES) & 1)
-        w = w_smem.index(2 * stage + C).load(WL)
-        s2 = t_smem.index(4 * stage + 2 * C).load(WL)  # [1, 64]: (s, s) of each column
-        c2 = t_smem.index(4 * stage + 2 * C + 1).load(WL)  # ((8 - z) s, ...)
+        w = w_smem.index(NC * stage + C).load(WL)
+        s2 = t_smem.index(2 * (NC * stage + C)).load(WL)  # [1, 64]: (s, s) of each column
+        c2 = t_smem.index(2 * (NC * stage + C) + 1).load(WL)  # ((8 - z) s, ...)
         return _convert_pairs(w, sel, s2, c2, AL)
 
     @gluon.jit(noinline=True)
     def _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, P,
-                   BLOCK_M: gl.constexpr, HN: gl.constexpr, C: gl.constexpr):
+                   BLOCK_M: gl.constexpr, HN: gl.constexpr, C: gl.constexpr, NC: gl.constexpr):
         """Sum half C of tile ``tile``'s pieces (programs first..last, in order) into y. Not inlined: its
         offsets, hoisted out of the consumer's K loop, made that loop spill at BLOCK_M 256."""
         FL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
@@ -136,7 +137,7 @@ if gluon is not None:
                 for u in gl.static_range(FIX_PIECES):
                     q = q0 + u
                     q_slot = 2 * q + ((q * total // P) // k_tiles != tile).to(gl.int32)
-                    tot += gl.load(ws_ptr + q_slot * (2 * BLOCK_M * HN) + rows, mask=q <= last, other=0.0,
+                    tot += gl.load(ws_ptr + q_slot * (NC * BLOCK_M * HN) + rows, mask=q <= last, other=0.0,
                                    cache_modifier=".cg")
             ym = off_m + r0 + fm
             yn = off_n + C * HN + fn
@@ -145,7 +146,7 @@ if gluon is not None:
 
     @gluon.jit
     def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, off_m, off_n, tile, k_lo, n, k_tiles, total,
-                   C: gl.constexpr):
+                   C: gl.constexpr, NC: gl.constexpr):
         """Half C of output tile ``tile`` (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
         r``), K tiles [k_lo, k_lo + n). A whole tile goes to y. A piece goes to this program's slot in
         ws (``2 p`` for the piece in the tile where its range starts, ``2 p + 1`` for the one where it
@@ -167,19 +168,19 @@ if gluon is not None:
             P = gl.num_programs(0)
             slot = 2 * p + ((p * total // P) // k_tiles != tile).to(gl.int32)  # first piece of the range: 2 p
             nl = gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
-            gl.store(ws_ptr + ((slot * 2 + C) * BLOCK_M + ml[None, :]) * HN + nl[:, None], acc)
+            gl.store(ws_ptr + ((slot * NC + C) * BLOCK_M + ml[None, :]) * HN + nl[:, None], acc)
             gl.thread_barrier()
-            count = gl.atomic_add(lock_ptr + 2 * tile + C, 1, sem="acq_rel")
+            count = gl.atomic_add(lock_ptr + NC * tile + C, 1, sem="acq_rel")
             first = ((tile * k_tiles + 1) * P - 1) // total  # programs whose ranges meet this tile
             last = (((tile + 1) * k_tiles) * P - 1) // total
             if count == last - first:
                 _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, P,
-                           BLOCK_M, HN, C)
-                gl.atomic_xchg(lock_ptr + 2 * tile + C, 0)  # counters stay zeroed between calls
+                           BLOCK_M, HN, C, NC)
+                gl.atomic_xchg(lock_ptr + NC * tile + C, 0)  # counters stay zeroed between calls
 
     @gluon.jit
     def _rws_mma_partition(x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym,
-                           k_tiles, total, num_m, C: gl.constexpr):
+                           k_tiles, total, num_m, C: gl.constexpr, NC: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
         range, piece by piece (``_segment``), each piece stored by ``_rws_store``."""
         BLOCK_M: gl.constexpr = x_smem.shape[1]
@@ -201,10 +202,10 @@ if gluon is not None:
         while cur < end:
             tile, k_lo, n = _segment(cur, end, k_tiles)
             acc = gl.zeros([HN, BLOCK_M], gl.float32, MMA)
-            a = _rws_convert(w_smem, t_smem, ready, it, sel, C, WL, AL)
+            a = _rws_convert(w_smem, t_smem, ready, it, sel, C, NC, WL, AL)
             for j in range(n - 1):
                 acc = warpgroup_mma(a, x_smem.index((it + j) % STAGES).permute((1, 0)), acc, is_async=True)
-                a_next = _rws_convert(w_smem, t_smem, ready, it + j + 1, sel, C, WL, AL)
+                a_next = _rws_convert(w_smem, t_smem, ready, it + j + 1, sel, C, NC, WL, AL)
                 acc, a, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, a_next))
                 mbarrier.arrive(empty.index((it + j) % STAGES))  # x, words and table of that tile: read
                 a = a_next
@@ -213,50 +214,66 @@ if gluon is not None:
             mbarrier.arrive(empty.index((it + n - 1) % STAGES))
             it += n
             _rws_store(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, (tile % num_m) * BLOCK_M,
-                       (tile // num_m) * (2 * HN), tile, k_lo, n, k_tiles, total, C)
+                       (tile // num_m) * (NC * HN), tile, k_lo, n, k_tiles, total, C, NC)
             cur += n
 
     @gluon.jit(do_not_specialize=["M", "total"])
-    def _quant_gemm_rws_kernel(x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_ym, total,
-                               W0: gl.constexpr, STAGES: gl.constexpr, CONS_REGS: gl.constexpr,
-                               num_warps: gl.constexpr):
-        """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 128]`` of y, numbered
+    def _quant_gemm_rws_kernel(x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_ym,
+                               total, W0: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
+                               CONS_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered
         M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
         K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0), the int32 words ``[K / 8, N]``
         (block [BLOCK_K / 8, 64]), the int32 half2 table ``[2 K / G, N]`` (block [1, 64]); y ``[M,
-        N]`` (row stride stride_ym); ws ``[2 P, 2, BLOCK_M, 64]`` float32 pieces; lock ``2 tiles``
-        int32 counters, zero. num_warps 4 (the default consumer); the second consumer runs with
-        CONS_REGS registers per thread, the loader with 24."""
+        N]`` (row stride stride_ym); ws ``[2 P, NC, BLOCK_M, 64]`` float32 pieces; lock ``NC tiles``
+        int32 counters, zero. NC consumer warpgroups (2 or 4) of 64 weight rows: num_warps 4 (the
+        default partition is consumer 0), the others run with CONS_REGS registers per thread, the loader
+        with 24."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         R: gl.constexpr = w_desc.block_type.shape[0]
         HN: gl.constexpr = w_desc.block_type.shape[1]
         gl.static_assert(num_warps == 4 and W0 == 4 and HN == 64, "one warpgroup per 64 rows; W4")
+        gl.static_assert(NC == 2 or NC == 4, "two or four consumers")
         k_tiles = K // BLOCK_K
         num_m = gl.cdiv(M, BLOCK_M)
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        w_smem = gl.allocate_shared_memory(gl.int32, [2 * STAGES, R, HN], w_desc.layout)
-        t_smem = gl.allocate_shared_memory(gl.int32, [4 * STAGES, 1, HN], t_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int32, [NC * STAGES, R, HN], w_desc.layout)
+        t_smem = gl.allocate_shared_memory(gl.int32, [2 * NC * STAGES, 1, HN], t_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=2)  # both consumers
+            mbarrier.init(empty.index(s), count=NC)  # every consumer
         # the tuples are written out: a tuple kept in a variable loses its constexprs (quant_gemm_ws)
-        gl.warp_specialize([
-            (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                  stride_ym, k_tiles, total, num_m, 0)),
-            (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                  stride_ym, k_tiles, total, num_m, 1)),
-            (_rws_load_partition, (x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K,
-                                   k_tiles, total, num_m))],
-            [4, 1], [CONS_REGS, LOAD_REGS])
+        if NC == 2:
+            gl.warp_specialize([
+                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                      stride_ym, k_tiles, total, num_m, 0, NC)),
+                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                      stride_ym, k_tiles, total, num_m, 1, NC)),
+                (_rws_load_partition, (x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K,
+                                       k_tiles, total, num_m, NC))],
+                [4, 1], [CONS_REGS, LOAD_REGS])
+        else:
+            gl.warp_specialize([
+                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                      stride_ym, k_tiles, total, num_m, 0, NC)),
+                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                      stride_ym, k_tiles, total, num_m, 1, NC)),
+                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                      stride_ym, k_tiles, total, num_m, 2, NC)),
+                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
+                                      stride_ym, k_tiles, total, num_m, 3, NC)),
+                (_rws_load_partition, (x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K,
+                                       k_tiles, total, num_m, NC))],
+                [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, LOAD_REGS])
 
 
-def rws_shared_bytes(bm: int, bk: int, stages: int) -> int:
-    """Shared memory of one program: per stage the x tile, two halves of W4 words, four table rows and
-    two barriers."""
-    return stages * (bm * bk * 2 + 2 * HALF_N * bk // 2 + 4 * HALF_N * 4 + 16)
+def rws_shared_bytes(bm: int, bk: int, stages: int, nc: int = 2) -> int:
+    """Shared memory of one program: per stage the x tile, nc 64-row blocks of W4 words, two table rows
+    per block and two barriers."""
+    return stages * (bm * bk * 2 + nc * HALF_N * bk // 2 + 2 * nc * HALF_N * 4 + 16)
 
 
 def rws_config(M: int, N: int = 0, sms: int = 132) -> tuple[int, int, int, int]:
@@ -275,46 +292,54 @@ def rws_config(M: int, N: int = 0, sms: int = 132) -> tuple[int, int, int, int]:
     return bm, 64, stages, 240
 
 
-def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int) -> int:
+def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2) -> int:
     """Programs: one per tile (whole tiles, no pieces) when the tiles fill one wave to at least 3/4;
     else stream-K over one program per SM (fewer when that would leave < 4 K tiles each). Interleaved
     H100 A/B of s20-4, x cuBLAS, whole / stream-K: one wave 85-97% full 14336x4096 M 64 1.67 / 1.57, M 256
     0.92 / 0.78, 4096x14336 M 1024 0.82 / 0.75; few tiles 4096x14336 M 64 (32) 0.60 / 1.66, 6144x4096 M 64
     (48) 0.83 / 1.28; more than one wave 14336x4096 M 1024 (448) 0.71 / 0.76, 6144x4096 M 1024 (192) 0.65 /
     0.76."""
-    tiles = -(-M // bm) * (N // (2 * HALF_N))
+    tiles = -(-M // bm) * (N // (nc * HALF_N))
     if 3 * sms <= 4 * tiles <= 4 * sms:
         return tiles
     return max(1, min(sms, tiles * (K // bk) // 4))
 
 
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
-                   stages: int | None = None, programs: int | None = None, cons_regs: int | None = None,
-                   max_regs: int = 168) -> torch.Tensor:
+                   stages: int | None = None, programs: int | None = None, consumers: int = 2,
+                   cons_regs: int | None = None, max_regs: int | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, W4, N a
-    multiple of 128; the same weights (bf16, rounded once) as quant_gemm_ra. Keywords override
-    ``rws_config`` / ``rws_programs`` (benchmarks); ``max_regs``: the launch's register cap per thread
-    (12 warps x 32 x 168 fills the register file: one program per SM)."""
+    multiple of 64 x consumers; the same weights (bf16, rounded once) as quant_gemm_ra. Keywords override
+    ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of 64 weight rows
+    sharing the x tile; 4 needs BLOCK_M 64 (registers). ``max_regs``: the launch's register cap per
+    thread, by default what fills the register file with one program per SM (12 warps x 168; 20 warps x
+    96 with four consumers, which then get 112 each)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
-    if not ra_applies(packed, M, x) or N % (2 * HALF_N):
+    nc = consumers
+    if not ra_applies(packed, M, x) or nc not in (2, 4) or N % (nc * HALF_N):
         raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 4-bit weight with N a multiple "
-                         f"of 128 and K, group multiples of 64 (got {x.dtype} x, {packed.fmt} {bits}-bit, "
-                         f"N {N}, K {K}, G {G})")
+                         f"of 64 x consumers (2 or 4) and K, group multiples of 64 (got {x.dtype} x, "
+                         f"{packed.fmt} {bits}-bit, N {N}, K {K}, G {G}, consumers {nc})")
     bm, BK, st, regs = rws_config(M, N, _num_sms(x.device))
     BM = block_m or bm
-    fits = [n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n) <= 227 * 1024]
-    stages = stages or (st if bm == BM else (fits or [2])[0])
-    smem = rws_shared_bytes(BM, BK, stages)
-    if BM not in (16, 32, 64, 128, 256) or stages < 2 or smem > 227 * 1024 or G % BK or K % BK:
-        raise ValueError(f"quant_gemm_rws: block_m {BM} must be a power of two in 16..256, stages >= 2 (got "
-                         f"{stages}), shared memory <= 227 KB (got {smem} bytes), K {K} and the group size "
-                         f"{G} multiples of {BK}")
-    tiles = -(-M // BM) * (N // (2 * HALF_N))
+    fits = [n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n, nc) <= 227 * 1024]
+    stages = stages or (st if bm == BM and nc == 2 else (fits or [2])[0])
+    smem = rws_shared_bytes(BM, BK, stages, nc)
+    if (BM not in (16, 32, 64, 128, 256) or stages < 2 or smem > 227 * 1024 or G % BK or K % BK
+            or (nc == 4 and BM > 64)):
+        raise ValueError(f"quant_gemm_rws: block_m {BM} must be a power of two in 16..256 (<= 64 with four "
+                         f"consumers), stages >= 2 (got {stages}), shared memory <= 227 KB (got {smem} "
+                         f"bytes), K {K} and the group size {G} multiples of {BK}")
+    if max_regs is None:
+        max_regs = 168 if nc == 2 else 96
+    if cons_regs is None:
+        cons_regs = regs if nc == 2 else 112
+    tiles = -(-M // BM) * (N // (nc * HALF_N))
     total = tiles * (K // BK)
-    P = min(programs or rws_programs(M, N, K, BM, BK, _num_sms(x.device)), total)  # P = tiles: whole tiles
-    ws = torch.empty(2 * P * 2 * BM * HALF_N, dtype=torch.float32, device=x.device)
-    locks = _lock_buffer(x.device, 2 * tiles)
+    P = min(programs or rws_programs(M, N, K, BM, BK, _num_sms(x.device), nc), total)  # P = tiles: whole
+    ws = torch.empty(2 * P * nc * BM * HALF_N, dtype=torch.float32, device=x.device)
+    locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
     flat = gl.NVMMASharedLayout(0, 32, rank=2)
     x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BM, BK],
@@ -323,6 +348,6 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                               flat)
     t_desc = TensorDescriptor(table, [2 * (K // G), N], [N, 1], [1, HALF_N], flat)
     _quant_gemm_rws_kernel[(P,)](
-        x_desc, w_desc, t_desc, y, ws, locks, M, N, K, G, y.stride(0), total, bits, stages, cons_regs or regs,
+        x_desc, w_desc, t_desc, y, ws, locks, M, N, K, G, y.stride(0), total, bits, stages, nc, cons_regs,
         num_warps=4, maxnreg=max_regs)
     return y

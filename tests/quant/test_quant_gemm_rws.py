@@ -79,19 +79,21 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P):
 
 
 @pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
-@pytest.mark.parametrize("bm", [64, 128, 256])
-def test_sm90_consumers_feed_wgmma_from_registers(bm):
-    """Both consumer K loops (the default partition's and the worker's): 4 HGMMA per 64-wide K tile with
-    A in registers, no spills, no write to an in-flight A register, and no CTA-wide barrier (only the
-    warpgroup's own 128-thread named barriers); the worker consumer asks for its registers."""
+@pytest.mark.parametrize("bm,nc", [(64, 2), (128, 2), (256, 2), (64, 4)])
+def test_sm90_consumers_feed_wgmma_from_registers(bm, nc):
+    """Every consumer K loop (the default partition's and the workers'): 4 HGMMA per 64-wide K tile with A
+    in registers, no spills, no write to an in-flight A register, and no CTA-wide barrier (only the
+    warpgroup's own 128-thread named barriers); the worker consumers ask for their registers."""
     if not os.path.exists(nvdisasm()):
         pytest.skip("no nvdisasm in this Triton install")
-    bk, stages, regs = 64, rws.rws_config(bm)[2], rws.rws_config(bm)[3]
-    consts = dict(W0=4, STAGES=stages, CONS_REGS=regs, num_warps=4)
+    bk = 64
+    stages = max(n for n in range(2, 7) if rws.rws_shared_bytes(bm, bk, n, nc) <= 227 * 1024)
+    regs, maxreg = (240, 168) if nc == 2 else (112, 96)
+    consts = dict(W0=4, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4)
     lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, 4,
-                      {"num_warps": 4, "maxnreg": 168})
-    loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:2]
-    assert len(loops) == 2 and all(len(b) < 250 for b in loops), [len(b) for b in loops]  # the two consumers
+                      {"num_warps": 4, "maxnreg": maxreg})
+    loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:nc]
+    assert len(loops) == nc and all(len(b) < 250 for b in loops), [len(b) for b in loops]  # one per consumer
     for loop in loops:
         mma = [s for s in loop if "HGMMA" in s]
         assert len(mma) == 4 and all(s.split()[2].startswith("R") for s in mma)
@@ -101,7 +103,7 @@ def test_sm90_consumers_feed_wgmma_from_registers(bm):
         bars = [s for s in loop if s.startswith("BAR.")]
         assert bars and all(s.rstrip().endswith("0x80") for s in bars), bars  # 128 threads, not the CTA
     assert any(f"TRY_ALLOC.CTAPOOL UP0, {hex(regs)}" in s for s in lines)
-    assert sum("UTMALDG" in s for s in lines) >= 7  # x, then words and two table rows per half
+    assert sum("UTMALDG" in s for s in lines) >= 1 + 3 * nc  # x, then words and two table rows per block
 
 
 def _rtn(N, K, group, seed=0):
@@ -145,6 +147,25 @@ def test_rws_variants_and_out_slice(kw):
     fresh = torch.empty(M, 384, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(rws.quant_gemm_rws(x, pw, fresh, **kw), y)
     assert wide[:, :64].abs().sum() == 0 and wide[:, 448:].abs().sum() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("M,kw", [(40, {}), (64, dict(programs=9)), (200, {}), (64, dict(block_m=32))])
+def test_rws_four_consumers(M, kw):
+    """Four consumer warpgroups (256 weight rows per tile, BLOCK_M 64): against the reference, and bit-equal
+    to two consumers when both run whole tiles (the same K order per column)."""
+    pw = _rtn(512, 1152, 128, seed=M)
+    x = torch.randn(M, 1152, device="cuda", dtype=torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), pw)
+    y = rws.quant_gemm_rws(x, pw, torch.empty(M, 512, device="cuda", dtype=torch.bfloat16), consumers=4,
+                           **{"block_m": 64, **kw})
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    bm = kw.get("block_m", 64)
+    t4, t2 = -(-M // bm) * 2, -(-M // bm) * 4
+    y4 = rws.quant_gemm_rws(x, pw, torch.empty_like(y), consumers=4, block_m=bm, programs=t4)
+    y2 = rws.quant_gemm_rws(x, pw, torch.empty_like(y), consumers=2, block_m=bm, programs=t2)
+    assert torch.equal(y4, y2)
 
 
 @pytest.mark.gpu
