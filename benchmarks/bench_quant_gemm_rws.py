@@ -104,6 +104,8 @@ def ab_variants(N: int, K: int, M: int) -> list:
     bm = rws_config(M, N)[0]
     tiles = -(-M // bm) * N // 128
     out = [("anybit", {}), ("anybit_rws", dict(direct_rws=True))]
+    if M < 64:
+        out.append(("anybit_ws", dict(path="ws")))
     if M >= 64:
         out += [("anybit_ra", dict(path="ra")), ("anybit_rws_whole", dict(direct_rws=True, programs=tiles)),
                 ("anybit_rws_sk", dict(direct_rws=True, programs=132))]

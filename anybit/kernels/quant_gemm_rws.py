@@ -128,10 +128,11 @@ if gluon is not None:
         """Sum half C of tile ``tile``'s pieces (programs first..last, in order) into y. Not inlined: its
         offsets, hoisted out of the consumer's K loop, made that loop spill at BLOCK_M 256."""
         FL: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
-        fm = gl.arange(0, FIX_ROWS, layout=gl.SliceLayout(1, FL))
+        FR: gl.constexpr = FIX_ROWS if FIX_ROWS < BLOCK_M else BLOCK_M  # within the tile (s20-8, BLOCK_M 32)
+        fm = gl.arange(0, FR, layout=gl.SliceLayout(1, FL))
         fn = gl.arange(0, HN, layout=gl.SliceLayout(0, FL))
-        for r0 in gl.static_range(0, BLOCK_M, FIX_ROWS):
-            tot = gl.zeros([FIX_ROWS, HN], gl.float32, FL)
+        for r0 in gl.static_range(0, BLOCK_M, FR):
+            tot = gl.zeros([FR, HN], gl.float32, FL)
             rows = (C * BLOCK_M + r0 + fm[:, None]) * HN + fn[None, :]
             for q0 in range(first, last + 1, FIX_PIECES):  # loads in flight at once, added in order
                 for u in gl.static_range(FIX_PIECES):

@@ -436,12 +436,14 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 
 
 # The warp-specialized register-A kernel of quant_gemm_rws.py (W4, N a multiple of 128; whole tiles or
-# stream-K): "auto" takes it from RWS_MIN_M rows, before ra and dequantize + cuBLAS. Interleaved H100 A/B
-# of s20-4 (quant_matmul_rws_ab_s20_4), x cuBLAS, rws / ra / dequantize + cuBLAS, 14336x4096, 4096x14336,
-# 6144x4096: M 64 1.69 / 1.28, 1.66 / 1.26, 1.28 / 0.87; M 256 0.92 / 0.86, 0.98 / 0.77, 0.78 / 0.62; M 1024
-# 0.76 / 0.63 / 0.71, 0.82 / 0.76 / 0.75, 0.76 / 0.58 / 0.80. It needs no scratch copy of the weights.
+# stream-K): "auto" takes it from RWS_MIN_M rows, before ra, ws and dequantize + cuBLAS. Interleaved H100
+# A/B of s20-4 / s20-8 (quant_matmul_rws_ab_s20_4, quant_matmul_rws4_ab_s20_8), x cuBLAS, rws against the
+# previous choice, 14336x4096, 4096x14336, 6144x4096: M 32 1.75 / 1.43, 1.61 / 1.42, 1.27 / 1.09 (ws);
+# M 64 1.69 / 1.28, 1.66 / 1.26, 1.28 / 0.87 (ra); M 256 0.92 / 0.86, 0.98 / 0.77, 0.78 / 0.62 (ra); M 1024
+# 0.76 / 0.71, 0.82 / 0.75, 0.76 / 0.80 (dequantize + cuBLAS, which needs a scratch copy of the weights).
+# At M 16 the mma.sync kernel stays (2.15-2.27 against 1.59-1.68 on the large shapes).
 RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
-RWS_MIN_M = 64
+RWS_MIN_M = 17
 
 
 def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
