@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from anybit.kernels.quant_gemm_rws import quant_gemm_rws  # noqa: E402
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import quant_gemv_h2  # noqa: E402
 from anybit.kernels.quant_gemv_mma import quant_gemv_mma  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--shape", default="4096x14336", help="NxK (out x in features)")
     ap.add_argument("--config", default="", help="launcher keywords, e.g. stages=3,block_n=128")
-    ap.add_argument("--kernel", default="gemv_h2", choices=["gemv_h2", "ws", "mma", "tma", "decode"])
+    ap.add_argument("--kernel", default="gemv_h2", choices=["gemv_h2", "ws", "mma", "tma", "rws", "decode"])
     ap.add_argument("--m", type=int, default=1, help="rows of x (not gemv_h2)")
     ap.add_argument("--batch", type=int, default=32, help="decode: sequences")
     ap.add_argument("--context", type=int, default=4096, help="decode: tokens per sequence")
@@ -72,7 +73,8 @@ def main() -> int:
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
     kw = parse_config(args.config)
-    kernels = {"gemv_h2": quant_gemv_h2, "ws": quant_gemm_ws, "mma": quant_gemv_mma, "tma": quant_gemv_tma}
+    kernels = {"gemv_h2": quant_gemv_h2, "ws": quant_gemm_ws, "mma": quant_gemv_mma, "tma": quant_gemv_tma,
+               "rws": quant_gemm_rws}
     run = kernels[args.kernel]
     for _ in range(4):
         run(x, pw, y, **kw)
