@@ -1,7 +1,8 @@
 """Run one quantized kernel a few times, for Nsight Compute (GPU): the packed-half GEMV, the
 warp-specialized GEMM (``--kernel ws``), the mma.sync GEMV (``mma``), its TMA-ring variant (``tma``), the
-warp-specialized register-A GEMM (``rws``), all at ``--m`` rows (the GEMV: 1), or the paged decode attention (``decode``: ``--batch`` sequences of
-``--context`` tokens, ``--kv`` cache dtype, 32 query / 8 kv heads, d128; the launcher's choice).
+warp-specialized register-A GEMM (``rws``), all at ``--m`` rows (the GEMV: 1), or the paged decode
+attention (``decode``: ``--batch`` sequences of ``--context`` tokens, ``--kv`` cache dtype, 32 query / 8 kv
+heads, d128; the launcher's choice).
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section SchedulerStats \\
         --section WarpStateStats -k regex:_quant_gemv_h2 --launch-skip 3 --launch-count 1 \\
