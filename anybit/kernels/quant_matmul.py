@@ -441,15 +441,18 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # previous choice, 14336x4096, 4096x14336, 6144x4096: M 32 1.75 / 1.43, 1.61 / 1.42, 1.27 / 1.09 (ws);
 # M 64 1.69 / 1.28, 1.66 / 1.26, 1.28 / 0.87 (ra); M 256 0.92 / 0.86, 0.98 / 0.77, 0.78 / 0.62 (ra); M 1024
 # 0.76 / 0.71, 0.82 / 0.75, 0.76 / 0.80 (dequantize + cuBLAS, which needs a scratch copy of the weights).
-# At M 16 the mma.sync kernel stays (2.15-2.27 against 1.59-1.68 on the large shapes).
+# At M 16 the mma.sync kernel stays (2.15-2.27 against 1.59-1.68 on the large shapes). Above RWS_MAX_M
+# dequantize + cuBLAS wins (s20-11, quant_matmul_rws_ab_s20_11: M 2048 0.87-0.90 against rws 0.75-0.80, M
+# 8192 0.93-0.96 against 0.66-0.82); its scratch copy of the weights is the price.
 RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
-RWS_MIN_M = 17
+RWS_MIN_M, RWS_MAX_M = 17, 1024
 
 
 def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
-    """Whether "auto" routes this call to the warp-specialized register-A kernel (RWS_AUTO, M >= RWS_MIN_M,
-    N a multiple of 128 and ra's conditions)."""
-    return RWS_AUTO and M >= RWS_MIN_M and packed.out_features % 128 == 0 and ra_applies(packed, M, x)
+    """Whether "auto" routes this call to the warp-specialized register-A kernel (RWS_AUTO, RWS_MIN_M <= M <=
+    RWS_MAX_M, N a multiple of 128 and ra's conditions)."""
+    return (RWS_AUTO and RWS_MIN_M <= M <= RWS_MAX_M and packed.out_features % 128 == 0
+            and ra_applies(packed, M, x))
 
 
 # The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 1..7 bits as slices of

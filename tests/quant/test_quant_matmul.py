@@ -134,12 +134,13 @@ def test_register_a_routing(monkeypatch, bits, M, want):
     assert qm.ra_chosen(pw, M, torch.empty(M, K)) == want
 
 
-@pytest.mark.parametrize("bits,M,N,want", [(4, 16, 256, False), (4, 17, 256, True), (4, 4096, 256, True),
+@pytest.mark.parametrize("bits,M,N,want", [(4, 16, 256, False), (4, 17, 256, True), (4, 1024, 256, True),
+                                           (4, 1025, 256, False),
                                            (4, 128, 192, False), (8, 128, 256, False), (2, 128, 256, False)])
 def test_register_a_ws_routing(monkeypatch, bits, M, N, want):
-    """"auto" takes the warp-specialized register-A kernel (quant_gemm_rws) for W4 from RWS_MIN_M (17) rows
-    at any M (it needs no scratch weights), where N is a multiple of 128 (two 64-row halves per tile) and
-    the register-A conditions hold (stubbed here); other widths never."""
+    """"auto" takes the warp-specialized register-A kernel (quant_gemm_rws) for W4 at RWS_MIN_M..RWS_MAX_M
+    (17..1024) rows, where N is a multiple of 128 (two 64-row halves per tile) and the register-A
+    conditions hold (stubbed here); other widths never. Above, dequantize + cuBLAS wins (s20-11)."""
     from anybit.kernels import quant_gemm_ra
     from anybit.kernels import quant_matmul as qm
     from anybit.quant.format import PackedWeight
