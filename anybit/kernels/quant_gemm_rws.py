@@ -64,6 +64,13 @@ if gluon is not None:
     FIX_PIECES: gl.constexpr = gl.constexpr(4)
 
     @gluon.jit
+    def _program_range(total):
+        """This program's tile-steps [p total / P, (p + 1) total / P) (whole tiles when P = tiles)."""
+        p = gl.program_id(0)
+        P = gl.num_programs(0)
+        return p * total // P, (p + 1) * total // P
+
+    @gluon.jit
     def _segment(cur, end, k_tiles):
         """The piece of this program's tile-step range [cur, end) that lies in one output tile: (tile,
         first K tile, number of K tiles)."""
@@ -84,10 +91,7 @@ if gluon is not None:
         nbytes: gl.constexpr = (x_desc.block_type.nbytes + NC * w_desc.block_type.nbytes
                                 + 2 * NC * t_desc.block_type.nbytes)
         KG = K // G
-        p = gl.program_id(0)
-        P = gl.num_programs(0)
-        cur = p * total // P
-        end = (p + 1) * total // P
+        cur, end = _program_range(total)
         it = 0
         while cur < end:
             tile, k_lo, n = _segment(cur, end, k_tiles)
@@ -195,10 +199,7 @@ if gluon is not None:
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
         q4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, QL)))
         sel = gl.expand_dims(gl.expand_dims(q4 * 0x11 + (q4 + 4) * 0x1100, 0), 0)  # ra._ra_selector
-        p = gl.program_id(0)
-        P = gl.num_programs(0)
-        cur = p * total // P
-        end = (p + 1) * total // P
+        cur, end = _program_range(total)
         it = 0
         while cur < end:
             tile, k_lo, n = _segment(cur, end, k_tiles)

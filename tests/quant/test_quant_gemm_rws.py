@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from sm90_sass import loop_bodies, nvdisasm, sm90_sass, wgmma_register_a_hazards  # same folder
+from test_quant_gemm_ra import _rtn
 
 from anybit.kernels import quant_gemm_rws as rws
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
@@ -104,11 +105,6 @@ def test_sm90_consumers_feed_wgmma_from_registers(bm, nc):
         assert bars and all(s.rstrip().endswith("0x80") for s in bars), bars  # 128 threads, not the CTA
     assert any(f"TRY_ALLOC.CTAPOOL UP0, {hex(regs)}" in s for s in lines)
     assert sum("UTMALDG" in s for s in lines) >= 1 + 3 * nc  # x, then words and two table rows per block
-
-
-def _rtn(N, K, group, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(4, group, "uniform")).to("cuda")
 
 
 @pytest.mark.gpu
