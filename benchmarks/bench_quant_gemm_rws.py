@@ -118,6 +118,9 @@ def ab_variants(N: int, K: int, M: int) -> list:
             out.append(("anybit_rws4_whole", dict(direct_rws=True, consumers=4, block_m=b4, programs=t4)))
     if M == 256:
         out.append(("anybit_rws_bm128", dict(direct_rws=True, block_m=128)))
+    for st in (8, 10, 12):  # deeper rings than the launcher's 6 (more bytes in flight per SM)
+        if bm < 256 and st * (bm * 128 + 4096 + 1024 + 16) <= 227 * 1024:
+            out.append((f"anybit_rws_st{st}", dict(direct_rws=True, stages=st)))
     if M >= 1024:
         out.append(("anybit_dequant", dict(path="dequant")))
     return out
