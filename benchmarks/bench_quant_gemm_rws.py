@@ -126,6 +126,11 @@ def ab_variants(N: int, K: int, M: int) -> list:
     return out
 
 
+AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; time_us = "
+           "median over rounds (time_min_us / time_max_us their range), speedup = median over rounds of the "
+           "round's cuBLAS time / the candidate's time")
+
+
 def ab(log, reps: int, ms: list[int]) -> list[dict]:
     """Interleaved timing: for each case, every variant and cuBLAS once per round, ``reps`` rounds; the
     ratio to cuBLAS is taken within each round (next to each other in time), its median reported. In
@@ -193,7 +198,8 @@ def main() -> int:
     def dump():
         write_result(args.name, "Warp-specialized register-A wgmma W4 GEMM (M 64-1024) vs cuBLAS bf16, the "
                      "launcher and the one-program register-A kernel, Llama-3-8B layer shapes, group 128",
-                     ["shape", "M", "method", "bits", "time_us", "tbps", "speedup"], rows,
+                     ["shape", "M", "method", "bits", "time_us"]
+                     + (["time_min_us", "time_max_us"] if args.ab else ["tbps"]) + ["speedup"], rows,
                      ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB), "
                       "/ R; speedup = cuBLAS bf16 time / time; anybit = the launcher's choice, anybit_ra = "
                       "path='ra', anybit_rws = quant_gemm_rws with its launcher config (rws_config, "
@@ -201,7 +207,7 @@ def main() -> int:
                       "_whole = one program per tile (no pieces), _sk = stream-K over 132 programs",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks passed (rel err < 1e-2 "
                       "vs the float32 dequantization, repeated call identical; rws == ra bits on whole "
-                      "tiles)"],
+                      "tiles)"] + ([AB_NOTE] if args.ab else []),
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
     if args.ab:
