@@ -127,8 +127,8 @@ def ab_variants(N: int, K: int, M: int) -> list:
 
 
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
-           "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over rounds "
-           "of the round's cuBLAS time / the candidate's time")
+           "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
+           "rounds of the round's cuBLAS time / the candidate's time")
 
 
 def ab(log, reps: int, ms: list[int]) -> list[dict]:
