@@ -323,10 +323,10 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 4-bit weight with N a multiple "
                          f"of 64 x consumers (2 or 4) and K, group multiples of 64 (got {x.dtype} x, "
                          f"{packed.fmt} {bits}-bit, N {N}, K {K}, G {G}, consumers {nc})")
-    bm, BK, st, regs = rws_config(M, N, _num_sms(x.device))
+    sms = _num_sms(x.device)
+    bm, BK, _, regs = rws_config(M, N, sms)
     BM = block_m or bm
-    fits = [n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n, nc) <= 227 * 1024]
-    stages = stages or (st if bm == BM and nc == 2 else (fits or [2])[0])
+    stages = stages or next((n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n, nc) <= 227 * 1024), 2)
     smem = rws_shared_bytes(BM, BK, stages, nc)
     if (BM not in (16, 32, 64, 128, 256) or stages < 2 or smem > 227 * 1024 or G % BK or K % BK
             or (nc == 4 and BM > 64)):
@@ -337,10 +337,11 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         max_regs = 168 if nc == 2 else 96
     if cons_regs is None:
         cons_regs = regs if nc == 2 else 112
-    tiles = -(-M // BM) * (N // (nc * HALF_N))
-    total = tiles * (K // BK)
-    P = min(programs or rws_programs(M, N, K, BM, BK, _num_sms(x.device), nc), total)  # P = tiles: whole
-    ws = torch.empty(2 * P * nc * BM * HALF_N, dtype=torch.float32, device=x.device)
+    tiles, k_tiles = -(-M // BM) * (N // (nc * HALF_N)), K // BK
+    total = tiles * k_tiles
+    P = min(programs or rws_programs(M, N, K, BM, BK, sms, nc), total)  # P = tiles: whole
+    pieces = any(p * total // P % k_tiles for p in range(1, P))  # a range starts inside a tile
+    ws = torch.empty(2 * P * nc * BM * HALF_N if pieces else 1, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
     flat = gl.NVMMASharedLayout(0, 32, rank=2)
