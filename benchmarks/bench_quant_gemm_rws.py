@@ -60,9 +60,14 @@ def correctness(log) -> list[dict]:
     pw = rtn_quantize(torch.randn(512, 1152), QuantSpec(4, 128, "uniform")).to("cuda")
     for M, kw in ((40, {}), (64, dict(programs=9)), (200, {})):
         cases.append((f"b4 g128 512x1152 M{M} four consumers", pw, M, dict(consumers=4, block_m=64, **kw)))
-    pw = random_packed(4096, 14336, 4)
-    for M in (64, 256, 1024):
-        cases.append((f"b4 random 4096x14336 M{M}", pw, M, {}))
+    for b in (1, 2, 3, 5, 6, 7):  # the sliced widths (ra_slices)
+        pw = rtn_quantize(torch.randn(384, 1152), QuantSpec(b, 64, "uniform")).to("cuda")
+        for M, kw in ((40, {}), (300, {}), (64, dict(programs=7))):
+            cases.append((f"b{b} g64 384x1152 M{M} {kw}", pw, M, kw))
+    for b in (4, 3, 6):
+        pw = random_packed(4096, 14336, b)
+        for M in (64, 256, 1024):
+            cases.append((f"b{b} random 4096x14336 M{M}", pw, M, {}))
     rows = check_cases(cases, lambda x, pw, out, kw: qm.quant_gemm_rws(x, pw, out, **kw), log, 1e-2)
     for M in (64, 256):  # whole tiles (one program per tile) and ra without split-K: the same bits
         x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
@@ -98,9 +103,13 @@ def sweep(N: int, K: int):
     return variants
 
 
-def ab_variants(N: int, K: int, M: int) -> list:
+def ab_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     """The candidates for the launcher at this size: the launcher's choice, ra, rws (whole tiles, stream-K),
-    BLOCK_M 128 at M 256, dequantize + cuBLAS at M 1024; four consumers (BLOCK_M 64) up to M 64."""
+    BLOCK_M 128 at M 256, dequantize + cuBLAS at M 1024; four consumers (BLOCK_M 64) up to M 64. Widths
+    other than 4: the launcher's choice, rws, and dequantize + cuBLAS from M 256."""
+    if bits != 4:
+        return [("anybit", {}), ("anybit_rws", dict(direct_rws=True))] + (
+            [("anybit_dequant", dict(path="dequant"))] if M >= 256 else [])
     bm = rws_config(M, N)[0]
     tiles = -(-M // bm) * N // 128
     out = [("anybit", {}), ("anybit_rws", dict(direct_rws=True))]
@@ -131,19 +140,19 @@ AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidat
            "rounds of the round's cuBLAS time / the candidate's time")
 
 
-def ab(log, reps: int, ms: list[int]) -> list[dict]:
+def ab(log, reps: int, ms: list[int], widths: tuple[int, ...] = (4,)) -> list[dict]:
     """Interleaved timing: for each case, every variant and cuBLAS once per round, ``reps`` rounds; the
     ratio to cuBLAS is taken within each round (next to each other in time), its median reported. In
     s20-1..3 the same configuration differed by up to 10% between sections of one run (drift), more than
     the differences between variants."""
     rows = []
-    for N, K, M in [(n, k, m) for n, k in SHAPES for m in ms]:
+    for bits, N, K, M in [(b, n, k, m) for b in widths for n, k in SHAPES for m in ms]:
         R = copies_for(N * K * 2)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
-        pws = [random_packed(N, K, 4) for _ in range(copies_for(N * K // 2))]
+        pws = [random_packed(N, K, bits) for _ in range(copies_for(N * K * bits // 8))]
         xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
         calls = {"cublas_bf16": [lambda x=xs[i % 8], w=w: F.linear(x, w) for i, w in enumerate(Ws)]}
-        for name, kw in ab_variants(N, K, M):
+        for name, kw in ab_variants(N, K, M, bits):
             calls[name] = [lambda x=xs[i % 8], p=p, kw=kw: run_variant(x, p, kw) for i, p in enumerate(pws)]
         times = {name: [] for name in calls}
         for _ in range(reps):
@@ -156,10 +165,11 @@ def ab(log, reps: int, ms: list[int]) -> list[dict]:
         base = times["cublas_bf16"]
         for name, ts in times.items():
             ratios = [b / t for b, t in zip(base, ts)]
-            rows.append(dict(shape=f"{N}x{K}", M=M, method=name, bits=16 if name == "cublas_bf16" else 4,
+            rows.append(dict(shape=f"{N}x{K}", M=M, method=name, bits=16 if name == "cublas_bf16" else bits,
                              time_us=statistics.median(ts), speedup=statistics.median(ratios),
                              time_min_us=min(ts), time_max_us=max(ts), section="ab"))
-        log(f"ab {N}x{K} M{M}: " + " ".join(f"{r['method'].replace('anybit_', '')} {r['time_us']:.1f}us "
+        log(f"ab W{bits} {N}x{K} M{M}: " + " ".join(f"{r['method'].replace('anybit_', '')} "
+                                                     f"{r['time_us']:.1f}us "
                                              f"({r['speedup']:.2f}x)" for r in rows[-len(times):]))
         del Ws, pws
         torch.cuda.empty_cache()
@@ -176,6 +186,7 @@ def main() -> int:
     ap.add_argument("--ab", type=int, default=0, help="only the correctness check and the interleaved A/B, "
                     "this many rounds")
     ap.add_argument("--ab-ms", default="64,256,1024")
+    ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -196,8 +207,9 @@ def main() -> int:
                                              programs=rws_programs(M, N, K, bm, bk, sms))
 
     def dump():
-        write_result(args.name, "Warp-specialized register-A wgmma W4 GEMM (M 64-1024) vs cuBLAS bf16, the "
-                     "launcher and the one-program register-A kernel, Llama-3-8B layer shapes, group 128",
+        write_result(args.name, "Warp-specialized register-A wgmma GEMM (M 17-1024; W4, and W1-7 by slices) "
+                     "vs cuBLAS bf16, the launcher and the one-program register-A kernel, Llama-3-8B layer "
+                     "shapes, group 128",
                      ["shape", "M", "method", "bits", "time_us"]
                      + (["time_min_us", "time_max_us"] if args.ab else ["tbps"]) + ["speedup"], rows,
                      ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB), "
@@ -211,7 +223,8 @@ def main() -> int:
                      out_dir=args.out, correctness=corr, configs=configs, log=logs)
 
     if args.ab:
-        rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")])
+        rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
+                   tuple(int(b) for b in args.ab_bits.split(",")))
         dump()
         return 0
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]

@@ -1,4 +1,7 @@
-"""Warp-specialized register-A wgmma GEMM (Gluon): y = x @ dequant(W)^T, W4, for M >= 64.
+"""Warp-specialized register-A wgmma GEMM (Gluon): y = x @ dequant(W)^T, uniform 1..7 bits, for M >= 17.
+
+Widths other than 4 (session 21): the loader brings each slice's words (anybit.quant.format) and the
+consumers convert them in registers with ra_slices.convert_slices; W4 is quant_gemm_ra's conversion.
 
 Why: quant_gemm_ra (one program = one or two warpgroups) spends ~1500-1850 cycles per K tile at
 BLOCK_M 256 / BLOCK_N 128, against 1024 cycles of tensor-core work (s18-2: 4096x14336 M 1024, 208
@@ -39,9 +42,11 @@ from __future__ import annotations
 import torch
 
 from anybit.kernels.quant_gemm_h2 import _lock_buffer, scale_table
-from anybit.kernels.quant_gemm_ra import gluon, ra_applies
+from anybit.kernels.quant_gemm_ra import gluon
+from anybit.kernels.quant_gemm_wg import wg_applies
 from anybit.kernels.quant_gemv_h2 import _num_sms
-from anybit.quant.format import PackedWeight
+from anybit.kernels.ra_slices import RS_BITS
+from anybit.quant.format import SLICES, PackedWeight
 
 HALF_N = 64  # weight rows per consumer warpgroup (one m64 block)
 
@@ -55,7 +60,8 @@ if gluon is not None:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from anybit.kernels.quant_gemm_ra import _convert_pairs, _quad_layout
+    from anybit.kernels.quant_gemm_ra import _quad_layout
+    from anybit.kernels.ra_slices import _width, convert_slices
 
     LOAD_REGS: gl.constexpr = gl.constexpr(24)  # the loader warp: scalar TMA coordinates only
     # the partial-tile sum: x rows per pass ([64, 64] float32: 32 registers per load) and pieces loaded at
@@ -79,17 +85,24 @@ if gluon is not None:
         return tile, k_lo, gl.minimum(k_tiles - k_lo, end - cur)
 
     @gluon.jit
-    def _rws_load_partition(x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K, k_tiles,
-                            total, num_m, NC: gl.constexpr):
+    def _rws_load_partition(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem,
+                            t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2, NC: gl.constexpr,
+                            NS: gl.constexpr):
         """One warp: every K tile of this program's range, in order, into slot it % STAGES (x tile; per
-        half c the words into w_smem[2 stage + c], the table rows into t_smem[4 stage + 2 c] and [... +
-        1]) once both consumers released the slot's previous tile."""
+        half c the words of slice 0 into w_smem[NC stage + c] (slices 1, 2 into w1_smem / w2_smem from
+        qweight rows off1 / off2 on), the table rows into t_smem[2 (NC stage + c)] and [... + 1]) once
+        every consumer released the slot's previous tile."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         STAGES: gl.constexpr = x_smem.shape[0]
         HN: gl.constexpr = w_desc.block_type.shape[1]
+        R1: gl.constexpr = w1_desc.block_type.shape[0]
+        R2: gl.constexpr = w2_desc.block_type.shape[0]
         nbytes: gl.constexpr = (x_desc.block_type.nbytes + NC * w_desc.block_type.nbytes
+                                + (NC * w1_desc.block_type.nbytes if NS > 1 else 0)
+                                + (NC * w2_desc.block_type.nbytes if NS > 2 else 0)
                                 + 2 * NC * t_desc.block_type.nbytes)
+        R0: gl.constexpr = w_desc.block_type.shape[0]
         KG = K // G
         cur, end = _program_range(total)
         it = 0
@@ -107,7 +120,14 @@ if gluon is not None:
                 tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_smem.index(stage))
                 for c in gl.static_range(NC):
                     n0 = off_n + c * HN
-                    tma.async_copy_global_to_shared(w_desc, [k0 // 8, n0], bar, w_smem.index(NC * stage + c))
+                    kb = k0 // BLOCK_K
+                    tma.async_copy_global_to_shared(w_desc, [kb * R0, n0], bar, w_smem.index(NC * stage + c))
+                    if NS > 1:
+                        tma.async_copy_global_to_shared(w1_desc, [off1 + kb * R1, n0], bar,
+                                                        w1_smem.index(NC * stage + c))
+                    if NS > 2:
+                        tma.async_copy_global_to_shared(w2_desc, [off2 + kb * R2, n0], bar,
+                                                        w2_smem.index(NC * stage + c))
                     tma.async_copy_global_to_shared(t_desc, [g, n0], bar, t_smem.index(2 * (NC * stage + c)))
                     tma.async_copy_global_to_shared(t_desc, [KG + g, n0], bar,
                                                     t_smem.index(2 * (NC * stage + c) + 1))
@@ -115,16 +135,26 @@ if gluon is not None:
             cur += n
 
     @gluon.jit
-    def _rws_convert(w_smem, t_smem, bars, it, sel, C: gl.constexpr, NC: gl.constexpr, WL: gl.constexpr,
-                     AL: gl.constexpr):
-        """Wait for ring tile ``it``, read half C's words and table rows, convert (quant_gemm_ra)."""
+    def _rws_convert(w_smem, w1_smem, w2_smem, t_smem, bars, it, C: gl.constexpr, NC: gl.constexpr,
+                     BITS: gl.constexpr, AL: gl.constexpr):
+        """Wait for ring tile ``it``, read half C's words (every slice) and table rows, convert
+        (ra_slices.convert_slices)."""
         STAGES: gl.constexpr = bars.shape[0]
+        HN: gl.constexpr = w_smem.shape[2]
         stage = it % STAGES
         mbarrier.wait(bars.index(stage), (it // STAGES) & 1)
-        w = w_smem.index(NC * stage + C).load(WL)
-        s2 = t_smem.index(2 * (NC * stage + C)).load(WL)  # [1, 64]: (s, s) of each column
-        c2 = t_smem.index(2 * (NC * stage + C) + 1).load(WL)  # ((8 - z) s, ...)
-        return _convert_pairs(w, sel, s2, c2, AL)
+        j = NC * stage + C
+        w0 = w_smem.index(j).load(gl.SliceLayout(2, _quad_layout(w_smem.shape[1], HN, 4)))
+        w1 = w0
+        w2 = w0
+        if _width(BITS, 1):
+            w1 = w1_smem.index(j).load(gl.SliceLayout(2, _quad_layout(w1_smem.shape[1], HN, 4)))
+        if _width(BITS, 2):
+            w2 = w2_smem.index(j).load(gl.SliceLayout(2, _quad_layout(w2_smem.shape[1], HN, 4)))
+        TL: gl.constexpr = gl.SliceLayout(2, _quad_layout(1, HN, 4))
+        s2 = t_smem.index(2 * j).load(TL)  # [1, 64]: (s, s) of each column
+        c2 = t_smem.index(2 * j + 1).load(TL)  # ((C - z) s, ...)
+        return convert_slices(w0, w1, w2, s2, c2, BITS, AL)
 
     @gluon.jit(noinline=True)
     def _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, P,
@@ -184,30 +214,26 @@ if gluon is not None:
                 gl.atomic_xchg(lock_ptr + NC * tile + C, 0)  # counters stay zeroed between calls
 
     @gluon.jit
-    def _rws_mma_partition(x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym,
-                           k_tiles, total, num_m, C: gl.constexpr, NC: gl.constexpr):
+    def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M,
+                           N, stride_ym, k_tiles, total, num_m, C: gl.constexpr, NC: gl.constexpr,
+                           BITS: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
         range, piece by piece (``_segment``), each piece stored by ``_rws_store``."""
         BLOCK_M: gl.constexpr = x_smem.shape[1]
         STAGES: gl.constexpr = x_smem.shape[0]
-        R: gl.constexpr = w_smem.shape[1]
         HN: gl.constexpr = w_smem.shape[2]
-        QL: gl.constexpr = _quad_layout(R, HN, 4)
-        WL: gl.constexpr = gl.SliceLayout(2, QL)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
-        q4 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, QL)))
-        sel = gl.expand_dims(gl.expand_dims(q4 * 0x11 + (q4 + 4) * 0x1100, 0), 0)  # ra._ra_selector
         cur, end = _program_range(total)
         it = 0
         while cur < end:
             tile, k_lo, n = _segment(cur, end, k_tiles)
             acc = gl.zeros([HN, BLOCK_M], gl.float32, MMA)
-            a = _rws_convert(w_smem, t_smem, ready, it, sel, C, NC, WL, AL)
+            a = _rws_convert(w_smem, w1_smem, w2_smem, t_smem, ready, it, C, NC, BITS, AL)
             for j in range(n - 1):
                 acc = warpgroup_mma(a, x_smem.index((it + j) % STAGES).permute((1, 0)), acc, is_async=True)
-                a_next = _rws_convert(w_smem, t_smem, ready, it + j + 1, sel, C, NC, WL, AL)
+                a_next = _rws_convert(w_smem, w1_smem, w2_smem, t_smem, ready, it + j + 1, C, NC, BITS, AL)
                 acc, a, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, a_next))
                 mbarrier.arrive(empty.index((it + j) % STAGES))  # x, words and table of that tile: read
                 a = a_next
@@ -220,27 +246,37 @@ if gluon is not None:
             cur += n
 
     @gluon.jit(do_not_specialize=["M", "total"])
-    def _quant_gemm_rws_kernel(x_desc, w_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_ym,
-                               total, W0: gl.constexpr, STAGES: gl.constexpr, NC: gl.constexpr,
-                               CONS_REGS: gl.constexpr, num_warps: gl.constexpr):
+    def _quant_gemm_rws_kernel(x_desc, w_desc, w1_desc, w2_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
+                               stride_ym, total, off1, off2, BITS: gl.constexpr, STAGES: gl.constexpr,
+                               NC: gl.constexpr, CONS_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered
         M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
-        K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0), the int32 words ``[K / 8, N]``
-        (block [BLOCK_K / 8, 64]), the int32 half2 table ``[2 K / G, N]`` (block [1, 64]); y ``[M,
-        N]`` (row stride stride_ym); ws ``[2 P, NC, BLOCK_M, 64]`` float32 pieces; lock ``NC tiles``
-        int32 counters, zero. NC consumer warpgroups (2 or 4) of 64 weight rows: num_warps 4 (the
-        default partition is consumer 0), the others run with CONS_REGS registers per thread, the loader
-        with 24."""
+        K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0); qweight ``[BITS K / 32, N]`` int32 once
+        per slice (anybit.quant.format: slice i of width w_i, block [BLOCK_K w_i / 32, 64], its rows from
+        0 / off1 / off2; w1_desc / w2_desc are w_desc where the width has fewer slices); the int32 half2
+        table ``[2 K / G, N]`` (block [1, 64]); y ``[M, N]`` (row stride stride_ym); ws ``[2 P, NC,
+        BLOCK_M, 64]`` float32 pieces; lock ``NC tiles`` int32 counters, zero. NC consumer warpgroups (2
+        or 4) of 64 weight rows: num_warps 4 (the default partition is consumer 0), the others run with
+        CONS_REGS registers per thread, the loader with 24."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        R: gl.constexpr = w_desc.block_type.shape[0]
         HN: gl.constexpr = w_desc.block_type.shape[1]
-        gl.static_assert(num_warps == 4 and W0 == 4 and HN == 64, "one warpgroup per 64 rows; W4")
+        NS: gl.constexpr = 1 + (_width(BITS, 1) > 0) + (_width(BITS, 2) > 0)
+        gl.static_assert(num_warps == 4 and HN == 64, "one warpgroup per 64 rows")
+        gl.static_assert(w_desc.block_type.shape[0] * 32 == BLOCK_K * _width(BITS, 0), "slice 0's block")
         gl.static_assert(NC == 2 or NC == 4, "two or four consumers")
         k_tiles = K // BLOCK_K
         num_m = gl.cdiv(M, BLOCK_M)
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        w_smem = gl.allocate_shared_memory(gl.int32, [NC * STAGES, R, HN], w_desc.layout)
+        w_smem = gl.allocate_shared_memory(gl.int32, [NC * STAGES] + w_desc.block_type.shape, w_desc.layout)
+        w1_smem = w_smem
+        w2_smem = w_smem
+        if NS > 1:
+            w1_smem = gl.allocate_shared_memory(gl.int32, [NC * STAGES] + w1_desc.block_type.shape,
+                                                w1_desc.layout)
+        if NS > 2:
+            w2_smem = gl.allocate_shared_memory(gl.int32, [NC * STAGES] + w2_desc.block_type.shape,
+                                                w2_desc.layout)
         t_smem = gl.allocate_shared_memory(gl.int32, [2 * NC * STAGES, 1, HN], t_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -250,35 +286,42 @@ if gluon is not None:
         # the tuples are written out: a tuple kept in a variable loses its constexprs (quant_gemm_ws)
         if NC == 2:
             gl.warp_specialize([
-                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                      stride_ym, k_tiles, total, num_m, 0, NC)),
-                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                      stride_ym, k_tiles, total, num_m, 1, NC)),
-                (_rws_load_partition, (x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K,
-                                       k_tiles, total, num_m, NC))],
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
+                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
+                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS)),
+                (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
+                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
+                                       NC, NS))],
                 [4, 1], [CONS_REGS, LOAD_REGS])
         else:
             gl.warp_specialize([
-                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                      stride_ym, k_tiles, total, num_m, 0, NC)),
-                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                      stride_ym, k_tiles, total, num_m, 1, NC)),
-                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                      stride_ym, k_tiles, total, num_m, 2, NC)),
-                (_rws_mma_partition, (x_smem, w_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M, N,
-                                      stride_ym, k_tiles, total, num_m, 3, NC)),
-                (_rws_load_partition, (x_desc, w_desc, t_desc, x_smem, w_smem, t_smem, ready, empty, G, K,
-                                       k_tiles, total, num_m, NC))],
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
+                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
+                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
+                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 2, NC, BITS)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
+                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 3, NC, BITS)),
+                (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
+                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
+                                       NC, NS))],
                 [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, LOAD_REGS])
 
 
-def rws_shared_bytes(bm: int, bk: int, stages: int, nc: int = 2) -> int:
-    """Shared memory of one program: per stage the x tile, nc 64-row blocks of W4 words, two table rows
-    per block and two barriers."""
-    return stages * (bm * bk * 2 + nc * HALF_N * bk // 2 + 2 * nc * HALF_N * 4 + 16)
+def rws_shared_bytes(bm: int, bk: int, stages: int, nc: int = 2, bits: int = 4) -> int:
+    """Shared memory of one program: per stage the x tile, nc 64-row blocks of words (every slice), two
+    table rows per block and two barriers."""
+    return stages * (bm * bk * 2 + nc * HALF_N * bk * bits // 8 + 2 * nc * HALF_N * 4 + 16)
 
 
-def rws_config(M: int, N: int = 0, sms: int = 132) -> tuple[int, int, int, int]:
+def rws_stages(bm: int, bk: int, nc: int = 2, bits: int = 4) -> int:
+    """The deepest ring (<= 6 stages, s20-13: deeper gained nothing) that fits 227 KB (2 if none does)."""
+    return next((n for n in range(6, 1, -1) if rws_shared_bytes(bm, bk, n, nc, bits) <= 227 * 1024), 2)
+
+
+def rws_config(M: int, N: int = 0, sms: int = 132, bits: int = 4) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, stages, consumer registers). BLOCK_M: 64 up to M 64, 128 up to 128; above, 256
     when its tiles (N / 128 per row block) keep 3/4 of the SMs busy, else 128. BLOCK_K 64, the most
     stages (<= 6) that fit, 240 registers for the worker consumer (the default one gets what the
@@ -290,8 +333,7 @@ def rws_config(M: int, N: int = 0, sms: int = 132) -> tuple[int, int, int, int]:
     bm = 64 if M <= 64 else 128 if M <= 128 else 256
     if bm == 256 and N and 3 * sms > 4 * (-(-M // 256) * (N // (2 * HALF_N))):
         bm = 128
-    stages = next(n for n in range(6, 1, -1) if rws_shared_bytes(bm, 64, n) <= 227 * 1024)
-    return bm, 64, stages, 240
+    return bm, 64, rws_stages(bm, 64, 2, bits), 240
 
 
 def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2) -> int:
@@ -307,27 +349,33 @@ def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2
     return max(1, min(sms, tiles * (K // bk) // 4))
 
 
+def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
+    """Whether this kernel can run the call: quant_gemm_wg's conditions (Hopper, bf16 x, uniform, N / K /
+    group multiples of 64, TMA alignment) for any width in RS_BITS (1..7 bits)."""
+    return wg_applies(packed, M, x, RS_BITS)
+
+
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
                    cons_regs: int | None = None, max_regs: int | None = None) -> torch.Tensor:
-    """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, W4, N a
-    multiple of 64 x consumers; the same weights (bf16, rounded once) as quant_gemm_ra. Keywords override
-    ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of 64 weight rows
-    sharing the x tile; 4 needs BLOCK_M 64 (registers). ``max_regs``: the launch's register cap per
-    thread, by default what fills the register file with one program per SM (12 warps x 168; 20 warps x
-    96 with four consumers, which then get 112 each)."""
+    """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..7
+    bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
+    Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
+    64 weight rows sharing the x tile; 4 needs BLOCK_M 64 (registers). ``max_regs``: the launch's register
+    cap per thread, by default what fills the register file with one program per SM (12 warps x 168; 20
+    warps x 96 with four consumers, which then get 112 each)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
-    if not ra_applies(packed, M, x) or nc not in (2, 4) or N % (nc * HALF_N):
-        raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 4-bit weight with N a multiple "
-                         f"of 64 x consumers (2 or 4) and K, group multiples of 64 (got {x.dtype} x, "
-                         f"{packed.fmt} {bits}-bit, N {N}, K {K}, G {G}, consumers {nc})")
+    if not rws_applies(packed, M, x) or nc not in (2, 4) or N % (nc * HALF_N):
+        raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 1..7-bit weight with N a "
+                         f"multiple of 64 x consumers (2 or 4) and K, group multiples of 64 (got {x.dtype} "
+                         f"x, {packed.fmt} {bits}-bit, N {N}, K {K}, G {G}, consumers {nc})")
     sms = _num_sms(x.device)
-    bm, BK, _, regs = rws_config(M, N, sms)
+    bm, BK, _, regs = rws_config(M, N, sms, bits)
     BM = block_m or bm
-    stages = stages or next((n for n in range(6, 1, -1) if rws_shared_bytes(BM, BK, n, nc) <= 227 * 1024), 2)
-    smem = rws_shared_bytes(BM, BK, stages, nc)
+    stages = stages or rws_stages(BM, BK, nc, bits)
+    smem = rws_shared_bytes(BM, BK, stages, nc, bits)
     if (BM not in (16, 32, 64, 128, 256) or stages < 2 or smem > 227 * 1024 or G % BK or K % BK
             or (nc == 4 and BM > 64)):
         raise ValueError(f"quant_gemm_rws: block_m {BM} must be a power of two in 16..256 (<= 64 with four "
@@ -347,10 +395,13 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     flat = gl.NVMMASharedLayout(0, 32, rank=2)
     x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [BM, BK],
                               gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16))
-    w_desc = TensorDescriptor(packed.qweight, [K // 8, N], [packed.qweight.stride(0), 1], [BK // 8, HALF_N],
-                              flat)
+    q = packed.qweight
+    w_descs = [TensorDescriptor(q, [bits * K // 32, N], [q.stride(0), 1], [BK * w // 32, HALF_N], flat)
+               for w in SLICES[bits]]
+    offs = [K * sum(SLICES[bits][:i]) // 32 for i in (1, 2)]  # first qweight row of slices 1 and 2
+    w_descs += w_descs[:1] * (3 - len(w_descs))
     t_desc = TensorDescriptor(table, [2 * (K // G), N], [N, 1], [1, HALF_N], flat)
     _quant_gemm_rws_kernel[(P,)](
-        x_desc, w_desc, t_desc, y, ws, locks, M, N, K, G, y.stride(0), total, bits, stages, nc, cons_regs,
-        num_warps=4, maxnreg=max_regs)
+        x_desc, *w_descs, t_desc, y, ws, locks, M, N, K, G, y.stride(0), total, *offs, bits, stages, nc,
+        cons_regs, num_warps=4, maxnreg=max_regs)
     return y

@@ -262,13 +262,13 @@ if gluon is not None:
 WG_MIN_M = 2  # quant_gemm_wg runs for M >= WG_MIN_M (bf16 x, uniform 2/4/8 bits, Hopper)
 
 
-def wg_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
-    """Whether the Gluon tensor-core path can run this call: Hopper (sm_90), bf16 x, a uniform
-    single-slice 2/4/8-bit weight whose N, K and group size are multiples of 64, and the 16-byte
-    alignment that TMA needs (x and the words)."""
+def wg_applies(packed: PackedWeight, M: int, x: torch.Tensor, widths: tuple[int, ...] = WG_BITS) -> bool:
+    """Whether the Gluon tensor-core path can run this call: Hopper (sm_90), bf16 x, a uniform weight of
+    one of ``widths`` (this kernel's: the single-slice 2/4/8 bits) whose N, K and group size are
+    multiples of 64, and the 16-byte alignment that TMA needs (x and the words)."""
     if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or M < WG_MIN_M:
         return False
-    if packed.fmt != "uniform" or packed.bits not in WG_BITS or packed.zeros is None:
+    if packed.fmt != "uniform" or packed.bits not in widths or packed.zeros is None:
         return False
     if packed.in_features % 64 or packed.group_size % 64 or packed.out_features % 64:
         return False

@@ -85,19 +85,24 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
         else:
             src = GluonASTSource(kernel, sig, consts, attrs)
         return _sass_of(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
-    P = 32 // bits
+    from anybit.quant.format import SLICES
     x = torch.empty(64, 4096, dtype=torch.bfloat16)
-    q = torch.empty(4096 // P, 1024, dtype=torch.int32)
+    q = torch.empty(4096 * bits // 32, 1024, dtype=torch.int32)
     t = torch.empty(64, 1024, dtype=torch.int32)
     flat = gl.NVMMASharedLayout(0, 32, rank=2)
+    # one word descriptor per slice (w_desc, w1_desc, w2_desc: kernels of sliced widths; the single-slice
+    # kernels take w_desc of the whole width)
+    widths = SLICES[bits] if "w1_desc" in names else (bits,)
+    wd = [TensorDescriptor(q, list(q.shape), [1024, 1], [bk * w // 32, bn], flat) for w in widths]
+    wd += wd[:1] * (3 - len(wd))
     descs = {"x_desc": TensorDescriptor(x, [64, 4096], [4096, 1], [bm, bk],
                                         gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)),
-             "w_desc": TensorDescriptor(q, list(q.shape), [1024, 1], [bk // P, bn], flat),
+             "w_desc": wd[0], "w1_desc": wd[1], "w2_desc": wd[2],
              "t_desc": TensorDescriptor(t, [64, 1024], [1024, 1], [1, bn], flat)}
-    sig = {n: mangle_type(d) for n, d in descs.items()}
+    sig = {n: mangle_type(d) for n, d in descs.items() if n in names}
     sig.update({"y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                 "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32",
-                "total": "i32"})
+                "total": "i32", "off1": "i32", "off2": "i32"})
     sig.update({c: "constexpr" for c in consts})
     sig = {n: sig[n] for n in names}
     aligned = ("y_ptr", "ws_ptr", "lock_ptr", "N", "K", "G", "stride_ym", "k_per_split")

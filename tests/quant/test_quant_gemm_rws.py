@@ -12,6 +12,7 @@ from test_quant_gemm_ra import _rtn
 
 from anybit.kernels import quant_gemm_rws as rws
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
+from anybit.quant.format import SLICES
 from anybit.quant.rtn import QuantSpec, rtn_quantize
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -80,31 +81,34 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P):
 
 
 @pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
-@pytest.mark.parametrize("bm,nc", [(64, 2), (128, 2), (256, 2), (64, 4)])
-def test_sm90_consumers_feed_wgmma_from_registers(bm, nc):
+@pytest.mark.parametrize("bits,bm,nc", [(4, 64, 2), (4, 128, 2), (4, 256, 2), (4, 64, 4), (3, 256, 2),
+                                         (6, 256, 2), (7, 256, 2), (2, 128, 2), (1, 64, 2), (5, 64, 2)])
+def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     """Every consumer K loop (the default partition's and the workers'): 4 HGMMA per 64-wide K tile with A
-    in registers, no spills, no write to an in-flight A register, and no CTA-wide barrier (only the
-    warpgroup's own 128-thread named barriers); the worker consumers ask for their registers."""
+    in registers, no spills, no write to an in-flight A register, no shared-memory store or shuffle (the
+    slices' words reach the register-A layout in registers), and no CTA-wide barrier (only the warpgroup's
+    own 128-thread named barriers); the worker consumers ask for their registers."""
     if not os.path.exists(nvdisasm()):
         pytest.skip("no nvdisasm in this Triton install")
     bk = 64
-    stages = max(n for n in range(2, 7) if rws.rws_shared_bytes(bm, bk, n, nc) <= 227 * 1024)
+    stages = rws.rws_stages(bm, bk, nc, bits)
     regs, maxreg = (240, 168) if nc == 2 else (112, 96)
-    consts = dict(W0=4, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4)
-    lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, 4,
+    consts = dict(BITS=bits, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4)
+    lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, bits,
                       {"num_warps": 4, "maxnreg": maxreg})
     loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:nc]
-    assert len(loops) == nc and all(len(b) < 250 for b in loops), [len(b) for b in loops]  # one per consumer
+    assert len(loops) == nc and all(len(b) < 300 for b in loops), [len(b) for b in loops]  # one per consumer
     for loop in loops:
         mma = [s for s in loop if "HGMMA" in s]
         assert len(mma) == 4 and all(s.split()[2].startswith("R") for s in mma)
         ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
-        assert not any(op.startswith(("STS", "STL", "LDL")) for op in ops)
+        assert not any(op.startswith(("STS", "STL", "LDL", "SHFL")) for op in ops)
         assert wgmma_register_a_hazards(loop) == []
         bars = [s for s in loop if s.startswith("BAR.")]
         assert bars and all(s.rstrip().endswith("0x80") for s in bars), bars  # 128 threads, not the CTA
     assert any(f"TRY_ALLOC.CTAPOOL UP0, {hex(regs)}" in s for s in lines)
-    assert sum("UTMALDG" in s for s in lines) >= 1 + 3 * nc  # x, then words and two table rows per block
+    slices = len(SLICES[bits])  # x, then per block the words of each slice and two table rows
+    assert sum("UTMALDG" in s for s in lines) >= 1 + (2 + slices) * nc
 
 
 @pytest.mark.gpu
@@ -122,6 +126,23 @@ def test_rws_vs_reference_and_ra(group, M):
     tiles = -(-M // bm) * 384 // 128
     whole = rws.quant_gemm_rws(x, pw, torch.empty_like(y), block_m=bm, programs=tiles)  # one program per tile
     assert torch.equal(whole, y_ra)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7])
+@pytest.mark.parametrize("M,group,kw", [(40, 64, {}), (130, 128, {}), (300, 64, {}),
+                                        (64, 128, dict(programs=7)), (200, 128, dict(block_m=256, stages=2))])
+def test_rws_sliced_widths(bits, M, group, kw):
+    """Every width of 1..7 bits (their slices converted in registers, ra_slices): against ref_quant_matmul,
+    whole tiles and stream-K pieces, BLOCK_M 64-256; a repeated call gives the same bits."""
+    g = torch.Generator().manual_seed(bits * 1000 + M)
+    pw = rtn_quantize(torch.randn(384, 1152, generator=g), QuantSpec(bits, group, "uniform")).to("cuda")
+    x = torch.randn(M, 1152, device="cuda", dtype=torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), pw)
+    y = rws.quant_gemm_rws(x, pw, torch.empty(M, 384, device="cuda", dtype=torch.bfloat16), **kw)
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(rws.quant_gemm_rws(x, pw, torch.empty_like(y), **kw), y)
 
 
 @pytest.mark.gpu
@@ -167,13 +188,15 @@ def test_rws_four_consumers(M, kw):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 def test_rws_random_codes_real_shape():
-    """4096 x 14336 with uniformly random codes at M 64 and 1024 (BLOCK_M 256), stream-K over 132 programs,
-    against the float32 dequantization."""
+    """4096 x 14336 with uniformly random codes (W4 at M 64 and 1024, W3 at M 64, W6 at M 1024; BLOCK_M 256
+    and stream-K over 132 programs at 1024), against the float32 dequantization."""
     from anybit.quant.format import dequantize
     from benchmarks.bench_quant_matmul import random_packed
-    pw = random_packed(4096, 14336, 4)
-    wd = dequantize(pw, torch.float32)
-    for M in (64, 1024):
-        x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
-        y = quant_matmul(x, pw, path="rws")
-        assert float((y.float() - x.float() @ wd.t()).norm() / (x.float() @ wd.t()).norm()) < 1e-2, M
+    for bits, ms in ((4, (64, 1024)), (3, (64,)), (6, (1024,))):
+        pw = random_packed(4096, 14336, bits)
+        wd = dequantize(pw, torch.float32)
+        for M in ms:
+            x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
+            y = quant_matmul(x, pw, path="rws")
+            ref = x.float() @ wd.t()
+            assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, (bits, M)

@@ -74,12 +74,13 @@ def _emulate_word(asm: str, *inputs: int) -> list[int]:
             x, y = (_f16_halves(val(t)) for t in a[1:3])
             regs[a[0]] = _f16_pack([x[i] - y[i] for i in range(2)])
         elif op == "shr.u32":
-            regs[a[0]] = val(a[1]) >> int(a[2])
+            regs[a[0]] = val(a[1]) >> val(a[2])
         elif op == "shl.b32":
-            regs[a[0]] = (val(a[1]) << int(a[2])) & 0xFFFFFFFF
-        elif op == "lop3.b32":
-            assert a[4] == "0xEA"
-            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+            regs[a[0]] = (val(a[1]) << val(a[2])) & 0xFFFFFFFF
+        elif op == "lop3.b32":  # bit i = LUT bit (a_i << 2 | b_i << 1 | c_i)
+            x, y, z, lut = (val(t) for t in a[1:5])
+            regs[a[0]] = sum(((lut >> ((x >> i & 1) << 2 | (y >> i & 1) << 1 | (z >> i & 1))) & 1) << i
+                             for i in range(32))
         elif op == "prmt.b32":
             by = [(val(t) >> 8 * i) & 0xFF for t in a[1:3] for i in range(4)]
             sel = val(a[3])
