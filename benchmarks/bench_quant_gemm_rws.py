@@ -69,6 +69,7 @@ def correctness(log) -> list[dict]:
         for M in (64, 256, 1024):
             cases.append((f"b{b} random 4096x14336 M{M}", pw, M, {}))
     rows = check_cases(cases, lambda x, pw, out, kw: qm.quant_gemm_rws(x, pw, out, **kw), log, 1e-2)
+    pw = random_packed(4096, 14336, 4)
     for M in (64, 256):  # whole tiles (one program per tile) and ra without split-K: the same bits
         x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
         bm = rws_config(M, 4096)[0]
