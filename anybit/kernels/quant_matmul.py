@@ -32,7 +32,7 @@ import torch
 
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
 from anybit.kernels.quant_gemm_ra import quant_gemm_ra, ra_applies
-from anybit.kernels.quant_gemm_rws import quant_gemm_rws
+from anybit.kernels.quant_gemm_rws import quant_gemm_rws, rws_applies
 from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
@@ -444,15 +444,22 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # At M 16 the mma.sync kernel stays (2.15-2.27 against 1.59-1.68 on the large shapes). Above RWS_MAX_M
 # dequantize + cuBLAS wins (s20-11, quant_matmul_rws_ab_s20_11: M 2048 0.87-0.90 against rws 0.75-0.80, M
 # 8192 0.93-0.96 against 0.66-0.82); its scratch copy of the weights is the price.
+# Session 21: every width of 1..7 bits (ra_slices). Interleaved H100 A/B s21-1 (quant_matmul_rws_slices_ab_
+# s21_1, x cuBLAS on 14336x4096 / 4096x14336 / 6144x4096, rws against the previous choice: the Triton GEMM, ws for
+# W2, or dequantize + cuBLAS): W3 M 64 1.48 / 1.48 / 1.20 against 0.74 / 0.76 / 0.61, M 256 0.99 / 0.93 /
+# 0.76 against 0.49 / 0.55 / 0.52; W6 M 64 1.35 / 1.35 / 1.13 against 0.48 / 0.49 / 0.44; W2 M 64 1.71 /
+# 1.69 / 1.35 against 1.38 / 1.16 / 0.83. At M 1024 rws wins on the two MLP shapes (W3 0.79 / 0.86 against
+# 0.70 / 0.76) and loses 3-9% on 6144x4096 (W3 0.74 against 0.78, W6 0.68 against 0.75), as W4 did (s20-4);
+# it stays there: dequantize + cuBLAS needs a bf16 scratch copy of the weights.
 RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
 RWS_MIN_M, RWS_MAX_M = 17, 1024
 
 
 def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the warp-specialized register-A kernel (RWS_AUTO, RWS_MIN_M <= M <=
-    RWS_MAX_M, N a multiple of 128 and ra's conditions)."""
+    RWS_MAX_M, N a multiple of 128 and its conditions: uniform 1..7 bits, Hopper, bf16 x, TMA alignment)."""
     return (RWS_AUTO and RWS_MIN_M <= M <= RWS_MAX_M and packed.out_features % 128 == 0
-            and ra_applies(packed, M, x))
+            and rws_applies(packed, M, x))
 
 
 # The register-operand mma.sync kernel of quant_gemv_mma.py (bf16 x, uniform 1..7 bits as slices of
@@ -543,7 +550,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     mma.sync kernel, quant_gemv_mma.py, M <= 16), "tma" (the same with the weights through a TMA ring,
     quant_gemv_tma.py, Hopper, 1/2/4 bits), "ra" (wgmma with the weights as a register operand,
     quant_gemm_ra.py, W4), "rws" (the same with a loader warp and two consumer warpgroups,
-    quant_gemm_rws.py, W4, N a multiple of 128), "dequant";
+    quant_gemm_rws.py, uniform 1..7 bits, N a multiple of 128), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
