@@ -60,7 +60,7 @@ def correctness(log) -> list[dict]:
     pw = rtn_quantize(torch.randn(512, 1152), QuantSpec(4, 128, "uniform")).to("cuda")
     for M, kw in ((40, {}), (64, dict(programs=9)), (200, {})):
         cases.append((f"b4 g128 512x1152 M{M} four consumers", pw, M, dict(consumers=4, block_m=64, **kw)))
-    for b in (1, 2, 3, 5, 6, 7):  # the sliced widths (ra_slices)
+    for b in (1, 2, 3, 5, 6, 7, 8):  # the other widths (ra_slices)
         pw = rtn_quantize(torch.randn(384, 1152), QuantSpec(b, 64, "uniform")).to("cuda")
         for M, kw in ((40, {}), (300, {}), (64, dict(programs=7))):
             cases.append((f"b{b} g64 384x1152 M{M} {kw}", pw, M, kw))

@@ -21,7 +21,12 @@ in bf16 (exact: codes < 128), ``fma`` gives code - C exactly (C = 2^(b-1)), ``fm
 One PTX block converts G = 4 / (narrowest width) groups of one weight row for one quad lane: the words
 that hold them (``G w / 4`` per slice), so a word's shifts are shared by its groups. Instructions per
 group (two codes): W4 5 (quant_gemm_ra's), W2 5, W1 4.5, W3 7.75, W5 7.75, W6 8.5, W7 11.25.
-W8 (8 mantissa bits: 128 + code is not exact in bf16) is not handled.
+
+W8: a group is two words (codes 0-3, 4-7), and lane q's codes are bytes 2 q, 2 q + 1 of the pair: one
+``prmt`` of both words with the lane's selector. 128 + code is not exact in bf16 (8 bits of
+significand), so the low 7 bits make 128 + lo in bf16 as above and the top bit picks the constant that
+the first ``fma`` adds: -256 (bf16 0xC380) when it is clear, -128 (0xC300) when set, i.e. 0xC380 xor the
+code's bit 7 in place (one ``lop3``): code - 128 exactly. 5 instructions per group.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 from anybit.kernels.quant_gemm_h2 import _half2
 from anybit.quant.format import SLICES
 
-RS_BITS = (1, 2, 3, 4, 5, 6, 7)
+RS_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def slice_plan(bits: int) -> tuple[tuple[tuple[int, int], ...], int]:
@@ -38,12 +43,14 @@ def slice_plan(bits: int) -> tuple[tuple[tuple[int, int], ...], int]:
     for w in SLICES[bits]:
         plan.append((w, shift))
         shift += w
-    return tuple(plan), 4 // min(SLICES[bits])
+    return tuple(plan), max(1, 4 // min(SLICES[bits]))
 
 
 def lane_operand(w: int, q: int) -> int:
     """Quad lane q's operand for a slice of width w: the prmt selector (w = 4: byte q of the word and of
-    the word >> 4) or the shift 2 w q."""
+    the word >> 4; w = 8: bytes 2 q and 2 q + 1 of the group's two words) or the shift 2 w q."""
+    if w == 8:
+        return 2 * q * 0x11 + (2 * q + 1) * 0x1100
     return q * 0x11 + (q + 4) * 0x1100 if w == 4 else 2 * w * q
 
 
@@ -63,6 +70,15 @@ def slices_asm(bits: int) -> str:
     lanes = [f"${nxt + i}" for i in range(len(plan))]
     s2, c2 = f"${nxt + len(plan)}", f"${nxt + len(plan) + 1}"
     regs, body = [], []
+    if bits == 8:  # one group: bytes 2 q, 2 q + 1 of its two words; bit 7 picks -256 or -128 (module doc)
+        a, b = words[0]
+        return "\n".join([
+            "{", ".reg .b32 k0, k1, p, t;", f"mov.b32 k0, {_half2(1.0, True)};",
+            f"prmt.b32 p, {a}, {b}, {lanes[0]};",
+            f"lop3.b32 k1, p, 0x00800080, {_half2(-256.0, True)}, 0x6A;",  # 0xC380 ^ (p & 0x80)
+            "lop3.b32 t, p, 0x007F007F, 0x43004300, 0xEA;",  # 128 + the low 7 bits
+            "fma.rn.bf16x2 t, t, k0, k1;",  # code - 128, exact
+            f"fma.rn.bf16x2 t, t, {s2}, {c2};", "mov.b32 {$0, $1}, t;", "}"])
     for i, (w, s) in enumerate(plan):
         if w == 4:
             for g, word in enumerate(words[i]):
@@ -113,8 +129,8 @@ if gluon is not None:
 
     _ASM = {b: slices_asm(b) for b in RS_BITS}
     # slices_asm's operands: 2 G bf16 outputs, the words, a lane operand per slice, s2 and c2
-    _CONSTRAINTS = {b: ",".join(["=h"] * (8 // min(SLICES[b])) + ["r"] * (
-        sum((4 // min(SLICES[b])) * w // 4 + 1 for w in SLICES[b]) + 2)) for b in RS_BITS}
+    _CONSTRAINTS = {b: ",".join(["=h"] * (2 * slice_plan(b)[1]) + ["r"] * (
+        sum(slice_plan(b)[1] * w // 4 + 1 for w in SLICES[b]) + 2)) for b in RS_BITS}
 
     @gluon.constexpr_function
     def _slice_asm(bits):
@@ -124,9 +140,11 @@ if gluon is not None:
     def _constraints(bits):
         return _CONSTRAINTS[bits]
 
+    _GROUPS = {b: slice_plan(b)[1] for b in RS_BITS}
+
     @gluon.constexpr_function
-    def _narrowest(bits):
-        return min(SLICES[bits])
+    def _groups(bits):
+        return _GROUPS[bits]
 
     @gluon.constexpr_function
     def _width(bits, i):
@@ -165,7 +183,9 @@ if gluon is not None:
     @gluon.jit
     def _lane_operand(q, W: gl.constexpr):
         """``lane_operand`` for a tensor of quad lanes q."""
-        if W == 4:
+        if W == 8:
+            return 2 * q * 0x11 + (2 * q + 1) * 0x1100
+        elif W == 4:
             return q * 0x11 + (q + 4) * 0x1100
         else:
             return q * (2 * W)
@@ -175,7 +195,7 @@ if gluon is not None:
         """The words of each slice of one K tile (``w_i [K w_i / 32, BN]``; w1 / w2 unused past the
         slice count) and the columns' table rows ``[1, BN]`` -> the bf16 weights ``[BN, K]`` in the
         register-A layout AL (``slices_asm`` per weight row, quad lane and block of G groups)."""
-        G: gl.constexpr = 4 // _narrowest(BITS)
+        G: gl.constexpr = _groups(BITS)
         NB: gl.constexpr = w0.shape[0] * 4 // (G * _width(BITS, 0))  # blocks of G groups
         BN: gl.constexpr = w0.shape[1]
         QL: gl.constexpr = _quad_layout(NB, BN, 4)

@@ -82,7 +82,8 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P):
 
 @pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
 @pytest.mark.parametrize("bits,bm,nc", [(4, 64, 2), (4, 128, 2), (4, 256, 2), (4, 64, 4), (3, 256, 2),
-                                         (6, 256, 2), (7, 256, 2), (2, 128, 2), (1, 64, 2), (5, 64, 2)])
+                                         (6, 256, 2), (7, 256, 2), (2, 128, 2), (1, 64, 2), (5, 64, 2),
+                                         (8, 64, 2), (8, 256, 2)])
 def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     """Every consumer K loop (the default partition's and the workers'): 4 HGMMA per 64-wide K tile with A
     in registers, no spills, no write to an in-flight A register, no shared-memory store or shuffle (the
@@ -130,11 +131,11 @@ def test_rws_vs_reference_and_ra(group, M):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7])
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7, 8])
 @pytest.mark.parametrize("M,group,kw", [(40, 64, {}), (130, 128, {}), (300, 64, {}),
                                         (64, 128, dict(programs=7)), (200, 128, dict(block_m=256, stages=2))])
 def test_rws_sliced_widths(bits, M, group, kw):
-    """Every width of 1..7 bits (their slices converted in registers, ra_slices): against ref_quant_matmul,
+    """Every width of 1..8 bits (their slices converted in registers, ra_slices): against ref_quant_matmul,
     whole tiles and stream-K pieces, BLOCK_M 64-256; a repeated call gives the same bits."""
     g = torch.Generator().manual_seed(bits * 1000 + M)
     pw = rtn_quantize(torch.randn(384, 1152, generator=g), QuantSpec(bits, group, "uniform")).to("cuda")
@@ -192,7 +193,7 @@ def test_rws_random_codes_real_shape():
     and stream-K over 132 programs at 1024), against the float32 dequantization."""
     from anybit.quant.format import dequantize
     from benchmarks.bench_quant_matmul import random_packed
-    for bits, ms in ((4, (64, 1024)), (3, (64,)), (6, (1024,))):
+    for bits, ms in ((4, (64, 1024)), (3, (64,)), (6, (1024,)), (8, (256,))):
         pw = random_packed(4096, 14336, bits)
         wd = dequantize(pw, torch.float32)
         for M in ms:

@@ -49,4 +49,4 @@ def test_w4_block_is_quant_gemm_ra_arithmetic():
         sorted(ln.split()[0] for ln in b.splitlines() if ln[:1] not in "{}.")
     assert all(rs.lane_operand(4, q) == _ra_selector(q) for q in range(4))
     with pytest.raises(ValueError, match="bits"):
-        rs.slices_asm(8)
+        rs.slices_asm(9)
