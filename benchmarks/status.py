@@ -28,9 +28,10 @@ class Goal:
 
 
 def _qm(bits: int, ms: tuple[int, ...]) -> Callable[[str, dict], bool]:
-    """The launcher's rows at this width and these M; lm_head W4 from its newer file (LM_HEAD_W4)."""
+    """The launcher's rows at this width and these M; from the s16 lm_head file only what the newer lm_head
+    files do not cover (W4: s20-6; the other widths at M >= 64: s21-5)."""
     return lambda f, r: (r["method"] == "anybit" and r["bits"] == bits and r["M"] in ms
-                         and not (f == "quant_matmul_s16_lm_head" and bits == 4))
+                         and not (f == "quant_matmul_s16_lm_head" and (bits == 4 or r["M"] >= 64)))
 
 
 def _decode(variant: str) -> Callable[[str, dict], bool]:
@@ -38,9 +39,11 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
     return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
-# s20-5: every width and M on the layer shapes, launcher's choice (W4 M >= 64: quant_gemm_rws); lm_head: W4
-# from s20-6 (rws), the other widths from s16-7 (their routes did not change)
-QM = ("quant_matmul_s20_5", "quant_matmul_s20_6_lm_head", "quant_matmul_s16_lm_head")
+# s21-2: every width and M on the layer shapes, launcher's choice (M 17..1024: quant_gemm_rws for 1..8 bits);
+# lm_head: W4 from s20-6 (rws), the other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (their
+# routes did not change)
+QM = ("quant_matmul_s21_2", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
+      "quant_matmul_s16_lm_head")
 DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
 E2E = ("e2e_w4_s16_final",)
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731

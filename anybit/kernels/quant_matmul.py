@@ -444,13 +444,18 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # At M 16 the mma.sync kernel stays (2.15-2.27 against 1.59-1.68 on the large shapes). Above RWS_MAX_M
 # dequantize + cuBLAS wins (s20-11, quant_matmul_rws_ab_s20_11: M 2048 0.87-0.90 against rws 0.75-0.80, M
 # 8192 0.93-0.96 against 0.66-0.82); its scratch copy of the weights is the price.
-# Session 21: every width of 1..7 bits (ra_slices). Interleaved H100 A/B s21-1 (quant_matmul_rws_slices_ab_
-# s21_1, x cuBLAS on 14336x4096 / 4096x14336 / 6144x4096, rws against the previous choice: the Triton GEMM, ws for
-# W2, or dequantize + cuBLAS): W3 M 64 1.48 / 1.48 / 1.20 against 0.74 / 0.76 / 0.61, M 256 0.99 / 0.93 /
-# 0.76 against 0.49 / 0.55 / 0.52; W6 M 64 1.35 / 1.35 / 1.13 against 0.48 / 0.49 / 0.44; W2 M 64 1.71 /
-# 1.69 / 1.35 against 1.38 / 1.16 / 0.83. At M 1024 rws wins on the two MLP shapes (W3 0.79 / 0.86 against
-# 0.70 / 0.76) and loses 3-9% on 6144x4096 (W3 0.74 against 0.78, W6 0.68 against 0.75), as W4 did (s20-4);
-# it stays there: dequantize + cuBLAS needs a bf16 scratch copy of the weights.
+# Session 21: every width of 1..8 bits (ra_slices). Interleaved H100 A/B s21-1 (file
+# quant_matmul_rws_slices_ab_s21_1), x cuBLAS on 14336x4096 / 4096x14336 / 6144x4096, rws against the
+# previous choice (the Triton GEMM, ws for W2, or dequantize + cuBLAS):
+# - W3 M 64 1.48 / 1.48 / 1.20 against 0.74 / 0.76 / 0.61;
+#   M 256 0.99 / 0.93 / 0.76 against 0.49 / 0.55 / 0.52;
+# - W6 M 64 1.35 / 1.35 / 1.13 against 0.48 / 0.49 / 0.44;
+# - W2 M 64 1.71 / 1.69 / 1.35 against 1.38 / 1.16 / 0.83;
+# - M 1024: rws wins on the two MLP shapes (W3 0.79 / 0.86 against 0.70 / 0.76) and loses 3-9% on 6144x4096
+#   (W3 0.74 against 0.78, W6 0.68 against 0.75), as W4 did (s20-4). It stays there: dequantize + cuBLAS
+#   needs a bf16 scratch copy of the weights.
+# W8 (s21-3 against the s21-2 matrix): M 64 1.47 / 1.37 / 1.12 against 1.10 / 0.94 / 0.73, M 256 0.90 / 0.82 /
+# 0.67 against 0.56 / 0.57 / 0.52.
 RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
 RWS_MIN_M, RWS_MAX_M = 17, 1024
 
