@@ -1,4 +1,4 @@
-"""Warp-specialized register-A wgmma GEMM (Gluon): y = x @ dequant(W)^T, uniform 1..7 bits, for M >= 17.
+"""Warp-specialized register-A wgmma GEMM (Gluon): y = x @ dequant(W)^T, uniform 1..8 bits, for M >= 17.
 
 Widths other than 4 (session 21): the loader brings each slice's words (anybit.quant.format) and the
 consumers convert them in registers with ra_slices.convert_slices; W4 is quant_gemm_ra's conversion.
@@ -351,14 +351,14 @@ def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2
 
 def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether this kernel can run the call: quant_gemm_wg's conditions (Hopper, bf16 x, uniform, N / K /
-    group multiples of 64, TMA alignment) for any width in RS_BITS (1..7 bits)."""
+    group multiples of 64, TMA alignment) for any width in RS_BITS (1..8 bits)."""
     return wg_applies(packed, M, x, RS_BITS)
 
 
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
                    cons_regs: int | None = None, max_regs: int | None = None) -> torch.Tensor:
-    """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..7
+    """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
     64 weight rows sharing the x tile; 4 needs BLOCK_M 64 (registers). ``max_regs``: the launch's register
@@ -368,7 +368,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
     if not rws_applies(packed, M, x) or nc not in (2, 4) or N % (nc * HALF_N):
-        raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 1..7-bit weight with N a "
+        raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 1..8-bit weight with N a "
                          f"multiple of 64 x consumers (2 or 4) and K, group multiples of 64 (got {x.dtype} "
                          f"x, {packed.fmt} {bits}-bit, N {N}, K {K}, G {G}, consumers {nc})")
     sms = _num_sms(x.device)

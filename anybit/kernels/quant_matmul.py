@@ -462,7 +462,7 @@ RWS_MIN_M, RWS_MAX_M = 17, 1024
 
 def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the warp-specialized register-A kernel (RWS_AUTO, RWS_MIN_M <= M <=
-    RWS_MAX_M, N a multiple of 128 and its conditions: uniform 1..7 bits, Hopper, bf16 x, TMA alignment)."""
+    RWS_MAX_M, N a multiple of 128 and its conditions: uniform 1..8 bits, Hopper, bf16 x, TMA alignment)."""
     return (RWS_AUTO and RWS_MIN_M <= M <= RWS_MAX_M and packed.out_features % 128 == 0
             and rws_applies(packed, M, x))
 
@@ -555,7 +555,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
     mma.sync kernel, quant_gemv_mma.py, M <= 16), "tma" (the same with the weights through a TMA ring,
     quant_gemv_tma.py, Hopper, 1/2/4 bits), "ra" (wgmma with the weights as a register operand,
     quant_gemm_ra.py, W4), "rws" (the same with a loader warp and two consumer warpgroups,
-    quant_gemm_rws.py, uniform 1..7 bits, N a multiple of 128), "dequant";
+    quant_gemm_rws.py, uniform 1..8 bits, N a multiple of 128), "dequant";
     the block/split/swap keywords override the heuristics (benchmarks); ``use_asm`` (gemv_h2):
     inline PTX (default on CUDA) or plain Triton, ``words_per_asm`` (gemv_h2): words (1 or 2) per
     PTX block, i.e. per float32 conversion; ``fast_dequant`` selects the in-place dequantization
