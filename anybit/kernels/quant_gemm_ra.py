@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import torch
 
-from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, scale_table
+from anybit.kernels.quant_gemm_h2 import _lock_buffer, scale_table
 from anybit.kernels.quant_gemm_wg import wg_applies
 from anybit.kernels.quant_gemv_h2 import _num_sms, k_split
+from anybit.kernels.ra_slices import lane_operand, slices_asm
 from anybit.quant.format import PackedWeight
 
 try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use the other paths
@@ -56,6 +57,7 @@ try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use the
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from anybit.kernels.quant_gemm_wg import _issue_tile, _store_tile, _tile_cols
+    from anybit.kernels.ra_slices import _quad_layout
 except ImportError:  # pragma: no cover
     gluon = None
 
@@ -63,44 +65,22 @@ RA_BITS = (4,)  # widths of this path (the byte-per-quad-lane extraction is W4's
 
 
 def _ra_asm(bits: int = 4) -> str:
-    """PTX for one (word, quad lane) of a W4 tile: inputs ``$2`` = the word (codes j at bits [4j,
-    4j + 4)), ``$3`` = the prmt selector of lane q (``_ra_selector``), ``$4`` = half2 (s, s),
-    ``$5`` = half2 ((8 - z) s, ...) in bf16 bits; outputs ``$0, $1`` = the bf16 weights
-    ``s (q_j - 8) + (8 - z) s`` of codes j = 2q and 2q + 1, each rounded once."""
+    """PTX for one (word, quad lane) of a W4 tile (ra_slices.slices_asm(4), shared with quant_gemm_rws):
+    inputs ``$2`` = the word (codes j at bits [4j, 4j + 4)), ``$3`` = the prmt selector of lane q
+    (``_ra_selector``), ``$4`` = half2 (s, s), ``$5`` = half2 ((8 - z) s, ...) in bf16 bits; outputs ``$0,
+    $1`` = the bf16 weights ``s (q_j - 8) + (8 - z) s`` of codes j = 2q and 2q + 1, each rounded once."""
     assert bits == 4, bits
-    return "\n".join([
-        "{", ".reg .b32 t, u, k0, k1;",
-        "shr.u32 u, $2, 4;",
-        "prmt.b32 t, $2, u, $3;",  # bytes 0, 2 = byte q of the word and of word >> 4
-        "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;",  # (128 + q_2q, 128 + q_2q+1)
-        f"mov.b32 k0, {_half2(1.0, True)};", f"mov.b32 k1, {_half2(-136.0, True)};",
-        "fma.rn.bf16x2 t, t, k0, k1;",  # q - 8, exact
-        "fma.rn.bf16x2 t, t, $4, $5;",  # s (q - 8) + (8 - z) s, rounded once
-        "mov.b32 {$0, $1}, t;", "}"])
+    return slices_asm(4)
 
 
 def _ra_selector(q: int) -> int:
     """prmt selector of quad lane q: result bytes 0, 1 <- byte q of the word, bytes 2, 3 <- byte q
-    of the word >> 4 (the second source's bytes are numbered 4..7)."""
-    return q * 0x11 + (q + 4) * 0x1100
+    of the word >> 4 (ra_slices.lane_operand)."""
+    return lane_operand(4, q)
 
 
 if gluon is not None:
     _RA_ASM4: gl.constexpr = gl.constexpr(_ra_asm(4))
-
-    @gluon.constexpr_function
-    def _quad_layout(rows, cols, num_warps):
-        """Layout of ``[rows word rows (K / 8), cols weight rows, 4 quad lanes]`` matching the wgmma
-        register-A operand ``[cols, 8 rows]`` on num_warps (4 or 8: one or two warpgroups; probed with
-        ``gl.to_linear_layout``): registers run over the weight row + 8, the word rows and (when each
-        warpgroup has two m64 blocks) the weight row + 16 num_warps; lanes over the quad lane q
-        (bits 0-1) and the weight rows 1, 2, 4; warps over the weight rows 16, 32 (and 64)."""
-        regs = [[0, 8, 0]] + [[1 << i, 0, 0] for i in range(rows.bit_length() - 1)]
-        if cols > 16 * num_warps:
-            regs.append([0, 16 * num_warps, 0])
-        lanes = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
-        warps = [[0, 16, 0], [0, 32, 0]] + ([[0, 64, 0]] if num_warps == 8 else [])
-        return gl.DistributedLinearLayout(regs, lanes, warps, [], [rows, cols, 4])
 
     @gluon.jit
     def _convert_pairs(w, sel, s2, c2, AL: gl.constexpr):

@@ -60,8 +60,7 @@ if gluon is not None:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from anybit.kernels.quant_gemm_ra import _quad_layout
-    from anybit.kernels.ra_slices import _width, convert_slices
+    from anybit.kernels.ra_slices import _quad_layout, _width, convert_slices
 
     LOAD_REGS: gl.constexpr = gl.constexpr(24)  # the loader warp: scalar TMA coordinates only
     # the partial-tile sum: x rows per pass ([64, 64] float32: 32 registers per load) and pieces loaded at

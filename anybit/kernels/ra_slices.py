@@ -125,7 +125,19 @@ except ImportError:  # pragma: no cover
     gluon = None
 
 if gluon is not None:
-    from anybit.kernels.quant_gemm_ra import _quad_layout
+    @gluon.constexpr_function
+    def _quad_layout(rows, cols, num_warps):
+        """Layout of ``[rows word rows (K / 8), cols weight rows, 4 quad lanes]`` matching the wgmma
+        register-A operand ``[cols, 8 rows]`` on num_warps (4 or 8: one or two warpgroups; probed with
+        ``gl.to_linear_layout``): registers run over the weight row + 8, the word rows and (when each
+        warpgroup has two m64 blocks) the weight row + 16 num_warps; lanes over the quad lane q
+        (bits 0-1) and the weight rows 1, 2, 4; warps over the weight rows 16, 32 (and 64)."""
+        regs = [[0, 8, 0]] + [[1 << i, 0, 0] for i in range(rows.bit_length() - 1)]
+        if cols > 16 * num_warps:
+            regs.append([0, 16 * num_warps, 0])
+        lanes = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+        warps = [[0, 16, 0], [0, 32, 0]] + ([[0, 64, 0]] if num_warps == 8 else [])
+        return gl.DistributedLinearLayout(regs, lanes, warps, [], [rows, cols, 4])
 
     _ASM = {b: slices_asm(b) for b in RS_BITS}
     # slices_asm's operands: 2 G bf16 outputs, the words, a lane operand per slice, s2 and c2

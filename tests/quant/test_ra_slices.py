@@ -43,10 +43,9 @@ def test_ptx_gives_each_lanes_codes_of_every_group(bits):
 
 
 def test_w4_block_is_quant_gemm_ra_arithmetic():
-    """At W4 the block is quant_gemm_ra's (same instructions on the same operands: the same bits)."""
-    a, b = rs.slices_asm(4), _ra_asm(4)
-    assert sorted(ln.split()[0] for ln in a.splitlines() if ln[:1] not in "{}.") == \
-        sorted(ln.split()[0] for ln in b.splitlines() if ln[:1] not in "{}.")
-    assert all(rs.lane_operand(4, q) == _ra_selector(q) for q in range(4))
+    """At W4 quant_gemm_ra runs this module's block (one PTX for both kernels: the same bits), with the
+    prmt selector of byte q of the word and of the word >> 4 (bytes 4..7 are the second source's)."""
+    assert _ra_asm(4) == rs.slices_asm(4)
+    assert [_ra_selector(q) for q in range(4)] == [q * 0x11 + (q + 4) * 0x1100 for q in range(4)]
     with pytest.raises(ValueError, match="bits"):
         rs.slices_asm(9)
