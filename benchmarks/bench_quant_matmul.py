@@ -207,6 +207,11 @@ def run_variant(x, pw, kw, out=None):
     (cons_regs, max_regs), or (kw["direct_mma"]) the mma.sync kernel with its own (pdl,
     diag), or (kw["direct_tma"]) its TMA-ring variant with its own (ks, stages, pdl), which
     quant_matmul does not forward."""
+    if kw.get("pending"):
+        kw = {k: v for k, v in kw.items() if k != "pending"}
+        fn = quant_gemv_h2 if kw.pop("direct_h2", False) else quant_gemv_mma
+        kw.pop("direct_mma", None)
+        return fn(x, pw, None, acc=_pending_acc(x, pw), **kw)
     if kw.get("direct_h2"):
         y = out if out is not None else x.new_empty(x.shape[0], pw.out_features)
         return quant_gemv_h2(x, pw, y, **{k: v for k, v in kw.items() if k != "direct_h2"})
@@ -326,6 +331,30 @@ def route_variants(M, b):
     tensor-core, dequantize + cuBLAS): to check the routing of a width at small and mid M."""
     return [("anybit", {}), ("anybit_wg", dict(path="wg")), ("anybit_ws", dict(path="ws")),
             ("anybit_gemm", dict(path="gemm")), ("anybit_dequant", dict(path="dequant"))]
+
+
+_PENDING_ACCS: dict = {}
+
+
+def _pending_acc(x, pw) -> torch.Tensor:
+    """A float32 ``[M, N]`` accumulator per shape for the pending-sum variants (allocated by the
+    warm-up call, before graph capture; never zeroed: the timing does not depend on its values)."""
+    key = (x.shape[0], pw.out_features)
+    if key not in _PENDING_ACCS:
+        _PENDING_ACCS[key] = torch.zeros(key, device=x.device, dtype=torch.float32)
+    return _PENDING_ACCS[key]
+
+
+def m1_variants(M, b):
+    """M = 1 by kernel: the launcher's choice, the packed-half GEMV and the mma.sync kernel writing y,
+    both adding into a pending float32 sum (the decode step's form), and the mma.sync kernel without
+    its split-K ending (DIAG 2: wrong results, timing only)."""
+    v = [("anybit", {}), ("anybit_h2", dict(path="gemv_h2")),
+         ("anybit_h2_acc", dict(direct_h2=True, pending=True))]
+    if b <= 7:
+        v += [("anybit_mma", dict(path="mma")), ("anybit_mma_acc", dict(direct_mma=True, pending=True)),
+              ("anybit_mma_diag2", dict(direct_mma=True, diag=2))]
+    return v
 
 
 def h2_variants(M, b):
@@ -491,7 +520,7 @@ def main_tc(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc", "routes"], default="full")
+    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc", "routes", "m1"], default="full")
     ap.add_argument("--skip-correctness", action="store_true",
                     help="no kernel-vs-dequant checks first (when a run of the same code did them)")
     ap.add_argument("--out", default=None)
@@ -515,8 +544,8 @@ def main() -> int:
     t0 = time.time()
     corr = [] if args.skip_correctness else check_correctness_h2(log) if h2 else check_correctness(log)
     rows = []
-    name = "quant_matmul_h2" if h2 else f"quant_matmul_{args.mode}" if args.mode in ("explore", "routes") \
-        else "quant_matmul"
+    named = args.mode in ("explore", "routes", "m1")
+    name = "quant_matmul_h2" if h2 else f"quant_matmul_{args.mode}" if named else "quant_matmul"
     out = args.out or os.path.join(os.environ.get("OUT", "."), f"{name if h2 else 'quant_matmul'}.json")
 
     def dump():
@@ -543,6 +572,7 @@ def main() -> int:
     for N, K in shapes:
         explore = args.mode == "explore" or (args.explore_shape and f"{N}x{K}" == args.explore_shape)
         variants = h2_variants if h2 else route_variants if args.mode == "routes" else \
+            m1_variants if args.mode == "m1" else \
             explore_variants if explore else full_variants
         rows += bench_shape(N, K, ms, bits, variants, log)
         dump()
@@ -558,7 +588,7 @@ def main() -> int:
         return 0
     print(f"{'shape':>12} {'M':>5} {'method':>28} {'bits':>4} {'us':>8} {'TB/s':>6} {'x cuBLAS':>8}")
     for r in rows:
-        if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or args.mode == "routes":
+        if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or args.mode in ("routes", "m1"):
             print(f"{r['shape']:>12} {r['M']:>5} {r['method']:>28} {r['bits']:>4} {r['time_us']:8.1f} "
                   f"{r['tbps']:6.2f} {r['speedup']:8.2f}")
     return 0
