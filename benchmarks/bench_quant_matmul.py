@@ -357,6 +357,16 @@ def m1_variants(M, b):
     return v
 
 
+def h2_split_variants(M, b):
+    """The packed-half GEMV writing y at M = 1 by BLOCK_N and split-K (None: its one-wave rule), against
+    the launcher's choice: how much of its time is the split-K ending."""
+    v = [("anybit", {})]
+    for bn in (32, 64, 128, 256):
+        for sk in (None, 1, 2, 4, 8):
+            v.append((f"anybit_h2_bn{bn}_sk{sk or 'auto'}", dict(direct_h2=True, block_n=bn, split_k=sk)))
+    return v
+
+
 def h2_variants(M, b):
     """The run of the packed-half GEMV: launcher choice plus the old GEMV and the h2 alternatives."""
     v = [("anybit", {})]
@@ -520,7 +530,8 @@ def main_tc(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc", "routes", "m1"], default="full")
+    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc", "routes", "m1", "h2split"],
+                    default="full")
     ap.add_argument("--skip-correctness", action="store_true",
                     help="no kernel-vs-dequant checks first (when a run of the same code did them)")
     ap.add_argument("--out", default=None)
@@ -544,7 +555,7 @@ def main() -> int:
     t0 = time.time()
     corr = [] if args.skip_correctness else check_correctness_h2(log) if h2 else check_correctness(log)
     rows = []
-    named = args.mode in ("explore", "routes", "m1")
+    named = args.mode in ("explore", "routes", "m1", "h2split")
     name = "quant_matmul_h2" if h2 else f"quant_matmul_{args.mode}" if named else "quant_matmul"
     out = args.out or os.path.join(os.environ.get("OUT", "."), f"{name if h2 else 'quant_matmul'}.json")
 
@@ -572,7 +583,7 @@ def main() -> int:
     for N, K in shapes:
         explore = args.mode == "explore" or (args.explore_shape and f"{N}x{K}" == args.explore_shape)
         variants = h2_variants if h2 else route_variants if args.mode == "routes" else \
-            m1_variants if args.mode == "m1" else \
+            m1_variants if args.mode == "m1" else h2_split_variants if args.mode == "h2split" else \
             explore_variants if explore else full_variants
         rows += bench_shape(N, K, ms, bits, variants, log)
         dump()
@@ -588,7 +599,8 @@ def main() -> int:
         return 0
     print(f"{'shape':>12} {'M':>5} {'method':>28} {'bits':>4} {'us':>8} {'TB/s':>6} {'x cuBLAS':>8}")
     for r in rows:
-        if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or args.mode in ("routes", "m1"):
+        every = args.mode in ("routes", "m1", "h2split")
+        if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or every:
             print(f"{r['shape']:>12} {r['M']:>5} {r['method']:>28} {r['bits']:>4} {r['time_us']:8.1f} "
                   f"{r['tbps']:6.2f} {r['speedup']:8.2f}")
     return 0
