@@ -959,7 +959,9 @@ def h2_config(bits: int, N: int, K: int, zfold: bool, acc: bool = False) -> tupl
     128 (95); W2 / W4 at 256: 3.04 / 3.07. ``acc`` (pending sums, no ordered split-K ending; H100
     s9-8, W4 batch-1 decode graph): 4-bit down_proj-like shapes take 256 (graph 2.138 -> 2.057 ms;
     64 gave 2.065, 128 was the slowest); gate_up 256 (512 / 128 slower), qkv / o_proj 512 (256 level,
-    128 slower) unchanged."""
+    128 slower) unchanged. W8 writing y (no ``acc``) on the MLP shapes: BLOCK_N 32 with the one-wave
+    split (H100 s22-2, quant_matmul_h2split_s22_2: 4096x14336 / 14336x4096 26.1 / 26.5 us against 28.6 / 29.5
+    at 128; 64 and 256 were slower; 6144x4096 level at 32 and 512)."""
     small, huge = N <= 8192 and K <= 8192, N >= 65536
     if bits in H2_SLICE_BITS:  # two-slice widths (device call 5, H100, quant_matmul_h2.json)
         if huge:
@@ -970,6 +972,8 @@ def h2_config(bits: int, N: int, K: int, zfold: bool, acc: bool = False) -> tupl
     if zfold:
         if huge and bits in (2, 8):
             return 256, 8
+        if bits == 8 and not small and not acc:  # H100 s22-2: 26.1 / 26.5 against 28.6 / 29.5 us at 128
+            return 32, 4
         if bits == 4:
             return (128 if N <= 4096 < K and not acc else 256), 4
         return (512 if small else 256 if bits == 2 else 128), 4

@@ -456,14 +456,23 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 #   needs a bf16 scratch copy of the weights.
 # W8 (s21-3 against the s21-2 matrix): M 64 1.47 / 1.37 / 1.12 against 1.10 / 0.94 / 0.73, M 256 0.90 / 0.82 /
 # 0.67 against 0.56 / 0.57 / 0.52.
+# M 9..16 where the mma.sync kernel is not chosen (too few K tiles per program: small K, e.g. 6144x4096) and
+# the width has no wgmma kernel (not 2/4/8 bits), i.e. the alternative is the Triton GEMM: rws from
+# RWS_SLICED_MIN_M (H100 s21-6, quant_matmul_rws_small_m_ab_s21_6, 6144x4096 M 16, x cuBLAS: W3 1.13 against
+# 1.03, W5 1.10 against 0.95, W6 1.04 against 0.93).
 RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
 RWS_MIN_M, RWS_MAX_M = 17, 1024
+RWS_SLICED_MIN_M = 9
+WG_WIDTHS = (2, 4, 8)  # widths with a wgmma (wg / ws) kernel
 
 
 def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the warp-specialized register-A kernel (RWS_AUTO, RWS_MIN_M <= M <=
-    RWS_MAX_M, N a multiple of 128 and its conditions: uniform 1..8 bits, Hopper, bf16 x, TMA alignment)."""
-    return (RWS_AUTO and RWS_MIN_M <= M <= RWS_MAX_M and packed.out_features % 128 == 0
+    RWS_MAX_M, or from RWS_SLICED_MIN_M for widths without a wgmma kernel; N a multiple of 128 and its
+    conditions: uniform 1..8 bits, Hopper, bf16 x, TMA alignment). The launcher asks only where the mma.sync
+    kernel was not chosen."""
+    low = RWS_SLICED_MIN_M if packed.bits not in WG_WIDTHS else RWS_MIN_M
+    return (RWS_AUTO and low <= M <= RWS_MAX_M and packed.out_features % 128 == 0
             and rws_applies(packed, M, x))
 
 

@@ -137,12 +137,15 @@ def test_register_a_routing(monkeypatch, bits, M, want):
 @pytest.mark.parametrize("bits,M,N,want", [(4, 16, 256, False), (4, 17, 256, True), (4, 1024, 256, True),
                                            (4, 1025, 256, False), (4, 128, 192, False), (8, 128, 256, True),
                                            (2, 128, 256, True), (3, 64, 256, True), (6, 1024, 256, True),
-                                           (7, 17, 256, True), (1, 300, 256, True), (5, 16, 256, False)])
+                                           (7, 17, 256, True), (1, 300, 256, True), (5, 16, 256, True),
+                                           (5, 8, 256, False), (3, 9, 256, True), (4, 9, 256, False),
+                                           (8, 16, 256, False)])
 def test_register_a_ws_routing(monkeypatch, bits, M, N, want):
     """"auto" takes the warp-specialized register-A kernel (quant_gemm_rws) for 1..8 bits at
     RWS_MIN_M..RWS_MAX_M (17..1024) rows, where N is a multiple of 128 (two 64-row halves per tile) and the
     Gluon conditions hold (stubbed here, the width check kept). Above, dequantize + cuBLAS wins (s20-11);
-    at M <= 16 the mma.sync kernels stay (s21-6)."""
+    at M <= 16 the mma.sync kernels stay (s21-6) where they apply (the launcher asks rws only after them),
+    and from M 9 rws is preferred to the Triton GEMM for widths without a wgmma kernel (not 2/4/8 bits)."""
     from anybit.kernels import quant_gemm_rws
     from anybit.kernels import quant_matmul as qm
     from anybit.quant.format import PackedWeight
