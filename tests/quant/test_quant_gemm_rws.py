@@ -132,11 +132,13 @@ def test_rws_vs_reference_and_ra(group, M):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 7, 8])
-@pytest.mark.parametrize("M,group,kw", [(40, 64, {}), (130, 128, {}), (300, 64, {}),
-                                        (64, 128, dict(programs=7)), (200, 128, dict(block_m=256, stages=2))])
+@pytest.mark.parametrize("M,group,kw", [(12, 128, {}), (16, 64, {}), (40, 64, {}), (130, 128, {}),
+                                        (300, 64, {}), (64, 128, dict(programs=7)),
+                                        (200, 128, dict(block_m=256, stages=2))])
 def test_rws_sliced_widths(bits, M, group, kw):
     """Every width of 1..8 bits (their slices converted in registers, ra_slices): against ref_quant_matmul,
-    whole tiles and stream-K pieces, BLOCK_M 64-256; a repeated call gives the same bits."""
+    whole tiles and stream-K pieces, BLOCK_M 64-256, M 12-16 (routed here for widths without a wgmma
+    kernel where the mma.sync kernel is not chosen); a repeated call gives the same bits."""
     g = torch.Generator().manual_seed(bits * 1000 + M)
     pw = rtn_quantize(torch.randn(384, 1152, generator=g), QuantSpec(bits, group, "uniform")).to("cuda")
     x = torch.randn(M, 1152, device="cuda", dtype=torch.bfloat16)

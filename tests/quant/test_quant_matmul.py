@@ -85,7 +85,7 @@ def test_input_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [1, 7, 64, 300])
+@pytest.mark.parametrize("M", [1, 7, 12, 64, 300])
 def test_gpu_half_inputs(dtype, M):
     for bits in (2, 3, 4, 8):
         pw = _packed(512, 1024, bits, 128, seed=bits)
