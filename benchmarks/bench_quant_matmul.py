@@ -354,7 +354,14 @@ def m1_variants(M, b):
     if b <= 7:
         v += [("anybit_mma", dict(path="mma")), ("anybit_mma_acc", dict(direct_mma=True, pending=True)),
               ("anybit_mma_diag2", dict(direct_mma=True, diag=2))]
+        if DIAG_LOOP:  # the loop without the weight stream (diag 4) and without the ending too (6)
+            v += [("anybit_mma_diag4", dict(direct_mma=True, diag=4)),
+                  ("anybit_mma_diag6", dict(direct_mma=True, diag=6)),
+                  ("anybit_mma_diag7", dict(direct_mma=True, diag=7))]
     return v
+
+
+DIAG_LOOP = os.environ.get("BENCH_DIAG_LOOP", "0") == "1"
 
 
 def h2_split_variants(M, b):

@@ -451,8 +451,9 @@ if gluon is not None:
         memory instead (SPLIT off, no workspace). PDL: the first two tiles' weights are requested
         before waiting for the previous kernel (which may write x). DIAG (benchmarks only, wrong
         results): bit 0 reuses the first x tile for every tile (no x load in the loop), bit 1 stores
-        the partials without the split-K sum. ACC: every program adds its partial into the float32
-        accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py).
+        the partials without the split-K sum, bit 2 loads the first tile's words for every tile (cache
+        hits: the loop's own cost without the weight stream). ACC: every program adds its partial into the
+        float32 accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py).
 
         WB, WC (widths of a second and third slice, 0 = none; anybit/quant/format.py: 3 = 2+1, 5 = 4+1,
         6 = 4+2, 7 = 4+2+1): the code is ``q = q0 + 2^W0 qb + 2^(W0+WB) qc``, so ``s (q - z)`` = ``s ((q0
@@ -563,6 +564,8 @@ if gluon is not None:
             for i in range(n_iters):
                 k0 = k_start + i * SK
                 k2 = k_start + gl.minimum(i + 2, n_iters - 1) * SK  # past the end: reload the last tile
+                if DIAG & 4:  # every tile's words are the first tile's (cache hits): the loop without DRAM
+                    k2 = k_start
                 w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW)
                 if WB > 0:
                     wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
