@@ -47,44 +47,30 @@ MMA_BITS = tuple(b for b, parts in SLICES.items() if all(w in MMA_SLICE_BITS for
 MMA_MAX_M = 16
 
 
-def _mma_asm(bits: int, shift: int = 0) -> str:
+def _mma_asm(bits: int) -> str:
     """PTX for one word of a b-bit slice (b in 1/2/4): inputs ``$P`` = the word, ``$P+1`` = bf16
-    ``-(128 + z)`` (z the column's integer zero point); outputs ``$0..$P-1`` = bf16 ``(q - z) 2^shift``
+    ``-(128 + z)`` (z the column's integer zero point); outputs ``$0..$P-1`` = bf16 ``q - z``
     (exact) of the codes in pair order: output 2 p + h is code p + h P / 2 (the two halves of one
-    bf16x2). Per pair: ``lop3 (w >> r & mask) | 0x4300`` = 128 + q 2^(f b) (fields of <= 7 bits,
-    ``_pair_layout``), one ``fma`` by 2^(shift - f b) with ``-(128 2^(-f b) + z) 2^shift``, computed
-    once per field position f (none for f = 0 without a shift). ``shift``: a higher slice's place in
-    the code (its weight 2^shift goes into the conversion, so it multiplies the same x as the first)."""
+    bf16x2). Per pair: ``lop3 (w >> shift & mask) | 0x4300`` = 128 + q 2^(f b) (fields of <= 7
+    bits, ``_pair_layout``), one ``fma`` by 2^(-f b) with ``-(128 2^(-f b) + z)``."""
     P = 32 // bits
     w, zh = f"${P}", f"${P + 1}"
-    lines = ["{", ".reg .b32 t, u, z0, k;", f"mov.b32 z0, {{{zh}, {zh}}};"]
-    adds = {}  # field position -> register of -(128 2^(-f b) + z) 2^shift
-
-    def addend(f: int) -> str:
-        if f in adds:
-            return adds[f]
-        sc = 2.0 ** (-f * bits)
-        if not f and not shift:
-            adds[f] = "z0"
-            return "z0"
-        # -(128 sc + z) 2^shift = (-(128 + z) + 128 (1 - sc)) 2^shift: exact in bf16
-        reg = f"c{f}"
-        lines.extend([f".reg .b32 {reg};", f"mov.b32 k, {_half2(2.0 ** shift, True)};",
-                      f"mov.b32 {reg}, {_half2(128.0 * (1.0 - sc) * 2.0 ** shift, True)};",
-                      f"fma.rn.bf16x2 {reg}, z0, k, {reg};"])
-        adds[f] = reg
-        return reg
-
+    lines = ["{", ".reg .b32 t, u, z0, k, c;", f"mov.b32 z0, {{{zh}, {zh}}};"]
     for p in range(P // 2):
-        r, f = _pair_layout(bits, p, True)
+        shift, f = _pair_layout(bits, p, True)
         mask = ((1 << bits) - 1) << (f * bits)
         src = w
-        if r:
-            lines.append(f"shr.u32 u, {w}, {r};")
+        if shift:
+            lines.append(f"shr.u32 u, {w}, {shift};")
             src = "u"
-        c = addend(f)
         lines.append(f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;")
-        lines += [f"mov.b32 k, {_half2(2.0 ** (shift - f * bits), True)};", f"fma.rn.bf16x2 t, t, k, {c};"]
+        sc = 2.0 ** (-f * bits)
+        if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
+            lines += [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
+                      "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};",
+                      "fma.rn.bf16x2 t, t, k, c;"]
+        else:
+            lines += [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
         lines.append(f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;")
     return "\n".join(lines + ["}"])
 
@@ -95,14 +81,9 @@ if gluon is not None:
 
     from anybit.kernels.quant_gemm_wg import _join8, _store_tile, _words_tile
 
-    # (slice width, place in the code) of the slices of 1..7 bits (anybit.quant.format.SLICES)
-    _MMA_ASM = {(b, sh): _mma_asm(b, sh)
-                for b, sh in ((1, 0), (2, 0), (4, 0), (1, 2), (1, 4), (2, 4), (1, 6))}
-
-    @gluon.constexpr_function
-    def _mma_asm_of(bits, shift):
-        """The conversion PTX of a b-bit slice at bit ``shift`` of the code (the slices of 1..7 bits)."""
-        return _MMA_ASM[(int(bits), int(shift))]
+    _MMA_ASM1: gl.constexpr = gl.constexpr(_mma_asm(1))
+    _MMA_ASM2: gl.constexpr = gl.constexpr(_mma_asm(2))
+    _MMA_ASM4: gl.constexpr = gl.constexpr(_mma_asm(4))
 
     @gluon.constexpr_function
     def _cga(cluster):
@@ -225,13 +206,16 @@ if gluon is not None:
         return gl.reshape(xt, [BM, BK])
 
     @gluon.jit
-    def _x_operand(ptrs, mask, BL: gl.constexpr, W0: gl.constexpr):
-        """The x^T tile ``[BK, BM]`` (rows >= M as 0) relabeled into the MMA's B operand layout."""
-        return _x_from_tile(gl.load(ptrs, mask=mask, other=0.0), BL, W0)
+    def _x_operand(ptrs, mask, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
+        """The x^T tile ``[BK, BM]`` (rows >= M as 0) relabeled into the MMA's B operand layout,
+        times SCALE (a power of two: exact; the weight of a higher slice's codes)."""
+        return _x_from_tile(gl.load(ptrs, mask=mask, other=0.0), BL, W0, SCALE)
 
     @gluon.jit
-    def _x_from_tile(xt, BL: gl.constexpr, W0: gl.constexpr):
+    def _x_from_tile(xt, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
         """``_x_operand`` of a loaded x^T tile (``_x_layout`` for the slice width W0)."""
+        if SCALE != 1.0:
+            xt = (xt.to(gl.float32) * SCALE).to(gl.bfloat16)
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
 
     @gluon.jit
@@ -361,28 +345,27 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(gl.join(lo, hi), [zw.shape[0] * 2]), L)
 
     @gluon.jit
-    def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, SHIFT: gl.constexpr = 0):
-        """Exact bf16 ``(q - z) 2^SHIFT`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]``
-        (SHIFT: a higher slice's place in the code)."""
+    def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr):
+        """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]``."""
         zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
         zb, _ = gl.broadcast(zb, w)
         w = _relabel_cols(w)
         zb = _relabel_cols(zb)
         if W0 == 4:
             o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-                _mma_asm_of(4, SHIFT), "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.bfloat16,) * 8,
-                is_pure=True, pack=1)
+                _MMA_ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.bfloat16,) * 8, is_pure=True,
+                pack=1)
             v = _join8(o0, o1, o2, o3, o4, o5, o6, o7)
         elif W0 == 1:
-            o = gl.inline_asm_elementwise(_mma_asm_of(1, SHIFT), "=h," * 32 + "r,h", [w, zb],
-                                          dtype=(gl.bfloat16,) * 32, is_pure=True, pack=1)
+            o = gl.inline_asm_elementwise(_MMA_ASM1, "=h," * 32 + "r,h", [w, zb], dtype=(gl.bfloat16,) * 32,
+                                          is_pure=True, pack=1)
             v = gl.join(gl.join(_join8(o[0], o[4], o[8], o[12], o[16], o[20], o[24], o[28]),
                                 _join8(o[2], o[6], o[10], o[14], o[18], o[22], o[26], o[30])),
                         gl.join(_join8(o[1], o[5], o[9], o[13], o[17], o[21], o[25], o[29]),
                                 _join8(o[3], o[7], o[11], o[15], o[19], o[23], o[27], o[31])))
         else:
             o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = gl.inline_asm_elementwise(
-                _mma_asm_of(2, SHIFT), "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb],
+                _MMA_ASM2, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb],
                 dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
             v = gl.join(_join8(o0, o2, o4, o6, o8, o10, o12, o14), _join8(o1, o3, o5, o7, o9, o11, o13, o15))
         a = _words_tile(v, w.shape[0], 128, 32 // W0)
@@ -474,10 +457,8 @@ if gluon is not None:
 
         WB, WC (widths of a second and third slice, 0 = none; anybit/quant/format.py: 3 = 2+1, 5 = 4+1,
         6 = 4+2, 7 = 4+2+1): the code is ``q = q0 + 2^W0 qb + 2^(W0+WB) qc``, so ``s (q - z)`` = ``s ((q0
-        - z) + 2^W0 qb + ...)``: each slice is unpacked on its own (zero point on the first only) times
-        2^shift (its place in the code; exact, in the conversion's fma) and multiplied by its own
-        relabeling of x in one MMA chain per tile (s22: x scaled by 2^shift cost ~3 instructions per x
-        element per tile and slice).
+        - z) + 2^W0 qb + ...)``: each slice is unpacked on its own (zero point on the first only) and
+        multiplied by its own relabeled copy of x times 2^shift (exact) in one MMA chain per tile.
 
         KS > 1 (K split inside the program, for M <= MR with KS MR <= BLOCK_M): the 128 MMA rows are
         CW = 128 / KS output columns x KS chunks of BLOCK_K consecutive K, and MMA column kr MR + m is x
@@ -609,20 +590,22 @@ if gluon is not None:
                     xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
                 zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
                 part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
-                if WB > 0:  # its weight 2^W0 is in the conversion: x as it is
+                if WB > 0:
                     if XS > 0 or XW > 0:
-                        xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB)
+                        xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB,
+                                           1 << W0)
                     else:
-                        xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB)
-                    part = mma_v2(_unpack_tile(wb, zb0, AL, WB, W0), xbb, part)
+                        xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
+                    part = mma_v2(_unpack_tile(wb, zb0, AL, WB), xbb, part)
                     wb = wb1
                     wb1 = wb2
                 if WC > 0:
                     if XS > 0 or XW > 0:
-                        xbc = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)), BL, WC)
+                        xbc = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WC, CLUSTER)), BL, WC,
+                                           1 << (W0 + WB))
                     else:
-                        xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC)
-                    part = mma_v2(_unpack_tile(wc, zc0, AL, WC, W0 + WB), xbc, part)
+                        xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC, 1 << (W0 + WB))
+                    part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
                     wc = wc1
                     wc1 = wc2
                 acc += part * sr.to(gl.float32)[:, None]
