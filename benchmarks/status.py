@@ -39,10 +39,10 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
     return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
-# s21-2: every width and M on the layer shapes, launcher's choice (M 17..1024: quant_gemm_rws for 1..8 bits);
-# lm_head: W4 from s20-6 (rws), the other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (their
-# routes did not change)
-QM = ("quant_matmul_s21_2", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
+# s22-8: every width and M on the layer shapes, launcher's choice (M 17..1024: quant_gemm_rws for 1..8 bits;
+# W3/5/6 at M 9..16 on 6144x4096: rws; W8 M 1: BLOCK_N 32); lm_head: W4 from s20-6 (rws), the other widths
+# at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (their routes did not change)
+QM = ("quant_matmul_s22_8", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
       "quant_matmul_s16_lm_head")
 DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
 E2E = ("e2e_w4_s16_final",)
