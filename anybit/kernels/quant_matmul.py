@@ -496,6 +496,7 @@ MMA_M1_BITS = (7,)
 # 4096x14336 / 14336x4096 / 6144x4096, W2 12.3 / 11.5 / 6.3 against 14.5 / 14.0 / 7.6; W3, W5 and W6
 # were level or faster on the GEMV. With pending sums (float atomics, no split-K ending: the decode
 # step) the GEMV stays: W4 batch-1 decode 453.2 tok/s against 435.1 with this kernel (s11-2).
+# s22-1 (quant_matmul_m1_s22_1) again: W3 mma 18.3 / 18.2 / 9.9 us against the GEMV's 16.6 / 15.9 / 9.3.
 # ANYBIT_MMA_M1_KS=0: off.
 MMA_M1_KS_BITS = (1, 2, 4)
 MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
