@@ -364,6 +364,20 @@ def m1_variants(M, b):
 DIAG_LOOP = os.environ.get("BENCH_DIAG_LOOP", "0") == "1"
 
 
+def small_k_variants(M, b):
+    """M 9..16 on shapes with few K tiles per program (qkv, o_proj): the launcher's choice against the
+    mma.sync kernel by split-K (its rule skips it below 8 K tiles per program), its TMA-ring variant (1/2/4
+    bits), rws and the wgmma kernel (2/4/8 bits)."""
+    v = [("anybit", {}), ("anybit_rws", dict(path="rws"))]
+    if b in (2, 4, 8):
+        v.append(("anybit_wg", dict(path="wg")))
+    if b <= 7:
+        v += [(f"anybit_mma_sk{sk}", dict(direct_mma=True, split_k=sk)) for sk in (1, 2, 4, 8)]
+    if b in (1, 2, 4):
+        v += [(f"anybit_tma_sk{sk}", dict(direct_tma=True, split_k=sk)) for sk in (1, 2, 4, 8)]
+    return v
+
+
 def h2_split_variants(M, b):
     """The packed-half GEMV writing y at M = 1 by BLOCK_N and split-K (None: its one-wave rule), against
     the launcher's choice: how much of its time is the split-K ending."""
@@ -537,7 +551,7 @@ def main_tc(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc", "routes", "m1", "h2split"],
+    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc", "routes", "m1", "h2split", "smallk"],
                     default="full")
     ap.add_argument("--skip-correctness", action="store_true",
                     help="no kernel-vs-dequant checks first (when a run of the same code did them)")
@@ -562,7 +576,7 @@ def main() -> int:
     t0 = time.time()
     corr = [] if args.skip_correctness else check_correctness_h2(log) if h2 else check_correctness(log)
     rows = []
-    named = args.mode in ("explore", "routes", "m1", "h2split")
+    named = args.mode in ("explore", "routes", "m1", "h2split", "smallk")
     name = "quant_matmul_h2" if h2 else f"quant_matmul_{args.mode}" if named else "quant_matmul"
     out = args.out or os.path.join(os.environ.get("OUT", "."), f"{name if h2 else 'quant_matmul'}.json")
 
@@ -591,6 +605,7 @@ def main() -> int:
         explore = args.mode == "explore" or (args.explore_shape and f"{N}x{K}" == args.explore_shape)
         variants = h2_variants if h2 else route_variants if args.mode == "routes" else \
             m1_variants if args.mode == "m1" else h2_split_variants if args.mode == "h2split" else \
+            small_k_variants if args.mode == "smallk" else \
             explore_variants if explore else full_variants
         rows += bench_shape(N, K, ms, bits, variants, log)
         dump()
@@ -606,7 +621,7 @@ def main() -> int:
         return 0
     print(f"{'shape':>12} {'M':>5} {'method':>28} {'bits':>4} {'us':>8} {'TB/s':>6} {'x cuBLAS':>8}")
     for r in rows:
-        every = args.mode in ("routes", "m1", "h2split")
+        every = args.mode in ("routes", "m1", "h2split", "smallk")
         if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or every:
             print(f"{r['shape']:>12} {r['M']:>5} {r['method']:>28} {r['bits']:>4} {r['time_us']:8.1f} "
                   f"{r['tbps']:6.2f} {r['speedup']:8.2f}")
