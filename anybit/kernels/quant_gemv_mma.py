@@ -664,10 +664,15 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 8 and integer_zeros(packed)
 
 
-MMA_PROGRAMS_PER_SM = {8: 4, 16: 3}  # programs per SM assumed by the split count, by BLOCK_M (see below)
+# Programs per SM assumed by the split count, by BLOCK_M: what the registers allow (offline sm_90, s22:
+# 124-128 at BLOCK_M 8; 222-228 at BLOCK_M 16 for W2/3/4/6/7, so 2 fit, not the 3 assumed before). With 3,
+# 6144x4096 at M 9-16 took split 8 (384 programs, two waves on 264 slots) and lost to the wgmma kernel; at
+# split 4 (one wave) it wins (H100 s22-10, quant_matmul_smallk_s22_10, M 16 us: W4 12.8 against 15.3, W3
+# 15.6 against 20.7, W6 17.2 against 22.2). The larger shapes keep their splits.
+MMA_PROGRAMS_PER_SM = {8: 4, 16: 2}
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
 # 224 (BLOCK_M 16) registers (offline sm_90; the epilogue sets the peak), so 2 programs of BLOCK_M 16
-# fit per SM, not the 3 the split count assumes. Fewer loads (2: 160 registers) or a 128-register cap
+# fit per SM (the split count assumed 3 until s22). Fewer loads (2: 160 registers) or a 128-register cap
 # (4 per SM) were *slower* on the H100 (s15-8, quant_matmul_mma_m16_s15_8; W4 M 9-16 on 4096x14336
 # 24.3-26.2 / 27.3-32.7 against 22.4-24.9 us, W3 M 16 42.8 against 30.7): with fewer registers ptxas
 # schedules the loop's loads less far ahead. Only 6144x4096 (split 8, where "auto" takes the wgmma

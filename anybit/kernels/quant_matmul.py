@@ -500,7 +500,12 @@ MMA_M1_BITS = (7,)
 # ANYBIT_MMA_M1_KS=0: off.
 MMA_M1_KS_BITS = (1, 2, 4)
 MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
-MMA_MIN_TILES_M16 = 8  # K tiles per program below which M 9..16 keeps the other paths
+# K tiles per program below which M 9..16 keeps the other paths. It was 8, measured when BLOCK_M 16 splits
+# assumed 3 programs per SM and short programs ran in two waves; with the true 2 (s22) 4 tiles per program
+# win on 4096x4096 (H100 s22-10, M 9 / 16 us, mma split 8 against the previous route: W4 9.0 / 10.8 against
+# 11.0 / 11.4, W3 10.6 / 12.5 against 17.7 / 17.1, W6 12.1 / 13.3 against 18.8 / 18.0; W2 M 16 loses, 12.4
+# against 10.8).
+MMA_MIN_TILES_M16 = 4
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:
