@@ -33,7 +33,7 @@ import torch
 from anybit.kernels.quant_gemm_h2 import GEMM_H2_BITS, GEMM_H2_MAX_M, GEMM_H2_MIN_M, quant_gemm_h2
 from anybit.kernels.quant_gemm_ra import quant_gemm_ra, ra_applies
 from anybit.kernels.quant_gemm_rws import quant_gemm_rws, rws_applies
-from anybit.kernels.quant_gemm_wg import quant_gemm_wg, wg_applies
+from anybit.kernels.quant_gemm_wg import WG_BITS, quant_gemm_wg, wg_applies
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws
 from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported for tests)
     _INTERPRET,
@@ -463,7 +463,6 @@ def ra_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 RWS_AUTO = os.environ.get("ANYBIT_RWS", "1") != "0"  # ANYBIT_RWS=0: experiments without it
 RWS_MIN_M, RWS_MAX_M = 17, 1024
 RWS_SLICED_MIN_M = 9
-WG_WIDTHS = (2, 4, 8)  # widths with a wgmma (wg / ws) kernel
 
 
 def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
@@ -471,7 +470,7 @@ def rws_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     RWS_MAX_M, or from RWS_SLICED_MIN_M for widths without a wgmma kernel; N a multiple of 128 and its
     conditions: uniform 1..8 bits, Hopper, bf16 x, TMA alignment). The launcher asks only where the mma.sync
     kernel was not chosen."""
-    low = RWS_SLICED_MIN_M if packed.bits not in WG_WIDTHS else RWS_MIN_M
+    low = RWS_SLICED_MIN_M if packed.bits not in WG_BITS else RWS_MIN_M
     return (RWS_AUTO and low <= M <= RWS_MAX_M and packed.out_features % 128 == 0
             and rws_applies(packed, M, x))
 
