@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from anybit.kernels.quant_gemm_rws import quant_gemm_rws  # noqa: E402
 from anybit.kernels.quant_gemm_ws import quant_gemm_ws  # noqa: E402
 from anybit.kernels.quant_gemv_h2 import quant_gemv_h2  # noqa: E402
-from anybit.kernels.quant_gemv_mma import quant_gemv_mma  # noqa: E402
+from anybit.kernels.quant_gemv_mma import MMA_BITS, quant_gemv_mma  # noqa: E402
 from anybit.kernels.quant_gemv_tma import quant_gemv_tma  # noqa: E402
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul  # noqa: E402
 from anybit.quant.format import PackedWeight, dequantize  # noqa: E402
@@ -351,7 +351,7 @@ def m1_variants(M, b):
     its split-K ending (DIAG 2: wrong results, timing only)."""
     v = [("anybit", {}), ("anybit_h2", dict(path="gemv_h2")),
          ("anybit_h2_acc", dict(direct_h2=True, pending=True))]
-    if b <= 7:
+    if b in MMA_BITS:
         v += [("anybit_mma", dict(path="mma")), ("anybit_mma_acc", dict(direct_mma=True, pending=True)),
               ("anybit_mma_diag2", dict(direct_mma=True, diag=2))]
         if DIAG_LOOP:  # the loop without the weight stream (diag 4) and without the ending too (6)
@@ -362,6 +362,20 @@ def m1_variants(M, b):
 
 
 DIAG_LOOP = os.environ.get("BENCH_DIAG_LOOP", "0") == "1"
+
+
+def w8_variants(M, b):
+    """The mma.sync kernel against the launcher's choice at M 1..16 (W8's float16 MMA, session 23): writing
+    y, and adding into a pending float32 sum; M = 1 also the packed-half GEMV's pending form, M > 1 the
+    wgmma kernel (W8's route before)."""
+    v = [("anybit", {})]
+    if b in MMA_BITS:
+        v += [("anybit_mma", dict(path="mma")), ("anybit_mma_acc", dict(direct_mma=True, pending=True))]
+    if M == 1:
+        v += [("anybit_h2", dict(path="gemv_h2")), ("anybit_h2_acc", dict(direct_h2=True, pending=True))]
+    elif b in (2, 4, 8):
+        v.append(("anybit_wg", dict(path="wg")))
+    return v
 
 
 def small_k_variants(M, b):
@@ -551,8 +565,8 @@ def main_tc(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["full", "explore", "h2", "tc", "routes", "m1", "h2split", "smallk"],
-                    default="full")
+    ap.add_argument("--mode", default="full",
+                    choices=["full", "explore", "h2", "tc", "routes", "m1", "h2split", "smallk", "w8"])
     ap.add_argument("--skip-correctness", action="store_true",
                     help="no kernel-vs-dequant checks first (when a run of the same code did them)")
     ap.add_argument("--out", default=None)
@@ -576,7 +590,7 @@ def main() -> int:
     t0 = time.time()
     corr = [] if args.skip_correctness else check_correctness_h2(log) if h2 else check_correctness(log)
     rows = []
-    named = args.mode in ("explore", "routes", "m1", "h2split", "smallk")
+    named = args.mode in ("explore", "routes", "m1", "h2split", "smallk", "w8")
     name = "quant_matmul_h2" if h2 else f"quant_matmul_{args.mode}" if named else "quant_matmul"
     out = args.out or os.path.join(os.environ.get("OUT", "."), f"{name if h2 else 'quant_matmul'}.json")
 
@@ -605,7 +619,7 @@ def main() -> int:
         explore = args.mode == "explore" or (args.explore_shape and f"{N}x{K}" == args.explore_shape)
         variants = h2_variants if h2 else route_variants if args.mode == "routes" else \
             m1_variants if args.mode == "m1" else h2_split_variants if args.mode == "h2split" else \
-            small_k_variants if args.mode == "smallk" else \
+            small_k_variants if args.mode == "smallk" else w8_variants if args.mode == "w8" else \
             explore_variants if explore else full_variants
         rows += bench_shape(N, K, ms, bits, variants, log)
         dump()
@@ -621,7 +635,7 @@ def main() -> int:
         return 0
     print(f"{'shape':>12} {'M':>5} {'method':>28} {'bits':>4} {'us':>8} {'TB/s':>6} {'x cuBLAS':>8}")
     for r in rows:
-        every = args.mode in ("routes", "m1", "h2split", "smallk")
+        every = args.mode in ("routes", "m1", "h2split", "smallk", "w8")
         if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or every:
             print(f"{r['shape']:>12} {r['M']:>5} {r['method']:>28} {r['bits']:>4} {r['time_us']:8.1f} "
                   f"{r['tbps']:6.2f} {r['speedup']:8.2f}")

@@ -42,19 +42,34 @@ from anybit.kernels.quant_gemm_wg import gluon
 from anybit.kernels.quant_gemv_h2 import _INTERPRET, _num_sms, k_split, zeros_are_codes
 from anybit.quant.format import SLICES, PackedWeight
 
-MMA_SLICE_BITS = (1, 2, 4)  # slice widths whose words fill whole k_width-8 operand rows after relabeling
-MMA_BITS = tuple(b for b, parts in SLICES.items() if all(w in MMA_SLICE_BITS for w in parts))  # 1..7
+MMA_SLICE_BITS = (1, 2, 4, 8)  # slice widths whose words fill whole k_width-8 operand rows after relabeling
+MMA_BITS = tuple(b for b, parts in SLICES.items() if all(w in MMA_SLICE_BITS for w in parts))  # 1..8
 MMA_MAX_M = 16
+# W8 runs the MMA in float16: 1024 + q is exact there (bf16 has 8 significant bits), so a pair of codes
+# costs a prmt and an add. x enters as float16 times 2^-4 (exact for |x| in [2^-10, 2^20); below, float16's
+# subnormal step 2^-20 is finer than bf16's own rounding there), and the partial sums are scaled back by 16.
+MMA_W8_X_SCALE = 0.0625
+# W8's K tile: 64 (a 128-K tile holds 32 words per thread and buffer; offline sm_90 at BLOCK_M 8, M = 1:
+# 108 registers at 64, 128 plus a stack frame at 128).
+MMA_W8_BLOCK_K = 64
 
 
 def _mma_asm(bits: int) -> str:
-    """PTX for one word of a b-bit slice (b in 1/2/4): inputs ``$P`` = the word, ``$P+1`` = bf16
+    """PTX for one word of a b-bit slice (b in 1/2/4/8): inputs ``$P`` = the word, ``$P+1`` = bf16
     ``-(128 + z)`` (z the column's integer zero point); outputs ``$0..$P-1`` = bf16 ``q - z``
     (exact) of the codes in pair order: output 2 p + h is code p + h P / 2 (the two halves of one
     bf16x2). Per pair: ``lop3 (w >> shift & mask) | 0x4300`` = 128 + q 2^(f b) (fields of <= 7
-    bits, ``_pair_layout``), one ``fma`` by 2^(-f b) with ``-(128 2^(-f b) + z)``."""
+    bits, ``_pair_layout``), one ``fma`` by 2^(-f b) with ``-(128 2^(-f b) + z)``. b = 8: float16
+    throughout (``$5`` = f16 ``1024 + z``): ``prmt`` puts bytes p and p + 2 under the exponent
+    byte 0x64 (1024 + q, exact), one ``sub`` gives q - z."""
     P = 32 // bits
     w, zh = f"${P}", f"${P + 1}"
+    if bits == 8:
+        lines = ["{", ".reg .b32 t, z0;", f"mov.b32 z0, {{{zh}, {zh}}};"]
+        for p in range(2):
+            lines += [f"prmt.b32 t, {w}, 0x64646464, 0x{0x4240 + 0x101 * p:04X};", "sub.f16x2 t, t, z0;",
+                      f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;"]
+        return "\n".join(lines + ["}"])
     lines = ["{", ".reg .b32 t, u, z0, k, c;", f"mov.b32 z0, {{{zh}, {zh}}};"]
     for p in range(P // 2):
         shift, f = _pair_layout(bits, p, True)
@@ -84,6 +99,7 @@ if gluon is not None:
     _MMA_ASM1: gl.constexpr = gl.constexpr(_mma_asm(1))
     _MMA_ASM2: gl.constexpr = gl.constexpr(_mma_asm(2))
     _MMA_ASM4: gl.constexpr = gl.constexpr(_mma_asm(4))
+    _MMA_ASM8: gl.constexpr = gl.constexpr(_mma_asm(8))
 
     @gluon.constexpr_function
     def _cga(cluster):
@@ -116,6 +132,8 @@ if gluon is not None:
             regs, lanes = [1, 2, 4, 8, 16] + [k for k in (128,) if k < block_k], [32, 64]
         elif bits == 2:  # natural K of MMA K bits 1, 2, 4 | 32 | 8, 16 (see _relabel_x)
             regs, lanes = [1, 2, 4, 8] + [k for k in (64, 128) if k < block_k], [16, 32]
+        elif bits == 8:  # natural K of MMA K bits 1, 2, 4 | 8, 16 (lanes) | 32, 64 (see _relabel_x)
+            regs, lanes = [1, 2, 16] + [k for k in (32, 64, 128) if k < block_k], [4, 8]
         else:
             regs, lanes = [1, 2, 4, 32] + [k for k in (64, 128) if k < block_k], [8, 16]
         reg = [[k, 0] for k in regs]
@@ -178,7 +196,11 @@ if gluon is not None:
         order: j2 goes to K bit 5, word-row bits 0-1 to K bits 3-4 (the lanes of k_width 8). W1:
         k' = 32 r + 16 j3 + 8 j2 + (pair-order index of j0 j1 j4) -> j3 j2 to K bits 6, 5, word-row
         bits 0-1 to K bits 3-4, further word rows to K bit 7."""
-        if W0 == 1:
+        if W0 == 8:
+            BK: gl.constexpr = a.shape[1]
+            a = gl.reshape(a, [128, BK // 32, 2, 4, 4])  # r_hi, r2, (r1 r0), (j0 j1)
+            a = gl.reshape(gl.permute(a, (0, 1, 3, 2, 4)), [128, BK])
+        elif W0 == 1:
             BK: gl.constexpr = a.shape[1]
             a = gl.reshape(a, [128, BK // 128, 2, 2, 2, 2, 8])  # r_hi, r1, r0, j3, j2, (j1 j0 j4)
             a = gl.reshape(gl.permute(a, (0, 1, 4, 5, 2, 3, 6)), [128, BK])
@@ -194,7 +216,10 @@ if gluon is not None:
         order (j0 j1 j2 -> bits j2 j0 j1 from low to high); W2 as ``_relabel_a``."""
         BM: gl.constexpr = xt.shape[0]
         BK: gl.constexpr = xt.shape[1]
-        if W0 == 1:  # natural r_hi r1 r0 j4 j3 j2 j1 j0 -> r_hi j3 j2 r1 r0 j1 j0 j4
+        if W0 == 8:  # natural r_hi r2 r1 r0 j1 j0 -> r_hi r1 r0 r2 j0 j1
+            xt = gl.reshape(xt, [BM, BK // 32, 2, 2, 2, 2, 2])
+            xt = gl.permute(xt, (0, 1, 3, 4, 2, 6, 5))
+        elif W0 == 1:  # natural r_hi r1 r0 j4 j3 j2 j1 j0 -> r_hi j3 j2 r1 r0 j1 j0 j4
             xt = gl.reshape(xt, [BM, BK // 128, 2, 2, 2, 2, 2, 2, 2])
             xt = gl.permute(xt, (0, 1, 5, 6, 2, 3, 7, 8, 4))
         elif W0 == 2:  # natural r_hi r1 r0 j3 j2 j1 j0 -> r_hi j2 r1 r0 j1 j0 j3
@@ -213,8 +238,13 @@ if gluon is not None:
 
     @gluon.jit
     def _x_from_tile(xt, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
-        """``_x_operand`` of a loaded x^T tile (``_x_layout`` for the slice width W0)."""
-        if SCALE != 1.0:
+        """``_x_operand`` of a loaded x^T tile (``_x_layout`` for the slice width W0); W0 8: float16
+        times ``MMA_W8_X_SCALE``."""
+        if W0 == 8:  # in PTX: the compiler would otherwise round to float16 before scaling (overflow)
+            xt = gl.inline_asm_elementwise(
+                "{ .reg .f32 f; cvt.f32.bf16 f, $1; mul.rn.f32 f, f, 0f3D800000; cvt.rn.f16.f32 $0, f; }",
+                "=h,h", [xt], dtype=gl.float16, is_pure=True, pack=1)
+        elif SCALE != 1.0:
             xt = (xt.to(gl.float32) * SCALE).to(gl.bfloat16)
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
 
@@ -314,7 +344,14 @@ if gluon is not None:
         """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop."""
         zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
         part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros(acc.shape, gl.float32, MMA))
-        return acc + part * sr.to(gl.float32)[:, None]
+        return acc + part * _group_scale(sr, W0)[:, None]
+
+    @gluon.jit
+    def _group_scale(sr, W0: gl.constexpr):
+        """A tile's scales as float32 factors of its partial sums (W0 8: times 1 / ``MMA_W8_X_SCALE``)."""
+        if W0 == 8:
+            return sr.to(gl.float32) * 16.0
+        return sr.to(gl.float32)
 
     @gluon.jit
     def _tile_zs(z, s, ZW: gl.constexpr, ZL: gl.constexpr, MMA: gl.constexpr):
@@ -346,12 +383,20 @@ if gluon is not None:
 
     @gluon.jit
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr):
-        """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]``."""
-        zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
+        """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
+        float16)."""
+        if W0 == 8:
+            zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
+        else:
+            zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
         zb, _ = gl.broadcast(zb, w)
         w = _relabel_cols(w)
         zb = _relabel_cols(zb)
-        if W0 == 4:
+        if W0 == 8:
+            o0, o1, o2, o3 = gl.inline_asm_elementwise(
+                _MMA_ASM8, "=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+            v = gl.join(gl.join(o0, o2), gl.join(o1, o3))
+        elif W0 == 4:
             o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
                 _MMA_ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.bfloat16,) * 8, is_pure=True,
                 pack=1)
@@ -608,7 +653,7 @@ if gluon is not None:
                     part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
                     wc = wc1
                     wc1 = wc2
-                acc += part * sr.to(gl.float32)[:, None]
+                acc += part * _group_scale(sr, W0)[:, None]
                 w, z, s = w1, z1, s1
                 w1, z1, s1 = w2, z2, s2
         if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
@@ -733,13 +778,14 @@ def mma_rows(M: int) -> int:
 
 
 def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,
-               per_sm: dict | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, split, ks): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64); the
+               per_sm: dict | None = None, bits: int = 4) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, split, ks): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64, and for
+    ``bits`` 8: ``MMA_W8_BLOCK_K``); the
     in-program K split ks (None: at M = 1, doubled while the programs, N ks / 128, all stay resident at
     once and each keeps >= 2 iterations); then split-K across programs doubled the same way.
     ``per_sm``: resident programs per SM by BLOCK_M (default ``MMA_PROGRAMS_PER_SM``)."""
     bm = 8 if M <= 8 else 16
-    bk = 128 if G % 128 == 0 else 64
+    bk = MMA_W8_BLOCK_K if bits == 8 else 128 if G % 128 == 0 else 64
     slots = (per_sm or MMA_PROGRAMS_PER_SM)[bm] * sms
     if ks is None:  # M = 1 only: at M 2..4 it measured level or slower on the H100 (s11-1)
         ks = 1
@@ -826,7 +872,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     sms = _num_sms(x.device)
     cap = max_registers or None
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in (8, 16)} if cap else None
-    bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm)
+    bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits)
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
     xs = (0 if wb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
     if xs not in (0, 2, 3, 4):
@@ -844,7 +890,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"rounded up) <= {bm}, K {K} a multiple of ks x block_k {BK} and the group size {G} "
                          f"a divisor or multiple of it, and no cluster")
     if ks != ks_auto:
-        split = mma_config(M, N, K, G, sms, ks, per_sm)[2]
+        split = mma_config(M, N, K, G, sms, ks, per_sm, bits)[2]
     SK = ks * BK
     per, split = k_split(K // SK, split_k or split)
     xw = x_whole_tiles(per, BK, ks)

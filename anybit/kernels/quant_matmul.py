@@ -398,7 +398,7 @@ WG_WIDE = os.environ.get("ANYBIT_WG_WIDE", "1") != "0"  # 0: the session-10 rule
 
 def wg_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the wgmma kernel (WG_AUTO and the ranges above)."""
-    wide_small_m = M <= 16 and packed.out_features > WG_SMALL_N and (packed.bits in MMA_BITS or not WG_WIDE)
+    wide_small_m = M <= 16 and packed.out_features > WG_SMALL_N and (mma_routes(packed.bits) or not WG_WIDE)
     if not WG_AUTO or M > WG_MAX_M or wide_small_m:
         return False
     return wg_applies(packed, M, x)
@@ -505,20 +505,29 @@ MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
 # 11.0 / 11.4, W3 10.6 / 12.5 against 17.7 / 17.1, W6 12.1 / 13.3 against 18.8 / 18.0; W2 M 16 loses, 12.4
 # against 10.8).
 MMA_MIN_TILES_M16 = 4
+# W8 on the mma.sync kernel (float16 MMA, session 23): off until measured; env ANYBIT_MMA_W8=1 routes it
+# like the other widths.
+MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "0") == "1"
+
+
+def mma_routes(bits: int) -> bool:
+    """Whether "auto" may send this width to the mma.sync kernel at all (W8 only with MMA_W8_AUTO)."""
+    return bits in MMA_BITS and (bits != 8 or MMA_W8_AUTO)
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:
     """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M = 1 and M 9..16 rules
     above, and its applicability); ``pending``: a call that adds into a pending sum
     (anybit/layers/pending.py) rather than writing y."""
-    if MMA_MODE == "0" or not mma_applies(packed, M, x):
+    if MMA_MODE == "0" or not mma_routes(packed.bits) or not mma_applies(packed, M, x):
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and mma_config(
-            1, packed.out_features, packed.in_features, packed.group_size, _num_sms(x.device))[3] > 1
+            1, packed.out_features, packed.in_features, packed.group_size, _num_sms(x.device),
+            bits=packed.bits)[3] > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
-                                      _num_sms(x.device))
+                                      _num_sms(x.device), bits=packed.bits)
         return packed.in_features // (bk * ks) // split >= MMA_MIN_TILES_M16
     return True
 

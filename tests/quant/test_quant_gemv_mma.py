@@ -24,13 +24,22 @@ from anybit.quant.rtn import QuantSpec, rtn_quantize
 CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+def _f16_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.float16).view(torch.int16)[0]) & 0xFFFF
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
     """Output 2 p + h = bf16 bits of ``q_j - z`` for code j = p + h P / 2 of the word (the two
-    halves of one bf16x2 hold codes P / 2 apart)."""
+    halves of one bf16x2 hold codes P / 2 apart); W8: float16 bits, from the zero point as f16
+    ``1024 + z``."""
     P = 32 // bits
     g = torch.Generator().manual_seed(bits)
     asm = mm._mma_asm(bits)
+    if bits == 8:
+        half, zin = _f16_bits, lambda z: _f16_bits(1024.0 + z)
+    else:
+        half, zin = _bf16_bits, lambda z: _bf16_bits(-(128.0 + z))
     for trial in range(60):
         q = torch.randint(0, 2 ** bits, (P,), generator=g).tolist()
         z = int(torch.randint(0, 2 ** bits, (1,), generator=g))
@@ -39,8 +48,8 @@ def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
         elif trial == 1:
             q, z = [0] * P, 2 ** bits - 1
         word = sum(c << (i * bits) for i, c in enumerate(q))
-        got = _emulate_word(asm, word, _bf16_bits(-(128.0 + z)))
-        want = [_bf16_bits(float(q[p + h * P // 2] - z)) for p in range(P // 2) for h in range(2)]
+        got = _emulate_word(asm, word, zin(z))
+        want = [half(float(q[p + h * P // 2] - z)) for p in range(P // 2) for h in range(2)]
         assert got == want, (trial, q, z)
 
 
@@ -95,6 +104,28 @@ def test_sm90_compile_keeps_the_tile_in_registers(bits, bm):
     assert sum(s.startswith("LDG.E.128") for s in lines) >= 4
     assert not any(s.split()[0].startswith(("LDSM", "STSM", "STL", "LDL")) for s in lines)
     assert sum(s.split()[0] in ("LDS", "STS") for s in lines) <= 2
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bm,ks", [(8, 8), (16, 1)])
+def test_sm90_compile_w8_runs_the_mma_in_float16(bm, ks):
+    """W8 (K tiles of 64): float16 HMMA only, 16-byte word loads, no local memory; x reaches float16 by
+    float32 scaling then one rounding (F2FP), never by a float16 multiply after the rounding, which
+    would overflow for |x| > 65504."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    consts = dict(W0=8, BLOCK_M=bm, BLOCK_K=mm.MMA_W8_BLOCK_K, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
+                  ACC=False, WB=0, WC=0, KS=ks, MR=1 if ks > 1 else 0, XS=3 if bm == 16 else 0,
+                  XW=8 if bm == 8 else 0)
+    ops = [s.split()[0] for s in sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+           if not s.startswith("//")]
+    hmma = [o for o in ops if o.startswith("HMMA")]
+    assert hmma and all(o == "HMMA.16816.F32" for o in hmma), set(hmma)
+    assert sum(o.startswith("LDG.E.128") for o in ops) >= 4
+    assert any(o.startswith("F2FP.F16.F32") for o in ops) and not any(o.startswith("HMUL2") for o in ops)
+    assert not any(o.startswith(("STL", "LDL")) for o in ops)
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
@@ -244,7 +275,7 @@ def _rtn(N, K, bits, group, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("group", [64, 128, -1])
 def test_matches_reference(bits, M, group):
@@ -293,7 +324,8 @@ def test_matches_reference(bits, M, group):
             mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=1, ks=1,
                               block_k=64, x_whole=True)
     for ks in (2, 4, 8):  # K split inside the program (M <= 4): on its own weight with K = 2048
-        if not mm.ks_fits(ks, M, 8, 2048, 2048 if group == -1 else group, 64 if group == 64 else 128):
+        bk = 64 if group == 64 or bits == 8 else 128
+        if not mm.ks_fits(ks, M, 8, 2048, 2048 if group == -1 else group, bk):
             continue
         pk = _rtn(N, 2048, bits, group, seed=ks)
         xk = torch.randn(M, 2048, generator=torch.Generator().manual_seed(ks)).to("cuda", torch.bfloat16)
@@ -311,12 +343,13 @@ def test_matches_reference(bits, M, group):
         assert (acc - want_k).abs().max().item() <= 1e-2 * want_k.abs().max().item() + 1e-3, ks
     if qm.mma_chosen(pw, M, x):  # "auto" (M 2..8 by default)
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
-    ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device))[3]
+    ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device), bits=bits)[3]
     m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (qm.MMA_M1_KS and bits in qm.MMA_M1_KS_BITS
                                                           and ks1 > 1)
-    assert qm.mma_chosen(pw, M, x) == (qm.MMA_MODE != "0" and (M > 1 or m1) and M <= 8)
+    routed = qm.MMA_MODE != "0" and qm.mma_routes(bits)
+    assert qm.mma_chosen(pw, M, x) == (routed and (M > 1 or m1) and M <= 8)
     m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS  # pending sums keep the GEMV at M = 1
-    assert qm.mma_chosen(pw, M, x, pending=True) == (qm.MMA_MODE != "0" and (M > 1 or m1_pending) and M <= 8)
+    assert qm.mma_chosen(pw, M, x, pending=True) == (routed and (M > 1 or m1_pending) and M <= 8)
 
 
 @pytest.mark.gpu
