@@ -370,3 +370,18 @@ def test_output_slice_strided_x_and_non_integer_zeros(path):
     assert fused[:, :128].abs().max() == 0 and fused[:, 384:].abs().max() == 0
     pw.zeros.add_(0.5)  # fractional zero points: not this kernel's exact q - z
     assert not applies(pw, 4, xs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("magnitude", [3e5, 1e-3])
+def test_w8_float16_mma_keeps_large_and_small_x(magnitude):
+    """W8's MMA runs in float16 with x scaled by 2^-4: activations beyond float16's 65504 must not
+    overflow, and small ones must keep bf16's accuracy."""
+    M, N, K = 4, 256, 1024
+    pw = _rtn(N, K, 8, 128, seed=5)
+    x = (torch.randn(M, K, generator=torch.Generator().manual_seed(5)) * magnitude).to("cuda", torch.bfloat16)
+    want = ref_quant_matmul(x.float(), pw)
+    y = quant_matmul(x, pw, path="mma")
+    assert torch.isfinite(y).all()
+    assert (y.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
