@@ -46,9 +46,10 @@ MMA_SLICE_BITS = (1, 2, 4, 8)  # slice widths whose words fill whole k_width-8 o
 MMA_BITS = tuple(b for b, parts in SLICES.items() if all(w in MMA_SLICE_BITS for w in parts))  # 1..8
 MMA_MAX_M = 16
 # W8 runs the MMA in float16: 1024 + q is exact there (bf16 has 8 significant bits), so a pair of codes
-# costs a prmt and an add. x enters as float16 times 2^-4 (exact for |x| in [2^-10, 2^20); below, float16's
-# subnormal step 2^-20 is finer than bf16's own rounding there), and the partial sums are scaled back by 16.
-MMA_W8_X_SCALE = 0.0625
+# costs a prmt and a sub. x enters as float16 times 2^-6 and the partial sums are scaled back by 64: exact for
+# |x| in [2^-8, 2^22); below 2^-8 float16's subnormal step (2^-18 in x) is at most bf16's own rounding of
+# 2^-8. |x| >= 2^22 (4.2e6) would overflow (H100 s23-1: 2^-4 overflowed a test's x of ~1e6).
+MMA_W8_X_SCALE = 2.0 ** -6
 # W8's K tile: 64 (a 128-K tile holds 32 words per thread and buffer; offline sm_90 at BLOCK_M 8, M = 1:
 # 108 registers at 64, 128 plus a stack frame at 128).
 MMA_W8_BLOCK_K = 64
@@ -242,7 +243,7 @@ if gluon is not None:
         times ``MMA_W8_X_SCALE``."""
         if W0 == 8:  # in PTX: the compiler would otherwise round to float16 before scaling (overflow)
             xt = gl.inline_asm_elementwise(
-                "{ .reg .f32 f; cvt.f32.bf16 f, $1; mul.rn.f32 f, f, 0f3D800000; cvt.rn.f16.f32 $0, f; }",
+                "{ .reg .f32 f; cvt.f32.bf16 f, $1; mul.rn.f32 f, f, 0f3C800000; cvt.rn.f16.f32 $0, f; }",
                 "=h,h", [xt], dtype=gl.float16, is_pure=True, pack=1)
         elif SCALE != 1.0:
             xt = (xt.to(gl.float32) * SCALE).to(gl.bfloat16)
@@ -350,7 +351,7 @@ if gluon is not None:
     def _group_scale(sr, W0: gl.constexpr):
         """A tile's scales as float32 factors of its partial sums (W0 8: times 1 / ``MMA_W8_X_SCALE``)."""
         if W0 == 8:
-            return sr.to(gl.float32) * 16.0
+            return sr.to(gl.float32) * 64.0
         return sr.to(gl.float32)
 
     @gluon.jit

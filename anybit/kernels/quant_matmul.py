@@ -398,7 +398,8 @@ WG_WIDE = os.environ.get("ANYBIT_WG_WIDE", "1") != "0"  # 0: the session-10 rule
 
 def wg_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the wgmma kernel (WG_AUTO and the ranges above)."""
-    wide_small_m = M <= 16 and packed.out_features > WG_SMALL_N and (mma_routes(packed.bits) or not WG_WIDE)
+    routed = mma_routes(packed.bits, M)
+    wide_small_m = M <= 16 and packed.out_features > WG_SMALL_N and (routed or not WG_WIDE)
     if not WG_AUTO or M > WG_MAX_M or wide_small_m:
         return False
     return wg_applies(packed, M, x)
@@ -505,21 +506,27 @@ MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
 # 11.0 / 11.4, W3 10.6 / 12.5 against 17.7 / 17.1, W6 12.1 / 13.3 against 18.8 / 18.0; W2 M 16 loses, 12.4
 # against 10.8).
 MMA_MIN_TILES_M16 = 4
-# W8 on the mma.sync kernel (float16 MMA, session 23): off until measured; env ANYBIT_MMA_W8=1 routes it
-# like the other widths.
-MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "0") == "1"
+# W8 on the mma.sync kernel (float16 MMA, session 23) at M 2..MMA_W8_MAX_M. H100 s23-1 (quant_matmul_w8_s23_1,
+# us, mma / mma adding into a pending sum / the wgmma kernel, W8's route before): M 2-4
+# 29.6-30.4 / 26.8-27.0 / 31.8-31.9 on 4096x14336, 29.0-29.6 / 27.3-27.5 / 34.6-34.8 on 14336x4096,
+# 15.4-15.6 / 13.8-14.0 / 16.6-16.7 on 6144x4096; M 8 32.7 / 28.0 / 31.6, 31.0 / 28.3 / 34.9, 16.6 / 14.7
+# / 16.9; from M 12 the wgmma kernel wins (31.1-35.2 against 34.9-37.6). At M = 1 the packed-half GEMV
+# stays (26.2 / 27.3 / 14.5 against 28.4 / 27.1 / 15.1). Env ANYBIT_MMA_W8=0: off.
+MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "1") != "0"
+MMA_W8_MAX_M = 8
 
 
-def mma_routes(bits: int) -> bool:
-    """Whether "auto" may send this width to the mma.sync kernel at all (W8 only with MMA_W8_AUTO)."""
-    return bits in MMA_BITS and (bits != 8 or MMA_W8_AUTO)
+def mma_routes(bits: int, M: int = 2) -> bool:
+    """Whether "auto" may send this width at M rows to the mma.sync kernel at all (W8: MMA_W8_AUTO, M up
+    to MMA_W8_MAX_M)."""
+    return bits in MMA_BITS and (bits != 8 or (MMA_W8_AUTO and M <= MMA_W8_MAX_M))
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:
     """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M = 1 and M 9..16 rules
     above, and its applicability); ``pending``: a call that adds into a pending sum
     (anybit/layers/pending.py) rather than writing y."""
-    if MMA_MODE == "0" or not mma_routes(packed.bits) or not mma_applies(packed, M, x):
+    if MMA_MODE == "0" or not mma_routes(packed.bits, M) or not mma_applies(packed, M, x):
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and mma_config(

@@ -102,12 +102,12 @@ def test_experimental_fast_dequant(bits, swap):
     _check(y, ref_quant_matmul(x, pw), 1e-5 if not CUDA else 5e-3)
 
 
-@pytest.mark.parametrize("bits,N,M,want", [(8, 14336, 4, True), (8, 128256, 16, True), (4, 14336, 4, False),
-                                           (4, 4096, 4, True), (8, 14336, 400, False)])
+@pytest.mark.parametrize("bits,N,M,want", [(8, 14336, 4, False), (8, 14336, 12, True), (8, 128256, 16, True),
+                                           (4, 14336, 4, False), (4, 4096, 4, True), (8, 14336, 400, False)])
 def test_wgmma_routing_by_width_and_width_of_output(monkeypatch, bits, N, M, want):
-    """At M <= 16 "auto" keeps wide outputs (N > WG_SMALL_N) off the wgmma kernel only for widths the
-    mma.sync kernel takes (it is chosen first there); W8 has no mma kernel and takes wgmma (H100
-    s11-4). Above WG_MAX_M never."""
+    """At M <= 16 "auto" keeps wide outputs (N > WG_SMALL_N) off the wgmma kernel only where the
+    mma.sync kernel takes the width (it is chosen first there); W8 only up to MMA_W8_MAX_M (H100
+    s23-1), above it wgmma (s11-4). Above WG_MAX_M never."""
     from anybit.kernels import quant_matmul as qm
     from anybit.quant.format import PackedWeight
     monkeypatch.setattr(qm, "WG_AUTO", True)
