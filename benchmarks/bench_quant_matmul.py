@@ -364,6 +364,13 @@ def m1_variants(M, b):
 DIAG_LOOP = os.environ.get("BENCH_DIAG_LOOP", "0") == "1"
 
 
+def wide_variants(M, b):
+    """M 17..64: the launcher's choice against the mma.sync kernel at BLOCK_M 32 / 64 (scales in the
+    conversion, session 23), its pending-sum form, and rws."""
+    return [("anybit", {}), ("anybit_mma", dict(path="mma")),
+            ("anybit_mma_acc", dict(direct_mma=True, pending=True)), ("anybit_rws", dict(path="rws"))]
+
+
 def w8_variants(M, b):
     """The mma.sync kernel against the launcher's choice at M 1..16 (W8's float16 MMA, session 23): writing
     y, and adding into a pending float32 sum; M = 1 also the packed-half GEMV's pending form, M > 1 the
@@ -565,8 +572,8 @@ def main_tc(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", default="full",
-                    choices=["full", "explore", "h2", "tc", "routes", "m1", "h2split", "smallk", "w8"])
+    modes = ["full", "explore", "h2", "tc", "routes", "m1", "h2split", "smallk", "w8", "wide"]
+    ap.add_argument("--mode", default="full", choices=modes)
     ap.add_argument("--skip-correctness", action="store_true",
                     help="no kernel-vs-dequant checks first (when a run of the same code did them)")
     ap.add_argument("--out", default=None)
@@ -590,7 +597,7 @@ def main() -> int:
     t0 = time.time()
     corr = [] if args.skip_correctness else check_correctness_h2(log) if h2 else check_correctness(log)
     rows = []
-    named = args.mode in ("explore", "routes", "m1", "h2split", "smallk", "w8")
+    named = args.mode in ("explore", "routes", "m1", "h2split", "smallk", "w8", "wide")
     name = "quant_matmul_h2" if h2 else f"quant_matmul_{args.mode}" if named else "quant_matmul"
     out = args.out or os.path.join(os.environ.get("OUT", "."), f"{name if h2 else 'quant_matmul'}.json")
 
@@ -620,6 +627,7 @@ def main() -> int:
         variants = h2_variants if h2 else route_variants if args.mode == "routes" else \
             m1_variants if args.mode == "m1" else h2_split_variants if args.mode == "h2split" else \
             small_k_variants if args.mode == "smallk" else w8_variants if args.mode == "w8" else \
+            wide_variants if args.mode == "wide" else \
             explore_variants if explore else full_variants
         rows += bench_shape(N, K, ms, bits, variants, log)
         dump()
@@ -635,7 +643,7 @@ def main() -> int:
         return 0
     print(f"{'shape':>12} {'M':>5} {'method':>28} {'bits':>4} {'us':>8} {'TB/s':>6} {'x cuBLAS':>8}")
     for r in rows:
-        every = args.mode in ("routes", "m1", "h2split", "smallk", "w8")
+        every = args.mode in ("routes", "m1", "h2split", "smallk", "w8", "wide")
         if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or every:
             print(f"{r['shape']:>12} {r['M']:>5} {r['method']:>28} {r['bits']:>4} {r['time_us']:8.1f} "
                   f"{r['tbps']:6.2f} {r['speedup']:8.2f}")

@@ -44,7 +44,7 @@ from anybit.quant.format import SLICES, PackedWeight
 
 MMA_SLICE_BITS = (1, 2, 4, 8)  # slice widths whose words fill whole k_width-8 operand rows after relabeling
 MMA_BITS = tuple(b for b, parts in SLICES.items() if all(w in MMA_SLICE_BITS for w in parts))  # 1..8
-MMA_MAX_M = 16
+MMA_MAX_M = 64  # BLOCK_M 32 / 64 (from M 17) take the scaled conversion (the kernel's SA)
 # W8 runs the MMA in float16: 1024 + q is exact there (bf16 has 8 significant bits), so a pair of codes
 # costs a prmt and a sub. x enters as float16 times 2^-6 and the partial sums are scaled back by 64: exact for
 # |x| in [2^-8, 2^22); below 2^-8 float16's subnormal step (2^-18 in x) is at most bf16's own rounding of
@@ -55,23 +55,27 @@ MMA_W8_X_SCALE = 2.0 ** -6
 MMA_W8_BLOCK_K = 64
 
 
-def _mma_asm(bits: int) -> str:
+def _mma_asm(bits: int, scaled: bool = False) -> str:
     """PTX for one word of a b-bit slice (b in 1/2/4/8): inputs ``$P`` = the word, ``$P+1`` = bf16
     ``-(128 + z)`` (z the column's integer zero point); outputs ``$0..$P-1`` = bf16 ``q - z``
     (exact) of the codes in pair order: output 2 p + h is code p + h P / 2 (the two halves of one
     bf16x2). Per pair: ``lop3 (w >> shift & mask) | 0x4300`` = 128 + q 2^(f b) (fields of <= 7
     bits, ``_pair_layout``), one ``fma`` by 2^(-f b) with ``-(128 2^(-f b) + z)``. b = 8: float16
     throughout (``$5`` = f16 ``1024 + z``): ``prmt`` puts bytes p and p + 2 under the exponent
-    byte 0x64 (1024 + q, exact), one ``sub`` gives q - z."""
+    byte 0x64 (1024 + q, exact), one ``sub`` gives q - z. ``scaled``: one more input ``$P+2``, the column's
+    scale s (bf16; W8 f16), and the outputs are s (q - z), rounded once (one more ``fma`` per pair)."""
     P = 32 // bits
     w, zh = f"${P}", f"${P + 1}"
+    ty = "f16x2" if bits == 8 else "bf16x2"
+    scale = [f"fma.rn.{ty} t, t, s0, n0;"] if scaled else []
+    head = [f"mov.b32 s0, {{${P + 2}, ${P + 2}}};", "mov.b32 n0, 0x80008000;"] if scaled else []
     if bits == 8:
-        lines = ["{", ".reg .b32 t, z0;", f"mov.b32 z0, {{{zh}, {zh}}};"]
+        lines = ["{", ".reg .b32 t, z0, s0, n0;", f"mov.b32 z0, {{{zh}, {zh}}};"] + head
         for p in range(2):
             lines += [f"prmt.b32 t, {w}, 0x64646464, 0x{0x4240 + 0x101 * p:04X};", "sub.f16x2 t, t, z0;",
-                      f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;"]
+                      *scale, f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;"]
         return "\n".join(lines + ["}"])
-    lines = ["{", ".reg .b32 t, u, z0, k, c;", f"mov.b32 z0, {{{zh}, {zh}}};"]
+    lines = ["{", ".reg .b32 t, u, z0, k, c, s0, n0;", f"mov.b32 z0, {{{zh}, {zh}}};"] + head
     for p in range(P // 2):
         shift, f = _pair_layout(bits, p, True)
         mask = ((1 << bits) - 1) << (f * bits)
@@ -87,7 +91,7 @@ def _mma_asm(bits: int) -> str:
                       "fma.rn.bf16x2 t, t, k, c;"]
         else:
             lines += [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
-        lines.append(f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;")
+        lines += scale + [f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;"]
     return "\n".join(lines + ["}"])
 
 
@@ -101,6 +105,10 @@ if gluon is not None:
     _MMA_ASM2: gl.constexpr = gl.constexpr(_mma_asm(2))
     _MMA_ASM4: gl.constexpr = gl.constexpr(_mma_asm(4))
     _MMA_ASM8: gl.constexpr = gl.constexpr(_mma_asm(8))
+    _MMA_ASM1S: gl.constexpr = gl.constexpr(_mma_asm(1, True))
+    _MMA_ASM2S: gl.constexpr = gl.constexpr(_mma_asm(2, True))
+    _MMA_ASM4S: gl.constexpr = gl.constexpr(_mma_asm(4, True))
+    _MMA_ASM8S: gl.constexpr = gl.constexpr(_mma_asm(8, True))
 
     @gluon.constexpr_function
     def _cga(cluster):
@@ -136,10 +144,9 @@ if gluon is not None:
         elif bits == 8:  # natural K of MMA K bits 1, 2, 4 | 8, 16 (lanes) | 32, 64 (see _relabel_x)
             regs, lanes = [1, 2, 16] + [k for k in (32, 64, 128) if k < block_k], [4, 8]
         else:
-            regs, lanes = [1, 2, 4, 32] + [k for k in (64, 128) if k < block_k], [8, 16]
+            regs, lanes = [1, 2, 4] + [k for k in (32, 64, 128) if k < block_k], [8, 16]
         reg = [[k, 0] for k in regs]
-        if block_m == 16:
-            reg.append([0, 8])
+        reg += [[0, m] for m in (8, 16, 32) if m < block_m]
         lane = [[lanes[0], 0], [lanes[1], 0], [0, 1], [0, 2], [0, 4]]
         return gl.DistributedLinearLayout(reg, lane, [[0, 0], [0, 0]], _cga(cluster), [block_k, block_m])
 
@@ -264,6 +271,15 @@ if gluon is not None:
         return ptrs, ((m < M) & (kr < KS))[None, :]
 
     @gluon.jit
+    def _natural_cols(acc):
+        """``acc [128, BM]`` (MMA row i = tile column ``_tile_col(i)``) -> rows in column order, in a
+        blocked layout of 4 adjacent columns per thread (through shared memory)."""
+        BM: gl.constexpr = acc.shape[1]
+        a = gl.reshape(acc, [2, 2, 2, 2, 2, 2, 2, BM])  # MMA row bits i6 .. i0, j
+        a = gl.reshape(gl.permute(a, (1, 2, 4, 5, 6, 0, 3, 7)), [128, BM])  # tile column bits (``_tile_col``)
+        return gl.convert_layout(a, gl.BlockedLayout([4, 1], [32, 1], [1, 4], [0, 1]))
+
+    @gluon.jit
     def _tile_col(i):
         """Tile column (0..127) of MMA row i (inverse of ``_relabel_cols``)."""
         return ((i >> 5) & 1) * 64 + ((i >> 4) & 1) * 32 + (i & 7) * 4 + ((i >> 6) & 1) * 2 + ((i >> 3) & 1)
@@ -303,7 +319,7 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
-                   P: gl.constexpr, ZW: gl.constexpr = 0):
+                   P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
         words of two f16 (z_off: ``_pair_offsets``), for ``_zero_halves``; ZW 2: the scales too (in
@@ -316,6 +332,8 @@ if gluon is not None:
             z = gl.load(z_ptr + g * N + z_off)
         if ZW == 2:  # the scales too, at the zero points' (column) offsets
             s = gl.load(s_ptr.to(gl.pointer_type(gl.int32)) + (g * N) // 2 + z_off)
+        elif SA:  # scales in column order, for the conversion (``_unpack_tile``'s SA)
+            s = gl.load(s_ptr + g * N + z_off)
         else:
             s = gl.load(s_ptr + g * N + s_off)
         return w, z, s
@@ -383,39 +401,61 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(gl.join(lo, hi), [zw.shape[0] * 2]), L)
 
     @gluon.jit
-    def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr):
+    def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
-        float16)."""
+        float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z)."""
         if W0 == 8:
             zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
         else:
             zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
         zb, _ = gl.broadcast(zb, w)
+        if SA:
+            sb, _ = gl.broadcast(s.to(zb.dtype)[None, :], w)
+            sb = _relabel_cols(sb)
         w = _relabel_cols(w)
         zb = _relabel_cols(zb)
+        if SA:
+            o = _codes_scaled(w, zb, sb, W0)
+        else:
+            o = _codes(w, zb, W0)
         if W0 == 8:
-            o0, o1, o2, o3 = gl.inline_asm_elementwise(
-                _MMA_ASM8, "=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.float16,) * 4, is_pure=True, pack=1)
-            v = gl.join(gl.join(o0, o2), gl.join(o1, o3))
+            v = gl.join(gl.join(o[0], o[2]), gl.join(o[1], o[3]))
         elif W0 == 4:
-            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-                _MMA_ASM4, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb], dtype=(gl.bfloat16,) * 8, is_pure=True,
-                pack=1)
-            v = _join8(o0, o1, o2, o3, o4, o5, o6, o7)
+            v = _join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
         elif W0 == 1:
-            o = gl.inline_asm_elementwise(_MMA_ASM1, "=h," * 32 + "r,h", [w, zb], dtype=(gl.bfloat16,) * 32,
-                                          is_pure=True, pack=1)
             v = gl.join(gl.join(_join8(o[0], o[4], o[8], o[12], o[16], o[20], o[24], o[28]),
                                 _join8(o[2], o[6], o[10], o[14], o[18], o[22], o[26], o[30])),
                         gl.join(_join8(o[1], o[5], o[9], o[13], o[17], o[21], o[25], o[29]),
                                 _join8(o[3], o[7], o[11], o[15], o[19], o[23], o[27], o[31])))
         else:
-            o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = gl.inline_asm_elementwise(
-                _MMA_ASM2, "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, zb],
-                dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
-            v = gl.join(_join8(o0, o2, o4, o6, o8, o10, o12, o14), _join8(o1, o3, o5, o7, o9, o11, o13, o15))
+            v = gl.join(_join8(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14]),
+                        _join8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))
         a = _words_tile(v, w.shape[0], 128, 32 // W0)
         return gl.convert_layout(_relabel_a(a, W0), AL)
+
+    @gluon.jit
+    def _codes(w, zb, W0: gl.constexpr):
+        """``_mma_asm(W0)`` on every word: the 32 / W0 outputs (pair order)."""
+        if W0 == 8:
+            o = gl.inline_asm_elementwise(_MMA_ASM8, "=h," * 4 + "r,h", [w, zb], dtype=(gl.float16,) * 4,
+                                          is_pure=True, pack=1)
+        else:
+            o = gl.inline_asm_elementwise(_MMA_ASM4 if W0 == 4 else _MMA_ASM2 if W0 == 2 else _MMA_ASM1,
+                                          "=h," * (32 // W0) + "r,h", [w, zb],
+                                          dtype=(gl.bfloat16,) * (32 // W0), is_pure=True, pack=1)
+        return o
+
+    @gluon.jit
+    def _codes_scaled(w, zb, sb, W0: gl.constexpr):
+        """``_mma_asm(W0, scaled=True)`` on every word: the 32 / W0 outputs ``s (q - z)`` (pair order)."""
+        if W0 == 8:
+            o = gl.inline_asm_elementwise(_MMA_ASM8S, "=h," * 4 + "r,h,h", [w, zb, sb],
+                                          dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+        else:
+            o = gl.inline_asm_elementwise(_MMA_ASM4S if W0 == 4 else _MMA_ASM2S if W0 == 2 else _MMA_ASM1S,
+                                          "=h," * (32 // W0) + "r,h,h", [w, zb, sb],
+                                          dtype=(gl.bfloat16,) * (32 // W0), is_pure=True, pack=1)
+        return o
 
     @gluon.jit
     def _gdc_wait():
@@ -486,7 +526,7 @@ if gluon is not None:
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
-                               ZW: gl.constexpr = 0, U2: gl.constexpr = False):
+                               ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -522,7 +562,10 @@ if gluon is not None:
         loaded as int32 words of two f16 (``_zero_halves``; 4-byte aligned zeros), ZW 2: the scales too
         (4-byte aligned scales). U2 (single slice, no XS, no DIAG): the loop takes two tiles per
         iteration, each with its own word buffer refilled right after its unpacking (``_tile_acc``), so
-        no buffer is moved between iterations (the three-buffer loop's moves wait for the loads)."""
+        no buffer is moved between iterations (the three-buffer loop's moves wait for the loads). SA
+        (BLOCK_M 32 / 64, no U2): the conversion applies the scale (``s (q - z)`` rounded once in bf16,
+        scales loaded in column order) and every MMA accumulates straight into acc: no partial tile and
+        no float32 scaling per tile, which at these BLOCK_M would double the accumulator registers."""
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -554,9 +597,9 @@ if gluon is not None:
         acc = gl.zeros([128, BLOCK_M], gl.float32, MMA)
         # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
         # them to the end of the iteration, so a distance of one would wait for each tile)
-        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW)
+        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW, SA)
         k1 = k_start + gl.minimum(1, n_iters - 1) * SK
-        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW)
+        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
             wb_ptr, xb_ptrs, xb_mask, wb_off, zb0, wb, wb1 = _higher_slice(
@@ -612,7 +655,7 @@ if gluon is not None:
                 k2 = k_start + gl.minimum(i + 2, n_iters - 1) * SK  # past the end: reload the last tile
                 if DIAG & 4:  # every tile's words are the first tile's (cache hits): the loop without DRAM
                     k2 = k_start
-                w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW)
+                w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW, SA)
                 if WB > 0:
                     wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
                 if WC > 0:
@@ -635,14 +678,17 @@ if gluon is not None:
                 elif DIAG & 1 == 0:
                     xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
                 zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
-                part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
+                if SA:  # scaled weights: straight into the accumulator
+                    part = mma_v2(_unpack_tile(w, zh, AL, W0, sr, True), xb, acc)
+                else:
+                    part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
                 if WB > 0:
                     if XS > 0 or XW > 0:
                         xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB,
                                            1 << W0)
                     else:
                         xbb = _x_operand(xb_ptrs + k0, xb_mask, BL, WB, 1 << W0)
-                    part = mma_v2(_unpack_tile(wb, zb0, AL, WB), xbb, part)
+                    part = mma_v2(_unpack_tile(wb, zb0, AL, WB, sr, SA), xbb, part)
                     wb = wb1
                     wb1 = wb2
                 if WC > 0:
@@ -651,19 +697,28 @@ if gluon is not None:
                                            1 << (W0 + WB))
                     else:
                         xbc = _x_operand(xc_ptrs + k0, xc_mask, BL, WC, 1 << (W0 + WB))
-                    part = mma_v2(_unpack_tile(wc, zc0, AL, WC), xbc, part)
+                    part = mma_v2(_unpack_tile(wc, zc0, AL, WC, sr, SA), xbc, part)
                     wc = wc1
                     wc1 = wc2
-                acc += part * _group_scale(sr, W0)[:, None]
+                if SA:
+                    acc = part
+                else:
+                    acc += part * _group_scale(sr, W0)[:, None]
                 w, z, s = w1, z1, s1
                 w1, z1, s1 = w2, z2, s2
         if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
             async_copy.wait_group(0)
+        if SA and W0 == 8:  # x entered scaled by MMA_W8_X_SCALE
+            acc = acc * 64.0
         if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)
             acc = _cluster_sum(acc, pid_k, CLUSTER)
         if KS > 1:
             acc = _ks_sum(acc, KS, MR)
             cols = off_n + gl.arange(0, CW, layout=gl.SliceLayout(1, acc.type.layout))
+        elif SA:  # wide tiles: natural column order, 4 adjacent columns per thread (vector stores, fewer
+            # address registers in the split-K sum: in the MMA layout it spilled at BLOCK_M 64)
+            acc = _natural_cols(acc)
+            cols = off_n + gl.arange(0, 128, layout=gl.SliceLayout(1, acc.type.layout))
         else:
             cols = off_n + _tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA)))
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
@@ -691,15 +746,17 @@ def integer_zeros(packed: PackedWeight) -> bool:
 
 
 def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
-    """Whether this path can run the call: CUDA sm_80+, bf16 x (unit inner stride), 1 <= M <= 16, a
-    uniform weight of 1..7 bits (slices of 1, 2 and 4 bits) with integer zero points, N a multiple
+    """Whether this path can run the call: CUDA sm_80+, bf16 x (unit inner stride), 1 <= M <= 64, a
+    uniform weight of 1..8 bits (slices of 1, 2, 4 and 8 bits) with integer zero points, N a multiple
     of 128, K and the group size multiples of 64 (128 with a 1-bit slice: its words hold 32 K),
-    contiguous words."""
+    contiguous words; M <= 32 for widths with a 1-bit slice."""
     if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= M <= MMA_MAX_M:
         return False
     if packed.fmt != "uniform" or packed.bits not in MMA_BITS or packed.zeros is None:
         return False
     kmul = 128 if 1 in SLICES[packed.bits] else 64
+    if M > 32 and 1 in SLICES[packed.bits]:  # BLOCK_M 64 with 128-K tiles spills (offline sm_90, s23)
+        return False
     if packed.out_features % 128 or packed.in_features % kmul or packed.group_size % kmul:
         return False
     q = packed.qweight
@@ -715,7 +772,7 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # 6144x4096 at M 9-16 took split 8 (384 programs, two waves on 264 slots) and lost to the wgmma kernel; at
 # split 4 (one wave) it wins (H100 s22-10, quant_matmul_smallk_s22_10, M 16 us: W4 12.8 against 15.3, W3
 # 15.6 against 20.7, W6 17.2 against 22.2). The larger shapes keep their splits.
-MMA_PROGRAMS_PER_SM = {8: 4, 16: 2}
+MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
 # 224 (BLOCK_M 16) registers (offline sm_90; the epilogue sets the peak), so 2 programs of BLOCK_M 16
 # fit per SM (the split count assumed 3 until s22). Fewer loads (2: 160 registers) or a 128-register cap
@@ -723,7 +780,7 @@ MMA_PROGRAMS_PER_SM = {8: 4, 16: 2}
 # 24.3-26.2 / 27.3-32.7 against 22.4-24.9 us, W3 M 16 42.8 against 30.7): with fewer registers ptxas
 # schedules the loop's loads less far ahead. Only 6144x4096 (split 8, where "auto" takes the wgmma
 # kernel) was faster with 2 (12.8 against 16.9 us at M 9).
-MMA_SUM_LOADS = {8: 8, 16: 8}
+MMA_SUM_LOADS = {8: 8, 16: 8, 32: 2, 64: 1}
 MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 # Shared-memory slots of the x ring (the kernel's XS; 0: x loaded from global memory in the loop), by
 # BLOCK_M, for single-slice widths (several slices: 0); env ANYBIT_MMA_XS sets both. H100 s16-2/3, W4 (us,
@@ -731,7 +788,7 @@ MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 # 122-124 (lm_head); M 12 23.9 -> 21.7, 27.2 -> 23.6; W2 M 16 level to -10%; W3 (2+1) M 16 level or slower
 # (14336x4096 32.1 -> 33.6). At BLOCK_M 8 the ring costs registers (W4 KS 8: 128 -> 140, 3 programs per
 # SM) and was slower at M 1 (17.1 -> 21.7 us on 4096x14336) and level at M 4-8. 4 slots: level with 3.
-MMA_X_SLOTS = {8: 0, 16: 3}
+MMA_X_SLOTS = {8: 0, 16: 3, 32: 3, 64: 3}
 if os.environ.get("ANYBIT_MMA_XS"):
     MMA_X_SLOTS = dict.fromkeys(MMA_X_SLOTS, int(os.environ["ANYBIT_MMA_XS"]))
 # The program's whole x slice in shared memory before the loop (the kernel's XW: tiles the buffer holds,
@@ -749,7 +806,7 @@ MMA_X_WHOLE_TILES = (8, 16)
 # 21.0, 18.0 -> 16.4 (228 registers, still 2 programs per SM). At BLOCK_M 8 it takes 168 registers (3
 # per SM): M 1 16.3 -> 20.2 on 4096x14336; capped at 128, 16.9 (M 1) and -2..3% at M 4-8: not taken.
 # Env ANYBIT_MMA_U2=0 turns it off.
-MMA_UNROLL2 = {8: False, 16: os.environ.get("ANYBIT_MMA_U2", "1") != "0"}
+MMA_UNROLL2 = {8: False, 16: os.environ.get("ANYBIT_MMA_U2", "1") != "0", 32: False, 64: False}
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -785,8 +842,10 @@ def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,
     in-program K split ks (None: at M = 1, doubled while the programs, N ks / 128, all stay resident at
     once and each keeps >= 2 iterations); then split-K across programs doubled the same way.
     ``per_sm``: resident programs per SM by BLOCK_M (default ``MMA_PROGRAMS_PER_SM``)."""
-    bm = 8 if M <= 8 else 16
-    bk = MMA_W8_BLOCK_K if bits == 8 else 128 if G % 128 == 0 else 64
+    bm = 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64
+    bk = MMA_W8_BLOCK_K if bits == 8 or bm > 16 else 128 if G % 128 == 0 else 64
+    if bm > 16 and 1 in SLICES[bits]:  # a 1-bit word holds 32 K: tiles of 128
+        bk = 128
     slots = (per_sm or MMA_PROGRAMS_PER_SM)[bm] * sms
     if ks is None:  # M = 1 only: at M 2..4 it measured level or slower on the H100 (s11-1)
         ks = 1
@@ -845,7 +904,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    max_registers: int | None = None, sum_loads: int | None = None,
                    x_slots: int | None = None, x_whole: bool | None = None,
                    zero_words: int | None = None, unroll2: bool | None = None) -> torch.Tensor:
-    """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 16: exact integer
+    """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 64: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
     programmatic dependent launch (None: where anybit/kernels/pdl.py enables it); ``cluster``:
@@ -872,10 +931,10 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         raise not_applicable("quant_gemv_mma", "CUDA sm_80+", MMA_BITS, x, packed)
     sms = _num_sms(x.device)
     cap = max_registers or None
-    per_sm = {b: max(1, 65536 // (128 * cap)) for b in (8, 16)} if cap else None
+    per_sm = {b: max(1, 65536 // (128 * cap)) for b in MMA_PROGRAMS_PER_SM} if cap else None
     bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits)
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    xs = (0 if wb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
+    xs = (0 if wb and bm <= 16 else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
     if xs not in (0, 2, 3, 4):
         raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4, got {xs}")
     regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
@@ -899,15 +958,16 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         raise ValueError(f"quant_gemv_mma: x_whole needs at most {MMA_X_WHOLE_TILES[-1]} tiles and "
                          f"{MMA_X_WHOLE_MAX_K} K per program (got {per} tiles of {BK})")
     want_xw = MMA_X_WHOLE and bits >= MMA_X_WHOLE_MIN_BITS if x_whole is None else x_whole
-    xw = xw if want_xw else 0
+    xw = xw if want_xw and bm <= 16 else 0
     if xw:
         xs = 0
     zw = zero_words if zero_words is not None else MMA_ZERO_WORDS
     if zw is None:
         zw = 2 if bits == 2 and bm == 16 else 0
-    zw = int(zw) if packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0 else 0
-    if unroll2 and (wb or xs or diag):
-        raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring and no diag")
+    aligned = packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0
+    zw = int(zw) if aligned and bm <= 16 else 0
+    if unroll2 and (wb or xs or diag or bm > 16):
+        raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring, no diag and M <= 16")
     u2 = bool(MMA_UNROLL2[bm] and not (wb or xs or diag) if unroll2 is None else unroll2)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
@@ -918,9 +978,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, num_warps=4, **regs, **launch)
         return acc
-    if ks == 1 and cluster_applies(split, x.device, cluster):  # K splits summed in the cluster's shared mem.
+    if ks == 1 and bm <= 16 and cluster_applies(split, x.device, cluster):  # K splits summed in a cluster
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
@@ -930,5 +990,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, num_warps=4, **regs, **launch)
     return y

@@ -514,11 +514,16 @@ MMA_MIN_TILES_M16 = 4
 # stays (26.2 / 27.3 / 14.5 against 28.4 / 27.1 / 15.1). Env ANYBIT_MMA_W8=0: off.
 MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "1") != "0"
 MMA_W8_MAX_M = 8
+# M 17..64 on the mma.sync kernel (BLOCK_M 32 / 64, scales in the conversion; session 23): off until
+# measured; env ANYBIT_MMA_WIDE=1 routes it.
+MMA_WIDE_AUTO = os.environ.get("ANYBIT_MMA_WIDE", "0") == "1"
 
 
 def mma_routes(bits: int, M: int = 2) -> bool:
     """Whether "auto" may send this width at M rows to the mma.sync kernel at all (W8: MMA_W8_AUTO, M up
-    to MMA_W8_MAX_M)."""
+    to MMA_W8_MAX_M; M 17..64 (BLOCK_M 32 / 64): MMA_WIDE_AUTO)."""
+    if M > 16 and not MMA_WIDE_AUTO:
+        return False
     return bits in MMA_BITS and (bits != 8 or (MMA_W8_AUTO and M <= MMA_W8_MAX_M))
 
 
