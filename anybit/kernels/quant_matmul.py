@@ -514,23 +514,38 @@ MMA_MIN_TILES_M16 = 4
 # stays (26.2 / 27.3 / 14.5 against 28.4 / 27.1 / 15.1). Env ANYBIT_MMA_W8=0: off.
 MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "1") != "0"
 MMA_W8_MAX_M = 8
-# M 17..64 on the mma.sync kernel (BLOCK_M 32 / 64, scales in the conversion; session 23): off until
-# measured; env ANYBIT_MMA_WIDE=1 routes it.
-MMA_WIDE_AUTO = os.environ.get("ANYBIT_MMA_WIDE", "0") == "1"
+# M 17..32 on the mma.sync kernel (BLOCK_M 32, scales in the conversion; session 23) for outputs up to
+# MMA_WIDE_MAX_N (qkv, o_proj): pending sums for every width, y for MMA_WIDE_Y_BITS. H100 s23-3
+# (quant_matmul_wide_s23_3, us at M 24 / 32 on 6144x4096, mma writing y / mma pending / rws): W4 18.4
+# / 11.4 / 19.8, 14.6 / 11.1 / 18.8; W2 13.0 / 9.7 / 18.4, 13.7 / 10.2 / 17.9; W8 19.9 / 16.9 / 22.4, 20.9 /
+# 17.7 / 21.5; W3 18.9 / 15.7 / 19.8, 19.5 / 16.0 / 19.4; W6 20.9 / 17.8 / 21.6, 21.3 / 18.0 / 20.8. On
+# the MLP shapes and at M 48-64 (BLOCK_M 64) rws wins everywhere (W4 14336x4096 M 64 28.1 against 41.0).
+# Env ANYBIT_MMA_WIDE=0: off.
+MMA_WIDE_AUTO = os.environ.get("ANYBIT_MMA_WIDE", "1") != "0"
+MMA_WIDE_MAX_M = 32
+MMA_WIDE_MAX_N = 8192
+MMA_WIDE_Y_BITS = (2, 4, 8)
 
 
 def mma_routes(bits: int, M: int = 2) -> bool:
-    """Whether "auto" may send this width at M rows to the mma.sync kernel at all (W8: MMA_W8_AUTO, M up
-    to MMA_W8_MAX_M; M 17..64 (BLOCK_M 32 / 64): MMA_WIDE_AUTO)."""
-    if M > 16 and not MMA_WIDE_AUTO:
-        return False
+    """Whether "auto" may send this width at M <= 16 rows to the mma.sync kernel at all (W8: MMA_W8_AUTO,
+    M up to MMA_W8_MAX_M)."""
     return bits in MMA_BITS and (bits != 8 or (MMA_W8_AUTO and M <= MMA_W8_MAX_M))
+
+
+def mma_wide_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
+    """The M 17..MMA_WIDE_MAX_M rule above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N; writing y only for
+    MMA_WIDE_Y_BITS)."""
+    return (MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and packed.out_features <= MMA_WIDE_MAX_N
+            and (pending or packed.bits in MMA_WIDE_Y_BITS))
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:
     """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M = 1 and M 9..16 rules
     above, and its applicability); ``pending``: a call that adds into a pending sum
     (anybit/layers/pending.py) rather than writing y."""
+    if M > 16:
+        return MMA_MODE != "0" and mma_wide_chosen(packed, M, pending) and mma_applies(packed, M, x)
     if MMA_MODE == "0" or not mma_routes(packed.bits, M) or not mma_applies(packed, M, x):
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:

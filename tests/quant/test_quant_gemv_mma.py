@@ -346,6 +346,11 @@ def test_matches_reference(bits, M, group):
     ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device), bits=bits)[3]
     m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (qm.MMA_M1_KS and bits in qm.MMA_M1_KS_BITS
                                                           and ks1 > 1)
+    if M > 16:  # M 17..32 on outputs up to 8192: pending sums for every width, y for W2/W4/W8
+        wide = qm.MMA_MODE != "0" and qm.MMA_WIDE_AUTO and M <= 32
+        assert qm.mma_chosen(pw, M, x) == (wide and bits in (2, 4, 8))
+        assert qm.mma_chosen(pw, M, x, pending=True) == wide
+        return
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M)
     assert qm.mma_chosen(pw, M, x) == (routed and (M > 1 or m1) and M <= 8)
     m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS  # pending sums keep the GEMV at M = 1

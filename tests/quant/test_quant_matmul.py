@@ -118,6 +118,23 @@ def test_wgmma_routing_by_width_and_width_of_output(monkeypatch, bits, N, M, wan
     assert qm.wg_chosen(pw, M, torch.empty(M, K)) == want
 
 
+@pytest.mark.parametrize("bits,N,M,pending,want", [(4, 6144, 24, False, True), (3, 6144, 32, False, False),
+                                                   (3, 4096, 32, True, True), (4, 14336, 24, True, False),
+                                                   (4, 6144, 33, True, False), (8, 6144, 12, False, False),
+                                                   (8, 6144, 8, False, True)])
+def test_mma_routing_above_16_rows_and_for_w8(monkeypatch, bits, N, M, pending, want):
+    """"auto" takes the mma.sync kernel at M 17..32 only for outputs up to 8192 columns (qkv, o_proj), as
+    pending sums for every width and writing y for W2/W4/W8 (H100 s23-3); W8 at M 2..8 (s23-1)."""
+    from anybit.kernels import quant_matmul as qm
+    from anybit.quant.format import PackedWeight
+    monkeypatch.setattr(qm, "mma_applies", lambda packed, M, x: True)  # CPU: only the routing rule
+    monkeypatch.setattr(qm, "MMA_MODE", "2")
+    K = 4096
+    pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
+                      torch.zeros(1, N).half(), bits, K, K, N)
+    assert qm.mma_chosen(pw, M, torch.empty(M, K), pending=pending) == want
+
+
 @pytest.mark.parametrize("bits,M,want", [(4, 63, False), (4, 64, True), (4, 512, True), (4, 513, False),
                                          (8, 128, False), (2, 128, False)])
 def test_register_a_routing(monkeypatch, bits, M, want):
