@@ -514,8 +514,9 @@ MMA_MIN_TILES_M16 = 4
 # stays (26.2 / 27.3 / 14.5 against 28.4 / 27.1 / 15.1). Env ANYBIT_MMA_W8=0: off.
 MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "1") != "0"
 MMA_W8_MAX_M = 8
-# M 17..32 on the mma.sync kernel (BLOCK_M 32, scales in the conversion; session 23) for outputs up to
-# MMA_WIDE_MAX_N (qkv, o_proj): pending sums for every width, y for MMA_WIDE_Y_BITS. H100 s23-3
+# M 17..32 on the mma.sync kernel (BLOCK_M 32, scales in the conversion; session 23) for weights up to
+# MMA_WIDE_MAX_N x MMA_WIDE_MAX_K (qkv, o_proj; not down_proj's K 14336, where W3 ran 45.7 us pending
+# against rws's 32.9, and W4 level): pending sums for every width, y for MMA_WIDE_Y_BITS. H100 s23-3
 # (quant_matmul_wide_s23_3, us at M 24 / 32 on 6144x4096, mma writing y / mma pending / rws): W4 18.4
 # / 11.4 / 19.8, 14.6 / 11.1 / 18.8; W2 13.0 / 9.7 / 18.4, 13.7 / 10.2 / 17.9; W8 19.9 / 16.9 / 22.4, 20.9 /
 # 17.7 / 21.5; W3 18.9 / 15.7 / 19.8, 19.5 / 16.0 / 19.4; W6 20.9 / 17.8 / 21.6, 21.3 / 18.0 / 20.8. On
@@ -524,6 +525,7 @@ MMA_W8_MAX_M = 8
 MMA_WIDE_AUTO = os.environ.get("ANYBIT_MMA_WIDE", "1") != "0"
 MMA_WIDE_MAX_M = 32
 MMA_WIDE_MAX_N = 8192
+MMA_WIDE_MAX_K = 8192
 MMA_WIDE_Y_BITS = (2, 4, 8)
 
 
@@ -534,10 +536,11 @@ def mma_routes(bits: int, M: int = 2) -> bool:
 
 
 def mma_wide_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
-    """The M 17..MMA_WIDE_MAX_M rule above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N; writing y only for
-    MMA_WIDE_Y_BITS)."""
-    return (MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and packed.out_features <= MMA_WIDE_MAX_N
-            and (pending or packed.bits in MMA_WIDE_Y_BITS))
+    """The M 17..MMA_WIDE_MAX_M rule above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N, K <= MMA_WIDE_MAX_K; writing
+    y only for MMA_WIDE_Y_BITS)."""
+    small = packed.out_features <= MMA_WIDE_MAX_N and packed.in_features <= MMA_WIDE_MAX_K
+    return MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and small and (pending or packed.bits in
+                                                                     MMA_WIDE_Y_BITS)
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:
