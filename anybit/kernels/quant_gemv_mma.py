@@ -52,7 +52,7 @@ MMA_MAX_M = 64  # BLOCK_M 32 / 64 (from M 17) take the scaled conversion (the ke
 MMA_W8_X_SCALE = 2.0 ** -6
 # W8's K tile: 64 (a 128-K tile holds 32 words per thread and buffer; offline sm_90 at BLOCK_M 8, M = 1:
 # 108 registers at 64, 128 plus a stack frame at 128).
-MMA_W8_BLOCK_K = 64
+MMA_W8_BLOCK_K = int(os.environ.get("ANYBIT_MMA_W8_BK", "64"))  # env: experiments
 
 
 def _mma_asm(bits: int, scaled: bool = False) -> str:
@@ -806,7 +806,8 @@ MMA_X_WHOLE_TILES = (8, 16)
 # 21.0, 18.0 -> 16.4 (228 registers, still 2 programs per SM). At BLOCK_M 8 it takes 168 registers (3
 # per SM): M 1 16.3 -> 20.2 on 4096x14336; capped at 128, 16.9 (M 1) and -2..3% at M 4-8: not taken.
 # Env ANYBIT_MMA_U2=0 turns it off.
-MMA_UNROLL2 = {8: False, 16: os.environ.get("ANYBIT_MMA_U2", "1") != "0", 32: False, 64: False}
+MMA_UNROLL2 = {8: os.environ.get("ANYBIT_MMA_U2_BM8", "0") == "1",
+               16: os.environ.get("ANYBIT_MMA_U2", "1") != "0", 32: False, 64: False}
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
