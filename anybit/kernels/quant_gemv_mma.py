@@ -844,7 +844,9 @@ def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,
     once and each keeps >= 2 iterations); then split-K across programs doubled the same way.
     ``per_sm``: resident programs per SM by BLOCK_M (default ``MMA_PROGRAMS_PER_SM``)."""
     bm = 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64
-    bk = MMA_W8_BLOCK_K if bits == 8 or bm > 16 else 128 if G % 128 == 0 else 64
+    bk = 128 if G % 128 == 0 else 64
+    if bits == 8 or bm > 16:
+        bk = min(bk, MMA_W8_BLOCK_K if bits == 8 else 64)
     if bm > 16 and 1 in SLICES[bits]:  # a 1-bit word holds 32 K: tiles of 128
         bk = 128
     slots = (per_sm or MMA_PROGRAMS_PER_SM)[bm] * sms
