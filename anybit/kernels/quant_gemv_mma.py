@@ -808,6 +808,11 @@ MMA_X_WHOLE_TILES = (8, 16)
 # Env ANYBIT_MMA_U2=0 turns it off.
 MMA_UNROLL2 = {8: os.environ.get("ANYBIT_MMA_U2_BM8", "0") == "1",
                16: os.environ.get("ANYBIT_MMA_U2", "1") != "0", 32: False, 64: False}
+# W8 at BLOCK_M 8 takes it (127 registers at 64-K tiles, 4 programs per SM; offline sm_90). H100 s23-6
+# (quant_matmul_w8_bk64_u*_s23_6, us, M = 1 writing y without / with): 27.6 / 28.5 on 4096x14336 (split 2),
+# 27.1 / 25.8 on 14336x4096, 14.9 / 13.3 on 6144x4096; M 4 as pending sums 26.1 / 25.1, 26.5 / 25.8, 14.2 /
+# 12.5. With 128-K tiles (168 registers) 30.9-34.1 at M = 1.
+MMA_W8_UNROLL2 = os.environ.get("ANYBIT_MMA_W8_U2", "1") != "0"
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -971,7 +976,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     zw = int(zw) if aligned and bm <= 16 else 0
     if unroll2 and (wb or xs or diag or bm > 16):
         raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring, no diag and M <= 16")
-    u2 = bool(MMA_UNROLL2[bm] and not (wb or xs or diag) if unroll2 is None else unroll2)
+    u2_default = MMA_UNROLL2[bm] or (bm == 8 and bits == 8 and MMA_W8_UNROLL2)
+    u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)

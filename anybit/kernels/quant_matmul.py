@@ -514,6 +514,10 @@ MMA_MIN_TILES_M16 = 4
 # stays (26.2 / 27.3 / 14.5 against 28.4 / 27.1 / 15.1). Env ANYBIT_MMA_W8=0: off.
 MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "1") != "0"
 MMA_W8_MAX_M = 8
+# W8 at M = 1 writing y: the mma.sync kernel (its unrolled loop) where mma_config needs no split-K (ks > 1,
+# split 1), else the packed-half GEMV. H100 s23-6 (us, mma / GEMV): 25.8 / 27.2 on 14336x4096, 13.3 / 14.1-
+# 14.7 on 6144x4096; 4096x14336 (split 2) 28.5 / 26.4 stays on the GEMV. Env ANYBIT_MMA_W8_M1=0: off.
+MMA_W8_M1 = os.environ.get("ANYBIT_MMA_W8_M1", "1") != "0"
 # M 17..32 on the mma.sync kernel (BLOCK_M 32, scales in the conversion; session 23) for weights up to
 # MMA_WIDE_MAX_N x MMA_WIDE_MAX_K (qkv, o_proj; not down_proj's K 14336, where W3 ran 45.7 us pending
 # against rws's 32.9, and W4 level): pending sums for every width, y for MMA_WIDE_Y_BITS. H100 s23-3
@@ -552,9 +556,11 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
     if MMA_MODE == "0" or not mma_routes(packed.bits, M) or not mma_applies(packed, M, x):
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
-        return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and mma_config(
-            1, packed.out_features, packed.in_features, packed.group_size, _num_sms(x.device),
-            bits=packed.bits)[3] > 1
+        _, _, split, ks = mma_config(1, packed.out_features, packed.in_features, packed.group_size,
+                                     _num_sms(x.device), bits=packed.bits)
+        if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU
+            return not pending and MMA_W8_M1 and ks > 1 and split == 1
+        return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
                                       _num_sms(x.device), bits=packed.bits)

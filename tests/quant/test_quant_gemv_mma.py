@@ -343,9 +343,11 @@ def test_matches_reference(bits, M, group):
         assert (acc - want_k).abs().max().item() <= 1e-2 * want_k.abs().max().item() + 1e-3, ks
     if qm.mma_chosen(pw, M, x):  # "auto" (M 2..8 by default)
         assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
-    ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device), bits=bits)[3]
+    _, _, split1, ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device), bits=bits)
     m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (qm.MMA_M1_KS and bits in qm.MMA_M1_KS_BITS
                                                           and ks1 > 1)
+    if bits == 8 and qm.MMA_MODE == "2":
+        m1 = qm.MMA_W8_M1 and ks1 > 1 and split1 == 1
     if M > 16:  # M 17..32 on outputs up to 8192: pending sums for every width, y for W2/W4/W8
         wide = qm.MMA_MODE != "0" and qm.MMA_WIDE_AUTO and M <= 32
         assert qm.mma_chosen(pw, M, x) == (wide and bits in (2, 4, 8))
