@@ -29,13 +29,9 @@ class Goal:
 
 def _qm(bits: int, ms: tuple[int, ...]) -> Callable[[str, dict], bool]:
     """The launcher's rows at this width and these M; from the s16 lm_head file only what the newer lm_head
-    files do not cover (W4: s20-6; the other widths at M >= 64: s21-5). Layer shapes: M = 1 from s22-8, the
-    rest from s22-13 (its cuBLAS GEMV on 4096x14336 at M = 1 took 54.5 us against 44.5-48.5 in every other
-    s22 run, which would overstate that row's ratios; the M = 1 routes did not change between the two)."""
+    files do not cover (W4: s20-6; the other widths at M >= 64: s21-5)."""
     return lambda f, r: (r["method"] == "anybit" and r["bits"] == bits and r["M"] in ms
-                         and not (f == "quant_matmul_s16_lm_head" and (bits == 4 or r["M"] >= 64))
-                         and not (f == "quant_matmul_s22_8" and r["M"] != 1)
-                         and not (f == "quant_matmul_s22_13" and r["M"] == 1))
+                         and not (f == "quant_matmul_s16_lm_head" and (bits == 4 or r["M"] >= 64)))
 
 
 def _decode(variant: str) -> Callable[[str, dict], bool]:
@@ -43,11 +39,11 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
     return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
-# s22-13 / s22-8 (M = 1, see _qm): every width and M on the layer shapes, launcher's choice (M 17..1024:
-# quant_gemm_rws for 1..8 bits; M 9..16 on qkv / o_proj: mma.sync at 2 programs per SM; W8 M 1: BLOCK_N
-# 32); lm_head: W4 from s20-6 (rws), the other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7
-# (their routes did not change)
-QM = ("quant_matmul_s22_13", "quant_matmul_s22_8", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
+# s23-7: every width and M on the layer shapes, launcher's choice (M 17..1024: quant_gemm_rws for 1..8 bits,
+# except qkv / o_proj at M 17..32 on the mma.sync kernel; M 9..16 on qkv / o_proj: mma.sync at 2 programs per
+# SM; W8: mma.sync at M 2..8 and at M = 1 where no split-K is needed); lm_head: W4 from s20-6 (rws), the other
+# widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the goal cells' routes did not change)
+QM = ("quant_matmul_s23_7", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
       "quant_matmul_s16_lm_head")
 DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
 E2E = ("e2e_w4_s16_final",)
