@@ -248,20 +248,13 @@ if gluon is not None:
     def _x_from_tile(xt, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
         """``_x_operand`` of a loaded x^T tile (``_x_layout`` for the slice width W0); W0 8: float16
         times ``MMA_W8_X_SCALE``."""
-        if W0 == 8:
-            if xt.dtype != gl.float16:  # (XW stages it converted already)
-                xt = _x_to_f16(xt)
+        if W0 == 8:  # in PTX: the compiler would otherwise round to float16 before scaling (overflow)
+            xt = gl.inline_asm_elementwise(
+                "{ .reg .f32 f; cvt.f32.bf16 f, $1; mul.rn.f32 f, f, 0f3C800000; cvt.rn.f16.f32 $0, f; }",
+                "=h,h", [xt], dtype=gl.float16, is_pure=True, pack=1)
         elif SCALE != 1.0:
             xt = (xt.to(gl.float32) * SCALE).to(gl.bfloat16)
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
-
-    @gluon.jit
-    def _x_to_f16(xt):
-        """bf16 x -> float16 times ``MMA_W8_X_SCALE``, rounded once. In PTX: written in Triton, the compiler
-        rounded to float16 before scaling (HMUL2 after F2FP), which overflows above 65504."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .f32 f; cvt.f32.bf16 f, $1; mul.rn.f32 f, f, 0f3C800000; cvt.rn.f16.f32 $0, f; }",
-            "=h,h", [xt], dtype=gl.float16, is_pure=True, pack=1)
 
     @gluon.jit
     def _x_tile_ptrs(x_ptr, stride_xm, M, XL: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -632,22 +625,14 @@ if gluon is not None:
         if XW > 0:  # the whole slice: n_iters tiles of x^T, then one wait and one barrier
             xw_ptrs, xw_mask = _x_tile_ptrs(x_ptr, stride_xm, M, _x_copy_layout(BLOCK_K, BLOCK_M, CLUSTER),
                                             BLOCK_K, BLOCK_M, KS, MR)
-            if W0 == 8:  # float16 (``_x_to_f16``) once here, not by every warp in every tile
-                x_all = gl.allocate_shared_memory(gl.float16, [XW, BLOCK_K, BLOCK_M],
-                                                  _x_smem_layout(W0, BLOCK_K, CLUSTER))
-                for j in range(n_iters):
-                    xt = gl.load(xw_ptrs + (k_start + j * SK), mask=xw_mask, other=0.0)
-                    x_all.index(j).store(_x_to_f16(xt))
-            else:
-                x_all = gl.allocate_shared_memory(gl.bfloat16, [XW, BLOCK_K, BLOCK_M],
-                                                  _x_smem_layout(W0, BLOCK_K, CLUSTER))
-                # (the compiler puts a CTA barrier after each copy: it cannot tell the tiles apart; a single
-                # copy of all tiles ([XW, BK, BM], one more pointer dimension) crashes Triton 3.6's lowering)
-                for j in range(n_iters):
-                    async_copy.async_copy_global_to_shared(x_all.index(j), xw_ptrs + (k_start + j * SK),
-                                                           xw_mask)
-                async_copy.commit_group()
-                async_copy.wait_group(0)
+            x_all = gl.allocate_shared_memory(gl.bfloat16, [XW, BLOCK_K, BLOCK_M],
+                                              _x_smem_layout(W0, BLOCK_K, CLUSTER))
+            # (the compiler puts a CTA barrier after each copy: it cannot tell the tiles apart; a single
+            # copy of all tiles ([XW, BK, BM], one more pointer dimension) crashes Triton 3.6's lowering)
+            for j in range(n_iters):
+                async_copy.async_copy_global_to_shared(x_all.index(j), xw_ptrs + (k_start + j * SK), xw_mask)
+            async_copy.commit_group()
+            async_copy.wait_group(0)
             gl.thread_barrier()
         x_all_arg = x_all if XW > 0 else x_ptr
         if DIAG & 1:
