@@ -514,6 +514,11 @@ MMA_MIN_TILES_M16 = 4
 # stays (26.2 / 27.3 / 14.5 against 28.4 / 27.1 / 15.1). Env ANYBIT_MMA_W8=0: off.
 MMA_W8_AUTO = os.environ.get("ANYBIT_MMA_W8", "1") != "0"
 MMA_W8_MAX_M = 8
+# Writing y (not a pending sum), W8 takes it only up to M 4: s23-11 (quant_matmul_w8_lmhead_s23_11, us, mma
+# / wgmma) M 8 on lm_head 221.9 / 210.8 and on 4096x4096 15.0 / 12.8 (as a pending sum 10.2), M 4 213.7 /
+# 210.4 and 13.2 / 13.0, M 2 204.5 / 210.8 and 12.7 / 13.1; on the MLP shapes at M 8 (s23-1) 32.7 / 31.6
+# and 31.0 / 34.9.
+MMA_W8_Y_MAX_M = 4
 # W8 at M = 1 writing y: the mma.sync kernel (its unrolled loop) where mma_config needs no split-K (ks > 1,
 # split 1), else the packed-half GEMV. H100 s23-6 (us, mma / GEMV): 25.8 / 27.2 on 14336x4096, 13.3 / 14.1-
 # 14.7 on 6144x4096; 4096x14336 (split 2) 28.5 / 26.4 stays on the GEMV. Env ANYBIT_MMA_W8_M1=0: off.
@@ -533,10 +538,11 @@ MMA_WIDE_MAX_K = 8192
 MMA_WIDE_Y_BITS = (2, 4, 8)
 
 
-def mma_routes(bits: int, M: int = 2) -> bool:
+def mma_routes(bits: int, M: int = 2, pending: bool = False) -> bool:
     """Whether "auto" may send this width at M <= 16 rows to the mma.sync kernel at all (W8: MMA_W8_AUTO,
-    M up to MMA_W8_MAX_M)."""
-    return bits in MMA_BITS and (bits != 8 or (MMA_W8_AUTO and M <= MMA_W8_MAX_M))
+    M up to MMA_W8_MAX_M for pending sums, MMA_W8_Y_MAX_M writing y)."""
+    w8_max = MMA_W8_MAX_M if pending else MMA_W8_Y_MAX_M
+    return bits in MMA_BITS and (bits != 8 or (MMA_W8_AUTO and w8_max >= M))
 
 
 def mma_wide_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
@@ -553,7 +559,7 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
     (anybit/layers/pending.py) rather than writing y."""
     if M > 16:
         return MMA_MODE != "0" and mma_wide_chosen(packed, M, pending) and mma_applies(packed, M, x)
-    if MMA_MODE == "0" or not mma_routes(packed.bits, M) or not mma_applies(packed, M, x):
+    if MMA_MODE == "0" or not mma_routes(packed.bits, M, pending) or not mma_applies(packed, M, x):
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
         _, _, split, ks = mma_config(1, packed.out_features, packed.in_features, packed.group_size,

@@ -356,6 +356,7 @@ def test_matches_reference(bits, M, group):
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M)
     assert qm.mma_chosen(pw, M, x) == (routed and (M > 1 or m1) and M <= 8)
     m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS  # pending sums keep the GEMV at M = 1
+    routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M, pending=True)
     assert qm.mma_chosen(pw, M, x, pending=True) == (routed and (M > 1 or m1_pending) and M <= 8)
 
 
