@@ -41,8 +41,9 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 
 # s23-7: every width and M on the layer shapes, launcher's choice (M 17..1024: quant_gemm_rws for 1..8 bits,
 # except qkv / o_proj at M 17..32 on the mma.sync kernel; M 9..16 on qkv / o_proj: mma.sync at 2 programs per
-# SM; W8: mma.sync at M 2..8 and at M = 1 where no split-K is needed); lm_head: W4 from s20-6 (rws), the other
-# widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the goal cells' routes did not change)
+# SM; W8: mma.sync at M 2..8 (y up to 4 since s23-11) and at M = 1 where no split-K is needed); lm_head: W4
+# from s20-6 (rws), the other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the goal cells'
+# routes did not change)
 QM = ("quant_matmul_s23_7", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
       "quant_matmul_s16_lm_head")
 DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
