@@ -32,6 +32,7 @@ offline and check the loop (no shared memory, LDG.128, HMMA), the GPU tests comp
 from __future__ import annotations
 
 import os
+import struct
 import weakref
 
 import torch
@@ -101,14 +102,20 @@ if gluon is not None:
 
     from anybit.kernels.quant_gemm_wg import _join8, _store_tile, _words_tile
 
-    _MMA_ASM1: gl.constexpr = gl.constexpr(_mma_asm(1))
-    _MMA_ASM2: gl.constexpr = gl.constexpr(_mma_asm(2))
-    _MMA_ASM4: gl.constexpr = gl.constexpr(_mma_asm(4))
-    _MMA_ASM8: gl.constexpr = gl.constexpr(_mma_asm(8))
-    _MMA_ASM1S: gl.constexpr = gl.constexpr(_mma_asm(1, True))
-    _MMA_ASM2S: gl.constexpr = gl.constexpr(_mma_asm(2, True))
-    _MMA_ASM4S: gl.constexpr = gl.constexpr(_mma_asm(4, True))
-    _MMA_ASM8S: gl.constexpr = gl.constexpr(_mma_asm(8, True))
+    # x -> float16 times MMA_W8_X_SCALE in PTX (written in Triton, the compiler rounded to float16 before
+    # scaling, which overflows above 65504), and the factor that undoes the scale on the sums
+    _W8_X_SCALE_BITS = struct.unpack("<I", struct.pack("<f", MMA_W8_X_SCALE))[0]
+    _W8_X_ASM: gl.constexpr = gl.constexpr(
+        "{ .reg .f32 f; cvt.f32.bf16 f, $1; "
+        f"mul.rn.f32 f, f, 0f{_W8_X_SCALE_BITS:08X}; cvt.rn.f16.f32 $0, f; }}")
+    _W8_X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / MMA_W8_X_SCALE)
+
+    _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
+
+    @gluon.constexpr_function
+    def _word_asm(bits, scaled):
+        """``_mma_asm(bits, scaled)`` as a compile-time constant."""
+        return _WORD_ASM[(int(bits), bool(scaled))]
 
     @gluon.constexpr_function
     def _cga(cluster):
@@ -248,10 +255,8 @@ if gluon is not None:
     def _x_from_tile(xt, BL: gl.constexpr, W0: gl.constexpr, SCALE: gl.constexpr = 1.0):
         """``_x_operand`` of a loaded x^T tile (``_x_layout`` for the slice width W0); W0 8: float16
         times ``MMA_W8_X_SCALE``."""
-        if W0 == 8:  # in PTX: the compiler would otherwise round to float16 before scaling (overflow)
-            xt = gl.inline_asm_elementwise(
-                "{ .reg .f32 f; cvt.f32.bf16 f, $1; mul.rn.f32 f, f, 0f3C800000; cvt.rn.f16.f32 $0, f; }",
-                "=h,h", [xt], dtype=gl.float16, is_pure=True, pack=1)
+        if W0 == 8:
+            xt = gl.inline_asm_elementwise(_W8_X_ASM, "=h,h", [xt], dtype=gl.float16, is_pure=True, pack=1)
         elif SCALE != 1.0:
             xt = (xt.to(gl.float32) * SCALE).to(gl.bfloat16)
         return gl.convert_layout(gl.permute(_relabel_x(gl.permute(xt, (1, 0)), W0), (1, 0)), BL)
@@ -369,7 +374,7 @@ if gluon is not None:
     def _group_scale(sr, W0: gl.constexpr):
         """A tile's scales as float32 factors of its partial sums (W0 8: times 1 / ``MMA_W8_X_SCALE``)."""
         if W0 == 8:
-            return sr.to(gl.float32) * 64.0
+            return sr.to(gl.float32) * _W8_X_UNSCALE
         return sr.to(gl.float32)
 
     @gluon.jit
@@ -414,10 +419,13 @@ if gluon is not None:
             sb = _relabel_cols(sb)
         w = _relabel_cols(w)
         zb = _relabel_cols(zb)
+        P: gl.constexpr = 32 // W0
         if SA:
-            o = _codes_scaled(w, zb, sb, W0)
+            o = gl.inline_asm_elementwise(_word_asm(W0, True), "=h," * P + "r,h,h", [w, zb, sb],
+                                          dtype=(zb.dtype,) * P, is_pure=True, pack=1)
         else:
-            o = _codes(w, zb, W0)
+            o = gl.inline_asm_elementwise(_word_asm(W0, False), "=h," * P + "r,h", [w, zb],
+                                          dtype=(zb.dtype,) * P, is_pure=True, pack=1)
         if W0 == 8:
             v = gl.join(gl.join(o[0], o[2]), gl.join(o[1], o[3]))
         elif W0 == 4:
@@ -432,30 +440,6 @@ if gluon is not None:
                         _join8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))
         a = _words_tile(v, w.shape[0], 128, 32 // W0)
         return gl.convert_layout(_relabel_a(a, W0), AL)
-
-    @gluon.jit
-    def _codes(w, zb, W0: gl.constexpr):
-        """``_mma_asm(W0)`` on every word: the 32 / W0 outputs (pair order)."""
-        if W0 == 8:
-            o = gl.inline_asm_elementwise(_MMA_ASM8, "=h," * 4 + "r,h", [w, zb], dtype=(gl.float16,) * 4,
-                                          is_pure=True, pack=1)
-        else:
-            o = gl.inline_asm_elementwise(_MMA_ASM4 if W0 == 4 else _MMA_ASM2 if W0 == 2 else _MMA_ASM1,
-                                          "=h," * (32 // W0) + "r,h", [w, zb],
-                                          dtype=(gl.bfloat16,) * (32 // W0), is_pure=True, pack=1)
-        return o
-
-    @gluon.jit
-    def _codes_scaled(w, zb, sb, W0: gl.constexpr):
-        """``_mma_asm(W0, scaled=True)`` on every word: the 32 / W0 outputs ``s (q - z)`` (pair order)."""
-        if W0 == 8:
-            o = gl.inline_asm_elementwise(_MMA_ASM8S, "=h," * 4 + "r,h,h", [w, zb, sb],
-                                          dtype=(gl.float16,) * 4, is_pure=True, pack=1)
-        else:
-            o = gl.inline_asm_elementwise(_MMA_ASM4S if W0 == 4 else _MMA_ASM2S if W0 == 2 else _MMA_ASM1S,
-                                          "=h," * (32 // W0) + "r,h,h", [w, zb, sb],
-                                          dtype=(gl.bfloat16,) * (32 // W0), is_pure=True, pack=1)
-        return o
 
     @gluon.jit
     def _gdc_wait():
@@ -709,7 +693,7 @@ if gluon is not None:
         if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
             async_copy.wait_group(0)
         if SA and W0 == 8:  # x entered scaled by MMA_W8_X_SCALE
-            acc = acc * 64.0
+            acc = acc * _W8_X_UNSCALE
         if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)
             acc = _cluster_sum(acc, pid_k, CLUSTER)
         if KS > 1:
