@@ -96,6 +96,26 @@ def _mma_asm(bits: int, scaled: bool = False) -> str:
     return "\n".join(lines + ["}"])
 
 
+# Codebook weights (``W = codebook[q] s``, 4-bit nf4 / fp4 / learned tables): one 32-bit shared-memory load
+# per byte of a word gives the bf16 pair (codebook[low nibble], codebook[high nibble]). The 256 pairs are
+# stored once per lane (32 copies, bank-private: lane l reads word 32 e + l of entry e), so no load of a warp
+# conflicts whatever its codes: 32 KB per program, the kernel's first shared allocation (offset 0).
+MMA_CB_ENTRIES = 256
+MMA_CB_LANES = 32
+
+
+def _lut_asm() -> str:
+    """PTX for one word of 4-bit codebook codes: inputs ``$8`` = the word, ``$9`` = this lane's table base
+    (shared address of entry 0's copy for the lane); outputs ``$0..$7`` = bf16 ``codebook[q]`` of the
+    codes in natural order (output j = code j, bits 4j..4j+3). Per byte: ``prmt`` (the byte, zero
+    extended), address ``base + byte * 128``, one ``ld.shared.b32``."""
+    lines = ["{", ".reg .b32 t, r;"]
+    for i in range(4):
+        lines += [f"prmt.b32 t, $8, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", "add.u32 t, t, $9;",
+                  "ld.shared.b32 r, [t];", f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r;"]
+    return "\n".join(lines + ["}"])
+
+
 if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -111,6 +131,28 @@ if gluon is not None:
     _W8_X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / MMA_W8_X_SCALE)
 
     _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
+    _LUT_ASM: gl.constexpr = gl.constexpr(_lut_asm())
+
+    @gluon.jit
+    def _fill_lut(cb_ptr):
+        """The codebook pair table ``[MMA_CB_ENTRIES, MMA_CB_LANES]`` int32 in shared memory: entry e =
+        bf16 pair (codebook[e & 15] low, codebook[e >> 4] high), the same in every lane's column. Must be
+        the kernel's first shared allocation (``_lut_base`` reads it from offset 0; the offline test
+        checks the compiled allocation); a CTA barrier follows."""
+        L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, L))
+        lo = gl.load(cb_ptr + (e & 15)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        hi = gl.load(cb_ptr + (e >> 4)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) << 16
+        tab.store(gl.zeros([256, 32], gl.int32, L) + (lo | hi)[:, None])
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _lut_base():
+        """Shared address of this lane's copy of codebook entry 0 (``_fill_lut``'s table at offset 0)."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 l; mov.u32 l, %laneid; mov.u32 $0, global_smem; mad.lo.u32 $0, l, 4, $0; }", "=r",
+            [], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.constexpr_function
     def _word_asm(bits, scaled):
@@ -226,9 +268,21 @@ if gluon is not None:
         return a
 
     @gluon.jit
+    def _swap_k15(t):
+        """``[R, BK]`` -> K bits 1 and 5 exchanged (a register relabeling in the MMA operand layouts). For
+        codebook words, whose shared-table loads give natural K pairs: each HMMA of the k_width-8 B operand
+        takes K' pairs 2i and 32 + 2i, which after the swap are adjacent registers of one 16-byte x load
+        (natural K 2i, 2i + 2), so x needs no moves; the weights get the same swap (``_unpack_tile``)."""
+        R: gl.constexpr = t.shape[0]
+        BK: gl.constexpr = t.shape[1]
+        t = gl.reshape(t, [R, BK // 64, 2, 2, 2, 2, 2, 2])  # K bits 6.., 5, 4, 3, 2, 1, 0
+        return gl.reshape(gl.permute(t, (0, 1, 6, 3, 4, 5, 2, 7)), [R, BK])
+
+    @gluon.jit
     def _relabel_x(xt, W0: gl.constexpr):
         """x ``[BM, BK]`` natural K -> the weights' MMA K order: within a word's 8 (W4) codes pair
-        order (j0 j1 j2 -> bits j2 j0 j1 from low to high); W2 as ``_relabel_a``."""
+        order (j0 j1 j2 -> bits j2 j0 j1 from low to high); W2 as ``_relabel_a``; 16: 4-bit codebook
+        words (natural order)."""
         BM: gl.constexpr = xt.shape[0]
         BK: gl.constexpr = xt.shape[1]
         if W0 == 8:  # natural r_hi r2 r1 r0 j1 j0 -> r_hi r1 r0 r2 j0 j1
@@ -240,6 +294,8 @@ if gluon is not None:
         elif W0 == 2:  # natural r_hi r1 r0 j3 j2 j1 j0 -> r_hi j2 r1 r0 j1 j0 j3
             xt = gl.reshape(xt, [BM, BK // 64, 2, 2, 2, 2, 2, 2])
             xt = gl.permute(xt, (0, 1, 5, 2, 3, 6, 7, 4))
+        elif W0 == 16:  # codebook words: natural K with bits 1 and 5 swapped (``_swap_k15``)
+            xt = _swap_k15(xt)
         else:  # natural r j2 j1 j0 -> r j1 j0 j2
             xt = gl.reshape(xt, [BM, BK // 8, 2, 2, 2])
             xt = gl.permute(xt, (0, 1, 3, 4, 2))
@@ -324,14 +380,16 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
-                   P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False):
+                   P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = False):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
         words of two f16 (z_off: ``_pair_offsets``), for ``_zero_halves``; ZW 2: the scales too (in
-        column order: ``_cols_to_rows``)."""
+        column order: ``_cols_to_rows``). CB: codebook weights, no zero points (zeros in their place)."""
         w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
         g = k0 // G
-        if ZW:
+        if CB:
+            z = gl.zeros_like(z_off).to(gl.float16)
+        elif ZW:
             z = gl.load(z_ptr.to(gl.pointer_type(gl.int32)) + (g * N) // 2 + z_off)
         else:
             z = gl.load(z_ptr + g * N + z_off)
@@ -364,10 +422,11 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
-                  ZL: gl.constexpr):
-        """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop."""
+                  ZL: gl.constexpr, CB: gl.constexpr = False, base=0):
+        """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop (CB:
+        codebook words, ``base`` = ``_lut_base()``)."""
         zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
-        part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros(acc.shape, gl.float32, MMA))
+        part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb, gl.zeros(acc.shape, gl.float32, MMA))
         return acc + part * _group_scale(sr, W0)[:, None]
 
     @gluon.jit
@@ -406,40 +465,51 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(gl.join(lo, hi), [zw.shape[0] * 2]), L)
 
     @gluon.jit
-    def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False):
+    def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False,
+                     CB: gl.constexpr = False, base=0):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
-        float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z)."""
-        if W0 == 8:
-            zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
+        float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4-bit
+        codebook words): bf16 ``codebook[q]`` from the shared pair table (``_lut_asm``; ``base`` =
+        ``_lut_base()``), codes in natural K order (x relabeled as width 16)."""
+        if CB:
+            w = _relabel_cols(w)
+            o = gl.inline_asm_elementwise(_LUT_ASM, "=h," * 8 + "r,r", [w, gl.zeros_like(w) + base],
+                                          dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+            a = _words_tile(_join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]), w.shape[0], 128, 8)
+            a = gl.convert_layout(_swap_k15(a), AL)
         else:
-            zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
-        zb, _ = gl.broadcast(zb, w)
-        if SA:
-            sb, _ = gl.broadcast(s.to(zb.dtype)[None, :], w)
-            sb = _relabel_cols(sb)
-        w = _relabel_cols(w)
-        zb = _relabel_cols(zb)
-        P: gl.constexpr = 32 // W0
-        if SA:
-            o = gl.inline_asm_elementwise(_word_asm(W0, True), "=h," * P + "r,h,h", [w, zb, sb],
-                                          dtype=(zb.dtype,) * P, is_pure=True, pack=1)
-        else:
-            o = gl.inline_asm_elementwise(_word_asm(W0, False), "=h," * P + "r,h", [w, zb],
-                                          dtype=(zb.dtype,) * P, is_pure=True, pack=1)
-        if W0 == 8:
-            v = gl.join(gl.join(o[0], o[2]), gl.join(o[1], o[3]))
-        elif W0 == 4:
-            v = _join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
-        elif W0 == 1:
-            v = gl.join(gl.join(_join8(o[0], o[4], o[8], o[12], o[16], o[20], o[24], o[28]),
-                                _join8(o[2], o[6], o[10], o[14], o[18], o[22], o[26], o[30])),
-                        gl.join(_join8(o[1], o[5], o[9], o[13], o[17], o[21], o[25], o[29]),
-                                _join8(o[3], o[7], o[11], o[15], o[19], o[23], o[27], o[31])))
-        else:
-            v = gl.join(_join8(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14]),
-                        _join8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))
-        a = _words_tile(v, w.shape[0], 128, 32 // W0)
-        return gl.convert_layout(_relabel_a(a, W0), AL)
+            if W0 == 8:
+                zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
+            else:
+                zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
+            zb, _ = gl.broadcast(zb, w)
+            if SA:
+                sb, _ = gl.broadcast(s.to(zb.dtype)[None, :], w)
+                sb = _relabel_cols(sb)
+            w = _relabel_cols(w)
+            zb = _relabel_cols(zb)
+            P: gl.constexpr = 32 // W0
+            if SA:
+                o = gl.inline_asm_elementwise(_word_asm(W0, True), "=h," * P + "r,h,h", [w, zb, sb],
+                                              dtype=(zb.dtype,) * P, is_pure=True, pack=1)
+            else:
+                o = gl.inline_asm_elementwise(_word_asm(W0, False), "=h," * P + "r,h", [w, zb],
+                                              dtype=(zb.dtype,) * P, is_pure=True, pack=1)
+            if W0 == 8:
+                v = gl.join(gl.join(o[0], o[2]), gl.join(o[1], o[3]))
+            elif W0 == 4:
+                v = _join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
+            elif W0 == 1:
+                v = gl.join(gl.join(_join8(o[0], o[4], o[8], o[12], o[16], o[20], o[24], o[28]),
+                                    _join8(o[2], o[6], o[10], o[14], o[18], o[22], o[26], o[30])),
+                            gl.join(_join8(o[1], o[5], o[9], o[13], o[17], o[21], o[25], o[29]),
+                                    _join8(o[3], o[7], o[11], o[15], o[19], o[23], o[27], o[31])))
+            else:
+                v = gl.join(_join8(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14]),
+                            _join8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))
+            a = _words_tile(v, w.shape[0], 128, 32 // W0)
+            a = gl.convert_layout(_relabel_a(a, W0), AL)
+        return a
 
     @gluon.jit
     def _gdc_wait():
@@ -510,7 +580,8 @@ if gluon is not None:
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
-                               ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False):
+                               ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
+                               CB: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -549,7 +620,17 @@ if gluon is not None:
         no buffer is moved between iterations (the three-buffer loop's moves wait for the loads). SA
         (BLOCK_M 32 / 64, no U2): the conversion applies the scale (``s (q - z)`` rounded once in bf16,
         scales loaded in column order) and every MMA accumulates straight into acc: no partial tile and
-        no float32 scaling per tile, which at these BLOCK_M would double the accumulator registers."""
+        no float32 scaling per tile, which at these BLOCK_M would double the accumulator registers.
+
+        CB (W0 4, single slice, no SA / XS / XW / CLUSTER): codebook weights ``codebook[q] s``; z_ptr is
+        the float32 codebook ``[16]``. Each program first writes the table of code pairs to shared memory
+        (``_fill_lut``); a word's codes are then 4 shared loads (``_lut_asm``) and x needs no relabeling."""
+        if CB:  # the pair table first: it must sit at shared offset 0
+            _fill_lut(z_ptr)
+            base = _lut_base()
+        else:
+            base = 0
+        WX: gl.constexpr = W0 + 12 * CB  # x's relabeling: 16 = natural (codebook words)
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -581,9 +662,9 @@ if gluon is not None:
         acc = gl.zeros([128, BLOCK_M], gl.float32, MMA)
         # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
         # them to the end of the iteration, so a distance of one would wait for each tile)
-        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW, SA)
+        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW, SA, CB)
         k1 = k_start + gl.minimum(1, n_iters - 1) * SK
-        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA)
+        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA, CB)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
             wb_ptr, xb_ptrs, xb_mask, wb_off, zb0, wb, wb1 = _higher_slice(
@@ -620,26 +701,28 @@ if gluon is not None:
             gl.thread_barrier()
         x_all_arg = x_all if XW > 0 else x_ptr
         if DIAG & 1:
-            xb = _x_operand(x_ptrs + k_start, x_mask, BL, W0)
+            xb = _x_operand(x_ptrs + k_start, x_mask, BL, WX)
         if U2:  # unrolled by two, one word buffer per half, refilled right after its tile's unpacking
             for i0 in range(0, n_iters, 2):
-                acc = _tile_acc(acc, w, z, s, _x_at(i0, x_ptrs, x_mask, k_start, SK, BL, W0, XW, x_all_arg),
-                                AL, MMA, W0, ZW, ZL)
+                acc = _tile_acc(acc, w, z, s, _x_at(i0, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg),
+                                AL, MMA, W0, ZW, ZL, CB, base)
                 ka = k_start + gl.minimum(i0 + 2, n_iters - 1) * SK
-                w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW)
+                w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW, CB=CB)
                 if i0 + 1 < n_iters:
                     acc = _tile_acc(acc, w1, z1, s1,
-                                    _x_at(i0 + 1, x_ptrs, x_mask, k_start, SK, BL, W0, XW, x_all_arg),
-                                    AL, MMA, W0, ZW, ZL)
+                                    _x_at(i0 + 1, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg),
+                                    AL, MMA, W0, ZW, ZL, CB, base)
                     kb = k_start + gl.minimum(i0 + 3, n_iters - 1) * SK
-                    w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, kb, w_off, z_off, s_off, WL, R, P, ZW)
+                    w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, kb, w_off, z_off, s_off, WL, R, P, ZW,
+                                            CB=CB)
         else:
             for i in range(n_iters):
                 k0 = k_start + i * SK
                 k2 = k_start + gl.minimum(i + 2, n_iters - 1) * SK  # past the end: reload the last tile
                 if DIAG & 4:  # every tile's words are the first tile's (cache hits): the loop without DRAM
                     k2 = k_start
-                w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW, SA)
+                w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW, SA,
+                                        CB)
                 if WB > 0:
                     wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
                 if WC > 0:
@@ -660,12 +743,13 @@ if gluon is not None:
                     if DIAG & 1 == 0:
                         xb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, W0, CLUSTER)), BL, W0)
                 elif DIAG & 1 == 0:
-                    xb = _x_operand(x_ptrs + k0, x_mask, BL, W0)
+                    xb = _x_operand(x_ptrs + k0, x_mask, BL, WX)
                 zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
                 if SA:  # scaled weights: straight into the accumulator
                     part = mma_v2(_unpack_tile(w, zh, AL, W0, sr, True), xb, acc)
                 else:
-                    part = mma_v2(_unpack_tile(w, zh, AL, W0), xb, gl.zeros([128, BLOCK_M], gl.float32, MMA))
+                    part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb,
+                                  gl.zeros([128, BLOCK_M], gl.float32, MMA))
                 if WB > 0:
                     if XS > 0 or XW > 0:
                         xbb = _x_from_tile(x_tile.load(_x_layout(BLOCK_K, BLOCK_M, WB, CLUSTER)), BL, WB,
@@ -731,12 +815,17 @@ def integer_zeros(packed: PackedWeight) -> bool:
 
 def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether this path can run the call: CUDA sm_80+, bf16 x (unit inner stride), 1 <= M <= 64, a
-    uniform weight of 1..8 bits (slices of 1, 2, 4 and 8 bits) with integer zero points, N a multiple
-    of 128, K and the group size multiples of 64 (128 with a 1-bit slice: its words hold 32 K),
-    contiguous words; M <= 32 for widths with a 1-bit slice."""
+    uniform weight of 1..8 bits (slices of 1, 2, 4 and 8 bits) with integer zero points, or a 4-bit
+    codebook weight (nf4 / fp4 / learned) at M <= ``MMA_CB_MAX_M``, N a multiple of 128, K and the
+    group size multiples of 64 (128 with a 1-bit slice: its words hold 32 K), contiguous words; M <= 32
+    for widths with a 1-bit slice."""
     if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= M <= MMA_MAX_M:
         return False
-    if packed.fmt != "uniform" or packed.bits not in MMA_BITS or packed.zeros is None:
+    cb = packed.fmt != "uniform"
+    if cb and (packed.bits != 4 or packed.codebook is None or packed.codebook.dtype != torch.float32
+               or packed.codebook.numel() != 16 or M > MMA_CB_MAX_M):
+        return False
+    if not cb and (packed.bits not in MMA_BITS or packed.zeros is None):
         return False
     kmul = 128 if 1 in SLICES[packed.bits] else 64
     if M > 32 and 1 in SLICES[packed.bits]:  # BLOCK_M 64 with 128-K tiles spills (offline sm_90, s23)
@@ -746,9 +835,9 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     q = packed.qweight
     if q.stride(1) != 1 or q.stride(0) != packed.out_features or x.stride(1) != 1:
         return False
-    if packed.scales.dtype != torch.float16 or packed.zeros.dtype != torch.float16:
+    if packed.scales.dtype != torch.float16 or (not cb and packed.zeros.dtype != torch.float16):
         return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 8 and integer_zeros(packed)
+    return torch.cuda.get_device_capability(x.device)[0] >= 8 and (cb or integer_zeros(packed))
 
 
 # Programs per SM assumed by the split count, by BLOCK_M: what the registers allow (offline sm_90, s22:
@@ -756,6 +845,7 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # 6144x4096 at M 9-16 took split 8 (384 programs, two waves on 264 slots) and lost to the wgmma kernel; at
 # split 4 (one wave) it wins (H100 s22-10, quant_matmul_smallk_s22_10, M 16 us: W4 12.8 against 15.3, W3
 # 15.6 against 20.7, W6 17.2 against 22.2). The larger shapes keep their splits.
+MMA_CB_MAX_M = 16  # codebook weights: BLOCK_M 8 / 16 (BLOCK_M 32 / 64's scaled conversion has no table form)
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
 # 224 (BLOCK_M 16) registers (offline sm_90; the epilogue sets the peak), so 2 programs of BLOCK_M 16
@@ -797,6 +887,10 @@ MMA_UNROLL2 = {8: os.environ.get("ANYBIT_MMA_U2_BM8", "0") == "1",
 # 27.1 / 25.8 on 14336x4096, 14.9 / 13.3 on 6144x4096; M 4 as pending sums 26.1 / 25.1, 26.5 / 25.8, 14.2 /
 # 12.5. With 128-K tiles (168 registers) 30.9-34.1 at M = 1.
 MMA_W8_UNROLL2 = os.environ.get("ANYBIT_MMA_W8_U2", "1") != "0"
+# Codebook weights (CB) unrolled at BLOCK_M 8: 128 registers and 352 loop instructions per 128-K tile against
+# 127 and 388 without (offline sm_90, KS 8 with split-K); at BLOCK_M 16 unrolling takes 247 registers (one
+# program per SM) against 226, so there it is off. Env ANYBIT_MMA_CB_U2=0: off.
+MMA_CB_UNROLL2 = os.environ.get("ANYBIT_MMA_CB_U2", "1") != "0"
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -922,19 +1016,22 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if not mma_applies(packed, M, x):
         raise not_applicable("quant_gemv_mma", "CUDA sm_80+", MMA_BITS, x, packed)
     sms = _num_sms(x.device)
+    cb = packed.fmt != "uniform"  # 4-bit codebook (mma_applies): the table in shared memory at offset 0,
+    # so no x ring, no whole x slice and no cluster; z_ptr carries the codebook
+    zeros = packed.codebook if cb else packed.zeros
     cap = max_registers or None
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in MMA_PROGRAMS_PER_SM} if cap else None
     bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits)
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    xs = (0 if wb and bm <= 16 else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
-    if xs not in (0, 2, 3, 4):
-        raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4, got {xs}")
+    xs = (0 if (wb or cb) and bm <= 16 else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
+    if xs not in (0, 2, 3, 4) or (cb and xs):
+        raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4 (0 for a codebook weight), got {xs}")
     regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
     BK = block_k or bk
     if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "
                          f"and divide the group size {G}")
-    want_cluster = MMA_CLUSTER if cluster is None else cluster  # the cluster sum needs KS 1
+    want_cluster = (MMA_CLUSTER if cluster is None else cluster) and not cb  # the cluster sum needs KS 1
     if ks is None:
         ks = 1 if want_cluster or bk != BK else ks_auto
     elif ks != 1 and (want_cluster or not ks_fits(ks, M, bm, K, G, BK)):
@@ -946,21 +1043,23 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     SK = ks * BK
     per, split = k_split(K // SK, split_k or split)
     xw = x_whole_tiles(per, BK, ks)
-    if x_whole and not xw:
-        raise ValueError(f"quant_gemv_mma: x_whole needs at most {MMA_X_WHOLE_TILES[-1]} tiles and "
-                         f"{MMA_X_WHOLE_MAX_K} K per program (got {per} tiles of {BK})")
+    if x_whole and (not xw or cb):
+        raise ValueError(f"quant_gemv_mma: x_whole needs a uniform weight, at most {MMA_X_WHOLE_TILES[-1]} "
+                         f"tiles and {MMA_X_WHOLE_MAX_K} K per program (got {packed.fmt}, {per} tiles of "
+                         f"{BK})")
     want_xw = MMA_X_WHOLE and bits >= MMA_X_WHOLE_MIN_BITS if x_whole is None else x_whole
-    xw = xw if want_xw and bm <= 16 else 0
+    xw = xw if want_xw and bm <= 16 and not cb else 0
     if xw:
         xs = 0
     zw = zero_words if zero_words is not None else MMA_ZERO_WORDS
     if zw is None:
         zw = 2 if bits == 2 and bm == 16 else 0
-    aligned = packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0
+    aligned = not cb and packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0
     zw = int(zw) if aligned and bm <= 16 else 0
     if unroll2 and (wb or xs or diag or bm > 16):
         raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring, no diag and M <= 16")
-    u2_default = MMA_UNROLL2[bm] or (bm == 8 and bits == 8 and MMA_W8_UNROLL2)
+    u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2
+    u2_default = (MMA_UNROLL2[bm] and not cb) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
@@ -969,11 +1068,11 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if acc is not None:
         check_acc(acc, M, N)
         _quant_gemv_mma_kernel[(tiles, split)](
-            x, packed.qweight, packed.scales, packed.zeros, acc, acc, acc, M, N, K, G, x.stride(0),
+            x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, num_warps=4, **regs, **launch)
         return acc
-    if ks == 1 and bm <= 16 and cluster_applies(split, x.device, cluster):  # K splits summed in a cluster
+    if ks == 1 and bm <= 16 and not cb and cluster_applies(split, x.device, cluster):  # split-K in a cluster
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
@@ -981,7 +1080,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         return y
     ws, locks = split_k_buffers(split, M, N, tiles, y)
     _quant_gemv_mma_kernel[(tiles, split)](
-        x, packed.qweight, packed.scales, packed.zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
+        x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cb, num_warps=4, **regs, **launch)
     return y

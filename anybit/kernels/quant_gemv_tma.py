@@ -217,9 +217,9 @@ if gluon is not None:
 
 
 def tma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
-    """quant_gemv_mma's conditions (``mma_applies``) at M <= 16, a single-slice width (``TMA_BITS``) and a
-    Hopper GPU (TMA)."""
-    if packed.bits not in TMA_BITS or M > 16:
+    """quant_gemv_mma's conditions (``mma_applies``) at M <= 16, a uniform single-slice width (``TMA_BITS``;
+    no codebook) and a Hopper GPU (TMA)."""
+    if packed.fmt != "uniform" or packed.bits not in TMA_BITS or M > 16:
         return False
     if not mma_applies(packed, M, x):
         return False

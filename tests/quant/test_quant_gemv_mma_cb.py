@@ -1,0 +1,168 @@
+"""4-bit codebook weights (nf4 / fp4 / learned) on the mma.sync kernel (quant_gemv_mma.py's CB): the code-pair
+table in shared memory. On CPU: the per-word PTX by emulation against the table ``_fill_lut`` writes, and an
+offline sm_90 compile (table loads in the loop, no spills, the table alone in shared memory so it sits at
+offset 0). On CUDA: every variant against ref_quant_matmul, and the launcher's routes."""
+
+import os
+import re
+
+import pytest
+import torch
+from sm90_sass import loop_bodies, nvdisasm, shared_bytes, sm90_sass_ptrs  # same folder
+
+from anybit.kernels import quant_gemv_mma as mm
+from anybit.kernels import quant_matmul as qm
+from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul
+from anybit.quant.format import builtin_codebook
+from anybit.quant.rtn import QuantSpec, rtn_quantize
+
+CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def _bf16_bits(v: float) -> int:
+    return int(torch.tensor([v], dtype=torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
+
+
+def _run_lut_asm(word: int, base: int, smem: dict) -> list[int]:
+    """Interprets ``_lut_asm``'s PTX (prmt with zero fill, shl, add, ld.shared.b32, mov into two halves)."""
+    regs = {"$8": word & 0xFFFFFFFF, "$9": base}
+    out = {}
+    for line in mm._lut_asm().splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        if op == "mov.b32":
+            halves, src = re.match(r"\{(\$\d+), (\$\d+)\}, (\w+)", args).group(1, 2), args.split(", ")[-1]
+            out[halves[0]], out[halves[1]] = regs[src] & 0xFFFF, regs[src] >> 16
+            continue
+        a = [s.strip() for s in args.split(",")]
+        if op == "prmt.b32":  # selector 0x444i: byte i of the word, the other bytes from the zero operand
+            sel = int(a[3], 16)
+            assert sel >> 4 == 0x444 and a[2] == "0"
+            regs[a[0]] = (regs[a[1]] >> (8 * (sel & 7))) & 0xFF
+        elif op == "shl.b32":
+            regs[a[0]] = (regs[a[1]] << int(a[2])) & 0xFFFFFFFF
+        elif op == "add.u32":
+            regs[a[0]] = (regs[a[1]] + regs[a[2]]) & 0xFFFFFFFF
+        elif op == "ld.shared.b32":
+            regs[a[0]] = smem[regs[a[1].strip("[]")]]
+        else:
+            raise AssertionError(f"unexpected PTX: {line}")
+    return [out[f"${j}"] for j in range(8)]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "learned"])
+def test_lut_ptx_gives_codebook_values_in_natural_order(fmt):
+    """Output j = bf16 ``codebook[code j]`` (bits 4j..4j+3 of the word), read from the lane's copy of the
+    pair table that ``_fill_lut`` writes (entry e = (codebook[e & 15], codebook[e >> 4]) at word
+    32 e + lane)."""
+    cb = builtin_codebook(fmt, 4)
+    if cb is None:
+        cb = torch.sort(torch.randn(16, generator=torch.Generator().manual_seed(1))).values
+    bits = [_bf16_bits(float(v)) for v in cb]
+    smem = {}
+    for e in range(mm.MMA_CB_ENTRIES):
+        for lane in range(mm.MMA_CB_LANES):
+            smem[4 * (32 * e + lane)] = bits[e & 15] | bits[e >> 4] << 16
+    g = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        codes = torch.randint(0, 16, (8,), generator=g).tolist() if trial else list(range(8))
+        word = sum(c << (4 * j) for j, c in enumerate(codes))
+        lane = trial % 32
+        assert _run_lut_asm(word, 4 * lane, smem) == [bits[c] for c in codes], (trial, codes)
+
+
+def test_codebook_applicability_on_cpu():
+    pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "nf4"))
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    assert not mm.mma_applies(pw, 1, x) and not qm.mma_chosen(pw, 1, x)  # CPU tensors: never the Gluon path
+    assert mm.MMA_CB_MAX_M == 16
+
+
+def _compile_cb(bm, ks, u2, acc=False):
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32",
+            "y_ptr": "*fp32" if acc else "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    consts = dict(W0=4, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=acc, KS=ks,
+                  MR=bm // ks if ks > 1 else 0, U2=u2, CB=True)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+    return lines, max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bm,ks,u2,acc", [(8, 8, True, False), (8, 1, False, False), (16, 1, False, False),
+                                          (8, 8, True, True)])
+def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc):
+    """Per 128-K tile and thread: 16 words, 4 table loads each (LDS, no LDSM), the tile's HMMA chain, no
+    spills; the table is the kernel's only shared memory (so it sits at offset 0, where ``_lut_base``
+    reads it); x needs no relabeling PRMT (natural K order with bits 1 and 5 swapped on both operands)."""
+    lines, loop = _compile_cb(bm, ks, u2, acc)
+    tiles = 2 if u2 else 1
+    ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
+    assert sum(o == "LDS" for o in ops) == 64 * tiles
+    assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 16 * tiles * bm // 8
+    assert sum(o == "PRMT" for o in ops) <= 64 * tiles + 4  # the byte extractions only
+    assert not any(s.split()[0].startswith(("STL", "LDL", "LDSM")) for s in lines if not s.startswith("//"))
+    assert shared_bytes(lines) == 4 * mm.MMA_CB_ENTRIES * mm.MMA_CB_LANES
+
+
+def _codebook_weight(N, K, fmt, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pw = rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(4, group, fmt))
+    return pw.to("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "learned"])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("group", [64, 128, -1])
+def test_codebook_matches_reference(fmt, M, group):
+    N, K = 384, 2048
+    pw = _codebook_weight(N, K, fmt, group, seed=M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
+    assert mm.mma_applies(pw, M, x)
+    want = ref_quant_matmul(x.float(), pw)
+    tol = 1e-2 * want.abs().max().item() + 1e-3
+    base = None
+    G, bk = (K if group == -1 else group), (64 if group == 64 else 128)
+    for kw in (dict(), dict(split_k=1), dict(split_k=3), dict(unroll2=True), dict(unroll2=False, split_k=2),
+               dict(ks=1), dict(ks=2), dict(ks=4), dict(ks=8)):
+        if kw.get("ks", 1) > 1 and not mm.ks_fits(kw["ks"], M, 8 if M <= 8 else 16, K, G, bk):
+            continue
+        nan = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+        y = mm.quant_gemv_mma(x, pw, nan, **kw)
+        err = (y.float() - want).abs().max().item()
+        assert err <= tol, (kw, err)
+        assert torch.equal(y, mm.quant_gemv_mma(x, pw, torch.empty_like(y), **kw)), kw  # fixed sum order
+        if "ks" not in kw:
+            base = y if base is None else base
+            assert torch.equal(y, base) or "split_k" in kw, kw  # unrolled or not: the same bits
+    acc = torch.zeros(M, N, dtype=torch.float32, device="cuda")
+    mm.quant_gemv_mma(x, pw, None, acc=acc, split_k=2)  # pending sums
+    assert (acc - want).abs().max().item() <= tol
+    assert qm.mma_chosen(pw, M, x) and qm.mma_chosen(pw, M, x, pending=True)
+    assert torch.equal(quant_matmul(x, pw), quant_matmul(x, pw, path="mma"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+def test_codebook_routes_and_refusals():
+    """Above M 16 codebooks keep the generic kernels; the TMA-ring kernel and x in shared memory refuse them;
+    a table of the wrong size is not this path's."""
+    from anybit.kernels.quant_gemv_tma import tma_applies
+    pw = _codebook_weight(256, 1024, "nf4", 64)
+    x17 = torch.randn(17, 1024, device="cuda", dtype=torch.bfloat16)
+    assert not mm.mma_applies(pw, 17, x17) and not qm.mma_chosen(pw, 17, x17)
+    want = ref_quant_matmul(x17.float(), pw)
+    assert (quant_matmul(x17, pw).float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
+    x = torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16)
+    assert not tma_applies(pw, 12, x)
+    with pytest.raises(ValueError, match="x_whole needs a uniform weight"):
+        mm.quant_gemv_mma(x, pw, torch.empty(12, 256, dtype=torch.bfloat16, device="cuda"), x_whole=True)
+    with pytest.raises(ValueError, match="x_slots"):
+        mm.quant_gemv_mma(x, pw, torch.empty(12, 256, dtype=torch.bfloat16, device="cuda"), x_slots=3)
+    pw3 = rtn_quantize(torch.randn(256, 1024), QuantSpec(3, 64, "learned")).to("cuda")  # 8-entry table
+    assert not mm.mma_applies(pw3, 4, x[:4]) and not qm.mma_chosen(pw3, 4, x[:4])
