@@ -35,17 +35,19 @@ PRESETS = {
 }
 
 
-def quant_config(preset: str, bits: int, group_size: int = 128, lm_head_bits: int | None = None) -> dict:
-    """An anybit quantization_config for every Linear of the preset (lm_head at lm_head_bits)."""
+def quant_config(preset: str, bits: int, group_size: int = 128, lm_head_bits: int | None = None,
+                 fmt: str = "uniform") -> dict:
+    """An anybit quantization_config for every Linear of the preset (lm_head at lm_head_bits; a codebook
+    ``fmt`` applies to the body's layers, lm_head stays uniform)."""
     layers = PRESETS[preset]["num_hidden_layers"]
-    spec = {"bits": bits, "group_size": group_size, "format": "uniform"}
+    spec = {"bits": bits, "group_size": group_size, "format": fmt}
     modules = {}
     for i in range(layers):
         for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             modules[f"model.layers.{i}.{m}"] = spec
     if lm_head_bits:
-        modules["lm_head"] = {**spec, "bits": lm_head_bits}
+        modules["lm_head"] = {**spec, "bits": lm_head_bits, "format": "uniform"}
     return {"quant_method": "anybit", "format_version": 1, **spec, "modules": modules}
 
 
@@ -152,6 +154,8 @@ def main():
     ap.add_argument("--quant-bits", type=int, nargs="*", default=[],
                     help="also run anybit with weights at these bit widths (GPU, random codes)")
     ap.add_argument("--lm-head-bits", type=int, default=None, help="quantize lm_head too (with --quant-bits)")
+    ap.add_argument("--quant-format", default="uniform", help="with --quant-bits: uniform, nf4, fp4, learned")
+    ap.add_argument("--group-size", type=int, default=128, help="with --quant-bits")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -180,14 +184,16 @@ def main():
                         folder, prompts, args.gen, dtype, device, backend, async_scheduling=False,
                         **engine_kw)
             for bits in args.quant_bits:
-                qdir = folder / f"w{bits}"
+                tag = f"w{bits}" if args.quant_format == "uniform" else f"{args.quant_format}{bits}"
+                qdir = folder / tag
                 qdir.mkdir(exist_ok=True)
                 make_folder(args.preset, qdir, with_weights=False,
-                            quant=quant_config(args.preset, bits, lm_head_bits=args.lm_head_bits))
-                runners[f"anybit_w{bits}"] = anybit_runner(qdir, prompts, args.gen, dtype, device, "auto",
-                                                           **engine_kw)
+                            quant=quant_config(args.preset, bits, args.group_size, args.lm_head_bits,
+                                               args.quant_format))
+                runners[f"anybit_{tag}"] = anybit_runner(qdir, prompts, args.gen, dtype, device, "auto",
+                                                         **engine_kw)
                 if args.compare_sync:
-                    runners[f"anybit_w{bits}_sync"] = anybit_runner(
+                    runners[f"anybit_{tag}_sync"] = anybit_runner(
                         qdir, prompts, args.gen, dtype, device, "auto", async_scheduling=False, **engine_kw)
             if not args.skip_transformers:
                 runners["transformers"] = transformers_runner(folder, prompts, args.gen, dtype, device)

@@ -32,7 +32,7 @@ from benchmarks.bench_quant_matmul import copies_for, graph_time_us, random_pack
 
 SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096)]
 FORMATS = [("nf4", 64), ("fp4", 128), ("learned", 128)]
-MS = [1, 4, 16, 32, 64]
+MS = [1, 4, 16, 24, 32, 64]
 
 
 def random_codebook(N: int, K: int, fmt: str, G: int) -> PackedWeight:
@@ -68,7 +68,7 @@ def check(log) -> list[dict]:
         for bits_K in (1152, 2048):
             W = torch.randn(384, bits_K)
             pw = rtn_quantize(W, QuantSpec(4, G, fmt)).to("cuda")
-            for M in (1, 3, 8, 16, 33):
+            for M in (1, 3, 8, 16, 24, 33, 64):
                 x = torch.randn(M, bits_K, device="cuda", dtype=torch.bfloat16)
                 ref = ref_quant_matmul(x.float(), pw)
                 for name, call in variants(M):
@@ -113,6 +113,7 @@ def main() -> int:
         R = copies_for(N * K * 2)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
         uni = [random_packed(N, K, 4) for _ in range(copies_for(N * K // 2))]
+        uni64 = [random_packed(N, K, 4, G=64) for _ in range(copies_for(N * K // 2))]
         cbs = {fmt: [random_codebook(N, K, fmt, G) for _ in range(copies_for(N * K // 2))]
                for fmt, G in FORMATS}
         for M in ms:
@@ -122,6 +123,8 @@ def main() -> int:
             rows.append(dict(shape=shape, M=M, fmt="bf16", method="cublas_bf16", time_us=t_cub, speedup=1.0))
             t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni)])
             rows.append(dict(shape=shape, M=M, fmt="uniform", method="auto", time_us=t, speedup=t_cub / t))
+            t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni64)])
+            rows.append(dict(shape=shape, M=M, fmt="uniform_g64", method="auto", time_us=t, speedup=t_cub / t))
             for fmt, _ in FORMATS:
                 for name, call in variants(M):
                     try:
@@ -134,7 +137,7 @@ def main() -> int:
             cells = " ".join(f"{r['fmt']}/{r['method']}={r['time_us']:.1f}({r['speedup']:.2f}x)" for r in rows
                              if r["shape"] == shape and r["M"] == M and r["method"] != "cublas_bf16")
             log(f"{shape} M{M} cublas={t_cub:.1f} {cells}")
-        del Ws, uni, cbs
+        del Ws, uni, uni64, cbs
         torch.cuda.empty_cache()
         log(f"after {N}x{K}: {time.time() - t0:.0f}s")
         result = {

@@ -104,15 +104,20 @@ MMA_CB_ENTRIES = 256
 MMA_CB_LANES = 32
 
 
-def _lut_asm() -> str:
+def _lut_asm(scaled: bool = False) -> str:
     """PTX for one word of 4-bit codebook codes: inputs ``$8`` = the word, ``$9`` = this lane's table base
     (shared address of entry 0's copy for the lane); outputs ``$0..$7`` = bf16 ``codebook[q]`` of the
     codes in natural order (output j = code j, bits 4j..4j+3). Per byte: ``prmt`` (the byte, zero
-    extended), address ``base + byte * 128``, one ``ld.shared.b32``."""
-    lines = ["{", ".reg .b32 t, r;"]
+    extended), address ``base + byte * 128``, one ``ld.shared.b32``. ``scaled``: one more input ``$10``,
+    the column's scale s (bf16), and the outputs are ``s codebook[q]`` rounded once (one ``fma`` per
+    pair)."""
+    lines = ["{", ".reg .b32 t, r, s2, n0;"]
+    if scaled:
+        lines += ["mov.b32 s2, {$10, $10};", "mov.b32 n0, 0x80008000;"]
     for i in range(4):
         lines += [f"prmt.b32 t, $8, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", "add.u32 t, t, $9;",
-                  "ld.shared.b32 r, [t];", f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r;"]
+                  "ld.shared.b32 r, [t];", *(["fma.rn.bf16x2 r, r, s2, n0;"] if scaled else []),
+                  f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r;"]
     return "\n".join(lines + ["}"])
 
 
@@ -132,6 +137,7 @@ if gluon is not None:
 
     _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
     _LUT_ASM: gl.constexpr = gl.constexpr(_lut_asm())
+    _LUT_SCALED_ASM: gl.constexpr = gl.constexpr(_lut_asm(True))
 
     @gluon.jit
     def _fill_lut(cb_ptr):
@@ -472,9 +478,17 @@ if gluon is not None:
         codebook words): bf16 ``codebook[q]`` from the shared pair table (``_lut_asm``; ``base`` =
         ``_lut_base()``), codes in natural K order (x relabeled as width 16)."""
         if CB:
+            if SA:
+                sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
+                sb = _relabel_cols(sb)
             w = _relabel_cols(w)
-            o = gl.inline_asm_elementwise(_LUT_ASM, "=h," * 8 + "r,r", [w, gl.zeros_like(w) + base],
-                                          dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+            lane = gl.zeros_like(w) + base
+            if SA:
+                o = gl.inline_asm_elementwise(_LUT_SCALED_ASM, "=h," * 8 + "r,r,h", [w, lane, sb],
+                                              dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+            else:
+                o = gl.inline_asm_elementwise(_LUT_ASM, "=h," * 8 + "r,r", [w, lane],
+                                              dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
             a = _words_tile(_join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]), w.shape[0], 128, 8)
             a = gl.convert_layout(_swap_k15(a), AL)
         else:
@@ -622,7 +636,8 @@ if gluon is not None:
         scales loaded in column order) and every MMA accumulates straight into acc: no partial tile and
         no float32 scaling per tile, which at these BLOCK_M would double the accumulator registers.
 
-        CB (W0 4, single slice, no SA / XS / XW / CLUSTER): codebook weights ``codebook[q] s``; z_ptr is
+        CB (W0 4, single slice, no XS / XW / CLUSTER; with SA the table values are scaled in the conversion):
+        codebook weights ``codebook[q] s``; z_ptr is
         the float32 codebook ``[16]``. Each program first writes the table of code pairs to shared memory
         (``_fill_lut``); a word's codes are then 4 shared loads (``_lut_asm``) and x needs no relabeling."""
         if CB:  # the pair table first: it must sit at shared offset 0
@@ -746,7 +761,7 @@ if gluon is not None:
                     xb = _x_operand(x_ptrs + k0, x_mask, BL, WX)
                 zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
                 if SA:  # scaled weights: straight into the accumulator
-                    part = mma_v2(_unpack_tile(w, zh, AL, W0, sr, True), xb, acc)
+                    part = mma_v2(_unpack_tile(w, zh, AL, W0, sr, True, CB, base), xb, acc)
                 else:
                     part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb,
                                   gl.zeros([128, BLOCK_M], gl.float32, MMA))
@@ -845,7 +860,7 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # 6144x4096 at M 9-16 took split 8 (384 programs, two waves on 264 slots) and lost to the wgmma kernel; at
 # split 4 (one wave) it wins (H100 s22-10, quant_matmul_smallk_s22_10, M 16 us: W4 12.8 against 15.3, W3
 # 15.6 against 20.7, W6 17.2 against 22.2). The larger shapes keep their splits.
-MMA_CB_MAX_M = 16  # codebook weights: BLOCK_M 8 / 16 (BLOCK_M 32 / 64's scaled conversion has no table form)
+MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
 # 224 (BLOCK_M 16) registers (offline sm_90; the epilogue sets the peak), so 2 programs of BLOCK_M 16
@@ -887,9 +902,12 @@ MMA_UNROLL2 = {8: os.environ.get("ANYBIT_MMA_U2_BM8", "0") == "1",
 # 27.1 / 25.8 on 14336x4096, 14.9 / 13.3 on 6144x4096; M 4 as pending sums 26.1 / 25.1, 26.5 / 25.8, 14.2 /
 # 12.5. With 128-K tiles (168 registers) 30.9-34.1 at M = 1.
 MMA_W8_UNROLL2 = os.environ.get("ANYBIT_MMA_W8_U2", "1") != "0"
-# Codebook weights (CB) unrolled at BLOCK_M 8: 128 registers and 352 loop instructions per 128-K tile against
-# 127 and 388 without (offline sm_90, KS 8 with split-K); at BLOCK_M 16 unrolling takes 247 registers (one
-# program per SM) against 226, so there it is off. Env ANYBIT_MMA_CB_U2=0: off.
+# Codebook weights (CB) unrolled: at BLOCK_M 16 (247 registers, still 2 programs per SM) and at BLOCK_M 8
+# with 64-K tiles (groups of 64, nf4's usual size). H100 s24-1 (quant_codebook_s24_1, us unrolled / not):
+# BLOCK_M 16 fp4 g128 25.3 / 27.8, 26.3 / 27.7, 16.9 / 16.9 on 4096x14336 / 14336x4096 / 6144x4096;
+# BLOCK_M 8, M = 1: nf4 g64 26.6 / 26.5, 22.8 / 23.4, 12.6 / 13.1, but fp4 g128 18.8 / 17.9, 16.9 / 16.8,
+# 10.0 / 9.6.
+# Env ANYBIT_MMA_CB_U2=0: off.
 MMA_CB_UNROLL2 = os.environ.get("ANYBIT_MMA_CB_U2", "1") != "0"
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
@@ -1023,7 +1041,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in MMA_PROGRAMS_PER_SM} if cap else None
     bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits)
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    xs = (0 if (wb or cb) and bm <= 16 else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
+    xs = (0 if (wb and bm <= 16) or cb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
     if xs not in (0, 2, 3, 4) or (cb and xs):
         raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4 (0 for a codebook weight), got {xs}")
     regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
@@ -1058,8 +1076,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     zw = int(zw) if aligned and bm <= 16 else 0
     if unroll2 and (wb or xs or diag or bm > 16):
         raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring, no diag and M <= 16")
-    u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2
-    u2_default = (MMA_UNROLL2[bm] and not cb) or (bm == 8 and u2_bm8)
+    u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and BK == 64
+    u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0

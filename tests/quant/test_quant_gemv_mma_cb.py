@@ -77,7 +77,7 @@ def test_codebook_applicability_on_cpu():
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "nf4"))
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     assert not mm.mma_applies(pw, 1, x) and not qm.mma_chosen(pw, 1, x)  # CPU tensors: never the Gluon path
-    assert mm.MMA_CB_MAX_M == 16
+    assert mm.MMA_CB_MAX_M == 64
 
 
 def _compile_cb(bm, ks, u2, acc=False):
@@ -85,25 +85,28 @@ def _compile_cb(bm, ks, u2, acc=False):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32",
             "y_ptr": "*fp32" if acc else "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=4, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=acc, KS=ks,
-                  MR=bm // ks if ks > 1 else 0, U2=u2, CB=True)
+    consts = dict(W0=4, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else 128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
+                  ACC=acc, KS=ks, MR=bm // ks if ks > 1 else 0, U2=u2, CB=True, SA=bm > 16,
+                  SUM_LOADS=mm.MMA_SUM_LOADS[bm])
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     return lines, max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
-@pytest.mark.parametrize("bm,ks,u2,acc", [(8, 8, True, False), (8, 1, False, False), (16, 1, False, False),
-                                          (8, 8, True, True)])
+@pytest.mark.parametrize("bm,ks,u2,acc", [(8, 8, True, False), (8, 1, False, False), (16, 1, True, False),
+                                          (8, 8, True, True), (32, 1, False, False), (64, 1, False, True)])
 def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc):
-    """Per 128-K tile and thread: 16 words, 4 table loads each (LDS, no LDSM), the tile's HMMA chain, no
-    spills; the table is the kernel's only shared memory (so it sits at offset 0, where ``_lut_base``
-    reads it); x needs no relabeling PRMT (natural K order with bits 1 and 5 swapped on both operands)."""
+    """Per K tile (128 K; 64 from BLOCK_M 32) and thread: BK / 8 words, 4 table loads each (LDS, no LDSM),
+    the tile's HMMA chain, no spills; the table is the kernel's only shared memory (so it sits at offset 0,
+    where ``_lut_base`` reads it); x needs no relabeling PRMT (natural K order with bits 1 and 5 swapped on
+    both operands). From BLOCK_M 32 the scale is applied to the table values (one HMUL2 per pair)."""
     lines, loop = _compile_cb(bm, ks, u2, acc)
-    tiles = 2 if u2 else 1
+    tiles, bk = (2 if u2 else 1), (64 if bm > 16 else 128)
     ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
-    assert sum(o == "LDS" for o in ops) == 64 * tiles
-    assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 16 * tiles * bm // 8
-    assert sum(o == "PRMT" for o in ops) <= 64 * tiles + 4  # the byte extractions only
+    assert sum(o == "LDS" for o in ops) == 4 * bk // 8 * tiles
+    assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 2 * bk // 16 * bm // 8 * tiles
+    assert sum(o == "PRMT" for o in ops) <= 4 * bk // 8 * tiles + 8  # the byte extractions only
+    assert sum(o.startswith("HMUL2") for o in ops) == (4 * bk // 8 if bm > 16 else 0)
     assert not any(s.split()[0].startswith(("STL", "LDL", "LDSM")) for s in lines if not s.startswith("//"))
     assert shared_bytes(lines) == 4 * mm.MMA_CB_ENTRIES * mm.MMA_CB_LANES
 
@@ -117,7 +120,7 @@ def _codebook_weight(N, K, fmt, group, seed=0):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "learned"])
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 24, 64])
 @pytest.mark.parametrize("group", [64, 128, -1])
 def test_codebook_matches_reference(fmt, M, group):
     N, K = 384, 2048
@@ -131,6 +134,8 @@ def test_codebook_matches_reference(fmt, M, group):
     for kw in (dict(), dict(split_k=1), dict(split_k=3), dict(unroll2=True), dict(unroll2=False, split_k=2),
                dict(ks=1), dict(ks=2), dict(ks=4), dict(ks=8)):
         if kw.get("ks", 1) > 1 and not mm.ks_fits(kw["ks"], M, 8 if M <= 8 else 16, K, G, bk):
+            continue
+        if M > 16 and kw.get("unroll2"):  # BLOCK_M 32 / 64: no unrolled loop
             continue
         nan = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
         y = mm.quant_gemv_mma(x, pw, nan, **kw)
@@ -150,14 +155,14 @@ def test_codebook_matches_reference(fmt, M, group):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
 def test_codebook_routes_and_refusals():
-    """Above M 16 codebooks keep the generic kernels; the TMA-ring kernel and x in shared memory refuse them;
+    """Above M 64 codebooks keep the generic kernels; the TMA-ring kernel and x in shared memory refuse them;
     a table of the wrong size is not this path's."""
     from anybit.kernels.quant_gemv_tma import tma_applies
     pw = _codebook_weight(256, 1024, "nf4", 64)
-    x17 = torch.randn(17, 1024, device="cuda", dtype=torch.bfloat16)
-    assert not mm.mma_applies(pw, 17, x17) and not qm.mma_chosen(pw, 17, x17)
-    want = ref_quant_matmul(x17.float(), pw)
-    assert (quant_matmul(x17, pw).float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
+    x65 = torch.randn(65, 1024, device="cuda", dtype=torch.bfloat16)
+    assert not mm.mma_applies(pw, 65, x65) and not qm.mma_chosen(pw, 65, x65)
+    want = ref_quant_matmul(x65.float(), pw)
+    assert (quant_matmul(x65, pw).float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
     x = torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16)
     assert not tma_applies(pw, 12, x)
     with pytest.raises(ValueError, match="x_whole needs a uniform weight"):
