@@ -124,7 +124,8 @@ def main() -> int:
             t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni)])
             rows.append(dict(shape=shape, M=M, fmt="uniform", method="auto", time_us=t, speedup=t_cub / t))
             t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni64)])
-            rows.append(dict(shape=shape, M=M, fmt="uniform_g64", method="auto", time_us=t, speedup=t_cub / t))
+            rows.append(dict(shape=shape, M=M, fmt="uniform_g64", method="auto", time_us=t,
+                             speedup=t_cub / t))
             for fmt, _ in FORMATS:
                 for name, call in variants(M):
                     try:
