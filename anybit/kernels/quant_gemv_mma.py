@@ -791,6 +791,10 @@ if gluon is not None:
                 w1, z1, s1 = w2, z2, s2
         if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
             async_copy.wait_group(0)
+        if CB:  # the table's reads (inline PTX, unseen by the compiler, which counts the table dead after its
+            # store) end in every warp before the epilogue's shared scratch, which overlaps it (s24-2: without
+            # this barrier repeated calls differed in the last bits)
+            gl.thread_barrier()
         if SA and W0 == 8:  # x entered scaled by MMA_W8_X_SCALE
             acc = acc * _W8_X_UNSCALE
         if CLUSTER > 1:  # the sum is in CTA 0, whose stores are the only ones (replicated layout)

@@ -80,12 +80,12 @@ def test_codebook_applicability_on_cpu():
     assert mm.MMA_CB_MAX_M == 64
 
 
-def _compile_cb(bm, ks, u2, acc=False):
+def _compile_cb(bm, ks, u2, acc=False, bk=128):
     if not os.path.exists(nvdisasm()):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32",
             "y_ptr": "*fp32" if acc else "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=4, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else 128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
+    consts = dict(W0=4, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else bk, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
                   ACC=acc, KS=ks, MR=bm // ks if ks > 1 else 0, U2=u2, CB=True, SA=bm > 16,
                   SUM_LOADS=mm.MMA_SUM_LOADS[bm])
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
@@ -93,15 +93,17 @@ def _compile_cb(bm, ks, u2, acc=False):
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
-@pytest.mark.parametrize("bm,ks,u2,acc", [(8, 8, True, False), (8, 1, False, False), (16, 1, True, False),
-                                          (8, 8, True, True), (32, 1, False, False), (64, 1, False, True)])
-def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc):
+@pytest.mark.parametrize("bm,ks,u2,acc,bk", [(8, 8, True, False, 128), (8, 1, False, False, 128),
+                                             (16, 1, True, False, 128), (8, 8, True, True, 128),
+                                             (8, 1, True, False, 64), (32, 1, False, False, 64),
+                                             (64, 1, False, True, 64)])
+def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc, bk):
     """Per K tile (128 K; 64 from BLOCK_M 32) and thread: BK / 8 words, 4 table loads each (LDS, no LDSM),
     the tile's HMMA chain, no spills; the table is the kernel's only shared memory (so it sits at offset 0,
     where ``_lut_base`` reads it); x needs no relabeling PRMT (natural K order with bits 1 and 5 swapped on
     both operands). From BLOCK_M 32 the scale is applied to the table values (one HMUL2 per pair)."""
-    lines, loop = _compile_cb(bm, ks, u2, acc)
-    tiles, bk = (2 if u2 else 1), (64 if bm > 16 else 128)
+    lines, loop = _compile_cb(bm, ks, u2, acc, bk)
+    tiles = 2 if u2 else 1
     ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
     assert sum(o == "LDS" for o in ops) == 4 * bk // 8 * tiles
     assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 2 * bk // 16 * bm // 8 * tiles
@@ -109,6 +111,14 @@ def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc):
     assert sum(o.startswith("HMUL2") for o in ops) == (4 * bk // 8 if bm > 16 else 0)
     assert not any(s.split()[0].startswith(("STL", "LDL", "LDSM")) for s in lines if not s.startswith("//"))
     assert shared_bytes(lines) == 4 * mm.MMA_CB_ENTRIES * mm.MMA_CB_LANES
+    # the compiler counts the table dead after its store (the loads are inline PTX) and puts the epilogue's
+    # scratch over it: a CTA barrier must separate the last table load from the first shared store after it
+    body = [s.split()[1] if s.startswith("@") else s.split()[0] for s in lines if not s.startswith("//")]
+    last_lds = max(i for i, o in enumerate(body) if o == "LDS")
+    after = body[last_lds:]
+    first_sts = next((i for i, o in enumerate(after) if o.startswith("STS")), None)
+    if first_sts is not None:
+        assert any(o.startswith("BAR") for o in after[:first_sts]), "table loads race the epilogue's stores"
 
 
 def _codebook_weight(N, K, fmt, group, seed=0):
