@@ -56,6 +56,9 @@ def variants(M: int):
             return lambda x, p: quant_gemv_mma(x, p, torch.empty(M, p.out_features, dtype=x.dtype,
                                                                  device=x.device), unroll2=u2)
         v += [("mma_u2", mma(True)), ("mma_u1", mma(False)),
+              ("mma_u2_xp", lambda x, p: quant_gemv_mma(x, p, torch.empty(M, p.out_features, dtype=x.dtype,
+                                                                         device=x.device), unroll2=True,
+                                                        x_prefetch=True)),
               ("mma_acc", lambda x, p: quant_gemv_mma(x, p, None, acc=torch.zeros(
                   M, p.out_features, dtype=torch.float32, device=x.device)))]
     return v

@@ -595,7 +595,7 @@ if gluon is not None:
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
-                               CB: gl.constexpr = False):
+                               CB: gl.constexpr = False, XP: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -639,7 +639,9 @@ if gluon is not None:
         CB (W0 4, single slice, no XS / XW / CLUSTER; with SA the table values are scaled in the conversion):
         codebook weights ``codebook[q] s``; z_ptr is
         the float32 codebook ``[16]``. Each program first writes the table of code pairs to shared memory
-        (``_fill_lut``); a word's codes are then 4 shared loads (``_lut_asm``) and x needs no relabeling."""
+        (``_fill_lut``); a word's codes are then 4 shared loads (``_lut_asm``) and x needs no relabeling.
+        XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
+        of in the iteration that uses it."""
         if CB:  # the pair table first: it must sit at shared offset 0
             _fill_lut(z_ptr)
             base = _lut_base()
@@ -718,18 +720,32 @@ if gluon is not None:
         if DIAG & 1:
             xb = _x_operand(x_ptrs + k_start, x_mask, BL, WX)
         if U2:  # unrolled by two, one word buffer per half, refilled right after its tile's unpacking
+            if XP:  # x of the first two tiles now; later ones with their tile's words (two tiles ahead)
+                xa = _x_at(0, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
+                xb1 = _x_at(gl.minimum(1, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
             for i0 in range(0, n_iters, 2):
-                acc = _tile_acc(acc, w, z, s, _x_at(i0, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg),
-                                AL, MMA, W0, ZW, ZL, CB, base)
+                if XP:
+                    xt = xa
+                else:
+                    xt = _x_at(i0, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
+                acc = _tile_acc(acc, w, z, s, xt, AL, MMA, W0, ZW, ZL, CB, base)
                 ka = k_start + gl.minimum(i0 + 2, n_iters - 1) * SK
                 w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW, CB=CB)
+                if XP:
+                    xa = _x_at(gl.minimum(i0 + 2, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
+                               x_all_arg)
                 if i0 + 1 < n_iters:
-                    acc = _tile_acc(acc, w1, z1, s1,
-                                    _x_at(i0 + 1, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg),
-                                    AL, MMA, W0, ZW, ZL, CB, base)
+                    if XP:
+                        xt = xb1
+                    else:
+                        xt = _x_at(i0 + 1, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
+                    acc = _tile_acc(acc, w1, z1, s1, xt, AL, MMA, W0, ZW, ZL, CB, base)
                     kb = k_start + gl.minimum(i0 + 3, n_iters - 1) * SK
                     w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, kb, w_off, z_off, s_off, WL, R, P, ZW,
                                             CB=CB)
+                    if XP:
+                        xb1 = _x_at(gl.minimum(i0 + 3, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
+                                    x_all_arg)
         else:
             for i in range(n_iters):
                 k0 = k_start + i * SK
@@ -913,6 +929,9 @@ MMA_W8_UNROLL2 = os.environ.get("ANYBIT_MMA_W8_U2", "1") != "0"
 # 10.0 / 9.6.
 # Env ANYBIT_MMA_CB_U2=0: off.
 MMA_CB_UNROLL2 = os.environ.get("ANYBIT_MMA_CB_U2", "1") != "0"
+# Codebook weights at BLOCK_M 8 unrolled: x loaded with the words, two tiles ahead (the kernel's XP; no x ring
+# or whole slice with the table). Env ANYBIT_MMA_CB_XP=1: on (being measured).
+MMA_CB_XP = os.environ.get("ANYBIT_MMA_CB_XP", "0") == "1"
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -1011,7 +1030,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    diag: int = 0, acc: torch.Tensor | None = None, ks: int | None = None,
                    max_registers: int | None = None, sum_loads: int | None = None,
                    x_slots: int | None = None, x_whole: bool | None = None,
-                   zero_words: int | None = None, unroll2: bool | None = None) -> torch.Tensor:
+                   zero_words: int | None = None, unroll2: bool | None = None,
+                   x_prefetch: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 64: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -1032,7 +1052,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ``MMA_ZERO_WORDS``, by default 2 for W2 at BLOCK_M 16; 0 where zeros or scales are not 4-byte
     aligned); ``unroll2``: the K loop unrolled by two with one word buffer per half (kernel ``U2``:
     single slice, no x ring, no DIAG; None: ``MMA_UNROLL2`` by BLOCK_M where it applies; True where it
-    does not apply is an error)."""
+    does not apply is an error); ``x_prefetch``: with the unrolled loop and x from global memory, each tile's
+    x loaded with its words two tiles ahead (kernel ``XP``; None: ``MMA_CB_XP`` for codebooks at BLOCK_M 8).
+    Codebook weights (nf4 / fp4 / learned, 4 bits): the table kernel (``CB``), no x ring or whole slice."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -1083,6 +1105,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and BK == 64
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
+    xp = bool(MMA_CB_XP and cb and bm == 8 if x_prefetch is None else x_prefetch) and u2 and not (xw or xs)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)
@@ -1092,7 +1115,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, num_warps=4, **regs, **launch)
         return acc
     if ks == 1 and bm <= 16 and not cb and cluster_applies(split, x.device, cluster):  # split-K in a cluster
         _quant_gemv_mma_kernel[(tiles, 1)](
@@ -1104,5 +1127,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cb, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, num_warps=4, **regs, **launch)
     return y

@@ -142,7 +142,7 @@ def test_codebook_matches_reference(fmt, M, group):
     base = None
     G, bk = (K if group == -1 else group), (64 if group == 64 else 128)
     for kw in (dict(), dict(split_k=1), dict(split_k=3), dict(unroll2=True), dict(unroll2=False, split_k=2),
-               dict(ks=1), dict(ks=2), dict(ks=4), dict(ks=8)):
+               dict(unroll2=True, x_prefetch=True), dict(ks=1), dict(ks=2), dict(ks=4), dict(ks=8)):
         if kw.get("ks", 1) > 1 and not mm.ks_fits(kw["ks"], M, 8 if M <= 8 else 16, K, G, bk):
             continue
         if M > 16 and kw.get("unroll2"):  # BLOCK_M 32 / 64: no unrolled loop
