@@ -929,9 +929,14 @@ MMA_W8_UNROLL2 = os.environ.get("ANYBIT_MMA_W8_U2", "1") != "0"
 # 10.0 / 9.6.
 # Env ANYBIT_MMA_CB_U2=0: off.
 MMA_CB_UNROLL2 = os.environ.get("ANYBIT_MMA_CB_U2", "1") != "0"
-# Codebook weights at BLOCK_M 8 unrolled: x loaded with the words, two tiles ahead (the kernel's XP; no x ring
-# or whole slice with the table). Env ANYBIT_MMA_CB_XP=1: on (being measured).
-MMA_CB_XP = os.environ.get("ANYBIT_MMA_CB_XP", "0") == "1"
+# Codebook weights in the unrolled loop: x loaded with the words, two tiles ahead (the kernel's XP; the table
+# rules out x's shared-memory ring and whole slice), at BLOCK_M 16 and where M = 1 splits K inside the
+# program.
+# H100 s24-4 (quant_codebook_s24_4, us with / without): nf4 g64 M = 1 18.0 / 26.4, 17.1 / 23.3, 10.2 / 12.7
+# on 4096x14336 / 14336x4096 / 6144x4096 (uniform g64: 18.4 / 18.5 / 10.0); M 16 fp4 25.0 / 26.0, 25.0 /
+# 26.2, 16.7 / 17.2 (255 registers, no spills); but M 4 nf4 19.2 / 18.8, and fp4 g128 at M = 1 (not
+# unrolled: 17.7) 19.0 and 25.3 on 14336x4096. Env ANYBIT_MMA_CB_XP=0: off.
+MMA_CB_XP = os.environ.get("ANYBIT_MMA_CB_XP", "1") != "0"
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -1053,7 +1058,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     aligned); ``unroll2``: the K loop unrolled by two with one word buffer per half (kernel ``U2``:
     single slice, no x ring, no DIAG; None: ``MMA_UNROLL2`` by BLOCK_M where it applies; True where it
     does not apply is an error); ``x_prefetch``: with the unrolled loop and x from global memory, each tile's
-    x loaded with its words two tiles ahead (kernel ``XP``; None: ``MMA_CB_XP`` for codebooks at BLOCK_M 8).
+    x loaded with its words two tiles ahead (kernel ``XP``; None: ``MMA_CB_XP`` for unrolled codebook calls at
+    BLOCK_M 16 or with ks > 1).
     Codebook weights (nf4 / fp4 / learned, 4 bits): the table kernel (``CB``), no x ring or whole slice."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
@@ -1105,7 +1111,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and BK == 64
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
-    xp = bool(MMA_CB_XP and cb and bm == 8 if x_prefetch is None else x_prefetch) and u2 and not (xw or xs)
+    xp_default = MMA_CB_XP and cb and (bm == 16 or ks > 1)
+    xp = bool(xp_default if x_prefetch is None else x_prefetch) and u2 and not (xw or xs)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0
     pdl = pdl_enabled(x.device, pdl)

@@ -181,3 +181,35 @@ def test_codebook_routes_and_refusals():
         mm.quant_gemv_mma(x, pw, torch.empty(12, 256, dtype=torch.bfloat16, device="cuda"), x_slots=3)
     pw3 = rtn_quantize(torch.randn(256, 1024), QuantSpec(3, 64, "learned")).to("cuda")  # 8-entry table
     assert not mm.mma_applies(pw3, 4, x[:4]) and not qm.mma_chosen(pw3, 4, x[:4])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("fmt,group", [("nf4", 64), ("learned", 128)])
+def test_gpu_engine_codebook_model_generates_what_the_generic_kernels_do(tmp_path, monkeypatch, fmt,
+                                                                          group):
+    """A codebook-quantized model decoding at batch 1 and 3 (the table kernel at M = 1 with pending sums, and at
+    M = 3): the same greedy tokens and logprobs (within 0.1; the table rounds codebook values to bf16, the
+    generic kernels keep float32) as with the table kernel off (``MMA_CB_AUTO``)."""
+    from anybit import LLM, SamplingParams
+    from anybit.quant.quantize import quantize_model
+    from tests.model_factory import make_tiny_model
+
+    dense = make_tiny_model(tmp_path / "llama", hidden_size=512, intermediate_size=1024,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_layers=2,
+                            dtype="bfloat16")
+    model = quantize_model(dense, tmp_path / fmt, bits=4, group_size=group, fmt=fmt, progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
+    texts = ["def fibonacci(n):", "The quick brown fox", "import os\nimport sys"]
+    outs = {}
+    for table in (False, True):
+        monkeypatch.setattr(qm, "MMA_CB_AUTO", table)
+        llm = LLM(str(model), dtype="bfloat16", device="cuda", kv_cache_memory=64 << 20, progress=False)
+        outs[table] = [[(r.token_ids, [d[t] for t, d in zip(r.token_ids, r.logprobs, strict=True)])
+                        for r in (o.outputs[0] for o in llm.generate(texts[:n], params))] for n in (1, 3)]
+        del llm
+    for (tok0, lp0), (tok1, lp1) in zip(sum(outs[False], []), sum(outs[True], []), strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(tok0, tok1, strict=True)) if a != b), len(tok0))
+        assert same >= 4, (tok0, tok1)
+        last = min(same + 1, len(tok0))
+        assert max(abs(a - b) for a, b in zip(lp0[:last], lp1[:last], strict=True)) < 0.1, (lp0, lp1)
