@@ -188,9 +188,9 @@ def test_codebook_routes_and_refusals():
 @pytest.mark.parametrize("fmt,group", [("nf4", 64), ("learned", 128)])
 def test_gpu_engine_codebook_model_generates_what_the_generic_kernels_do(tmp_path, monkeypatch, fmt,
                                                                           group):
-    """A codebook-quantized model decoding at batch 1 and 3 (the table kernel at M = 1 with pending sums, and at
-    M = 3): the same greedy tokens and logprobs (within 0.1; the table rounds codebook values to bf16, the
-    generic kernels keep float32) as with the table kernel off (``MMA_CB_AUTO``)."""
+    """A codebook-quantized model decoding at batch 1 and 3 (the table kernel at M = 1 with pending sums,
+    and at M = 3): the same greedy tokens and logprobs (within 0.1; the table rounds codebook values to
+    bf16, the generic kernels keep float32) as with the table kernel off (``MMA_CB_AUTO``)."""
     from anybit import LLM, SamplingParams
     from anybit.quant.quantize import quantize_model
     from tests.model_factory import make_tiny_model
