@@ -154,7 +154,8 @@ def main():
     ap.add_argument("--quant-bits", type=int, nargs="*", default=[],
                     help="also run anybit with weights at these bit widths (GPU, random codes)")
     ap.add_argument("--lm-head-bits", type=int, default=None, help="quantize lm_head too (with --quant-bits)")
-    ap.add_argument("--quant-format", default="uniform", help="with --quant-bits: uniform, nf4, fp4, learned")
+    ap.add_argument("--quant-format", nargs="+", default=["uniform"],
+                    help="with --quant-bits: uniform, nf4, fp4, learned (one engine per format and width)")
     ap.add_argument("--group-size", type=int, default=128, help="with --quant-bits")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
@@ -183,13 +184,13 @@ def main():
                     runners[f"anybit_{backend}_sync"] = anybit_runner(
                         folder, prompts, args.gen, dtype, device, backend, async_scheduling=False,
                         **engine_kw)
-            for bits in args.quant_bits:
-                tag = f"w{bits}" if args.quant_format == "uniform" else f"{args.quant_format}{bits}"
+            for bits, fmt in [(b, f) for b in args.quant_bits for f in args.quant_format]:
+                tag = f"w{bits}" if fmt == "uniform" else f"{fmt}{bits}"
                 qdir = folder / tag
                 qdir.mkdir(exist_ok=True)
+                group = 64 if fmt == "nf4" else args.group_size  # nf4's usual group (QLoRA's block of 64)
                 make_folder(args.preset, qdir, with_weights=False,
-                            quant=quant_config(args.preset, bits, args.group_size, args.lm_head_bits,
-                                               args.quant_format))
+                            quant=quant_config(args.preset, bits, group, args.lm_head_bits, fmt))
                 runners[f"anybit_{tag}"] = anybit_runner(qdir, prompts, args.gen, dtype, device, "auto",
                                                          **engine_kw)
                 if args.compare_sync:

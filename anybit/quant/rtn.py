@@ -51,14 +51,15 @@ def learn_codebook(W: torch.Tensor, bits: int, group_size: int, iters: int = 20)
     G = resolve_group_size(group_size, K)
     w = W.float().reshape(N, K // G, G)
     v = (w / w.abs().amax(-1, keepdim=True).clamp_min(1e-12)).flatten()
+    dev = v.device  # W's device (a GPU when quantizing there), for every tensor made here
     if v.numel() > 1 << 20:  # a fixed subsample keeps this fast and deterministic
-        v = v[torch.linspace(0, v.numel() - 1, 1 << 20).long()]
+        v = v[torch.linspace(0, v.numel() - 1, 1 << 20, device=dev).long()]
     n = 2 ** bits
-    table = torch.quantile(v, torch.linspace(0, 1, n)).contiguous()
+    table = torch.quantile(v, torch.linspace(0, 1, n, device=dev)).contiguous()
     for _ in range(iters):
         idx = torch.bucketize(v, (table[1:] + table[:-1]) / 2)
-        sums = torch.zeros(n).index_add_(0, idx, v)
-        counts = torch.zeros(n).index_add_(0, idx, torch.ones_like(v))
+        sums = torch.zeros(n, device=dev).index_add_(0, idx, v)
+        counts = torch.zeros(n, device=dev).index_add_(0, idx, torch.ones_like(v))
         table = torch.where(counts > 0, sums / counts.clamp_min(1), table).sort().values
     return table
 
