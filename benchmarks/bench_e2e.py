@@ -144,7 +144,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backend", default="auto", help="anybit attention backend(s), comma separated")
+    ap.add_argument("--backend", default="auto",
+                    help="anybit attention backend(s) of the bf16 engine, comma separated ('': none)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default=None)
@@ -177,7 +178,7 @@ def main():
             # Every engine is built once and the timed repeats are interleaved round-robin, so a
             # change in machine load hits all of them alike (the CPU machines are shared).
             runners = {}
-            for backend in args.backend.split(","):
+            for backend in [b for b in args.backend.split(",") if b]:  # "": quantized engines only
                 runners[f"anybit_{backend}"] = anybit_runner(folder, prompts, args.gen, dtype, device,
                                                              backend, **engine_kw)
                 if args.compare_sync:
