@@ -94,6 +94,32 @@ def check(log) -> list[dict]:
     return rows
 
 
+COMPACT_COLUMNS = ["shape", "M", "fmt", "cublas_us", "auto_us", "auto_x", "generic_x", "dequant_x",
+                   "uniform_x", "uniform_g64_x", "mma_u1_us", "mma_u2_us", "mma_u2_xp_us", "mma_acc_us"]
+
+
+def compact(rows: list[dict]) -> list[dict]:
+    """One row per (shape, M, codebook format) from the per-call rows: the launcher's time and its ratio to
+    cuBLAS, the ratios of the generic kernel, dequantize + cuBLAS and uniform W4 (g128 / g64), and the
+    mma.sync table kernel's variants in us."""
+    t = {(r["shape"], r["M"], r["fmt"], r["method"]): r["time_us"] for r in rows}
+    out = []
+    cases = dict.fromkeys((r["shape"], r["M"], r["fmt"]) for r in rows if r["method"] == "generic")
+    for shape, M, fmt in cases:
+        cub = t[(shape, M, "bf16", "cublas_bf16")]
+
+        def x(key, cub=cub):
+            return cub / t[key] if key in t else None
+
+        out.append(dict(shape=shape, M=M, fmt=fmt, cublas_us=cub, auto_us=t[(shape, M, fmt, "auto")],
+                        auto_x=x((shape, M, fmt, "auto")), generic_x=x((shape, M, fmt, "generic")),
+                        dequant_x=x((shape, M, fmt, "dequant")), uniform_x=x((shape, M, "uniform", "auto")),
+                        uniform_g64_x=x((shape, M, "uniform_g64", "auto")),
+                        **{f"{v}_us": t.get((shape, M, fmt, v)) for v in ("mma_u1", "mma_u2", "mma_u2_xp",
+                                                                          "mma_acc")}))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ms", default=None)
@@ -150,12 +176,15 @@ def main() -> int:
             "device": torch.cuda.get_device_name(),
             "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "columns": ["shape", "M", "fmt", "method", "time_us", "speedup"],
-            "rows": rows,
+            "columns": COMPACT_COLUMNS,
+            "rows": compact(rows),
+            "detail": rows,
             "notes": ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB) "
                       "and 24 rotating inputs, divided by R; speedup = cuBLAS bf16 time / time; 'auto' is "
                       "the launcher's choice, 'generic' the Triton GEMV (M = 1) / GEMM, 'mma_*' the mma.sync "
-                      "table kernel (u2: unrolled by two; acc: adding into a pending float32 sum)",
+                      "table kernel (u1 / u2: loop not / unrolled by two, xp: x loaded two tiles ahead, acc: "
+                      "adding into a pending float32 sum); *_x = x cuBLAS bf16; uniform = W4 g128 / g64 "
+                      "through the launcher; per-call rows under 'detail'",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against "
                       f"ref_quant_matmul passed (rel err < 1e-2, repeat-equal), max "
                       f"{max(r['rel_err'] for r in corr):.2e}"],
