@@ -28,7 +28,7 @@ from anybit.kernels.quant_gemv_mma import quant_gemv_mma  # noqa: E402
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul  # noqa: E402
 from anybit.quant.format import PackedWeight, builtin_codebook  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
-from benchmarks.bench_quant_matmul import copies_for, graph_time_us, random_packed  # noqa: E402
+from benchmarks.bench_quant_matmul import _pending_acc, copies_for, graph_time_us, random_packed  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096)]
 FORMATS = [("nf4", 64), ("fp4", 128), ("learned", 128)]
@@ -59,8 +59,7 @@ def variants(M: int):
               ("mma_u2_xp", lambda x, p: quant_gemv_mma(x, p, torch.empty(M, p.out_features, dtype=x.dtype,
                                                                          device=x.device), unroll2=True,
                                                         x_prefetch=True)),
-              ("mma_acc", lambda x, p: quant_gemv_mma(x, p, None, acc=torch.zeros(
-                  M, p.out_features, dtype=torch.float32, device=x.device)))]
+              ("mma_acc", lambda x, p: quant_gemv_mma(x, p, None, acc=_pending_acc(x, p)))]
     return v
 
 
