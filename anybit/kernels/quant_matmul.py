@@ -607,6 +607,10 @@ def tma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
 DEQUANT_MIN_M = 128  # and from this many rows dequantize to a scratch W^T + cuBLAS
+# Codebook weights above the table kernel (M > MMA_CB_MAX_M) dequantize from here: at M 64 the generic GEMM
+# ran 0.34-0.42x cuBLAS against dequantize + cuBLAS's 0.43-0.49x on all three layer shapes (H100 s24-5,
+# quant_codebook_s24_5), and the GEMM's share grows with M.
+CB_DEQUANT_MIN_M = 65
 
 
 def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None = None, *,
@@ -663,7 +667,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor | None
         path = "mma"
     if path == "auto":
         h2 = gemv_h2_applies(packed, M, x.dtype, x.is_cuda and not _INTERPRET)
-        path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "gemm" if M < DEQUANT_MIN_M else "dequant"
+        dense = (CB_DEQUANT_MIN_M if is_cb else DEQUANT_MIN_M) <= M  # dequantize + cuBLAS
+        path = "gemv_h2" if h2 else "gemv" if M <= GEMV_MAX_M else "dequant" if dense else "gemm"
         if path != "gemv_h2" and rws_chosen(packed, M, x):
             path = "rws"
         elif path != "gemv_h2" and ra_chosen(packed, M, x):

@@ -173,6 +173,7 @@ def test_codebook_routes_and_refusals():
     assert not mm.mma_applies(pw, 65, x65) and not qm.mma_chosen(pw, 65, x65)
     want = ref_quant_matmul(x65.float(), pw)
     assert (quant_matmul(x65, pw).float() - want).abs().max() <= 1e-2 * want.abs().max() + 1e-3
+    assert torch.equal(quant_matmul(x65, pw), quant_matmul(x65, pw, path="dequant"))  # CB_DEQUANT_MIN_M
     x = torch.randn(12, 1024, device="cuda", dtype=torch.bfloat16)
     assert not tma_applies(pw, 12, x)
     with pytest.raises(ValueError, match="x_whole needs a uniform weight"):
