@@ -44,6 +44,17 @@ def random_codebook(N: int, K: int, fmt: str, G: int) -> PackedWeight:
     return PackedWeight(q, s, None, 4, G, K, N, fmt=fmt, codebook=cb.float().cuda())
 
 
+def g2_variants(M: int):
+    """Groups of 64 at M <= 16: the mma.sync kernel with two groups per 128-K tile (G2) and without."""
+    if M > 16:
+        return []
+
+    def g2(on):
+        return lambda x, p: quant_gemv_mma(
+            x, p, torch.empty(M, p.out_features, dtype=x.dtype, device=x.device), two_groups=on)
+    return [("mma_g2", g2(True)), ("mma_g1", g2(False))]
+
+
 def variants(M: int):
     """(name, call(x, pw)) pairs for one M: the launcher's choice; the generic Triton kernel (path gemv at
     M = 1, gemm above) and dequantize + cuBLAS; at M <= 16 the mma.sync table kernel unrolled / not and
@@ -94,7 +105,8 @@ def check(log) -> list[dict]:
 
 
 COMPACT_COLUMNS = ["shape", "M", "fmt", "cublas_us", "auto_us", "auto_x", "generic_x", "dequant_x",
-                   "uniform_x", "uniform_g64_x", "mma_u1_us", "mma_u2_us", "mma_u2_xp_us", "mma_acc_us"]
+                   "uniform_x", "uniform_g64_x", "mma_u1_us", "mma_u2_us", "mma_u2_xp_us", "mma_acc_us",
+                   "mma_g1_us", "mma_g2_us", "uniform_g64_g1_us", "uniform_g64_g2_us"]
 
 
 def compact(rows: list[dict]) -> list[dict]:
@@ -115,7 +127,9 @@ def compact(rows: list[dict]) -> list[dict]:
                         dequant_x=x((shape, M, fmt, "dequant")), uniform_x=x((shape, M, "uniform", "auto")),
                         uniform_g64_x=x((shape, M, "uniform_g64", "auto")),
                         **{f"{v}_us": t.get((shape, M, fmt, v)) for v in ("mma_u1", "mma_u2", "mma_u2_xp",
-                                                                          "mma_acc")}))
+                                                                          "mma_acc", "mma_g1", "mma_g2")},
+                        uniform_g64_g1_us=t.get((shape, M, "uniform_g64", "mma_g1")),
+                        uniform_g64_g2_us=t.get((shape, M, "uniform_g64", "mma_g2"))))
     return out
 
 
@@ -154,8 +168,12 @@ def main() -> int:
             t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni64)])
             rows.append(dict(shape=shape, M=M, fmt="uniform_g64", method="auto", time_us=t,
                              speedup=t_cub / t))
+            for name, call in g2_variants(M):
+                t = graph_time_us([lambda x=xs[i % 24], p=p, c=call: c(x, p) for i, p in enumerate(uni64)])
+                rows.append(dict(shape=shape, M=M, fmt="uniform_g64", method=name, time_us=t,
+                                 speedup=t_cub / t))
             for fmt, _ in FORMATS:
-                for name, call in variants(M):
+                for name, call in variants(M) + (g2_variants(M) if fmt == "nf4" else []):
                     try:
                         t = graph_time_us([lambda x=xs[i % 24], p=p, c=call: c(x, p)
                                            for i, p in enumerate(cbs[fmt])])

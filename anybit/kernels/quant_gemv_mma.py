@@ -386,20 +386,29 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
-                   P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = False):
+                   P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = False,
+                   G2: gl.constexpr = False):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
         words of two f16 (z_off: ``_pair_offsets``), for ``_zero_halves``; ZW 2: the scales too (in
-        column order: ``_cols_to_rows``). CB: codebook weights, no zero points (zeros in their place)."""
+        column order: ``_cols_to_rows``). CB: codebook weights, no zero points (zeros in their place). G2
+        (ZW 0, no SA): the tile holds groups g and g + 1, whose zero points and scales come joined as
+        ``[C, 2]``."""
         w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
         g = k0 // G
-        if CB:
+        if G2 and CB:
+            z = gl.join(gl.zeros_like(z_off).to(gl.float16), gl.zeros_like(z_off).to(gl.float16))
+        elif G2:
+            z = gl.join(gl.load(z_ptr + g * N + z_off), gl.load(z_ptr + (g + 1) * N + z_off))
+        elif CB:
             z = gl.zeros_like(z_off).to(gl.float16)
         elif ZW:
             z = gl.load(z_ptr.to(gl.pointer_type(gl.int32)) + (g * N) // 2 + z_off)
         else:
             z = gl.load(z_ptr + g * N + z_off)
-        if ZW == 2:  # the scales too, at the zero points' (column) offsets
+        if G2:
+            s = gl.join(gl.load(s_ptr + g * N + s_off), gl.load(s_ptr + (g + 1) * N + s_off))
+        elif ZW == 2:  # the scales too, at the zero points' (column) offsets
             s = gl.load(s_ptr.to(gl.pointer_type(gl.int32)) + (g * N) // 2 + z_off)
         elif SA:  # scales in column order, for the conversion (``_unpack_tile``'s SA)
             s = gl.load(s_ptr + g * N + z_off)
@@ -428,12 +437,36 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
-                  ZL: gl.constexpr, CB: gl.constexpr = False, base=0):
+                  ZL: gl.constexpr, CB: gl.constexpr = False, base=0, G2: gl.constexpr = False):
         """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop (CB:
-        codebook words, ``base`` = ``_lut_base()``)."""
+        codebook words, ``base`` = ``_lut_base()``; G2: two groups, ``_tile_g2``)."""
         zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
-        part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb, gl.zeros(acc.shape, gl.float32, MMA))
-        return acc + part * _group_scale(sr, W0)[:, None]
+        if G2:
+            acc = acc + _tile_g2(w, zh, sr, xb, AL, MMA, W0, CB, base)
+        else:
+            part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb,
+                          gl.zeros(acc.shape, gl.float32, MMA))
+            acc = acc + part * _group_scale(sr, W0)[:, None]
+        return acc
+
+    @gluon.jit
+    def _tile_g2(w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, CB: gl.constexpr, base):
+        """One 128-K tile holding two groups (zero points z and scales s ``[C, 2]``, ``_load_tile``'s G2): the
+        K halves (K' bit 6, word rows 0..R/2 and R/2..R; a register split of the A and B operands) run their
+        own MMA chains, each scaled by its group's scale. Returns the scaled partial ``[128, BM]``."""
+        a = _unpack_tile(w, z, AL, W0, CB=CB, base=base, G2=True)
+        BK: gl.constexpr = a.shape[1]
+        BM: gl.constexpr = xb.shape[1]
+        BL: gl.constexpr = xb.type.layout
+        a0, a1 = gl.split(gl.permute(gl.reshape(a, [128, 2, BK // 2]), (0, 2, 1)))
+        x0, x1 = gl.split(gl.permute(gl.reshape(xb, [2, BK // 2, BM]), (1, 2, 0)))
+        s0, s1 = gl.split(s)
+        s0 = gl.convert_layout(s0, gl.SliceLayout(1, MMA))
+        s1 = gl.convert_layout(s1, gl.SliceLayout(1, MMA))
+        zero = gl.zeros([128, BM], gl.float32, MMA)
+        p0 = mma_v2(gl.convert_layout(a0, AL), gl.convert_layout(x0, BL), zero)
+        p1 = mma_v2(gl.convert_layout(a1, AL), gl.convert_layout(x1, BL), zero)
+        return p0 * _group_scale(s0, W0)[:, None] + p1 * _group_scale(s1, W0)[:, None]
 
     @gluon.jit
     def _group_scale(sr, W0: gl.constexpr):
@@ -472,11 +505,12 @@ if gluon is not None:
 
     @gluon.jit
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False,
-                     CB: gl.constexpr = False, base=0):
+                     CB: gl.constexpr = False, base=0, G2: gl.constexpr = False):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
         float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4-bit
         codebook words): bf16 ``codebook[q]`` from the shared pair table (``_lut_asm``; ``base`` =
-        ``_lut_base()``), codes in natural K order (x relabeled as width 16)."""
+        ``_lut_base()``), codes in natural K order (x relabeled as width 16). G2: z ``[C, 2]``, the first half
+        of the word rows takes group 0's zero points, the second half group 1's."""
         if CB:
             if SA:
                 sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
@@ -492,7 +526,16 @@ if gluon is not None:
             a = _words_tile(_join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]), w.shape[0], 128, 8)
             a = gl.convert_layout(_swap_k15(a), AL)
         else:
-            if W0 == 8:
+            if G2:  # word rows [0, R/2) hold group 0, [R/2, R) group 1
+                z0, z1 = gl.split(z)
+                ZC: gl.constexpr = gl.SliceLayout(0, w.type.layout)
+                zb0 = (-(gl.convert_layout(z0, ZC).to(gl.float32) + 128.0)).to(gl.bfloat16)
+                zb1 = (-(gl.convert_layout(z1, ZC).to(gl.float32) + 128.0)).to(gl.bfloat16)
+                zb0, _ = gl.broadcast(zb0[None, :], w)
+                zb1, _ = gl.broadcast(zb1[None, :], w)
+                rows = gl.arange(0, w.shape[0], layout=gl.SliceLayout(1, w.type.layout))
+                zb = gl.where((rows < w.shape[0] // 2)[:, None], zb0, zb1)
+            elif W0 == 8:
                 zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
             else:
                 zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
@@ -595,7 +638,7 @@ if gluon is not None:
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
-                               CB: gl.constexpr = False, XP: gl.constexpr = False):
+                               CB: gl.constexpr = False, XP: gl.constexpr = False, G2: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -641,7 +684,9 @@ if gluon is not None:
         the float32 codebook ``[16]``. Each program first writes the table of code pairs to shared memory
         (``_fill_lut``); a word's codes are then 4 shared loads (``_lut_asm``) and x needs no relabeling.
         XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
-        of in the iteration that uses it."""
+        of in the iteration that uses it. G2 (single slice, BLOCK_M <= 16, no ZW): BLOCK_K = 2 G, the tile's
+        two groups each get their zero points and scales (``_load_tile`` joins them) and their own MMA chain
+        (``_tile_g2``)."""
         if CB:  # the pair table first: it must sit at shared offset 0
             _fill_lut(z_ptr)
             base = _lut_base()
@@ -679,9 +724,10 @@ if gluon is not None:
         acc = gl.zeros([128, BLOCK_M], gl.float32, MMA)
         # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
         # them to the end of the iteration, so a distance of one would wait for each tile)
-        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW, SA, CB)
+        w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW, SA, CB,
+                             G2)
         k1 = k_start + gl.minimum(1, n_iters - 1) * SK
-        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA, CB)
+        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA, CB, G2)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
             wb_ptr, xb_ptrs, xb_mask, wb_off, zb0, wb, wb1 = _higher_slice(
@@ -728,9 +774,10 @@ if gluon is not None:
                     xt = xa
                 else:
                     xt = _x_at(i0, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
-                acc = _tile_acc(acc, w, z, s, xt, AL, MMA, W0, ZW, ZL, CB, base)
+                acc = _tile_acc(acc, w, z, s, xt, AL, MMA, W0, ZW, ZL, CB, base, G2)
                 ka = k_start + gl.minimum(i0 + 2, n_iters - 1) * SK
-                w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW, CB=CB)
+                w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW, CB=CB,
+                                     G2=G2)
                 if XP:
                     xa = _x_at(gl.minimum(i0 + 2, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
                                x_all_arg)
@@ -739,10 +786,10 @@ if gluon is not None:
                         xt = xb1
                     else:
                         xt = _x_at(i0 + 1, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
-                    acc = _tile_acc(acc, w1, z1, s1, xt, AL, MMA, W0, ZW, ZL, CB, base)
+                    acc = _tile_acc(acc, w1, z1, s1, xt, AL, MMA, W0, ZW, ZL, CB, base, G2)
                     kb = k_start + gl.minimum(i0 + 3, n_iters - 1) * SK
                     w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, kb, w_off, z_off, s_off, WL, R, P, ZW,
-                                            CB=CB)
+                                            CB=CB, G2=G2)
                     if XP:
                         xb1 = _x_at(gl.minimum(i0 + 3, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
                                     x_all_arg)
@@ -753,7 +800,7 @@ if gluon is not None:
                 if DIAG & 4:  # every tile's words are the first tile's (cache hits): the loop without DRAM
                     k2 = k_start
                 w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW, SA,
-                                        CB)
+                                        CB, G2)
                 if WB > 0:
                     wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
                 if WC > 0:
@@ -778,6 +825,8 @@ if gluon is not None:
                 zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
                 if SA:  # scaled weights: straight into the accumulator
                     part = mma_v2(_unpack_tile(w, zh, AL, W0, sr, True, CB, base), xb, acc)
+                elif G2:  # two groups: their chains scaled here
+                    part = _tile_g2(w, zh, sr, xb, AL, MMA, W0, CB, base)
                 else:
                     part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb,
                                   gl.zeros([128, BLOCK_M], gl.float32, MMA))
@@ -801,6 +850,8 @@ if gluon is not None:
                     wc1 = wc2
                 if SA:
                     acc = part
+                elif G2:
+                    acc += part
                 else:
                     acc += part * _group_scale(sr, W0)[:, None]
                 w, z, s = w1, z1, s1
@@ -891,6 +942,11 @@ MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 register
 # kernel) was faster with 2 (12.8 against 16.9 us at M 9).
 MMA_SUM_LOADS = {8: 8, 16: 8, 32: 2, 64: 1}
 MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
+# Groups of 64 (W2 / W4 and nf4's usual size) on 128-K tiles at BLOCK_M 8 / 16: both groups' zero points and
+# scales loaded per tile and the tile's MMA chain split in two by K (the kernel's G2), instead of 64-K tiles
+# with twice the per-tile work. Env ANYBIT_MMA_G2=0: off (being measured).
+MMA_G2 = os.environ.get("ANYBIT_MMA_G2", "1") != "0"
+MMA_G2_BM = (16,)  # BLOCK_M that take it by default (at BLOCK_M 8 it compiles to 155-161 registers: 3 per SM)
 # Shared-memory slots of the x ring (the kernel's XS; 0: x loaded from global memory in the loop), by
 # BLOCK_M, for single-slice widths (several slices: 0); env ANYBIT_MMA_XS sets both. H100 s16-2/3, W4 (us,
 # XS 0 -> 3): M 16 25.4-25.8 -> 22.9-23.8 (4096x14336), 26.7-26.8 -> 23.4-24.0 (14336x4096), 151-153 ->
@@ -965,15 +1021,23 @@ def mma_rows(M: int) -> int:
     return 1 << (M - 1).bit_length()
 
 
+def g2_applies(packed: PackedWeight, block_m: int | None = None) -> bool:
+    """Whether ``packed`` can take 128-K tiles holding two groups of 64 (kernel ``G2``): a single 2- or 4-bit
+    slice (uniform or codebook) with groups of 64, and ``MMA_G2`` on; with ``block_m``, also whether that
+    BLOCK_M takes it by default (``MMA_G2_BM``)."""
+    fits = MMA_G2 and packed.group_size == 64 and packed.bits in (2, 4)
+    return fits and (block_m is None or block_m in MMA_G2_BM)
+
+
 def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,
-               per_sm: dict | None = None, bits: int = 4) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, split, ks): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64, and for
-    ``bits`` 8: ``MMA_W8_BLOCK_K``); the
+               per_sm: dict | None = None, bits: int = 4, g2: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, split, ks): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64, unless ``g2``:
+    two groups per tile, ``g2_applies``; and for ``bits`` 8: ``MMA_W8_BLOCK_K``); the
     in-program K split ks (None: at M = 1, doubled while the programs, N ks / 128, all stay resident at
     once and each keeps >= 2 iterations); then split-K across programs doubled the same way.
     ``per_sm``: resident programs per SM by BLOCK_M (default ``MMA_PROGRAMS_PER_SM``)."""
     bm = 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64
-    bk = 128 if G % 128 == 0 else 64
+    bk = 128 if G % 128 == 0 or (g2 and G == 64 and bm <= 16) else 64
     if bits == 8 or bm > 16:
         bk = min(bk, MMA_W8_BLOCK_K if bits == 8 else 64)
     if bm > 16 and 1 in SLICES[bits]:  # a 1-bit word holds 32 K: tiles of 128
@@ -1036,7 +1100,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    max_registers: int | None = None, sum_loads: int | None = None,
                    x_slots: int | None = None, x_whole: bool | None = None,
                    zero_words: int | None = None, unroll2: bool | None = None,
-                   x_prefetch: bool | None = None) -> torch.Tensor:
+                   x_prefetch: bool | None = None, two_groups: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 64: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -1060,7 +1124,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     does not apply is an error); ``x_prefetch``: with the unrolled loop and x from global memory, each tile's
     x loaded with its words two tiles ahead (kernel ``XP``; None: ``MMA_CB_XP`` for unrolled codebook calls at
     BLOCK_M 16 or with ks > 1).
-    Codebook weights (nf4 / fp4 / learned, 4 bits): the table kernel (``CB``), no x ring or whole slice."""
+    Codebook weights (nf4 / fp4 / learned, 4 bits): the table kernel (``CB``), no x ring or whole slice.
+    ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``, ``g2_applies``; None: ``MMA_G2_BM``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -1071,17 +1136,21 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     zeros = packed.codebook if cb else packed.zeros
     cap = max_registers or None
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in MMA_PROGRAMS_PER_SM} if cap else None
-    bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits)
+    g2_ok = g2_applies(packed, None if two_groups else mma_config(M, N, K, G, sms, bits=bits)[0]) and (
+        two_groups is not False)
+    bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits, g2=g2_ok)
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
     xs = (0 if (wb and bm <= 16) or cb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
     if xs not in (0, 2, 3, 4) or (cb and xs):
         raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4 (0 for a codebook weight), got {xs}")
     regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
     BK = block_k or bk
-    if BK not in (64, 128, 256) or G % BK or (BK == 64 and 1 in SLICES[bits]):
+    g2 = BK == 2 * G and bm <= 16 and (packed.group_size == 64 and packed.bits in (2, 4))  # two groups a tile
+    if BK not in (64, 128, 256) or (G % BK and not g2) or (BK == 64 and 1 in SLICES[bits]):
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "
-                         f"and divide the group size {G}")
-    want_cluster = (MMA_CLUSTER if cluster is None else cluster) and not cb  # the cluster sum needs KS 1
+                         f"and divide the group size {G} (or be twice a group of 64 for 2- / 4-bit weights "
+                         f"at M <= 16)")
+    want_cluster = (MMA_CLUSTER if cluster is None else cluster) and not (cb or g2)  # the cluster sum: KS 1
     if ks is None:
         ks = 1 if want_cluster or bk != BK else ks_auto
     elif ks != 1 and (want_cluster or not ks_fits(ks, M, bm, K, G, BK)):
@@ -1089,7 +1158,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                          f"rounded up) <= {bm}, K {K} a multiple of ks x block_k {BK} and the group size {G} "
                          f"a divisor or multiple of it, and no cluster")
     if ks != ks_auto:
-        split = mma_config(M, N, K, G, sms, ks, per_sm, bits)[2]
+        split = mma_config(M, N, K, G, sms, ks, per_sm, bits, g2)[2]
     SK = ks * BK
     per, split = k_split(K // SK, split_k or split)
     xw = x_whole_tiles(per, BK, ks)
@@ -1105,7 +1174,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if zw is None:
         zw = 2 if bits == 2 and bm == 16 else 0
     aligned = not cb and packed.zeros.data_ptr() % 4 == 0 and packed.scales.data_ptr() % 4 == 0
-    zw = int(zw) if aligned and bm <= 16 else 0
+    zw = int(zw) if aligned and bm <= 16 and not g2 else 0
     if unroll2 and (wb or xs or diag or bm > 16):
         raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring, no diag and M <= 16")
     u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and BK == 64
@@ -1122,7 +1191,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs,
+            **launch)
         return acc
     if ks == 1 and bm <= 16 and not cb and cluster_applies(split, x.device, cluster):  # split-K in a cluster
         _quant_gemv_mma_kernel[(tiles, 1)](
@@ -1134,5 +1204,5 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs, **launch)
     return y

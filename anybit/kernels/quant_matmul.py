@@ -47,7 +47,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     k_split,
     quant_gemv_h2,
 )
-from anybit.kernels.quant_gemv_mma import MMA_BITS, mma_applies, mma_config, quant_gemv_mma
+from anybit.kernels.quant_gemv_mma import MMA_BITS, g2_applies, mma_applies, mma_config, quant_gemv_mma
 from anybit.kernels.quant_gemv_tma import quant_gemv_tma, tma_applies
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
@@ -572,13 +572,13 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
         _, _, split, ks = mma_config(1, packed.out_features, packed.in_features, packed.group_size,
-                                     _num_sms(x.device), bits=packed.bits)
+                                     _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, 8))
         if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU
             return not pending and MMA_W8_M1 and ks > 1 and split == 1
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
-                                      _num_sms(x.device), bits=packed.bits)
+                                      _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, 16))
         return packed.in_features // (bk * ks) // split >= MMA_MIN_TILES_M16
     return True
 

@@ -228,3 +228,54 @@ def test_gpu_engine_codebook_model_generates_what_the_generic_kernels_do(tmp_pat
         assert same >= 4, (tok0, tok1)
         last = min(same + 1, len(tok0))
         assert max(abs(a - b) for a, b in zip(lp0[:last], lp1[:last], strict=True)) < 0.1, (lp0, lp1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("fmt,bits", [("uniform", 4), ("uniform", 2), ("nf4", 4)])
+@pytest.mark.parametrize("M", [1, 3, 9, 16])
+def test_two_groups_of_64_per_tile(fmt, bits, M):
+    """G2: 128-K tiles holding two groups of 64 (each with its zero points, scales and MMA chain) give the
+    reference's result, as the 64-K tiles do; with pending sums too."""
+    N, K = 384, 2048
+    g = torch.Generator().manual_seed(M + bits)
+    pw = rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, 64, fmt)).to("cuda")
+    x = torch.randn(M, K, generator=g).to("cuda", torch.bfloat16)
+    want = ref_quant_matmul(x.float(), pw)
+    tol = 1e-2 * want.abs().max().item() + 1e-3
+    for kw in (dict(two_groups=True), dict(two_groups=True, split_k=3), dict(two_groups=True, unroll2=True),
+               dict(two_groups=False)):
+        if kw.get("unroll2") and fmt == "uniform" and M > 8:  # BLOCK_M 16: x through the ring, no unrolling
+            continue
+        nan = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+        y = mm.quant_gemv_mma(x, pw, nan, **kw)
+        assert (y.float() - want).abs().max().item() <= tol, kw
+        assert torch.equal(y, mm.quant_gemv_mma(x, pw, torch.empty_like(y), **kw)), kw
+    acc = torch.zeros(M, N, dtype=torch.float32, device="cuda")
+    mm.quant_gemv_mma(x, pw, None, acc=acc, two_groups=True)
+    assert (acc - want).abs().max().item() <= tol
+    with pytest.raises(ValueError, match="block_k"):  # two groups per tile need groups of 64
+        mm.quant_gemv_mma(x, rtn_quantize(torch.randn(N, K), QuantSpec(bits, 32, fmt)).to("cuda"),
+                          torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), block_k=128)
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("cb", [False, True])
+def test_sm90_compile_two_groups_per_tile_split_the_chain_in_registers(cb):
+    """G2 (two groups of 64 per 128-K tile, BLOCK_M 16 unrolled): the tile's MMAs split by K into two chains
+    without moving data through shared memory, as many HMMA as one chain, no spills."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32" if cb else "*fp16",
+            "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    loops = {}
+    for g2 in (False, True):
+        consts = dict(W0=4, BLOCK_M=16, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, U2=True, G2=g2,
+                      CB=cb, XP=cb, XW=0 if cb else 16)
+        lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+        assert not any(s.split()[0].startswith(("STL", "LDL")) for s in lines if not s.startswith("//"))
+        loop = max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+        loops[g2] = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop
+                     if not s.startswith("//")]
+    for op in ("HMMA.16816.F32.BF16", "LDS", "STS", "SHFL.IDX"):
+        assert sum(o == op for o in loops[True]) == sum(o == op for o in loops[False]), op
