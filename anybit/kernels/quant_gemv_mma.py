@@ -944,9 +944,14 @@ MMA_SUM_LOADS = {8: 8, 16: 8, 32: 2, 64: 1}
 MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 # Groups of 64 (W2 / W4 and nf4's usual size) on 128-K tiles at BLOCK_M 8 / 16: both groups' zero points and
 # scales loaded per tile and the tile's MMA chain split in two by K (the kernel's G2), instead of 64-K tiles
-# with twice the per-tile work. Env ANYBIT_MMA_G2=0: off (being measured).
+# with twice the tiles (at BLOCK_M 16 a program's slice then often has more than 16 tiles, too many for the
+# whole x slice in shared memory). H100 s24-9 (quant_codebook_s24_9, us with / without on 4096x14336 /
+# 14336x4096 / 6144x4096): M 16 uniform W4 g64 23.3 / 28.0, 23.5 / 28.8, 14.0 / 15.5, nf4 25.7 / 29.3,
+# 26.0 / 30.1, 16.9 / 18.6; M 4 uniform 18.8 / 19.8, 18.7 / 19.7, 11.2 / 11.6 but nf4 20.1 / 18.8, 19.8 /
+# 18.6, 12.0 / 11.2; M = 1 (155-161 registers at BLOCK_M 8: 3 programs per SM) uniform 22.4 / 18.7, 21.0 /
+# 18.6, 8.3 / 10.0.
+# So: BLOCK_M 16, and BLOCK_M 8 from M 2 for uniform weights (``g2_default``). Env ANYBIT_MMA_G2=0: off.
 MMA_G2 = os.environ.get("ANYBIT_MMA_G2", "1") != "0"
-MMA_G2_BM = (16,)  # BLOCK_M that take it by default (at BLOCK_M 8 it compiles to 155-161 registers: 3 per SM)
 # Shared-memory slots of the x ring (the kernel's XS; 0: x loaded from global memory in the loop), by
 # BLOCK_M, for single-slice widths (several slices: 0); env ANYBIT_MMA_XS sets both. H100 s16-2/3, W4 (us,
 # XS 0 -> 3): M 16 25.4-25.8 -> 22.9-23.8 (4096x14336), 26.7-26.8 -> 23.4-24.0 (14336x4096), 151-153 ->
@@ -1021,12 +1026,12 @@ def mma_rows(M: int) -> int:
     return 1 << (M - 1).bit_length()
 
 
-def g2_applies(packed: PackedWeight, block_m: int | None = None) -> bool:
+def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
     """Whether ``packed`` can take 128-K tiles holding two groups of 64 (kernel ``G2``): a single 2- or 4-bit
-    slice (uniform or codebook) with groups of 64, and ``MMA_G2`` on; with ``block_m``, also whether that
-    BLOCK_M takes it by default (``MMA_G2_BM``)."""
+    slice (uniform or codebook) with groups of 64, and ``MMA_G2`` on; with ``M``, also whether a call of M
+    rows takes it by default: M 9..16, and M 2..8 for uniform weights (``MMA_G2``'s measurements)."""
     fits = MMA_G2 and packed.group_size == 64 and packed.bits in (2, 4)
-    return fits and (block_m is None or block_m in MMA_G2_BM)
+    return fits and (M is None or 9 <= M <= 16 or (2 <= M <= 8 and packed.fmt == "uniform"))
 
 
 def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,
@@ -1125,7 +1130,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     x loaded with its words two tiles ahead (kernel ``XP``; None: ``MMA_CB_XP`` for unrolled codebook calls at
     BLOCK_M 16 or with ks > 1).
     Codebook weights (nf4 / fp4 / learned, 4 bits): the table kernel (``CB``), no x ring or whole slice.
-    ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``, ``g2_applies``; None: ``MMA_G2_BM``)."""
+    ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -1136,8 +1141,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     zeros = packed.codebook if cb else packed.zeros
     cap = max_registers or None
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in MMA_PROGRAMS_PER_SM} if cap else None
-    g2_ok = g2_applies(packed, None if two_groups else mma_config(M, N, K, G, sms, bits=bits)[0]) and (
-        two_groups is not False)
+    g2_ok = g2_applies(packed, None if two_groups else M) and two_groups is not False
     bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits, g2=g2_ok)
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
     xs = (0 if (wb and bm <= 16) or cb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots

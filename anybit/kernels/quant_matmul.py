@@ -572,13 +572,13 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
         _, _, split, ks = mma_config(1, packed.out_features, packed.in_features, packed.group_size,
-                                     _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, 8))
+                                     _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, 1))
         if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU
             return not pending and MMA_W8_M1 and ks > 1 and split == 1
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
-                                      _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, 16))
+                                      _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, M))
         return packed.in_features // (bk * ks) // split >= MMA_MIN_TILES_M16
     return True
 
