@@ -1198,7 +1198,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
             KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs,
             **launch)
         return acc
-    if ks == 1 and bm <= 16 and not (cb or g2) and cluster_applies(split, x.device, cluster):  # split-K, cluster
+    cluster_ok = ks == 1 and bm <= 16 and not (cb or g2)  # the cluster launch has none of those
+    if cluster_ok and cluster_applies(split, x.device, cluster):  # K splits summed in a cluster
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
