@@ -1192,11 +1192,13 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     launch = {"launch_pdl": True} if pdl else {}
     if acc is not None:
         check_acc(acc, M, N)
-        _quant_gemv_mma_kernel[(tiles, split)](
+        kernel = _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
             KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs,
             **launch)
+        if cb:
+            check_table_alone(kernel)
         return acc
     cluster_ok = ks == 1 and bm <= 16 and not (cb or g2)  # the cluster launch has none of those
     if cluster_ok and cluster_applies(split, x.device, cluster):  # K splits summed in a cluster
@@ -1206,8 +1208,23 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
             num_ctas=split, **regs, **launch)
         return y
     ws, locks = split_k_buffers(split, M, N, tiles, y)
-    _quant_gemv_mma_kernel[(tiles, split)](
+    kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
         ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs, **launch)
+    if cb:
+        check_table_alone(kernel)
     return y
+
+
+def check_table_alone(kernel) -> None:
+    """A codebook launch's compiled kernel must hold the code-pair table alone in shared memory: the table
+    loads read it at offset 0 (``_lut_base``), which only holds when nothing else is allocated beside it (the
+    compiler may still overlap it with scratch after the loop). Raises otherwise, e.g. should another Triton
+    version place it elsewhere."""
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    table = 4 * MMA_CB_ENTRIES * MMA_CB_LANES
+    if shared is not None and shared != table:
+        raise RuntimeError(f"quant_gemv_mma: the codebook kernel uses {shared} bytes of shared memory, "
+                           f"expected the {table}-byte table alone; its loads would read the wrong place "
+                           f"(ANYBIT_MMA_CB=0 routes codebooks to the generic kernels)")

@@ -164,6 +164,20 @@ def test_codebook_matches_reference(fmt, M, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+def test_codebook_launch_checks_the_compiled_table(monkeypatch):
+    """Every codebook launch hands its compiled kernel to ``check_table_alone``, whose shared memory is the
+    table alone (so the check is not skipped for want of metadata)."""
+    seen = []
+    monkeypatch.setattr(mm, "check_table_alone", lambda k: seen.append(k.metadata.shared))
+    pw = _codebook_weight(256, 1024, "fp4", 128)
+    for M in (1, 12, 40):
+        x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+        mm.quant_gemv_mma(x, pw, torch.empty(M, 256, dtype=torch.bfloat16, device="cuda"))
+    assert seen == [4 * mm.MMA_CB_ENTRIES * mm.MMA_CB_LANES] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
 def test_codebook_routes_and_refusals():
     """Above M 64 codebooks keep the generic kernels; the TMA-ring kernel and x in shared memory refuse them;
     a table of the wrong size is not this path's."""
@@ -280,3 +294,13 @@ def test_sm90_compile_two_groups_per_tile_split_the_chain_in_registers(cb):
                      if not s.startswith("//")]
     for op in ("HMMA.16816.F32.BF16", "LDS", "STS", "SHFL.IDX"):
         assert sum(o == op for o in loops[True]) == sum(o == op for o in loops[False]), op
+
+
+def test_table_alone_check():
+    """The launcher refuses a compiled codebook kernel whose shared memory is not the table alone."""
+    from types import SimpleNamespace
+
+    table = 4 * mm.MMA_CB_ENTRIES * mm.MMA_CB_LANES
+    mm.check_table_alone(SimpleNamespace(metadata=SimpleNamespace(shared=table)))
+    with pytest.raises(RuntimeError, match="table alone"):
+        mm.check_table_alone(SimpleNamespace(metadata=SimpleNamespace(shared=table + 1024)))
