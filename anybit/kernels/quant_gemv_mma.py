@@ -950,8 +950,12 @@ MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 # 26.0 / 30.1, 16.9 / 18.6; M 4 uniform 18.8 / 19.8, 18.7 / 19.7, 11.2 / 11.6 but nf4 20.1 / 18.8, 19.8 /
 # 18.6, 12.0 / 11.2; M = 1 (155-161 registers at BLOCK_M 8: 3 programs per SM) uniform 22.4 / 18.7, 21.0 /
 # 18.6, 8.3 / 10.0.
-# So: BLOCK_M 16, and BLOCK_M 8 from M 2 for uniform weights (``g2_default``). Env ANYBIT_MMA_G2=0: off.
+# On lm_head (128256x4096, s24-16) it turns around: uniform g64 M 4 162.1 / 148.6, M 16 162.9 / 134.5 (its
+# 1002 tiles fill the GPU, so 3 programs per SM at BLOCK_M 8 cost), while nf4 gains at every M: M = 1 108.8 /
+# 135.2, M 4 114.3 / 148.0, M 16 157.7 / 176.1. So (``g2_applies``): uniform weights at M 2..16 up to
+# MMA_G2_WIDE_N outputs, codebooks at M 9..16 and, above that width, at every M. Env ANYBIT_MMA_G2=0: off.
 MMA_G2 = os.environ.get("ANYBIT_MMA_G2", "1") != "0"
+MMA_G2_WIDE_N = 16384
 # Shared-memory slots of the x ring (the kernel's XS; 0: x loaded from global memory in the loop), by
 # BLOCK_M, for single-slice widths (several slices: 0); env ANYBIT_MMA_XS sets both. H100 s16-2/3, W4 (us,
 # XS 0 -> 3): M 16 25.4-25.8 -> 22.9-23.8 (4096x14336), 26.7-26.8 -> 23.4-24.0 (14336x4096), 151-153 ->
@@ -1029,9 +1033,15 @@ def mma_rows(M: int) -> int:
 def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
     """Whether ``packed`` can take 128-K tiles holding two groups of 64 (kernel ``G2``): a single 2- or 4-bit
     slice (uniform or codebook) with groups of 64, and ``MMA_G2`` on; with ``M``, also whether a call of M
-    rows takes it by default: M 9..16, and M 2..8 for uniform weights (``MMA_G2``'s measurements)."""
+    rows takes it by default (``MMA_G2``'s measurements): uniform weights at M 2..16 up to
+    ``MMA_G2_WIDE_N`` outputs; codebooks at M 9..16, and at every M <= 16 above that width."""
     fits = MMA_G2 and packed.group_size == 64 and packed.bits in (2, 4)
-    return fits and (M is None or 9 <= M <= 16 or (2 <= M <= 8 and packed.fmt == "uniform"))
+    if M is None or not fits:
+        return fits
+    wide = packed.out_features > MMA_G2_WIDE_N
+    if packed.fmt == "uniform":
+        return 2 <= M <= 16 and not wide
+    return 9 <= M <= 16 or (M <= 8 and wide)
 
 
 def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,

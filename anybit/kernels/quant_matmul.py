@@ -602,7 +602,9 @@ TMA_MIN_N = int(os.environ.get("ANYBIT_MMA_TMA_MIN_N", "16384"))  # experiments:
 def tma_chosen(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether "auto" routes this call to the TMA-ring mma.sync kernel (TMA_AUTO and the range above)."""
     wide = TMA_MIN_M <= M <= 16 and packed.out_features >= TMA_MIN_N
-    return TMA_AUTO and wide and tma_applies(packed, M, x)
+    # groups of 64: the mma.sync kernel (64-K tiles) ran lm_head at M 16 in 134.5 us against this kernel's
+    # 160.6 (H100 s24-16, quant_codebook_s24_16); the ring was measured with groups of 128
+    return TMA_AUTO and wide and packed.group_size != 64 and tma_applies(packed, M, x)
 
 
 GEMV_MAX_M = 1  # launcher: GEMV kernel up to this many rows, fused dequant + tensor cores above,
