@@ -396,12 +396,12 @@ if gluon is not None:
         ``[C, 2]``."""
         w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
         g = k0 // G
-        if G2 and CB:
-            z = gl.join(gl.zeros_like(z_off).to(gl.float16), gl.zeros_like(z_off).to(gl.float16))
+        if CB:
+            z = gl.zeros_like(z_off).to(gl.float16)
+            if G2:
+                z = gl.join(z, z)
         elif G2:
             z = gl.join(gl.load(z_ptr + g * N + z_off), gl.load(z_ptr + (g + 1) * N + z_off))
-        elif CB:
-            z = gl.zeros_like(z_off).to(gl.float16)
         elif ZW:
             z = gl.load(z_ptr.to(gl.pointer_type(gl.int32)) + (g * N) // 2 + z_off)
         else:
@@ -1159,7 +1159,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4 (0 for a codebook weight), got {xs}")
     regs = dict(SUM_LOADS=sum_loads or MMA_SUM_LOADS[bm], **({"maxnreg": cap} if cap else {}))
     BK = block_k or bk
-    g2 = BK == 2 * G and bm <= 16 and (packed.group_size == 64 and packed.bits in (2, 4))  # two groups a tile
+    g2 = BK == 2 * G and bm <= 16 and g2_applies(packed)  # two groups of 64 per tile
     if BK not in (64, 128, 256) or (G % BK and not g2) or (BK == 64 and 1 in SLICES[bits]):
         raise ValueError(f"quant_gemv_mma: block_k {BK} must be 64, 128 or 256 (not 64 with a 1-bit slice) "
                          f"and divide the group size {G} (or be twice a group of 64 for 2- / 4-bit weights "
