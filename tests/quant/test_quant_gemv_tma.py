@@ -62,8 +62,8 @@ def _compile(bits, bm, ks, split, acc=False, x_tma=False):
     if x_tma:
         ptrs["x_desc"] = f"desc:bfloat16:16x14336:{bm}x128"
     mr = (bm // ks if ks > 1 else 0)
-    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=split, PDL=True, STAGES=4, ACC=acc, KS=ks, MR=mr,
-                  X_TMA=x_tma)
+    consts = dict(G=128, W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=split, PDL=True, STAGES=4, ACC=acc, KS=ks,
+                  MR=mr, X_TMA=x_tma)
     return sm90_sass_ptrs(mt._quant_gemv_tma_kernel, consts, ptrs,
                           {"num_warps": 4, "maxnreg": mt.TMA_MAX_REGISTERS})
 
