@@ -504,14 +504,6 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(gl.join(lo, hi), [zw.shape[0] * 2]), L)
 
     @gluon.jit
-    def _neg_biased_zero(z):
-        """Integer f16 zero points z in [0, 128) -> bf16 ``-(128 + z)`` by bits: ``z + 1024`` in f16 has z
-        in its low mantissa bits (exact), and ``0xC300 | z`` is bf16 -(128 + z). One add and one ``lop3``
-        instead of conversions through float32."""
-        zi = (z + 1024.0).to(gl.int16, bitcast=True)
-        return ((zi & 0x7F) | -15616).to(gl.bfloat16, bitcast=True)  # -15616 = 0xC300 as int16
-
-    @gluon.jit
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False,
                      CB: gl.constexpr = False, base=0, G2: gl.constexpr = False):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
@@ -537,16 +529,16 @@ if gluon is not None:
             if G2:  # word rows [0, R/2) hold group 0, [R/2, R) group 1
                 z0, z1 = gl.split(z)
                 ZC: gl.constexpr = gl.SliceLayout(0, w.type.layout)
-                zb0 = _neg_biased_zero(gl.convert_layout(z0, ZC))
-                zb1 = _neg_biased_zero(gl.convert_layout(z1, ZC))
+                zb0 = (-(gl.convert_layout(z0, ZC).to(gl.float32) + 128.0)).to(gl.bfloat16)
+                zb1 = (-(gl.convert_layout(z1, ZC).to(gl.float32) + 128.0)).to(gl.bfloat16)
                 zb0, _ = gl.broadcast(zb0[None, :], w)
                 zb1, _ = gl.broadcast(zb1[None, :], w)
                 rows = gl.arange(0, w.shape[0], layout=gl.SliceLayout(1, w.type.layout))
                 zb = gl.where((rows < w.shape[0] // 2)[:, None], zb0, zb1)
             elif W0 == 8:
-                zb = (z + 1024.0)[None, :]  # exact in float16 (z < 256)
+                zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
             else:
-                zb = _neg_biased_zero(z)[None, :]
+                zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
             zb, _ = gl.broadcast(zb, w)
             if SA:
                 sb, _ = gl.broadcast(s.to(zb.dtype)[None, :], w)
@@ -638,8 +630,8 @@ if gluon is not None:
         return tot
 
     @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
-    def _quant_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G: gl.constexpr,
-                               stride_xm, stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
+    def _quant_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm,
+                               stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
                                PDL: gl.constexpr, CLUSTER: gl.constexpr = 1, DIAG: gl.constexpr = 0,
                                ACC: gl.constexpr = False, WB: gl.constexpr = 0, WC: gl.constexpr = 0,
@@ -648,9 +640,7 @@ if gluon is not None:
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
                                CB: gl.constexpr = False, XP: gl.constexpr = False, G2: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
-        BLOCK_K; BLOCK_K divides G or G divides... one group per tile). G is a compile-time constant: a
-        tile's group is then a shift (a run-time G cost an integer division per tile, ~15 of W4's 344 loop
-        instructions at M = 1, offline sm_90). x ``[M, K]`` bf16 (row stride
+        BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
         y ``[M, N]``. Per tile: exact ``q - z`` weights, one MMA chain into zeroed partials, then
         ``acc += s * part`` in float32. SPLIT: float32 partials in ws, summed by the tile's last

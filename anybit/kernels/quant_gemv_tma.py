@@ -131,8 +131,8 @@ if gluon is not None:
         return gl.load(x_ptrs + k0, mask=x_mask, other=0.0)
 
     @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
-    def _quant_gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G: gl.constexpr,
-                               stride_xm, stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
+    def _quant_gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm,
+                               stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
                                PDL: gl.constexpr, STAGES: gl.constexpr = 4, ACC: gl.constexpr = False,
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0, x_desc=None,

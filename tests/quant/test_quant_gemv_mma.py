@@ -86,8 +86,8 @@ def _compile_loop(bits, bm, ks, **extra):
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    consts = dict(G=128, W0=w0, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False,
-                  WB=wb, WC=wc, KS=ks, MR=bm // ks if ks > 1 else 0, **extra)
+    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
+                  WC=wc, KS=ks, MR=bm // ks if ks > 1 else 0, **extra)
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     return lines, max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
 
@@ -116,7 +116,7 @@ def test_sm90_compile_w8_runs_the_mma_in_float16(bm, ks):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(G=128, W0=8, BLOCK_M=bm, BLOCK_K=mm.MMA_W8_BLOCK_K, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
+    consts = dict(W0=8, BLOCK_M=bm, BLOCK_K=mm.MMA_W8_BLOCK_K, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
                   ACC=False, WB=0, WC=0, KS=ks, MR=1 if ks > 1 else 0, XS=3 if bm == 16 else 0,
                   XW=8 if bm == 8 else 0)
     ops = [s.split()[0] for s in sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
@@ -139,8 +139,8 @@ def test_sm90_compile_k_split_inside_the_program(bits, ks, mr):
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
-    consts = dict(G=128, W0=w0, BLOCK_M=8, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=1, DIAG=0, ACC=False,
-                  WB=wb, WC=wc, KS=ks, MR=mr)
+    consts = dict(W0=w0, BLOCK_M=8, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
+                  WC=wc, KS=ks, MR=mr)
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     ops = [s.split()[0] for s in lines if not s.startswith("//")]
     loop_end = max(i for i, o in enumerate(ops) if o.startswith("HMMA"))
@@ -242,8 +242,7 @@ def test_sm90_cluster_split_k_stays_on_chip(bits, bm, cluster):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(G=128, W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=cluster, DIAG=0,
-                  ACC=False)
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=False, PDL=True, CLUSTER=cluster, DIAG=0, ACC=False)
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4, "num_ctas": cluster})
     ops = [s.split()[0] for s in lines if not s.startswith("//")]
     assert shared_bytes(lines) == 128 * bm * 4
@@ -261,7 +260,7 @@ def test_sm90_accumulating_epilogue_is_fire_and_forget():
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*fp32",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(G=128, W0=4, BLOCK_M=8, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=True)
+    consts = dict(W0=4, BLOCK_M=8, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=True)
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     ops = [s.split()[0] for s in lines if not s.startswith("//")]
     assert sum(o.startswith("RED") for o in ops) >= 8, [o for o in ops if "RED" in o or "ATOM" in o]

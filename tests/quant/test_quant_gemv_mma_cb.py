@@ -85,9 +85,9 @@ def _compile_cb(bm, ks, u2, acc=False, bk=128):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32",
             "y_ptr": "*fp32" if acc else "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(G=64 if bm > 16 or bk == 64 else 128, W0=4, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else bk,
-                  SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=acc, KS=ks, MR=bm // ks if ks > 1 else 0,
-                  U2=u2, CB=True, SA=bm > 16, SUM_LOADS=mm.MMA_SUM_LOADS[bm])
+    consts = dict(W0=4, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else bk, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
+                  ACC=acc, KS=ks, MR=bm // ks if ks > 1 else 0, U2=u2, CB=True, SA=bm > 16,
+                  SUM_LOADS=mm.MMA_SUM_LOADS[bm])
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     return lines, max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
 
@@ -285,8 +285,8 @@ def test_sm90_compile_two_groups_per_tile_split_the_chain_in_registers(cb):
             "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     loops = {}
     for g2 in (False, True):
-        consts = dict(G=64 if g2 else 128, W0=4, BLOCK_M=16, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1,
-                      DIAG=0, U2=True, G2=g2, CB=cb, XP=cb, XW=0 if cb else 16)
+        consts = dict(W0=4, BLOCK_M=16, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, U2=True, G2=g2,
+                      CB=cb, XP=cb, XW=0 if cb else 16)
         lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
         assert not any(s.split()[0].startswith(("STL", "LDL")) for s in lines if not s.startswith("//"))
         loop = max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)

@@ -62,8 +62,8 @@ def _compile(bits, bm, ks, split, acc=False, x_tma=False):
     if x_tma:
         ptrs["x_desc"] = f"desc:bfloat16:16x14336:{bm}x128"
     mr = (bm // ks if ks > 1 else 0)
-    consts = dict(G=128, W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=split, PDL=True, STAGES=4, ACC=acc, KS=ks,
-                  MR=mr, X_TMA=x_tma)
+    consts = dict(W0=bits, BLOCK_M=bm, BLOCK_K=128, SPLIT=split, PDL=True, STAGES=4, ACC=acc, KS=ks, MR=mr,
+                  X_TMA=x_tma)
     return sm90_sass_ptrs(mt._quant_gemv_tma_kernel, consts, ptrs,
                           {"num_warps": 4, "maxnreg": mt.TMA_MAX_REGISTERS})
 
@@ -147,9 +147,11 @@ def test_matches_reference(bits, M, group):
         assert (y.float() - want).abs().max().item() <= tol, kw
         again = mt.quant_gemv_tma(x, pw, torch.empty_like(y), **kw)
         assert torch.equal(y, again), kw  # fixed split-K sum order
-    ref_mma = mm.quant_gemv_mma(x, pw, nan.clone(), split_k=1, ks=1)
+    # the same products and sums as quant_gemv_mma on one group per tile (groups of 64: its 128-K tiles of
+    # two groups, G2, add the two halves in another order)
+    ref_mma = mm.quant_gemv_mma(x, pw, nan.clone(), split_k=1, ks=1, two_groups=False)
     y = mt.quant_gemv_tma(x, pw, torch.empty_like(ref_mma), split_k=1, ks=1)
-    assert torch.equal(y, ref_mma)  # the same products and sums as quant_gemv_mma
+    assert torch.equal(y, ref_mma)
     if M > 1:
         y = mt.quant_gemv_tma(x, pw, torch.empty_like(ref_mma), split_k=1, ks=1, x_tma=True)
         assert torch.equal(y, ref_mma)
