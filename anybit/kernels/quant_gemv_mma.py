@@ -385,16 +385,6 @@ if gluon is not None:
         return gl.load(w_ptr + (k0 // P + r)[:, None] * N + w_off[None, :])
 
     @gluon.jit
-    def _prefetch_words(w_ptr, N, k0, w_off, WL: gl.constexpr, R: gl.constexpr, P: gl.constexpr):
-        """L2 prefetch (``prefetch.global.L2``, no register or shared memory) of the words of the K tile at
-        k0, one instruction per 16-byte vector of this thread's (the kernel's PF)."""
-        r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
-        ptrs = w_ptr + (k0 // P + r)[:, None] * N + w_off[None, :]
-        gl.inline_asm_elementwise("prefetch.global.L2 [$4]; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
-                                  "mov.b32 $3, 0;", "=r,=r,=r,=r,l,l,l,l", [ptrs], dtype=gl.int32,
-                                  is_pure=False, pack=4)
-
-    @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = False,
                    G2: gl.constexpr = False):
@@ -648,8 +638,7 @@ if gluon is not None:
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
-                               CB: gl.constexpr = False, XP: gl.constexpr = False, G2: gl.constexpr = False,
-                               PF: gl.constexpr = 0):
+                               CB: gl.constexpr = False, XP: gl.constexpr = False, G2: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -789,10 +778,6 @@ if gluon is not None:
                 ka = k_start + gl.minimum(i0 + 2, n_iters - 1) * SK
                 w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW, CB=CB,
                                      G2=G2)
-                if PF > 0:  # tiles i0 + PF and i0 + PF + 1 into L2
-                    for d in gl.static_range(2):
-                        kp = k_start + gl.minimum(i0 + PF + d, n_iters - 1) * SK
-                        _prefetch_words(w_ptr, N, kp, w_off, WL, R, P)
                 if XP:
                     xa = _x_at(gl.minimum(i0 + 2, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
                                x_all_arg)
@@ -816,8 +801,6 @@ if gluon is not None:
                     k2 = k_start
                 w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW, SA,
                                         CB, G2)
-                if PF > 0:  # tile i + PF into L2
-                    _prefetch_words(w_ptr, N, k_start + gl.minimum(i + PF, n_iters - 1) * SK, w_off, WL, R, P)
                 if WB > 0:
                     wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
                 if WC > 0:
@@ -1023,8 +1006,6 @@ MMA_CB_XP = os.environ.get("ANYBIT_MMA_CB_XP", "1") != "0"
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
 MMA_ZERO_WORDS = int(os.environ["ANYBIT_MMA_ZW"]) if os.environ.get("ANYBIT_MMA_ZW") else None
-# L2 prefetch distance of the words in tiles (the kernel's PF; 0: none). Experiment: env ANYBIT_MMA_PF.
-MMA_PREFETCH = int(os.environ.get("ANYBIT_MMA_PF", "0"))
 MMA_X_WHOLE_MAX_K = 16 * 128  # K per program (tiles x BLOCK_K x KS / KS): at most 64 KB at BLOCK_M 16
 
 
@@ -1224,8 +1205,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         kernel = _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, PF=MMA_PREFETCH,
-            num_warps=4, **regs, **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs,
+            **launch)
         if cb:
             check_table_alone(kernel)
         return acc
@@ -1240,7 +1221,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, PF=MMA_PREFETCH, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs, **launch)
     if cb:
         check_table_alone(kernel)
     return y
