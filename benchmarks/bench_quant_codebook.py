@@ -1,7 +1,9 @@
-"""4-bit codebook weights (nf4 / fp4 / learned tables) on the GPU: the launcher's choice against the generic
-Triton kernels, the mma.sync kernel's table variants, uniform W4 and cuBLAS bf16, on Llama-3-8B layer shapes.
+"""Codebook weights (nf4 / fp4 / learned 4-bit tables, learned 2-bit) on the GPU: the launcher's choice
+against the generic Triton kernels, the mma.sync kernel's table variants, uniform W4 / W2 and cuBLAS bf16, on
+Llama-3-8B layer shapes.
 
     python benchmarks/bench_quant_codebook.py            # -> $OUT/quant_codebook.json
+    python benchmarks/bench_quant_codebook.py --formats learned:2:128,learned:4:128 --ms 1,4,16
 
 Every row: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB), divided by R (the
 timing of bench_quant_matmul.py). Correctness first: every variant against ``ref_quant_matmul`` (float32
@@ -31,17 +33,22 @@ from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
 from benchmarks.bench_quant_matmul import _pending_acc, copies_for, graph_time_us, random_packed  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096)]
-FORMATS = [("nf4", 64), ("fp4", 128), ("learned", 128)]
+FORMATS = [("nf4", 4, 64), ("fp4", 4, 128), ("learned", 4, 128)]  # (format, bits, group size)
+
+
+def label(fmt: str, bits: int) -> str:
+    """A format's name in the rows: the 4-bit tables by name, other widths with theirs (learned2)."""
+    return fmt if bits == 4 else f"{fmt}{bits}"
 MS = [1, 4, 16, 24, 32, 64]
 
 
-def random_codebook(N: int, K: int, fmt: str, G: int) -> PackedWeight:
-    """Random 4-bit codes, scales ~0.01, the format's table (learned: 16 sorted normal values)."""
-    q = torch.randint(-2 ** 31, 2 ** 31 - 1, (4 * K // 32, N), dtype=torch.int32, device="cuda")
+def random_codebook(N: int, K: int, fmt: str, G: int, bits: int = 4) -> PackedWeight:
+    """Random b-bit codes, scales ~0.01, the format's table (learned: 2^b sorted normal values)."""
+    q = torch.randint(-2 ** 31, 2 ** 31 - 1, (bits * K // 32, N), dtype=torch.int32, device="cuda")
     s = (torch.rand(K // G, N, device="cuda") * 0.01 + 0.001).half()
-    cb = builtin_codebook(fmt, 4)
-    cb = cb if cb is not None else torch.sort(torch.randn(16)).values
-    return PackedWeight(q, s, None, 4, G, K, N, fmt=fmt, codebook=cb.float().cuda())
+    cb = builtin_codebook(fmt, bits)
+    cb = cb if cb is not None else torch.sort(torch.randn(2 ** bits)).values
+    return PackedWeight(q, s, None, bits, G, K, N, fmt=fmt, codebook=cb.float().cuda())
 
 
 def g2_variants(M: int):
@@ -74,13 +81,14 @@ def variants(M: int):
     return v
 
 
-def check(log) -> list[dict]:
+def check(log, formats) -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    for fmt, G in FORMATS:
+    for fmt_name, bits, G in formats:
+        fmt = label(fmt_name, bits)
         for bits_K in (1152, 2048):
             W = torch.randn(384, bits_K)
-            pw = rtn_quantize(W, QuantSpec(4, G, fmt)).to("cuda")
+            pw = rtn_quantize(W, QuantSpec(bits, G, fmt_name)).to("cuda")
             for M in (1, 3, 8, 16, 24, 33, 64):
                 x = torch.randn(M, bits_K, device="cuda", dtype=torch.bfloat16)
                 ref = ref_quant_matmul(x.float(), pw)
@@ -105,8 +113,8 @@ def check(log) -> list[dict]:
 
 
 COMPACT_COLUMNS = ["shape", "M", "fmt", "cublas_us", "auto_us", "auto_x", "generic_x", "dequant_x",
-                   "uniform_x", "uniform_g64_x", "mma_u1_us", "mma_u2_us", "mma_u2_xp_us", "mma_acc_us",
-                   "mma_g1_us", "mma_g2_us", "uniform_g64_g1_us", "uniform_g64_g2_us"]
+                   "uniform_x", "uniform_g64_x", "uniform_w2_x", "mma_u1_us", "mma_u2_us", "mma_u2_xp_us",
+                   "mma_acc_us", "mma_g1_us", "mma_g2_us", "uniform_g64_g1_us", "uniform_g64_g2_us"]
 
 
 def compact(rows: list[dict]) -> list[dict]:
@@ -126,6 +134,7 @@ def compact(rows: list[dict]) -> list[dict]:
                         auto_x=x((shape, M, fmt, "auto")), generic_x=x((shape, M, fmt, "generic")),
                         dequant_x=x((shape, M, fmt, "dequant")), uniform_x=x((shape, M, "uniform", "auto")),
                         uniform_g64_x=x((shape, M, "uniform_g64", "auto")),
+                        uniform_w2_x=x((shape, M, "uniform_w2", "auto")),
                         **{f"{v}_us": t.get((shape, M, fmt, v)) for v in ("mma_u1", "mma_u2", "mma_u2_xp",
                                                                           "mma_acc", "mma_g1", "mma_g2")},
                         uniform_g64_g1_us=t.get((shape, M, "uniform_g64", "mma_g1")),
@@ -138,7 +147,12 @@ def main() -> int:
     ap.add_argument("--ms", default=None)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--formats", default=None, help="comma list of format:bits:group (default "
+                    "nf4:4:64,fp4:4:128,learned:4:128)")
     args = ap.parse_args()
+    formats = FORMATS
+    if args.formats:
+        formats = [(f, int(b), int(g)) for f, b, g in (e.split(":") for e in args.formats.split(","))]
     ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     out = args.out or os.path.join(os.environ.get("OUT", "."), "quant_codebook.json")
@@ -149,15 +163,17 @@ def main() -> int:
         logs.append(msg)
 
     t0 = time.time()
-    corr = check(log)
+    corr = check(log, formats)
     rows = []
     for N, K in shapes:
         R = copies_for(N * K * 2)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
         uni = [random_packed(N, K, 4) for _ in range(copies_for(N * K // 2))]
         uni64 = [random_packed(N, K, 4, G=64) for _ in range(copies_for(N * K // 2))]
-        cbs = {fmt: [random_codebook(N, K, fmt, G) for _ in range(copies_for(N * K // 2))]
-               for fmt, G in FORMATS}
+        uni2 = ([random_packed(N, K, 2) for _ in range(copies_for(N * K // 4))]
+                if any(b == 2 for _, b, _ in formats) else [])
+        cbs = {label(fmt, b): [random_codebook(N, K, fmt, G, b) for _ in range(copies_for(N * K * b // 8))]
+               for fmt, b, G in formats}
         for M in ms:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(24)]
             t_cub = graph_time_us([lambda x=xs[i % 24], w=Ws[i]: F.linear(x, w) for i in range(R)])
@@ -172,7 +188,11 @@ def main() -> int:
                 t = graph_time_us([lambda x=xs[i % 24], p=p, c=call: c(x, p) for i, p in enumerate(uni64)])
                 rows.append(dict(shape=shape, M=M, fmt="uniform_g64", method=name, time_us=t,
                                  speedup=t_cub / t))
-            for fmt, _ in FORMATS:
+            if uni2:
+                t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni2)])
+                rows.append(dict(shape=shape, M=M, fmt="uniform_w2", method="auto", time_us=t,
+                                 speedup=t_cub / t))
+            for fmt in cbs:
                 for name, call in variants(M) + (g2_variants(M) if fmt == "nf4" else []):
                     try:
                         t = graph_time_us([lambda x=xs[i % 24], p=p, c=call: c(x, p)
@@ -184,12 +204,13 @@ def main() -> int:
             cells = " ".join(f"{r['fmt']}/{r['method']}={r['time_us']:.1f}({r['speedup']:.2f}x)" for r in rows
                              if r["shape"] == shape and r["M"] == M and r["method"] != "cublas_bf16")
             log(f"{shape} M{M} cublas={t_cub:.1f} {cells}")
-        del Ws, uni, uni64, cbs
+        del Ws, uni, uni64, uni2, cbs
         torch.cuda.empty_cache()
         log(f"after {N}x{K}: {time.time() - t0:.0f}s")
         result = {
             "benchmark": "quant_codebook",
-            "title": "4-bit codebook weights (nf4 g64, fp4 g128, learned g128) vs uniform W4 and cuBLAS bf16",
+            "title": "codebook weights (" + ", ".join(f"{label(f, b)} g{g}" for f, b, g in formats)
+                     + ") vs uniform W4 / W2 and cuBLAS bf16",
             "device": torch.cuda.get_device_name(),
             "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -201,7 +222,7 @@ def main() -> int:
                       "the launcher's choice, 'generic' the Triton GEMV (M = 1) / GEMM, 'mma_*' the mma.sync "
                       "table kernel (u1 / u2: loop not / unrolled by two, xp: x loaded two tiles ahead, acc: "
                       "adding into a pending float32 sum); *_x = x cuBLAS bf16; uniform = W4 g128 / g64 "
-                      "through the launcher; per-call rows under 'detail'",
+                      "(uniform_w2: W2 g128) through the launcher; per-call rows under 'detail'",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against "
                       f"ref_quant_matmul passed (rel err < 1e-2, repeat-equal), max "
                       f"{max(r['rel_err'] for r in corr):.2e}"],

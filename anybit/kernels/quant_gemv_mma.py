@@ -121,6 +121,31 @@ def _lut_asm(scaled: bool = False) -> str:
     return "\n".join(lines + ["}"])
 
 
+# 2-bit codebook weights: one byte of a word holds 4 codes, and its table entry the 4 bf16 values (two pairs,
+# 8 bytes): 256 entries x 16 copies (lanes l and l + 16 share one; a warp's 64-bit loads run as two half-warp
+# phases, so no load conflicts whatever the codes) = 32 KB, as large as the 4-bit pair table.
+MMA_CB2_COPIES = 16
+
+
+def _lut2_asm(scaled: bool = False) -> str:
+    """PTX for one word of 2-bit codebook codes: inputs ``$16`` = the word, ``$17`` = this lane's table base
+    (shared address of entry 0's copy for the lane, ``_lut2_base``); outputs ``$0..$15`` = bf16
+    ``codebook[q]`` of the codes in natural order (output j = code j, bits 2j..2j+1). Per byte: ``prmt``
+    (the byte, zero extended), address ``base + byte * 128``, one ``ld.shared.v2.b32`` (the byte's 4 values).
+    ``scaled``: one more input ``$18``, the column's scale s (bf16), and the outputs are ``s codebook[q]``
+    rounded once (one ``fma`` per pair)."""
+    lines = ["{", ".reg .b32 t, r0, r1, s2, n0;"]
+    if scaled:
+        lines += ["mov.b32 s2, {$18, $18};", "mov.b32 n0, 0x80008000;"]
+    for i in range(4):
+        lines += [f"prmt.b32 t, $16, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", "add.u32 t, t, $17;",
+                  "ld.shared.v2.b32 {r0, r1}, [t];"]
+        if scaled:
+            lines += ["fma.rn.bf16x2 r0, r0, s2, n0;", "fma.rn.bf16x2 r1, r1, s2, n0;"]
+        lines += [f"mov.b32 {{${4 * i}, ${4 * i + 1}}}, r0;", f"mov.b32 {{${4 * i + 2}, ${4 * i + 3}}}, r1;"]
+    return "\n".join(lines + ["}"])
+
+
 if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -138,6 +163,8 @@ if gluon is not None:
     _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
     _LUT_ASM: gl.constexpr = gl.constexpr(_lut_asm())
     _LUT_SCALED_ASM: gl.constexpr = gl.constexpr(_lut_asm(True))
+    _LUT2_ASM: gl.constexpr = gl.constexpr(_lut2_asm())
+    _LUT2_SCALED_ASM: gl.constexpr = gl.constexpr(_lut2_asm(True))
 
     @gluon.jit
     def _fill_lut(cb_ptr):
@@ -152,6 +179,29 @@ if gluon is not None:
         hi = gl.load(cb_ptr + (e >> 4)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) << 16
         tab.store(gl.zeros([256, 32], gl.int32, L) + (lo | hi)[:, None])
         gl.thread_barrier()
+
+    @gluon.jit
+    def _fill_lut2(cb_ptr):
+        """The 2-bit codebook table ``[256, 2 MMA_CB2_COPIES]`` int32 in shared memory: entry e (a byte of
+        codes) holds, in each of its 16 copies (int32 columns 2 l, 2 l + 1), the bf16 pairs (codebook[e & 3],
+        codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3], codebook[e >> 6]). Must be the kernel's first
+        shared allocation (``_lut2_base`` reads it from offset 0); a CTA barrier follows."""
+        L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, L))[:, None]
+        sh = (4 * (gl.arange(0, 32, layout=gl.SliceLayout(0, L)) & 1))[None, :]
+        lo = gl.load(cb_ptr + ((e >> sh) & 3)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
+        hi = gl.load(cb_ptr + ((e >> (sh + 2)) & 3)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
+        lo = lo & 0xFFFF
+        tab.store(lo | (hi << 16))
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _lut2_base():
+        """Shared address of this lane's copy of 2-bit table entry 0 (``_fill_lut2``'s table at offset 0)."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, 15; mov.u32 $0, global_smem; "
+            "mad.lo.u32 $0, l, 8, $0; }", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.jit
     def _lut_base():
@@ -285,10 +335,22 @@ if gluon is not None:
         return gl.reshape(gl.permute(t, (0, 1, 6, 3, 4, 5, 2, 7)), [R, BK])
 
     @gluon.jit
+    def _relabel_cb2(t):
+        """``[rows, BK]`` with k = 16 r + j (2-bit codebook words in natural code order, word row r, code j)
+        -> the MMA K order r_hi j3 r1 r0 j2 j1 j0: word-row bits 0-1 to K bits 3-4 (the lanes of k_width 8),
+        code bit 3 to K bit 5, then K bits 1 and 5 exchanged (``_swap_k15``: each HMMA's x pair in adjacent
+        registers of one load). Both operands get it."""
+        R: gl.constexpr = t.shape[0]
+        BK: gl.constexpr = t.shape[1]
+        t = gl.reshape(t, [R, BK // 64, 2, 2, 2, 8])  # r_hi, r1, r0, j3, (j2 j1 j0)
+        t = gl.reshape(gl.permute(t, (0, 1, 4, 2, 3, 5)), [R, BK])
+        return _swap_k15(t)
+
+    @gluon.jit
     def _relabel_x(xt, W0: gl.constexpr):
         """x ``[BM, BK]`` natural K -> the weights' MMA K order: within a word's 8 (W4) codes pair
         order (j0 j1 j2 -> bits j2 j0 j1 from low to high); W2 as ``_relabel_a``; 16: 4-bit codebook
-        words (natural order)."""
+        words (natural order); 14: 2-bit codebook words (``_relabel_cb2``)."""
         BM: gl.constexpr = xt.shape[0]
         BK: gl.constexpr = xt.shape[1]
         if W0 == 8:  # natural r_hi r2 r1 r0 j1 j0 -> r_hi r1 r0 r2 j0 j1
@@ -302,6 +364,8 @@ if gluon is not None:
             xt = gl.permute(xt, (0, 1, 5, 2, 3, 6, 7, 4))
         elif W0 == 16:  # codebook words: natural K with bits 1 and 5 swapped (``_swap_k15``)
             xt = _swap_k15(xt)
+        elif W0 == 14:  # 2-bit codebook words (``_relabel_cb2``)
+            xt = _relabel_cb2(xt)
         else:  # natural r j2 j1 j0 -> r j1 j0 j2
             xt = gl.reshape(xt, [BM, BK // 8, 2, 2, 2])
             xt = gl.permute(xt, (0, 1, 3, 4, 2))
@@ -511,7 +575,23 @@ if gluon is not None:
         codebook words): bf16 ``codebook[q]`` from the shared pair table (``_lut_asm``; ``base`` =
         ``_lut_base()``), codes in natural K order (x relabeled as width 16). G2: z ``[C, 2]``, the first half
         of the word rows takes group 0's zero points, the second half group 1's."""
-        if CB:
+        if CB and W0 == 2:
+            if SA:
+                sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
+                sb = _relabel_cols(sb)
+            w = _relabel_cols(w)
+            lane = gl.zeros_like(w) + base
+            if SA:
+                o = gl.inline_asm_elementwise(_LUT2_SCALED_ASM, "=h," * 16 + "r,r,h", [w, lane, sb],
+                                              dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
+            else:
+                o = gl.inline_asm_elementwise(_LUT2_ASM, "=h," * 16 + "r,r", [w, lane],
+                                              dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
+            v = gl.join(_join8(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14]),
+                        _join8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))  # natural code order
+            a = _words_tile(v, w.shape[0], 128, 16)
+            a = gl.convert_layout(_relabel_cb2(a), AL)
+        elif CB:
             if SA:
                 sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
                 sb = _relabel_cols(sb)
@@ -679,20 +759,24 @@ if gluon is not None:
         scales loaded in column order) and every MMA accumulates straight into acc: no partial tile and
         no float32 scaling per tile, which at these BLOCK_M would double the accumulator registers.
 
-        CB (W0 4, single slice, no XS / XW / CLUSTER; with SA the table values are scaled in the conversion):
-        codebook weights ``codebook[q] s``; z_ptr is
-        the float32 codebook ``[16]``. Each program first writes the table of code pairs to shared memory
-        (``_fill_lut``); a word's codes are then 4 shared loads (``_lut_asm``) and x needs no relabeling.
+        CB (W0 4 or 2, single slice, no XS / XW / CLUSTER; with SA the table values are scaled in the
+        conversion): codebook weights ``codebook[q] s``; z_ptr is the float32 codebook ``[2^W0]``. Each
+        program first writes its table to shared memory (W0 4: code pairs by byte, ``_fill_lut``; W0 2: 4
+        codes by byte, ``_fill_lut2``); a word's codes are then 4 shared loads (``_lut_asm`` /
+        ``_lut2_asm``), the codes in natural order (x relabeled by ``_swap_k15`` / ``_relabel_cb2``).
         XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
         of in the iteration that uses it. G2 (single slice, BLOCK_M <= 16, no ZW): BLOCK_K = 2 G, the tile's
         two groups each get their zero points and scales (``_load_tile`` joins them) and their own MMA chain
         (``_tile_g2``)."""
-        if CB:  # the pair table first: it must sit at shared offset 0
+        if CB and W0 == 2:  # the table first: it must sit at shared offset 0
+            _fill_lut2(z_ptr)
+            base = _lut2_base()
+        elif CB:
             _fill_lut(z_ptr)
             base = _lut_base()
         else:
             base = 0
-        WX: gl.constexpr = W0 + 12 * CB  # x's relabeling: 16 = natural (codebook words)
+        WX: gl.constexpr = W0 + 12 * CB  # x's relabeling: 16 / 14 = 4- / 2-bit codebook words
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -902,14 +986,16 @@ def integer_zeros(packed: PackedWeight) -> bool:
 def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether this path can run the call: CUDA sm_80+, bf16 x (unit inner stride), 1 <= M <= 64, a
     uniform weight of 1..8 bits (slices of 1, 2, 4 and 8 bits) with integer zero points, or a 4-bit
-    codebook weight (nf4 / fp4 / learned) at M <= ``MMA_CB_MAX_M``, N a multiple of 128, K and the
+    codebook weight (nf4 / fp4 / learned) or a 2-bit one (learned) at M <= ``MMA_CB_MAX_M`` (``MMA_CB_BITS``),
+    N a multiple of 128, K and the
     group size multiples of 64 (128 with a 1-bit slice: its words hold 32 K), contiguous words; M <= 32
     for widths with a 1-bit slice."""
     if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= M <= MMA_MAX_M:
         return False
     cb = packed.fmt != "uniform"
-    if cb and (packed.bits != 4 or packed.codebook is None or packed.codebook.dtype != torch.float32
-               or packed.codebook.numel() != 16 or M > MMA_CB_MAX_M):
+    table = packed.codebook
+    if cb and (packed.bits not in MMA_CB_BITS or table is None or table.dtype != torch.float32
+               or table.numel() != 2 ** packed.bits or M > MMA_CB_MAX_M):
         return False
     if not cb and (packed.bits not in MMA_BITS or packed.zeros is None):
         return False
@@ -931,6 +1017,7 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # 6144x4096 at M 9-16 took split 8 (384 programs, two waves on 264 slots) and lost to the wgmma kernel; at
 # split 4 (one wave) it wins (H100 s22-10, quant_matmul_smallk_s22_10, M 16 us: W4 12.8 against 15.3, W3
 # 15.6 against 20.7, W6 17.2 against 22.2). The larger shapes keep their splits.
+MMA_CB_BITS = (2, 4)  # codebook widths with a shared table (single slices whose byte holds whole codes)
 MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
@@ -1146,8 +1233,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if not mma_applies(packed, M, x):
         raise not_applicable("quant_gemv_mma", "CUDA sm_80+", MMA_BITS, x, packed)
     sms = _num_sms(x.device)
-    cb = packed.fmt != "uniform"  # 4-bit codebook (mma_applies): the table in shared memory at offset 0,
-    # so no x ring, no whole x slice and no cluster; z_ptr carries the codebook
+    cb = packed.fmt != "uniform"  # 2- or 4-bit codebook (mma_applies): the table in shared memory at offset
+    # 0, so no x ring, no whole x slice and no cluster; z_ptr carries the codebook
     zeros = packed.codebook if cb else packed.zeros
     cap = max_registers or None
     per_sm = {b: max(1, 65536 // (128 * cap)) for b in MMA_PROGRAMS_PER_SM} if cap else None

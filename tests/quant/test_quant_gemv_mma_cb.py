@@ -1,5 +1,6 @@
-"""4-bit codebook weights (nf4 / fp4 / learned) on the mma.sync kernel (quant_gemv_mma.py's CB): the code-pair
-table in shared memory. On CPU: the per-word PTX by emulation against the table ``_fill_lut`` writes, and an
+"""Codebook weights (nf4 / fp4 / learned 4-bit, learned 2-bit) on the mma.sync kernel (quant_gemv_mma.py's
+CB): the code table in shared memory. On CPU: the per-word PTX by emulation against the table ``_fill_lut`` /
+``_fill_lut2`` writes, and an
 offline sm_90 compile (table loads in the loop, no spills, the table alone in shared memory so it sits at
 offset 0). On CUDA: every variant against ref_quant_matmul, and the launcher's routes."""
 
@@ -23,11 +24,13 @@ def _bf16_bits(v: float) -> int:
     return int(torch.tensor([v], dtype=torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
 
 
-def _run_lut_asm(word: int, base: int, smem: dict) -> list[int]:
-    """Interprets ``_lut_asm``'s PTX (prmt with zero fill, shl, add, ld.shared.b32, mov into two halves)."""
-    regs = {"$8": word & 0xFFFFFFFF, "$9": base}
+def _run_lut_asm(word: int, base: int, smem: dict, bits: int = 4) -> list[int]:
+    """Interprets ``_lut_asm``'s PTX (``_lut2_asm``'s with bits 2): prmt with zero fill, shl, add,
+    ld.shared.b32 (.v2.b32), mov into two halves."""
+    n = 32 // bits  # outputs: one per code; inputs $n (word), $n + 1 (base)
+    regs = {f"${n}": word & 0xFFFFFFFF, f"${n + 1}": base}
     out = {}
-    for line in mm._lut_asm().splitlines():
+    for line in (mm._lut_asm() if bits == 4 else mm._lut2_asm()).splitlines():
         line = line.strip().rstrip(";")
         if line in ("{", "}") or line.startswith(".reg"):
             continue
@@ -35,6 +38,11 @@ def _run_lut_asm(word: int, base: int, smem: dict) -> list[int]:
         if op == "mov.b32":
             halves, src = re.match(r"\{(\$\d+), (\$\d+)\}, (\w+)", args).group(1, 2), args.split(", ")[-1]
             out[halves[0]], out[halves[1]] = regs[src] & 0xFFFF, regs[src] >> 16
+            continue
+        if op == "ld.shared.v2.b32":  # {r0, r1}, [t]: two consecutive words
+            dst = re.match(r"\{(\w+), (\w+)\}", args).group(1, 2)
+            addr = args.split("[")[1].strip("]")
+            regs[dst[0]], regs[dst[1]] = smem[regs[addr]], smem[regs[addr] + 4]
             continue
         a = [s.strip() for s in args.split(",")]
         if op == "prmt.b32":  # selector 0x444i: byte i of the word, the other bytes from the zero operand
@@ -49,7 +57,7 @@ def _run_lut_asm(word: int, base: int, smem: dict) -> list[int]:
             regs[a[0]] = smem[regs[a[1].strip("[]")]]
         else:
             raise AssertionError(f"unexpected PTX: {line}")
-    return [out[f"${j}"] for j in range(8)]
+    return [out[f"${j}"] for j in range(n)]
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "learned"])
@@ -73,6 +81,27 @@ def test_lut_ptx_gives_codebook_values_in_natural_order(fmt):
         assert _run_lut_asm(word, 4 * lane, smem) == [bits[c] for c in codes], (trial, codes)
 
 
+def test_lut2_ptx_gives_codebook_values_in_natural_order():
+    """2-bit codes: output j = bf16 ``codebook[code j]`` (bits 2j..2j+1 of the word), read from the lane's
+    copy (lane & 15) of the table that ``_fill_lut2`` writes: entry e (a byte) at int32 columns 2 l, 2 l + 1
+    of row e holds the pairs (codebook[e & 3], codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3],
+    codebook[e >> 6])."""
+    cb = torch.sort(torch.randn(4, generator=torch.Generator().manual_seed(2))).values
+    bits = [_bf16_bits(float(v)) for v in cb]
+    smem = {}
+    for e in range(256):
+        for c in range(2 * mm.MMA_CB2_COPIES):
+            sh = 4 * (c & 1)
+            smem[4 * (32 * e + c)] = bits[(e >> sh) & 3] | bits[(e >> (sh + 2)) & 3] << 16
+    g = torch.Generator().manual_seed(8)
+    for trial in range(40):
+        codes = torch.randint(0, 4, (16,), generator=g).tolist() if trial else [j % 4 for j in range(16)]
+        word = sum(c << (2 * j) for j, c in enumerate(codes))
+        lane = trial % 32
+        got = _run_lut_asm(word, 8 * (lane & 15), smem, bits=2)
+        assert got == [bits[c] for c in codes], (trial, codes)
+
+
 def test_codebook_applicability_on_cpu():
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "nf4"))
     x = torch.randn(1, 256, dtype=torch.bfloat16)
@@ -80,12 +109,12 @@ def test_codebook_applicability_on_cpu():
     assert mm.MMA_CB_MAX_M == 64
 
 
-def _compile_cb(bm, ks, u2, acc=False, bk=128):
+def _compile_cb(bm, ks, u2, acc=False, bk=128, w0=4):
     if not os.path.exists(nvdisasm()):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32",
             "y_ptr": "*fp32" if acc else "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=4, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else bk, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
+    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else bk, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
                   ACC=acc, KS=ks, MR=bm // ks if ks > 1 else 0, U2=u2, CB=True, SA=bm > 16,
                   SUM_LOADS=mm.MMA_SUM_LOADS[bm])
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
@@ -93,21 +122,25 @@ def _compile_cb(bm, ks, u2, acc=False, bk=128):
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
-@pytest.mark.parametrize("bm,ks,u2,acc,bk", [(8, 8, True, False, 128), (8, 1, False, False, 128),
-                                             (16, 1, True, False, 128), (8, 8, True, True, 128),
-                                             (8, 1, True, False, 64), (32, 1, False, False, 64),
-                                             (64, 1, False, True, 64)])
-def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc, bk):
-    """Per K tile (128 K; 64 from BLOCK_M 32) and thread: BK / 8 words, 4 table loads each (LDS, no LDSM),
-    the tile's HMMA chain, no spills; the table is the kernel's only shared memory (so it sits at offset 0,
-    where ``_lut_base`` reads it); x needs no relabeling PRMT (natural K order with bits 1 and 5 swapped on
-    both operands). From BLOCK_M 32 the scale is applied to the table values (one HMUL2 per pair)."""
-    lines, loop = _compile_cb(bm, ks, u2, acc, bk)
+@pytest.mark.parametrize("bm,ks,u2,acc,bk,w0", [(8, 8, True, False, 128, 4), (8, 1, False, False, 128, 4),
+                                                (16, 1, True, False, 128, 4), (8, 8, True, True, 128, 4),
+                                                (8, 1, True, False, 64, 4), (32, 1, False, False, 64, 4),
+                                                (64, 1, False, True, 64, 4), (8, 8, True, False, 128, 2),
+                                                (8, 1, False, False, 128, 2), (16, 1, True, False, 128, 2),
+                                                (32, 1, False, False, 64, 2)])
+def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc, bk, w0):
+    """Per K tile (128 K; 64 from BLOCK_M 32) and thread: BK / 8 words (2-bit: BK / 16), 4 table loads each
+    (LDS; 2-bit: LDS.64, no LDSM), the tile's HMMA chain, no spills; the table is the kernel's only shared
+    memory (so it sits at offset 0, where ``_lut_base`` / ``_lut2_base`` read it); x needs no relabeling PRMT
+    (a relabeling of register bits on both operands). From BLOCK_M 32 the scale is applied to the table
+    values (one HMUL2 per pair)."""
+    lines, loop = _compile_cb(bm, ks, u2, acc, bk, w0)
     tiles = 2 if u2 else 1
+    words = bk * w0 // 32
     ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
-    assert sum(o == "LDS" for o in ops) == 4 * bk // 8 * tiles
+    assert sum(o == ("LDS" if w0 == 4 else "LDS.64") for o in ops) == 4 * words * tiles
     assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 2 * bk // 16 * bm // 8 * tiles
-    assert sum(o == "PRMT" for o in ops) <= 4 * bk // 8 * tiles + 8  # the byte extractions only
+    assert sum(o == "PRMT" for o in ops) <= 4 * words * tiles + 8  # the byte extractions only
     assert sum(o.startswith("HMUL2") for o in ops) == (4 * bk // 8 if bm > 16 else 0)
     assert not any(s.split()[0].startswith(("STL", "LDL", "LDSM")) for s in lines if not s.startswith("//"))
     assert shared_bytes(lines) == 4 * mm.MMA_CB_ENTRIES * mm.MMA_CB_LANES
@@ -121,20 +154,20 @@ def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc, bk):
         assert any(o.startswith("BAR") for o in after[:first_sts]), "table loads race the epilogue's stores"
 
 
-def _codebook_weight(N, K, fmt, group, seed=0):
+def _codebook_weight(N, K, fmt, group, seed=0, bits=4):
     g = torch.Generator().manual_seed(seed)
-    pw = rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(4, group, fmt))
+    pw = rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, fmt))
     return pw.to("cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
-@pytest.mark.parametrize("fmt", ["nf4", "fp4", "learned"])
+@pytest.mark.parametrize("fmt,bits", [("nf4", 4), ("fp4", 4), ("learned", 4), ("learned", 2)])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 24, 64])
 @pytest.mark.parametrize("group", [64, 128, -1])
-def test_codebook_matches_reference(fmt, M, group):
+def test_codebook_matches_reference(fmt, bits, M, group):
     N, K = 384, 2048
-    pw = _codebook_weight(N, K, fmt, group, seed=M)
+    pw = _codebook_weight(N, K, fmt, group, seed=M, bits=bits)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
     assert mm.mma_applies(pw, M, x)
     want = ref_quant_matmul(x.float(), pw)
@@ -200,9 +233,9 @@ def test_codebook_routes_and_refusals():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
-@pytest.mark.parametrize("fmt,group", [("nf4", 64), ("learned", 128)])
+@pytest.mark.parametrize("fmt,group,bits", [("nf4", 64, 4), ("learned", 128, 4), ("learned", 128, 2)])
 def test_gpu_engine_codebook_model_generates_what_the_generic_kernels_do(tmp_path, monkeypatch, fmt,
-                                                                          group):
+                                                                          group, bits):
     """A codebook-quantized model (quantized on the GPU) decoding at batch 1 and 3 (the table kernel at M = 1
     with pending sums, and at M = 3): the same greedy tokens and logprobs (within 0.1) as with the table
     kernel off (``MMA_CB_AUTO``). The table holds codebook values in bf16 and the generic kernels in float32
@@ -218,7 +251,7 @@ def test_gpu_engine_codebook_model_generates_what_the_generic_kernels_do(tmp_pat
     dense = make_tiny_model(tmp_path / "llama", hidden_size=512, intermediate_size=1024,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_layers=2,
                             dtype="bfloat16")
-    model = quantize_model(dense, tmp_path / fmt, bits=4, group_size=group, fmt=fmt, progress=False)
+    model = quantize_model(dense, tmp_path / fmt, bits=bits, group_size=group, fmt=fmt, progress=False)
     for f in sorted(model.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
             meta = h.metadata()
@@ -247,7 +280,7 @@ def test_gpu_engine_codebook_model_generates_what_the_generic_kernels_do(tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
-@pytest.mark.parametrize("fmt,bits", [("uniform", 4), ("uniform", 2), ("nf4", 4)])
+@pytest.mark.parametrize("fmt,bits", [("uniform", 4), ("uniform", 2), ("nf4", 4), ("learned", 2)])
 @pytest.mark.parametrize("M", [1, 3, 9, 16])
 def test_two_groups_of_64_per_tile(fmt, bits, M):
     """G2: 128-K tiles holding two groups of 64 (each with its zero points, scales and MMA chain) give the
