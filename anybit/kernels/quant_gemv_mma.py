@@ -1079,6 +1079,9 @@ MMA_W8_UNROLL2 = os.environ.get("ANYBIT_MMA_W8_U2", "1") != "0"
 # BLOCK_M 16 fp4 g128 25.3 / 27.8, 26.3 / 27.7, 16.9 / 16.9 on 4096x14336 / 14336x4096 / 6144x4096;
 # BLOCK_M 8, M = 1: nf4 g64 26.6 / 26.5, 22.8 / 23.4, 12.6 / 13.1, but fp4 g128 18.8 / 17.9, 16.9 / 16.8,
 # 10.0 / 9.6.
+# 2-bit codebooks (111 registers unrolled at BLOCK_M 8, KS 8) take it at BLOCK_M 8 with any K tile: H100 s25-6
+# (quant_codebook_2bit_s25_6, learned g128, us unrolled / not): M = 1 14.2 / 18.7, 12.2 / 16.7, 7.6 / 9.6 on
+# 4096x14336 / 14336x4096 / 6144x4096; M 4 13.7 / 14.0, 13.6 / 13.8, 8.9 / 9.0.
 # Env ANYBIT_MMA_CB_U2=0: off.
 MMA_CB_UNROLL2 = os.environ.get("ANYBIT_MMA_CB_U2", "1") != "0"
 # Codebook weights in the unrolled loop: x loaded with the words, two tiles ahead (the kernel's XP; the table
@@ -1278,7 +1281,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     zw = int(zw) if aligned and bm <= 16 and not g2 else 0
     if unroll2 and (wb or xs or diag or bm > 16):
         raise ValueError("quant_gemv_mma: unroll2 needs a single-slice width, no x ring, no diag and M <= 16")
-    u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and BK == 64
+    u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and (BK == 64 or bits == 2)
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
     xp_default = MMA_CB_XP and cb and (bm == 16 or ks > 1)
