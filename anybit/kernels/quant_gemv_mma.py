@@ -161,10 +161,7 @@ if gluon is not None:
     _W8_X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / MMA_W8_X_SCALE)
 
     _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
-    _LUT_ASM: gl.constexpr = gl.constexpr(_lut_asm())
-    _LUT_SCALED_ASM: gl.constexpr = gl.constexpr(_lut_asm(True))
-    _LUT2_ASM: gl.constexpr = gl.constexpr(_lut2_asm())
-    _LUT2_SCALED_ASM: gl.constexpr = gl.constexpr(_lut2_asm(True))
+    _LUT_WORD_ASM = {(b, sc): (_lut_asm if b == 4 else _lut2_asm)(sc) for b in (2, 4) for sc in (False, True)}
 
     @gluon.jit
     def _fill_lut(cb_ptr):
@@ -214,6 +211,11 @@ if gluon is not None:
     def _word_asm(bits, scaled):
         """``_mma_asm(bits, scaled)`` as a compile-time constant."""
         return _WORD_ASM[(int(bits), bool(scaled))]
+
+    @gluon.constexpr_function
+    def _lut_word_asm(bits, scaled):
+        """``_lut_asm(scaled)`` (4-bit codes) or ``_lut2_asm(scaled)`` (2-bit) as a compile-time constant."""
+        return _LUT_WORD_ASM[(int(bits), bool(scaled))]
 
     @gluon.constexpr_function
     def _cga(cluster):
@@ -571,40 +573,32 @@ if gluon is not None:
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False,
                      CB: gl.constexpr = False, base=0, G2: gl.constexpr = False):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
-        float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4-bit
-        codebook words): bf16 ``codebook[q]`` from the shared pair table (``_lut_asm``; ``base`` =
-        ``_lut_base()``), codes in natural K order (x relabeled as width 16). G2: z ``[C, 2]``, the first half
-        of the word rows takes group 0's zero points, the second half group 1's."""
-        if CB and W0 == 2:
+        float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4- or
+        2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
+        ``base`` = ``_lut_base()`` / ``_lut2_base()``), codes in natural K order, relabeled as x is (width
+        16 / 14). G2: z ``[C, 2]``, the first half of the word rows takes group 0's zero points, the second
+        half group 1's."""
+        if CB:
+            P: gl.constexpr = 32 // W0  # codes per word
             if SA:
                 sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
                 sb = _relabel_cols(sb)
             w = _relabel_cols(w)
             lane = gl.zeros_like(w) + base
             if SA:
-                o = gl.inline_asm_elementwise(_LUT2_SCALED_ASM, "=h," * 16 + "r,r,h", [w, lane, sb],
-                                              dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
+                o = gl.inline_asm_elementwise(_lut_word_asm(W0, True), "=h," * P + "r,r,h", [w, lane, sb],
+                                              dtype=(gl.bfloat16,) * P, is_pure=True, pack=1)
             else:
-                o = gl.inline_asm_elementwise(_LUT2_ASM, "=h," * 16 + "r,r", [w, lane],
-                                              dtype=(gl.bfloat16,) * 16, is_pure=True, pack=1)
-            v = gl.join(_join8(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14]),
-                        _join8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))  # natural code order
-            a = _words_tile(v, w.shape[0], 128, 16)
-            a = gl.convert_layout(_relabel_cb2(a), AL)
-        elif CB:
-            if SA:
-                sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
-                sb = _relabel_cols(sb)
-            w = _relabel_cols(w)
-            lane = gl.zeros_like(w) + base
-            if SA:
-                o = gl.inline_asm_elementwise(_LUT_SCALED_ASM, "=h," * 8 + "r,r,h", [w, lane, sb],
-                                              dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+                o = gl.inline_asm_elementwise(_lut_word_asm(W0, False), "=h," * P + "r,r", [w, lane],
+                                              dtype=(gl.bfloat16,) * P, is_pure=True, pack=1)
+            if W0 == 2:  # natural code order: o[j] = code j
+                v = gl.join(_join8(o[0], o[2], o[4], o[6], o[8], o[10], o[12], o[14]),
+                            _join8(o[1], o[3], o[5], o[7], o[9], o[11], o[13], o[15]))
+                a = _relabel_cb2(_words_tile(v, w.shape[0], 128, 16))
             else:
-                o = gl.inline_asm_elementwise(_LUT_ASM, "=h," * 8 + "r,r", [w, lane],
-                                              dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
-            a = _words_tile(_join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]), w.shape[0], 128, 8)
-            a = gl.convert_layout(_swap_k15(a), AL)
+                a = _swap_k15(_words_tile(_join8(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]), w.shape[0],
+                                          128, 8))
+            a = gl.convert_layout(a, AL)
         else:
             if G2:  # word rows [0, R/2) hold group 0, [R/2, R) group 1
                 z0, z1 = gl.split(z)
