@@ -174,6 +174,7 @@ def main() -> int:
                 if any(b == 2 for _, b, _ in formats) else [])
         cbs = {label(fmt, b): [random_codebook(N, K, fmt, G, b) for _ in range(copies_for(N * K * b // 8))]
                for fmt, b, G in formats}
+        groups = {label(fmt, b): G for fmt, b, G in formats}
         for M in ms:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(24)]
             t_cub = graph_time_us([lambda x=xs[i % 24], w=Ws[i]: F.linear(x, w) for i in range(R)])
@@ -193,7 +194,7 @@ def main() -> int:
                 rows.append(dict(shape=shape, M=M, fmt="uniform_w2", method="auto", time_us=t,
                                  speedup=t_cub / t))
             for fmt in cbs:
-                for name, call in variants(M) + (g2_variants(M) if fmt == "nf4" else []):
+                for name, call in variants(M) + (g2_variants(M) if groups[fmt] == 64 else []):
                     try:
                         t = graph_time_us([lambda x=xs[i % 24], p=p, c=call: c(x, p)
                                            for i, p in enumerate(cbs[fmt])])
