@@ -1035,6 +1035,9 @@ MMA_KS = (1, 2, 4, 8)  # K splits inside a program (the kernel's KS)
 # 1002 tiles fill the GPU, so 3 programs per SM at BLOCK_M 8 cost), while nf4 gains at every M: M = 1 108.8 /
 # 135.2, M 4 114.3 / 148.0, M 16 157.7 / 176.1. So (``g2_applies``): uniform weights at M 2..16 up to
 # MMA_G2_WIDE_N outputs, codebooks at M 9..16 and, above that width, at every M. Env ANYBIT_MMA_G2=0: off.
+# 2-bit codebooks (learned g64) take it at every M <= 16: H100 s25-8 (quant_codebook_2bit_g64_s25_8, us with
+# / without on 14336x4096 / 4096x14336 / 6144x4096): M = 1 17.9 / 18.4, 20.5 / 20.3, 7.3 / 10.6; M 4 14.3 /
+# 14.8, 14.4 / 14.7, 9.1 / 9.5; M 16 22.8 / 27.0, 22.8 / 26.3, 15.6 / 17.7.
 MMA_G2 = os.environ.get("ANYBIT_MMA_G2", "1") != "0"
 MMA_G2_WIDE_N = 16384
 # Shared-memory slots of the x ring (the kernel's XS; 0: x loaded from global memory in the loop), by
@@ -1118,14 +1121,15 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
     """Whether ``packed`` can take 128-K tiles holding two groups of 64 (kernel ``G2``): a single 2- or 4-bit
     slice (uniform or codebook) with groups of 64, and ``MMA_G2`` on; with ``M``, also whether a call of M
     rows takes it by default (``MMA_G2``'s measurements): uniform weights at M 2..16 up to
-    ``MMA_G2_WIDE_N`` outputs; codebooks at M 9..16, and at every M <= 16 above that width."""
+    ``MMA_G2_WIDE_N`` outputs; 4-bit codebooks at M 9..16, and at every M <= 16 above that width; 2-bit
+    codebooks at every M <= 16."""
     fits = MMA_G2 and packed.group_size == 64 and packed.bits in (2, 4)
     if M is None or not fits:
         return fits
     wide = packed.out_features > MMA_G2_WIDE_N
     if packed.fmt == "uniform":
         return 2 <= M <= 16 and not wide
-    return 9 <= M <= 16 or (M <= 8 and wide)
+    return M <= 16 and (M >= 9 or wide or packed.bits == 2)
 
 
 def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,

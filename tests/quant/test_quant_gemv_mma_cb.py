@@ -340,9 +340,9 @@ def test_table_alone_check():
 
 
 def test_two_groups_default_rule():
-    """G2 by default: uniform weights at M 2..16 up to MMA_G2_WIDE_N outputs; codebooks at M 9..16, and at
-    every M up to 16 on wider outputs (lm_head); never with groups other than 64 or widths other than
-    2 / 4."""
+    """G2 by default: uniform weights at M 2..16 up to MMA_G2_WIDE_N outputs; 4-bit codebooks at M 9..16, and
+    at every M up to 16 on wider outputs (lm_head); 2-bit codebooks at every M up to 16; never with groups
+    other than 64 or widths other than 2 / 4."""
     from anybit.quant.format import PackedWeight
 
     def packed(N, G=64, fmt="uniform", bits=4, K=256):
@@ -350,7 +350,9 @@ def test_two_groups_default_rule():
         s = torch.ones(K // G, N, dtype=torch.float16)
         if fmt == "uniform":
             return PackedWeight(q, s, torch.zeros_like(s), bits, G, K, N)
-        return PackedWeight(q, s, None, bits, G, K, N, fmt=fmt, codebook=builtin_codebook(fmt, bits))
+        table = builtin_codebook(fmt, bits)
+        table = torch.linspace(-1, 1, 2 ** bits) if table is None else table  # learned: any sorted table
+        return PackedWeight(q, s, None, bits, G, K, N, fmt=fmt, codebook=table)
 
     narrow, wide = 4096, mm.MMA_G2_WIDE_N + 128
     assert [mm.g2_applies(packed(narrow), M) for M in (1, 2, 8, 9, 16, 17)] == [False, True, True, True, True,
@@ -358,5 +360,7 @@ def test_two_groups_default_rule():
     assert not any(mm.g2_applies(packed(wide), M) for M in (1, 4, 16))
     assert [mm.g2_applies(packed(narrow, fmt="nf4"), M) for M in (1, 8, 9, 16)] == [False, False, True, True]
     assert all(mm.g2_applies(packed(wide, fmt="nf4"), M) for M in (1, 4, 16))
+    two = packed(narrow, fmt="learned", bits=2)
+    assert [mm.g2_applies(two, M) for M in (1, 8, 16, 17)] == [True, True, True, False]
     assert not mm.g2_applies(packed(narrow, G=128), 4) and not mm.g2_applies(packed(narrow, bits=8), 4)
     assert mm.g2_applies(packed(narrow, bits=2), 4) and mm.g2_applies(packed(wide))
