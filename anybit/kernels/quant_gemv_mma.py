@@ -146,6 +146,38 @@ def _lut2_asm(scaled: bool = False) -> str:
     return "\n".join(lines + ["}"])
 
 
+# 3-bit codebook weights (slices 2 + 1): a byte of the 2-bit word holds 4 codes' low bits, and its table
+# entry the 8 bf16 values codebook[lo] and codebook[lo + 4] of those codes (16 bytes); the 1-bit word's bits
+# pick one of the two per code. 256 entries x 8 copies (a warp's 128-bit loads run as four quarter-warp
+# phases) = 32 KB.
+MMA_CB3_COPIES = 8
+
+
+def _lut3_asm(scaled: bool = False) -> str:
+    """PTX for one word of 3-bit codebook codes: inputs ``$16`` = the low 2 bits of 16 codes (a 2-bit slice
+    word), ``$17`` = their high bits at bits 0..15 (code j at bit j), ``$18`` = this lane's table base
+    (``_lut3_base``); outputs ``$0..$15`` = bf16 ``codebook[q]`` in natural code order. Per byte of low bits:
+    ``prmt``, address, one ``ld.shared.v4.b32`` (both candidates of 4 codes); the byte's 4 high bits spread to
+    the sign bits of a register's bytes (one ``mul.lo`` by 0x10204080: bit b lands on bit 8 b + 7), then per
+    pair a ``prmt`` in sign-replicate mode makes a half-word mask and one ``lop3`` selects. ``scaled``: one
+    more input ``$19``, the column's scale s (bf16), outputs ``s codebook[q]`` rounded once (one ``fma`` per
+    pair)."""
+    lines = ["{", ".reg .b32 t, a0, a1, b0, b1, h, m, r0, r1, s2, n0;"]
+    if scaled:
+        lines += ["mov.b32 s2, {$19, $19};", "mov.b32 n0, 0x80008000;"]
+    for i in range(4):
+        lines += [f"prmt.b32 t, $16, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", "add.u32 t, t, $18;",
+                  "ld.shared.v4.b32 {a0, a1, b0, b1}, [t];"]
+        lines += [f"shr.b32 h, $17, {4 * i};"] if i else ["mov.b32 h, $17;"]
+        lines += ["and.b32 h, h, 15;", "mul.lo.u32 h, h, 0x10204080;"]
+        for p, (a, b, sel) in enumerate((("a0", "b0", "0x9988"), ("a1", "b1", "0xBBAA"))):
+            lines += [f"prmt.b32 m, h, 0, {sel};", f"lop3.b32 r{p}, {a}, {b}, m, 0xD8;"]
+            if scaled:
+                lines.append(f"fma.rn.bf16x2 r{p}, r{p}, s2, n0;")
+        lines += [f"mov.b32 {{${4 * i}, ${4 * i + 1}}}, r0;", f"mov.b32 {{${4 * i + 2}, ${4 * i + 3}}}, r1;"]
+    return "\n".join(lines + ["}"])
+
+
 if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -161,7 +193,8 @@ if gluon is not None:
     _W8_X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / MMA_W8_X_SCALE)
 
     _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
-    _LUT_WORD_ASM = {(b, sc): (_lut_asm if b == 4 else _lut2_asm)(sc) for b in (2, 4) for sc in (False, True)}
+    _LUT_WORD_ASM = {(b, sc): {4: _lut_asm, 2: _lut2_asm, 3: _lut3_asm}[b](sc) for b in (2, 3, 4)
+                     for sc in (False, True)}
 
     @gluon.jit
     def _fill_lut(cb_ptr):
@@ -194,6 +227,31 @@ if gluon is not None:
         gl.thread_barrier()
 
     @gluon.jit
+    def _fill_lut3(cb_ptr):
+        """The 3-bit codebook table ``[256, 4 MMA_CB3_COPIES]`` int32 in shared memory: entry e (a byte of low
+        bits of 4 codes) holds, in each of its 8 copies (int32 columns 4 c .. 4 c + 3), the bf16 pairs of the
+        byte's codes 0, 1 and 2, 3 with high bit 0, then with high bit 1 (column 4 c + w: high bit w >> 1,
+        codes 2 (w & 1) and 2 (w & 1) + 1). Must be the kernel's first shared allocation (``_lut3_base``
+        reads it from offset 0); a CTA barrier follows."""
+        L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, L))[:, None]
+        c = gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :]
+        sh = 4 * (c & 1)
+        h4 = 4 * ((c >> 1) & 1)
+        lo = gl.load(cb_ptr + ((e >> sh) & 3) + h4).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
+        hi = gl.load(cb_ptr + ((e >> (sh + 2)) & 3) + h4).to(gl.bfloat16).to(gl.int16, bitcast=True)
+        tab.store((lo & 0xFFFF) | (hi.to(gl.int32) << 16))
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _lut3_base():
+        """Shared address of this lane's copy of 3-bit table entry 0 (``_fill_lut3``'s table at offset 0)."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, 7; mov.u32 $0, global_smem; "
+            "mad.lo.u32 $0, l, 16, $0; }", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
     def _lut2_base():
         """Shared address of this lane's copy of 2-bit table entry 0 (``_fill_lut2``'s table at offset 0)."""
         return gl.inline_asm_elementwise(
@@ -214,7 +272,8 @@ if gluon is not None:
 
     @gluon.constexpr_function
     def _lut_word_asm(bits, scaled):
-        """``_lut_asm(scaled)`` (4-bit codes) or ``_lut2_asm(scaled)`` (2-bit) as a compile-time constant."""
+        """``_lut_asm(scaled)`` (4-bit codes), ``_lut2_asm(scaled)`` (2-bit) or ``_lut3_asm(scaled)`` (3-bit)
+        as a compile-time constant."""
         return _LUT_WORD_ASM[(int(bits), bool(scaled))]
 
     @gluon.constexpr_function
@@ -451,16 +510,29 @@ if gluon is not None:
         return gl.load(w_ptr + (k0 // P + r)[:, None] * N + w_off[None, :])
 
     @gluon.jit
+    def _load_high_bits(w_ptr, N, k0, wh_off, WL: gl.constexpr, R: gl.constexpr):
+        """The high bits of a 3-bit codebook tile's codes ``[R, 128]`` in the layout of its 2-bit words (WL):
+        word row r's 16 codes have theirs at bits 16 (r % 2) .. of the 1-bit slice's row k0 / 32 + r / 2
+        (wh_off: the 1-bit slice's offsets from w_ptr, columns as ``_ks_offsets`` with 32 codes per word),
+        shifted to bits 0..15 (arithmetic shift: bits above 15 are not used)."""
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
+        v = gl.load(w_ptr + (k0 // 32 + r // 2)[:, None] * N + wh_off[None, :])
+        return v >> (16 * (r % 2))[:, None]
+
+    @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = False,
-                   G2: gl.constexpr = False):
+                   G2: gl.constexpr = False, wh_off=0):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
         words of two f16 (z_off: ``_pair_offsets``), for ``_zero_halves``; ZW 2: the scales too (in
         column order: ``_cols_to_rows``). CB: codebook weights, no zero points (zeros in their place). G2
         (ZW 0, no SA): the tile holds groups g and g + 1, whose zero points and scales come joined as
-        ``[C, 2]``."""
+        ``[C, 2]``. CB 2 (3-bit codebook): the words come joined with their codes' high bits ``[R, 128, 2]``
+        (``_load_high_bits``)."""
         w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
+        if CB == 2:
+            w = gl.join(w, _load_high_bits(w_ptr, N, k0, wh_off, WL, R))
         g = k0 // G
         if CB:
             z = gl.zeros_like(z_off).to(gl.float16)
@@ -576,16 +648,29 @@ if gluon is not None:
         float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4- or
         2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
         ``base`` = ``_lut_base()`` / ``_lut2_base()``), codes in natural K order, relabeled as x is (width
-        16 / 14). G2: z ``[C, 2]``, the first half of the word rows takes group 0's zero points, the second
-        half group 1's."""
+        16 / 14). CB 2 (3-bit codebook codes): w ``[R, 128, 2]`` joins the 2-bit words and their codes' high
+        bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_lut3``'s table. G2: z ``[C, 2]``,
+        the first half of the word rows takes group 0's zero points, the second half group 1's."""
         if CB:
             P: gl.constexpr = 32 // W0  # codes per word
+            if CB == 2:  # 3-bit codes: the 2-bit words and their codes' high bits, back in the words' layout
+                WLW: gl.constexpr = z.type.layout.parent  # z: zeros in column order (SliceLayout(0, WL))
+                w, wh = gl.split(w)
+                w = gl.convert_layout(w, WLW)
+                wh = _relabel_cols(gl.convert_layout(wh, WLW))
             if SA:
                 sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
                 sb = _relabel_cols(sb)
             w = _relabel_cols(w)
             lane = gl.zeros_like(w) + base
-            if SA:
+            if CB == 2 and SA:
+                o = gl.inline_asm_elementwise(_lut_word_asm(3, True), "=h," * P + "r,r,r,h",
+                                              [w, wh, lane, sb], dtype=(gl.bfloat16,) * P, is_pure=True,
+                                              pack=1)
+            elif CB == 2:
+                o = gl.inline_asm_elementwise(_lut_word_asm(3, False), "=h," * P + "r,r,r", [w, wh, lane],
+                                              dtype=(gl.bfloat16,) * P, is_pure=True, pack=1)
+            elif SA:
                 o = gl.inline_asm_elementwise(_lut_word_asm(W0, True), "=h," * P + "r,r,h", [w, lane, sb],
                                               dtype=(gl.bfloat16,) * P, is_pure=True, pack=1)
             else:
@@ -757,12 +842,17 @@ if gluon is not None:
         conversion): codebook weights ``codebook[q] s``; z_ptr is the float32 codebook ``[2^W0]``. Each
         program first writes its table to shared memory (W0 4: code pairs by byte, ``_fill_lut``; W0 2: 4
         codes by byte, ``_fill_lut2``); a word's codes are then 4 shared loads (``_lut_asm`` /
-        ``_lut2_asm``), the codes in natural order (x relabeled by ``_swap_k15`` / ``_relabel_cb2``).
+        ``_lut2_asm``), the codes in natural order (x relabeled by ``_swap_k15`` / ``_relabel_cb2``). CB 2
+        (W0 2, WB 0): 3-bit codes, the 1-bit slice's high bits (at row offset K / 32 W0 of the words) loaded
+        with each tile's 2-bit words and merged in the lookup (``_fill_lut3``, ``_lut3_asm``).
         XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
         of in the iteration that uses it. G2 (single slice, BLOCK_M <= 16, no ZW): BLOCK_K = 2 G, the tile's
         two groups each get their zero points and scales (``_load_tile`` joins them) and their own MMA chain
         (``_tile_g2``)."""
-        if CB and W0 == 2:  # the table first: it must sit at shared offset 0
+        if CB == 2:  # the table first: it must sit at shared offset 0 (3-bit codes)
+            _fill_lut3(z_ptr)
+            base = _lut3_base()
+        elif CB and W0 == 2:
             _fill_lut2(z_ptr)
             base = _lut2_base()
         elif CB:
@@ -770,7 +860,7 @@ if gluon is not None:
             base = _lut_base()
         else:
             base = 0
-        WX: gl.constexpr = W0 + 12 * CB  # x's relabeling: 16 / 14 = 4- / 2-bit codebook words
+        WX: gl.constexpr = W0 + 12 * (CB > 0)  # x's relabeling: 16 / 14 = 4- / 2- (and 3-) bit codebook words
         P: gl.constexpr = 32 // W0
         R: gl.constexpr = BLOCK_K // P
         PB: gl.constexpr = 32 // WB if WB > 0 else 32
@@ -793,6 +883,10 @@ if gluon is not None:
                                       BLOCK_M, KS, MR)
         t = gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
         w_off, z_off = _ks_offsets(t, off_n, N, G, KS, BLOCK_K, P)
+        if CB == 2:  # 3-bit codebook: the 1-bit slice's word offsets (32 codes a word) from w_ptr
+            wh_off = (K // 32 * W0) * N + _ks_offsets(t, off_n, N, G, KS, BLOCK_K, 32)[0]
+        else:
+            wh_off = 0
         ZL: gl.constexpr = z_off.type.layout
         if ZW:
             z_off = _pair_offsets(z_off)
@@ -803,9 +897,10 @@ if gluon is not None:
         # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
         # them to the end of the iteration, so a distance of one would wait for each tile)
         w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW, SA, CB,
-                             G2)
+                             G2, wh_off)
         k1 = k_start + gl.minimum(1, n_iters - 1) * SK
-        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA, CB, G2)
+        w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA, CB, G2,
+                                wh_off)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
             wb_ptr, xb_ptrs, xb_mask, wb_off, zb0, wb, wb1 = _higher_slice(
@@ -855,7 +950,7 @@ if gluon is not None:
                 acc = _tile_acc(acc, w, z, s, xt, AL, MMA, W0, ZW, ZL, CB, base, G2)
                 ka = k_start + gl.minimum(i0 + 2, n_iters - 1) * SK
                 w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW, CB=CB,
-                                     G2=G2)
+                                     G2=G2, wh_off=wh_off)
                 if XP:
                     xa = _x_at(gl.minimum(i0 + 2, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
                                x_all_arg)
@@ -867,7 +962,7 @@ if gluon is not None:
                     acc = _tile_acc(acc, w1, z1, s1, xt, AL, MMA, W0, ZW, ZL, CB, base, G2)
                     kb = k_start + gl.minimum(i0 + 3, n_iters - 1) * SK
                     w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, kb, w_off, z_off, s_off, WL, R, P, ZW,
-                                            CB=CB, G2=G2)
+                                            CB=CB, G2=G2, wh_off=wh_off)
                     if XP:
                         xb1 = _x_at(gl.minimum(i0 + 3, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
                                     x_all_arg)
@@ -878,7 +973,7 @@ if gluon is not None:
                 if DIAG & 4:  # every tile's words are the first tile's (cache hits): the loop without DRAM
                     k2 = k_start
                 w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW, SA,
-                                        CB, G2)
+                                        CB, G2, wh_off)
                 if WB > 0:
                     wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
                 if WC > 0:
@@ -1011,7 +1106,11 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # 6144x4096 at M 9-16 took split 8 (384 programs, two waves on 264 slots) and lost to the wgmma kernel; at
 # split 4 (one wave) it wins (H100 s22-10, quant_matmul_smallk_s22_10, M 16 us: W4 12.8 against 15.3, W3
 # 15.6 against 20.7, W6 17.2 against 22.2). The larger shapes keep their splits.
-MMA_CB_BITS = (2, 4)  # codebook widths with a shared table (single slices whose byte holds whole codes)
+# Codebook widths with a shared table: 2 and 4 bits (a byte holds whole codes); 3 bits (2 + 1 slices, the high
+# bits merged at the lookup, the kernel's CB 2) only with env ANYBIT_MMA_CB3=1: built and checked offline in
+# session 25 (PTX emulation, sm_90 compiles), not yet run on a GPU.
+MMA_CB3 = os.environ.get("ANYBIT_MMA_CB3", "0") == "1"
+MMA_CB_BITS = (2, 3, 4) if MMA_CB3 else (2, 4)
 MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
@@ -1242,6 +1341,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     g2_ok = g2_applies(packed, None if two_groups else M) and two_groups is not False
     bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits, g2=g2_ok)
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
+    # a 3-bit codebook's 1-bit slice enters the table lookup with the 2-bit words (the kernel's CB 2), not
+    # as a slice of its own
+    cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
     xs = (0 if (wb and bm <= 16) or cb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
     if xs not in (0, 2, 3, 4) or (cb and xs):
         raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4 (0 for a codebook weight), got {xs}")
@@ -1293,7 +1395,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         kernel = _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs,
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, num_warps=4, **regs,
             **launch)
         if cb:
             check_table_alone(kernel)
@@ -1309,7 +1411,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cb, XP=xp, G2=g2, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, num_warps=4, **regs, **launch)
     if cb:
         check_table_alone(kernel)
     return y

@@ -24,31 +24,61 @@ def _bf16_bits(v: float) -> int:
     return int(torch.tensor([v], dtype=torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
 
 
-def _run_lut_asm(word: int, base: int, smem: dict, bits: int = 4) -> list[int]:
-    """Interprets ``_lut_asm``'s PTX (``_lut2_asm``'s with bits 2): prmt with zero fill, shl, add,
-    ld.shared.b32 (.v2.b32), mov into two halves."""
-    n = 32 // bits  # outputs: one per code; inputs $n (word), $n + 1 (base)
-    regs = {f"${n}": word & 0xFFFFFFFF, f"${n + 1}": base}
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte k of the result is byte ``sel`` nibble k & 7 of {b, a}, or with
+    the nibble's bit 3 set, that byte's sign bit replicated."""
+    src = a | b << 32
+    out = 0
+    for k in range(4):
+        nib = (sel >> (4 * k)) & 0xF
+        byte = (src >> (8 * (nib & 7))) & 0xFF
+        if nib & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * k)
+    return out
+
+
+def _run_lut_asm(word: int, base: int, smem: dict, bits: int = 4, high: int = 0) -> list[int]:
+    """Interprets ``_lut_asm``'s PTX (``_lut2_asm``'s with bits 2, ``_lut3_asm``'s with bits 3 and the high
+    bits ``high``): prmt, shl, shr, and, mul.lo, add, lop3, ld.shared.b32 (.v2 / .v4), movs."""
+    n = 32 // bits if bits != 3 else 16  # outputs: one per code; then the inputs
+    ins = [word & 0xFFFFFFFF] + ([high & 0xFFFFFFFF] if bits == 3 else []) + [base]
+    regs = {f"${n + i}": v for i, v in enumerate(ins)}
     out = {}
-    for line in (mm._lut_asm() if bits == 4 else mm._lut2_asm()).splitlines():
+    asm = {4: mm._lut_asm, 2: mm._lut2_asm, 3: mm._lut3_asm}[bits]()
+    for line in asm.splitlines():
         line = line.strip().rstrip(";")
         if line in ("{", "}") or line.startswith(".reg"):
             continue
         op, args = line.split(None, 1)
-        if op == "mov.b32":
+        if op == "mov.b32" and args.startswith("{"):
             halves, src = re.match(r"\{(\$\d+), (\$\d+)\}, (\w+)", args).group(1, 2), args.split(", ")[-1]
             out[halves[0]], out[halves[1]] = regs[src] & 0xFFFF, regs[src] >> 16
             continue
-        if op == "ld.shared.v2.b32":  # {r0, r1}, [t]: two consecutive words
-            dst = re.match(r"\{(\w+), (\w+)\}", args).group(1, 2)
-            addr = args.split("[")[1].strip("]")
-            regs[dst[0]], regs[dst[1]] = smem[regs[addr]], smem[regs[addr] + 4]
+        if op.startswith("ld.shared.v"):  # {r0, r1, ...}, [t]: consecutive words
+            dst = re.findall(r"\w+", args.split("}")[0])
+            addr = regs[args.split("[")[1].strip("]")]
+            for i, d in enumerate(dst):
+                regs[d] = smem[addr + 4 * i]
             continue
         a = [s.strip() for s in args.split(",")]
-        if op == "prmt.b32":  # selector 0x444i: byte i of the word, the other bytes from the zero operand
-            sel = int(a[3], 16)
-            assert sel >> 4 == 0x444 and a[2] == "0"
-            regs[a[0]] = (regs[a[1]] >> (8 * (sel & 7))) & 0xFF
+
+        def val(x):
+            return regs[x] if x in regs else int(x, 0)
+        if op == "prmt.b32":
+            regs[a[0]] = _prmt(val(a[1]), val(a[2]), int(a[3], 16))
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> int(a[2])
+        elif op == "and.b32":
+            regs[a[0]] = val(a[1]) & val(a[2])
+        elif op == "mul.lo.u32":
+            regs[a[0]] = (val(a[1]) * val(a[2])) & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 16)
+            regs[a[0]] = sum(((lut >> ((x >> i & 1) << 2 | (y >> i & 1) << 1 | (z >> i & 1))) & 1) << i
+                             for i in range(32))
         elif op == "shl.b32":
             regs[a[0]] = (regs[a[1]] << int(a[2])) & 0xFFFFFFFF
         elif op == "add.u32":
@@ -102,6 +132,28 @@ def test_lut2_ptx_gives_codebook_values_in_natural_order():
         assert got == [bits[c] for c in codes], (trial, codes)
 
 
+def test_lut3_ptx_gives_codebook_values_in_natural_order():
+    """3-bit codes (low 2 bits in a 2-bit word, high bits in a 1-bit word's 16 bits): output j = bf16
+    ``codebook[lo_j + 4 hi_j]``, read from the lane's copy (lane & 7) of the table that ``_fill_lut3`` writes:
+    row e (a byte of low bits), int32 column 4 c + w of copy c holds the pair (codebook[lo_a + 4 h],
+    codebook[lo_b + 4 h]) with h = w >> 1 and (lo_a, lo_b) the byte's codes 2 (w & 1) and 2 (w & 1) + 1."""
+    cb = torch.sort(torch.randn(8, generator=torch.Generator().manual_seed(3))).values
+    bits = [_bf16_bits(float(v)) for v in cb]
+    smem = {}
+    for e in range(256):
+        for c in range(4 * mm.MMA_CB3_COPIES):
+            h, sh = (c >> 1) & 1, 4 * (c & 1)
+            smem[4 * (32 * e + c)] = bits[((e >> sh) & 3) + 4 * h] | bits[((e >> (sh + 2)) & 3) + 4 * h] << 16
+    g = torch.Generator().manual_seed(9)
+    for trial in range(60):
+        codes = torch.randint(0, 8, (16,), generator=g).tolist() if trial else [j % 8 for j in range(16)]
+        lo = sum((c & 3) << (2 * j) for j, c in enumerate(codes))
+        hi = sum((c >> 2) << j for j, c in enumerate(codes)) | (trial * 0x9E370000 & 0xFFFF0000)  # junk above
+        lane = trial % 32
+        got = _run_lut_asm(lo, 16 * (lane & 7), smem, bits=3, high=hi)
+        assert got == [bits[c] for c in codes], (trial, codes)
+
+
 def test_codebook_applicability_on_cpu():
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "nf4"))
     x = torch.randn(1, 256, dtype=torch.bfloat16)
@@ -114,8 +166,10 @@ def _compile_cb(bm, ks, u2, acc=False, bk=128, w0=4):
         pytest.skip("no nvdisasm in this Triton install")
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32",
             "y_ptr": "*fp32" if acc else "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=64 if bm > 16 else bk, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0,
-                  ACC=acc, KS=ks, MR=bm // ks if ks > 1 else 0, U2=u2, CB=True, SA=bm > 16,
+    # w0 3: 3-bit codes as 2-bit words plus their high bits (the kernel's CB 2), 128-K tiles
+    consts = dict(W0=2 if w0 == 3 else w0, BLOCK_M=bm, BLOCK_K=64 if bm > 16 and w0 != 3 else bk,
+                  SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=acc, KS=ks, MR=bm // ks if ks > 1 else 0,
+                  U2=u2, CB=2 if w0 == 3 else 1, SA=bm > 16,
                   SUM_LOADS=mm.MMA_SUM_LOADS[bm])
     lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
     return lines, max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
@@ -127,20 +181,23 @@ def _compile_cb(bm, ks, u2, acc=False, bk=128, w0=4):
                                                 (8, 1, True, False, 64, 4), (32, 1, False, False, 64, 4),
                                                 (64, 1, False, True, 64, 4), (8, 8, True, False, 128, 2),
                                                 (8, 1, False, False, 128, 2), (16, 1, True, False, 128, 2),
-                                                (32, 1, False, False, 64, 2)])
+                                                (32, 1, False, False, 64, 2), (8, 1, False, False, 128, 3),
+                                                (8, 4, False, True, 128, 3), (16, 1, True, False, 128, 3),
+                                                (32, 1, False, False, 128, 3)])
 def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc, bk, w0):
-    """Per K tile (128 K; 64 from BLOCK_M 32) and thread: BK / 8 words (2-bit: BK / 16), 4 table loads each
-    (LDS; 2-bit: LDS.64, no LDSM), the tile's HMMA chain, no spills; the table is the kernel's only shared
-    memory (so it sits at offset 0, where ``_lut_base`` / ``_lut2_base`` read it); x needs no relabeling PRMT
-    (a relabeling of register bits on both operands). From BLOCK_M 32 the scale is applied to the table
-    values (one HMUL2 per pair)."""
+    """Per K tile (128 K; 64 from BLOCK_M 32, except with a 1-bit slice) and thread: BK / 8 words (2- and
+    3-bit: BK / 16 of 2 bits), 4 table loads each (LDS; 2-bit: LDS.64; 3-bit: LDS.128; no LDSM), the tile's
+    HMMA chain, no spills; the table is the kernel's only shared memory (so it sits at offset 0, where
+    ``_lut_base`` / ``_lut2_base`` / ``_lut3_base`` read it); x needs no relabeling PRMT (a relabeling of
+    register bits on both operands; 3-bit: 8 more PRMT per word make the high bits' masks). From BLOCK_M 32
+    the scale is applied to the table values (one HMUL2 per pair)."""
     lines, loop = _compile_cb(bm, ks, u2, acc, bk, w0)
     tiles = 2 if u2 else 1
-    words = bk * w0 // 32
+    words = bk // 8 if w0 == 4 else bk // 16
     ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
-    assert sum(o == ("LDS" if w0 == 4 else "LDS.64") for o in ops) == 4 * words * tiles
+    assert sum(o == {4: "LDS", 2: "LDS.64", 3: "LDS.128"}[w0] for o in ops) == 4 * words * tiles
     assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 2 * bk // 16 * bm // 8 * tiles
-    assert sum(o == "PRMT" for o in ops) <= 4 * words * tiles + 8  # the byte extractions only
+    assert sum(o == "PRMT" for o in ops) <= (4 if w0 != 3 else 12) * words * tiles + 8
     assert sum(o.startswith("HMUL2") for o in ops) == (4 * bk // 8 if bm > 16 else 0)
     assert not any(s.split()[0].startswith(("STL", "LDL", "LDSM")) for s in lines if not s.startswith("//"))
     assert shared_bytes(lines) == 4 * mm.MMA_CB_ENTRIES * mm.MMA_CB_LANES
@@ -162,11 +219,15 @@ def _codebook_weight(N, K, fmt, group, seed=0, bits=4):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
-@pytest.mark.parametrize("fmt,bits", [("nf4", 4), ("fp4", 4), ("learned", 4), ("learned", 2)])
+@pytest.mark.parametrize("fmt,bits", [("nf4", 4), ("fp4", 4), ("learned", 4), ("learned", 2), ("learned", 3)])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 24, 64])
 @pytest.mark.parametrize("group", [64, 128, -1])
-def test_codebook_matches_reference(fmt, bits, M, group):
+def test_codebook_matches_reference(fmt, bits, M, group, monkeypatch):
     N, K = 384, 2048
+    if bits == 3:  # opt-in (MMA_CB3); a 1-bit slice needs groups of 128 and M <= 32
+        monkeypatch.setattr(mm, "MMA_CB_BITS", (2, 3, 4))
+        if group == 64 or M > 32:
+            return
     pw = _codebook_weight(N, K, fmt, group, seed=M, bits=bits)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
     assert mm.mma_applies(pw, M, x)
