@@ -104,6 +104,18 @@ MMA_CB_ENTRIES = 256
 MMA_CB_LANES = 32
 
 
+def _table_head(scale: str | None) -> list[str]:
+    """PTX: with a scale input (bf16), the pair ``{s, s}`` and the ``fma`` addend -0 of scaled table
+    values."""
+    return [f"mov.b32 s2, {{{scale}, {scale}}};", "mov.b32 n0, 0x80008000;"] if scale else []
+
+
+def _table_entry(word: str, base: str, i: int, load: str) -> list[str]:
+    """PTX: byte i of ``word`` (zero extended) is a table entry of 128 bytes: its address ``base + byte *
+    128`` in ``t``, then ``load`` (a shared load from ``[t]``)."""
+    return [f"prmt.b32 t, {word}, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", f"add.u32 t, t, {base};", load]
+
+
 def _lut_asm(scaled: bool = False) -> str:
     """PTX for one word of 4-bit codebook codes: inputs ``$8`` = the word, ``$9`` = this lane's table base
     (shared address of entry 0's copy for the lane); outputs ``$0..$7`` = bf16 ``codebook[q]`` of the
@@ -111,12 +123,10 @@ def _lut_asm(scaled: bool = False) -> str:
     extended), address ``base + byte * 128``, one ``ld.shared.b32``. ``scaled``: one more input ``$10``,
     the column's scale s (bf16), and the outputs are ``s codebook[q]`` rounded once (one ``fma`` per
     pair)."""
-    lines = ["{", ".reg .b32 t, r, s2, n0;"]
-    if scaled:
-        lines += ["mov.b32 s2, {$10, $10};", "mov.b32 n0, 0x80008000;"]
+    lines = ["{", ".reg .b32 t, r, s2, n0;", *_table_head("$10" if scaled else None)]
     for i in range(4):
-        lines += [f"prmt.b32 t, $8, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", "add.u32 t, t, $9;",
-                  "ld.shared.b32 r, [t];", *(["fma.rn.bf16x2 r, r, s2, n0;"] if scaled else []),
+        lines += [*_table_entry("$8", "$9", i, "ld.shared.b32 r, [t];"),
+                  *(["fma.rn.bf16x2 r, r, s2, n0;"] if scaled else []),
                   f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, r;"]
     return "\n".join(lines + ["}"])
 
@@ -134,12 +144,9 @@ def _lut2_asm(scaled: bool = False) -> str:
     (the byte, zero extended), address ``base + byte * 128``, one ``ld.shared.v2.b32`` (the byte's 4 values).
     ``scaled``: one more input ``$18``, the column's scale s (bf16), and the outputs are ``s codebook[q]``
     rounded once (one ``fma`` per pair)."""
-    lines = ["{", ".reg .b32 t, r0, r1, s2, n0;"]
-    if scaled:
-        lines += ["mov.b32 s2, {$18, $18};", "mov.b32 n0, 0x80008000;"]
+    lines = ["{", ".reg .b32 t, r0, r1, s2, n0;", *_table_head("$18" if scaled else None)]
     for i in range(4):
-        lines += [f"prmt.b32 t, $16, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", "add.u32 t, t, $17;",
-                  "ld.shared.v2.b32 {r0, r1}, [t];"]
+        lines += _table_entry("$16", "$17", i, "ld.shared.v2.b32 {r0, r1}, [t];")
         if scaled:
             lines += ["fma.rn.bf16x2 r0, r0, s2, n0;", "fma.rn.bf16x2 r1, r1, s2, n0;"]
         lines += [f"mov.b32 {{${4 * i}, ${4 * i + 1}}}, r0;", f"mov.b32 {{${4 * i + 2}, ${4 * i + 3}}}, r1;"]
@@ -162,12 +169,10 @@ def _lut3_asm(scaled: bool = False) -> str:
     pair a ``prmt`` in sign-replicate mode makes a half-word mask and one ``lop3`` selects. ``scaled``: one
     more input ``$19``, the column's scale s (bf16), outputs ``s codebook[q]`` rounded once (one ``fma`` per
     pair)."""
-    lines = ["{", ".reg .b32 t, a0, a1, b0, b1, h, m, r0, r1, s2, n0;"]
-    if scaled:
-        lines += ["mov.b32 s2, {$19, $19};", "mov.b32 n0, 0x80008000;"]
+    lines = ["{", ".reg .b32 t, a0, a1, b0, b1, h, m, r0, r1, s2, n0;",
+             *_table_head("$19" if scaled else None)]
     for i in range(4):
-        lines += [f"prmt.b32 t, $16, 0, 0x{0x4440 + i:04X};", "shl.b32 t, t, 7;", "add.u32 t, t, $18;",
-                  "ld.shared.v4.b32 {a0, a1, b0, b1}, [t];"]
+        lines += _table_entry("$16", "$18", i, "ld.shared.v4.b32 {a0, a1, b0, b1}, [t];")
         lines += [f"shr.b32 h, $17, {4 * i};"] if i else ["mov.b32 h, $17;"]
         lines += ["and.b32 h, h, 15;", "mul.lo.u32 h, h, 0x10204080;"]
         for p, (a, b, sel) in enumerate((("a0", "b0", "0x9988"), ("a1", "b1", "0xBBAA"))):
