@@ -294,14 +294,17 @@ def test_codebook_routes_and_refusals():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
-@pytest.mark.parametrize("fmt,group,bits", [("nf4", 64, 4), ("learned", 128, 4), ("learned", 128, 2)])
+@pytest.mark.parametrize("fmt,group,bits", [("nf4", 64, 4), ("learned", 128, 4), ("learned", 128, 2),
+                                             ("learned", 128, 3)])
 def test_gpu_engine_codebook_model_generates_what_the_generic_kernels_do(tmp_path, monkeypatch, fmt,
                                                                           group, bits):
     """A codebook-quantized model (quantized on the GPU) decoding at batch 1 and 3 (the table kernel at M = 1
     with pending sums, and at M = 3): the same greedy tokens and logprobs (within 0.1) as with the table
     kernel off (``MMA_CB_AUTO``). The table holds codebook values in bf16 and the generic kernels in float32
     (s24-5: 0.103 apart in one logprob), so the checkpoint's tables are rounded to bf16 first: what is left
-    is the order of the float32 sums."""
+    is the order of the float32 sums. 3-bit tables are opt-in (``MMA_CB_BITS``)."""
+    if bits == 3:
+        monkeypatch.setattr(mm, "MMA_CB_BITS", (2, 3, 4))
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
