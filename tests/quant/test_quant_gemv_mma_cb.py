@@ -154,6 +154,29 @@ def test_lut3_ptx_gives_codebook_values_in_natural_order():
         assert got == [bits[c] for c in codes], (trial, codes)
 
 
+def test_high_bits_of_3bit_codes_sit_where_the_table_kernel_reads_them():
+    """``pack_codes`` at 3 bits = a 2-bit slice (K / 16 word rows) then a 1-bit slice (K / 32 rows). The
+    kernel (``_load_high_bits``) reads the high bits of 2-bit word row r of a tile at k0 from the 1-bit
+    slice's row k0 / 32 + r / 2 (offset K / 32 * 2 rows), shifted right by 16 (r % 2), code j at bit j: the
+    same bits ``pack_codes`` wrote. The low bits are the 2-bit word's codes at bits 2 j, as the 2-bit table
+    reads them."""
+    from anybit.quant.format import pack_codes
+
+    K, N = 256, 3
+    q = torch.randint(0, 8, (N, K), generator=torch.Generator().manual_seed(4))
+    words = pack_codes(q, 3).to(torch.int64) & 0xFFFFFFFF  # [3 K / 32, N]
+    hi_base = K // 32 * 2
+    for k0 in (0, 128):  # tile starts (128-K tiles: 8 two-bit word rows)
+        for r in range(8):
+            for n in range(N):
+                lo_word = int(words[k0 // 16 + r, n])
+                hi_word = int(words[hi_base + k0 // 32 + r // 2, n]) >> (16 * (r % 2))
+                for j in range(16):
+                    k = k0 + 16 * r + j
+                    got = ((lo_word >> (2 * j)) & 3) | ((hi_word >> j) & 1) << 2
+                    assert got == int(q[n, k]), (k0, r, n, j)
+
+
 def test_codebook_applicability_on_cpu():
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "nf4"))
     x = torch.randn(1, 256, dtype=torch.bfloat16)
