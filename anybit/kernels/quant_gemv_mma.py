@@ -526,7 +526,7 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
-                   P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = False,
+                   P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = 0,
                    G2: gl.constexpr = False, wh_off=0):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
@@ -580,7 +580,7 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
-                  ZL: gl.constexpr, CB: gl.constexpr = False, base=0, G2: gl.constexpr = False):
+                  ZL: gl.constexpr, CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False):
         """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop (CB:
         codebook words, ``base`` = ``_lut_base()``; G2: two groups, ``_tile_g2``)."""
         zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
@@ -648,7 +648,7 @@ if gluon is not None:
 
     @gluon.jit
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False,
-                     CB: gl.constexpr = False, base=0, G2: gl.constexpr = False):
+                     CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
         float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4- or
         2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
@@ -802,7 +802,7 @@ if gluon is not None:
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
-                               CB: gl.constexpr = False, XP: gl.constexpr = False, G2: gl.constexpr = False):
+                               CB: gl.constexpr = 0, XP: gl.constexpr = False, G2: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -843,13 +843,14 @@ if gluon is not None:
         scales loaded in column order) and every MMA accumulates straight into acc: no partial tile and
         no float32 scaling per tile, which at these BLOCK_M would double the accumulator registers.
 
-        CB (W0 4 or 2, single slice, no XS / XW / CLUSTER; with SA the table values are scaled in the
-        conversion): codebook weights ``codebook[q] s``; z_ptr is the float32 codebook ``[2^W0]``. Each
-        program first writes its table to shared memory (W0 4: code pairs by byte, ``_fill_lut``; W0 2: 4
-        codes by byte, ``_fill_lut2``); a word's codes are then 4 shared loads (``_lut_asm`` /
-        ``_lut2_asm``), the codes in natural order (x relabeled by ``_swap_k15`` / ``_relabel_cb2``). CB 2
-        (W0 2, WB 0): 3-bit codes, the 1-bit slice's high bits (at row offset K / 32 W0 of the words) loaded
-        with each tile's 2-bit words and merged in the lookup (``_fill_lut3``, ``_lut3_asm``).
+        CB 1 (W0 4 or 2, single slice, no XS / XW / CLUSTER; with SA the table values are scaled in the
+        conversion; CB 0: uniform weights): codebook weights ``codebook[q] s``; z_ptr is the float32
+        codebook ``[2^W0]``. Each program first writes its table to shared memory (W0 4: code pairs by
+        byte, ``_fill_lut``; W0 2: 4 codes by byte, ``_fill_lut2``); a word's codes are then 4 shared loads
+        (``_lut_asm`` / ``_lut2_asm``), the codes in natural order (x relabeled by ``_swap_k15`` /
+        ``_relabel_cb2``). CB 2 (W0 2, WB 0): 3-bit codes, the 1-bit slice's high bits (at row offset
+        K / 32 W0 of the words) loaded with each tile's 2-bit words and merged in the lookup
+        (``_fill_lut3``, ``_lut3_asm``).
         XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
         of in the iteration that uses it. G2 (single slice, BLOCK_M <= 16, no ZW): BLOCK_K = 2 G, the tile's
         two groups each get their zero points and scales (``_load_tile`` joins them) and their own MMA chain
