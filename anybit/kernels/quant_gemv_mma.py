@@ -216,49 +216,40 @@ if gluon is not None:
         gl.thread_barrier()
 
     @gluon.jit
-    def _fill_lut2(cb_ptr):
-        """The 2-bit codebook table ``[256, 2 MMA_CB2_COPIES]`` int32 in shared memory: entry e (a byte of
-        codes) holds, in each of its 16 copies (int32 columns 2 l, 2 l + 1), the bf16 pairs (codebook[e & 3],
-        codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3], codebook[e >> 6]). Must be the kernel's first
-        shared allocation (``_lut2_base`` reads it from offset 0); a CTA barrier follows."""
-        L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
-        tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        e = gl.arange(0, 256, layout=gl.SliceLayout(1, L))[:, None]
-        sh = (4 * (gl.arange(0, 32, layout=gl.SliceLayout(0, L)) & 1))[None, :]
-        lo = gl.load(cb_ptr + ((e >> sh) & 3)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
-        hi = gl.load(cb_ptr + ((e >> (sh + 2)) & 3)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
-        lo = lo & 0xFFFF
-        tab.store(lo | (hi << 16))
-        gl.thread_barrier()
-
-    @gluon.jit
-    def _fill_lut3(cb_ptr):
-        """The 3-bit codebook table ``[256, 4 MMA_CB3_COPIES]`` int32 in shared memory: entry e (a byte of low
-        bits of 4 codes) holds, in each of its 8 copies (int32 columns 4 c .. 4 c + 3), the bf16 pairs of the
-        byte's codes 0, 1 and 2, 3 with high bit 0, then with high bit 1 (column 4 c + w: high bit w >> 1,
-        codes 2 (w & 1) and 2 (w & 1) + 1). Must be the kernel's first shared allocation (``_lut3_base``
-        reads it from offset 0); a CTA barrier follows."""
+    def _fill_byte_table(cb_ptr, HIGH: gl.constexpr = False):
+        """The table of a 2-bit codebook (``_lut2_asm``) or, HIGH, a 3-bit one (``_lut3_asm``): ``[256, 32]``
+        int32 in shared memory, entry e a byte of (low) 2-bit codes. 2-bit: 16 copies (int32 columns 2 l,
+        2 l + 1) of the bf16 pairs (codebook[e & 3], codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3],
+        codebook[e >> 6]). 3-bit: 8 copies (columns 4 c .. 4 c + 3) of the same pairs with high bit 0, then
+        with high bit 1 (column 4 c + w: codes 2 (w & 1), 2 (w & 1) + 1 of the byte, high bit w >> 1). Must
+        be the kernel's first shared allocation (``_lut2_base`` / ``_lut3_base`` read it from offset 0); a
+        CTA barrier follows."""
         L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
         tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         e = gl.arange(0, 256, layout=gl.SliceLayout(1, L))[:, None]
         c = gl.arange(0, 32, layout=gl.SliceLayout(0, L))[None, :]
         sh = 4 * (c & 1)
-        h4 = 4 * ((c >> 1) & 1)
-        lo = gl.load(cb_ptr + ((e >> sh) & 3) + h4).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
-        hi = gl.load(cb_ptr + ((e >> (sh + 2)) & 3) + h4).to(gl.bfloat16).to(gl.int16, bitcast=True)
+        if HIGH:  # codebook[lo + 4] in the second half of each copy
+            e4 = 4 * ((c >> 1) & 1)
+        else:
+            e4 = 0 * c
+        lo = gl.load(cb_ptr + ((e >> sh) & 3) + e4).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
+        hi = gl.load(cb_ptr + ((e >> (sh + 2)) & 3) + e4).to(gl.bfloat16).to(gl.int16, bitcast=True)
         tab.store((lo & 0xFFFF) | (hi.to(gl.int32) << 16))
         gl.thread_barrier()
 
     @gluon.jit
     def _lut3_base():
-        """Shared address of this lane's copy of 3-bit table entry 0 (``_fill_lut3``'s table at offset 0)."""
+        """Shared address of this lane's copy (lane & 7) of 3-bit table entry 0 (``_fill_byte_table``'s table
+        at offset 0)."""
         return gl.inline_asm_elementwise(
             "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, 7; mov.u32 $0, global_smem; "
             "mad.lo.u32 $0, l, 16, $0; }", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.jit
     def _lut2_base():
-        """Shared address of this lane's copy of 2-bit table entry 0 (``_fill_lut2``'s table at offset 0)."""
+        """Shared address of this lane's copy (lane & 15) of 2-bit table entry 0 (``_fill_byte_table``'s table
+        at offset 0)."""
         return gl.inline_asm_elementwise(
             "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, 15; mov.u32 $0, global_smem; "
             "mad.lo.u32 $0, l, 8, $0; }", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
@@ -654,7 +645,7 @@ if gluon is not None:
         2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
         ``base`` = ``_lut_base()`` / ``_lut2_base()``), codes in natural K order, relabeled as x is (width
         16 / 14). CB 2 (3-bit codebook codes): w ``[R, 128, 2]`` joins the 2-bit words and their codes' high
-        bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_lut3``'s table. G2: z ``[C, 2]``,
+        bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_byte_table``'s. G2: z ``[C, 2]``,
         the first half of the word rows takes group 0's zero points, the second half group 1's."""
         if CB:
             P: gl.constexpr = 32 // W0  # codes per word
@@ -846,20 +837,20 @@ if gluon is not None:
         CB 1 (W0 4 or 2, single slice, no XS / XW / CLUSTER; with SA the table values are scaled in the
         conversion; CB 0: uniform weights): codebook weights ``codebook[q] s``; z_ptr is the float32
         codebook ``[2^W0]``. Each program first writes its table to shared memory (W0 4: code pairs by
-        byte, ``_fill_lut``; W0 2: 4 codes by byte, ``_fill_lut2``); a word's codes are then 4 shared loads
-        (``_lut_asm`` / ``_lut2_asm``), the codes in natural order (x relabeled by ``_swap_k15`` /
+        byte, ``_fill_lut``; W0 2: 4 codes by byte, ``_fill_byte_table``); a word's codes are then 4 shared
+        loads (``_lut_asm`` / ``_lut2_asm``), the codes in natural order (x relabeled by ``_swap_k15`` /
         ``_relabel_cb2``). CB 2 (W0 2, WB 0): 3-bit codes, the 1-bit slice's high bits (at row offset
         K / 32 W0 of the words) loaded with each tile's 2-bit words and merged in the lookup
-        (``_fill_lut3``, ``_lut3_asm``).
+        (``_fill_byte_table``, ``_lut3_asm``).
         XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
         of in the iteration that uses it. G2 (single slice, BLOCK_M <= 16, no ZW): BLOCK_K = 2 G, the tile's
         two groups each get their zero points and scales (``_load_tile`` joins them) and their own MMA chain
         (``_tile_g2``)."""
         if CB == 2:  # the table first: it must sit at shared offset 0 (3-bit codes)
-            _fill_lut3(z_ptr)
+            _fill_byte_table(z_ptr, True)
             base = _lut3_base()
         elif CB and W0 == 2:
-            _fill_lut2(z_ptr)
+            _fill_byte_table(z_ptr)
             base = _lut2_base()
         elif CB:
             _fill_lut(z_ptr)

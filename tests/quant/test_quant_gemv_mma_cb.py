@@ -1,6 +1,6 @@
 """Codebook weights (nf4 / fp4 / learned 4-bit, learned 2-bit) on the mma.sync kernel (quant_gemv_mma.py's
 CB): the code table in shared memory. On CPU: the per-word PTX by emulation against the table ``_fill_lut`` /
-``_fill_lut2`` writes, and an
+``_fill_byte_table`` writes, and an
 offline sm_90 compile (table loads in the loop, no spills, the table alone in shared memory so it sits at
 offset 0). On CUDA: every variant against ref_quant_matmul, and the launcher's routes."""
 
@@ -113,8 +113,8 @@ def test_lut_ptx_gives_codebook_values_in_natural_order(fmt):
 
 def test_lut2_ptx_gives_codebook_values_in_natural_order():
     """2-bit codes: output j = bf16 ``codebook[code j]`` (bits 2j..2j+1 of the word), read from the lane's
-    copy (lane & 15) of the table that ``_fill_lut2`` writes: entry e (a byte) at int32 columns 2 l, 2 l + 1
-    of row e holds the pairs (codebook[e & 3], codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3],
+    copy (lane & 15) of the 2-bit table that ``_fill_byte_table`` writes: entry e (a byte) at int32 columns
+    2 l, 2 l + 1 of row e holds the pairs (codebook[e & 3], codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3],
     codebook[e >> 6])."""
     cb = torch.sort(torch.randn(4, generator=torch.Generator().manual_seed(2))).values
     bits = [_bf16_bits(float(v)) for v in cb]
@@ -134,9 +134,10 @@ def test_lut2_ptx_gives_codebook_values_in_natural_order():
 
 def test_lut3_ptx_gives_codebook_values_in_natural_order():
     """3-bit codes (low 2 bits in a 2-bit word, high bits in a 1-bit word's 16 bits): output j = bf16
-    ``codebook[lo_j + 4 hi_j]``, read from the lane's copy (lane & 7) of the table that ``_fill_lut3`` writes:
-    row e (a byte of low bits), int32 column 4 c + w of copy c holds the pair (codebook[lo_a + 4 h],
-    codebook[lo_b + 4 h]) with h = w >> 1 and (lo_a, lo_b) the byte's codes 2 (w & 1) and 2 (w & 1) + 1."""
+    ``codebook[lo_j + 4 hi_j]``, read from the lane's copy (lane & 7) of the 3-bit table that
+    ``_fill_byte_table`` writes: row e (a byte of low bits), int32 column 4 c + w of copy c holds the pair
+    (codebook[lo_a + 4 h], codebook[lo_b + 4 h]) with h = w >> 1 and (lo_a, lo_b) the byte's codes 2 (w & 1)
+    and 2 (w & 1) + 1."""
     cb = torch.sort(torch.randn(8, generator=torch.Generator().manual_seed(3))).values
     bits = [_bf16_bits(float(v)) for v in cb]
     smem = {}
