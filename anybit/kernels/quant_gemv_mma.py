@@ -139,7 +139,7 @@ MMA_CB2_COPIES = 16
 
 def _lut2_asm(scaled: bool = False) -> str:
     """PTX for one word of 2-bit codebook codes: inputs ``$16`` = the word, ``$17`` = this lane's table base
-    (shared address of entry 0's copy for the lane, ``_lut2_base``); outputs ``$0..$15`` = bf16
+    (shared address of entry 0's copy for the lane, ``_byte_table_base``); outputs ``$0..$15`` = bf16
     ``codebook[q]`` of the codes in natural order (output j = code j, bits 2j..2j+1). Per byte: ``prmt``
     (the byte, zero extended), address ``base + byte * 128``, one ``ld.shared.v2.b32`` (the byte's 4 values).
     ``scaled``: one more input ``$18``, the column's scale s (bf16), and the outputs are ``s codebook[q]``
@@ -163,12 +163,12 @@ MMA_CB3_COPIES = 8
 def _lut3_asm(scaled: bool = False) -> str:
     """PTX for one word of 3-bit codebook codes: inputs ``$16`` = the low 2 bits of 16 codes (a 2-bit slice
     word), ``$17`` = their high bits at bits 0..15 (code j at bit j), ``$18`` = this lane's table base
-    (``_lut3_base``); outputs ``$0..$15`` = bf16 ``codebook[q]`` in natural code order. Per byte of low bits:
-    ``prmt``, address, one ``ld.shared.v4.b32`` (both candidates of 4 codes); the byte's 4 high bits spread to
-    the sign bits of a register's bytes (one ``mul.lo`` by 0x10204080: bit b lands on bit 8 b + 7), then per
-    pair a ``prmt`` in sign-replicate mode makes a half-word mask and one ``lop3`` selects. ``scaled``: one
-    more input ``$19``, the column's scale s (bf16), outputs ``s codebook[q]`` rounded once (one ``fma`` per
-    pair)."""
+    (``_byte_table_base``); outputs ``$0..$15`` = bf16 ``codebook[q]`` in natural code order. Per byte of
+    low bits: ``prmt``, address, one ``ld.shared.v4.b32`` (both candidates of 4 codes); the byte's 4 high
+    bits spread to the sign bits of a register's bytes (one ``mul.lo`` by 0x10204080: bit b lands on bit
+    8 b + 7), then per pair a ``prmt`` in sign-replicate mode makes a half-word mask and one ``lop3``
+    selects. ``scaled``: one more input ``$19``, the column's scale s (bf16), outputs ``s codebook[q]``
+    rounded once (one ``fma`` per pair)."""
     lines = ["{", ".reg .b32 t, a0, a1, b0, b1, h, m, r0, r1, s2, n0;",
              *_table_head("$19" if scaled else None)]
     for i in range(4):
@@ -222,7 +222,7 @@ if gluon is not None:
         2 l + 1) of the bf16 pairs (codebook[e & 3], codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3],
         codebook[e >> 6]). 3-bit: 8 copies (columns 4 c .. 4 c + 3) of the same pairs with high bit 0, then
         with high bit 1 (column 4 c + w: codes 2 (w & 1), 2 (w & 1) + 1 of the byte, high bit w >> 1). Must
-        be the kernel's first shared allocation (``_lut2_base`` / ``_lut3_base`` read it from offset 0); a
+        be the kernel's first shared allocation (``_byte_table_base`` reads it from offset 0); a
         CTA barrier follows."""
         L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
         tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -238,21 +238,20 @@ if gluon is not None:
         tab.store((lo & 0xFFFF) | (hi.to(gl.int32) << 16))
         gl.thread_barrier()
 
-    @gluon.jit
-    def _lut3_base():
-        """Shared address of this lane's copy (lane & 7) of 3-bit table entry 0 (``_fill_byte_table``'s table
-        at offset 0)."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, 7; mov.u32 $0, global_smem; "
-            "mad.lo.u32 $0, l, 16, $0; }", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
+    @gluon.constexpr_function
+    def _byte_table_base_asm(high):
+        """PTX of ``_byte_table_base``: global_smem + (lane & 15) * 8 (2-bit table) or + (lane & 7) * 16
+        (3-bit, ``high``)."""
+        mask, stride = (7, 16) if high else (15, 8)
+        return (f"{{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, {mask}; mov.u32 $0, global_smem; "
+                f"mad.lo.u32 $0, l, {stride}, $0; }}")
 
     @gluon.jit
-    def _lut2_base():
-        """Shared address of this lane's copy (lane & 15) of 2-bit table entry 0 (``_fill_byte_table``'s table
-        at offset 0)."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, 15; mov.u32 $0, global_smem; "
-            "mad.lo.u32 $0, l, 8, $0; }", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
+    def _byte_table_base(HIGH: gl.constexpr = False):
+        """Shared address of this lane's copy of entry 0 of ``_fill_byte_table``'s table (at offset 0): the
+        2-bit table's copy lane & 15, or (HIGH) the 3-bit table's lane & 7."""
+        return gl.inline_asm_elementwise(_byte_table_base_asm(HIGH), "=r", [], dtype=gl.int32, is_pure=True,
+                                         pack=1)
 
     @gluon.jit
     def _lut_base():
@@ -643,10 +642,10 @@ if gluon is not None:
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
         float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4- or
         2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
-        ``base`` = ``_lut_base()`` / ``_lut2_base()``), codes in natural K order, relabeled as x is (width
-        16 / 14). CB 2 (3-bit codebook codes): w ``[R, 128, 2]`` joins the 2-bit words and their codes' high
-        bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_byte_table``'s. G2: z ``[C, 2]``,
-        the first half of the word rows takes group 0's zero points, the second half group 1's."""
+        ``base`` = ``_lut_base()`` / ``_byte_table_base()``), codes in natural K order, relabeled as x is
+        (width 16 / 14). CB 2 (3-bit codebook codes): w ``[R, 128, 2]`` joins the 2-bit words and their
+        codes' high bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_byte_table``'s. G2: z
+        ``[C, 2]``, the first half of the word rows takes group 0's zero points, the second half group 1's."""
         if CB:
             P: gl.constexpr = 32 // W0  # codes per word
             if CB == 2:  # 3-bit codes: the 2-bit words and their codes' high bits, back in the words' layout
@@ -848,10 +847,10 @@ if gluon is not None:
         (``_tile_g2``)."""
         if CB == 2:  # the table first: it must sit at shared offset 0 (3-bit codes)
             _fill_byte_table(z_ptr, True)
-            base = _lut3_base()
+            base = _byte_table_base(True)
         elif CB and W0 == 2:
             _fill_byte_table(z_ptr)
-            base = _lut2_base()
+            base = _byte_table_base()
         elif CB:
             _fill_lut(z_ptr)
             base = _lut_base()
