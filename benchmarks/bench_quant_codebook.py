@@ -154,7 +154,8 @@ def main() -> int:
     if args.formats:
         formats = [(f, int(b), int(g)) for f, b, g in (e.split(":") for e in args.formats.split(","))]
         if len({label(f, b) for f, b, _ in formats}) != len(formats):
-            ap.error(f"--formats: each format and width once per run (rows are named by them), got {args.formats}")
+            ap.error(f"--formats: each format and width once per run (rows are named by them), got "
+                     f"{args.formats}")
     ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     out = args.out or os.path.join(os.environ.get("OUT", "."), "quant_codebook.json")
