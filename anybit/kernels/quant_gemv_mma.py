@@ -139,7 +139,7 @@ MMA_CB2_COPIES = 16
 
 def _lut2_asm(scaled: bool = False) -> str:
     """PTX for one word of 2-bit codebook codes: inputs ``$16`` = the word, ``$17`` = this lane's table base
-    (shared address of entry 0's copy for the lane, ``_byte_table_base``); outputs ``$0..$15`` = bf16
+    (shared address of entry 0's copy for the lane, ``_table_base``); outputs ``$0..$15`` = bf16
     ``codebook[q]`` of the codes in natural order (output j = code j, bits 2j..2j+1). Per byte: ``prmt``
     (the byte, zero extended), address ``base + byte * 128``, one ``ld.shared.v2.b32`` (the byte's 4 values).
     ``scaled``: one more input ``$18``, the column's scale s (bf16), and the outputs are ``s codebook[q]``
@@ -163,7 +163,7 @@ MMA_CB3_COPIES = 8
 def _lut3_asm(scaled: bool = False) -> str:
     """PTX for one word of 3-bit codebook codes: inputs ``$16`` = the low 2 bits of 16 codes (a 2-bit slice
     word), ``$17`` = their high bits at bits 0..15 (code j at bit j), ``$18`` = this lane's table base
-    (``_byte_table_base``); outputs ``$0..$15`` = bf16 ``codebook[q]`` in natural code order. Per byte of
+    (``_table_base``); outputs ``$0..$15`` = bf16 ``codebook[q]`` in natural code order. Per byte of
     low bits: ``prmt``, address, one ``ld.shared.v4.b32`` (both candidates of 4 codes); the byte's 4 high
     bits spread to the sign bits of a register's bytes (one ``mul.lo`` by 0x10204080: bit b lands on bit
     8 b + 7), then per pair a ``prmt`` in sign-replicate mode makes a half-word mask and one ``lop3``
@@ -205,7 +205,7 @@ if gluon is not None:
     def _fill_lut(cb_ptr):
         """The codebook pair table ``[MMA_CB_ENTRIES, MMA_CB_LANES]`` int32 in shared memory: entry e =
         bf16 pair (codebook[e & 15] low, codebook[e >> 4] high), the same in every lane's column. Must be
-        the kernel's first shared allocation (``_lut_base`` reads it from offset 0; the offline test
+        the kernel's first shared allocation (``_table_base`` reads it from offset 0; the offline test
         checks the compiled allocation); a CTA barrier follows."""
         L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
         tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -222,7 +222,7 @@ if gluon is not None:
         2 l + 1) of the bf16 pairs (codebook[e & 3], codebook[e >> 2 & 3]) and (codebook[e >> 4 & 3],
         codebook[e >> 6]). 3-bit: 8 copies (columns 4 c .. 4 c + 3) of the same pairs with high bit 0, then
         with high bit 1 (column 4 c + w: codes 2 (w & 1), 2 (w & 1) + 1 of the byte, high bit w >> 1). Must
-        be the kernel's first shared allocation (``_byte_table_base`` reads it from offset 0); a
+        be the kernel's first shared allocation (``_table_base`` reads it from offset 0); a
         CTA barrier follows."""
         L: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
         tab = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -239,26 +239,21 @@ if gluon is not None:
         gl.thread_barrier()
 
     @gluon.constexpr_function
-    def _byte_table_base_asm(high):
-        """PTX of ``_byte_table_base``: global_smem + (lane & 15) * 8 (2-bit table) or + (lane & 7) * 16
-        (3-bit, ``high``)."""
-        mask, stride = (7, 16) if high else (15, 8)
-        return (f"{{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, {mask}; mov.u32 $0, global_smem; "
-                f"mad.lo.u32 $0, l, {stride}, $0; }}")
+    def _table_base_asm(bits):
+        """PTX of ``_table_base``: global_smem + copy * entry size, copy = lane (4-bit table, 4-byte entries),
+        lane & 15 (2-bit, 8 bytes) or lane & 7 (3-bit, 16 bytes)."""
+        copies, size = {4: (32, 4), 2: (16, 8), 3: (8, 16)}[int(bits)]
+        mask = f"and.b32 l, l, {copies - 1}; " if copies < 32 else ""
+        return (f"{{ .reg .b32 l; mov.u32 l, %laneid; {mask}mov.u32 $0, global_smem; "
+                f"mad.lo.u32 $0, l, {size}, $0; }}")
 
     @gluon.jit
-    def _byte_table_base(HIGH: gl.constexpr = False):
-        """Shared address of this lane's copy of entry 0 of ``_fill_byte_table``'s table (at offset 0): the
-        2-bit table's copy lane & 15, or (HIGH) the 3-bit table's lane & 7."""
-        return gl.inline_asm_elementwise(_byte_table_base_asm(HIGH), "=r", [], dtype=gl.int32, is_pure=True,
+    def _table_base(BITS: gl.constexpr):
+        """Shared address of this lane's copy of entry 0 of the codebook table of ``BITS``-bit codes
+        (``_fill_lut``'s for 4, ``_fill_byte_table``'s for 2 and 3; the kernel's first shared allocation, at
+        offset 0)."""
+        return gl.inline_asm_elementwise(_table_base_asm(BITS), "=r", [], dtype=gl.int32, is_pure=True,
                                          pack=1)
-
-    @gluon.jit
-    def _lut_base():
-        """Shared address of this lane's copy of codebook entry 0 (``_fill_lut``'s table at offset 0)."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .b32 l; mov.u32 l, %laneid; mov.u32 $0, global_smem; mad.lo.u32 $0, l, 4, $0; }", "=r",
-            [], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.constexpr_function
     def _word_asm(bits, scaled):
@@ -572,7 +567,7 @@ if gluon is not None:
     def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
                   ZL: gl.constexpr, CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False):
         """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop (CB:
-        codebook words, ``base`` = ``_lut_base()``; G2: two groups, ``_tile_g2``)."""
+        codebook words, ``base`` = ``_table_base(4)``; G2: two groups, ``_tile_g2``)."""
         zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
         if G2:
             acc = acc + _tile_g2(w, zh, sr, xb, AL, MMA, W0, CB, base)
@@ -642,7 +637,7 @@ if gluon is not None:
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
         float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4- or
         2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
-        ``base`` = ``_lut_base()`` / ``_byte_table_base()``), codes in natural K order, relabeled as x is
+        ``base`` = ``_table_base(W0)``), codes in natural K order, relabeled as x is
         (width 16 / 14). CB 2 (3-bit codebook codes): w ``[R, 128, 2]`` joins the 2-bit words and their
         codes' high bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_byte_table``'s. G2: z
         ``[C, 2]``, the first half of the word rows takes group 0's zero points, the second half group 1's."""
@@ -847,13 +842,13 @@ if gluon is not None:
         (``_tile_g2``)."""
         if CB == 2:  # the table first: it must sit at shared offset 0 (3-bit codes)
             _fill_byte_table(z_ptr, True)
-            base = _byte_table_base(True)
+            base = _table_base(3)
         elif CB and W0 == 2:
             _fill_byte_table(z_ptr)
-            base = _byte_table_base()
+            base = _table_base(2)
         elif CB:
             _fill_lut(z_ptr)
-            base = _lut_base()
+            base = _table_base(4)
         else:
             base = 0
         WX: gl.constexpr = W0 + 12 * (CB > 0)  # x's relabeling: 16 / 14 = 4- / 2- (and 3-) bit codebook words
@@ -1414,8 +1409,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
 
 
 def check_table_alone(kernel) -> None:
-    """A codebook launch's compiled kernel must hold the code-pair table alone in shared memory: the table
-    loads read it at offset 0 (``_lut_base``), which only holds when nothing else is allocated beside it (the
+    """A codebook launch's compiled kernel must hold the code table alone in shared memory: the table loads
+    read it at offset 0 (``_table_base``), which only holds when nothing else is allocated beside it (the
     compiler may still overlap it with scratch after the loop). Raises otherwise, e.g. should another Triton
     version place it elsewhere."""
     shared = getattr(getattr(kernel, "metadata", None), "shared", None)

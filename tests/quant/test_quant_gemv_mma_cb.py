@@ -212,7 +212,7 @@ def test_sm90_compile_reads_codes_from_the_shared_table(bm, ks, u2, acc, bk, w0)
     """Per K tile (128 K; 64 from BLOCK_M 32, except with a 1-bit slice) and thread: BK / 8 words (2- and
     3-bit: BK / 16 of 2 bits), 4 table loads each (LDS; 2-bit: LDS.64; 3-bit: LDS.128; no LDSM), the tile's
     HMMA chain, no spills; the table is the kernel's only shared memory (so it sits at offset 0, where
-    ``_lut_base`` / ``_byte_table_base`` read it); x needs no relabeling PRMT (a relabeling of
+    ``_table_base`` reads it); x needs no relabeling PRMT (a relabeling of
     register bits on both operands; 3-bit: 8 more PRMT per word make the high bits' masks). From BLOCK_M 32
     the scale is applied to the table values (one HMUL2 per pair)."""
     lines, loop = _compile_cb(bm, ks, u2, acc, bk, w0)
