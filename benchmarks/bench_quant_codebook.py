@@ -1,6 +1,6 @@
-"""Codebook weights (nf4 / fp4 / learned 4-bit tables, learned 2-bit) on the GPU: the launcher's choice
-against the generic Triton kernels, the mma.sync kernel's table variants, uniform W4 / W2 and cuBLAS bf16, on
-Llama-3-8B layer shapes.
+"""Codebook weights (nf4 / fp4 / learned 4-bit tables, learned 2- and 3-bit) on the GPU: the launcher's choice
+against the generic Triton kernels, the mma.sync kernel's table variants, uniform W4 (and uniform at a 2- or
+3-bit table's width) and cuBLAS bf16, on Llama-3-8B layer shapes.
 
     python benchmarks/bench_quant_codebook.py            # -> $OUT/quant_codebook.json
     python benchmarks/bench_quant_codebook.py --formats learned:2:128,learned:4:128 --ms 1,4,16
@@ -113,7 +113,8 @@ def check(log, formats) -> list[dict]:
 
 
 COMPACT_COLUMNS = ["shape", "M", "fmt", "cublas_us", "auto_us", "auto_x", "generic_x", "dequant_x",
-                   "uniform_x", "uniform_g64_x", "uniform_w2_x", "mma_u1_us", "mma_u2_us", "mma_u2_xp_us",
+                   "uniform_x", "uniform_g64_x", "uniform_w2_x", "uniform_w3_x", "mma_u1_us", "mma_u2_us",
+                   "mma_u2_xp_us",
                    "mma_acc_us", "mma_g1_us", "mma_g2_us", "uniform_g64_g1_us", "uniform_g64_g2_us"]
 
 
@@ -135,6 +136,7 @@ def compact(rows: list[dict]) -> list[dict]:
                         dequant_x=x((shape, M, fmt, "dequant")), uniform_x=x((shape, M, "uniform", "auto")),
                         uniform_g64_x=x((shape, M, "uniform_g64", "auto")),
                         uniform_w2_x=x((shape, M, "uniform_w2", "auto")),
+                        uniform_w3_x=x((shape, M, "uniform_w3", "auto")),
                         **{f"{v}_us": t.get((shape, M, fmt, v)) for v in ("mma_u1", "mma_u2", "mma_u2_xp",
                                                                           "mma_acc", "mma_g1", "mma_g2")},
                         uniform_g64_g1_us=t.get((shape, M, "uniform_g64", "mma_g1")),
@@ -173,8 +175,8 @@ def main() -> int:
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
         uni = [random_packed(N, K, 4) for _ in range(copies_for(N * K // 2))]
         uni64 = [random_packed(N, K, 4, G=64) for _ in range(copies_for(N * K // 2))]
-        uni2 = ([random_packed(N, K, 2) for _ in range(copies_for(N * K // 4))]
-                if any(b == 2 for _, b, _ in formats) else [])
+        uni_low = {b: [random_packed(N, K, b) for _ in range(copies_for(N * K * b // 8))]
+                   for b in sorted({b for _, b, _ in formats} & {2, 3})}  # uniform at the tables' width
         cbs = {label(fmt, b): [random_codebook(N, K, fmt, G, b) for _ in range(copies_for(N * K * b // 8))]
                for fmt, b, G in formats}
         groups = {label(fmt, b): G for fmt, b, G in formats}
@@ -192,9 +194,9 @@ def main() -> int:
                 t = graph_time_us([lambda x=xs[i % 24], p=p, c=call: c(x, p) for i, p in enumerate(uni64)])
                 rows.append(dict(shape=shape, M=M, fmt="uniform_g64", method=name, time_us=t,
                                  speedup=t_cub / t))
-            if uni2:
-                t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni2)])
-                rows.append(dict(shape=shape, M=M, fmt="uniform_w2", method="auto", time_us=t,
+            for b, uni_b in uni_low.items():
+                t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni_b)])
+                rows.append(dict(shape=shape, M=M, fmt=f"uniform_w{b}", method="auto", time_us=t,
                                  speedup=t_cub / t))
             for fmt in cbs:
                 for name, call in variants(M) + (g2_variants(M) if groups[fmt] == 64 else []):
@@ -208,13 +210,13 @@ def main() -> int:
             cells = " ".join(f"{r['fmt']}/{r['method']}={r['time_us']:.1f}({r['speedup']:.2f}x)" for r in rows
                              if r["shape"] == shape and r["M"] == M and r["method"] != "cublas_bf16")
             log(f"{shape} M{M} cublas={t_cub:.1f} {cells}")
-        del Ws, uni, uni64, uni2, cbs
+        del Ws, uni, uni64, uni_low, cbs
         torch.cuda.empty_cache()
         log(f"after {N}x{K}: {time.time() - t0:.0f}s")
         result = {
             "benchmark": "quant_codebook",
             "title": "codebook weights (" + ", ".join(f"{label(f, b)} g{g}" for f, b, g in formats)
-                     + ") vs uniform W4 / W2 and cuBLAS bf16",
+                     + ") vs uniform W4 / W3 / W2 and cuBLAS bf16",
             "device": torch.cuda.get_device_name(),
             "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -226,7 +228,7 @@ def main() -> int:
                       "the launcher's choice, 'generic' the Triton GEMV (M = 1) / GEMM, 'mma_*' the mma.sync "
                       "table kernel (u1 / u2: loop not / unrolled by two, xp: x loaded two tiles ahead, acc: "
                       "adding into a pending float32 sum); *_x = x cuBLAS bf16; uniform = W4 g128 / g64 "
-                      "(uniform_w2: W2 g128) through the launcher; per-call rows under 'detail'",
+                      "(uniform_w2 / _w3: W2 / W3 g128) through the launcher; per-call rows under 'detail'",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against "
                       f"ref_quant_matmul passed (rel err < 1e-2, repeat-equal), max "
                       f"{max(r['rel_err'] for r in corr):.2e}"],
