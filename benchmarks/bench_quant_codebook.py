@@ -26,7 +26,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anybit.kernels.quant_gemv_mma import quant_gemv_mma  # noqa: E402
+from anybit.kernels.quant_gemv_mma import (  # noqa: E402
+    MMA_PROGRAMS_PER_SM,
+    g2_applies,
+    mma_config,
+    quant_gemv_mma,
+)
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul  # noqa: E402
 from anybit.quant.format import PackedWeight, builtin_codebook  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
@@ -62,6 +67,17 @@ def g2_variants(M: int):
     return [("mma_g2", g2(True)), ("mma_g1", g2(False))]
 
 
+def _unrolled_3sm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    """The unrolled loop at BLOCK_M 8 with ks and split chosen for 3 resident programs per SM."""
+    M, K = x.shape
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    per_sm = {**MMA_PROGRAMS_PER_SM, 8: 3}
+    _, _, split, ks = mma_config(M, p.out_features, K, p.group_size, sms, per_sm=per_sm, bits=p.bits,
+                                 g2=g2_applies(p, M))
+    y = torch.empty(M, p.out_features, dtype=x.dtype, device=x.device)
+    return quant_gemv_mma(x, p, y, unroll2=True, ks=ks, split_k=split)
+
+
 def variants(M: int):
     """(name, call(x, pw)) pairs for one M: the launcher's choice; the generic Triton kernel (path gemv at
     M = 1, gemm above) and dequantize + cuBLAS; at M <= 16 the mma.sync table kernel unrolled / not and
@@ -78,6 +94,11 @@ def variants(M: int):
                                                                          device=x.device), unroll2=True,
                                                         x_prefetch=True)),
               ("mma_acc", lambda x, p: quant_gemv_mma(x, p, None, acc=_pending_acc(x, p)))]
+    if M <= 8:  # BLOCK_M 8: no register cap (3-bit: the launcher caps at 128), and unrolled with the split
+        # count of 3 programs per SM (2-bit G2 and 3-bit take > 128 registers unrolled)
+        v += [("mma_cap0", lambda x, p: quant_gemv_mma(x, p, torch.empty(M, p.out_features, dtype=x.dtype,
+                                                                          device=x.device), max_registers=0)),
+              ("mma_u2_3sm", lambda x, p: _unrolled_3sm(x, p))]
     return v
 
 
@@ -114,8 +135,8 @@ def check(log, formats) -> list[dict]:
 
 COMPACT_COLUMNS = ["shape", "M", "fmt", "cublas_us", "auto_us", "auto_x", "generic_x", "dequant_x",
                    "uniform_x", "uniform_g64_x", "uniform_w2_x", "uniform_w3_x", "mma_u1_us", "mma_u2_us",
-                   "mma_u2_xp_us",
-                   "mma_acc_us", "mma_g1_us", "mma_g2_us", "uniform_g64_g1_us", "uniform_g64_g2_us"]
+                   "mma_u2_xp_us", "mma_acc_us", "mma_g1_us", "mma_g2_us", "mma_cap0_us", "mma_u2_3sm_us",
+                   "uniform_g64_g1_us", "uniform_g64_g2_us"]
 
 
 def compact(rows: list[dict]) -> list[dict]:
@@ -138,7 +159,8 @@ def compact(rows: list[dict]) -> list[dict]:
                         uniform_w2_x=x((shape, M, "uniform_w2", "auto")),
                         uniform_w3_x=x((shape, M, "uniform_w3", "auto")),
                         **{f"{v}_us": t.get((shape, M, fmt, v)) for v in ("mma_u1", "mma_u2", "mma_u2_xp",
-                                                                          "mma_acc", "mma_g1", "mma_g2")},
+                                                                          "mma_acc", "mma_g1", "mma_g2",
+                                                                          "mma_cap0", "mma_u2_3sm")},
                         uniform_g64_g1_us=t.get((shape, M, "uniform_g64", "mma_g1")),
                         uniform_g64_g2_us=t.get((shape, M, "uniform_g64", "mma_g2"))))
     return out
@@ -227,7 +249,8 @@ def main() -> int:
                       "and 24 rotating inputs, divided by R; speedup = cuBLAS bf16 time / time; 'auto' is "
                       "the launcher's choice, 'generic' the Triton GEMV (M = 1) / GEMM, 'mma_*' the mma.sync "
                       "table kernel (u1 / u2: loop not / unrolled by two, xp: x loaded two tiles ahead, acc: "
-                      "adding into a pending float32 sum); *_x = x cuBLAS bf16; uniform = W4 g128 / g64 "
+                      "adding into a pending float32 sum, cap0: no register cap, u2_3sm: unrolled with the "
+                      "split count of 3 programs per SM); *_x = x cuBLAS bf16; uniform = W4 g128 / g64 "
                       "(uniform_w2 / _w3: W2 / W3 g128) through the launcher; per-call rows under 'detail'",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against "
                       f"ref_quant_matmul passed (rel err < 1e-2, repeat-equal), max "

@@ -1066,8 +1066,8 @@ def integer_zeros(packed: PackedWeight) -> bool:
 def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether this path can run the call: CUDA sm_80+, bf16 x (unit inner stride), 1 <= M <= 64, a
     uniform weight of 1..8 bits (slices of 1, 2, 4 and 8 bits) with integer zero points, or a 4-bit
-    codebook weight (nf4 / fp4 / learned) or a 2-bit one (learned) at M <= ``MMA_CB_MAX_M`` (``MMA_CB_BITS``),
-    N a multiple of 128, K and the
+    codebook weight (nf4 / fp4 / learned) or a 2- or 3-bit one (learned) at M <= ``MMA_CB_MAX_M``
+    (``MMA_CB_BITS``), N a multiple of 128, K and the
     group size multiples of 64 (128 with a 1-bit slice: its words hold 32 K), contiguous words; M <= 32
     for widths with a 1-bit slice."""
     if gluon is None or _INTERPRET or not x.is_cuda or x.dtype != torch.bfloat16 or not 1 <= M <= MMA_MAX_M:
@@ -1097,11 +1097,18 @@ def mma_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 # 6144x4096 at M 9-16 took split 8 (384 programs, two waves on 264 slots) and lost to the wgmma kernel; at
 # split 4 (one wave) it wins (H100 s22-10, quant_matmul_smallk_s22_10, M 16 us: W4 12.8 against 15.3, W3
 # 15.6 against 20.7, W6 17.2 against 22.2). The larger shapes keep their splits.
-# Codebook widths with a shared table: 2 and 4 bits (a byte holds whole codes); 3 bits (2 + 1 slices, the high
-# bits merged at the lookup, the kernel's CB 2) only with env ANYBIT_MMA_CB3=1: built and checked offline in
-# session 25 (PTX emulation, sm_90 compiles), not yet run on a GPU.
-MMA_CB3 = os.environ.get("ANYBIT_MMA_CB3", "0") == "1"
+# Codebook widths with a shared table: 2 and 4 bits (a byte holds whole codes) and 3 bits (2 + 1 slices, the
+# high bits merged at the lookup, the kernel's CB 2; env ANYBIT_MMA_CB3=0: the generic kernels). H100 s26-1
+# (quant_codebook_3bit_s26_1, learned g128, x cuBLAS on 4096x14336 / 14336x4096 / 6144x4096, generic kernels
+# in brackets): M = 1 1.71 / 2.35 / 2.22 (0.75 / 0.64 / 0.85), M 4 2.33 / 2.17 / 1.87 (0.44 / 0.38 / 0.45),
+# M 16 1.84 / 1.63 / 1.35, M 32 1.61 / 1.49 / 1.09; uniform W3 2.81 / 2.83 / 2.43 at M = 1, level at M 4-32.
+MMA_CB3 = os.environ.get("ANYBIT_MMA_CB3", "1") != "0"
 MMA_CB_BITS = (2, 3, 4) if MMA_CB3 else (2, 4)
+# 3-bit codebooks at BLOCK_M 8 compile to 132 registers with split-K (offline sm_90), so 3 programs per SM
+# where the split count assumes 4: 4096x14336 at M = 1 (split 2, 512 programs) ran two waves, 26.4 us in s26-1
+# against 18.6 on 14336x4096 (one split). Capped at 128 they take 126 registers, no spills, 530 loop
+# instructions per tile against 524. (4 programs of 128 threads at 128 registers: MMA_PROGRAMS_PER_SM[8].)
+MMA_CB3_MAX_REGISTERS = 128
 MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
@@ -1303,8 +1310,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     only). ``acc`` (float32 ``[M, N]``, rows contiguous, zeroed; y may then be None): the programs
     add their partials into it with float atomics instead of the ordered split-K sum into y
     (anybit/layers/pending.py); returns acc. ``max_registers``: a Triton ``maxnreg`` cap
-    (None or 0: none; caps were slower, s15-8, see ``MMA_SUM_LOADS``; the split count assumes the
-    resident programs a cap allows); ``sum_loads``: partial tiles in flight in the split-K sum (None:
+    (0: none; None: ``MMA_CB3_MAX_REGISTERS`` for 3-bit codebooks at BLOCK_M 8 not unrolled, else none; caps
+    were slower, s15-8, see ``MMA_SUM_LOADS``; the split count assumes the resident programs a cap allows);
+    ``sum_loads``: partial tiles in flight in the split-K sum (None:
     ``MMA_SUM_LOADS``); ``x_slots``: the x ring's slots (the kernel's XS: 0 or 2..4; None:
     ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster); ``x_whole``:
     the program's whole x slice in shared memory up front (the kernel's XW, ``x_whole_tiles``; None:
@@ -1317,7 +1325,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     does not apply is an error); ``x_prefetch``: with the unrolled loop and x from global memory, each tile's
     x loaded with its words two tiles ahead (kernel ``XP``; None: ``MMA_CB_XP`` for unrolled codebook calls at
     BLOCK_M 16 or with ks > 1).
-    Codebook weights (nf4 / fp4 / learned, 4 bits): the table kernel (``CB``), no x ring or whole slice.
+    Codebook weights (nf4 / fp4 / learned 4-bit, learned 2- and 3-bit): the table kernel (``CB``), no x ring
+    or whole slice.
     ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
@@ -1375,6 +1384,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and (BK == 64 or bits == 2)
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
+    if max_registers is None and cbk == 2 and bm == 8 and not u2:  # the 4 programs per SM mma_config assumes
+        regs["maxnreg"] = MMA_CB3_MAX_REGISTERS
     xp_default = MMA_CB_XP and cb and (bm == 16 or ks > 1)
     xp = bool(xp_default if x_prefetch is None else x_prefetch) and u2 and not (xw or xs)
     tiles = N * ks // 128

@@ -523,7 +523,8 @@ MMA_W8_Y_MAX_M = 4
 # split 1), else the packed-half GEMV. H100 s23-6 (us, mma / GEMV): 25.8 / 27.2 on 14336x4096, 13.3 / 14.1-
 # 14.7 on 6144x4096; 4096x14336 (split 2) 28.5 / 26.4 stays on the GEMV. Env ANYBIT_MMA_W8_M1=0: off.
 MMA_W8_M1 = os.environ.get("ANYBIT_MMA_W8_M1", "1") != "0"
-# 4-bit codebook weights (nf4 / fp4 / learned) and 2-bit ones (learned) at M <= 64 (MMA_CB_MAX_M): the
+# 4-bit codebook weights (nf4 / fp4 / learned) and 2- / 3-bit ones (learned; 3-bit at M <= 32) at M <= 64
+# (MMA_CB_MAX_M): the
 # mma.sync kernel with the code table in shared memory (quant_gemv_mma.py's CB), whether writing y or adding
 # into a pending sum;
 # elsewhere the generic Triton kernels, which look every code up in global memory. H100 s24-1
@@ -565,7 +566,7 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
     """Whether "auto" routes this call to the mma.sync kernel (MMA_MODE, the M = 1 and M 9..16 rules
     above, and its applicability); ``pending``: a call that adds into a pending sum
     (anybit/layers/pending.py) rather than writing y."""
-    if packed.fmt != "uniform":  # 2- / 4-bit codebooks: its shared-table path is the only fast one up to M 64
+    if packed.fmt != "uniform":  # 2- to 4-bit codebooks: its shared-table path is the fast one up to M 64
         return MMA_MODE != "0" and MMA_CB_AUTO and mma_applies(packed, M, x)
     if M > 16:
         return MMA_MODE != "0" and mma_wide_chosen(packed, M, pending) and mma_applies(packed, M, x)
