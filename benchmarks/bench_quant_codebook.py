@@ -94,11 +94,15 @@ def variants(M: int):
                                                                          device=x.device), unroll2=True,
                                                         x_prefetch=True)),
               ("mma_acc", lambda x, p: quant_gemv_mma(x, p, None, acc=_pending_acc(x, p)))]
-    if M <= 8:  # BLOCK_M 8: no register cap (3-bit: the launcher caps at 128), and unrolled with the split
-        # count of 3 programs per SM (2-bit G2 and 3-bit take > 128 registers unrolled)
+    if M <= 8:  # BLOCK_M 8: no register cap (3-bit: the launcher caps at 128), unrolled with the split count
+        # of 3 programs per SM (2-bit G2 and 3-bit take > 128 registers unrolled with x two tiles ahead), and
+        # unrolled without x two tiles ahead
         v += [("mma_cap0", lambda x, p: quant_gemv_mma(x, p, torch.empty(M, p.out_features, dtype=x.dtype,
                                                                           device=x.device), max_registers=0)),
-              ("mma_u2_3sm", lambda x, p: _unrolled_3sm(x, p))]
+              ("mma_u2_3sm", lambda x, p: _unrolled_3sm(x, p)),
+              ("mma_u2_noxp", lambda x, p: quant_gemv_mma(x, p, torch.empty(M, p.out_features, dtype=x.dtype,
+                                                                             device=x.device), unroll2=True,
+                                                          x_prefetch=False))]
     return v
 
 
@@ -136,7 +140,7 @@ def check(log, formats) -> list[dict]:
 COMPACT_COLUMNS = ["shape", "M", "fmt", "cublas_us", "auto_us", "auto_x", "generic_x", "dequant_x",
                    "uniform_x", "uniform_g64_x", "uniform_w2_x", "uniform_w3_x", "mma_u1_us", "mma_u2_us",
                    "mma_u2_xp_us", "mma_acc_us", "mma_g1_us", "mma_g2_us", "mma_cap0_us", "mma_u2_3sm_us",
-                   "uniform_g64_g1_us", "uniform_g64_g2_us"]
+                   "mma_u2_noxp_us", "uniform_g64_g1_us", "uniform_g64_g2_us"]
 
 
 def compact(rows: list[dict]) -> list[dict]:
@@ -160,7 +164,8 @@ def compact(rows: list[dict]) -> list[dict]:
                         uniform_w3_x=x((shape, M, "uniform_w3", "auto")),
                         **{f"{v}_us": t.get((shape, M, fmt, v)) for v in ("mma_u1", "mma_u2", "mma_u2_xp",
                                                                           "mma_acc", "mma_g1", "mma_g2",
-                                                                          "mma_cap0", "mma_u2_3sm")},
+                                                                          "mma_cap0", "mma_u2_3sm",
+                                                                          "mma_u2_noxp")},
                         uniform_g64_g1_us=t.get((shape, M, "uniform_g64", "mma_g1")),
                         uniform_g64_g2_us=t.get((shape, M, "uniform_g64", "mma_g2"))))
     return out
@@ -250,7 +255,8 @@ def main() -> int:
                       "the launcher's choice, 'generic' the Triton GEMV (M = 1) / GEMM, 'mma_*' the mma.sync "
                       "table kernel (u1 / u2: loop not / unrolled by two, xp: x loaded two tiles ahead, acc: "
                       "adding into a pending float32 sum, cap0: no register cap, u2_3sm: unrolled with the "
-                      "split count of 3 programs per SM); *_x = x cuBLAS bf16; uniform = W4 g128 / g64 "
+                      "split count of 3 programs per SM, u2_noxp: unrolled, x not loaded ahead); *_x = x "
+                      "cuBLAS bf16; uniform = W4 g128 / g64 "
                       "(uniform_w2 / _w3: W2 / W3 g128) through the launcher; per-call rows under 'detail'",
                       f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against "
                       f"ref_quant_matmul passed (rel err < 1e-2, repeat-equal), max "
