@@ -1186,6 +1186,12 @@ MMA_CB_UNROLL2 = os.environ.get("ANYBIT_MMA_CB_U2", "1") != "0"
 # 26.2, 16.7 / 17.2 (255 registers, no spills); but M 4 nf4 19.2 / 18.8, and fp4 g128 at M = 1 (not
 # unrolled: 17.7) 19.0 and 25.3 on 14336x4096. Env ANYBIT_MMA_CB_XP=0: off.
 MMA_CB_XP = os.environ.get("ANYBIT_MMA_CB_XP", "1") != "0"
+# 2-bit codebooks with two groups per tile (G2) at BLOCK_M 8 take 146 registers with XP (96 without; offline
+# sm_90), so 3 programs per SM: XP only where the grid fits in that. H100 s26-3 (quant_codebook_m1_s26_3,
+# learned g64, M = 1, us with / without XP): 21.1 / 17.1 on 4096x14336 (512 programs), 17.8 / 15.1 on
+# 14336x4096 (448), 7.3 / 9.2 on 6144x4096 (384, on 132 x 3 slots). Groups of 128 (111 registers) keep it:
+# 14.6 / 18.9, 12.2 / 16.6, 7.7 / 9.8.
+MMA_CB_XP_G2_PER_SM = 3
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -1207,6 +1213,15 @@ def ks_fits(ks: int, M: int, bm: int, K: int, G: int, bk: int) -> bool:
     MMA columns, whole iterations of ks x bk of K, and groups that divide or are multiples of it."""
     sk = ks * bk
     return ks in MMA_KS and ks * mma_rows(M) <= bm and K % sk == 0 and (G % sk == 0 or sk % G == 0)
+
+
+def cb_x_prefetch(bits: int, bm: int, ks: int, g2: bool, programs: int, sms: int) -> bool:
+    """Whether an unrolled codebook call loads x with its words two tiles ahead by default (the kernel's XP,
+    ``MMA_CB_XP``): at BLOCK_M 16 or with ``ks`` > 1, but for 2-bit tables with two groups per tile (``g2``)
+    at BLOCK_M 8 only where the grid's ``programs`` fit ``MMA_CB_XP_G2_PER_SM`` per SM."""
+    if not MMA_CB_XP or not (bm == 16 or ks > 1):
+        return False
+    return not (g2 and bits == 2 and bm == 8) or programs <= MMA_CB_XP_G2_PER_SM * sms
 
 
 def mma_rows(M: int) -> int:
@@ -1323,8 +1338,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     aligned); ``unroll2``: the K loop unrolled by two with one word buffer per half (kernel ``U2``:
     single slice, no x ring, no DIAG; None: ``MMA_UNROLL2`` by BLOCK_M where it applies; True where it
     does not apply is an error); ``x_prefetch``: with the unrolled loop and x from global memory, each tile's
-    x loaded with its words two tiles ahead (kernel ``XP``; None: ``MMA_CB_XP`` for unrolled codebook calls at
-    BLOCK_M 16 or with ks > 1).
+    x loaded with its words two tiles ahead (kernel ``XP``; None: ``cb_x_prefetch``).
     Codebook weights (nf4 / fp4 / learned 4-bit, learned 2- and 3-bit): the table kernel (``CB``), no x ring
     or whole slice.
     ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``)."""
@@ -1386,7 +1400,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
     if max_registers is None and cbk == 2 and bm == 8 and not u2:  # the 4 programs per SM mma_config assumes
         regs["maxnreg"] = MMA_CB3_MAX_REGISTERS
-    xp_default = MMA_CB_XP and cb and (bm == 16 or ks > 1)
+    xp_default = cb and cb_x_prefetch(bits, bm, ks, g2, N * ks // 128 * split, sms)
     xp = bool(xp_default if x_prefetch is None else x_prefetch) and u2 and not (xw or xs)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0

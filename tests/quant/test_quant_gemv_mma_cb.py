@@ -449,3 +449,18 @@ def test_two_groups_default_rule():
     assert [mm.g2_applies(two, M) for M in (1, 8, 16, 17)] == [True, True, True, False]
     assert not mm.g2_applies(packed(narrow, G=128), 4) and not mm.g2_applies(packed(narrow, bits=8), 4)
     assert mm.g2_applies(packed(narrow, bits=2), 4) and mm.g2_applies(packed(wide))
+
+
+def test_x_prefetch_default_rule():
+    """x two tiles ahead (XP) for unrolled codebook calls at BLOCK_M 16 or with ks > 1; 2-bit tables with two
+    groups per tile at BLOCK_M 8 (146 registers with it: 3 programs per SM) only where the grid fits that. On
+    132 SMs at M = 1 with mma_config's ks and split: 6144x4096 (384 programs) keeps it, 14336x4096 (448) and
+    4096x14336 (512) do not."""
+    sms = 132
+    assert mm.cb_x_prefetch(4, 16, 1, False, 10 ** 4, sms) and not mm.cb_x_prefetch(4, 8, 1, False, 1, sms)
+    assert mm.cb_x_prefetch(4, 8, 8, True, 10 ** 4, sms) and mm.cb_x_prefetch(2, 8, 8, False, 10 ** 4, sms)
+    want = {(6144, 4096): True, (14336, 4096): False, (4096, 14336): False}
+    for (N, K), keep in want.items():
+        bm, bk, split, ks = mm.mma_config(1, N, K, 64, sms, bits=2, g2=True)
+        assert (bm, bk) == (8, 128) and ks > 1
+        assert mm.cb_x_prefetch(2, bm, ks, True, N * ks // 128 * split, sms) == keep, (N, K)
