@@ -96,6 +96,47 @@ def _mma_asm(bits: int, scaled: bool = False) -> str:
     return "\n".join(lines + ["}"])
 
 
+def _mma3_asm(scaled: bool = False) -> str:
+    """PTX for one 2-bit word of a uniform 3-bit weight (2 + 1 slices) with its codes' high bits merged:
+    inputs ``$16`` = the 2-bit word (code j at bits 2j, 2j + 1), ``$17`` = the high bits (code j's at bit j,
+    bits 16.. ignored: ``_load_high_bits``), ``$18`` = bf16 ``-(128 + z)``; outputs ``$0..$15`` = bf16
+    ``q - z`` (exact) in W2's pair order (output 2 p + h is code p + 8 h). The high bits' bytes are spread
+    to bytes 0 and 2 (``prmt``); per pair W2's ``lop3`` puts the low bits at field f (``_pair_layout``:
+    bits 2f, f <= 2), a shift and a second ``lop3`` the high bit at 2f + 2 in both halves (3-bit fields up to
+    bit 6, under bf16's 7-bit mantissa), then W2's ``fma``. ``scaled``: ``$19`` = the column's scale s
+    (bf16), and the outputs are s (q - z), rounded once."""
+    w, hi, zh = "$16", "$17", "$18"
+    lines = ["{", ".reg .b32 t, u, v, hs, z0, k, c, s0, n0;", f"mov.b32 z0, {{{zh}, {zh}}};"]
+    if scaled:
+        lines += ["mov.b32 s0, {$19, $19};", "mov.b32 n0, 0x80008000;"]
+    lines.append(f"prmt.b32 hs, {hi}, 0, 0x4140;")  # codes 0-7's high bits at bits 0-7, codes 8-15's at 16-23
+    for p in range(8):
+        shift, f = _pair_layout(2, p, True)
+        mask = 3 << (2 * f)
+        src = w
+        if shift:
+            lines.append(f"shr.u32 u, {w}, {shift};")
+            src = "u"
+        lines.append(f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;")
+        d, hsrc = p - (2 * f + 2), "hs"  # code p's high bit from bit p to bit 2f + 2
+        if d:
+            lines.append(f"shr.u32 v, hs, {d};" if d > 0 else f"shl.b32 v, hs, {-d};")
+            hsrc = "v"
+        hmask = 1 << (2 * f + 2)
+        lines.append(f"lop3.b32 t, {hsrc}, 0x{hmask | hmask << 16:08X}, t, 0xEA;")
+        sc = 2.0 ** (-2 * f)
+        if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
+            lines += [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
+                      "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};",
+                      "fma.rn.bf16x2 t, t, k, c;"]
+        else:
+            lines += [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
+        if scaled:
+            lines.append("fma.rn.bf16x2 t, t, s0, n0;")
+        lines.append(f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;")
+    return "\n".join(lines + ["}"])
+
+
 # Codebook weights (``W = codebook[q] s``, 4-bit nf4 / fp4 / learned tables): one 32-bit shared-memory load
 # per byte of a word gives the bf16 pair (codebook[low nibble], codebook[high nibble]). The 256 pairs are
 # stored once per lane (32 copies, bank-private: lane l reads word 32 e + l of entry e), so no load of a warp
@@ -198,6 +239,7 @@ if gluon is not None:
     _W8_X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / MMA_W8_X_SCALE)
 
     _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
+    _WORD_ASM.update({(3, sc): _mma3_asm(sc) for sc in (False, True)})  # 2-bit words + high bits (HB)
     _LUT_WORD_ASM = {(b, sc): {4: _lut_asm, 2: _lut2_asm, 3: _lut3_asm}[b](sc) for b in (2, 3, 4)
                      for sc in (False, True)}
 
@@ -512,16 +554,16 @@ if gluon is not None:
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = 0,
-                   G2: gl.constexpr = False, wh_off=0):
+                   G2: gl.constexpr = False, wh_off=0, HB: gl.constexpr = False):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
         words of two f16 (z_off: ``_pair_offsets``), for ``_zero_halves``; ZW 2: the scales too (in
         column order: ``_cols_to_rows``). CB: codebook weights, no zero points (zeros in their place). G2
         (ZW 0, no SA): the tile holds groups g and g + 1, whose zero points and scales come joined as
         ``[C, 2]``. CB 2 (3-bit codebook): the words come joined with their codes' high bits ``[R, 128, 2]``
-        (``_load_high_bits``)."""
+        (``_load_high_bits``), and so do uniform 3-bit words with HB."""
         w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
-        if CB == 2:
+        if CB == 2 or HB:
             w = gl.join(w, _load_high_bits(w_ptr, N, k0, wh_off, WL, R))
         g = k0 // G
         if CB:
@@ -565,14 +607,16 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
-                  ZL: gl.constexpr, CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False):
+                  ZL: gl.constexpr, CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False,
+                  HB: gl.constexpr = False):
         """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop (CB:
-        codebook words, ``base`` = ``_table_base(4)``; G2: two groups, ``_tile_g2``)."""
+        codebook words, ``base`` = ``_table_base(4)``; G2: two groups, ``_tile_g2``; HB: uniform 3-bit words
+        joined with their high bits)."""
         zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
         if G2:
             acc = acc + _tile_g2(w, zh, sr, xb, AL, MMA, W0, CB, base)
         else:
-            part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb,
+            part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base, HB=HB), xb,
                           gl.zeros(acc.shape, gl.float32, MMA))
             acc = acc + part * _group_scale(sr, W0)[:, None]
         return acc
@@ -633,14 +677,16 @@ if gluon is not None:
 
     @gluon.jit
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False,
-                     CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False):
+                     CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False, HB: gl.constexpr = False):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
         float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4- or
         2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
         ``base`` = ``_table_base(W0)``), codes in natural K order, relabeled as x is
         (width 16 / 14). CB 2 (3-bit codebook codes): w ``[R, 128, 2]`` joins the 2-bit words and their
         codes' high bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_byte_table``'s. G2: z
-        ``[C, 2]``, the first half of the word rows takes group 0's zero points, the second half group 1's."""
+        ``[C, 2]``, the first half of the word rows takes group 0's zero points, the second half group 1's.
+        HB (uniform 3-bit, W0 2): w ``[R, 128, 2]`` joins the 2-bit words and their codes' high bits,
+        converted together (``_mma3_asm``) into W2's layout."""
         if CB:
             P: gl.constexpr = 32 // W0  # codes per word
             if CB == 2:  # 3-bit codes: the 2-bit words and their codes' high bits, back in the words' layout
@@ -688,6 +734,11 @@ if gluon is not None:
                 zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
             else:
                 zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
+            if HB:  # 3-bit codes: the 2-bit words and their codes' high bits, back in the words' layout
+                WLW: gl.constexpr = z.type.layout.parent  # z: zero points in column order (of WL)
+                w, wh = gl.split(w)
+                w = gl.convert_layout(w, WLW)
+                wh = _relabel_cols(gl.convert_layout(wh, WLW))
             zb, _ = gl.broadcast(zb, w)
             if SA:
                 sb, _ = gl.broadcast(s.to(zb.dtype)[None, :], w)
@@ -695,7 +746,13 @@ if gluon is not None:
             w = _relabel_cols(w)
             zb = _relabel_cols(zb)
             P: gl.constexpr = 32 // W0
-            if SA:
+            if HB and SA:
+                o = gl.inline_asm_elementwise(_word_asm(3, True), "=h," * P + "r,r,h,h", [w, wh, zb, sb],
+                                              dtype=(zb.dtype,) * P, is_pure=True, pack=1)
+            elif HB:
+                o = gl.inline_asm_elementwise(_word_asm(3, False), "=h," * P + "r,r,h", [w, wh, zb],
+                                              dtype=(zb.dtype,) * P, is_pure=True, pack=1)
+            elif SA:
                 o = gl.inline_asm_elementwise(_word_asm(W0, True), "=h," * P + "r,h,h", [w, zb, sb],
                                               dtype=(zb.dtype,) * P, is_pure=True, pack=1)
             else:
@@ -787,7 +844,8 @@ if gluon is not None:
                                KS: gl.constexpr = 1, MR: gl.constexpr = 0,
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
-                               CB: gl.constexpr = 0, XP: gl.constexpr = False, G2: gl.constexpr = False):
+                               CB: gl.constexpr = 0, XP: gl.constexpr = False, G2: gl.constexpr = False,
+                               HB: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -839,7 +897,9 @@ if gluon is not None:
         XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
         of in the iteration that uses it. G2 (single slice, BLOCK_M <= 16, no ZW): BLOCK_K = 2 G, the tile's
         two groups each get their zero points and scales (``_load_tile`` joins them) and their own MMA chain
-        (``_tile_g2``)."""
+        (``_tile_g2``). HB (uniform 3-bit as W0 2, WB 0): each tile's 2-bit words come joined with their
+        codes' high bits from the 1-bit slice, as for CB 2, and are converted together (``_mma3_asm``): one
+        MMA chain and one x operand (W2's) instead of a slice each."""
         if CB == 2:  # the table first: it must sit at shared offset 0 (3-bit codes)
             _fill_byte_table(z_ptr, True)
             base = _table_base(3)
@@ -874,7 +934,7 @@ if gluon is not None:
                                       BLOCK_M, KS, MR)
         t = gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
         w_off, z_off = _ks_offsets(t, off_n, N, G, KS, BLOCK_K, P)
-        if CB == 2:  # 3-bit codebook: the 1-bit slice's word offsets (32 codes a word) from w_ptr
+        if CB == 2 or HB:  # 3-bit codes: the 1-bit slice's word offsets (32 codes a word) from w_ptr
             wh_off = (K // 32 * W0) * N + _ks_offsets(t, off_n, N, G, KS, BLOCK_K, 32)[0]
         else:
             wh_off = 0
@@ -888,10 +948,10 @@ if gluon is not None:
         # two tiles in flight: the loads of tile i + 2 are issued in iteration i (the compiler sinks
         # them to the end of the iteration, so a distance of one would wait for each tile)
         w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k_start, w_off, z_off, s_off, WL, R, P, ZW, SA, CB,
-                             G2, wh_off)
+                             G2, wh_off, HB)
         k1 = k_start + gl.minimum(1, n_iters - 1) * SK
         w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k1, w_off, z_off, s_off, WL, R, P, ZW, SA, CB, G2,
-                                wh_off)
+                                wh_off, HB)
         if WB > 0:  # the higher slices: words only (zero point 0), x relabeled for their width
             WLB: gl.constexpr = _words_layout(RB, 128, CLUSTER)
             wb_ptr, xb_ptrs, xb_mask, wb_off, zb0, wb, wb1 = _higher_slice(
@@ -938,10 +998,10 @@ if gluon is not None:
                     xt = xa
                 else:
                     xt = _x_at(i0, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
-                acc = _tile_acc(acc, w, z, s, xt, AL, MMA, W0, ZW, ZL, CB, base, G2)
+                acc = _tile_acc(acc, w, z, s, xt, AL, MMA, W0, ZW, ZL, CB, base, G2, HB)
                 ka = k_start + gl.minimum(i0 + 2, n_iters - 1) * SK
                 w, z, s = _load_tile(w_ptr, s_ptr, z_ptr, N, G, ka, w_off, z_off, s_off, WL, R, P, ZW, CB=CB,
-                                     G2=G2, wh_off=wh_off)
+                                     G2=G2, wh_off=wh_off, HB=HB)
                 if XP:
                     xa = _x_at(gl.minimum(i0 + 2, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
                                x_all_arg)
@@ -950,10 +1010,10 @@ if gluon is not None:
                         xt = xb1
                     else:
                         xt = _x_at(i0 + 1, x_ptrs, x_mask, k_start, SK, BL, WX, XW, x_all_arg)
-                    acc = _tile_acc(acc, w1, z1, s1, xt, AL, MMA, W0, ZW, ZL, CB, base, G2)
+                    acc = _tile_acc(acc, w1, z1, s1, xt, AL, MMA, W0, ZW, ZL, CB, base, G2, HB)
                     kb = k_start + gl.minimum(i0 + 3, n_iters - 1) * SK
                     w1, z1, s1 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, kb, w_off, z_off, s_off, WL, R, P, ZW,
-                                            CB=CB, G2=G2, wh_off=wh_off)
+                                            CB=CB, G2=G2, wh_off=wh_off, HB=HB)
                     if XP:
                         xb1 = _x_at(gl.minimum(i0 + 3, n_iters - 1), x_ptrs, x_mask, k_start, SK, BL, WX, XW,
                                     x_all_arg)
@@ -964,7 +1024,7 @@ if gluon is not None:
                 if DIAG & 4:  # every tile's words are the first tile's (cache hits): the loop without DRAM
                     k2 = k_start
                 w2, z2, s2 = _load_tile(w_ptr, s_ptr, z_ptr, N, G, k2, w_off, z_off, s_off, WL, R, P, ZW, SA,
-                                        CB, G2, wh_off)
+                                        CB, G2, wh_off, HB)
                 if WB > 0:
                     wb2 = _load_words(wb_ptr, N, k2, wb_off, WLB, RB, PB)
                 if WC > 0:
@@ -988,11 +1048,11 @@ if gluon is not None:
                     xb = _x_operand(x_ptrs + k0, x_mask, BL, WX)
                 zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
                 if SA:  # scaled weights: straight into the accumulator
-                    part = mma_v2(_unpack_tile(w, zh, AL, W0, sr, True, CB, base), xb, acc)
+                    part = mma_v2(_unpack_tile(w, zh, AL, W0, sr, True, CB, base, HB=HB), xb, acc)
                 elif G2:  # two groups: their chains scaled here
                     part = _tile_g2(w, zh, sr, xb, AL, MMA, W0, CB, base)
                 else:
-                    part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base), xb,
+                    part = mma_v2(_unpack_tile(w, zh, AL, W0, CB=CB, base=base, HB=HB), xb,
                                   gl.zeros([128, BLOCK_M], gl.float32, MMA))
                 if WB > 0:
                     if XS > 0 or XW > 0:
@@ -1109,6 +1169,11 @@ MMA_CB_BITS = (2, 3, 4) if MMA_CB3 else (2, 4)
 # against 18.6 on 14336x4096 (one split). Capped at 128 they take 126 registers, no spills, 530 loop
 # instructions per tile against 524. (4 programs of 128 threads at 128 registers: MMA_PROGRAMS_PER_SM[8].)
 MMA_CB3_MAX_REGISTERS = 128
+# Uniform 3-bit weights (2 + 1 slices) with the 1-bit slice's high bits joined to the 2-bit words and
+# converted with them (the kernel's HB, ``_mma3_asm``): one MMA chain and one x operand per tile instead of
+# one per slice.
+# Env ANYBIT_MMA_W3_HB=0: the two slices.
+MMA_W3_HB = os.environ.get("ANYBIT_MMA_W3_HB", "1") != "0"
 MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
@@ -1315,7 +1380,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    max_registers: int | None = None, sum_loads: int | None = None,
                    x_slots: int | None = None, x_whole: bool | None = None,
                    zero_words: int | None = None, unroll2: bool | None = None,
-                   x_prefetch: bool | None = None, two_groups: bool | None = None) -> torch.Tensor:
+                   x_prefetch: bool | None = None, two_groups: bool | None = None,
+                   high_bits: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 64: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -1341,7 +1407,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     x loaded with its words two tiles ahead (kernel ``XP``; None: ``cb_x_prefetch``).
     Codebook weights (nf4 / fp4 / learned 4-bit, learned 2- and 3-bit): the table kernel (``CB``), no x ring
     or whole slice.
-    ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``)."""
+    ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``).
+    ``high_bits``: uniform 3-bit weights as 2-bit words joined with their codes' high bits, one conversion and
+    one MMA chain (kernel ``HB``; None: ``MMA_W3_HB``); False: the 1-bit slice as a second chain."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -1358,6 +1426,12 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     # a 3-bit codebook's 1-bit slice enters the table lookup with the 2-bit words (the kernel's CB 2), not
     # as a slice of its own
     cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
+    hb = not cb and bits == 3 and (MMA_W3_HB if high_bits is None else high_bits)
+    if high_bits and not hb:
+        raise ValueError(f"quant_gemv_mma: high_bits needs a uniform 3-bit weight, got {packed.fmt} "
+                         f"{bits}-bit")
+    if hb:  # the 1-bit slice joins the 2-bit words' conversion (the kernel's HB), not a slice of its own
+        wb = 0
     xs = (0 if (wb and bm <= 16) or cb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
     if xs not in (0, 2, 3, 4) or (cb and xs):
         raise ValueError(f"quant_gemv_mma: x_slots must be 0, 2, 3 or 4 (0 for a codebook weight), got {xs}")
@@ -1411,12 +1485,12 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         kernel = _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, num_warps=4, **regs,
-            **launch)
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hb, num_warps=4,
+            **regs, **launch)
         if cb:
             check_table_alone(kernel)
         return acc
-    cluster_ok = ks == 1 and bm <= 16 and not (cb or g2)  # the cluster launch has none of those
+    cluster_ok = ks == 1 and bm <= 16 and not (cb or g2 or hb)  # the cluster launch has none of those
     if cluster_ok and cluster_applies(split, x.device, cluster):  # K splits summed in a cluster
         _quant_gemv_mma_kernel[(tiles, 1)](
             x, packed.qweight, packed.scales, packed.zeros, y, y, y, M, N, K, G, x.stride(0), y.stride(0),
@@ -1427,7 +1501,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hb, num_warps=4, **regs, **launch)
     if cb:
         check_table_alone(kernel)
     return y

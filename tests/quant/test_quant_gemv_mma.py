@@ -53,6 +53,32 @@ def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
         assert got == want, (trial, q, z)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_ptx_merges_high_bits_of_3bit_codes_in_pair_order(scaled):
+    """Uniform W3 as 2-bit words plus their codes' high bits (the kernel's HB): output 2 p + h = bf16 of
+    ``q_j - z`` (scaled: ``s (q_j - z)`` rounded once) for code j = p + 8 h, ``q_j`` = low bits from the word
+    + 4 x bit j of the high-bit input, whatever sits in its bits 16-31."""
+    g = torch.Generator().manual_seed(3 + scaled)
+    asm = mm._mma3_asm(scaled)
+    for trial in range(80):
+        q = torch.randint(0, 8, (16,), generator=g).tolist()
+        z = int(torch.randint(0, 8, (1,), generator=g))
+        if trial == 0:
+            q, z = [7] * 16, 0
+        elif trial == 1:
+            q, z = [0] * 16, 7
+        word = sum((c & 3) << (2 * j) for j, c in enumerate(q))
+        junk = int(torch.randint(0, 2 ** 16, (1,), generator=g)) << 16
+        high = sum((c >> 2) << j for j, c in enumerate(q)) | junk
+        s = float(torch.rand(1, generator=g).to(torch.bfloat16)) * 0.02 + 0.001
+        s = float(torch.tensor(s, dtype=torch.bfloat16))
+        ins = [word, high, _bf16_bits(-(128.0 + z))] + ([_bf16_bits(s)] if scaled else [])
+        got = _emulate_word(asm, *ins)
+        vals = [float(q[p + 8 * h] - z) for p in range(8) for h in range(2)]
+        want = [_bf16_bits(v * s if scaled else v) for v in vals]
+        assert got == want, (trial, q, z)
+
+
 def test_launcher_config_and_applicability():
     assert mm.mma_config(1, 4096, 14336, 128, 132, ks=1) == (8, 128, 16, 1)  # 32 tiles x 16 splits: 4 per SM
     assert mm.mma_config(16, 4096, 14336, 64, 132)[:2] == (16, 64)  # BLOCK_K divides the group
@@ -86,10 +112,26 @@ def _compile_loop(bits, bm, ks, **extra):
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
             "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     w0, wb, wc = (*SLICES[bits], 0, 0)[:3]
+    options = {"num_warps": 4, **({"maxnreg": extra.pop("maxnreg")} if "maxnreg" in extra else {})}
     consts = dict(W0=w0, BLOCK_M=bm, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False, WB=wb,
-                  WC=wc, KS=ks, MR=bm // ks if ks > 1 else 0, **extra)
-    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, {"num_warps": 4})
+                  WC=wc, KS=ks, MR=bm // ks if ks > 1 else 0)
+    consts.update(extra)
+    lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, consts, ptrs, options)
     return lines, max((b for b in loop_bodies(lines) if any(s.startswith("HMMA") for s in b)), key=len)
+
+
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bm,ks,extra", [(8, 8, dict(XW=8)), (16, 1, dict(XW=16, U2=True)),
+                                         (32, 1, dict(XS=3, SA=True, SUM_LOADS=2))])
+def test_sm90_compile_w3_high_bits_in_one_chain(bm, ks, extra):
+    """Uniform W3 with HB (2-bit words joined with their codes' high bits): one MMA chain per tile (W2's HMMA
+    count, not one per slice), no second x operand, no spills, at the launcher's BLOCK_M 8 / 16 / 32
+    configurations."""
+    lines, loop = _compile_loop(3, bm, ks, W0=2, WB=0, HB=True, **extra)
+    tiles = 2 if extra.get("U2") else 1
+    ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
+    assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 16 * bm // 8 * tiles
+    assert not any(s.split()[0].startswith(("STL", "LDL")) for s in lines if not s.startswith("//"))
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
@@ -314,6 +356,19 @@ def test_matches_reference(bits, M, group):
                               x_slots=0, unroll2=True)
         ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0, unroll2=False)
         assert torch.equal(y, ref), ("unroll2", split)
+    if bits == 3:  # the 1-bit slice merged into the 2-bit words' conversion (HB, the default) or a chain
+        for hb in (False, True):
+            y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), high_bits=hb)
+            err = (y.float() - want).abs().max().item()
+            assert err <= 1e-2 * want.abs().max().item() + 1e-3, ("high_bits", hb, err)
+        for split in (None, 1, 3):  # HB is one chain, so it unrolls: the same bits as the plain loop
+            if M > 16:
+                break
+            kw = dict(split_k=split, x_slots=0, high_bits=True)
+            y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), unroll2=True,
+                                  **kw)
+            ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), unroll2=False, **kw)
+            assert torch.equal(y, ref), ("high_bits unroll2", split)
     for zw in (1, 2):  # zero points (and scales) loaded as words of two f16: the same bits
         y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=3,
                               zero_words=zw)
