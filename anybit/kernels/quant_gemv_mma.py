@@ -1172,8 +1172,28 @@ MMA_CB3_MAX_REGISTERS = 128
 # Uniform 3-bit weights (2 + 1 slices) with the 1-bit slice's high bits joined to the 2-bit words and
 # converted with them (the kernel's HB, ``_mma3_asm``): one MMA chain and one x operand per tile instead of
 # one per slice.
-# Env ANYBIT_MMA_W3_HB=0: the two slices.
+# Env ANYBIT_MMA_W3_HB=0: the two slices. H100 s26-4 (quant_w3_s26_4, us, two slices / merged on 4096x14336 /
+# 14336x4096 / 6144x4096): M 16 25.4 / 21.3, 27.0 / 22.2, 15.5 / 13.4; M 32 49.9 / 26.2, 52.8 / 26.6, 19.3 /
+# 18.0; pending sums M 16 28.4 / 22.2, 31.4 / 24.8, 13.3 / 10.5. At BLOCK_M 8 merged takes 165 registers
+# (offline sm_90; 3 programs per SM): see ``bm8_register_cap``.
 MMA_W3_HB = os.environ.get("ANYBIT_MMA_W3_HB", "1") != "0"
+# Merged W3 at BLOCK_M 8 capped at 128 registers (8 bytes of spills, offline) unless at M = 1 its grid fits
+# 3 programs per SM. H100 s26-4 (us, uncapped / capped / two slices): M 4 19.8 / 17.8 / 19.3, 20.4 / 18.8 /
+# 20.2, 12.4 / 11.2 / 12.0; M 8 19.9 / 18.3 / 19.8, 20.7 / 18.8 / 20.3, 12.4 / 11.3 / 12.3; M = 1 18.9 / 18.2
+# / 17.9, 18.1 / 16.3 / 17.8, but 6144x4096 (384 programs on 396 slots) 7.5 / 9.2 / 10.0.
+MMA_W3_HB_MAX_REGISTERS = 128
+MMA_W3_HB_PER_SM = 3
+
+
+def bm8_register_cap(cb3: bool, hb: bool, M: int, programs: int, sms: int) -> int | None:
+    """The ``maxnreg`` cap of a BLOCK_M 8 call that is not unrolled (None: none): 3-bit codebooks
+    ``MMA_CB3_MAX_REGISTERS``; merged W3 (``hb``) ``MMA_W3_HB_MAX_REGISTERS`` unless M = 1 and its
+    ``programs`` fit ``MMA_W3_HB_PER_SM`` per SM."""
+    if cb3:
+        return MMA_CB3_MAX_REGISTERS
+    if hb and not (M == 1 and programs <= MMA_W3_HB_PER_SM * sms):
+        return MMA_W3_HB_MAX_REGISTERS
+    return None
 MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
 MMA_PROGRAMS_PER_SM = {8: 4, 16: 2, 32: 3, 64: 2}  # 32 / 64: 160 / 212 registers (offline, W4, s23)
 # Partial tiles in flight in the split-K sum by BLOCK_M. With 8 the kernel compiles to 128 (BLOCK_M 8) /
@@ -1391,8 +1411,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     only). ``acc`` (float32 ``[M, N]``, rows contiguous, zeroed; y may then be None): the programs
     add their partials into it with float atomics instead of the ordered split-K sum into y
     (anybit/layers/pending.py); returns acc. ``max_registers``: a Triton ``maxnreg`` cap
-    (0: none; None: ``MMA_CB3_MAX_REGISTERS`` for 3-bit codebooks at BLOCK_M 8 not unrolled, else none; caps
-    were slower, s15-8, see ``MMA_SUM_LOADS``; the split count assumes the resident programs a cap allows);
+    (0: none; None: ``bm8_register_cap`` at BLOCK_M 8 not unrolled, else none; caps were slower, s15-8, see
+    ``MMA_SUM_LOADS``; the split count assumes the resident programs a cap allows);
     ``sum_loads``: partial tiles in flight in the split-K sum (None:
     ``MMA_SUM_LOADS``); ``x_slots``: the x ring's slots (the kernel's XS: 0 or 2..4; None:
     ``MMA_X_SLOTS`` by BLOCK_M for one slice, 0 for several; always 0 with a cluster); ``x_whole``:
@@ -1472,8 +1492,10 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and (BK == 64 or bits == 2)
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
-    if max_registers is None and cbk == 2 and bm == 8 and not u2:  # the 4 programs per SM mma_config assumes
-        regs["maxnreg"] = MMA_CB3_MAX_REGISTERS
+    if max_registers is None and bm == 8 and not u2:  # the 4 programs per SM mma_config assumes
+        cap8 = bm8_register_cap(cbk == 2, hb, M, N * ks // 128 * split, sms)
+        if cap8:
+            regs["maxnreg"] = cap8
     xp_default = cb and cb_x_prefetch(bits, bm, ks, g2, N * ks // 128 * split, sms)
     xp = bool(xp_default if x_prefetch is None else x_prefetch) and u2 and not (xw or xs)
     tiles = N * ks // 128

@@ -47,7 +47,14 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
     k_split,
     quant_gemv_h2,
 )
-from anybit.kernels.quant_gemv_mma import MMA_BITS, g2_applies, mma_applies, mma_config, quant_gemv_mma
+from anybit.kernels.quant_gemv_mma import (
+    MMA_BITS,
+    MMA_W3_HB,
+    g2_applies,
+    mma_applies,
+    mma_config,
+    quant_gemv_mma,
+)
 from anybit.kernels.quant_gemv_tma import quant_gemv_tma, tma_applies
 from anybit.quant.format import SLICES, PackedWeight, dequantize
 
@@ -545,6 +552,11 @@ MMA_WIDE_MAX_M = 32
 MMA_WIDE_MAX_N = 8192
 MMA_WIDE_MAX_K = 8192
 MMA_WIDE_Y_BITS = (2, 4, 8)
+# W3 with its high bits merged (quant_gemv_mma's HB, one MMA chain) takes M 17..32 on every shape, writing y
+# too. H100 s26-4 (quant_w3_s26_4, M 32, us, merged writing y / pending against "auto" then, rws): 26.2 /
+# 22.8 against 32.8 on 4096x14336, 26.6 / 24.5 against 31.0 on 14336x4096, 18.0 / 13.7 against 19.4 on
+# 6144x4096.
+MMA_WIDE_HB = True
 
 
 def mma_routes(bits: int, M: int = 2, pending: bool = False) -> bool:
@@ -558,8 +570,9 @@ def mma_wide_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
     """The M 17..MMA_WIDE_MAX_M rule above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N, K <= MMA_WIDE_MAX_K; writing
     y only for MMA_WIDE_Y_BITS)."""
     small = packed.out_features <= MMA_WIDE_MAX_N and packed.in_features <= MMA_WIDE_MAX_K
-    return MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and small and (pending or packed.bits in
-                                                                     MMA_WIDE_Y_BITS)
+    hb = MMA_WIDE_HB and MMA_W3_HB and packed.bits == 3  # merged W3: every shape, y too
+    return MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and (small or hb) and (pending or hb or packed.bits in
+                                                                               MMA_WIDE_Y_BITS)
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:

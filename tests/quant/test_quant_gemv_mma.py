@@ -79,6 +79,33 @@ def test_ptx_merges_high_bits_of_3bit_codes_in_pair_order(scaled):
         assert got == want, (trial, q, z)
 
 
+def test_w3_merged_routes_and_register_cap():
+    """Merged W3 (HB) takes M 17..32 on every shape, writing y too (other widths: pending sums on shapes up to
+    MMA_WIDE_MAX_N x MMA_WIDE_MAX_K, y for MMA_WIDE_Y_BITS); at BLOCK_M 8 it runs under a 128-register cap
+    unless M = 1 and the grid fits 3 programs per SM (3-bit codebooks: always capped)."""
+    from anybit.quant.format import PackedWeight
+
+    def packed(bits, N, K):
+        q = torch.zeros(bits * K // 32, N, dtype=torch.int32)
+        s = torch.ones(K // 128, N, dtype=torch.float16)
+        return PackedWeight(q, s, torch.zeros_like(s), bits, 128, K, N)
+
+    mlp = (14336, 4096)
+    for pending in (False, True):
+        assert qm.mma_wide_chosen(packed(3, *mlp), 32, pending) == (qm.MMA_WIDE_AUTO and mm.MMA_W3_HB)
+        assert not qm.mma_wide_chosen(packed(4, *mlp), 32, pending)
+        assert not qm.mma_wide_chosen(packed(3, *mlp), 16, pending) and not qm.mma_wide_chosen(
+            packed(3, *mlp), 33, pending)
+    assert qm.mma_wide_chosen(packed(6, 6144, 4096), 24, True) and not qm.mma_wide_chosen(
+        packed(6, 6144, 4096), 24, False)
+    sms = 132
+    assert mm.bm8_register_cap(True, False, 1, 10, sms) == mm.MMA_CB3_MAX_REGISTERS
+    assert mm.bm8_register_cap(False, True, 1, 384, sms) is None  # 6144x4096 at M = 1: 384 programs
+    assert mm.bm8_register_cap(False, True, 1, 448, sms) == mm.MMA_W3_HB_MAX_REGISTERS  # 14336x4096
+    assert mm.bm8_register_cap(False, True, 4, 384, sms) == mm.MMA_W3_HB_MAX_REGISTERS
+    assert mm.bm8_register_cap(False, False, 4, 10 ** 4, sms) is None
+
+
 def test_launcher_config_and_applicability():
     assert mm.mma_config(1, 4096, 14336, 128, 132, ks=1) == (8, 128, 16, 1)  # 32 tiles x 16 splits: 4 per SM
     assert mm.mma_config(16, 4096, 14336, 64, 132)[:2] == (16, 64)  # BLOCK_K divides the group
@@ -405,7 +432,7 @@ def test_matches_reference(bits, M, group):
         m1 = qm.MMA_W8_M1 and ks1 > 1 and split1 == 1
     if M > 16:  # M 17..32 on outputs up to 8192: pending sums for every width, y for W2/W4/W8
         wide = qm.MMA_MODE != "0" and qm.MMA_WIDE_AUTO and M <= 32
-        assert qm.mma_chosen(pw, M, x) == (wide and bits in (2, 4, 8))
+        assert qm.mma_chosen(pw, M, x) == (wide and (bits in (2, 4, 8) or (bits == 3 and mm.MMA_W3_HB)))
         assert qm.mma_chosen(pw, M, x, pending=True) == wide
         return
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M)
