@@ -1180,18 +1180,20 @@ MMA_W3_HB = os.environ.get("ANYBIT_MMA_W3_HB", "1") != "0"
 # Merged W3 at BLOCK_M 8 capped at 128 registers (8 bytes of spills, offline) unless at M = 1 its grid fits
 # 3 programs per SM. H100 s26-4 (us, uncapped / capped / two slices): M 4 19.8 / 17.8 / 19.3, 20.4 / 18.8 /
 # 20.2, 12.4 / 11.2 / 12.0; M 8 19.9 / 18.3 / 19.8, 20.7 / 18.8 / 20.3, 12.4 / 11.3 / 12.3; M = 1 18.9 / 18.2
-# / 17.9, 18.1 / 16.3 / 17.8, but 6144x4096 (384 programs on 396 slots) 7.5 / 9.2 / 10.0.
+# / 17.9, 18.1 / 16.3 / 17.8, but 6144x4096 (384 programs on 396 slots) 7.5 / 9.2 / 10.0. Adding into
+# pending sums (s26-5, uncapped / capped) the fitting grid wins at M 4 / 8 too: 6144x4096 7.3 / 9.5, 8.1 /
+# 9.9 (the MLP shapes' grids do not fit: 16.1 / 16.0, 17.5 / 17.3 at M 4).
 MMA_W3_HB_MAX_REGISTERS = 128
 MMA_W3_HB_PER_SM = 3
 
 
-def bm8_register_cap(cb3: bool, hb: bool, M: int, programs: int, sms: int) -> int | None:
+def bm8_register_cap(cb3: bool, hb: bool, M: int, programs: int, sms: int, acc: bool = False) -> int | None:
     """The ``maxnreg`` cap of a BLOCK_M 8 call that is not unrolled (None: none): 3-bit codebooks
-    ``MMA_CB3_MAX_REGISTERS``; merged W3 (``hb``) ``MMA_W3_HB_MAX_REGISTERS`` unless M = 1 and its
-    ``programs`` fit ``MMA_W3_HB_PER_SM`` per SM."""
+    ``MMA_CB3_MAX_REGISTERS``; merged W3 (``hb``) ``MMA_W3_HB_MAX_REGISTERS`` unless its ``programs`` fit
+    ``MMA_W3_HB_PER_SM`` per SM at M = 1 or adding into a pending sum (``acc``)."""
     if cb3:
         return MMA_CB3_MAX_REGISTERS
-    if hb and not (M == 1 and programs <= MMA_W3_HB_PER_SM * sms):
+    if hb and not ((M == 1 or acc) and programs <= MMA_W3_HB_PER_SM * sms):
         return MMA_W3_HB_MAX_REGISTERS
     return None
 MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
@@ -1493,7 +1495,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
     if max_registers is None and bm == 8 and not u2:  # the 4 programs per SM mma_config assumes
-        cap8 = bm8_register_cap(cbk == 2, hb, M, N * ks // 128 * split, sms)
+        cap8 = bm8_register_cap(cbk == 2, hb, M, N * ks // 128 * split, sms, acc is not None)
         if cap8:
             regs["maxnreg"] = cap8
     xp_default = cb and cb_x_prefetch(bits, bm, ks, g2, N * ks // 128 * split, sms)

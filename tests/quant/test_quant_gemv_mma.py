@@ -103,6 +103,8 @@ def test_w3_merged_routes_and_register_cap():
     assert mm.bm8_register_cap(False, True, 1, 384, sms) is None  # 6144x4096 at M = 1: 384 programs
     assert mm.bm8_register_cap(False, True, 1, 448, sms) == mm.MMA_W3_HB_MAX_REGISTERS  # 14336x4096
     assert mm.bm8_register_cap(False, True, 4, 384, sms) == mm.MMA_W3_HB_MAX_REGISTERS
+    assert mm.bm8_register_cap(False, True, 4, 384, sms, acc=True) is None  # pending sums: as at M = 1
+    assert mm.bm8_register_cap(False, True, 4, 512, sms, acc=True) == mm.MMA_W3_HB_MAX_REGISTERS
     assert mm.bm8_register_cap(False, False, 4, 10 ** 4, sms) is None
 
 
@@ -428,6 +430,9 @@ def test_matches_reference(bits, M, group):
     _, _, split1, ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device), bits=bits)
     m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (qm.MMA_M1_KS and bits in qm.MMA_M1_KS_BITS
                                                           and ks1 > 1)
+    w3_m1 = (bits == 3 and mm.MMA_W3_HB and qm.MMA_W3_M1 and qm.MMA_MODE == "2"
+             and N * ks1 // 128 * split1 <= mm.MMA_W3_HB_PER_SM * qm._num_sms(x.device))
+    m1 = m1 or w3_m1
     if bits == 8 and qm.MMA_MODE == "2":
         m1 = qm.MMA_W8_M1 and ks1 > 1 and split1 == 1
     if M > 16:  # M 17..32 on outputs up to 8192: pending sums for every width, y for W2/W4/W8
@@ -437,7 +442,7 @@ def test_matches_reference(bits, M, group):
         return
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M)
     assert qm.mma_chosen(pw, M, x) == (routed and (M > 1 or m1) and M <= 8)
-    m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS  # pending sums keep the GEMV at M = 1
+    m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or w3_m1  # else the GEMV at M = 1
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M, pending=True)
     assert qm.mma_chosen(pw, M, x, pending=True) == (routed and (M > 1 or m1_pending) and M <= 8)
 
