@@ -1,9 +1,9 @@
-"""Uniform W3 (2 + 1 slices) on the mma.sync kernel: the 1-bit slice's high bits merged into the 2-bit words'
-conversion (the kernel's HB: one MMA chain, one x operand) against the two slices as separate chains, with
-cuBLAS bf16 and the launcher's choice, on Llama-3-8B layer shapes.
+"""Uniform W3 (2 + 1 slices; W5 4 + 1 and W6 4 + 2 with --bits) on the mma.sync kernel: the second slice's
+bits merged into the first's conversion (the kernel's HB: one MMA chain, one x operand) against the slices as
+separate chains, with cuBLAS bf16 and the launcher's choice, on Llama-3-8B layer shapes.
 
     python benchmarks/bench_quant_w3.py                  # -> $OUT/quant_w3.json
-    python benchmarks/bench_quant_w3.py --ms 1,16 --shapes 14336x4096
+    python benchmarks/bench_quant_w3.py --ms 1,16 --shapes 14336x4096 --bits 5
 
 Every row: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB), divided by R (the
 timing of bench_quant_matmul.py). Correctness first: every variant against ``ref_quant_matmul`` on fresh
@@ -33,8 +33,9 @@ from benchmarks.bench_quant_matmul import _pending_acc, copies_for, graph_time_u
 
 SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096)]
 MS = [1, 4, 8, 16, 24, 32]
-COLUMNS = ["shape", "M", "cublas_us", "auto_us", "auto_x", "two_us", "hb_us", "hb_nocap_us", "hb_u2_us",
-           "acc_two_us", "acc_hb_us", "acc_hb_nocap_us", "hb_vs_two", "acc_hb_vs_two"]
+COLUMNS = ["shape", "M", "bits", "cublas_us", "auto_us", "auto_x", "two_us", "hb_us", "hb_nocap_us",
+           "hb_u2_us", "hb_cap128_us", "acc_two_us", "acc_hb_us", "acc_hb_nocap_us", "hb_vs_two",
+           "acc_hb_vs_two"]
 
 
 def _y(x, p):
@@ -52,6 +53,7 @@ def variants(M: int):
          ("acc_hb", lambda x, p: quant_gemv_mma(x, p, None, acc=_pending_acc(x, p), high_bits=True))]
     if M <= 8:
         v += [("hb_nocap", lambda x, p: quant_gemv_mma(x, p, _y(x, p), high_bits=True, max_registers=0)),
+              ("hb_cap128", lambda x, p: quant_gemv_mma(x, p, _y(x, p), high_bits=True, max_registers=128)),
               ("acc_hb_nocap", lambda x, p: quant_gemv_mma(x, p, None, acc=_pending_acc(x, p), high_bits=True,
                                                            max_registers=0))]
     if M <= 16:
@@ -60,11 +62,11 @@ def variants(M: int):
     return v
 
 
-def check(log) -> list[dict]:
+def check(log, bits: int) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     for K in (1152, 2048):
-        pw = rtn_quantize(torch.randn(384, K), QuantSpec(3, 128)).to("cuda")
+        pw = rtn_quantize(torch.randn(384, K), QuantSpec(bits, 128)).to("cuda")
         for M in (1, 3, 8, 16, 24, 32):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = ref_quant_matmul(x.float(), pw)
@@ -87,15 +89,16 @@ def check(log) -> list[dict]:
     return rows
 
 
-def compact(detail: list[dict]) -> list[dict]:
+def compact(detail: list[dict], bits: int) -> list[dict]:
     t = {(r["shape"], r["M"], r["method"]): r["time_us"] for r in detail}
     out = []
     for shape, M in dict.fromkeys((r["shape"], r["M"]) for r in detail):
         def g(m, shape=shape, M=M):
             return t.get((shape, M, m))
         cub = g("cublas_bf16")
-        out.append(dict(shape=shape, M=M, cublas_us=cub, auto_us=g("auto"), auto_x=cub / g("auto"),
+        out.append(dict(shape=shape, M=M, bits=bits, cublas_us=cub, auto_us=g("auto"), auto_x=cub / g("auto"),
                         two_us=g("two"), hb_us=g("hb"), hb_nocap_us=g("hb_nocap"), hb_u2_us=g("hb_u2"),
+                        hb_cap128_us=g("hb_cap128"),
                         acc_two_us=g("acc_two"), acc_hb_us=g("acc_hb"), acc_hb_nocap_us=g("acc_hb_nocap"),
                         hb_vs_two=g("two") / g("hb"),
                         acc_hb_vs_two=g("acc_two") / g("acc_hb")))
@@ -107,7 +110,9 @@ def main() -> int:
     ap.add_argument("--ms", default=None)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--bits", type=int, default=3, choices=(3, 5, 6))
     args = ap.parse_args()
+    bits = args.bits
     ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     out = args.out or os.path.join(os.environ.get("OUT", "."), "quant_w3.json")
@@ -116,12 +121,12 @@ def main() -> int:
         print(msg, flush=True)
 
     t0 = time.time()
-    corr = check(log)
+    corr = check(log, bits)
     detail = []
     for N, K in shapes:
         R = copies_for(N * K * 2)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
-        w3 = [random_packed(N, K, 3) for _ in range(copies_for(N * K * 3 // 8))]
+        w3 = [random_packed(N, K, bits) for _ in range(copies_for(N * K * bits // 8))]
         shape = f"{N}x{K}"
         for M in ms:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(24)]
@@ -141,19 +146,20 @@ def main() -> int:
         log(f"after {shape}: {time.time() - t0:.0f}s")
     result = {
         "benchmark": "quant_w3",
-        "title": "uniform W3 g128: high bits merged into the 2-bit conversion (HB) vs two slices and cuBLAS "
-                 "bf16",
+        "title": f"uniform W{bits} g128: the second slice merged into the first's conversion (HB) vs "
+                 "separate slices and cuBLAS bf16",
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "columns": COLUMNS,
-        "rows": compact(detail),
+        "rows": compact(detail, bits),
         "detail": detail,
         "notes": ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB) and 24 "
                   "rotating inputs, divided by R; auto = quant_matmul's choice; two / hb = quant_gemv_mma "
-                  "with the 1-bit slice as its own chain / merged (high_bits); *_nocap: merged without the "
-                  "launcher's BLOCK_M 8 register cap; hb_u2: merged, loop unrolled by two, x from global "
-                  "memory; acc_*: adding into a pending float32 sum; *_vs_two = two's time / hb's",
+                  "with the second slice as its own chain / merged (high_bits); *_nocap: merged without the "
+                  "launcher's BLOCK_M 8 register cap; hb_cap128: merged under a 128-register cap; hb_u2: "
+                  "merged, loop unrolled by two, x from global memory; acc_*: adding into a pending float32 "
+                  "sum; *_vs_two = two's time / hb's",
                   f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against ref_quant_matmul "
                   f"passed (rel err < 1e-2, repeat-equal), max {max(r['rel_err'] for r in corr):.2e}"],
         "correctness": corr,

@@ -96,35 +96,44 @@ def _mma_asm(bits: int, scaled: bool = False) -> str:
     return "\n".join(lines + ["}"])
 
 
-def _mma3_asm(scaled: bool = False) -> str:
-    """PTX for one 2-bit word of a uniform 3-bit weight (2 + 1 slices) with its codes' high bits merged:
-    inputs ``$16`` = the 2-bit word (code j at bits 2j, 2j + 1), ``$17`` = the high bits (code j's at bit j,
-    bits 16.. ignored: ``_load_high_bits``), ``$18`` = bf16 ``-(128 + z)``; outputs ``$0..$15`` = bf16
-    ``q - z`` (exact) in W2's pair order (output 2 p + h is code p + 8 h). The high bits' bytes are spread
-    to bytes 0 and 2 (``prmt``); per pair W2's ``lop3`` puts the low bits at field f (``_pair_layout``:
-    bits 2f, f <= 2), a shift and a second ``lop3`` the high bit at 2f + 2 in both halves (3-bit fields up to
-    bit 6, under bf16's 7-bit mantissa), then W2's ``fma``. ``scaled``: ``$19`` = the column's scale s
+def _mma_hb_asm(lo: int, hi: int, scaled: bool = False) -> str:
+    """PTX for one word of a uniform weight's lowest slice (``lo`` = 2 or 4 bits, P = 32 / lo codes) with
+    its codes' high bits (the next slice, ``hi`` = 1 or 2 bits) merged (the kernel's HB: W3 = 2 + 1, W5 =
+    4 + 1, W6 = 4 + 2): inputs ``$P`` = the word (code j at bits lo j..), ``$P+1`` = the high bits (code j's
+    at bits hi j.., bits from hi P on ignored: ``_load_high_bits``), ``$P+2`` = bf16 ``-(128 + z)``;
+    outputs ``$0..$P-1`` = bf16 ``q - z`` (exact) in the lo-bit slice's pair order (output 2 p + h is code
+    p + h P / 2). The high bits of codes P / 2.. move up to bit 16 (``prmt`` for a byte, else a shift and a
+    ``lop3``); per pair the lo-bit slice's ``lop3`` puts the low bits at field f (``_pair_layout``: bits
+    lo f..), a shift and a second ``lop3`` the high bits right above them in both halves (fields up to bit
+    6, under bf16's 7-bit mantissa), then the slice's ``fma``. ``scaled``: ``$P+3`` = the column's scale s
     (bf16), and the outputs are s (q - z), rounded once."""
-    w, hi, zh = "$16", "$17", "$18"
+    P = 32 // lo
+    w, hb, zh = f"${P}", f"${P + 1}", f"${P + 2}"
     lines = ["{", ".reg .b32 t, u, v, hs, z0, k, c, s0, n0;", f"mov.b32 z0, {{{zh}, {zh}}};"]
     if scaled:
-        lines += ["mov.b32 s0, {$19, $19};", "mov.b32 n0, 0x80008000;"]
-    lines.append(f"prmt.b32 hs, {hi}, 0, 0x4140;")  # codes 0-7's high bits at bits 0-7, codes 8-15's at 16-23
-    for p in range(8):
-        shift, f = _pair_layout(2, p, True)
-        mask = 3 << (2 * f)
+        lines += [f"mov.b32 s0, {{${P + 3}, ${P + 3}}};", "mov.b32 n0, 0x80008000;"]
+    move = 16 - hi * P // 2  # codes P / 2..'s high bits: from bit hi P / 2 to bit 16
+    if move == 8:
+        lines.append(f"prmt.b32 hs, {hb}, 0, 0x4140;")  # byte 1 to byte 2
+    else:
+        lines += [f"shl.b32 v, {hb}, {move};", f"lop3.b32 hs, {hb}, v, 0x0000FFFF, 0xE4;"]  # c ? a : b
+    for p in range(P // 2):
+        shift, f = _pair_layout(lo, p, True)
+        mask = ((1 << lo) - 1) << (lo * f)
+        top = lo * f + lo  # the high bits' place in the field
+        assert top + hi <= 7
         src = w
         if shift:
             lines.append(f"shr.u32 u, {w}, {shift};")
             src = "u"
         lines.append(f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;")
-        d, hsrc = p - (2 * f + 2), "hs"  # code p's high bit from bit p to bit 2f + 2
+        d, hsrc = hi * p - top, "hs"  # code p's high bits from bit hi p to bit top
         if d:
             lines.append(f"shr.u32 v, hs, {d};" if d > 0 else f"shl.b32 v, hs, {-d};")
             hsrc = "v"
-        hmask = 1 << (2 * f + 2)
+        hmask = ((1 << hi) - 1) << top
         lines.append(f"lop3.b32 t, {hsrc}, 0x{hmask | hmask << 16:08X}, t, 0xEA;")
-        sc = 2.0 ** (-2 * f)
+        sc = 2.0 ** (-lo * f)
         if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
             lines += [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
                       "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};",
@@ -135,6 +144,10 @@ def _mma3_asm(scaled: bool = False) -> str:
             lines.append("fma.rn.bf16x2 t, t, s0, n0;")
         lines.append(f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;")
     return "\n".join(lines + ["}"])
+
+
+# Uniform widths whose second slice merges into the first's conversion (the kernel's HB): width -> (lo, hi)
+MMA_HB_SLICES = {3: (2, 1), 5: (4, 1), 6: (4, 2)}
 
 
 # Codebook weights (``W = codebook[q] s``, 4-bit nf4 / fp4 / learned tables): one 32-bit shared-memory load
@@ -239,7 +252,8 @@ if gluon is not None:
     _W8_X_UNSCALE: gl.constexpr = gl.constexpr(1.0 / MMA_W8_X_SCALE)
 
     _WORD_ASM = {(b, sc): _mma_asm(b, sc) for b in MMA_SLICE_BITS for sc in (False, True)}
-    _WORD_ASM.update({(3, sc): _mma3_asm(sc) for sc in (False, True)})  # 2-bit words + high bits (HB)
+    _WORD_ASM.update({(lo + hi, sc): _mma_hb_asm(lo, hi, sc) for lo, hi in MMA_HB_SLICES.values()
+                      for sc in (False, True)})  # a slice's words + the next slice's bits (HB)
     _LUT_WORD_ASM = {(b, sc): {4: _lut_asm, 2: _lut2_asm, 3: _lut3_asm}[b](sc) for b in (2, 3, 4)
                      for sc in (False, True)}
 
@@ -542,29 +556,36 @@ if gluon is not None:
         return gl.load(w_ptr + (k0 // P + r)[:, None] * N + w_off[None, :])
 
     @gluon.jit
-    def _load_high_bits(w_ptr, N, k0, wh_off, WL: gl.constexpr, R: gl.constexpr):
-        """The high bits of a 3-bit codebook tile's codes ``[R, 128]`` in the layout of its 2-bit words (WL):
-        word row r's 16 codes have theirs at bits 16 (r % 2) .. of the 1-bit slice's row k0 / 32 + r / 2
-        (wh_off: the 1-bit slice's offsets from w_ptr, columns as ``_ks_offsets`` with 32 codes per word),
-        shifted to bits 0..15 (arithmetic shift: bits above 15 are not used)."""
+    def _load_high_bits(w_ptr, N, k0, wh_off, WL: gl.constexpr, R: gl.constexpr, P: gl.constexpr = 16,
+                        HW: gl.constexpr = 1):
+        """The high bits of a tile's codes ``[R, 128]`` in the layout of its lowest slice's words (WL, P codes
+        a word; a 3-bit codebook's or uniform W3's 2-bit words, W5's / W6's 4-bit ones): from the next slice
+        (HW bits a code, PH = 32 / HW codes a word), word row r's P codes have theirs at bits HW P (r % (PH /
+        P)).. of its row k0 / PH + r / (PH / P) (wh_off: that slice's offsets from w_ptr, columns as
+        ``_ks_offsets`` with PH codes per word), shifted down to bit 0 (arithmetic shift: the bits above HW P
+        are not used)."""
+        PH: gl.constexpr = 32 // HW
+        PER: gl.constexpr = PH // P  # word rows per high-bit word
         r = gl.arange(0, R, layout=gl.SliceLayout(1, WL))
-        v = gl.load(w_ptr + (k0 // 32 + r // 2)[:, None] * N + wh_off[None, :])
-        return v >> (16 * (r % 2))[:, None]
+        v = gl.load(w_ptr + (k0 // PH + r // PER)[:, None] * N + wh_off[None, :])
+        return v >> (HW * P * (r % PER))[:, None]
 
     @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = 0,
-                   G2: gl.constexpr = False, wh_off=0, HB: gl.constexpr = False):
+                   G2: gl.constexpr = False, wh_off=0, HB: gl.constexpr = 0):
         """Words ``[R, 128]`` of the K tile at k0 (WL), the zero points of its group (columns in WL
         order, offsets z_off) and its scales (MMA rows, offsets s_off). ZW 1: the zero points as int32
         words of two f16 (z_off: ``_pair_offsets``), for ``_zero_halves``; ZW 2: the scales too (in
         column order: ``_cols_to_rows``). CB: codebook weights, no zero points (zeros in their place). G2
         (ZW 0, no SA): the tile holds groups g and g + 1, whose zero points and scales come joined as
         ``[C, 2]``. CB 2 (3-bit codebook): the words come joined with their codes' high bits ``[R, 128, 2]``
-        (``_load_high_bits``), and so do uniform 3-bit words with HB."""
+        (``_load_high_bits``), and so do uniform words with HB (the next slice's HB bits a code)."""
         w = _load_words(w_ptr, N, k0, w_off, WL, R, P)
-        if CB == 2 or HB:
+        if CB == 2:
             w = gl.join(w, _load_high_bits(w_ptr, N, k0, wh_off, WL, R))
+        elif HB > 0:
+            w = gl.join(w, _load_high_bits(w_ptr, N, k0, wh_off, WL, R, P, HB))
         g = k0 // G
         if CB:
             z = gl.zeros_like(z_off).to(gl.float16)
@@ -608,10 +629,10 @@ if gluon is not None:
     @gluon.jit
     def _tile_acc(acc, w, z, s, xb, AL: gl.constexpr, MMA: gl.constexpr, W0: gl.constexpr, ZW: gl.constexpr,
                   ZL: gl.constexpr, CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False,
-                  HB: gl.constexpr = False):
+                  HB: gl.constexpr = 0):
         """acc + s * (unpacked words of one tile @ xb): one single-slice tile of the main loop (CB:
-        codebook words, ``base`` = ``_table_base(4)``; G2: two groups, ``_tile_g2``; HB: uniform 3-bit words
-        joined with their high bits)."""
+        codebook words, ``base`` = ``_table_base(4)``; G2: two groups, ``_tile_g2``; HB: uniform words
+        joined with their codes' high bits)."""
         zh, sr = _tile_zs(z, s, ZW, ZL, MMA)
         if G2:
             acc = acc + _tile_g2(w, zh, sr, xb, AL, MMA, W0, CB, base)
@@ -677,7 +698,7 @@ if gluon is not None:
 
     @gluon.jit
     def _unpack_tile(w, z, AL: gl.constexpr, W0: gl.constexpr, s=None, SA: gl.constexpr = False,
-                     CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False, HB: gl.constexpr = False):
+                     CB: gl.constexpr = 0, base=0, G2: gl.constexpr = False, HB: gl.constexpr = 0):
         """Exact bf16 ``q - z`` ``[128, BK]`` in the MMA's A layout from words ``[R, 128]`` (W0 8:
         float16). SA: ``s (q - z)`` rounded once, s the columns' scales (column order, as z). CB (4- or
         2-bit codebook words): bf16 ``codebook[q]`` from the shared table (``_lut_asm`` / ``_lut2_asm``;
@@ -685,8 +706,9 @@ if gluon is not None:
         (width 16 / 14). CB 2 (3-bit codebook codes): w ``[R, 128, 2]`` joins the 2-bit words and their
         codes' high bits (``_load_tile``), ``_lut3_asm`` looks the codes up in ``_fill_byte_table``'s. G2: z
         ``[C, 2]``, the first half of the word rows takes group 0's zero points, the second half group 1's.
-        HB (uniform 3-bit, W0 2): w ``[R, 128, 2]`` joins the 2-bit words and their codes' high bits,
-        converted together (``_mma3_asm``) into W2's layout."""
+        HB > 0 (uniform W3 / W5 / W6: W0 2 / 4 / 4, the next slice HB bits): w ``[R, 128, 2]`` joins the
+        W0-bit words and their codes' high bits, converted together (``_mma_hb_asm``) into the W0-bit
+        layout."""
         if CB:
             P: gl.constexpr = 32 // W0  # codes per word
             if CB == 2:  # 3-bit codes: the 2-bit words and their codes' high bits, back in the words' layout
@@ -734,7 +756,7 @@ if gluon is not None:
                 zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
             else:
                 zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
-            if HB:  # 3-bit codes: the 2-bit words and their codes' high bits, back in the words' layout
+            if HB > 0:  # the lowest slice's words and their codes' high bits, back in the words' layout
                 WLW: gl.constexpr = z.type.layout.parent  # z: zero points in column order (of WL)
                 w, wh = gl.split(w)
                 w = gl.convert_layout(w, WLW)
@@ -746,11 +768,11 @@ if gluon is not None:
             w = _relabel_cols(w)
             zb = _relabel_cols(zb)
             P: gl.constexpr = 32 // W0
-            if HB and SA:
-                o = gl.inline_asm_elementwise(_word_asm(3, True), "=h," * P + "r,r,h,h", [w, wh, zb, sb],
-                                              dtype=(zb.dtype,) * P, is_pure=True, pack=1)
-            elif HB:
-                o = gl.inline_asm_elementwise(_word_asm(3, False), "=h," * P + "r,r,h", [w, wh, zb],
+            if HB > 0 and SA:
+                o = gl.inline_asm_elementwise(_word_asm(W0 + HB, True), "=h," * P + "r,r,h,h",
+                                              [w, wh, zb, sb], dtype=(zb.dtype,) * P, is_pure=True, pack=1)
+            elif HB > 0:
+                o = gl.inline_asm_elementwise(_word_asm(W0 + HB, False), "=h," * P + "r,r,h", [w, wh, zb],
                                               dtype=(zb.dtype,) * P, is_pure=True, pack=1)
             elif SA:
                 o = gl.inline_asm_elementwise(_word_asm(W0, True), "=h," * P + "r,h,h", [w, zb, sb],
@@ -845,7 +867,7 @@ if gluon is not None:
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
                                CB: gl.constexpr = 0, XP: gl.constexpr = False, G2: gl.constexpr = False,
-                               HB: gl.constexpr = False):
+                               HB: gl.constexpr = 0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -897,9 +919,10 @@ if gluon is not None:
         XP (with U2, x from global memory): each tile's x is loaded with its words, two tiles ahead, instead
         of in the iteration that uses it. G2 (single slice, BLOCK_M <= 16, no ZW): BLOCK_K = 2 G, the tile's
         two groups each get their zero points and scales (``_load_tile`` joins them) and their own MMA chain
-        (``_tile_g2``). HB (uniform 3-bit as W0 2, WB 0): each tile's 2-bit words come joined with their
-        codes' high bits from the 1-bit slice, as for CB 2, and are converted together (``_mma3_asm``): one
-        MMA chain and one x operand (W2's) instead of a slice each."""
+        (``_tile_g2``). HB > 0 (uniform W3 / W5 / W6 as W0 2 / 4 / 4, WB 0; HB the next slice's width): each
+        tile's W0-bit words come joined with their codes' high bits from the next slice, as for CB 2, and are
+        converted together (``_mma_hb_asm``): one MMA chain and one x operand (the W0-bit slice's) instead of
+        a slice each."""
         if CB == 2:  # the table first: it must sit at shared offset 0 (3-bit codes)
             _fill_byte_table(z_ptr, True)
             base = _table_base(3)
@@ -934,8 +957,9 @@ if gluon is not None:
                                       BLOCK_M, KS, MR)
         t = gl.arange(0, 128, layout=gl.SliceLayout(0, WL))
         w_off, z_off = _ks_offsets(t, off_n, N, G, KS, BLOCK_K, P)
-        if CB == 2 or HB:  # 3-bit codes: the 1-bit slice's word offsets (32 codes a word) from w_ptr
-            wh_off = (K // 32 * W0) * N + _ks_offsets(t, off_n, N, G, KS, BLOCK_K, 32)[0]
+        if CB == 2 or HB > 0:  # the high bits' slice: its word offsets (32 / HB codes a word) from w_ptr
+            PH: gl.constexpr = 32 // HB if HB > 0 else 32
+            wh_off = (K // 32 * W0) * N + _ks_offsets(t, off_n, N, G, KS, BLOCK_K, PH)[0]
         else:
             wh_off = 0
         ZL: gl.constexpr = z_off.type.layout
@@ -1170,13 +1194,16 @@ MMA_CB_BITS = (2, 3, 4) if MMA_CB3 else (2, 4)
 # instructions per tile against 524. (4 programs of 128 threads at 128 registers: MMA_PROGRAMS_PER_SM[8].)
 MMA_CB3_MAX_REGISTERS = 128
 # Uniform 3-bit weights (2 + 1 slices) with the 1-bit slice's high bits joined to the 2-bit words and
-# converted with them (the kernel's HB, ``_mma3_asm``): one MMA chain and one x operand per tile instead of
+# converted with them (the kernel's HB, ``_mma_hb_asm``): one MMA chain and one x operand per tile instead of
 # one per slice.
 # Env ANYBIT_MMA_W3_HB=0: the two slices. H100 s26-4 (quant_w3_s26_4, us, two slices / merged on 4096x14336 /
 # 14336x4096 / 6144x4096): M 16 25.4 / 21.3, 27.0 / 22.2, 15.5 / 13.4; M 32 49.9 / 26.2, 52.8 / 26.6, 19.3 /
 # 18.0; pending sums M 16 28.4 / 22.2, 31.4 / 24.8, 13.3 / 10.5. At BLOCK_M 8 merged takes 165 registers
 # (offline sm_90; 3 programs per SM): see ``bm8_register_cap``.
 MMA_W3_HB = os.environ.get("ANYBIT_MMA_W3_HB", "1") != "0"
+# W5 (4 + 1) and W6 (4 + 2) merge the same way (``MMA_HB_SLICES``); opt-in (env ANYBIT_MMA_HB56=1) until
+# timed.
+MMA_HB_BITS = (3,) * MMA_W3_HB + (5, 6) * (os.environ.get("ANYBIT_MMA_HB56", "0") == "1")
 # Merged W3 at BLOCK_M 8 capped at 128 registers (8 bytes of spills, offline) unless at M = 1 its grid fits
 # 3 programs per SM. H100 s26-4 (us, uncapped / capped / two slices): M 4 19.8 / 17.8 / 19.3, 20.4 / 18.8 /
 # 20.2, 12.4 / 11.2 / 12.0; M 8 19.9 / 18.3 / 19.8, 20.7 / 18.8 / 20.3, 12.4 / 11.3 / 12.3; M = 1 18.9 / 18.2
@@ -1430,8 +1457,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     Codebook weights (nf4 / fp4 / learned 4-bit, learned 2- and 3-bit): the table kernel (``CB``), no x ring
     or whole slice.
     ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``).
-    ``high_bits``: uniform 3-bit weights as 2-bit words joined with their codes' high bits, one conversion and
-    one MMA chain (kernel ``HB``; None: ``MMA_W3_HB``); False: the 1-bit slice as a second chain."""
+    ``high_bits``: uniform W3 / W5 / W6 as their lowest slice's words joined with their codes' high bits, one
+    conversion and one MMA chain (kernel ``HB``, ``MMA_HB_SLICES``; None: ``MMA_HB_BITS``); False: the second
+    slice as a chain of its own."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -1448,11 +1476,12 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     # a 3-bit codebook's 1-bit slice enters the table lookup with the 2-bit words (the kernel's CB 2), not
     # as a slice of its own
     cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
-    hb = not cb and bits == 3 and (MMA_W3_HB if high_bits is None else high_bits)
+    hb = not cb and bits in MMA_HB_SLICES and (bits in MMA_HB_BITS if high_bits is None else high_bits)
     if high_bits and not hb:
-        raise ValueError(f"quant_gemv_mma: high_bits needs a uniform 3-bit weight, got {packed.fmt} "
-                         f"{bits}-bit")
-    if hb:  # the 1-bit slice joins the 2-bit words' conversion (the kernel's HB), not a slice of its own
+        raise ValueError(f"quant_gemv_mma: high_bits needs a uniform weight of {sorted(MMA_HB_SLICES)} bits, "
+                         f"got {packed.fmt} {bits}-bit")
+    hbw = SLICES[bits][1] if hb else 0  # the kernel's HB: the merged slice's width
+    if hb:  # the second slice joins the first's conversion (the kernel's HB), not a chain of its own
         wb = 0
     xs = (0 if (wb and bm <= 16) or cb else MMA_X_SLOTS[bm]) if x_slots is None else x_slots
     if xs not in (0, 2, 3, 4) or (cb and xs):
@@ -1495,7 +1524,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
     if max_registers is None and bm == 8 and not u2:  # the 4 programs per SM mma_config assumes
-        cap8 = bm8_register_cap(cbk == 2, hb, M, N * ks // 128 * split, sms, acc is not None)
+        cap8 = bm8_register_cap(cbk == 2, hb and bits == 3, M, N * ks // 128 * split, sms, acc is not None)
         if cap8:
             regs["maxnreg"] = cap8
     xp_default = cb and cb_x_prefetch(bits, bm, ks, g2, N * ks // 128 * split, sms)
@@ -1509,7 +1538,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
         kernel = _quant_gemv_mma_kernel[(tiles, split)](
             x, packed.qweight, packed.scales, zeros, acc, acc, acc, M, N, K, G, x.stride(0),
             acc.stride(0), per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, ACC=True, WB=wb, WC=wc,
-            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hb, num_warps=4,
+            KS=ks, MR=mr, XS=xs, XW=xw, ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, num_warps=4,
             **regs, **launch)
         if cb:
             check_table_alone(kernel)
@@ -1525,7 +1554,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hb, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, num_warps=4, **regs, **launch)
     if cb:
         check_table_alone(kernel)
     return y

@@ -53,30 +53,59 @@ def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
         assert got == want, (trial, q, z)
 
 
+@pytest.mark.parametrize("bits", sorted(mm.MMA_HB_SLICES))
 @pytest.mark.parametrize("scaled", [False, True])
-def test_ptx_merges_high_bits_of_3bit_codes_in_pair_order(scaled):
-    """Uniform W3 as 2-bit words plus their codes' high bits (the kernel's HB): output 2 p + h = bf16 of
-    ``q_j - z`` (scaled: ``s (q_j - z)`` rounded once) for code j = p + 8 h, ``q_j`` = low bits from the word
-    + 4 x bit j of the high-bit input, whatever sits in its bits 16-31."""
-    g = torch.Generator().manual_seed(3 + scaled)
-    asm = mm._mma3_asm(scaled)
+def test_ptx_merges_high_bits_in_pair_order(bits, scaled):
+    """W3 / W5 / W6 as the lowest slice's words plus their codes' high bits (the kernel's HB): output 2 p + h
+    = bf16 of ``q_j - z`` (scaled: ``s (q_j - z)`` rounded once) for code j = p + h P / 2 of the word,
+    ``q_j`` = the word's lo bits + 2^lo x the high-bit input's bits hi j.., whatever sits above its hi P
+    bits."""
+    lo, hi = mm.MMA_HB_SLICES[bits]
+    P = 32 // lo
+    g = torch.Generator().manual_seed(bits + 10 * scaled)
+    asm = mm._mma_hb_asm(lo, hi, scaled)
     for trial in range(80):
-        q = torch.randint(0, 8, (16,), generator=g).tolist()
-        z = int(torch.randint(0, 8, (1,), generator=g))
+        q = torch.randint(0, 2 ** bits, (P,), generator=g).tolist()
+        z = int(torch.randint(0, 2 ** bits, (1,), generator=g))
         if trial == 0:
-            q, z = [7] * 16, 0
+            q, z = [2 ** bits - 1] * P, 0
         elif trial == 1:
-            q, z = [0] * 16, 7
-        word = sum((c & 3) << (2 * j) for j, c in enumerate(q))
-        junk = int(torch.randint(0, 2 ** 16, (1,), generator=g)) << 16
-        high = sum((c >> 2) << j for j, c in enumerate(q)) | junk
-        s = float(torch.rand(1, generator=g).to(torch.bfloat16)) * 0.02 + 0.001
-        s = float(torch.tensor(s, dtype=torch.bfloat16))
+            q, z = [0] * P, 2 ** bits - 1
+        word = sum((c % 2 ** lo) << (lo * j) for j, c in enumerate(q))
+        junk = int(torch.randint(0, 2 ** (32 - hi * P), (1,), generator=g)) << (hi * P)
+        high = sum((c >> lo) << (hi * j) for j, c in enumerate(q)) | junk
+        s = float(torch.tensor(float(torch.rand(1, generator=g)) * 0.02 + 0.001, dtype=torch.bfloat16))
         ins = [word, high, _bf16_bits(-(128.0 + z))] + ([_bf16_bits(s)] if scaled else [])
         got = _emulate_word(asm, *ins)
-        vals = [float(q[p + 8 * h] - z) for p in range(8) for h in range(2)]
+        vals = [float(q[p + h * P // 2] - z) for p in range(P // 2) for h in range(2)]
         want = [_bf16_bits(v * s if scaled else v) for v in vals]
         assert got == want, (trial, q, z)
+
+
+@pytest.mark.parametrize("bits", sorted(mm.MMA_HB_SLICES))
+def test_high_bits_sit_where_the_merged_kernel_reads_them(bits):
+    """``pack_codes`` = the lo-bit slice (K / P word rows) then the next (hi bits a code, K / PH rows). The
+    merged kernel (``_load_high_bits``) reads the high bits of lo-bit word row r of a tile at k0 from the
+    hi-bit slice's row k0 / PH + r / (PH / P) (offset K / 32 lo rows), shifted right by hi P (r % (PH / P)),
+    code j at bits hi j..: the bits ``pack_codes`` wrote."""
+    from anybit.quant.format import pack_codes
+
+    lo, hi = mm.MMA_HB_SLICES[bits]
+    P, PH = 32 // lo, 32 // hi
+    per = PH // P
+    K, N = 256, 3
+    q = torch.randint(0, 2 ** bits, (N, K), generator=torch.Generator().manual_seed(bits))
+    words = pack_codes(q, bits).to(torch.int64) & 0xFFFFFFFF
+    hi_base = K // 32 * lo
+    for k0 in (0, 128):
+        for r in range(128 // P):
+            for n in range(N):
+                lo_word = int(words[k0 // P + r, n])
+                hi_word = int(words[hi_base + k0 // PH + r // per, n]) >> (hi * P * (r % per))
+                for j in range(P):
+                    low = (lo_word >> (lo * j)) & (2 ** lo - 1)
+                    got = low | ((hi_word >> (hi * j)) & (2 ** hi - 1)) << lo
+                    assert got == int(q[n, k0 + P * r + j]), (k0, r, n, j)
 
 
 def test_w3_merged_routes_and_register_cap():
@@ -150,13 +179,15 @@ def _compile_loop(bits, bm, ks, **extra):
 
 
 @pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+@pytest.mark.parametrize("bits", sorted(mm.MMA_HB_SLICES))
 @pytest.mark.parametrize("bm,ks,extra", [(8, 8, dict(XW=8)), (16, 1, dict(XW=16, U2=True)),
                                          (32, 1, dict(XS=3, SA=True, SUM_LOADS=2))])
-def test_sm90_compile_w3_high_bits_in_one_chain(bm, ks, extra):
-    """Uniform W3 with HB (2-bit words joined with their codes' high bits): one MMA chain per tile (W2's HMMA
-    count, not one per slice), no second x operand, no spills, at the launcher's BLOCK_M 8 / 16 / 32
-    configurations."""
-    lines, loop = _compile_loop(3, bm, ks, W0=2, WB=0, HB=True, **extra)
+def test_sm90_compile_high_bits_in_one_chain(bits, bm, ks, extra):
+    """W3 / W5 / W6 with HB (the lowest slice's words joined with their codes' high bits): one MMA chain per
+    tile (the lowest slice's HMMA count, not one per slice), no second x operand, no spills (uncapped), at
+    the launcher's BLOCK_M 8 / 16 / 32 configurations."""
+    lo, hi = mm.MMA_HB_SLICES[bits]
+    lines, loop = _compile_loop(bits, bm, ks, W0=lo, WB=0, HB=hi, **extra)
     tiles = 2 if extra.get("U2") else 1
     ops = [s.split()[1] if s.startswith("@") else s.split()[0] for s in loop if not s.startswith("//")]
     assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) == 16 * bm // 8 * tiles
@@ -385,7 +416,7 @@ def test_matches_reference(bits, M, group):
                               x_slots=0, unroll2=True)
         ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), split_k=split, x_slots=0, unroll2=False)
         assert torch.equal(y, ref), ("unroll2", split)
-    if bits == 3:  # the 1-bit slice merged into the 2-bit words' conversion (HB, the default) or a chain
+    if bits in mm.MMA_HB_SLICES:  # the second slice merged into the first's conversion (HB) or a chain
         for hb in (False, True):
             y = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), high_bits=hb)
             err = (y.float() - want).abs().max().item()
