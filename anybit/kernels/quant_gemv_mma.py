@@ -1201,9 +1201,15 @@ MMA_CB3_MAX_REGISTERS = 128
 # 18.0; pending sums M 16 28.4 / 22.2, 31.4 / 24.8, 13.3 / 10.5. At BLOCK_M 8 merged takes 165 registers
 # (offline sm_90; 3 programs per SM): see ``bm8_register_cap``.
 MMA_W3_HB = os.environ.get("ANYBIT_MMA_W3_HB", "1") != "0"
-# W5 (4 + 1) and W6 (4 + 2) merge the same way (``MMA_HB_SLICES``); opt-in (env ANYBIT_MMA_HB56=1) until
-# timed.
-MMA_HB_BITS = (3,) * MMA_W3_HB + (5, 6) * (os.environ.get("ANYBIT_MMA_HB56", "0") == "1")
+# W5 (4 + 1) and W6 (4 + 2) merge the same way (``MMA_HB_SLICES``; env ANYBIT_MMA_HB56=0: off), but at
+# BLOCK_M 8 (164-168 registers offline, 3 programs per SM; capped at 128 they were slower still) only where
+# the grid fits 3 programs per SM (``hb_default``). H100 s26-7 (quant_hb_w5_s26_7 / _w6_, us, two slices /
+# merged on 4096x14336 / 14336x4096 / 6144x4096): W5 M 16 29.5 / 24.1, 30.5 / 24.7, 18.1 / 14.8, pending
+# 31.0 / 20.9, 33.7 / 21.0, 21.0 / 11.6; W6 M 16 30.3 / 26.0, 31.5 / 27.7, 17.8 / 14.8, pending 30.6 / 22.6,
+# 34.3 / 25.0, 14.9 / 12.1; M 32 pending W5 41.8 / 26.2, 46.4 / 28.4, 23.9 / 16.1, W6 50.2 / 39.0, 56.7 /
+# 44.8, 17.4 / 14.1; M 4 W5 21.9 / 27.5, 22.2 / 26.3, but 13.5 / 12.0 (6144x4096: 384 programs), W6 23.9 /
+# 28.6, 24.9 / 29.1, 13.9 / 12.3.
+MMA_HB_BITS = (3,) * MMA_W3_HB + (5, 6) * (os.environ.get("ANYBIT_MMA_HB56", "1") != "0")
 # Merged W3 at BLOCK_M 8 capped at 128 registers (8 bytes of spills, offline) unless at M = 1 its grid fits
 # 3 programs per SM. H100 s26-4 (us, uncapped / capped / two slices): M 4 19.8 / 17.8 / 19.3, 20.4 / 18.8 /
 # 20.2, 12.4 / 11.2 / 12.0; M 8 19.9 / 18.3 / 19.8, 20.7 / 18.8 / 20.3, 12.4 / 11.3 / 12.3; M = 1 18.9 / 18.2
@@ -1212,6 +1218,15 @@ MMA_HB_BITS = (3,) * MMA_W3_HB + (5, 6) * (os.environ.get("ANYBIT_MMA_HB56", "0"
 # 9.9 (the MLP shapes' grids do not fit: 16.1 / 16.0, 17.5 / 17.3 at M 4).
 MMA_W3_HB_MAX_REGISTERS = 128
 MMA_W3_HB_PER_SM = 3
+
+
+def hb_default(bits: int, bm: int, programs: int, sms: int) -> bool:
+    """Whether a uniform call merges its second slice by default (``MMA_HB_BITS``): W3 always (under
+    ``bm8_register_cap``), W5 / W6 from BLOCK_M 16, and at BLOCK_M 8 where the grid's ``programs`` fit
+    ``MMA_W3_HB_PER_SM`` per SM."""
+    if bits not in MMA_HB_BITS:
+        return False
+    return bits == 3 or bm > 8 or programs <= MMA_W3_HB_PER_SM * sms
 
 
 def bm8_register_cap(cb3: bool, hb: bool, M: int, programs: int, sms: int, acc: bool = False) -> int | None:
@@ -1458,7 +1473,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     or whole slice.
     ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``).
     ``high_bits``: uniform W3 / W5 / W6 as their lowest slice's words joined with their codes' high bits, one
-    conversion and one MMA chain (kernel ``HB``, ``MMA_HB_SLICES``; None: ``MMA_HB_BITS``); False: the second
+    conversion and one MMA chain (kernel ``HB``, ``MMA_HB_SLICES``; None: ``hb_default``); False: the second
     slice as a chain of its own."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
@@ -1476,7 +1491,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     # a 3-bit codebook's 1-bit slice enters the table lookup with the 2-bit words (the kernel's CB 2), not
     # as a slice of its own
     cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
-    hb = not cb and bits in MMA_HB_SLICES and (bits in MMA_HB_BITS if high_bits is None else high_bits)
+    hb_auto = hb_default(bits, bm, N * ks_auto // 128 * split, sms)
+    hb = not cb and bits in MMA_HB_SLICES and (hb_auto if high_bits is None else high_bits)
     if high_bits and not hb:
         raise ValueError(f"quant_gemv_mma: high_bits needs a uniform weight of {sorted(MMA_HB_SLICES)} bits, "
                          f"got {packed.fmt} {bits}-bit")

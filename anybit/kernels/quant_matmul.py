@@ -49,6 +49,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
 )
 from anybit.kernels.quant_gemv_mma import (
     MMA_BITS,
+    MMA_HB_BITS,
     MMA_W3_HB,
     MMA_W3_HB_PER_SM,
     g2_applies,
@@ -512,7 +513,8 @@ MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
 # uncapped, writing y or adding into a pending sum; elsewhere the packed-half GEMV. H100 s26-5
 # (quant_w3_s26_5, us, merged / two slices / the GEMV's "auto" then): 6144x4096 (384 programs on 396 slots)
 # 7.3 / 9.7 / 9.3, pending 7.3 / 9.6; 4096x14336 (512) 18.0 / 18.0 / 16.0, 14336x4096 (448) 16.3 / 17.6 /
-# 15.5. Env ANYBIT_MMA_W3_M1=0: off.
+# 15.5. W5 / W6 likewise (s26-7, quant_hb_w*_s26_7, 6144x4096 merged / the GEMV: 9.8 / 11.1, 11.4 / 12.3).
+# Env ANYBIT_MMA_W3_M1=0: off.
 MMA_W3_M1 = os.environ.get("ANYBIT_MMA_W3_M1", "1") != "0"
 # K tiles per program below which M 9..16 keeps the other paths. It was 8, measured when BLOCK_M 16 splits
 # assumed 3 programs per SM and short programs ran in two waves; with the true 2 (s22) 4 tiles per program
@@ -597,7 +599,7 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
                                      _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, 1))
         if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU
             return not pending and MMA_W8_M1 and ks > 1 and split == 1
-        if packed.bits == 3 and MMA_W3_HB and MMA_W3_M1:  # merged W3 where its grid fits 3 programs per SM
+        if packed.bits in MMA_HB_BITS and MMA_W3_M1:  # merged W3 / W5 / W6 where the grid fits 3 per SM
             return packed.out_features * ks // 128 * split <= MMA_W3_HB_PER_SM * _num_sms(x.device)
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:

@@ -135,6 +135,11 @@ def test_w3_merged_routes_and_register_cap():
     assert mm.bm8_register_cap(False, True, 4, 384, sms, acc=True) is None  # pending sums: as at M = 1
     assert mm.bm8_register_cap(False, True, 4, 512, sms, acc=True) == mm.MMA_W3_HB_MAX_REGISTERS
     assert mm.bm8_register_cap(False, False, 4, 10 ** 4, sms) is None
+    # merged by default: W3 always; W5 / W6 from BLOCK_M 16, at BLOCK_M 8 where the grid fits 3 per SM
+    if set(mm.MMA_HB_BITS) == {3, 5, 6}:
+        assert mm.hb_default(3, 8, 10 ** 4, sms) and mm.hb_default(6, 16, 10 ** 4, sms)
+        assert mm.hb_default(5, 8, 384, sms) and not mm.hb_default(5, 8, 448, sms)
+    assert not mm.hb_default(4, 16, 1, sms) and not mm.hb_default(7, 16, 1, sms)
 
 
 def test_launcher_config_and_applicability():
@@ -461,7 +466,7 @@ def test_matches_reference(bits, M, group):
     _, _, split1, ks1 = mm.mma_config(1, N, K, pw.group_size, qm._num_sms(x.device), bits=bits)
     m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (qm.MMA_M1_KS and bits in qm.MMA_M1_KS_BITS
                                                           and ks1 > 1)
-    w3_m1 = (bits == 3 and mm.MMA_W3_HB and qm.MMA_W3_M1 and qm.MMA_MODE == "2"
+    w3_m1 = (bits in mm.MMA_HB_BITS and qm.MMA_W3_M1 and qm.MMA_MODE == "2"
              and N * ks1 // 128 * split1 <= mm.MMA_W3_HB_PER_SM * qm._num_sms(x.device))
     m1 = m1 or w3_m1
     if bits == 8 and qm.MMA_MODE == "2":
