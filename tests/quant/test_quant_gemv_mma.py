@@ -516,3 +516,39 @@ def test_w8_float16_mma_keeps_large_and_small_x(magnitude):
     y = quant_matmul(x, pw, path="mma")
     assert torch.isfinite(y).all()
     assert (y.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("bits", sorted(mm.MMA_HB_SLICES))
+def test_gpu_engine_merged_slices_generate_what_separate_slices_do(tmp_path, monkeypatch, bits):
+    """A uniform W3 / W5 / W6 model decoding at batch 1, 3 and 20 (M = 1, 3 and 20: pending sums on the
+    mma.sync kernel, W3 at M 20 on its wide route): with the second slice merged (HB, ``MMA_HB_BITS``) the
+    same greedy tokens and logprobs (within 0.1) as with separate slices; what differs is the order of the
+    float32 sums."""
+    from anybit import LLM, SamplingParams
+    from anybit.quant.quantize import quantize_model
+    from tests.model_factory import make_tiny_model
+
+    dense = make_tiny_model(tmp_path / "llama", hidden_size=512, intermediate_size=1024,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=128, num_layers=2,
+                            dtype="bfloat16")
+    model = quantize_model(dense, tmp_path / f"w{bits}", bits=bits, group_size=128, progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    texts = [f"Item {i}: the quick brown fox" if i % 2 else f"def f{i}(n):" for i in range(20)]
+    outs = {}
+    for merged in (False, True):
+        on = tuple(sorted(mm.MMA_HB_SLICES)) if merged else ()
+        monkeypatch.setattr(mm, "MMA_HB_BITS", on)
+        monkeypatch.setattr(qm, "MMA_HB_BITS", on)
+        monkeypatch.setattr(qm, "MMA_W3_HB", merged)
+        llm = LLM(str(model), dtype="bfloat16", device="cuda", kv_cache_memory=64 << 20, progress=False)
+        outs[merged] = [[(r.token_ids, [d[t] for t, d in zip(r.token_ids, r.logprobs, strict=True)])
+                         for r in (o.outputs[0] for o in llm.generate(texts[:n], params))]
+                        for n in (1, 3, 20)]
+        del llm
+    for (tok0, lp0), (tok1, lp1) in zip(sum(outs[False], []), sum(outs[True], []), strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(tok0, tok1, strict=True)) if a != b), len(tok0))
+        last = min(same + 1, len(tok0))  # up to the first differing token, whose two choices were near-tied
+        diff = max(abs(a - b) for a, b in zip(lp0[:last], lp1[:last], strict=True))
+        assert same >= 2 and diff < 0.1, (bits, tok0, tok1, lp0, lp1)
