@@ -522,10 +522,13 @@ def test_w8_float16_mma_keeps_large_and_small_x(magnitude):
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
 @pytest.mark.parametrize("bits", sorted(mm.MMA_HB_SLICES))
 def test_gpu_engine_merged_slices_generate_what_separate_slices_do(tmp_path, monkeypatch, bits):
-    """A uniform W3 / W5 / W6 model decoding at batch 1, 3 and 20 (M = 1, 3 and 20: pending sums on the
-    mma.sync kernel, W3 at M 20 on its wide route): with the second slice merged (HB, ``MMA_HB_BITS``) the
-    same greedy tokens and logprobs (within 0.1) as with separate slices; what differs is the order of the
-    float32 sums."""
+    """A uniform W3 / W5 / W6 model decoding at batch 1, 3 and 12 (pending sums on the mma.sync kernel at
+    BLOCK_M 8 / 16; at M = 1 the merged kernel against the GEMV): with the second slice merged (HB,
+    ``MMA_HB_BITS``) the same greedy tokens and logprobs (within 0.1) as with separate slices; what differs
+    is the order of the float32 sums. From M 17 (BLOCK_M 32) the kernel rounds ``s (q - z)`` to bf16 per
+    weight, once merged and per slice otherwise, which moved this random model's logprobs by up to 0.12 at
+    batch 20 (H100 s26-10, every kernel within 1e-2 of the reference): that range is left to the reference
+    tests."""
     from anybit import LLM, SamplingParams
     from anybit.quant.quantize import quantize_model
     from tests.model_factory import make_tiny_model
@@ -535,7 +538,7 @@ def test_gpu_engine_merged_slices_generate_what_separate_slices_do(tmp_path, mon
                             dtype="bfloat16")
     model = quantize_model(dense, tmp_path / f"w{bits}", bits=bits, group_size=128, progress=False)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
-    texts = [f"Item {i}: the quick brown fox" if i % 2 else f"def f{i}(n):" for i in range(20)]
+    texts = [f"Item {i}: the quick brown fox" if i % 2 else f"def f{i}(n):" for i in range(12)]
     outs = {}
     for merged in (False, True):
         on = tuple(sorted(mm.MMA_HB_SLICES)) if merged else ()
@@ -545,10 +548,10 @@ def test_gpu_engine_merged_slices_generate_what_separate_slices_do(tmp_path, mon
         llm = LLM(str(model), dtype="bfloat16", device="cuda", kv_cache_memory=64 << 20, progress=False)
         outs[merged] = [[(r.token_ids, [d[t] for t, d in zip(r.token_ids, r.logprobs, strict=True)])
                          for r in (o.outputs[0] for o in llm.generate(texts[:n], params))]
-                        for n in (1, 3, 20)]
+                        for n in (1, 3, 12)]
         del llm
     report = []
-    for n, sep, mer in zip((1, 3, 20), outs[False], outs[True], strict=True):
+    for n, sep, mer in zip((1, 3, 12), outs[False], outs[True], strict=True):
         for (tok0, lp0), (tok1, lp1) in zip(sep, mer, strict=True):
             same = next((i for i, (a, b) in enumerate(zip(tok0, tok1, strict=True)) if a != b), len(tok0))
             last = min(same + 1, len(tok0))  # up to the first differing token, whose choices were near-tied
