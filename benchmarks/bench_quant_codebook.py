@@ -106,6 +106,28 @@ def variants(M: int):
     return v
 
 
+def check_call(log, what: str, call, x, pw, ref) -> tuple[float, bool, bool]:
+    """One correctness check: ``call(x, pw)`` twice against ``ref``; returns (relative error, the two calls
+    gave the same bits, ok = error < 1e-2 and the same bits), logging errors and failures under ``what``."""
+    try:
+        y, y2 = call(x, pw), call(x, pw)
+        err = float((y.float() - ref).norm() / ref.norm())
+        same = bool(torch.equal(y, y2))
+    except Exception as e:  # noqa: BLE001
+        log(f"ERROR {what}: {type(e).__name__}: {str(e)[:300]}")
+        err, same = float("inf"), False
+    ok = err < 1e-2 and same
+    if not ok:
+        log(f"FAIL {what}: rel err {err:.3e} repeat_equal {same}")
+    return err, same, ok
+
+
+def correctness_note(rows: list[dict]) -> str:
+    """The results' note on ``check_call`` rows."""
+    return (f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)} checks against ref_quant_matmul passed "
+            f"(rel err < 1e-2, repeat-equal), max {max(r['rel_err'] for r in rows):.2e}")
+
+
 def check(log, formats) -> list[dict]:
     rows = []
     torch.manual_seed(0)
@@ -120,20 +142,10 @@ def check(log, formats) -> list[dict]:
                 for name, call in variants(M):
                     if name == "mma_acc":
                         continue
-                    try:
-                        y, y2 = call(x, pw), call(x, pw)
-                        err = float((y.float() - ref).norm() / ref.norm())
-                        same = bool(torch.equal(y, y2))
-                    except Exception as e:  # noqa: BLE001
-                        log(f"ERROR {fmt} K{bits_K} M{M} {name}: {type(e).__name__}: {str(e)[:300]}")
-                        err, same = float("inf"), False
-                    ok = err < 1e-2 and same
+                    err, same, ok = check_call(log, f"{fmt} K{bits_K} M{M} {name}", call, x, pw, ref)
                     rows.append(dict(fmt=fmt, K=bits_K, M=M, variant=name, rel_err=err, repeat_equal=same,
                                      ok=ok))
-                    if not ok:
-                        log(f"FAIL {fmt} K{bits_K} M{M} {name}: rel err {err:.3e} repeat_equal {same}")
-    log(f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
-        f"{max(r['rel_err'] for r in rows):.2e}")
+    log(correctness_note(rows))
     return rows
 
 
@@ -171,11 +183,31 @@ def compact(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bf16_weights(N: int, K: int) -> list[torch.Tensor]:
+    """bf16 ``[N, K]`` weight copies for the cuBLAS reference, > 150 MB together (``copies_for``)."""
+    copies = copies_for(N * K * 2)
+    return [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+
+
+def grid_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the layer-shape benchmarks: --ms (comma list), --shapes (NxK, comma list), --out."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--ms", default=None)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--out", default=None)
+    return ap
+
+
+def grid_args(args, ms_default, shapes_default, out_name: str):
+    """(ms, shapes, out path) from ``grid_parser``'s options (out: under $OUT by default)."""
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else ms_default
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+              else shapes_default)
+    return ms, shapes, args.out or os.path.join(os.environ.get("OUT", "."), out_name)
+
+
+def main() -> int:
+    ap = grid_parser(__doc__)
     ap.add_argument("--formats", default=None, help="comma list of format:bits:group (default "
                     "nf4:4:64,fp4:4:128,learned:4:128)")
     args = ap.parse_args()
@@ -185,9 +217,7 @@ def main() -> int:
         if len({label(f, b) for f, b, _ in formats}) != len(formats):
             ap.error(f"--formats: each format and width once per run (rows are named by them), got "
                      f"{args.formats}")
-    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    out = args.out or os.path.join(os.environ.get("OUT", "."), "quant_codebook.json")
+    ms, shapes, out = grid_args(args, MS, SHAPES, "quant_codebook.json")
     logs: list[str] = []
 
     def log(msg):
@@ -198,8 +228,7 @@ def main() -> int:
     corr = check(log, formats)
     rows = []
     for N, K in shapes:
-        R = copies_for(N * K * 2)
-        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
+        Ws = bf16_weights(N, K)
         uni = [random_packed(N, K, 4) for _ in range(copies_for(N * K // 2))]
         uni64 = [random_packed(N, K, 4, G=64) for _ in range(copies_for(N * K // 2))]
         uni_low = {b: [random_packed(N, K, b) for _ in range(copies_for(N * K * b // 8))]
@@ -209,7 +238,7 @@ def main() -> int:
         groups = {label(fmt, b): G for fmt, b, G in formats}
         for M in ms:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(24)]
-            t_cub = graph_time_us([lambda x=xs[i % 24], w=Ws[i]: F.linear(x, w) for i in range(R)])
+            t_cub = graph_time_us([lambda x=xs[i % 24], w=w: F.linear(x, w) for i, w in enumerate(Ws)])
             shape = f"{N}x{K}"
             rows.append(dict(shape=shape, M=M, fmt="bf16", method="cublas_bf16", time_us=t_cub, speedup=1.0))
             t = graph_time_us([lambda x=xs[i % 24], p=p: quant_matmul(x, p) for i, p in enumerate(uni)])
@@ -258,9 +287,7 @@ def main() -> int:
                       "split count of 3 programs per SM, u2_noxp: unrolled, x not loaded ahead); *_x = x "
                       "cuBLAS bf16; uniform = W4 g128 / g64 "
                       "(uniform_w2 / _w3: W2 / W3 g128) through the launcher; per-call rows under 'detail'",
-                      f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against "
-                      f"ref_quant_matmul passed (rel err < 1e-2, repeat-equal), max "
-                      f"{max(r['rel_err'] for r in corr):.2e}"],
+                      correctness_note(corr)],
             "correctness": corr,
         }
         with open(out, "w") as f:

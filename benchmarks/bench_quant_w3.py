@@ -12,10 +12,6 @@ data (relative error < 1e-2, a second call gives the same bits).
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +25,18 @@ sys.path.insert(0, str(ROOT))
 from anybit.kernels.quant_gemv_mma import quant_gemv_mma  # noqa: E402
 from anybit.kernels.quant_matmul import quant_matmul, ref_quant_matmul  # noqa: E402
 from anybit.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
+from benchmarks.bench_quant_codebook import (  # noqa: E402
+    SHAPES,
+    bf16_weights,
+    check_call,
+    correctness_note,
+    grid_args,
+    grid_parser,
+)
 from benchmarks.bench_quant_matmul import _pending_acc, copies_for, graph_time_us, random_packed  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 
-SHAPES = [(4096, 14336), (14336, 4096), (6144, 4096)]
-MS = [1, 4, 8, 16, 24, 32]
+MS = [1, 4, 8, 16, 24, 32]  # SHAPES: the codebook benchmark's layer shapes
 COLUMNS = ["shape", "M", "bits", "cublas_us", "auto_us", "auto_x", "two_us", "hb_us", "hb_nocap_us",
            "hb_u2_us", "hb_cap128_us", "acc_two_us", "acc_hb_us", "acc_hb_nocap_us", "hb_vs_two",
            "acc_hb_vs_two"]
@@ -73,19 +77,9 @@ def check(log, bits: int) -> list[dict]:
             for name, call in variants(M):
                 if name.startswith("acc"):
                     continue
-                try:
-                    y, y2 = call(x, pw), call(x, pw)
-                    err = float((y.float() - ref).norm() / ref.norm())
-                    same = bool(torch.equal(y, y2))
-                except Exception as e:  # noqa: BLE001
-                    log(f"ERROR K{K} M{M} {name}: {type(e).__name__}: {str(e)[:300]}")
-                    err, same = float("inf"), False
-                ok = err < 1e-2 and same
+                err, same, ok = check_call(log, f"K{K} M{M} {name}", call, x, pw, ref)
                 rows.append(dict(K=K, M=M, variant=name, rel_err=err, repeat_equal=same, ok=ok))
-                if not ok:
-                    log(f"FAIL K{K} M{M} {name}: rel err {err:.3e} repeat_equal {same}")
-    log(f"correctness: {sum(r['ok'] for r in rows)}/{len(rows)} ok, max rel err "
-        f"{max(r['rel_err'] for r in rows):.2e}")
+    log(correctness_note(rows))
     return rows
 
 
@@ -106,16 +100,11 @@ def compact(detail: list[dict], bits: int) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ms", default=None)
-    ap.add_argument("--shapes", default=None)
-    ap.add_argument("--out", default=None)
+    ap = grid_parser(__doc__)
     ap.add_argument("--bits", type=int, default=3, choices=(3, 5, 6))
     args = ap.parse_args()
     bits = args.bits
-    ms = [int(m) for m in args.ms.split(",")] if args.ms else MS
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    out = args.out or os.path.join(os.environ.get("OUT", "."), "quant_w3.json")
+    ms, shapes, out = grid_args(args, MS, SHAPES, "quant_w3.json")
 
     def log(msg):
         print(msg, flush=True)
@@ -124,13 +113,12 @@ def main() -> int:
     corr = check(log, bits)
     detail = []
     for N, K in shapes:
-        R = copies_for(N * K * 2)
-        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
+        Ws = bf16_weights(N, K)
         w3 = [random_packed(N, K, bits) for _ in range(copies_for(N * K * bits // 8))]
         shape = f"{N}x{K}"
         for M in ms:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(24)]
-            t_cub = graph_time_us([lambda x=xs[i % 24], w=Ws[i]: F.linear(x, w) for i in range(R)])
+            t_cub = graph_time_us([lambda x=xs[i % 24], w=w: F.linear(x, w) for i, w in enumerate(Ws)])
             detail.append(dict(shape=shape, M=M, method="cublas_bf16", time_us=t_cub))
             for name, call in variants(M):
                 try:
@@ -144,28 +132,17 @@ def main() -> int:
         del Ws, w3
         torch.cuda.empty_cache()
         log(f"after {shape}: {time.time() - t0:.0f}s")
-    result = {
-        "benchmark": "quant_w3",
-        "title": f"uniform W{bits} g128: the second slice merged into the first's conversion (HB) vs "
-                 "separate slices and cuBLAS bf16",
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "columns": COLUMNS,
-        "rows": compact(detail, bits),
-        "detail": detail,
-        "notes": ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB) and 24 "
-                  "rotating inputs, divided by R; auto = quant_matmul's choice; two / hb = quant_gemv_mma "
-                  "with the second slice as its own chain / merged (high_bits); *_nocap: merged without the "
-                  "launcher's BLOCK_M 8 register cap; hb_cap128: merged under a 128-register cap; hb_u2: "
-                  "merged, loop unrolled by two, x from global memory; acc_*: adding into a pending float32 "
-                  "sum; *_vs_two = two's time / hb's",
-                  f"correctness: {sum(r['ok'] for r in corr)}/{len(corr)} checks against ref_quant_matmul "
-                  f"passed (rel err < 1e-2, repeat-equal), max {max(r['rel_err'] for r in corr):.2e}"],
-        "correctness": corr,
-    }
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    notes = ["time: median of 20 CUDA-graph replays of R calls over R weight copies (> 150 MB) and 24 "
+             "rotating inputs, divided by R; auto = quant_matmul's choice; two / hb = quant_gemv_mma with "
+             "the second slice as its own chain / merged (high_bits); *_nocap: merged without the launcher's "
+             "BLOCK_M 8 register cap; hb_cap128: merged under a 128-register cap; hb_u2: merged, loop "
+             "unrolled by two, x from global memory; acc_*: adding into a pending float32 sum; *_vs_two = "
+             "two's time / hb's",
+             correctness_note(corr)]
+    title = (f"uniform W{bits} g128: the second slice merged into the first's conversion (HB) vs separate "
+             "slices and cuBLAS bf16")
+    write_result(Path(out).stem, title, COLUMNS, compact(detail, bits), notes, out_dir=str(Path(out).parent),
+                 detail=detail, correctness=corr)
     return 0
 
 

@@ -78,22 +78,31 @@ def _mma_asm(bits: int, scaled: bool = False) -> str:
         return "\n".join(lines + ["}"])
     lines = ["{", ".reg .b32 t, u, z0, k, c, s0, n0;", f"mov.b32 z0, {{{zh}, {zh}}};"] + head
     for p in range(P // 2):
-        shift, f = _pair_layout(bits, p, True)
-        mask = ((1 << bits) - 1) << (f * bits)
-        src = w
-        if shift:
-            lines.append(f"shr.u32 u, {w}, {shift};")
-            src = "u"
-        lines.append(f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;")
-        sc = 2.0 ** (-f * bits)
-        if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
-            lines += [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
-                      "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};",
-                      "fma.rn.bf16x2 t, t, k, c;"]
-        else:
-            lines += [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
-        lines += scale + [f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;"]
+        low, f = _pair_low_bits(w, bits, p)
+        lines += low + _pair_minus_zero(bits, f) + scale + [f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;"]
     return "\n".join(lines + ["}"])
+
+
+def _pair_low_bits(w: str, bits: int, p: int) -> tuple[list[str], int]:
+    """PTX: pair p's codes of the b-bit word ``w`` into ``t`` as bf16 ``128 + q 2^(f b)`` (``_pair_layout``:
+    a shift into ``u`` where needed, then ``lop3 (w & mask) | 0x4300``); returns the lines and f."""
+    shift, f = _pair_layout(bits, p, True)
+    mask = ((1 << bits) - 1) << (f * bits)
+    lines, src = [], w
+    if shift:
+        lines.append(f"shr.u32 u, {w}, {shift};")
+        src = "u"
+    lines.append(f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;")
+    return lines, f
+
+
+def _pair_minus_zero(bits: int, f: int) -> list[str]:
+    """PTX: ``t`` (bf16 ``128 + q 2^(f b)``) -> ``q - z`` exactly, by one ``fma`` with z0 = ``-(128 + z)``."""
+    sc = 2.0 ** (-f * bits)
+    if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
+        return [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
+                "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};", "fma.rn.bf16x2 t, t, k, c;"]
+    return [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
 
 
 def _mma_hb_asm(lo: int, hi: int, scaled: bool = False) -> str:
@@ -118,28 +127,17 @@ def _mma_hb_asm(lo: int, hi: int, scaled: bool = False) -> str:
     else:
         lines += [f"shl.b32 v, {hb}, {move};", f"lop3.b32 hs, {hb}, v, 0x0000FFFF, 0xE4;"]  # c ? a : b
     for p in range(P // 2):
-        shift, f = _pair_layout(lo, p, True)
-        mask = ((1 << lo) - 1) << (lo * f)
+        low, f = _pair_low_bits(w, lo, p)
         top = lo * f + lo  # the high bits' place in the field
         assert top + hi <= 7
-        src = w
-        if shift:
-            lines.append(f"shr.u32 u, {w}, {shift};")
-            src = "u"
-        lines.append(f"lop3.b32 t, {src}, 0x{mask | mask << 16:08X}, 0x43004300, 0xEA;")
+        lines += low
         d, hsrc = hi * p - top, "hs"  # code p's high bits from bit hi p to bit top
         if d:
             lines.append(f"shr.u32 v, hs, {d};" if d > 0 else f"shl.b32 v, hs, {-d};")
             hsrc = "v"
         hmask = ((1 << hi) - 1) << top
         lines.append(f"lop3.b32 t, {hsrc}, 0x{hmask | hmask << 16:08X}, t, 0xEA;")
-        sc = 2.0 ** (-lo * f)
-        if f:  # -(128 sc + z) = -(128 + z) + 128 (1 - sc), exact in bf16
-            lines += [f"mov.b32 k, {_half2(128.0 * (1.0 - sc), True)};", f"mov.b32 c, {_half2(1.0, True)};",
-                      "fma.rn.bf16x2 c, z0, c, k;", f"mov.b32 k, {_half2(sc, True)};",
-                      "fma.rn.bf16x2 t, t, k, c;"]
-        else:
-            lines += [f"mov.b32 k, {_half2(1.0, True)};", "fma.rn.bf16x2 t, t, k, z0;"]
+        lines += _pair_minus_zero(lo, f)
         if scaled:
             lines.append("fma.rn.bf16x2 t, t, s0, n0;")
         lines.append(f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, t;")

@@ -28,6 +28,18 @@ def _f16_bits(v: float) -> int:
     return int(torch.tensor([v], dtype=torch.float16).view(torch.int16)[0]) & 0xFFFF
 
 
+def _trial_codes(g, bits: int, n: int, trial: int) -> tuple[list[int], int]:
+    """n random b-bit codes and a zero point; trials 0 and 1 are the extremes (all codes 2^b - 1 with zero
+    point 0, all 0 with 2^b - 1)."""
+    q = torch.randint(0, 2 ** bits, (n,), generator=g).tolist()
+    z = int(torch.randint(0, 2 ** bits, (1,), generator=g))
+    if trial == 0:
+        return [2 ** bits - 1] * n, 0
+    if trial == 1:
+        return [0] * n, 2 ** bits - 1
+    return q, z
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
     """Output 2 p + h = bf16 bits of ``q_j - z`` for code j = p + h P / 2 of the word (the two
@@ -41,12 +53,7 @@ def test_ptx_gives_exact_codes_minus_zero_in_pair_order(bits):
     else:
         half, zin = _bf16_bits, lambda z: _bf16_bits(-(128.0 + z))
     for trial in range(60):
-        q = torch.randint(0, 2 ** bits, (P,), generator=g).tolist()
-        z = int(torch.randint(0, 2 ** bits, (1,), generator=g))
-        if trial == 0:
-            q, z = [2 ** bits - 1] * P, 0
-        elif trial == 1:
-            q, z = [0] * P, 2 ** bits - 1
+        q, z = _trial_codes(g, bits, P, trial)
         word = sum(c << (i * bits) for i, c in enumerate(q))
         got = _emulate_word(asm, word, zin(z))
         want = [half(float(q[p + h * P // 2] - z)) for p in range(P // 2) for h in range(2)]
@@ -65,12 +72,7 @@ def test_ptx_merges_high_bits_in_pair_order(bits, scaled):
     g = torch.Generator().manual_seed(bits + 10 * scaled)
     asm = mm._mma_hb_asm(lo, hi, scaled)
     for trial in range(80):
-        q = torch.randint(0, 2 ** bits, (P,), generator=g).tolist()
-        z = int(torch.randint(0, 2 ** bits, (1,), generator=g))
-        if trial == 0:
-            q, z = [2 ** bits - 1] * P, 0
-        elif trial == 1:
-            q, z = [0] * P, 2 ** bits - 1
+        q, z = _trial_codes(g, bits, P, trial)
         word = sum((c % 2 ** lo) << (lo * j) for j, c in enumerate(q))
         junk = int(torch.randint(0, 2 ** (32 - hi * P), (1,), generator=g)) << (hi * P)
         high = sum((c >> lo) << (hi * j) for j, c in enumerate(q)) | junk
