@@ -67,15 +67,16 @@ def g2_variants(M: int):
     return [("mma_g2", g2(True)), ("mma_g1", g2(False))]
 
 
-def _unrolled_3sm(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
-    """The unrolled loop at BLOCK_M 8 with ks and split chosen for 3 resident programs per SM."""
+def _unrolled_3sm(x: torch.Tensor, p: PackedWeight, **kw) -> torch.Tensor:
+    """The unrolled loop at BLOCK_M 8 with ks and split chosen for 3 resident programs per SM (``kw``: more
+    ``quant_gemv_mma`` keywords, e.g. ``unroll2=False``)."""
     M, K = x.shape
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     per_sm = {**MMA_PROGRAMS_PER_SM, 8: 3}
     _, _, split, ks = mma_config(M, p.out_features, K, p.group_size, sms, per_sm=per_sm, bits=p.bits,
                                  g2=g2_applies(p, M))
     y = torch.empty(M, p.out_features, dtype=x.dtype, device=x.device)
-    return quant_gemv_mma(x, p, y, unroll2=True, ks=ks, split_k=split)
+    return quant_gemv_mma(x, p, y, ks=ks, split_k=split, **{"unroll2": True, **kw})
 
 
 def variants(M: int):
