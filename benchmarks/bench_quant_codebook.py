@@ -75,7 +75,7 @@ def _unrolled_3sm(x: torch.Tensor, p: PackedWeight, **kw) -> torch.Tensor:
     per_sm = {**MMA_PROGRAMS_PER_SM, 8: 3}
     _, _, split, ks = mma_config(M, p.out_features, K, p.group_size, sms, per_sm=per_sm, bits=p.bits,
                                  g2=g2_applies(p, M))
-    y = torch.empty(M, p.out_features, dtype=x.dtype, device=x.device)
+    y = None if "acc" in kw else torch.empty(M, p.out_features, dtype=x.dtype, device=x.device)
     return quant_gemv_mma(x, p, y, ks=ks, split_k=split, **{"unroll2": True, **kw})
 
 

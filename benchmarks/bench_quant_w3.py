@@ -39,8 +39,8 @@ from benchmarks.common import write_result  # noqa: E402
 
 MS = [1, 4, 8, 16, 24, 32]  # SHAPES: the codebook benchmark's layer shapes
 COLUMNS = ["shape", "M", "bits", "cublas_us", "auto_us", "auto_x", "two_us", "hb_us", "hb_nocap_us",
-           "hb_u2_us", "hb_cap128_us", "hb_3sm_us", "hb_u2_3sm_us", "acc_two_us", "acc_hb_us",
-           "acc_hb_nocap_us", "hb_vs_two", "acc_hb_vs_two"]
+           "hb_u2_us", "hb_cap128_us", "hb_3sm_us", "hb_u2_3sm_us", "acc_hb_u2_3sm_us", "acc_two_us",
+           "acc_hb_us", "acc_hb_nocap_us", "hb_vs_two", "acc_hb_vs_two"]
 
 
 def _y(x, p):
@@ -58,7 +58,9 @@ def variants(M: int):
          ("acc_hb", lambda x, p: quant_gemv_mma(x, p, None, acc=_pending_acc(x, p), high_bits=True))]
     if M == 1:  # merged, ks and split for 3 programs per SM (uncapped: 164-168 registers), plain / unrolled
         v += [("hb_3sm", lambda x, p: _unrolled_3sm(x, p, unroll2=False, high_bits=True, max_registers=0)),
-              ("hb_u2_3sm", lambda x, p: _unrolled_3sm(x, p, high_bits=True, max_registers=0))]
+              ("hb_u2_3sm", lambda x, p: _unrolled_3sm(x, p, high_bits=True, max_registers=0)),
+              ("acc_hb_u2_3sm", lambda x, p: _unrolled_3sm(x, p, high_bits=True, max_registers=0,
+                                                           acc=_pending_acc(x, p)))]
     if M <= 8:
         v += [("hb_nocap", lambda x, p: quant_gemv_mma(x, p, _y(x, p), high_bits=True, max_registers=0)),
               ("hb_cap128", lambda x, p: quant_gemv_mma(x, p, _y(x, p), high_bits=True, max_registers=128)),
@@ -97,7 +99,7 @@ def compact(detail: list[dict], bits: int) -> list[dict]:
         out.append(dict(shape=shape, M=M, bits=bits, cublas_us=cub, auto_us=g("auto"), auto_x=cub / g("auto"),
                         two_us=g("two"), hb_us=g("hb"), hb_nocap_us=g("hb_nocap"), hb_u2_us=g("hb_u2"),
                         hb_cap128_us=g("hb_cap128"), hb_3sm_us=g("hb_3sm"),
-                        hb_u2_3sm_us=g("hb_u2_3sm"),
+                        hb_u2_3sm_us=g("hb_u2_3sm"), acc_hb_u2_3sm_us=g("acc_hb_u2_3sm"),
                         acc_two_us=g("acc_two"), acc_hb_us=g("acc_hb"), acc_hb_nocap_us=g("acc_hb_nocap"),
                         hb_vs_two=g("two") / g("hb"),
                         acc_hb_vs_two=g("acc_two") / g("acc_hb")))
@@ -141,7 +143,8 @@ def main() -> int:
              "rotating inputs, divided by R; auto = quant_matmul's choice; two / hb = quant_gemv_mma with "
              "the second slice as its own chain / merged (high_bits); *_nocap: merged without the launcher's "
              "BLOCK_M 8 register cap; hb_3sm / hb_u2_3sm (M = 1): merged with ks and split for 3 programs "
-             "per SM, loop plain / unrolled; hb_cap128: merged under a 128-register cap; hb_u2: merged, loop "
+             "per SM, loop plain / unrolled (acc_hb_u2_3sm: as pending sums); hb_cap128: merged under a "
+             "128-register cap; hb_u2: merged, loop "
              "unrolled by two, x from global memory; acc_*: adding into a pending float32 sum; *_vs_two = "
              "two's time / hb's",
              correctness_note(corr)]
