@@ -1216,6 +1216,13 @@ MMA_HB_BITS = (3,) * MMA_W3_HB + (5, 6) * (os.environ.get("ANYBIT_MMA_HB56", "1"
 # 9.9 (the MLP shapes' grids do not fit: 16.1 / 16.0, 17.5 / 17.3 at M 4).
 MMA_W3_HB_MAX_REGISTERS = 128
 MMA_W3_HB_PER_SM = 3
+# W6 at M = 1 where the default grid does not fit 3 programs per SM: merged and unrolled on a grid sized for
+# 3 per SM (ks and split from ``mma_config`` with 3 programs per SM at BLOCK_M 8), uncapped. H100 s26-13 /
+# s26-14 (quant_hb_m1_w6_*, us, this / the GEMV, three runs): 4096x14336 20.3, 20.9, 20.5 / 21.8, 22.5,
+# 21.5; 14336x4096 21.0, 21.2, 20.5 / 23.0, 23.0, 22.3; as pending sums 21.4, 20.5 and 20.7, 20.4 (the
+# GEMV's pending time not measured alongside, so "auto" takes it for calls writing y only). W3 and W5 were
+# slower this way.
+MMA_HB_GRID3_BITS = (6,)
 
 
 def hb_default(bits: int, bm: int, programs: int, sms: int) -> bool:
@@ -1490,6 +1497,12 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     # as a slice of its own
     cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
     hb_auto = hb_default(bits, bm, N * ks_auto // 128 * split, sms)
+    defaults = high_bits is None and unroll2 is None and ks is None and split_k is None and cap is None
+    if defaults and not cb and M == 1 and not hb_auto and bits in MMA_HB_GRID3_BITS and bits in MMA_HB_BITS:
+        # merged and unrolled on a grid sized for the 3 programs per SM its registers allow
+        per_sm = {**MMA_PROGRAMS_PER_SM, 8: MMA_W3_HB_PER_SM}
+        bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits, g2=g2_ok)
+        hb_auto, unroll2 = True, True
     hb = not cb and bits in MMA_HB_SLICES and (hb_auto if high_bits is None else high_bits)
     if high_bits and not hb:
         raise ValueError(f"quant_gemv_mma: high_bits needs a uniform weight of {sorted(MMA_HB_SLICES)} bits, "

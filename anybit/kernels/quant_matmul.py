@@ -50,6 +50,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
 from anybit.kernels.quant_gemv_mma import (
     MMA_BITS,
     MMA_HB_BITS,
+    MMA_HB_GRID3_BITS,
     MMA_W3_HB,
     MMA_W3_HB_PER_SM,
     g2_applies,
@@ -600,7 +601,8 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
         if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU
             return not pending and MMA_W8_M1 and ks > 1 and split == 1
         if packed.bits in MMA_HB_BITS and MMA_W3_M1:  # merged W3 / W5 / W6 where the grid fits 3 per SM
-            return packed.out_features * ks // 128 * split <= MMA_W3_HB_PER_SM * _num_sms(x.device)
+            fits = packed.out_features * ks // 128 * split <= MMA_W3_HB_PER_SM * _num_sms(x.device)
+            return fits or (not pending and packed.bits in MMA_HB_GRID3_BITS)  # W6: on a 3-per-SM grid
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,

@@ -561,3 +561,29 @@ def test_gpu_engine_merged_slices_generate_what_separate_slices_do(tmp_path, mon
             report.append((n, same, round(diff, 4)))
     print(f"W{bits} (batch, equal tokens, logprob diff):", report)
     assert all(same >= 2 and diff < 0.1 for _, same, diff in report), report
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+def test_w6_at_m1_on_a_three_per_sm_grid():
+    """W6 at M = 1 on a weight whose default grid does not fit 3 programs per SM (14336 outputs): "auto"
+    writes y with the merged kernel, unrolled, on a grid sized for 3 per SM; the result matches the reference
+    and the same call with those settings spelled out."""
+    N, K = 14336, 1024
+    pw = _rtn(N, K, 6, 128, seed=6)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(6)).to("cuda", torch.bfloat16)
+    sms = qm._num_sms(x.device)
+    _, _, split0, ks0 = mm.mma_config(1, N, K, 128, sms, bits=6)
+    fits = N * ks0 // 128 * split0 <= 3 * sms  # 448 programs on an H100's 396 slots: no
+    on = 6 in mm.MMA_HB_BITS and qm.MMA_W3_M1 and qm.MMA_MODE == "2"
+    assert qm.mma_chosen(pw, 1, x) == on and qm.mma_chosen(pw, 1, x, pending=True) == (on and fits)
+    want = ref_quant_matmul(x.float(), pw)
+    y = quant_matmul(x, pw)
+    assert (y.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-3
+    if fits:
+        return
+    _, _, split, ks = mm.mma_config(1, N, K, 128, sms, per_sm={**mm.MMA_PROGRAMS_PER_SM, 8: 3}, bits=6)
+    assert N * ks // 128 * split <= 3 * sms
+    ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), ks=ks, split_k=split, unroll2=True, high_bits=True,
+                            max_registers=0)
+    assert torch.equal(mm.quant_gemv_mma(x, pw, torch.empty_like(y)), ref)
