@@ -30,7 +30,7 @@ class Goal:
 def _qm(bits: int, ms: tuple[int, ...]) -> Callable[[str, dict], bool]:
     """The launcher's rows at this width and these M; from the s16 lm_head file only what the newer lm_head
     files do not cover (W4: s20-6; the other widths at M >= 64: s21-5); W3 / W5 / W6 on the layer shapes from
-    s26-6 / s26-8."""
+    s26-6 / s26-15."""
     return lambda f, r: (r["method"] == "anybit" and r["bits"] == bits and r["M"] in ms
                          and not (f == "quant_matmul_s16_lm_head" and (bits == 4 or r["M"] >= 64))
                          and not (f == "quant_matmul_s23_7" and bits in (3, 5, 6)))
@@ -46,9 +46,9 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 # SM; W8: mma.sync at M 2..8 (y up to 4 since s23-11) and at M = 1 where no split-K is needed); lm_head: W4
 # from s20-6 (rws), the other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the goal cells'
 # routes did not change)
-# s26-6 / s26-8: W3 / W5 / W6 on the layer shapes after merging their second slice (M = 1 on the mma.sync
-# kernel for 6144x4096)
-QM = ("quant_matmul_s23_7", "quant_matmul_w3_s26_6", "quant_matmul_w56_s26_8", "quant_matmul_s20_6_lm_head",
+# s26-6 / s26-15: W3 / W5 / W6 on the layer shapes after merging their second slice (M = 1 on the mma.sync
+# kernel for 6144x4096, and for W6 writing y on the MLP shapes)
+QM = ("quant_matmul_s23_7", "quant_matmul_w3_s26_6", "quant_matmul_w56_s26_15", "quant_matmul_s20_6_lm_head",
       "quant_matmul_s21_5_lm_head", "quant_matmul_s16_lm_head")
 DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
 E2E = ("e2e_w4_s16_final",)
