@@ -569,6 +569,15 @@ if gluon is not None:
         return v >> (HW * P * (r % PER))[:, None]
 
     @gluon.jit
+    def _split_high_bits(w, z):
+        """``_load_tile``'s words joined with their codes' high bits ``[R, 128, 2]`` -> the words and the high
+        bits, both back in the words' layout (the parent of z's: the tile's zero points in column order), the
+        high bits already column-relabeled (``_relabel_cols``) like the words will be."""
+        WL: gl.constexpr = z.type.layout.parent
+        w, wh = gl.split(w)
+        return gl.convert_layout(w, WL), _relabel_cols(gl.convert_layout(wh, WL))
+
+    @gluon.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, N, G, k0, w_off, z_off, s_off, WL: gl.constexpr, R: gl.constexpr,
                    P: gl.constexpr, ZW: gl.constexpr = 0, SA: gl.constexpr = False, CB: gl.constexpr = 0,
                    G2: gl.constexpr = False, wh_off=0, HB: gl.constexpr = 0):
@@ -709,11 +718,8 @@ if gluon is not None:
         layout."""
         if CB:
             P: gl.constexpr = 32 // W0  # codes per word
-            if CB == 2:  # 3-bit codes: the 2-bit words and their codes' high bits, back in the words' layout
-                WLW: gl.constexpr = z.type.layout.parent  # z: zeros in column order (SliceLayout(0, WL))
-                w, wh = gl.split(w)
-                w = gl.convert_layout(w, WLW)
-                wh = _relabel_cols(gl.convert_layout(wh, WLW))
+            if CB == 2:  # 3-bit codes: the 2-bit words and their codes' high bits
+                w, wh = _split_high_bits(w, z)
             if SA:
                 sb, _ = gl.broadcast(s.to(gl.bfloat16)[None, :], w)
                 sb = _relabel_cols(sb)
@@ -754,11 +760,8 @@ if gluon is not None:
                 zb = (z.to(gl.float32) + 1024.0).to(gl.float16)[None, :]
             else:
                 zb = (-(z.to(gl.float32) + 128.0)).to(gl.bfloat16)[None, :]
-            if HB > 0:  # the lowest slice's words and their codes' high bits, back in the words' layout
-                WLW: gl.constexpr = z.type.layout.parent  # z: zero points in column order (of WL)
-                w, wh = gl.split(w)
-                w = gl.convert_layout(w, WLW)
-                wh = _relabel_cols(gl.convert_layout(wh, WLW))
+            if HB > 0:  # the lowest slice's words and their codes' high bits
+                w, wh = _split_high_bits(w, z)
             zb, _ = gl.broadcast(zb, w)
             if SA:
                 sb, _ = gl.broadcast(s.to(zb.dtype)[None, :], w)
@@ -1215,7 +1218,19 @@ MMA_HB_BITS = (3,) * MMA_W3_HB + (5, 6) * (os.environ.get("ANYBIT_MMA_HB56", "1"
 # pending sums (s26-5, uncapped / capped) the fitting grid wins at M 4 / 8 too: 6144x4096 7.3 / 9.5, 8.1 /
 # 9.9 (the MLP shapes' grids do not fit: 16.1 / 16.0, 17.5 / 17.3 at M 4).
 MMA_W3_HB_MAX_REGISTERS = 128
-MMA_W3_HB_PER_SM = 3
+# Programs per SM of the BLOCK_M 8 variants above 128 registers (merged W5 / W6 164-168, W3 164 with KS > 1,
+# 2-bit tables with G2 and XP 146; offline sm_90): the grid that still runs in one wave there.
+MMA_HEAVY_PER_SM = 3
+
+
+def grid_fits_heavy(programs: int, sms: int) -> bool:
+    """Whether a grid of ``programs`` runs in one wave at ``MMA_HEAVY_PER_SM`` programs per SM."""
+    return programs <= MMA_HEAVY_PER_SM * sms
+
+
+def grid_programs(N: int, ks: int, split: int) -> int:
+    """Programs of a launch: N ks / 128 tiles of 128 / ks columns, times the K split."""
+    return N * ks // 128 * split
 # W6 at M = 1 where the default grid does not fit 3 programs per SM: merged and unrolled on a grid sized for
 # 3 per SM (ks and split from ``mma_config`` with 3 programs per SM at BLOCK_M 8), uncapped. H100 s26-13 /
 # s26-14 (quant_hb_m1_w6_*, us, this / the GEMV, three runs): 4096x14336 20.3, 20.9, 20.5 / 21.8, 22.5,
@@ -1228,19 +1243,19 @@ MMA_HB_GRID3_BITS = (6,)
 def hb_default(bits: int, bm: int, programs: int, sms: int) -> bool:
     """Whether a uniform call merges its second slice by default (``MMA_HB_BITS``): W3 always (under
     ``bm8_register_cap``), W5 / W6 from BLOCK_M 16, and at BLOCK_M 8 where the grid's ``programs`` fit
-    ``MMA_W3_HB_PER_SM`` per SM."""
+    ``MMA_HEAVY_PER_SM`` per SM."""
     if bits not in MMA_HB_BITS:
         return False
-    return bits == 3 or bm > 8 or programs <= MMA_W3_HB_PER_SM * sms
+    return bits == 3 or bm > 8 or grid_fits_heavy(programs, sms)
 
 
 def bm8_register_cap(cb3: bool, hb: bool, M: int, programs: int, sms: int, acc: bool = False) -> int | None:
     """The ``maxnreg`` cap of a BLOCK_M 8 call that is not unrolled (None: none): 3-bit codebooks
     ``MMA_CB3_MAX_REGISTERS``; merged W3 (``hb``) ``MMA_W3_HB_MAX_REGISTERS`` unless its ``programs`` fit
-    ``MMA_W3_HB_PER_SM`` per SM at M = 1 or adding into a pending sum (``acc``)."""
+    ``MMA_HEAVY_PER_SM`` per SM at M = 1 or adding into a pending sum (``acc``)."""
     if cb3:
         return MMA_CB3_MAX_REGISTERS
-    if hb and not ((M == 1 or acc) and programs <= MMA_W3_HB_PER_SM * sms):
+    if hb and not ((M == 1 or acc) and grid_fits_heavy(programs, sms)):
         return MMA_W3_HB_MAX_REGISTERS
     return None
 MMA_CB_MAX_M = 64  # codebook weights: every BLOCK_M (32 / 64: table values times the scale, rounded once)
@@ -1325,7 +1340,6 @@ MMA_CB_XP = os.environ.get("ANYBIT_MMA_CB_XP", "1") != "0"
 # learned g64, M = 1, us with / without XP): 21.1 / 17.1 on 4096x14336 (512 programs), 17.8 / 15.1 on
 # 14336x4096 (448), 7.3 / 9.2 on 6144x4096 (384, on 132 x 3 slots). Groups of 128 (111 registers) keep it:
 # 14.6 / 18.9, 12.2 / 16.6, 7.7 / 9.8.
-MMA_CB_XP_G2_PER_SM = 3
 # Zero points (ZW 1), and scales too (ZW 2), loaded as int32 words of two f16 (the kernel's ZW). H100
 # s16-9: W4 level at M 1-16, W3 level; W2 10% faster at M 16 (21.8 -> 19.7, 22.8 -> 20.5 us) but 30%
 # slower at M 1. Default: 2 for W2 at BLOCK_M 16, else 0; env ANYBIT_MMA_ZW sets it for every call.
@@ -1352,10 +1366,10 @@ def ks_fits(ks: int, M: int, bm: int, K: int, G: int, bk: int) -> bool:
 def cb_x_prefetch(bits: int, bm: int, ks: int, g2: bool, programs: int, sms: int) -> bool:
     """Whether an unrolled codebook call loads x with its words two tiles ahead by default (the kernel's XP,
     ``MMA_CB_XP``): at BLOCK_M 16 or with ``ks`` > 1, but for 2-bit tables with two groups per tile (``g2``)
-    at BLOCK_M 8 only where the grid's ``programs`` fit ``MMA_CB_XP_G2_PER_SM`` per SM."""
+    at BLOCK_M 8 only where the grid's ``programs`` fit ``MMA_HEAVY_PER_SM`` per SM."""
     if not MMA_CB_XP or not (bm == 16 or ks > 1):
         return False
-    return not (g2 and bits == 2 and bm == 8) or programs <= MMA_CB_XP_G2_PER_SM * sms
+    return not (g2 and bits == 2 and bm == 8) or grid_fits_heavy(programs, sms)
 
 
 def mma_rows(M: int) -> int:
@@ -1496,11 +1510,11 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     # a 3-bit codebook's 1-bit slice enters the table lookup with the 2-bit words (the kernel's CB 2), not
     # as a slice of its own
     cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
-    hb_auto = hb_default(bits, bm, N * ks_auto // 128 * split, sms)
+    hb_auto = hb_default(bits, bm, grid_programs(N, ks_auto, split), sms)
     defaults = high_bits is None and unroll2 is None and ks is None and split_k is None and cap is None
     if defaults and not cb and M == 1 and not hb_auto and bits in MMA_HB_GRID3_BITS and bits in MMA_HB_BITS:
         # merged and unrolled on a grid sized for the 3 programs per SM its registers allow
-        per_sm = {**MMA_PROGRAMS_PER_SM, 8: MMA_W3_HB_PER_SM}
+        per_sm = {**MMA_PROGRAMS_PER_SM, 8: MMA_HEAVY_PER_SM}
         bm, bk, split, ks_auto = mma_config(M, N, K, G, sms, per_sm=per_sm, bits=bits, g2=g2_ok)
         hb_auto, unroll2 = True, True
     hb = not cb and bits in MMA_HB_SLICES and (hb_auto if high_bits is None else high_bits)
@@ -1550,11 +1564,12 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     u2_bm8 = MMA_W8_UNROLL2 if bits == 8 else cb and MMA_CB_UNROLL2 and (BK == 64 or bits == 2)
     u2_default = (MMA_UNROLL2[bm] and (not cb or MMA_CB_UNROLL2)) or (bm == 8 and u2_bm8)
     u2 = bool(u2_default and not (wb or xs or diag) if unroll2 is None else unroll2)
+    programs = grid_programs(N, ks, split)
     if max_registers is None and bm == 8 and not u2:  # the 4 programs per SM mma_config assumes
-        cap8 = bm8_register_cap(cbk == 2, hb and bits == 3, M, N * ks // 128 * split, sms, acc is not None)
+        cap8 = bm8_register_cap(cbk == 2, hb and bits == 3, M, programs, sms, acc is not None)
         if cap8:
             regs["maxnreg"] = cap8
-    xp_default = cb and cb_x_prefetch(bits, bm, ks, g2, N * ks // 128 * split, sms)
+    xp_default = cb and cb_x_prefetch(bits, bm, ks, g2, programs, sms)
     xp = bool(xp_default if x_prefetch is None else x_prefetch) and u2 and not (xw or xs)
     tiles = N * ks // 128
     mr = mma_rows(M) if ks > 1 else 0

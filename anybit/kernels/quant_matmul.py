@@ -52,8 +52,9 @@ from anybit.kernels.quant_gemv_mma import (
     MMA_HB_BITS,
     MMA_HB_GRID3_BITS,
     MMA_W3_HB,
-    MMA_W3_HB_PER_SM,
     g2_applies,
+    grid_fits_heavy,
+    grid_programs,
     mma_applies,
     mma_config,
     quant_gemv_mma,
@@ -565,8 +566,7 @@ MMA_WIDE_Y_BITS = (2, 4, 8)
 # W3 with its high bits merged (quant_gemv_mma's HB, one MMA chain) takes M 17..32 on every shape, writing y
 # too. H100 s26-4 (quant_w3_s26_4, M 32, us, merged writing y / pending against "auto" then, rws): 26.2 /
 # 22.8 against 32.8 on 4096x14336, 26.6 / 24.5 against 31.0 on 14336x4096, 18.0 / 13.7 against 19.4 on
-# 6144x4096.
-MMA_WIDE_HB = True
+# 6144x4096 (``mma_wide_chosen``; with ANYBIT_MMA_W3_HB=0 W3 follows the rule above).
 
 
 def mma_routes(bits: int, M: int = 2, pending: bool = False) -> bool:
@@ -580,7 +580,7 @@ def mma_wide_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
     """The M 17..MMA_WIDE_MAX_M rule above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N, K <= MMA_WIDE_MAX_K; writing
     y only for MMA_WIDE_Y_BITS)."""
     small = packed.out_features <= MMA_WIDE_MAX_N and packed.in_features <= MMA_WIDE_MAX_K
-    hb = MMA_WIDE_HB and MMA_W3_HB and packed.bits == 3  # merged W3: every shape, y too
+    hb = MMA_W3_HB and packed.bits == 3  # merged W3: every shape, y too
     return MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and (small or hb) and (pending or hb or packed.bits in
                                                                                MMA_WIDE_Y_BITS)
 
@@ -601,7 +601,7 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
         if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU
             return not pending and MMA_W8_M1 and ks > 1 and split == 1
         if packed.bits in MMA_HB_BITS and MMA_W3_M1:  # merged W3 / W5 / W6 where the grid fits 3 per SM
-            fits = packed.out_features * ks // 128 * split <= MMA_W3_HB_PER_SM * _num_sms(x.device)
+            fits = grid_fits_heavy(grid_programs(packed.out_features, ks, split), _num_sms(x.device))
             return fits or (not pending and packed.bits in MMA_HB_GRID3_BITS)  # W6: on a 3-per-SM grid
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:

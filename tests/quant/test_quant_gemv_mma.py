@@ -469,7 +469,7 @@ def test_matches_reference(bits, M, group):
     m1 = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (qm.MMA_M1_KS and bits in qm.MMA_M1_KS_BITS
                                                           and ks1 > 1)
     w3_m1 = (bits in mm.MMA_HB_BITS and qm.MMA_W3_M1 and qm.MMA_MODE == "2"
-             and N * ks1 // 128 * split1 <= mm.MMA_W3_HB_PER_SM * qm._num_sms(x.device))
+             and mm.grid_fits_heavy(mm.grid_programs(N, ks1, split1), qm._num_sms(x.device)))
     m1 = m1 or w3_m1
     if bits == 8 and qm.MMA_MODE == "2":
         m1 = qm.MMA_W8_M1 and ks1 > 1 and split1 == 1
@@ -574,7 +574,7 @@ def test_w6_at_m1_on_a_three_per_sm_grid():
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(6)).to("cuda", torch.bfloat16)
     sms = qm._num_sms(x.device)
     _, _, split0, ks0 = mm.mma_config(1, N, K, 128, sms, bits=6)
-    fits = N * ks0 // 128 * split0 <= 3 * sms  # 448 programs on an H100's 396 slots: no
+    fits = mm.grid_fits_heavy(mm.grid_programs(N, ks0, split0), sms)  # H100: 448 programs, 396 slots
     on = 6 in mm.MMA_HB_BITS and qm.MMA_W3_M1 and qm.MMA_MODE == "2"
     assert qm.mma_chosen(pw, 1, x) == on and qm.mma_chosen(pw, 1, x, pending=True) == (on and fits)
     want = ref_quant_matmul(x.float(), pw)
@@ -583,7 +583,7 @@ def test_w6_at_m1_on_a_three_per_sm_grid():
     if fits:
         return
     _, _, split, ks = mm.mma_config(1, N, K, 128, sms, per_sm={**mm.MMA_PROGRAMS_PER_SM, 8: 3}, bits=6)
-    assert N * ks // 128 * split <= 3 * sms
+    assert mm.grid_fits_heavy(mm.grid_programs(N, ks, split), sms)
     ref = mm.quant_gemv_mma(x, pw, torch.empty_like(y), ks=ks, split_k=split, unroll2=True, high_bits=True,
                             max_registers=0)
     assert torch.equal(mm.quant_gemv_mma(x, pw, torch.empty_like(y)), ref)

@@ -463,4 +463,4 @@ def test_x_prefetch_default_rule():
     for (N, K), keep in want.items():
         bm, bk, split, ks = mm.mma_config(1, N, K, 64, sms, bits=2, g2=True)
         assert (bm, bk) == (8, 128) and ks > 1
-        assert mm.cb_x_prefetch(2, bm, ks, True, N * ks // 128 * split, sms) == keep, (N, K)
+        assert mm.cb_x_prefetch(2, bm, ks, True, mm.grid_programs(N, ks, split), sms) == keep, (N, K)
