@@ -518,6 +518,11 @@ MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
 # 15.5. W5 / W6 likewise (s26-7, quant_hb_w*_s26_7, 6144x4096 merged / the GEMV: 9.8 / 11.1, 11.4 / 12.3).
 # Env ANYBIT_MMA_W3_M1=0: off.
 MMA_W3_M1 = os.environ.get("ANYBIT_MMA_W3_M1", "1") != "0"
+# Adding into a pending sum at M = 1 (the decode step), only W3 takes that rule: W5 / W6 there keep the
+# packed-half GEMV, whose pending form has no split-K ending. H100 s27-1 (quant_matmul_m1_pending_s27_1, us,
+# pending GEMV / pending mma.sync, the launcher's choice then) on 6144x4096: W5 9.1 / 9.8, W6 10.2 / 11.1, W3
+# 7.1 / 7.3 (level, kept). Env ANYBIT_MMA_HB_PENDING_BITS=3,5,6: the rule for all three again.
+MMA_HB_PENDING_BITS = tuple(int(b) for b in os.environ.get("ANYBIT_MMA_HB_PENDING_BITS", "3").split(",") if b)
 # K tiles per program below which M 9..16 keeps the other paths. It was 8, measured when BLOCK_M 16 splits
 # assumed 3 programs per SM and short programs ran in two waves; with the true 2 (s22) 4 tiles per program
 # win on 4096x4096 (H100 s22-10, M 9 / 16 us, mma split 8 against the previous route: W4 9.0 / 10.8 against
@@ -602,7 +607,9 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
             return not pending and MMA_W8_M1 and ks > 1 and split == 1
         if packed.bits in MMA_HB_BITS and MMA_W3_M1:  # merged W3 / W5 / W6 where the grid fits 3 per SM
             fits = grid_fits_heavy(grid_programs(packed.out_features, ks, split), _num_sms(x.device))
-            return fits or (not pending and packed.bits in MMA_HB_GRID3_BITS)  # W6: on a 3-per-SM grid
+            if pending:
+                return fits and packed.bits in MMA_HB_PENDING_BITS
+            return fits or packed.bits in MMA_HB_GRID3_BITS  # W6: on a 3-per-SM grid
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,
