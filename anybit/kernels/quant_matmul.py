@@ -50,9 +50,9 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
 from anybit.kernels.quant_gemv_mma import (
     MMA_BITS,
     MMA_HB_BITS,
-    MMA_HB_GRID3_BITS,
     MMA_W3_HB,
     g2_applies,
+    grid3_applies,
     grid_fits_heavy,
     grid_programs,
     mma_applies,
@@ -512,17 +512,19 @@ MMA_M1_BITS = (7,)
 MMA_M1_KS_BITS = (1, 2, 4)
 MMA_M1_KS = os.environ.get("ANYBIT_MMA_M1_KS", "1") != "0"
 # W3 at M = 1 with its high bits merged (quant_gemv_mma's HB) where the grid fits 3 programs per SM
-# uncapped, writing y or adding into a pending sum; elsewhere the packed-half GEMV. H100 s26-5
+# uncapped, writing y (pending sums: MMA_HB_PENDING_BITS below); elsewhere the packed-half GEMV. H100 s26-5
 # (quant_w3_s26_5, us, merged / two slices / the GEMV's "auto" then): 6144x4096 (384 programs on 396 slots)
 # 7.3 / 9.7 / 9.3, pending 7.3 / 9.6; 4096x14336 (512) 18.0 / 18.0 / 16.0, 14336x4096 (448) 16.3 / 17.6 /
 # 15.5. W5 / W6 likewise (s26-7, quant_hb_w*_s26_7, 6144x4096 merged / the GEMV: 9.8 / 11.1, 11.4 / 12.3).
 # Env ANYBIT_MMA_W3_M1=0: off.
 MMA_W3_M1 = os.environ.get("ANYBIT_MMA_W3_M1", "1") != "0"
-# Adding into a pending sum at M = 1 (the decode step), only W3 takes that rule: W5 / W6 there keep the
-# packed-half GEMV, whose pending form has no split-K ending. H100 s27-1 (quant_matmul_m1_pending_s27_1, us,
-# pending GEMV / pending mma.sync, the launcher's choice then) on 6144x4096: W5 9.1 / 9.8, W6 10.2 / 11.1, W3
-# 7.1 / 7.3 (level, kept). Env ANYBIT_MMA_HB_PENDING_BITS=3,5,6: the rule for all three again.
-MMA_HB_PENDING_BITS = tuple(int(b) for b in os.environ.get("ANYBIT_MMA_HB_PENDING_BITS", "3").split(",") if b)
+# Adding into a pending sum at M = 1 (the decode step) none takes that rule: the packed-half GEMV's pending
+# form has no split-K ending and was faster where the grid fits. H100 s27-1 / s27-2
+# (quant_matmul_m1_pending_s27_*, us, pending GEMV / pending mma.sync, the mma one the route then): 6144x4096
+# W3 7.1, 7.0 / 7.3, 7.3; W5 9.1, 9.0 / 9.8, 9.7; W6 10.2, 10.3 / 11.1, 11.3; 4096x4096 W3 5.5 / 6.3, W5 7.4
+# / 8.9, W6 8.0 / 7.4 (the one loss). Batch-1 decode (s27-2, W3 still on the rule): W5 346.1 / 344.7, W6
+# 354.3 / 352.4 tok/s. Env ANYBIT_MMA_HB_PENDING_BITS=3,5,6: the rule for those widths again.
+MMA_HB_PENDING_BITS = tuple(int(b) for b in os.environ.get("ANYBIT_MMA_HB_PENDING_BITS", "").split(",") if b)
 # K tiles per program below which M 9..16 keeps the other paths. It was 8, measured when BLOCK_M 16 splits
 # assumed 3 programs per SM and short programs ran in two waves; with the true 2 (s22) 4 tiles per program
 # win on 4096x4096 (H100 s22-10, M 9 / 16 us, mma split 8 against the previous route: W4 9.0 / 10.8 against
@@ -609,7 +611,8 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
             fits = grid_fits_heavy(grid_programs(packed.out_features, ks, split), _num_sms(x.device))
             if pending:
                 return fits and packed.bits in MMA_HB_PENDING_BITS
-            return fits or packed.bits in MMA_HB_GRID3_BITS  # W6: on a 3-per-SM grid
+            return fits or grid3_applies(packed.bits, packed.out_features, packed.in_features,
+                                         packed.group_size, _num_sms(x.device), g2_applies(packed, 1))
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,

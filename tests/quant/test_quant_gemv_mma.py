@@ -480,7 +480,8 @@ def test_matches_reference(bits, M, group):
         return
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M)
     assert qm.mma_chosen(pw, M, x) == (routed and (M > 1 or m1) and M <= 8)
-    # else the GEMV at M = 1 (pending: the merged-width rule for MMA_HB_PENDING_BITS only)
+    # else the GEMV at M = 1 (pending sums: the merged-width rule for MMA_HB_PENDING_BITS only; none by
+    # default)
     m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (w3_m1 and bits in qm.MMA_HB_PENDING_BITS)
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M, pending=True)
     assert qm.mma_chosen(pw, M, x, pending=True) == (routed and (M > 1 or m1_pending) and M <= 8)
@@ -577,7 +578,7 @@ def test_w6_at_m1_on_a_three_per_sm_grid():
     _, _, split0, ks0 = mm.mma_config(1, N, K, 128, sms, bits=6)
     fits = mm.grid_fits_heavy(mm.grid_programs(N, ks0, split0), sms)  # H100: 448 programs, 396 slots
     on = 6 in mm.MMA_HB_BITS and qm.MMA_W3_M1 and qm.MMA_MODE == "2"
-    pending = on and fits and 6 in qm.MMA_HB_PENDING_BITS  # W6 pending sums: the GEMV by default (s27-1)
+    pending = on and fits and 6 in qm.MMA_HB_PENDING_BITS  # pending sums: the GEMV by default (s27-1/2)
     assert qm.mma_chosen(pw, 1, x) == on and qm.mma_chosen(pw, 1, x, pending=True) == pending
     want = ref_quant_matmul(x.float(), pw)
     y = quant_matmul(x, pw)
