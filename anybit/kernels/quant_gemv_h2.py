@@ -1048,6 +1048,26 @@ def gemv_h2_applies(packed: PackedWeight, M: int, dtype: torch.dtype, on_cuda: b
     return packed.bits in H2_BITS or (packed.bits in H2_SLICE_BITS and gemv_table(packed) is not None)
 
 
+# Pending sums (``acc``: float atomics, no split-K ending) of W5 / W6 whose one-wave split leaves at least
+# H2_ACC_SHORT_MIN_TILES K tiles per program take H2_ACC_SHORT_TILES per program instead (at most 16 splits):
+# past one wave, short programs keep more loads in flight. H100 s27-3 (quant_matmul_h2acc_s27_3, us, one-wave
+# split / split 16): 28672x4096 (gate_up) W5 39.5 / 32.0, W6 37.6 / 37.3; 14336x4096 W5 21.8 / 18.5, W6 21.0 /
+# 20.1; W3 level (28672x4096 25.5 / 25.3, 14336x4096 13.8 / 14.3), so not taken.
+# Env ANYBIT_H2_ACC_SHORT=0: off.
+H2_ACC_SHORT_BITS = (5, 6) if os.environ.get("ANYBIT_H2_ACC_SHORT", "1") != "0" else ()
+H2_ACC_SHORT_MIN_TILES = 8
+H2_ACC_SHORT_TILES = 2
+H2_ACC_MAX_SPLIT = 16
+
+
+def pending_split(bits: int, k_tiles: int, split: int) -> int:
+    """The split-K of a pending-sum call given its one-wave ``split`` (rule above)."""
+    if bits not in H2_ACC_SHORT_BITS or k_tiles // split < H2_ACC_SHORT_MIN_TILES:
+        return split
+    want = min(H2_ACC_MAX_SPLIT, k_tiles // H2_ACC_SHORT_TILES)
+    return max(d for d in range(1, want + 1) if k_tiles % d == 0)
+
+
 def one_wave_split(tiles: int, k_tiles: int, slots: int) -> int:
     """The largest split-K (a divisor of k_tiles) whose tiles * split programs all fit at once in
     ``slots`` (resident programs on the GPU), so no second partial wave pays the per-program
@@ -1118,6 +1138,8 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     if split_k is None:
         per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
         split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
+        if acc is not None:
+            split_k = pending_split(bits, k_tiles, split_k)
     per, split_k = k_split(k_tiles, split_k)
     if acc is not None:
         if acc.dtype != torch.float32 or acc.shape != (M, N) or acc.stride(1) != 1:

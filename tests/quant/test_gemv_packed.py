@@ -262,16 +262,17 @@ def test_gemv_h2_fractional_zeros_keep_the_x_sum_form():
         quant_gemv_h2(x, frac, torch.empty(1, 64, device=DEV, dtype=torch.bfloat16), zfold=True)
 
 
-@pytest.mark.parametrize("bits,split_k", [(4, 4), (2, 1), (3, 2)])
-def test_gemv_h2_adds_its_partials_into_the_accumulator(bits, split_k):
+@pytest.mark.parametrize("bits,split_k,K", [(4, 4, 512), (2, 1, 512), (3, 2, 512), (5, 16, 2048),
+                                           (6, 8, 2048)])
+def test_gemv_h2_adds_its_partials_into_the_accumulator(bits, split_k, K):
     """quant_gemv_h2(acc=...): the float32 sum of the split partials lands in acc (a column slice of
     a wider accumulator, as for a fused layer's part), y untouched; rounded, it is within one bf16
-    step of the ordered split-K result."""
+    step of the ordered split-K result. W5 / W6 with the short programs of ``pending_split``."""
     from anybit.kernels.quant_gemv_h2 import quant_gemv_h2
     from anybit.layers.pending import new_pending
 
-    pw = _packed(80, 512, bits, 64, seed=bits)
-    x = torch.randn(1, 512).to(torch.bfloat16).to(DEV)
+    pw = _packed(80, K, bits, 64, seed=bits)
+    x = torch.randn(1, K).to(torch.bfloat16).to(DEV)
     wide = new_pending(1, 120, torch.bfloat16, (1, 120), torch.device(DEV))
     out = quant_gemv_h2(x, pw, None, acc=wide.acc[:, 20:100], split_k=split_k)
     assert out.data_ptr() == wide.acc[:, 20:100].data_ptr()
@@ -301,3 +302,17 @@ def test_gemv_h2_block_n_override_by_shape(monkeypatch):
     monkeypatch.setenv("ANYBIT_H2_BN", "80x512=48")
     with pytest.raises(ValueError, match="ANYBIT_H2_BN"):
         quant_gemv_h2(x, pw, torch.empty(1, 80, dtype=torch.bfloat16, device=DEV))
+
+
+@pytest.mark.parametrize("bits,k_tiles,split,want", [(5, 32, 2, 16), (6, 32, 4, 16), (5, 112, 16, 16),
+                                                     (3, 32, 2, 2), (4, 32, 2, 2), (5, 24, 2, 12),
+                                                     (6, 8, 1, 4), (5, 32, 8, 8)])
+def test_pending_split_rule(bits, k_tiles, split, want):
+    """Pending sums of W5 / W6 whose one-wave split leaves >= 8 K tiles per program take 2 K tiles per
+    program (at most 16 splits, a divisor of the K tiles); other widths and shorter programs keep the one-wave
+    split."""
+    from anybit.kernels import quant_gemv_h2 as h2
+    if bits not in h2.H2_ACC_SHORT_BITS:  # env ANYBIT_H2_ACC_SHORT=0 or a width the rule leaves alone
+        assert h2.pending_split(bits, k_tiles, split) == split
+        return
+    assert h2.pending_split(bits, k_tiles, split) == want
