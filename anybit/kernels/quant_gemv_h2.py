@@ -1048,13 +1048,14 @@ def gemv_h2_applies(packed: PackedWeight, M: int, dtype: torch.dtype, on_cuda: b
     return packed.bits in H2_BITS or (packed.bits in H2_SLICE_BITS and gemv_table(packed) is not None)
 
 
-# Pending sums (``acc``: float atomics, no split-K ending) of W5 / W6 whose one-wave split leaves at least
-# H2_ACC_SHORT_MIN_TILES K tiles per program take H2_ACC_SHORT_TILES per program instead (at most 16 splits):
-# past one wave, short programs keep more loads in flight. H100 s27-3 (quant_matmul_h2acc_s27_3, us, one-wave
-# split / split 16): 28672x4096 (gate_up) W5 39.5 / 32.0, W6 37.6 / 37.3; 14336x4096 W5 21.8 / 18.5, W6 21.0 /
-# 20.1; W3 level (28672x4096 25.5 / 25.3, 14336x4096 13.8 / 14.3), so not taken.
-# Env ANYBIT_H2_ACC_SHORT=0: off.
-H2_ACC_SHORT_BITS = (5, 6) if os.environ.get("ANYBIT_H2_ACC_SHORT", "1") != "0" else ()
+# Pending sums (``acc``: float atomics, no split-K ending) of W2 / W5 / W6 whose one-wave split leaves at
+# least H2_ACC_SHORT_MIN_TILES K tiles per program take H2_ACC_SHORT_TILES per program instead (at most 16
+# splits): past one wave, short programs keep more loads in flight. H100 s27-3 / s27-4
+# (quant_matmul_h2acc_s27_*, us, one-wave split / split 16): 28672x4096 (gate_up) W5 39.5 / 32.0, W6 37.6 /
+# 37.3, W2 22.8 / 18.9; 14336x4096 W5 21.8 / 18.5, W6 21.0 / 20.1. Not taken: W3 level (28672x4096 25.5 /
+# 25.3, 14336x4096 13.8 / 14.3), W4 and W8 slower (28672x4096 26.6 / 29.4, 49.0 / 51.4). Batch-1 decode
+# (s27-4, W5 / W6): 379.9 / 356.8 tok/s against 345.7 / 353.7. Env ANYBIT_H2_ACC_SHORT=0: off.
+H2_ACC_SHORT_BITS = (2, 5, 6) if os.environ.get("ANYBIT_H2_ACC_SHORT", "1") != "0" else ()
 H2_ACC_SHORT_MIN_TILES = 8
 H2_ACC_SHORT_TILES = 2
 H2_ACC_MAX_SPLIT = 16

@@ -525,6 +525,13 @@ MMA_W3_M1 = os.environ.get("ANYBIT_MMA_W3_M1", "1") != "0"
 # / 8.9, W6 8.0 / 7.4 (the one loss). Batch-1 decode (s27-2, W3 still on the rule): W5 346.1 / 344.7, W6
 # 354.3 / 352.4 tok/s. Env ANYBIT_MMA_HB_PENDING_BITS=3,5,6: the rule for those widths again.
 MMA_HB_PENDING_BITS = tuple(int(b) for b in os.environ.get("ANYBIT_MMA_HB_PENDING_BITS", "").split(",") if b)
+# Pending sums at M = 1 of down_proj-like weights (K >= 2 N) take the mma.sync kernel for these widths (W5 its
+# two slices): H100 s27-1..4 (quant_matmul_m1_pending_s27_*, quant_matmul_h2acc_s27_*, us on 4096x14336,
+# pending mma.sync / pending GEMV): W2 10.2 / 12.4; W5 19.3 / 20.0, 19.3 / 20.2, 18.9 / 19.9, 18.8 / 19.7. W3,
+# W4 and W6 stay on the GEMV (13.4-13.8 / 14.8-15.2, 14.4 / 15.1, 20.2-20.5 / 20.9-21.2), as do the other
+# shapes. Env ANYBIT_MMA_M1_PENDING_DOWN_BITS (comma list; empty: none).
+MMA_M1_PENDING_DOWN_BITS = tuple(
+    int(b) for b in os.environ.get("ANYBIT_MMA_M1_PENDING_DOWN_BITS", "2,5").split(",") if b)
 # K tiles per program below which M 9..16 keeps the other paths. It was 8, measured when BLOCK_M 16 splits
 # assumed 3 programs per SM and short programs ran in two waves; with the true 2 (s22) 4 tiles per program
 # win on 4096x4096 (H100 s22-10, M 9 / 16 us, mma split 8 against the previous route: W4 9.0 / 10.8 against
@@ -603,6 +610,9 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
     if MMA_MODE == "0" or not mma_routes(packed.bits, M, pending) or not mma_applies(packed, M, x):
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:
+        down = packed.in_features >= 2 * packed.out_features  # down_proj-like
+        if pending and down and packed.bits in MMA_M1_PENDING_DOWN_BITS:
+            return True
         _, _, split, ks = mma_config(1, packed.out_features, packed.in_features, packed.group_size,
                                      _num_sms(x.device), bits=packed.bits, g2=g2_applies(packed, 1))
         if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU

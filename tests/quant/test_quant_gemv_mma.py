@@ -483,6 +483,7 @@ def test_matches_reference(bits, M, group):
     # else the GEMV at M = 1 (pending sums: the merged-width rule for MMA_HB_PENDING_BITS only; none by
     # default)
     m1_pending = qm.MMA_MODE == "1" or bits in qm.MMA_M1_BITS or (w3_m1 and bits in qm.MMA_HB_PENDING_BITS)
+    m1_pending = m1_pending or (qm.MMA_MODE == "2" and bits in qm.MMA_M1_PENDING_DOWN_BITS and K >= 2 * N)
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M, pending=True)
     assert qm.mma_chosen(pw, M, x, pending=True) == (routed and (M > 1 or m1_pending) and M <= 8)
 

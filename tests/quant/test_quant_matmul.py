@@ -128,7 +128,9 @@ def test_wgmma_routing_by_width_and_width_of_output(monkeypatch, bits, N, M, wan
     (6, 6144, 4096, 1, False, True), (5, 6144, 4096, 1, True, False), (5, 6144, 4096, 1, False, True),
     (8, 6144, 4096, 12, False, False), (8, 6144, 4096, 8, True, True), (8, 6144, 4096, 8, False, False),
     (8, 6144, 4096, 4, False, True), (8, 14336, 4096, 1, False, True),
-    (8, 14336, 4096, 1, True, False), (8, 4096, 14336, 1, False, False)])
+    (8, 14336, 4096, 1, True, False), (8, 4096, 14336, 1, False, False),
+    (2, 4096, 14336, 1, True, True), (5, 4096, 14336, 1, True, True), (4, 4096, 14336, 1, True, False),
+    (6, 4096, 14336, 1, True, False), (2, 28672, 4096, 1, True, False), (5, 28672, 4096, 1, True, False)])
 def test_mma_routing_above_16_rows_and_for_w8(monkeypatch, bits, N, K, M, pending, want):
     """"auto" takes the mma.sync kernel at M 17..32 only for weights up to 8192 x 8192 (qkv, o_proj; not
     down_proj, K 14336), as pending sums for every width and writing y for W2/W4/W8 (H100
@@ -136,7 +138,8 @@ def test_mma_routing_above_16_rows_and_for_w8(monkeypatch, bits, N, K, M, pendin
     (s23-1, s23-11), and at M = 1 writing y where no split-K is needed (s23-6: not on 4096 x 14336); merged
     W3 / W5 / W6 at M = 1 writing y where the grid fits 3 programs per SM (pending sums keep the GEMV:
     s27-1/2), and W6 writing y on a 3-per-SM grid elsewhere where that grid still splits K (s26-14; not
-    gate_up's 28672 outputs or lm_head: s27-2)."""
+    gate_up's 28672 outputs or lm_head: s27-2); as pending sums W2 / W5 on down_proj-like weights (K >= 2 N,
+    s27-1..4)."""
     from anybit.kernels import quant_gemv_mma as mm
     from anybit.kernels import quant_matmul as qm
     from anybit.quant.format import PackedWeight
@@ -146,6 +149,7 @@ def test_mma_routing_above_16_rows_and_for_w8(monkeypatch, bits, N, K, M, pendin
     monkeypatch.setattr(qm, "MMA_W3_HB", True)
     monkeypatch.setattr(qm, "MMA_HB_BITS", (3, 5, 6))
     monkeypatch.setattr(qm, "MMA_HB_PENDING_BITS", ())
+    monkeypatch.setattr(qm, "MMA_M1_PENDING_DOWN_BITS", (2, 5))
     monkeypatch.setattr(mm, "MMA_HB_BITS", (3, 5, 6))
     pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
                       torch.zeros(1, N).half(), bits, K, K, N)
