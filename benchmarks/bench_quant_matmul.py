@@ -655,9 +655,9 @@ def main() -> int:
         dump()
         log(f"after {N}x{K}: {time.time() - t0:.0f}s")
     if args.mode in ("h2acc", "h2accbn"):  # programs per SM of each compiled GEMV configuration (registers)
-        from anybit.kernels import quant_gemv_h2 as h2
+        from anybit.kernels.quant_gemv_h2 import _RESIDENT
         log("resident programs per SM (bits, BN, BK, wpt, xkind, warps, asm, stages, table, nv, acc): "
-            + "; ".join(f"{k}: {v}" for k, v in h2._RESIDENT.items()))
+            + "; ".join(f"{k}: {v}" for k, v in _RESIDENT.items()))
     if h2:  # compact: one line per (shape, M, bits), us and x cuBLAS per variant
         cub = {(r["shape"], r["M"]): r["time_us"] for r in rows if r["method"] == "cublas_bf16"}
         keys = sorted({(r["shape"], r["M"], r["bits"]) for r in rows if r["method"].startswith("anybit")},
