@@ -1411,6 +1411,23 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
     return M <= 16 and (M >= 9 or wide or packed.bits == 2)
 
 
+# Pending sums (``acc``) of the sliced widths at BLOCK_M 8 whose split leaves at least MMA_ACC_LONG_TILES K
+# tiles per program take twice the split (past one wave: no split-K ending to pay per program). H100 s27-7
+# (quant_matmul_mmaacc_s27_7, us at M 2 / 4 / 8 on gate_up 28672x4096, split 2 / 4): W3 32.1 / 29.8, 32.0 /
+# 29.2, 31.7 / 29.1; W5 37.6 / 35.6, 36.6 / 35.2, 38.4 / 36.6; W6 42.4 / 40.0, 40.5 / 40.2, 41.7 / 41.7.
+# W2 and W4 are level or slower at 4 (27.2 / 28.6 W4 M 2), and 8 splits lose for every width.
+# Env ANYBIT_MMA_ACC_SPLIT=0: off.
+MMA_ACC_SPLIT_BITS = (3, 5, 6) if os.environ.get("ANYBIT_MMA_ACC_SPLIT", "1") != "0" else ()
+MMA_ACC_LONG_TILES = 16
+
+
+def acc_split(bits: int, bm: int, k_tiles: int, split: int) -> int:
+    """The split-K of a pending-sum call given ``mma_config``'s ``split`` (rule above)."""
+    if bm == 8 and bits in MMA_ACC_SPLIT_BITS and k_tiles // split >= MMA_ACC_LONG_TILES:
+        return split * 2
+    return split
+
+
 def mma_config(M: int, N: int, K: int, G: int, sms: int, ks: int | None = None,
                per_sm: dict | None = None, bits: int = 4, g2: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, split, ks): BLOCK_M 8 or 16; BLOCK_K 128 (64 when the group is 64, unless ``g2``:
@@ -1563,6 +1580,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if ks != ks_auto:
         split = mma_config(M, N, K, G, sms, ks, per_sm, bits, g2)[2]
     SK = ks * BK
+    if acc is not None and split_k is None:
+        split = acc_split(bits, bm, K // SK, split)
     per, split = k_split(K // SK, split_k or split)
     xw = x_whole_tiles(per, BK, ks)
     if x_whole and (not xw or cb):
