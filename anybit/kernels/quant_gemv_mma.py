@@ -1411,13 +1411,14 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
     return M <= 16 and (M >= 9 or wide or packed.bits == 2)
 
 
-# Pending sums (``acc``) of the sliced widths at BLOCK_M 8 whose split leaves at least MMA_ACC_LONG_TILES K
+# Pending sums (``acc``) of W3 / W5 at BLOCK_M 8 whose split leaves at least MMA_ACC_LONG_TILES K
 # tiles per program take twice the split (past one wave: no split-K ending to pay per program). H100 s27-7
 # (quant_matmul_mmaacc_s27_7, us at M 2 / 4 / 8 on gate_up 28672x4096, split 2 / 4): W3 32.1 / 29.8, 32.0 /
 # 29.2, 31.7 / 29.1; W5 37.6 / 35.6, 36.6 / 35.2, 38.4 / 36.6; W6 42.4 / 40.0, 40.5 / 40.2, 41.7 / 41.7.
-# W2 and W4 are level or slower at 4 (27.2 / 28.6 W4 M 2), and 8 splits lose for every width.
-# Env ANYBIT_MMA_ACC_SPLIT=0: off.
-MMA_ACC_SPLIT_BITS = (3, 5, 6) if os.environ.get("ANYBIT_MMA_ACC_SPLIT", "1") != "0" else ()
+# W2 and W4 are level or slower at 4 (27.2 / 28.6 W4 M 2), and 8 splits lose for every width. Decode (s27-8,
+# e2e_w356_accsplit*_s27_8, tok/s with / without, batch 4 and 8): W3 1682 / 1623, 3131 / 3045; W5 1445 / 1429,
+# 2709 / 2705; W6 1334 / 1338, 2512 / 2537, so W6 keeps one wave. Env ANYBIT_MMA_ACC_SPLIT=0: off.
+MMA_ACC_SPLIT_BITS = (3, 5) if os.environ.get("ANYBIT_MMA_ACC_SPLIT", "1") != "0" else ()
 MMA_ACC_LONG_TILES = 16
 
 

@@ -593,11 +593,11 @@ def test_w6_at_m1_on_a_three_per_sm_grid():
     assert torch.equal(mm.quant_gemv_mma(x, pw, torch.empty_like(y)), ref)
 
 
-@pytest.mark.parametrize("bits,bm,k_tiles,split,want", [(3, 8, 32, 2, 4), (5, 8, 32, 2, 4), (6, 8, 32, 2, 4),
+@pytest.mark.parametrize("bits,bm,k_tiles,split,want", [(3, 8, 32, 2, 4), (5, 8, 32, 2, 4), (6, 8, 32, 2, 2),
                                                         (4, 8, 32, 2, 2), (2, 8, 32, 2, 2), (5, 16, 32, 2, 2),
                                                         (5, 8, 32, 4, 4), (3, 8, 112, 16, 16)])
 def test_pending_split_at_block_m_8(bits, bm, k_tiles, split, want):
-    """Pending sums of W3 / W5 / W6 at BLOCK_M 8 whose programs would run >= 16 K tiles take twice the
+    """Pending sums of W3 / W5 at BLOCK_M 8 whose programs would run >= 16 K tiles take twice the
     split; other widths, BLOCK_M and shorter programs keep ``mma_config``'s."""
     if bits not in mm.MMA_ACC_SPLIT_BITS:  # env ANYBIT_MMA_ACC_SPLIT=0 or a width the rule leaves alone
         assert mm.acc_split(bits, bm, k_tiles, split) == split
