@@ -209,7 +209,8 @@ def run_variant(x, pw, kw, out=None):
     quant_matmul does not forward."""
     if kw.get("pending"):
         kw = {k: v for k, v in kw.items() if k != "pending"}
-        fn = quant_gemv_h2 if kw.pop("direct_h2", False) else quant_gemv_mma
+        fn = quant_gemv_h2 if kw.pop("direct_h2", False) else quant_gemv_tma if kw.pop("direct_tma", False) \
+            else quant_gemv_mma
         kw.pop("direct_mma", None)
         return fn(x, pw, None, acc=_pending_acc(x, pw), **kw)
     if kw.get("direct_h2"):
@@ -429,12 +430,16 @@ def h2_acc_bn_variants(M, b):
 
 
 def mma_acc_variants(M, b):
-    """The mma.sync kernel's pending form (the decode step's at M 2..8) by split-K (None: mma_config's
+    """The mma.sync kernel's pending form (the decode step's at M 2..16) by split-K (None: mma_config's
     one-wave rule)."""
     if b not in MMA_BITS:
         return []
-    return [("anybit_mma_acc", dict(direct_mma=True, pending=True))] + [
+    v = [("anybit_mma_acc", dict(direct_mma=True, pending=True))] + [
         (f"anybit_mma_acc_sk{sk}", dict(direct_mma=True, pending=True, split_k=sk)) for sk in (2, 4, 8, 16)]
+    if M > 8 and b in (1, 2, 4):  # the TMA-ring variant (quant_gemv_tma) as pending sums, by split-K too
+        v += [("anybit_tma_acc", dict(direct_tma=True, pending=True))] + [
+            (f"anybit_tma_acc_sk{sk}", dict(direct_tma=True, pending=True, split_k=sk)) for sk in (4, 8)]
+    return v
 
 
 def h2_variants(M, b):
