@@ -974,6 +974,8 @@ def h2_config(bits: int, N: int, K: int, zfold: bool, acc: bool = False) -> tupl
             return 256, 8
         if bits == 8 and not small and not acc:  # H100 s22-2: 26.1 / 26.5 against 28.6 / 29.5 us at 128
             return 32, 4
+        if bits == 4 and acc and N >= 16384 and not huge and 4 in H2_ACC_SHORT_BITS:  # see H2_ACC_SHORT_TILES
+            return 64, 4
         if bits == 4:
             return (128 if N <= 4096 < K and not acc else 256), 4
         return (512 if small else 256 if bits == 2 else 128), 4
@@ -1054,10 +1056,12 @@ def gemv_h2_applies(packed: PackedWeight, M: int, dtype: torch.dtype, on_cuda: b
 # (quant_matmul_h2acc_s27_*, us, one-wave split / split 16): 28672x4096 (gate_up) W5 39.5 / 32.0, W6 37.6 /
 # 37.3, W2 22.8 / 18.9; 14336x4096 W5 21.8 / 18.5, W6 21.0 / 20.1. Not taken: W3 level (28672x4096 25.5 /
 # 25.3, 14336x4096 13.8 / 14.3), W4 and W8 slower (28672x4096 26.6 / 29.4, 49.0 / 51.4). Batch-1 decode
-# (s27-4, W5 / W6): 379.9 / 356.8 tok/s against 345.7 / 353.7. Env ANYBIT_H2_ACC_SHORT=0: off.
-H2_ACC_SHORT_BITS = (2, 5, 6) if os.environ.get("ANYBIT_H2_ACC_SHORT", "1") != "0" else ()
+# (s27-4, W5 / W6): 379.9 / 356.8 tok/s against 345.7 / 353.7. W4 on gate_up at BLOCK_N 64 (``h2_config``)
+# with 4 K tiles per program (split 8): 25.4 / 25.6 us against the launcher's 27.1 / 27.4 before (s27-6,
+# s27-9: quant_matmul_h2accbn_*). Env ANYBIT_H2_ACC_SHORT=0: off (and W4 back to BLOCK_N 256 there).
+H2_ACC_SHORT_BITS = (2, 4, 5, 6) if os.environ.get("ANYBIT_H2_ACC_SHORT", "1") != "0" else ()
 H2_ACC_SHORT_MIN_TILES = 8
-H2_ACC_SHORT_TILES = 2
+H2_ACC_SHORT_TILES = {2: 2, 4: 4, 5: 2, 6: 2}  # K tiles per program by width
 H2_ACC_MAX_SPLIT = 16
 
 
@@ -1065,7 +1069,7 @@ def pending_split(bits: int, k_tiles: int, split: int) -> int:
     """The split-K of a pending-sum call given its one-wave ``split`` (rule above)."""
     if bits not in H2_ACC_SHORT_BITS or k_tiles // split < H2_ACC_SHORT_MIN_TILES:
         return split
-    want = min(H2_ACC_MAX_SPLIT, k_tiles // H2_ACC_SHORT_TILES)
+    want = min(H2_ACC_MAX_SPLIT, k_tiles // H2_ACC_SHORT_TILES[bits])
     return max(d for d in range(1, want + 1) if k_tiles % d == 0)
 
 

@@ -1411,21 +1411,30 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
     return M <= 16 and (M >= 9 or wide or packed.bits == 2)
 
 
-# Pending sums (``acc``) of W3 / W5 at BLOCK_M 8 whose split leaves at least MMA_ACC_LONG_TILES K
-# tiles per program take twice the split (past one wave: no split-K ending to pay per program). H100 s27-7
+# Pending sums (``acc``) of W3 / W5 at BLOCK_M 8 whose split leaves at least 16 K tiles per program take
+# twice the split (past one wave: no split-K ending to pay per program). H100 s27-7
 # (quant_matmul_mmaacc_s27_7, us at M 2 / 4 / 8 on gate_up 28672x4096, split 2 / 4): W3 32.1 / 29.8, 32.0 /
 # 29.2, 31.7 / 29.1; W5 37.6 / 35.6, 36.6 / 35.2, 38.4 / 36.6; W6 42.4 / 40.0, 40.5 / 40.2, 41.7 / 41.7.
 # W2 and W4 are level or slower at 4 (27.2 / 28.6 W4 M 2), and 8 splits lose for every width. Decode (s27-8,
 # e2e_w356_accsplit*_s27_8, tok/s with / without, batch 4 and 8): W3 1682 / 1623, 3131 / 3045; W5 1445 / 1429,
-# 2709 / 2705; W6 1334 / 1338, 2512 / 2537, so W6 keeps one wave. Env ANYBIT_MMA_ACC_SPLIT=0: off.
-MMA_ACC_SPLIT_BITS = (3, 5) if os.environ.get("ANYBIT_MMA_ACC_SPLIT", "1") != "0" else ()
-MMA_ACC_LONG_TILES = 16
+# 2709 / 2705; W6 1334 / 1338, 2512 / 2537, so W6 keeps one wave.
+# At BLOCK_M 16 (2 programs per SM) gate_up's one-wave grid is one split, 32 K tiles per program; W2 / W3 / W4
+# take 4 splits there and W5 2. H100 s27-9 (quant_matmul_mmaacc16_s27_9, us at M 12 / 16, one split / the
+# rule's): W2 36.0 / 28.3, 36.4 / 29.8; W3 40.5 / 32.4, 41.0 / 32.5; W4 40.3 / 32.9, 40.1 / 36.6; W5 43.0 /
+# 41.0, 43.8 / 42.2; W6 level (45.7 / 45.8). Programs of 14 K tiles (down at split 8) keep their split.
+# Env ANYBIT_MMA_ACC_SPLIT=0: off.
+# BLOCK_M -> (split factor by width, K tiles per program from which it applies)
+MMA_ACC_SPLIT = {8: ({3: 2, 5: 2}, 16), 16: ({2: 4, 3: 4, 4: 4, 5: 2}, 32)}
+if os.environ.get("ANYBIT_MMA_ACC_SPLIT", "1") == "0":
+    MMA_ACC_SPLIT = {}
 
 
 def acc_split(bits: int, bm: int, k_tiles: int, split: int) -> int:
-    """The split-K of a pending-sum call given ``mma_config``'s ``split`` (rule above)."""
-    if bm == 8 and bits in MMA_ACC_SPLIT_BITS and k_tiles // split >= MMA_ACC_LONG_TILES:
-        return split * 2
+    """The split-K of a pending-sum call given ``mma_config``'s ``split`` (``MMA_ACC_SPLIT``: times the
+    width's factor where a program would run at least that BLOCK_M's number of K tiles)."""
+    factors, long_tiles = MMA_ACC_SPLIT.get(bm, ({}, 0))
+    if bits in factors and k_tiles // split >= long_tiles:
+        return split * factors[bits]
     return split
 
 

@@ -593,13 +593,13 @@ def test_w6_at_m1_on_a_three_per_sm_grid():
     assert torch.equal(mm.quant_gemv_mma(x, pw, torch.empty_like(y)), ref)
 
 
-@pytest.mark.parametrize("bits,bm,k_tiles,split,want", [(3, 8, 32, 2, 4), (5, 8, 32, 2, 4), (6, 8, 32, 2, 2),
-                                                        (4, 8, 32, 2, 2), (2, 8, 32, 2, 2), (5, 16, 32, 2, 2),
-                                                        (5, 8, 32, 4, 4), (3, 8, 112, 16, 16)])
-def test_pending_split_at_block_m_8(bits, bm, k_tiles, split, want):
-    """Pending sums of W3 / W5 at BLOCK_M 8 whose programs would run >= 16 K tiles take twice the
-    split; other widths, BLOCK_M and shorter programs keep ``mma_config``'s."""
-    if bits not in mm.MMA_ACC_SPLIT_BITS:  # env ANYBIT_MMA_ACC_SPLIT=0 or a width the rule leaves alone
-        assert mm.acc_split(bits, bm, k_tiles, split) == split
-        return
+@pytest.mark.parametrize("bits,bm,k_tiles,split,want", [
+    (3, 8, 32, 2, 4), (5, 8, 32, 2, 4), (6, 8, 32, 2, 2), (4, 8, 32, 2, 2), (2, 8, 32, 2, 2),
+    (5, 8, 32, 4, 4), (3, 8, 112, 16, 16), (4, 16, 32, 1, 4), (2, 16, 32, 1, 4), (3, 16, 32, 1, 4),
+    (5, 16, 32, 1, 2), (6, 16, 32, 1, 1), (4, 16, 112, 8, 8), (4, 32, 32, 1, 1)])
+def test_pending_split_by_block_m(monkeypatch, bits, bm, k_tiles, split, want):
+    """Pending sums take more splits where programs would be long: at BLOCK_M 8 W3 / W5 twice from 16 K tiles
+    per program, at BLOCK_M 16 W2 / W3 / W4 four times and W5 twice from 32; other widths, BLOCK_M and
+    shorter programs keep ``mma_config``'s split."""
+    monkeypatch.setattr(mm, "MMA_ACC_SPLIT", {8: ({3: 2, 5: 2}, 16), 16: ({2: 4, 3: 4, 4: 4, 5: 2}, 32)})
     assert mm.acc_split(bits, bm, k_tiles, split) == want
