@@ -442,6 +442,20 @@ def mma_acc_variants(M, b):
     return v
 
 
+def mma_split_variants(M, b):
+    """Writing y at M 2..16: the launcher's choice against the mma.sync kernel (and the TMA ring, 1/2/4
+    bits) by split-K (None: mma_config's one-wave rule)."""
+    v = [("anybit", {})]
+    if b not in MMA_BITS:
+        return v
+    v += [("anybit_mma", dict(direct_mma=True))] + [
+        (f"anybit_mma_sk{sk}", dict(direct_mma=True, split_k=sk)) for sk in (1, 2, 4, 8, 16)]
+    if M > 8 and b in (1, 2, 4):
+        v += [("anybit_tma", dict(direct_tma=True))] + [
+            (f"anybit_tma_sk{sk}", dict(direct_tma=True, split_k=sk)) for sk in (2, 4, 8)]
+    return v
+
+
 def h2_variants(M, b):
     """The run of the packed-half GEMV: launcher choice plus the old GEMV and the h2 alternatives."""
     v = [("anybit", {})]
@@ -603,10 +617,13 @@ def main_tc(args) -> int:
     return 0
 
 
+# modes whose result file is named after them and whose table lists every variant
+NAMED_MODES = ("routes", "m1", "h2split", "h2acc", "h2accbn", "mmaacc", "mmasplit", "smallk", "w8", "wide")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    modes = ["full", "explore", "h2", "tc", "routes", "m1", "h2split", "h2acc", "h2accbn", "mmaacc", "smallk",
-             "w8", "wide"]
+    modes = ["full", "explore", "h2", "tc", *NAMED_MODES]
     ap.add_argument("--mode", default="full", choices=modes)
     ap.add_argument("--skip-correctness", action="store_true",
                     help="no kernel-vs-dequant checks first (when a run of the same code did them)")
@@ -631,8 +648,7 @@ def main() -> int:
     t0 = time.time()
     corr = [] if args.skip_correctness else check_correctness_h2(log) if h2 else check_correctness(log)
     rows = []
-    named = args.mode in ("explore", "routes", "m1", "h2split", "h2acc", "h2accbn", "mmaacc", "smallk", "w8",
-                          "wide")
+    named = args.mode in ("explore", *NAMED_MODES)
     name = "quant_matmul_h2" if h2 else f"quant_matmul_{args.mode}" if named else "quant_matmul"
     out = args.out or os.path.join(os.environ.get("OUT", "."), f"{name if h2 else 'quant_matmul'}.json")
 
@@ -663,6 +679,7 @@ def main() -> int:
             m1_variants if args.mode == "m1" else h2_split_variants if args.mode == "h2split" else \
             h2_acc_variants if args.mode == "h2acc" else \
             h2_acc_bn_variants if args.mode == "h2accbn" else mma_acc_variants if args.mode == "mmaacc" else \
+            mma_split_variants if args.mode == "mmasplit" else \
             small_k_variants if args.mode == "smallk" else w8_variants if args.mode == "w8" else \
             wide_variants if args.mode == "wide" else \
             explore_variants if explore else full_variants
@@ -684,7 +701,7 @@ def main() -> int:
         return 0
     print(f"{'shape':>12} {'M':>5} {'method':>28} {'bits':>4} {'us':>8} {'TB/s':>6} {'x cuBLAS':>8}")
     for r in rows:
-        every = args.mode in ("routes", "m1", "h2split", "h2acc", "h2accbn", "mmaacc", "smallk", "w8", "wide")
+        every = args.mode in NAMED_MODES
         if r["method"] in ("cublas_bf16", "torch_int4pack", "anybit") or every:
             print(f"{r['shape']:>12} {r['M']:>5} {r['method']:>28} {r['bits']:>4} {r['time_us']:8.1f} "
                   f"{r['tbps']:6.2f} {r['speedup']:8.2f}")
