@@ -423,7 +423,7 @@ def h2_acc_variants(M, b):
 def h2_acc_bn_variants(M, b):
     """The packed-half GEMV's pending form at M = 1 by BLOCK_N and split-K (None: the launcher's rule)."""
     v = [("anybit_h2_acc", dict(direct_h2=True, pending=True))]
-    for bn in (64, 128, 256, 512):
+    for bn in (32, 64, 128, 256, 512) if b == 8 else (64, 128, 256, 512):
         v += [(f"anybit_h2_acc_bn{bn}_sk{sk or 'auto'}",
                dict(direct_h2=True, pending=True, block_n=bn, split_k=sk)) for sk in (None, 8, 16)]
     return v
