@@ -434,7 +434,8 @@ def mma_acc_variants(M, b):
     one-wave rule)."""
     if b not in MMA_BITS:
         return []
-    v = [("anybit_mma_acc", dict(direct_mma=True, pending=True))] + [
+    v = [("anybit", {})] if M > 16 else []  # the launcher writing y (rws on the MLP shapes)
+    v += [("anybit_mma_acc", dict(direct_mma=True, pending=True))] + [
         (f"anybit_mma_acc_sk{sk}", dict(direct_mma=True, pending=True, split_k=sk)) for sk in (2, 4, 8, 16)]
     if M > 8 and b in (1, 2, 4):  # the TMA-ring variant (quant_gemv_tma) as pending sums, by split-K too
         v += [("anybit_tma_acc", dict(direct_tma=True, pending=True))] + [

@@ -974,8 +974,8 @@ def h2_config(bits: int, N: int, K: int, zfold: bool, acc: bool = False) -> tupl
             return 256, 8
         if bits == 8 and not small and not acc:  # H100 s22-2: 26.1 / 26.5 against 28.6 / 29.5 us at 128
             return 32, 4
-        if bits == 4 and acc and N >= 16384 and not huge and 4 in H2_ACC_SHORT_BITS:  # see H2_ACC_SHORT_TILES
-            return 64, 4
+        if acc and not huge and H2_ACC_NARROW and (bits == 8 or (bits == 4 and N >= 16384)):
+            return 64, 4  # pending sums: H2_ACC_NARROW
         if bits == 4:
             return (128 if N <= 4096 < K and not acc else 256), 4
         return (512 if small else 256 if bits == 2 else 128), 4
@@ -1060,6 +1060,10 @@ def gemv_h2_applies(packed: PackedWeight, M: int, dtype: torch.dtype, on_cuda: b
 # with 4 K tiles per program (split 8): 25.4 / 25.6 us against the launcher's 27.1 / 27.4 before (s27-6,
 # s27-9: quant_matmul_h2accbn_*). Env ANYBIT_H2_ACC_SHORT=0: off (and W4 back to BLOCK_N 256 there).
 H2_ACC_SHORT_BITS = (2, 4, 5, 6) if os.environ.get("ANYBIT_H2_ACC_SHORT", "1") != "0" else ()
+# Pending sums at BLOCK_N 64 (``h2_config``): W4 on N >= 16384 (above) and W8 on every decode shape.
+# H100 s27-12 (quant_matmul_h2accbn_w8_s27_12, W8, us, BLOCK_N 64 / the launcher's 128-512 before): gate_up
+# 44.2 / 50.1, down 23.6 / 26.3, qkv 12.2 / 13.3, o_proj 8.1 / 8.0. Env ANYBIT_H2_ACC_SHORT=0: off too.
+H2_ACC_NARROW = bool(H2_ACC_SHORT_BITS)
 H2_ACC_SHORT_MIN_TILES = 8
 H2_ACC_SHORT_TILES = {2: 2, 4: 4, 5: 2, 6: 2}  # K tiles per program by width
 H2_ACC_MAX_SPLIT = 16

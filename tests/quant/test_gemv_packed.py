@@ -317,3 +317,19 @@ def test_pending_split_rule(bits, k_tiles, split, want):
         assert h2.pending_split(bits, k_tiles, split) == split
         return
     assert h2.pending_split(bits, k_tiles, split) == want
+
+
+def test_h2_config_narrow_blocks_for_pending_sums(monkeypatch):
+    """Pending sums (acc) of W8 on every decode shape and of W4 on N >= 16384 take BLOCK_N 64 (H100 s27-9 /
+    s27-12); writing y and lm_head-sized N keep theirs; off, the previous choices come back."""
+    from anybit.kernels import quant_gemv_h2 as h2
+    monkeypatch.setattr(h2, "H2_ACC_NARROW", True)
+    assert h2.h2_config(8, 28672, 4096, True, acc=True) == (64, 4)
+    assert h2.h2_config(8, 4096, 4096, True, acc=True) == (64, 4)
+    assert h2.h2_config(8, 28672, 4096, True) == (32, 4)  # writing y (s22-2)
+    assert h2.h2_config(4, 28672, 4096, True, acc=True) == (64, 4)
+    assert h2.h2_config(4, 6144, 4096, True, acc=True) == (256, 4)
+    assert h2.h2_config(8, 128256, 4096, True, acc=True) == (256, 8)  # lm_head-sized
+    monkeypatch.setattr(h2, "H2_ACC_NARROW", False)
+    assert h2.h2_config(8, 28672, 4096, True, acc=True) == (128, 4)
+    assert h2.h2_config(4, 28672, 4096, True, acc=True) == (256, 4)
