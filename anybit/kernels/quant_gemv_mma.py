@@ -1422,19 +1422,28 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
 # take 4 splits there and W5 2. H100 s27-9 (quant_matmul_mmaacc16_s27_9, us at M 12 / 16, one split / the
 # rule's): W2 36.0 / 28.3, 36.4 / 29.8; W3 40.5 / 32.4, 41.0 / 32.5; W4 40.3 / 32.9, 40.1 / 36.6; W5 43.0 /
 # 41.0, 43.8 / 42.2; W6 level (45.7 / 45.8). Programs of 14 K tiles (down at split 8) keep their split.
+# At BLOCK_M 32 (M 17..32; the MLP shapes take it since s27-13: ``MMA_WIDE_PENDING_BITS`` in
+# quant_matmul.py) W2 / W4 / W6 take 4 splits on gate_up (1 split, 32 K tiles per program) and 16 on down (8
+# splits, 14 K tiles). H100 s27-12 / s27-13 (quant_matmul_mmaacc32_s27_12, quant_matmul_mmaacc_rws_s27_13, us
+# at M 24 / 32, the default / the rule's): gate_up W2 59.4 / 39.6, 58.7 / 39.4; W4 61.1 / 44.2, 60.1 / 44.5;
+# W6 79.1 / 61.2, 81.1 / 62.6; down W2 27.6 / 22.2, 28.1 / 22.7; W4 29.3 / 24.9, 29.9 / 25.4; W6 39.4 / 33.8,
+# 39.7 / 34.4. W5 is best at the default on both (53.5, 26.5 at M 24); W3 level.
 # Env ANYBIT_MMA_ACC_SPLIT=0: off.
-# BLOCK_M -> (split factor by width, K tiles per program from which it applies)
-MMA_ACC_SPLIT = {8: ({3: 2, 5: 2}, 16), 16: ({2: 4, 3: 4, 4: 4, 5: 2}, 32)}
+# BLOCK_M -> width -> ((K tiles per program from which, split factor), ...), the first that applies
+_ACC_GATE_UP, _ACC_DOWN = (32, 4), (12, 2)
+MMA_ACC_SPLIT = {8: {3: ((16, 2),), 5: ((16, 2),)},
+                 16: {2: ((32, 4),), 3: ((32, 4),), 4: ((32, 4),), 5: ((32, 2),)},
+                 32: {b: (_ACC_GATE_UP, _ACC_DOWN) for b in (2, 4, 6)}}
 if os.environ.get("ANYBIT_MMA_ACC_SPLIT", "1") == "0":
     MMA_ACC_SPLIT = {}
 
 
 def acc_split(bits: int, bm: int, k_tiles: int, split: int) -> int:
     """The split-K of a pending-sum call given ``mma_config``'s ``split`` (``MMA_ACC_SPLIT``: times the
-    width's factor where a program would run at least that BLOCK_M's number of K tiles)."""
-    factors, long_tiles = MMA_ACC_SPLIT.get(bm, ({}, 0))
-    if bits in factors and k_tiles // split >= long_tiles:
-        return split * factors[bits]
+    factor of the first rule of this BLOCK_M and width whose K tiles per program the call reaches)."""
+    for long_tiles, factor in MMA_ACC_SPLIT.get(bm, {}).get(bits, ()):
+        if k_tiles // split >= long_tiles:
+            return split * factor
     return split
 
 

@@ -590,13 +590,25 @@ def mma_routes(bits: int, M: int = 2, pending: bool = False) -> bool:
     return bits in MMA_BITS and (bits != 8 or (MMA_W8_AUTO and w8_max >= M))
 
 
+# Pending sums at M 17..32 take it on every shape for MMA_WIDE_PENDING_BITS too (the MLP shapes: with the
+# splits of quant_gemv_mma's ``acc_split``), instead of rws writing y. H100 s27-13
+# (quant_matmul_mmaacc_rws_s27_13, us at M 24 / 32, rws writing y / mma.sync pending): gate_up W2 53.4 / 39.6,
+# 49.5 / 39.4; W4 58.2 / 44.2, 53.5 / 44.5; W5 64.4 / 53.5, 57.1 / 52.8; down W2 29.0 / 22.2, 29.4 / 22.7; W4
+# 29.4 / 24.9, 30.1 / 25.4; W5 34.3 / 26.5, 34.4 / 26.7; W6 36.9 / 33.8, 36.7 / 34.4 (gate_up W6 level: 63.3 /
+# 61.2, 61.7 / 62.6).
+# Env ANYBIT_MMA_WIDE_PENDING_BITS (comma list; empty: none).
+MMA_WIDE_PENDING_BITS = tuple(
+    int(b) for b in os.environ.get("ANYBIT_MMA_WIDE_PENDING_BITS", "2,4,5,6").split(",") if b)
+
+
 def mma_wide_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
-    """The M 17..MMA_WIDE_MAX_M rule above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N, K <= MMA_WIDE_MAX_K; writing
-    y only for MMA_WIDE_Y_BITS)."""
+    """The M 17..MMA_WIDE_MAX_M rules above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N, K <= MMA_WIDE_MAX_K; writing
+    y only for MMA_WIDE_Y_BITS; pending sums of MMA_WIDE_PENDING_BITS on every shape)."""
     small = packed.out_features <= MMA_WIDE_MAX_N and packed.in_features <= MMA_WIDE_MAX_K
     hb = MMA_W3_HB and packed.bits == 3  # merged W3: every shape, y too
-    return MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and (small or hb) and (pending or hb or packed.bits in
-                                                                               MMA_WIDE_Y_BITS)
+    every = hb or (pending and packed.bits in MMA_WIDE_PENDING_BITS)
+    y_ok = pending or hb or packed.bits in MMA_WIDE_Y_BITS
+    return MMA_WIDE_AUTO and 16 < M <= MMA_WIDE_MAX_M and (small or every) and y_ok
 
 
 def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = False) -> bool:
