@@ -1428,10 +1428,12 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
 # at M 24 / 32, the default / the rule's): gate_up W2 59.4 / 39.6, 58.7 / 39.4; W4 61.1 / 44.2, 60.1 / 44.5;
 # W6 79.1 / 61.2, 81.1 / 62.6; down W2 27.6 / 22.2, 28.1 / 22.7; W4 29.3 / 24.9, 29.9 / 25.4; W6 39.4 / 33.8,
 # 39.7 / 34.4. W5 is best at the default on both (53.5, 26.5 at M 24); W3 level.
+# W8 at BLOCK_M 8 likewise: gate_up M 4 / 8 53.0 / 53.2 -> 49.1 / 50.4 us (s27-17,
+# quant_matmul_mmaacc_w8_s27_17).
 # Env ANYBIT_MMA_ACC_SPLIT=0: off.
 # BLOCK_M -> width -> ((K tiles per program from which, split factor), ...), the first that applies
 _ACC_GATE_UP, _ACC_DOWN = (32, 4), (12, 2)
-MMA_ACC_SPLIT = {8: {3: ((16, 2),), 5: ((16, 2),)},
+MMA_ACC_SPLIT = {8: {3: ((16, 2),), 5: ((16, 2),), 8: ((16, 2),)},
                  16: {2: ((32, 4),), 3: ((32, 4),), 4: ((32, 4),), 5: ((32, 2),)},
                  32: {b: (_ACC_GATE_UP, _ACC_DOWN) for b in (2, 4, 6)}}
 if os.environ.get("ANYBIT_MMA_ACC_SPLIT", "1") == "0":

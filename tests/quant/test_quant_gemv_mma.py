@@ -597,14 +597,15 @@ def test_w6_at_m1_on_a_three_per_sm_grid():
     (3, 8, 32, 2, 4), (5, 8, 32, 2, 4), (6, 8, 32, 2, 2), (4, 8, 32, 2, 2), (2, 8, 32, 2, 2),
     (5, 8, 32, 4, 4), (3, 8, 112, 16, 16), (4, 16, 32, 1, 4), (2, 16, 32, 1, 4), (3, 16, 32, 1, 4),
     (5, 16, 32, 1, 2), (6, 16, 32, 1, 1), (4, 16, 112, 8, 8), (4, 32, 32, 1, 4), (4, 32, 112, 8, 16),
+    (8, 8, 32, 2, 4), (8, 8, 112, 16, 16),
     (6, 32, 32, 1, 4), (5, 32, 32, 1, 1), (2, 32, 32, 8, 8), (3, 32, 32, 1, 1), (4, 64, 32, 1, 1)])
 def test_pending_split_by_block_m(monkeypatch, bits, bm, k_tiles, split, want):
-    """Pending sums take more splits where programs would be long: at BLOCK_M 8 W3 / W5 twice from 16 K
+    """Pending sums take more splits where programs would be long: at BLOCK_M 8 W3 / W5 / W8 twice from 16 K
     tiles per program, at BLOCK_M 16 W2 / W3 / W4 four times and W5 twice from 32, at BLOCK_M 32 W2 / W4 / W6
     four times from 32 and twice from 12; other widths, BLOCK_M and shorter programs keep ``mma_config``'s
     split."""
     g, d, four = (32, 4), (12, 2), ((32, 4),)
-    table = {8: {3: ((16, 2),), 5: ((16, 2),)}, 16: {2: four, 3: four, 4: four, 5: ((32, 2),)},
+    table = {8: {3: ((16, 2),), 5: ((16, 2),), 8: ((16, 2),)}, 16: {2: four, 3: four, 4: four, 5: ((32, 2),)},
              32: {2: (g, d), 4: (g, d), 6: (g, d)}}
     monkeypatch.setattr(mm, "MMA_ACC_SPLIT", table)
     assert mm.acc_split(bits, bm, k_tiles, split) == want
