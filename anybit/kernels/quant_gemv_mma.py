@@ -1429,7 +1429,7 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
 # W6 79.1 / 61.2, 81.1 / 62.6; down W2 27.6 / 22.2, 28.1 / 22.7; W4 29.3 / 24.9, 29.9 / 25.4; W6 39.4 / 33.8,
 # 39.7 / 34.4. W5 is best at the default on both (53.5, 26.5 at M 24); W3 level.
 # W8 at BLOCK_M 8 likewise: gate_up M 4 / 8 53.0 / 53.2 -> 49.1 / 50.4 us (s27-17,
-# quant_matmul_mmaacc_w8_s27_17).
+# quant_matmul_mmaacc_w8_s27_17); decode batch 4 / 8 1160 / 2200 against 1119 / 2090 tok/s (s27-18).
 # Env ANYBIT_MMA_ACC_SPLIT=0: off.
 # BLOCK_M -> width -> ((K tiles per program from which, split factor), ...), the first that applies
 _ACC_GATE_UP, _ACC_DOWN = (32, 4), (12, 2)
