@@ -1423,11 +1423,12 @@ def g2_applies(packed: PackedWeight, M: int | None = None) -> bool:
 # rule's): W2 36.0 / 28.3, 36.4 / 29.8; W3 40.5 / 32.4, 41.0 / 32.5; W4 40.3 / 32.9, 40.1 / 36.6; W5 43.0 /
 # 41.0, 43.8 / 42.2; W6 level (45.7 / 45.8). Programs of 14 K tiles (down at split 8) keep their split.
 # At BLOCK_M 32 (M 17..32; the MLP shapes take it since s27-13: ``MMA_WIDE_PENDING_BITS`` in
-# quant_matmul.py) W2 / W4 / W6 take 4 splits on gate_up (1 split, 32 K tiles per program) and 16 on down (8
-# splits, 14 K tiles). H100 s27-12 / s27-13 (quant_matmul_mmaacc32_s27_12, quant_matmul_mmaacc_rws_s27_13, us
-# at M 24 / 32, the default / the rule's): gate_up W2 59.4 / 39.6, 58.7 / 39.4; W4 61.1 / 44.2, 60.1 / 44.5;
-# W6 79.1 / 61.2, 81.1 / 62.6; down W2 27.6 / 22.2, 28.1 / 22.7; W4 29.3 / 24.9, 29.9 / 25.4; W6 39.4 / 33.8,
-# 39.7 / 34.4. W5 is best at the default on both (53.5, 26.5 at M 24); W3 level.
+# quant_matmul.py) W2 / W4 / W6 take 4 splits on gate_up (1 split, 64 K tiles of 64 per program) and 16 on
+# down (8 splits, 28 K tiles); qkv / o_proj (8 K tiles) keep theirs. H100 s27-12 / s27-13
+# (quant_matmul_mmaacc32_s27_12, quant_matmul_mmaacc_rws_s27_13, us at M 24 / 32, the default / the rule's):
+# gate_up W2 59.4 / 39.6, 58.7 / 39.4; W4 61.1 / 44.2, 60.1 / 44.5; W6 79.1 / 61.2, 81.1 / 62.6; down W2
+# 27.6 / 22.2, 28.1 / 22.7; W4 29.3 / 24.9, 29.9 / 25.4; W6 39.4 / 33.8, 39.7 / 34.4. W5 is best at the
+# default on both (53.5, 26.5 at M 24); W3 level.
 # W8 at BLOCK_M 8 likewise: gate_up M 4 / 8 53.0 / 53.2 -> 49.1 / 50.4 us (s27-17,
 # quant_matmul_mmaacc_w8_s27_17); decode batch 4 / 8 1160 / 2200 against 1119 / 2090 tok/s (s27-18).
 # Env ANYBIT_MMA_ACC_SPLIT=0: off.
