@@ -112,8 +112,9 @@ def test_high_bits_sit_where_the_merged_kernel_reads_them(bits):
 
 def test_w3_merged_routes_and_register_cap():
     """Merged W3 (HB) takes M 17..32 on every shape, writing y too (other widths: pending sums on shapes up to
-    MMA_WIDE_MAX_N x MMA_WIDE_MAX_K, y for MMA_WIDE_Y_BITS); at BLOCK_M 8 it runs under a 128-register cap
-    unless M = 1 and the grid fits 3 programs per SM (3-bit codebooks: always capped)."""
+    MMA_WIDE_MAX_N x MMA_WIDE_MAX_K and, for MMA_WIDE_PENDING_BITS, on every shape; y for MMA_WIDE_Y_BITS); at
+    BLOCK_M 8 it runs under a 128-register cap unless M = 1 and the grid fits 3 programs per SM (3-bit
+    codebooks: always capped)."""
     from anybit.quant.format import PackedWeight
 
     def packed(bits, N, K):
@@ -124,7 +125,9 @@ def test_w3_merged_routes_and_register_cap():
     mlp = (14336, 4096)
     for pending in (False, True):
         assert qm.mma_wide_chosen(packed(3, *mlp), 32, pending) == (qm.MMA_WIDE_AUTO and mm.MMA_W3_HB)
-        assert not qm.mma_wide_chosen(packed(4, *mlp), 32, pending)
+        w4 = pending and qm.MMA_WIDE_AUTO and 4 in qm.MMA_WIDE_PENDING_BITS  # s27-13: W4 pending sums too
+        assert qm.mma_wide_chosen(packed(4, *mlp), 32, pending) == w4
+        assert not qm.mma_wide_chosen(packed(8, *mlp), 32, pending)
         assert not qm.mma_wide_chosen(packed(3, *mlp), 16, pending) and not qm.mma_wide_chosen(
             packed(3, *mlp), 33, pending)
     assert qm.mma_wide_chosen(packed(6, 6144, 4096), 24, True) and not qm.mma_wide_chosen(
