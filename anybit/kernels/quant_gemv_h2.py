@@ -1070,11 +1070,11 @@ H2_ACC_MAX_SPLIT = 16
 
 
 def pending_split(bits: int, k_tiles: int, split: int) -> int:
-    """The split-K of a pending-sum call given its one-wave ``split`` (rule above)."""
+    """The split-K of a pending-sum call given its one-wave ``split`` (rule above; ``k_split`` then rounds it
+    to equal K ranges)."""
     if bits not in H2_ACC_SHORT_BITS or k_tiles // split < H2_ACC_SHORT_MIN_TILES:
         return split
-    want = min(H2_ACC_MAX_SPLIT, k_tiles // H2_ACC_SHORT_TILES[bits])
-    return max(d for d in range(1, want + 1) if k_tiles % d == 0)
+    return min(H2_ACC_MAX_SPLIT, k_tiles // H2_ACC_SHORT_TILES[bits])
 
 
 def one_wave_split(tiles: int, k_tiles: int, slots: int) -> int:

@@ -1246,14 +1246,11 @@ def grid3_config(N: int, K: int, G: int, sms: int, bits: int, g2: bool = False) 
     return mma_config(1, N, K, G, sms, per_sm={**MMA_PROGRAMS_PER_SM, 8: MMA_HEAVY_PER_SM}, bits=bits, g2=g2)
 
 
-def grid3_applies(bits: int, N: int, K: int, G: int, sms: int, g2: bool = False) -> bool:
+def grid3_applies(bits: int, N: int, K: int, G: int, sms: int, g2: bool, programs: int) -> bool:
     """Whether a uniform M = 1 call of this width writing y runs merged and unrolled on the 3-per-SM grid
-    (``MMA_HB_GRID3_BITS``): where its default grid does not fit ``MMA_HEAVY_PER_SM`` programs per SM and
-    the 3-per-SM grid still splits K (ks or split > 1)."""
-    if bits not in MMA_HB_GRID3_BITS or bits not in MMA_HB_BITS:
-        return False
-    _, _, split, ks = mma_config(1, N, K, G, sms, bits=bits, g2=g2)
-    if grid_fits_heavy(grid_programs(N, ks, split), sms):
+    (``MMA_HB_GRID3_BITS``): where its default grid's ``programs`` do not fit ``MMA_HEAVY_PER_SM`` per SM
+    and the 3-per-SM grid still splits K (ks or split > 1)."""
+    if bits not in MMA_HB_GRID3_BITS or bits not in MMA_HB_BITS or grid_fits_heavy(programs, sms):
         return False
     _, _, split3, ks3 = grid3_config(N, K, G, sms, bits, g2)
     return ks3 * split3 > 1
@@ -1570,7 +1567,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
     hb_auto = hb_default(bits, bm, grid_programs(N, ks_auto, split), sms)
     defaults = high_bits is None and unroll2 is None and ks is None and split_k is None and cap is None
-    if defaults and not cb and M == 1 and not hb_auto and grid3_applies(bits, N, K, G, sms, g2_ok):
+    if defaults and not cb and M == 1 and not hb_auto and grid3_applies(
+            bits, N, K, G, sms, g2_ok, grid_programs(N, ks_auto, split)):
         # merged and unrolled on a grid sized for the 3 programs per SM its registers allow
         per_sm = {**MMA_PROGRAMS_PER_SM, 8: MMA_HEAVY_PER_SM}
         bm, bk, split, ks_auto = grid3_config(N, K, G, sms, bits, g2_ok)

@@ -630,11 +630,12 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
         if packed.bits == 8:  # MMA_W8_M1: where the K split inside the program alone fills the GPU
             return not pending and MMA_W8_M1 and ks > 1 and split == 1
         if packed.bits in MMA_HB_BITS and MMA_W3_M1:  # merged W3 / W5 / W6 where the grid fits 3 per SM
-            fits = grid_fits_heavy(grid_programs(packed.out_features, ks, split), _num_sms(x.device))
+            sms, programs = _num_sms(x.device), grid_programs(packed.out_features, ks, split)
+            fits = grid_fits_heavy(programs, sms)
             if pending:
                 return fits and packed.bits in MMA_HB_PENDING_BITS
             return fits or grid3_applies(packed.bits, packed.out_features, packed.in_features,
-                                         packed.group_size, _num_sms(x.device), g2_applies(packed, 1))
+                                         packed.group_size, sms, g2_applies(packed, 1), programs)
         return not pending and MMA_M1_KS and packed.bits in MMA_M1_KS_BITS and ks > 1
     if M > 8:
         _, bk, split, ks = mma_config(M, packed.out_features, packed.in_features, packed.group_size,

@@ -310,8 +310,7 @@ def test_gemv_h2_block_n_override_by_shape(monkeypatch):
                                                      (8, 32, 2, 2), (4, 112, 28, 28), (4, 32, 8, 8)])
 def test_pending_split_rule(bits, k_tiles, split, want):
     """Pending sums of W2 / W5 / W6 (W4) whose one-wave split leaves >= 8 K tiles per program take 2 (4)
-    K tiles per program (at most 16 splits, a divisor of the K tiles); other widths and shorter programs keep
-    the one-wave split."""
+    K tiles per program (at most 16 splits); other widths and shorter programs keep the one-wave split."""
     from anybit.kernels import quant_gemv_h2 as h2
     if bits not in h2.H2_ACC_SHORT_BITS:  # env ANYBIT_H2_ACC_SHORT=0 or a width the rule leaves alone
         assert h2.pending_split(bits, k_tiles, split) == split
