@@ -20,10 +20,8 @@ from anybit.kernels.attention_decode_gl import (
     GL_SPLIT_MIN,
     GL_STAGES,
     gl_decode_applies,
-    gl_poll,
     gl_programs_per_sm,
     launch_decode_gl,
-    poll_partials,
 )
 from anybit.kernels.attention_prefill import _check_attn_args, ref_attend
 from anybit.kernels.kv_cache_ops import (
@@ -887,15 +885,14 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     splits, tps = _split_slices(max_seq_len, num_splits or choose_splits(num_seqs * nkv, max_seq_len, cap),
                                 GL_SPLIT_MIN)
     dyn_split = _dyn_split(dyn_split, splits)
+    mid_o, mid_lse = _split_partials(query, splits, out)
     window = int(sliding_window) if sliding_window is not None and int(sliding_window) > 0 else 0
     trigger = pdl_enabled(query.device, True)
     merge = gl_merge(splits)
-    poll = merge and gl_poll(mode, head_dim, num_seqs * nkv * splits, sms)
-    mid_o, mid_lse = poll_partials(query, splits) if poll else _split_partials(query, splits, out)
     pdl = splits > 1 and trigger and GL_REDUCE_PDL and not merge
-    counters = _lock_buffer(query.device, num_seqs * nkv, "decode_gl") if merge and not poll else None
+    counters = _lock_buffer(query.device, num_seqs * nkv, "decode_gl") if merge else None
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
-                     window, tps, splits, dyn_split, trigger=pdl, sms=sms, counters=counters, poll=poll)
+                     window, tps, splits, dyn_split, trigger=pdl, sms=sms, counters=counters)
     if splits > 1 and not merge:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,

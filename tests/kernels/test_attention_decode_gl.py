@@ -118,28 +118,6 @@ def test_sm90_compile_loop(mode, pair):
         assert len(body) / 2 < {1: 380, 2: 420}[mode], len(body)
 
 
-@pytest.mark.parametrize("block", [2, 4])
-@pytest.mark.parametrize("mode", [1, 2])
-def test_sm90_compile_poll_merge(mode, block):
-    """The POLL merge: no counter atomic or GPU-scope fence, volatile (re-read) loads of the partials, and
-    registers within GL_POLL_REGS of its round size (they size ``gl_poll``'s residency check)."""
-    row = 128 if mode == 1 else 64
-    desc = f"desc:int32:1024x{8 * row // 4}:16x{row // 4}"
-    ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "qk_scale": "fp32",
-            "s_desc": f"desc:float16:{1024 * 8 * 2 * mode}x16:{2 * mode}x16:0"}
-    ptrs.update({n: "*fp32" for n in ("mid_o_ptr", "mid_lse_ptr")})
-    ptrs.update({"bt_ptr": "*i32", "seq_lens_ptr": "*i32", "count_ptr": "*i32"})
-    consts = dict(G=4, HEAD_DIM=128, PAGE=16, MODE=mode, SPLIT_OUT=True, DYN_SPLIT=True, HEAD_MAJOR=True,
-                  STAGES=agl.GL_PAIR_STAGES[mode], PAIR=True, MERGE=True, MERGE_BLOCK=block, POLL=True)
-    lines = sm90_sass_ptrs(agl._decode_gl_kernel, consts, ptrs, {"num_warps": 1})
-    ops = [s.split()[0] for s in lines if s.split()]
-    assert not [o for o in ops if o.startswith(("ATOM", "RED.", "MEMBAR.ALL.GPU", "MEMBAR.SC"))], "counter"
-    assert any(o.startswith("LDG") and "STRONG.SYS" in o for o in ops), "volatile partial loads"
-    assert not [o for o in ops if o.startswith(("STL", "LDL"))], "spills"
-    regs = max(int(r) for s in lines for r in re.findall(r"\bR(\d+)\b", s)) + 1
-    assert regs <= agl.GL_POLL_REGS[block], regs
-
-
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_scale_rows_only_for_packed_scales(dtype):
     """scale_rows views the packed buffer as the TMA rows (page, head, array); other layouts: None."""
@@ -183,19 +161,17 @@ def test_pairs_only_while_every_program_is_resident(monkeypatch):
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
-@pytest.mark.parametrize("pair,merge", [(False, False), (True, False), (True, True), (True, "poll"),
-                                        (False, "poll")])
+@pytest.mark.parametrize("pair,merge", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("nh,nkv,hd,bs", [(32, 8, 128, 16), (8, 8, 128, 32), (16, 2, 64, 16),
                                          (14, 2, 128, 64)])
 def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, merge, monkeypatch):
     """Odd and even chunk counts (PAIR rounds them up with a masked chunk of page 0), windows, splits
-    merged by a second kernel or in-kernel (MERGE, whose counters must be left at zero; "poll": the
-    merger reads the partials as they arrive and must leave them as POLL_SENTINEL)."""
+    merged by a second kernel or in-kernel (MERGE, whose counters must be left at zero; contexts of one
+    working split, 1-128 tokens here, write out directly)."""
     from anybit.kernels.quant_gemm_h2 import _lock_buffer
     monkeypatch.setattr(agl, "GL_PAIR", {1: pair, 2: pair})
-    monkeypatch.setenv("ANYBIT_GL_MERGE", str(int(bool(merge))))  # any split count (7 and the rule's)
-    monkeypatch.setenv("ANYBIT_GL_POLL", str(int(merge == "poll")))
+    monkeypatch.setenv("ANYBIT_GL_MERGE", str(int(merge)))  # any split count (7 and the rule's)
     monkeypatch.delenv("ANYBIT_GL_PAIR", raising=False)
     seq = [1, 15, 16, 17, 129, 300, 1030]
     b = make_batch(seq, [1] * len(seq), nh, nkv, hd, dtype, block_size=bs, q_dtype=torch.bfloat16)
@@ -211,12 +187,8 @@ def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, merge, monkeypatch):
                 assert e < 1e-2, (win, splits, dyn, e)
         tri = paged_attention_decode(*args, gl=False)
         assert rel_err(out, tri) < 1e-2
-    torch.cuda.synchronize()
     if merge:
         assert not _lock_buffer(q.device, len(seq) * nkv, "decode_gl").any()
-    if merge == "poll":
-        part = agl._POLL_BUFFERS[str(q.device)]
-        assert (part.view(torch.int32) == agl.POLL_SENTINEL).all()
 
 
 @pytest.mark.gpu
@@ -256,7 +228,7 @@ def test_split_count_fills_half_the_resident_slots(monkeypatch):
     from anybit.kernels import attention_decode as ad
     seen = {}
     monkeypatch.setattr(ad, "launch_decode_gl", lambda *a, **k: seen.update(
-        gl=a, trigger=k.get("trigger"), counters=k.get("counters"), poll=k.get("poll")))
+        gl=a, trigger=k.get("trigger"), counters=k.get("counters")))
     monkeypatch.setenv("ANYBIT_GL_MERGE", "0")
 
     class _Reduce:
@@ -278,48 +250,12 @@ def test_split_count_fills_half_the_resident_slots(monkeypatch):
     assert seen["reduce_grid"] == (32, 32) and seen["trigger"] is False
     assert "launch_pdl" not in seen["reduce_kw"]  # CPU: no programmatic dependent launch
     assert seen["counters"] is None
-    # in-kernel merge with counters: one for every (sequence, kv head), no merge kernel
+    # in-kernel merge: counters for every (sequence, kv head), no merge kernel
     seen.clear()
     monkeypatch.setenv("ANYBIT_GL_MERGE", "1")
-    monkeypatch.setenv("ANYBIT_GL_POLL", "0")
     ad._paged_decode_gl(q, cache, seq_lens, table, 128 ** -0.5, None, 8192, None, None, True)
     assert "reduce_grid" not in seen and seen["counters"].numel() >= 32 * 8
-    assert seen["counters"].dtype == torch.int32 and not seen["counters"].any() and not seen["poll"]
-    # by polling (1024 programs, all resident): no counters; the partials start as POLL_SENTINEL
-    seen.clear()
-    monkeypatch.delenv("ANYBIT_GL_POLL")
-    ad._paged_decode_gl(q, cache, seq_lens, table, 128 ** -0.5, None, 8192, None, None, True)
-    assert "reduce_grid" not in seen and seen["counters"] is None and seen["poll"] is agl.GL_POLL
-    mid_o, mid_lse = seen["gl"][5:7]
-    assert mid_o.shape == (32, 32, 4, 128) and mid_lse.shape == (32, 32, 4)
-    for part in (mid_o, mid_lse):
-        assert (part.view(torch.int32) == agl.POLL_SENTINEL).all()
-
-
-def test_poll_only_while_every_program_is_resident(monkeypatch):
-    """The merger of a group spins on its partners' partials: only when the whole grid is resident (int4:
-    16 programs per SM with either ring; int8's pair ring 12, its single ring 16)."""
-    monkeypatch.delenv("ANYBIT_GL_POLL", raising=False)
-    monkeypatch.delenv("ANYBIT_GL_PAIR", raising=False)
-    monkeypatch.setattr(agl, "GL_PAIR", {1: True, 2: True})
-    monkeypatch.setattr(agl, "GL_POLL", True)
-    assert agl.gl_poll(2, 128, 16 * 132, 132) and not agl.gl_poll(2, 128, 16 * 132 + 1, 132)
-    assert agl.gl_poll(1, 128, 12 * 132, 132)  # pairs
-    assert agl.gl_poll(1, 128, 16 * 132, 132)  # single chunks past 12 per SM: 16 fit
-    assert not agl.gl_poll(1, 128, 16 * 132 + 1, 132)
-    monkeypatch.setenv("ANYBIT_GL_POLL", "0")
-    assert not agl.gl_poll(2, 128, 8, 132)
-
-
-def test_poll_partials_grow_and_stay_unset():
-    """One sentinel buffer per device: views for the call's shape, grown (filled again) when short."""
-    q = torch.zeros(3, 8, 64)
-    mid_o, mid_lse = agl.poll_partials(q, 5)
-    assert mid_o.shape == (3, 8, 5, 64) and mid_lse.shape == (3, 8, 5) and mid_o.dtype == torch.float32
-    assert (mid_o.view(torch.int32) == agl.POLL_SENTINEL).all()
-    big = torch.zeros(600, 8, 64)
-    mid_o, mid_lse = agl.poll_partials(big, 3)
-    assert mid_o.numel() == 600 * 8 * 3 * 64 and (mid_lse.view(torch.int32) == agl.POLL_SENTINEL).all()
+    assert seen["counters"].dtype == torch.int32 and not seen["counters"].any()
 
 
 def test_in_kernel_merge_up_to_8_splits(monkeypatch):
