@@ -29,11 +29,9 @@ class Goal:
 
 def _qm(bits: int, ms: tuple[int, ...]) -> Callable[[str, dict], bool]:
     """The launcher's rows at this width and these M; from the s16 lm_head file only what the newer lm_head
-    files do not cover (W4: s20-6; the other widths at M >= 64: s21-5); W3 / W5 / W6 on the layer shapes from
-    s26-6 / s26-15."""
+    files do not cover (W4: s20-6; the other widths at M >= 64: s21-5)."""
     return lambda f, r: (r["method"] == "anybit" and r["bits"] == bits and r["M"] in ms
-                         and not (f == "quant_matmul_s16_lm_head" and (bits == 4 or r["M"] >= 64))
-                         and not (f == "quant_matmul_s23_7" and bits in (3, 5, 6)))
+                         and not (f == "quant_matmul_s16_lm_head" and (bits == 4 or r["M"] >= 64)))
 
 
 def _decode(variant: str) -> Callable[[str, dict], bool]:
@@ -48,9 +46,12 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 # routes did not change)
 # s26-6 / s26-15: W3 / W5 / W6 on the layer shapes after merging their second slice (M = 1 on the mma.sync
 # kernel for 6144x4096, and for W6 writing y on the MLP shapes)
-QM = ("quant_matmul_s23_7", "quant_matmul_w3_s26_6", "quant_matmul_w56_s26_15", "quant_matmul_s20_6_lm_head",
-      "quant_matmul_s21_5_lm_head", "quant_matmul_s16_lm_head")
-DECODE = ("attention_decode_graph_s19_2",)  # s19-2: CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, bf16
+# s28-2: every width and M on the layer shapes again at the routes of sessions 23-27 (replaces s23-7, s26-6 and
+# s26-15 for those shapes; within 1-4% of them except W3 / W5 / W6 at M = 1, which have the s26 merges)
+QM = ("quant_matmul_s28_2", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head", "quant_matmul_s16_lm_head")
+# s28-2: the s19-2 grid at the current code (CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, one working
+# split writing out)
+DECODE = ("attention_decode_graph_s28_2",)
 E2E = ("e2e_w4_bf16_batches_s27_16",)  # s27-16: bf16 ("auto" = Triton backend) and W4 in one call
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
 SHAPE = lambda r: f"{r['shape']} M{r['M']}"  # noqa: E731
