@@ -46,9 +46,10 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 # routes did not change)
 # s26-6 / s26-15: W3 / W5 / W6 on the layer shapes after merging their second slice (M = 1 on the mma.sync
 # kernel for 6144x4096, and for W6 writing y on the MLP shapes)
-# s28-2: every width and M on the layer shapes again at the routes of sessions 23-27 (replaces s23-7, s26-6 and
-# s26-15 for those shapes; within 1-4% of them except W3 / W5 / W6 at M = 1, which have the s26 merges)
-QM = ("quant_matmul_s28_2", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head", "quant_matmul_s16_lm_head")
+# s28-2: every width and M on the layer shapes again at the routes of sessions 23-27 (replaces s23-7, s26-6
+# and s26-15 for those shapes; within 1-4% of them except W3 / W5 / W6 at M = 1, which have the s26 merges)
+QM = ("quant_matmul_s28_2", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
+      "quant_matmul_s16_lm_head")
 # s28-2: the s19-2 grid at the current code (CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, one working
 # split writing out)
 DECODE = ("attention_decode_graph_s28_2",)
