@@ -112,14 +112,6 @@ def merge_runs(dtype: str) -> list:
             ("gl_s1", dict(gl=True, num_splits=1), True, 0.5)]
 
 
-def pdl_runs(dtype: str) -> list:
-    """The Gluon kernel as launched now against a PDL launch (``GL_PDL``: sequence length and first page ids
-    read before griddepcontrol.wait, the next kernel let in at once), at the shipped split rule."""
-    if dtype == "bfloat16":
-        return [("default", {}, True, 0.5)]
-    return [("gl", dict(gl=True, gl_pdl=False), True, 0.5), ("gl_pdl", dict(gl=True, gl_pdl=True), True, 0.5)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="the old vs new split rule on b8/32/64 x 1k-32k")
@@ -129,7 +121,6 @@ def main() -> int:
     ap.add_argument("--fixed", action="store_true", help="per-call cost: query order, one split")
     ap.add_argument("--splits", action="store_true", help="2-8 splits on b32/b64 x 4k/16k (s18 kernel)")
     ap.add_argument("--merge", action="store_true", help="merge kernel vs in-kernel merge (GL_MERGE)")
-    ap.add_argument("--pdl", action="store_true", help="the Gluon kernel as a PDL launch (GL_PDL) or not")
     ap.add_argument("--pair-large", action="store_true",
                     help="--pair at b128/b192, pairs forced past gl_pair_fits")
     args = ap.parse_args()
@@ -142,15 +133,14 @@ def main() -> int:
     if args.pair_large:  # the A/B itself: pairs wherever GL_PAIR says, resident or not
         cases, runs_of = [(128, 4096), (192, 1000), (192, 4096)], pair_runs
         agl.gl_pair_fits = lambda mode, *_: agl.gl_pair(mode)
-    if args.merge or args.pdl:
-        cases, runs_of = MERGE_CASES, merge_runs if args.merge else pdl_runs
-    if args.fixed or args.merge or args.pdl:
+    if args.merge:
+        cases, runs_of = MERGE_CASES, merge_runs
+    if args.fixed or args.merge:
         if args.fixed:
             cases, runs_of = FIXED_CASES, fixed_runs
         print(f"empty graph call (2 one-element kernels): {empty_graph_us():.2f} us", flush=True)
     rows = []
     defaults = ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL
-    pdl_default = ad.GL_PDL
     stage_defaults = dict(agl.GL_STAGES)
     pair_defaults, pair_stage_defaults = dict(agl.GL_PAIR), dict(agl.GL_PAIR_STAGES)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -172,7 +162,6 @@ def main() -> int:
                     os.environ["ANYBIT_GL_MERGE"] = str(int(merge))
                 stages = kw.pop("stages", None)
                 pair = kw.pop("pair", None)
-                ad.GL_PDL = kw.pop("gl_pdl", pdl_default)
                 agl.GL_STAGES.update(stage_defaults)
                 agl.GL_PAIR.update(pair_defaults)
                 agl.GL_PAIR_STAGES.update(pair_stage_defaults)
@@ -193,7 +182,6 @@ def main() -> int:
                 print(f"b{batch} ctx{ctx} {dtype:9s} {name:12s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s "
                       f"x{t_bf16 / t:.2f} err {err:.1e}", flush=True)
             ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = defaults
-            ad.GL_PDL = pdl_default
             os.environ.pop("ANYBIT_GL_MERGE", None)
             agl.GL_STAGES.update(stage_defaults)
             agl.GL_PAIR.update(pair_defaults)
@@ -204,8 +192,7 @@ def main() -> int:
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
                                         "_stages" if args.stages else "_pair" if args.pair else
                                         "_fixed" if args.fixed else "_count" if args.splits else
-                                        "_pair_large" if args.pair_large else "_merge" if args.merge else
-                                        "_pdl" if args.pdl else "")
+                                        "_pair_large" if args.pair_large else "_merge" if args.merge else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
                  "merge vs the shipped launcher and bf16, 32 q / 8 kv heads, d128", cols, rows,
                  ["time: CUDA graph of 20 calls, median of 15 replays / 20; max_seq_len = max(context, 8192) "
@@ -220,7 +207,6 @@ def main() -> int:
                   "--splits: gl_s<n> = n splits forced, gl = the shipped rule; "
                   "--merge: gl_merge = the last split of each (sequence, kv head) merges (GL_MERGE), gl = "
                   "the merge kernel with PDL, gl_s1 = one split; "
-                  "--pdl: gl_pdl = the Gluon kernel as a PDL launch (GL_PDL), gl = as shipped; "
                   "--fixed: _s1 = one split (no partials, no merge kernel); s18-2's gl_lateq0 / gl_lateq1 = "
                   "the query converted before / after the prologue's copies (not kept); "
                   "speedup_vs_bf16 against the case's first bf16 row; rel_err: first sequence vs ref_"],

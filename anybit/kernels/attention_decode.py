@@ -649,10 +649,6 @@ def gl_merge(splits: int) -> bool:
 # at 8 (2048); b32 x 16k 222.6 against 226.8; b64 (already 4 splits) unchanged: a program's fixed
 # cost (page-id chain, partial store) outweighs the extra occupancy.
 GL_WAVE_FILL = float(os.environ.get("ANYBIT_GL_WAVE_FILL", "0.5"))
-# The Gluon kernel as a PDL launch that reads the sequence length and its first page ids before
-# griddepcontrol.wait and the cache and query after it, and lets the next kernel launch at once (env
-# ANYBIT_GL_PDL=1; experiments, session 28).
-GL_PDL = os.environ.get("ANYBIT_GL_PDL", "0") == "1"
 # The Gluon kernel itself as a PDL launch (older chunks requested before griddepcontrol.wait) was 1.25-1.6x
 # slower at b8/b64 (H100 s15-13, attention_decode_splits_pdl_s15_13) and was removed.
 
@@ -894,11 +890,9 @@ def _paged_decode_gl(query, kv_cache, seq_lens, block_table, scale, sliding_wind
     trigger = pdl_enabled(query.device, True)
     merge = gl_merge(splits)
     pdl = splits > 1 and trigger and GL_REDUCE_PDL and not merge
-    pdl_wait = GL_PDL and trigger
     counters = _lock_buffer(query.device, num_seqs * nkv, "decode_gl") if merge else None
     launch_decode_gl(query, kv_cache, seq_lens, block_table, out, mid_o, mid_lse, scale * 1.4426950408889634,
-                     window, tps, splits, dyn_split, trigger=pdl or pdl_wait, sms=sms, counters=counters,
-                     pdl_wait=pdl_wait)
+                     window, tps, splits, dyn_split, trigger=pdl, sms=sms, counters=counters)
     if splits > 1 and not merge:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             mid_o, mid_lse, out, seq_lens, out.stride(0), out.stride(1), splits, tps, HEAD_DIM=head_dim,

@@ -64,7 +64,7 @@ try:  # Gluon (Triton >= 3.5) is optional: CPU installs and older Triton use att
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from anybit.kernels.quant_gemv_mma import _gdc_launch_dependents, _gdc_wait
+    from anybit.kernels.quant_gemv_mma import _gdc_launch_dependents
 except ImportError:  # pragma: no cover
     gluon = None
 
@@ -351,26 +351,6 @@ if gluon is not None:
         gl.store(out_seq_ptr + (head0 + go)[:, None] * stride_oh + ds[None, :],
                  res.to(out_seq_ptr.dtype.element_ty), mask=(go < G)[:, None])
 
-    @gluon.jit
-    def _group_query(q_ptr, seq, kvh, stride_qs, stride_qh, G: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     MODE: gl.constexpr, QB: gl.constexpr, HEAD: gl.constexpr):
-        """The G query heads of kv head kvh as the B operand ``[HEAD_DIM, 8]`` in float16 (head dim
-        relabelled like K), their sums per head, and K's code bias times those sums."""
-        dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, QB))
-        hq = gl.arange(0, 8, layout=gl.SliceLayout(0, QB))
-        iq = dq & 7
-        if MODE == 2:
-            iq = (iq >> 1) + 4 * (iq & 1)
-        mq = HEAD_DIM // 4 * ((dq >> 3) & 3) + 8 * (dq >> 5) + iq
-        q = gl.load(q_ptr + seq * stride_qs + (kvh * G + hq)[None, :] * stride_qh + mq[:, None],
-                    mask=(hq < G)[None, :], other=0.0).to(gl.float16)
-        qsum = gl.convert_layout(gl.sum(q.to(gl.float32), axis=0), HEAD)
-        if MODE == 1:
-            kbias = 1152.0 * qsum
-        else:
-            kbias = 1024.0 * qsum
-        return q, qsum, kbias
-
     @gluon.jit(do_not_specialize=["window", "tokens_per_split"])
     def _decode_gl_kernel(q_ptr, k_desc, v_desc, s_desc, bt_ptr, seq_lens_ptr,
                           out_ptr, mid_o_ptr, mid_lse_ptr, count_ptr, qk_scale, window, tokens_per_split,
@@ -379,8 +359,7 @@ if gluon is not None:
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
                           DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
                           TRIGGER: gl.constexpr = False, PAIR: gl.constexpr = False,
-                          MERGE: gl.constexpr = False, MERGE_BLOCK: gl.constexpr = 4,
-                          PDL_WAIT: gl.constexpr = False):
+                          MERGE: gl.constexpr = False, MERGE_BLOCK: gl.constexpr = 4):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
@@ -392,8 +371,7 @@ if gluon is not None:
         its partial (``count_ptr`` int32 counters, zero before the launch and left at zero) merges all
         of them into ``out``, ``MERGE_BLOCK`` splits per round; no merge kernel. MERGE with one working
         split (short contexts): it writes ``out`` itself (b32 x 16 tokens 7.8 -> 5.4 us per call, H100
-        s28-1). PDL_WAIT (a launch with programmatic dependent launch): the sequence length and the first
-        page ids are read before ``griddepcontrol.wait``, the cache and the query after it."""
+        s28-1)."""
         if TRIGGER:
             _gdc_launch_dependents()
         W: gl.constexpr = k_desc.block_type.shape[1]
@@ -426,8 +404,20 @@ if gluon is not None:
         c0 = lo - lo % 16
         n_it = gl.cdiv(end - c0, 16)
 
-        if not PDL_WAIT:
-            q, qsum, kbias = _group_query(q_ptr, seq, kvh, stride_qs, stride_qh, G, HEAD_DIM, MODE, QB, HEAD)
+        # query heads of the group as the B operand [HEAD_DIM, 8] (head dim relabelled like K)
+        dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, QB))
+        hq = gl.arange(0, 8, layout=gl.SliceLayout(0, QB))
+        iq = dq & 7
+        if MODE == 2:
+            iq = (iq >> 1) + 4 * (iq & 1)
+        mq = HEAD_DIM // 4 * ((dq >> 3) & 3) + 8 * (dq >> 5) + iq
+        q = gl.load(q_ptr + seq * stride_qs + (kvh * G + hq)[None, :] * stride_qh + mq[:, None],
+                    mask=(hq < G)[None, :], other=0.0).to(gl.float16)
+        qsum = gl.convert_layout(gl.sum(q.to(gl.float32), axis=0), HEAD)
+        if MODE == 1:
+            kbias = 1152.0 * qsum
+        else:
+            kbias = 1024.0 * qsum
 
         COUNT: gl.constexpr = s_desc.block_type.shape[0]
         nkv = gl.num_programs(1)
@@ -444,21 +434,10 @@ if gluon is not None:
         # of the next chunk(s) kept
         AHEAD: gl.constexpr = STAGES - 2 if PAIR else STAGES - 1
         n_req = 2 * gl.cdiv(n_it, 2) if PAIR else n_it
-        if PDL_WAIT:  # page ids before the wait (host-written), the cache and the query after it
-            gl.static_assert(AHEAD == 2)
-            pg0 = gl.load(bt_row + c0 // PAGE, mask=n_it > 0, other=0)
-            pg1 = gl.load(bt_row + (c0 + 16) // PAGE, mask=n_it > 1, other=0)
-            _gdc_wait()
-            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 0, pg0, c0, kvh, nkv,
-                         PAGE, HEAD_MAJOR, n_req > 0)
-            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, 1, pg1, c0 + 16, kvh, nkv,
-                         PAGE, HEAD_MAJOR, n_req > 1)
-            q, qsum, kbias = _group_query(q_ptr, seq, kvh, stride_qs, stride_qh, G, HEAD_DIM, MODE, QB, HEAD)
-        else:
-            for j in gl.static_range(AHEAD):
-                pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
-                _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh,
-                             nkv, PAGE, HEAD_MAJOR, n_req > j)
+        for j in gl.static_range(AHEAD):
+            pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
+            _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh, nkv,
+                         PAGE, HEAD_MAJOR, n_req > j)
         pg_next = gl.load(bt_row + (c0 + 16 * AHEAD) // PAGE, mask=n_it > AHEAD, other=0)
         pg_next2 = pg_next
         if PAIR:
@@ -676,13 +655,12 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
                      block_table: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_lse: torch.Tensor,
                      qk_scale: float, window: int, tokens_per_split: int, splits: int,
                      dyn_split: bool, trigger: bool = False, sms: int = 132,
-                     counters: torch.Tensor | None = None, pdl_wait: bool = False) -> None:
+                     counters: torch.Tensor | None = None) -> None:
     """Launch ``_decode_gl_kernel`` on grid (num_seqs, kv heads, splits); attention_decode's
     ``paged_attention_decode`` sizes the splits. ``counters`` (int32, >= num_seqs * kv heads, zero):
     the kernel merges its splits itself (MERGE) and leaves them zero; None: a merge kernel follows.
     ``trigger``: the kernel lets the next one (a PDL launch) start at once. ``sms``: the GPU's SM count
-    (``gl_pair_fits``). ``pdl_wait``: this launch is itself a PDL launch (PDL_WAIT: it may start before the
-    previous kernel of the stream ends, and waits for it before reading the cache and the query)."""
+    (``gl_pair_fits``)."""
     from anybit.kernels.kv_cache_ops import kv_mode
 
     mode = kv_mode(kv_cache.dtype)
@@ -705,8 +683,7 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode,
         STAGES=GL_PAIR_STAGES[mode] if pair else GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
-        PAIR=pair, MERGE=merge, MERGE_BLOCK=merge_block(splits, g, head_dim), PDL_WAIT=bool(pdl_wait),
-        num_warps=1, **({"launch_pdl": True} if pdl_wait else {}))
+        PAIR=pair, MERGE=merge, MERGE_BLOCK=merge_block(splits, g, head_dim), num_warps=1)
 
 
 def merge_block(splits: int, group: int, head_dim: int) -> int:
