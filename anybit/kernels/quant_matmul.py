@@ -50,6 +50,7 @@ from anybit.kernels.quant_gemv_h2 import (  # noqa: F401  (_h2_asm: re-exported 
 from anybit.kernels.quant_gemv_mma import (
     MMA_BITS,
     MMA_HB_BITS,
+    MMA_MAX_M,
     MMA_W3_HB,
     g2_applies,
     grid3_applies,
@@ -601,6 +602,23 @@ MMA_WIDE_PENDING_BITS = tuple(
     int(b) for b in os.environ.get("ANYBIT_MMA_WIDE_PENDING_BITS", "2,4,5,6").split(",") if b)
 
 
+# Pending sums at M 33..64 (BLOCK_M 64) on small square weights (o_proj-like: N x K at most
+# MMA_SQUARE_PENDING_MAX) for MMA_SQUARE_PENDING_BITS go to the mma.sync kernel instead of rws writing y. H100
+# s27-15 (quant_matmul_mmaacc64_s27_15, us at M 48 / 64 on 4096x4096, rws writing y / mma.sync pending at the
+# launcher's split): W2 14.99 / 11.10, 14.76 / 11.72; W4 15.15 / 11.96, 15.37 / 12.74; W6 16.95 / 13.35,
+# 17.36 / 14.25. On 6144x4096 and the MLP shapes rws stays ahead (W4 qkv M 48 17.43 / 19.58); W3 / W5 (1-bit
+# slices) do not run at BLOCK_M 64. Env ANYBIT_MMA_SQUARE_PENDING_BITS (comma list; empty: none).
+MMA_SQUARE_PENDING_BITS = tuple(
+    int(b) for b in os.environ.get("ANYBIT_MMA_SQUARE_PENDING_BITS", "2,4,6").split(",") if b)
+MMA_SQUARE_PENDING_MAX = 4096 * 4096
+
+
+def mma_square_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
+    """The M 33..64 pending-sum rule above (MMA_SQUARE_PENDING_BITS, N x K <= MMA_SQUARE_PENDING_MAX)."""
+    small = packed.out_features * packed.in_features <= MMA_SQUARE_PENDING_MAX
+    return pending and MMA_WIDE_MAX_M < M <= MMA_MAX_M and small and packed.bits in MMA_SQUARE_PENDING_BITS
+
+
 def mma_wide_chosen(packed: PackedWeight, M: int, pending: bool) -> bool:
     """The M 17..MMA_WIDE_MAX_M rules above (MMA_WIDE_AUTO, N <= MMA_WIDE_MAX_N, K <= MMA_WIDE_MAX_K; writing
     y only for MMA_WIDE_Y_BITS; pending sums of MMA_WIDE_PENDING_BITS on every shape)."""
@@ -618,7 +636,8 @@ def mma_chosen(packed: PackedWeight, M: int, x: torch.Tensor, pending: bool = Fa
     if packed.fmt != "uniform":  # 2- to 4-bit codebooks: its shared-table path is the fast one up to M 64
         return MMA_MODE != "0" and MMA_CB_AUTO and mma_applies(packed, M, x)
     if M > 16:
-        return MMA_MODE != "0" and mma_wide_chosen(packed, M, pending) and mma_applies(packed, M, x)
+        wide = mma_wide_chosen(packed, M, pending) or mma_square_chosen(packed, M, pending)
+        return MMA_MODE != "0" and wide and mma_applies(packed, M, x)
     if MMA_MODE == "0" or not mma_routes(packed.bits, M, pending) or not mma_applies(packed, M, x):
         return False
     if MMA_MODE == "2" and M == 1 and packed.bits not in MMA_M1_BITS:

@@ -493,6 +493,24 @@ def test_matches_reference(bits, M, group):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("M", [33, 48, 64])
+def test_pending_sums_at_block_m_64(bits, M):
+    """Pending sums (float atomics into an accumulator) at M 33..64, BLOCK_M 64, the launcher's split: the
+    route of o_proj-like weights (quant_matmul's MMA_SQUARE_PENDING_BITS); added onto what the accumulator
+    held."""
+    N, K = 512, 4096
+    pw = _rtn(N, K, bits, 128, seed=M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(bits)).to("cuda", torch.bfloat16)
+    want = ref_quant_matmul(x.float(), pw)
+    acc = torch.ones(M, N, dtype=torch.float32, device="cuda")
+    mm.quant_gemv_mma(x, pw, None, acc=acc)
+    err = (acc - 1.0 - want).abs().max().item()
+    assert err <= 1e-2 * want.abs().max().item() + 1e-3, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
 @pytest.mark.parametrize("path", ["mma", "tma"])
 def test_output_slice_strided_x_and_non_integer_zeros(path):
     """Both mma.sync kernels (quant_gemv_mma, its TMA-ring variant quant_gemv_tma on Hopper)."""
