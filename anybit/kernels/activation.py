@@ -24,14 +24,13 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, d, stride_x, stride_y, BLOCK: tl.constexp
                          PDL: tl.constexpr = False, EARLY: tl.constexpr = False, X_ACC: tl.constexpr = False):
     """Grid (num_tokens, cdiv(d, BLOCK)); rounds silu to the dtype before the product, like torch.
     PDL: waits for the previous kernel first (anybit/kernels/pdl.py); EARLY: the next kernel may
-    launch at once (``pdl_early``), not only after the wait. X_ACC: x is a GEMV's float32
-    accumulator (anybit/layers/pending.py): rounded to y's dtype on load, then zeroed."""
+    launch at once (``pdl_early``); without it the kernel does not trigger (as rms_norm's, s28-12).
+    X_ACC: x is a GEMV's float32 accumulator (anybit/layers/pending.py): rounded to y's dtype on
+    load, then zeroed."""
     if PDL and EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
-        if not EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d

@@ -35,7 +35,13 @@ def pdl_enabled(device: torch.device, want: bool | None = None) -> bool:
 
 def pdl_early(device: torch.device) -> bool:
     """Whether the short kernels of the decode chain (norms, activation) let the next kernel launch
-    at their start instead of after their wait (``ANYBIT_PDL_EARLY=0`` turns it off): the next
+    at their start (``ANYBIT_PDL_EARLY=0`` turns it off: then they do not trigger at all, and the next
+    kernel launches when they complete). Until session 28 the off setting triggered after the wait.
+    On the H100 that placement made 17+ RMSNorm programs that load their weight, wait, trigger, then
+    read and zero a float32 accumulator read wrong x, even with no dependent launched. s28-11/12: wrong
+    whenever the trigger came after a load (before or after the wait) and x was zeroed after its read;
+    right with the trigger first, with no trigger, or with no load before the trigger.
+    Found by the early-trigger engine test once prefill at M 33-64 produced pending sums. On: the next
     GEMV is then launched while the GEMV before the short kernel runs, and its programs become
     resident (loading their first weight tile) as that GEMV's programs retire. Measured on the H100
     (s8-1, batch-1 W4 decode graph): 2.448 -> 2.388 ms. Safe because a PDL kernel reads its inputs

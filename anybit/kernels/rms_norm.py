@@ -42,8 +42,11 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
                      EARLY: tl.constexpr = False, X_ACC: tl.constexpr = False):
     """One program per row: y = (x * rsqrt(mean(x^2) + eps)).to(dtype) * w (+ residual add first).
     PDL: the weight is loaded before waiting for the previous kernel (anybit/kernels/pdl.py);
-    EARLY: the next kernel may launch at once (``pdl_early``), not only after the wait. X_ACC: x is
-    a GEMV's float32 accumulator (anybit/layers/pending.py): rounded to y's dtype on load, zeroed."""
+    EARLY: the next kernel may launch at once (``pdl_early``); without it the kernel does not trigger
+    (the next kernel launches when this one completes). The trigger is the first instruction or none:
+    placed after the weight's load and the wait, 17+ programs reading and zeroing a float32
+    accumulator got wrong x on the H100 (s28-12), see pdl.py. X_ACC: x is a GEMV's float32
+    accumulator (anybit/layers/pending.py): rounded to y's dtype on load, zeroed."""
     if PDL and EARLY:
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -52,8 +55,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, newr_ptr, hidden, eps,
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
-        if not EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if X_ACC:
         x = x.to(y_ptr.dtype.element_ty)

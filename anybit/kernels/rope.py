@@ -184,6 +184,8 @@ def _rotary_cache_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, k
     from the QKV GEMV's float32 accumulator (views aq/ak/av, anybit/layers/pending.py; full rotary
     only): rounded to q's dtype, rotated into q_ptr / k_ptr, v copied to v_ptr, the accumulator
     zeroed."""
+    if PDL:  # the trigger before any load (a trigger after loads broke RMSNorm's accumulator reads: pdl.py)
+        tl.extra.cuda.gdc_launch_dependents()
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs_i = tl.arange(0, BLOCK_HALF)
@@ -193,7 +195,6 @@ def _rotary_cache_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, k
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     _rotate_heads(q_ptr, stride_qt, stride_qh, tok, n_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H,
                   aq_ptr, stride_at, stride_ah, ACC)
     _rotate_heads(k_ptr, stride_kt, stride_kh, tok, n_kv_heads, cos, sin, IS_NEOX, HALF, BLOCK_HALF, BLOCK_H,
