@@ -1,4 +1,4 @@
-"""A linear layer's output left as a float32 sum for the next kernel to finish (decode, <= 32 rows).
+"""A linear layer's output left as a float32 sum for the next kernel to finish (<= 64 rows).
 
 A split-K GEMV normally ends with a serial step: every program stores its partial, passes a fence
 and a counter atomic, and the last program of a column tile loads all partials, adds them and
@@ -9,7 +9,8 @@ kernel that consumes y (RMSNorm, SiLU-and-mul, rotary + KV write) loads the sum,
 model dtype exactly where the GEMV would have, and stores zeros back, so the accumulator is ready
 for the next GEMV. The order of the float32 additions is not fixed, so results can differ from
 run to run in the last bits of the float32 sum (``ANYBIT_GEMV_ACC=0`` keeps the ordered split-K
-sum). Only produced on CUDA by the packed-half GEMV (one row) and the mma.sync kernel (2-32 rows)
+sum). Only produced on CUDA by the packed-half GEMV (one row) and the mma.sync kernel (2-32 rows; 33-64
+on weights up to 4096 x 4096, quant_matmul's MMA_SQUARE_PENDING_BITS; short prefills too)
 (``quant_linear``), only when the caller asks
 (``Linear.forward(x, pending=True)``) and the consumer can take it; ``materialize()`` turns one
 into an ordinary tensor anywhere else.
