@@ -607,9 +607,13 @@ MMA_WIDE_PENDING_BITS = tuple(
 # s27-15 (quant_matmul_mmaacc64_s27_15, us at M 48 / 64 on 4096x4096, rws writing y / mma.sync pending at the
 # launcher's split): W2 14.99 / 11.10, 14.76 / 11.72; W4 15.15 / 11.96, 15.37 / 12.74; W6 16.95 / 13.35,
 # 17.36 / 14.25. On 6144x4096 and the MLP shapes rws stays ahead (W4 qkv M 48 17.43 / 19.58); W3 / W5 (1-bit
-# slices) do not run at BLOCK_M 64. Env ANYBIT_MMA_SQUARE_PENDING_BITS (comma list; empty: none).
+# slices) do not run at BLOCK_M 64. Decode at batch 48 / 64 (s28-4): W2 +2.0 / +2.5%, W4 +1.9 / +2.0%, W6
+# +1.9 / +1.6%. W6 is left out: there its merged and separate slices round s (q - z) to bf16 differently, and
+# short prefills and mixed steps at 33-64 rows moved the tiny engine model's logprobs by up to 0.14 between
+# the two (test_gpu_engine_merged_slices_generate_what_separate_slices_do, s28-14). Env
+# ANYBIT_MMA_SQUARE_PENDING_BITS (comma list; empty: none).
 MMA_SQUARE_PENDING_BITS = tuple(
-    int(b) for b in os.environ.get("ANYBIT_MMA_SQUARE_PENDING_BITS", "2,4,6").split(",") if b)
+    int(b) for b in os.environ.get("ANYBIT_MMA_SQUARE_PENDING_BITS", "2,4").split(",") if b)
 MMA_SQUARE_PENDING_MAX = 4096 * 4096
 
 

@@ -132,14 +132,14 @@ def test_wgmma_routing_by_width_and_width_of_output(monkeypatch, bits, N, M, wan
     (8, 14336, 4096, 1, True, False), (8, 4096, 14336, 1, False, False),
     (2, 4096, 14336, 1, True, True), (5, 4096, 14336, 1, True, True), (4, 4096, 14336, 1, True, False),
     (6, 4096, 14336, 1, True, False), (2, 28672, 4096, 1, True, False), (5, 28672, 4096, 1, True, False),
-    (4, 4096, 4096, 48, True, True), (2, 4096, 4096, 64, True, True), (6, 4096, 4096, 33, True, True),
+    (4, 4096, 4096, 48, True, True), (2, 4096, 4096, 64, True, True), (6, 4096, 4096, 33, True, False),
     (4, 4096, 4096, 48, False, False), (3, 4096, 4096, 48, True, False), (5, 4096, 4096, 64, True, False),
     (4, 6144, 4096, 48, True, False), (4, 4096, 4096, 65, True, False), (2, 2048, 2048, 40, True, True)])
 def test_mma_routing_above_16_rows_and_for_w8(monkeypatch, bits, N, K, M, pending, want):
     """"auto" takes the mma.sync kernel at M 17..32 for weights up to 8192 x 8192 (qkv, o_proj), as pending
     sums for every width and writing y for W2/W4/W8 (H100 s23-3/4), as pending sums of W2 / W4 / W5 / W6 on
     every shape (s27-13; writing y there: rws), and merged W3 on every shape, y too (s26-4); pending sums of
-    W2 / W4 / W6 at M 33..64 on weights up to 4096 x 4096 (o_proj; s27-15); W8 at M 2..8
+    W2 / W4 at M 33..64 on weights up to 4096 x 4096 (o_proj; s27-15, s28-4); W8 at M 2..8
     as pending sums, 2..4 writing y (s23-1, s23-11), and at M = 1 writing y where no split-K is needed
     (s23-6: not on 4096 x 14336); merged W3 / W5 / W6 at M = 1 writing y where the grid fits 3 programs per
     SM (pending sums keep the GEMV: s27-1/2), and W6 writing y on a 3-per-SM grid elsewhere where that grid
@@ -156,7 +156,7 @@ def test_mma_routing_above_16_rows_and_for_w8(monkeypatch, bits, N, K, M, pendin
     monkeypatch.setattr(qm, "MMA_HB_PENDING_BITS", ())
     monkeypatch.setattr(qm, "MMA_M1_PENDING_DOWN_BITS", (2, 5))
     monkeypatch.setattr(qm, "MMA_WIDE_PENDING_BITS", (2, 4, 5, 6))
-    monkeypatch.setattr(qm, "MMA_SQUARE_PENDING_BITS", (2, 4, 6))
+    monkeypatch.setattr(qm, "MMA_SQUARE_PENDING_BITS", (2, 4))
     monkeypatch.setattr(mm, "MMA_HB_BITS", (3, 5, 6))
     pw = PackedWeight(torch.zeros(bits * K // 32, N, dtype=torch.int32), torch.ones(1, N).half(),
                       torch.zeros(1, N).half(), bits, K, K, N)
