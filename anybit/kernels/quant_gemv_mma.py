@@ -1236,24 +1236,27 @@ def grid_programs(N: int, ks: int, split: int) -> int:
 # s26-14 (quant_hb_m1_w6_*, us, this / the GEMV, three runs): 4096x14336 20.3, 20.9, 20.5 / 21.8, 22.5,
 # 21.5; 14336x4096 21.0, 21.2, 20.5 / 23.0, 23.0, 22.3; as pending sums 21.4, 20.5 and 20.7, 20.4 (the
 # GEMV's pending time not measured alongside, so "auto" takes it for calls writing y only). W3 and W5 were
-# slower this way. Only where that grid still splits K (``grid3_applies``): on gate_up's 28672 outputs (ks 1,
+# slower this way. Only where that grid still splits K (``grid3_choice``): on gate_up's 28672 outputs (ks 1,
 # split 1) it ran 47.4 us against the GEMV's 40.1 (s27-2, quant_matmul_m1_pending_s27_2).
 MMA_HB_GRID3_BITS = (6,)
 
 
-def grid3_config(N: int, K: int, G: int, sms: int, bits: int, g2: bool = False) -> tuple[int, int, int, int]:
-    """``mma_config`` of an M = 1 call on a grid for ``MMA_HEAVY_PER_SM`` programs per SM (BLOCK_M 8)."""
-    return mma_config(1, N, K, G, sms, per_sm={**MMA_PROGRAMS_PER_SM, 8: MMA_HEAVY_PER_SM}, bits=bits, g2=g2)
+def grid3_choice(bits: int, N: int, K: int, G: int, sms: int, g2: bool,
+                 programs: int) -> tuple[int, int, int, int] | None:
+    """``mma_config`` of a uniform M = 1 call of this width writing y on a grid for ``MMA_HEAVY_PER_SM``
+    programs per SM (BLOCK_M 8; merged and unrolled there, ``MMA_HB_GRID3_BITS``), or None where that grid
+    does not apply: the default grid's ``programs`` fit ``MMA_HEAVY_PER_SM`` per SM, or the 3-per-SM grid
+    would not split K (ks and split 1)."""
+    if bits not in MMA_HB_GRID3_BITS or bits not in MMA_HB_BITS or grid_fits_heavy(programs, sms):
+        return None
+    heavy = {**MMA_PROGRAMS_PER_SM, 8: MMA_HEAVY_PER_SM}
+    config = mma_config(1, N, K, G, sms, per_sm=heavy, bits=bits, g2=g2)
+    return config if config[2] * config[3] > 1 else None
 
 
 def grid3_applies(bits: int, N: int, K: int, G: int, sms: int, g2: bool, programs: int) -> bool:
-    """Whether a uniform M = 1 call of this width writing y runs merged and unrolled on the 3-per-SM grid
-    (``MMA_HB_GRID3_BITS``): where its default grid's ``programs`` do not fit ``MMA_HEAVY_PER_SM`` per SM
-    and the 3-per-SM grid still splits K (ks or split > 1)."""
-    if bits not in MMA_HB_GRID3_BITS or bits not in MMA_HB_BITS or grid_fits_heavy(programs, sms):
-        return False
-    _, _, split3, ks3 = grid3_config(N, K, G, sms, bits, g2)
-    return ks3 * split3 > 1
+    """Whether ``grid3_choice`` gives a grid for this call."""
+    return grid3_choice(bits, N, K, G, sms, g2, programs) is not None
 
 
 def hb_default(bits: int, bm: int, programs: int, sms: int) -> bool:
@@ -1567,11 +1570,11 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     cbk, wb = (2 if wb else 1, 0) if cb else (0, wb)
     hb_auto = hb_default(bits, bm, grid_programs(N, ks_auto, split), sms)
     defaults = high_bits is None and unroll2 is None and ks is None and split_k is None and cap is None
-    if defaults and not cb and M == 1 and not hb_auto and grid3_applies(
-            bits, N, K, G, sms, g2_ok, grid_programs(N, ks_auto, split)):
-        # merged and unrolled on a grid sized for the 3 programs per SM its registers allow
+    grid3 = (grid3_choice(bits, N, K, G, sms, g2_ok, grid_programs(N, ks_auto, split))
+             if defaults and not cb and M == 1 and not hb_auto else None)
+    if grid3 is not None:  # merged and unrolled on a grid sized for the 3 programs per SM its registers allow
         per_sm = {**MMA_PROGRAMS_PER_SM, 8: MMA_HEAVY_PER_SM}
-        bm, bk, split, ks_auto = grid3_config(N, K, G, sms, bits, g2_ok)
+        bm, bk, split, ks_auto = grid3
         hb_auto, unroll2 = True, True
     hb = not cb and bits in MMA_HB_SLICES and (hb_auto if high_bits is None else high_bits)
     if high_bits and not hb:

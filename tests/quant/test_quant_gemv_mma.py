@@ -110,6 +110,20 @@ def test_high_bits_sit_where_the_merged_kernel_reads_them(bits):
                     assert got == int(q[n, k0 + P * r + j]), (k0, r, n, j)
 
 
+@pytest.mark.parametrize("bits,N,K,want_split_ks", [(6, 14336, 4096, (1, 2)), (6, 4096, 14336, (1, 8)),
+                                                   (6, 28672, 4096, None), (6, 6144, 4096, None),
+                                                   (6, 128256, 4096, None), (5, 14336, 4096, None)])
+def test_w6_three_per_sm_grid_only_where_it_splits_k(monkeypatch, bits, N, K, want_split_ks):
+    """``grid3_choice``: W6 writing y at M = 1 takes the 3-per-SM grid where its default grid does not fit 3
+    per SM and that grid still splits K (the MLP shapes); not on gate_up's 28672 outputs or lm_head (one
+    split, ks 1 there: s27-2), not where the default grid fits (qkv), and not for W5."""
+    monkeypatch.setattr(mm, "MMA_HB_BITS", (3, 5, 6))
+    _, _, split, ks = mm.mma_config(1, N, K, 128, 132, bits=bits)
+    got = mm.grid3_choice(bits, N, K, 128, 132, False, mm.grid_programs(N, ks, split))
+    assert (got if got is None else got[2:]) == want_split_ks
+    assert mm.grid3_applies(bits, N, K, 128, 132, False, mm.grid_programs(N, ks, split)) == (got is not None)
+
+
 def test_w3_merged_routes_and_register_cap():
     """Merged W3 (HB) takes M 17..32 on every shape, writing y too (other widths: pending sums on shapes up to
     MMA_WIDE_MAX_N x MMA_WIDE_MAX_K and, for MMA_WIDE_PENDING_BITS, on every shape; y for MMA_WIDE_Y_BITS); at
