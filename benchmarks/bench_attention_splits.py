@@ -100,16 +100,6 @@ def split_runs(dtype: str) -> list:
                                                  for n in (2, 3, 4, 6, 8)]
 
 
-def pipe_runs(dtype: str) -> list:
-    """The shipped pair loop against pairs software-pipelined (``GL_PIPE``) with 6 and 8 ring slots, at the
-    shipped split rule; the shipped loop timed again last (the run's drift)."""
-    if dtype == "bfloat16":
-        return [("default", {}, True, 0.5)]
-    pipe = [(f"gl_pipe{n}", dict(gl=True, env={"ANYBIT_GL_PIPE": "1", "ANYBIT_GL_PIPE_STAGES": str(n)}), True,
-             0.5) for n in (6, 8)]
-    return [("gl", dict(gl=True), True, 0.5)] + pipe + [("gl_again", dict(gl=True), True, 0.5)]
-
-
 MERGE_CASES = [(32, 16), (32, 1000), (32, 4096), (64, 4096), (8, 4096), (16, 4096), (32, 16384), (64, 16384)]
 
 
@@ -131,15 +121,13 @@ def main() -> int:
     ap.add_argument("--fixed", action="store_true", help="per-call cost: query order, one split")
     ap.add_argument("--splits", action="store_true", help="2-8 splits on b32/b64 x 4k/16k (s18 kernel)")
     ap.add_argument("--merge", action="store_true", help="merge kernel vs in-kernel merge (GL_MERGE)")
-    ap.add_argument("--pipe", action="store_true",
-                    help="pairs software-pipelined (GL_PIPE), b8/32/64 x 1k-32k")
     ap.add_argument("--pair-large", action="store_true",
                     help="--pair at b128/b192, pairs forced past gl_pair_fits")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
-    if args.grid or args.fills or args.stages or args.pair or args.pipe:
+    if args.grid or args.fills or args.stages or args.pair:
         cases, runs_of = GRID, (grid_runs if args.grid else fill_runs if args.fills else stage_runs
-                                if args.stages else pipe_runs if args.pipe else pair_runs)
+                                if args.stages else pair_runs)
     if args.splits:
         runs_of = split_runs
     if args.pair_large:  # the A/B itself: pairs wherever GL_PAIR says, resident or not
@@ -172,10 +160,6 @@ def main() -> int:
                     os.environ.pop("ANYBIT_GL_MERGE", None)
                 else:  # forced either way, whatever the split count
                     os.environ["ANYBIT_GL_MERGE"] = str(int(merge))
-                env = kw.pop("env", {})
-                for k in ("ANYBIT_GL_PIPE", "ANYBIT_GL_PIPE_STAGES"):
-                    os.environ.pop(k, None)
-                os.environ.update(env)
                 stages = kw.pop("stages", None)
                 pair = kw.pop("pair", None)
                 agl.GL_STAGES.update(stage_defaults)
@@ -199,8 +183,6 @@ def main() -> int:
                       f"x{t_bf16 / t:.2f} err {err:.1e}", flush=True)
             ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = defaults
             os.environ.pop("ANYBIT_GL_MERGE", None)
-            for k in ("ANYBIT_GL_PIPE", "ANYBIT_GL_PIPE_STAGES"):
-                os.environ.pop(k, None)
             agl.GL_STAGES.update(stage_defaults)
             agl.GL_PAIR.update(pair_defaults)
             agl.GL_PAIR_STAGES.update(pair_stage_defaults)
@@ -209,7 +191,6 @@ def main() -> int:
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
                                         "_stages" if args.stages else "_pair" if args.pair else
-                                        "_pipe" if args.pipe else
                                         "_fixed" if args.fixed else "_count" if args.splits else
                                         "_pair_large" if args.pair_large else "_merge" if args.merge else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
@@ -220,8 +201,6 @@ def main() -> int:
                   "(GL_REDUCE_PDL); shipped = the session-14 rule (splits fill every resident slot, no PDL); "
                   "--grid: _old = that rule, _new = half the slots (GL_WAVE_FILL 0.5) with the PDL merge; "
                   "--stages: gl_stages<n> = a ring of n slots, the split count of the shipped rule; "
-                  "--pipe: gl_pipe<n> = pairs software-pipelined (GL_PIPE) with n slots, gl_again = the "
-                  "shipped loop timed again after them; "
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
                   "--pair: gl_single = one chunk per iteration (3 slots), gl_pair<n> = two chunks per "
                   "iteration (GL_PAIR) with n slots, split count of the shipped rule; "

@@ -83,12 +83,6 @@ GL_STAGES = {1: 3, 2: 3}
 # instructions per chunk, int8 413 -> 348, <= 126 registers.
 GL_PAIR = {1: True, 2: True}
 GL_PAIR_STAGES = {1: 4, 2: 4}
-# Pairs software-pipelined (PIPE): iteration i runs pair i's softmax and PV and pair i + 1's scores, with
-# GL_PIPE_STAGES ring slots (pairs i + 2 .. in flight). Env ANYBIT_GL_PIPE=0/1 and ANYBIT_GL_PIPE_STAGES
-# override. Session 19's profile (b32 x 4k int4): each warp's pair is one dependent chain (K unpack ->
-# score MMA -> max / exp2 / sum -> PV MMA, ~1.6 us) about as long as its data's latency.
-GL_PIPE = {1: False, 2: False}
-GL_PIPE_STAGES = {1: 6, 2: 6}
 GL_MAX_GROUP = 8  # query heads per kv head (the MMA's N)
 # Splits hold whole multiples of this many tokens (the kernel's DYN_SPLIT granularity too): with
 # 16-token slices a short context in a graph sized for long ones ran ~60 one-chunk programs per head
@@ -365,8 +359,7 @@ if gluon is not None:
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
                           DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
                           TRIGGER: gl.constexpr = False, PAIR: gl.constexpr = False,
-                          MERGE: gl.constexpr = False, MERGE_BLOCK: gl.constexpr = 4,
-                          PIPE: gl.constexpr = False):
+                          MERGE: gl.constexpr = False, MERGE_BLOCK: gl.constexpr = 4):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
@@ -441,8 +434,6 @@ if gluon is not None:
         # of the next chunk(s) kept
         AHEAD: gl.constexpr = STAGES - 2 if PAIR else STAGES - 1
         n_req = 2 * gl.cdiv(n_it, 2) if PAIR else n_it
-        if PIPE:  # one more (masked, page 0) pair: the last iteration's look-ahead scores
-            n_req += 2
         for j in gl.static_range(AHEAD):
             pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
             _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh, nkv,
@@ -458,54 +449,7 @@ if gluon is not None:
         l_sum = gl.zeros([8], gl.float32, HEAD)
         zsum = gl.zeros([8], gl.float32, HEAD)
         acc = gl.zeros([HEAD_DIM, 8], gl.float32, MMA)
-        if PIPE:
-            # pairs, software-pipelined: iteration i runs pair i's softmax and PV (its scores came from
-            # iteration i - 1) and then pair i + 1's K unpack and score MMAs, two independent chains for
-            # the scheduler. Slots: pair i's V and pair i + 1's K in use, pairs i + 2 .. i + STAGES / 2 - 1
-            # in flight (the request of iteration i goes into pair i - 1's slots).
-            n_pairs = gl.cdiv(n_it, 2)
-            mbarrier.wait(bars.index(0), 0)
-            mbarrier.wait(bars.index(1), 0)
-            s0, ok0 = _chunk_scores(k_smem.index(0), s_smem.index(0), q, kbias, qsum, qk_scale, c0, lo, end,
-                                    MODE, HEAD_DIM, KWL, KA, MMA, TOK)
-            s1, ok1 = _chunk_scores(k_smem.index(1), s_smem.index(1), q, kbias, qsum, qk_scale, c0 + 16, lo,
-                                    end, MODE, HEAD_DIM, KWL, KA, MMA, TOK)
-            for it2 in range(n_pairs):
-                j0 = 2 * it2
-                tok = c0 + 16 * j0
-                slot0 = j0 % STAGES
-                slot1 = (j0 + 1) % STAGES
-                gl.thread_barrier()  # every lane is done with pair it2 - 1's slots
-                ahead = j0 + STAGES - 2
-                _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
-                             tok + 16 * (STAGES - 2), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_req)
-                _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead + 1, pg_next2,
-                             tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead + 1 < n_req)
-                pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 2 < n_it, other=0)
-                pg_next2 = gl.load(bt_row + (tok + 16 * (STAGES + 1)) // PAGE, mask=ahead + 3 < n_it, other=0)
-                m_new = gl.maximum(m, gl.max(gl.maximum(s0, s1), axis=0))
-                alpha = gl.exp2(m - m_new)
-                p0 = gl.exp2(s0 - m_new[None, :])
-                p1 = gl.exp2(s1 - m_new[None, :])
-                l_sum = l_sum * alpha + gl.sum(p0 + p1, axis=0)
-                vs0, zw0 = _chunk_v_weights(s_smem.index(slot0), ok0, MODE, TOK)
-                vs1, zw1 = _chunk_v_weights(s_smem.index(slot1), ok1, MODE, TOK)
-                if MODE == 2:
-                    zsum = zsum * alpha + gl.sum(p0 * zw0[:, None] + p1 * zw1[:, None], axis=0)
-                acc = _chunk_pv(v_smem.index(slot0), p0, vs0, acc * alpha[None, :], MODE, HEAD_DIM, VWL, VA,
-                                PB)
-                acc = _chunk_pv(v_smem.index(slot1), p1, vs1, acc, MODE, HEAD_DIM, VWL, VA, PB)
-                m = m_new
-                jn = j0 + 2  # the next pair (past the last one: the masked extra pair)
-                sn0 = jn % STAGES
-                sn1 = (jn + 1) % STAGES
-                mbarrier.wait(bars.index(sn0), (jn // STAGES) & 1)
-                mbarrier.wait(bars.index(sn1), ((jn + 1) // STAGES) & 1)
-                s0, ok0 = _chunk_scores(k_smem.index(sn0), s_smem.index(sn0), q, kbias, qsum, qk_scale,
-                                        tok + 32, lo, end, MODE, HEAD_DIM, KWL, KA, MMA, TOK)
-                s1, ok1 = _chunk_scores(k_smem.index(sn1), s_smem.index(sn1), q, kbias, qsum, qk_scale,
-                                        tok + 48, lo, end, MODE, HEAD_DIM, KWL, KA, MMA, TOK)
-        elif PAIR:
+        if PAIR:
             # two chunks per iteration (the second of the last pair may be a dummy: page 0, masked);
             # one pair in flight ahead at STAGES 4
             n_pairs = gl.cdiv(n_it, 2)
@@ -658,27 +602,9 @@ def gl_pair(mode: int) -> bool:
     return env == "1" if env in ("0", "1") else bool(GL_PAIR.get(mode, False))
 
 
-def gl_pipe(mode: int) -> bool:
-    """Whether pairs run software-pipelined for this cache mode (``GL_PIPE``, env ``ANYBIT_GL_PIPE``)."""
-    env = os.environ.get("ANYBIT_GL_PIPE")
-    return env == "1" if env in ("0", "1") else bool(GL_PIPE.get(mode, False))
-
-
-def gl_pair_stages(mode: int) -> int:
-    """Ring slots of the pair loop: ``GL_PIPE_STAGES`` (env ``ANYBIT_GL_PIPE_STAGES``) when pipelined, else
-    ``GL_PAIR_STAGES``."""
-    if not gl_pipe(mode):
-        return GL_PAIR_STAGES[mode]
-    env = os.environ.get("ANYBIT_GL_PIPE_STAGES", "")
-    stages = int(env) if env.isdigit() else GL_PIPE_STAGES[mode]
-    if stages < 4 or stages % 2:
-        raise ValueError(f"ANYBIT_GL_PIPE_STAGES must be an even number >= 4, got {stages}")
-    return stages
-
-
 def gl_stages(mode: int) -> int:
-    """TMA ring slots of the kernel for this cache mode: ``gl_pair_stages`` with pairs, else ``GL_STAGES``."""
-    return gl_pair_stages(mode) if gl_pair(mode) else GL_STAGES[mode]
+    """TMA ring slots of the kernel for this cache mode: ``GL_PAIR_STAGES`` with pairs, else ``GL_STAGES``."""
+    return GL_PAIR_STAGES[mode] if gl_pair(mode) else GL_STAGES[mode]
 
 
 def gl_pair_fits(mode: int, head_dim: int, programs: int, sms: int) -> bool:
@@ -689,7 +615,7 @@ def gl_pair_fits(mode: int, head_dim: int, programs: int, sms: int) -> bool:
     in one chunk per iteration, relative to bf16 in the same run; the kernel-level A/B there was mixed
     (b192 x 4k int4 single 2.7% faster, b192 x 1k pairs 2.8% faster;
     attention_decode_splits_pair_large_s18_8)."""
-    return gl_pair(mode) and programs <= gl_programs_per_sm(mode, head_dim, gl_pair_stages(mode)) * sms
+    return gl_pair(mode) and programs <= gl_programs_per_sm(mode, head_dim, GL_PAIR_STAGES[mode]) * sms
 
 
 def gl_programs_per_sm(mode: int, head_dim: int, stages: int | None = None) -> int:
@@ -755,7 +681,7 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         tokens_per_split, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_table.stride(0), G=g, HEAD_DIM=head_dim, PAGE=kv_cache.block_size,
         HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode,
-        STAGES=gl_pair_stages(mode) if pair else GL_STAGES[mode], PIPE=pair and gl_pipe(mode),
+        STAGES=GL_PAIR_STAGES[mode] if pair else GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
         PAIR=pair, MERGE=merge, MERGE_BLOCK=merge_block(splits, g, head_dim), num_warps=1)
 

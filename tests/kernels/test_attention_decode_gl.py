@@ -87,22 +87,21 @@ def test_relabelling_matches_the_kernels_chain(mode, head_dim):
     assert torch.equal(x, code[:, agl.v_memory_dim(d, head_dim)].T)
 
 
-@pytest.mark.parametrize("pair,pipe", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("pair", [False, True])
 @pytest.mark.parametrize("mode", [1, 2])
-def test_sm90_compile_loop(mode, pair, pipe):
+def test_sm90_compile_loop(mode, pair):
     """One warp, no spills, registers within GL_REGS (they size the splits), and in the loop no
     shared-memory stores or local memory: the operands' layout conversions are register renames.
-    PAIR: two chunks per iteration (32 MMAs, 6 TMA copies), fewer instructions per chunk; PIPE (pairs
-    software-pipelined, GL_PIPE_STAGES slots) the same loop reordered."""
+    PAIR: two chunks per iteration (32 MMAs, 6 TMA copies), fewer instructions per chunk."""
     row = 128 if mode == 1 else 64
     desc = f"desc:int32:1024x{8 * row // 4}:16x{row // 4}"
     ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "qk_scale": "fp32",
             "s_desc": f"desc:float16:{1024 * 8 * 2 * mode}x16:{2 * mode}x16:0"}
     ptrs.update({n: "*fp32" for n in ("mid_o_ptr", "mid_lse_ptr")})
     ptrs.update({"bt_ptr": "*i32", "seq_lens_ptr": "*i32"})
-    stages = (agl.GL_PIPE_STAGES if pipe else agl.GL_PAIR_STAGES if pair else agl.GL_STAGES)[mode]
+    stages = agl.GL_PAIR_STAGES[mode] if pair else agl.GL_STAGES[mode]
     consts = dict(G=4, HEAD_DIM=128, PAGE=16, MODE=mode, SPLIT_OUT=True, DYN_SPLIT=True, HEAD_MAJOR=True,
-                  STAGES=stages, PAIR=pair, PIPE=pipe)
+                  STAGES=stages, PAIR=pair)
     lines = sm90_sass_ptrs(agl._decode_gl_kernel, consts, ptrs, {"num_warps": 1})
     chunks = 2 if pair else 1
     main = [b for b in loop_bodies(lines) if sum("HMMA" in s for s in b) == 16 * chunks and
@@ -162,22 +161,18 @@ def test_pairs_only_while_every_program_is_resident(monkeypatch):
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
-@pytest.mark.parametrize("pair,merge,pipe", [(False, False, 0), (True, False, 0), (True, True, 0),
-                                             (True, False, 6), (True, True, 8)])
+@pytest.mark.parametrize("pair,merge", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("nh,nkv,hd,bs", [(32, 8, 128, 16), (8, 8, 128, 32), (16, 2, 64, 16),
                                          (14, 2, 128, 64)])
-def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, merge, pipe, monkeypatch):
+def test_gl_decode_vs_ref(dtype, nh, nkv, hd, bs, pair, merge, monkeypatch):
     """Odd and even chunk counts (PAIR rounds them up with a masked chunk of page 0), windows, splits
     merged by a second kernel or in-kernel (MERGE, whose counters must be left at zero; contexts of one
-    working split, 1-128 tokens here, write out directly); pipe: pairs software-pipelined (PIPE) with
-    that many ring slots (one extra masked pair of page 0 read ahead)."""
+    working split, 1-128 tokens here, write out directly)."""
     from anybit.kernels.quant_gemm_h2 import _lock_buffer
     monkeypatch.setattr(agl, "GL_PAIR", {1: pair, 2: pair})
     monkeypatch.setenv("ANYBIT_GL_MERGE", str(int(merge)))  # any split count (7 and the rule's)
     monkeypatch.delenv("ANYBIT_GL_PAIR", raising=False)
-    monkeypatch.setenv("ANYBIT_GL_PIPE", str(int(pipe > 0)))
-    monkeypatch.setenv("ANYBIT_GL_PIPE_STAGES", str(pipe or 6))
     seq = [1, 15, 16, 17, 129, 300, 1030]
     b = make_batch(seq, [1] * len(seq), nh, nkv, hd, dtype, block_size=bs, q_dtype=torch.bfloat16)
     q, cache = b["query"], b["cache"]
@@ -214,14 +209,11 @@ def test_other_cache_layouts(dtype, code_layout, scale_layout):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="Hopper GPU")
-@pytest.mark.parametrize("pipe", [0, 8])
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_gl_decode_long_context_one_split(dtype, pipe, monkeypatch):
+def test_gl_decode_long_context_one_split(dtype):
     """32k tokens in one accumulator: no drift (the V codes enter exactly). Session 19 tried V codes
     biased like K's (1024 + code, the bias removed before each pair's MMAs, 15% fewer instructions per
-    chunk): no faster on the H100 (s19-1) and 3.7% off here for int4, so not kept. pipe: PIPE's ring."""
-    monkeypatch.setenv("ANYBIT_GL_PIPE", str(int(pipe > 0)))
-    monkeypatch.setenv("ANYBIT_GL_PIPE_STAGES", str(pipe or 6))
+    chunk): no faster on the H100 (s19-1) and 3.7% off here for int4, so not kept."""
     seq = [32768]
     b = make_batch(seq, [1], 32, 8, 128, dtype, q_dtype=torch.bfloat16)
     args = (b["query"], b["cache"], b["seq_lens"], b["block_table"], 128 ** -0.5, None, seq[0])
