@@ -100,16 +100,6 @@ def split_runs(dtype: str) -> list:
                                                  for n in (2, 3, 4, 6, 8)]
 
 
-def diag_runs(dtype: str) -> list:
-    """Timing diagnostics of the shipped Gluon kernel (``ANYBIT_GL_DIAG``, wrong outputs): diag1 = scales
-    from page 0 (L2), diag2 = V codes from K's address, diag3 = every piece from page 0 (no DRAM stream);
-    the shipped kernel timed again last."""
-    if dtype == "bfloat16":
-        return [("default", {}, True, 0.5)]
-    diag = [(f"gl_diag{n}", dict(gl=True, env={"ANYBIT_GL_DIAG": str(n)}), True, 0.5) for n in (1, 2, 3)]
-    return [("gl", dict(gl=True), True, 0.5)] + diag + [("gl_again", dict(gl=True), True, 0.5)]
-
-
 MERGE_CASES = [(32, 16), (32, 1000), (32, 4096), (64, 4096), (8, 4096), (16, 4096), (32, 16384), (64, 16384)]
 
 
@@ -131,18 +121,15 @@ def main() -> int:
     ap.add_argument("--fixed", action="store_true", help="per-call cost: query order, one split")
     ap.add_argument("--splits", action="store_true", help="2-8 splits on b32/b64 x 4k/16k (s18 kernel)")
     ap.add_argument("--merge", action="store_true", help="merge kernel vs in-kernel merge (GL_MERGE)")
-    ap.add_argument("--diag", action="store_true", help="timing diagnostics (ANYBIT_GL_DIAG 1-3)")
     ap.add_argument("--pair-large", action="store_true",
                     help="--pair at b128/b192, pairs forced past gl_pair_fits")
     args = ap.parse_args()
     cases, runs_of = (CASES, sweep_runs)
-    if args.grid or args.fills or args.stages or args.pair or args.diag:
+    if args.grid or args.fills or args.stages or args.pair:
         cases, runs_of = GRID, (grid_runs if args.grid else fill_runs if args.fills else stage_runs
-                                if args.stages else diag_runs if args.diag else pair_runs)
+                                if args.stages else pair_runs)
     if args.splits:
         runs_of = split_runs
-    if args.diag:
-        cases = [(b, c) for b in (8, 32, 64) for c in (1000, 4096, 16384)]
     if args.pair_large:  # the A/B itself: pairs wherever GL_PAIR says, resident or not
         cases, runs_of = [(128, 4096), (192, 1000), (192, 4096)], pair_runs
         agl.gl_pair_fits = lambda mode, *_: agl.gl_pair(mode)
@@ -173,9 +160,6 @@ def main() -> int:
                     os.environ.pop("ANYBIT_GL_MERGE", None)
                 else:  # forced either way, whatever the split count
                     os.environ["ANYBIT_GL_MERGE"] = str(int(merge))
-                env = kw.pop("env", {})
-                os.environ.pop("ANYBIT_GL_DIAG", None)
-                os.environ.update(env)
                 stages = kw.pop("stages", None)
                 pair = kw.pop("pair", None)
                 agl.GL_STAGES.update(stage_defaults)
@@ -199,7 +183,6 @@ def main() -> int:
                       f"x{t_bf16 / t:.2f} err {err:.1e}", flush=True)
             ad.GL_REDUCE_PDL, ad.GL_WAVE_FILL = defaults
             os.environ.pop("ANYBIT_GL_MERGE", None)
-            os.environ.pop("ANYBIT_GL_DIAG", None)
             agl.GL_STAGES.update(stage_defaults)
             agl.GL_PAIR.update(pair_defaults)
             agl.GL_PAIR_STAGES.update(pair_stage_defaults)
@@ -208,7 +191,6 @@ def main() -> int:
     cols = ["batch", "context", "kv_dtype", "variant", "time_us", "tb_per_s", "speedup_vs_bf16", "rel_err"]
     name = "attention_decode_splits" + ("_grid" if args.grid else "_fills" if args.fills else
                                         "_stages" if args.stages else "_pair" if args.pair else
-                                        "_diag" if args.diag else
                                         "_fixed" if args.fixed else "_count" if args.splits else
                                         "_pair_large" if args.pair_large else "_merge" if args.merge else "")
     write_result(name, "Quantized decode in CUDA graphs: Gluon split count and PDL "
@@ -219,9 +201,6 @@ def main() -> int:
                   "(GL_REDUCE_PDL); shipped = the session-14 rule (splits fill every resident slot, no PDL); "
                   "--grid: _old = that rule, _new = half the slots (GL_WAVE_FILL 0.5) with the PDL merge; "
                   "--stages: gl_stages<n> = a ring of n slots, the split count of the shipped rule; "
-                  "--diag: gl_diag1 = scales from page 0, gl_diag2 = V codes from K's address, "
-                  "gl_diag3 = every piece from page 0 (timing only, wrong outputs), gl_again = the shipped "
-                  "kernel again; "
                   "--fills: gl_fill<f> = GL_WAVE_FILL f with the PDL merge; "
                   "--pair: gl_single = one chunk per iteration (3 slots), gl_pair<n> = two chunks per "
                   "iteration (GL_PAIR) with n slots, split count of the shipped rule; "

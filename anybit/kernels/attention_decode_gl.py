@@ -237,7 +237,7 @@ if gluon is not None:
 
     @gluon.jit
     def _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, page, tok, kvh, nkv,
-                     PAGE: gl.constexpr, HEAD_MAJOR: gl.constexpr, pred, DIAG: gl.constexpr = 0):
+                     PAGE: gl.constexpr, HEAD_MAJOR: gl.constexpr, pred):
         """TMA of chunk j (first token tok, in page ``page``) of kv head kvh into ring slot j % STAGES: its
         K and V code rows and its ``[count, 16]`` scales / zero points. HEAD_MAJOR: the code views
         are ``[blocks * kv_heads * PAGE, W]`` (``code_descriptor``), else ``[blocks * PAGE,
@@ -247,22 +247,15 @@ if gluon is not None:
         slot = j % k_smem.shape[0]
         bar = bars.index(slot)
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes + s_desc.block_type.nbytes, pred=pred)
-        # DIAG (timing only, wrong outputs): 1 scales from page 0, 2 V codes from K's address, 3 everything
-        # from page 0 (no DRAM stream)
-        cpage = 0 if DIAG == 3 else page
-        spage = 0 if DIAG == 1 or DIAG == 3 else page
         if HEAD_MAJOR:
-            row = (cpage * nkv + kvh) * PAGE + tok % PAGE
+            row = (page * nkv + kvh) * PAGE + tok % PAGE
             col = 0
         else:
-            row = cpage * PAGE + tok % PAGE
+            row = page * PAGE + tok % PAGE
             col = kvh * W
         tma.async_copy_global_to_shared(k_desc, [row, col], bar, k_smem.index(slot), pred=pred)
-        if DIAG == 2:
-            tma.async_copy_global_to_shared(k_desc, [row, col], bar, v_smem.index(slot), pred=pred)
-        else:
-            tma.async_copy_global_to_shared(v_desc, [row, col], bar, v_smem.index(slot), pred=pred)
-        tma.async_copy_global_to_shared(s_desc, [(spage * nkv + kvh) * COUNT, tok % PAGE], bar,
+        tma.async_copy_global_to_shared(v_desc, [row, col], bar, v_smem.index(slot), pred=pred)
+        tma.async_copy_global_to_shared(s_desc, [(page * nkv + kvh) * COUNT, tok % PAGE], bar,
                                         s_smem.index(slot).slice(0, COUNT), pred=pred)
 
     @gluon.constexpr_function
@@ -366,7 +359,7 @@ if gluon is not None:
                           HEAD_MAJOR: gl.constexpr, MODE: gl.constexpr, SPLIT_OUT: gl.constexpr,
                           DYN_SPLIT: gl.constexpr, SPLIT_MIN: gl.constexpr = 128, STAGES: gl.constexpr = 3,
                           TRIGGER: gl.constexpr = False, PAIR: gl.constexpr = False,
-                          MERGE: gl.constexpr = False, MERGE_BLOCK: gl.constexpr = 4, DIAG: gl.constexpr = 0):
+                          MERGE: gl.constexpr = False, MERGE_BLOCK: gl.constexpr = 4):
         """Grid (num_seqs, num_kv_heads, num_splits), one warp. Same contract as attention_decode's
         ``_decode_kernel`` (split slices of ``tokens_per_split`` tokens, DYN_SPLIT, partials to mid
         buffers when SPLIT_OUT, splits past the context return at once). Descriptors: the K / V
@@ -444,7 +437,7 @@ if gluon is not None:
         for j in gl.static_range(AHEAD):
             pg = gl.load(bt_row + (c0 + 16 * j) // PAGE, mask=n_it > j, other=0)
             _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, j, pg, c0 + 16 * j, kvh, nkv,
-                         PAGE, HEAD_MAJOR, n_req > j, DIAG)
+                         PAGE, HEAD_MAJOR, n_req > j)
         pg_next = gl.load(bt_row + (c0 + 16 * AHEAD) // PAGE, mask=n_it > AHEAD, other=0)
         pg_next2 = pg_next
         if PAIR:
@@ -471,9 +464,9 @@ if gluon is not None:
                 gl.thread_barrier()  # every lane is done with the previous pair's slots
                 ahead = j0 + STAGES - 2
                 _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
-                             tok + 16 * (STAGES - 2), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_ch, DIAG)
+                             tok + 16 * (STAGES - 2), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_ch)
                 _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead + 1, pg_next2,
-                             tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead + 1 < n_ch, DIAG)
+                             tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead + 1 < n_ch)
                 pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 2 < n_it, other=0)
                 pg_next2 = gl.load(bt_row + (tok + 16 * (STAGES + 1)) // PAGE, mask=ahead + 3 < n_it, other=0)
                 s0, ok0 = _chunk_scores(k_smem.index(slot0), s_smem.index(slot0), q, kbias, qsum, qk_scale,
@@ -501,7 +494,7 @@ if gluon is not None:
                 gl.thread_barrier()  # every lane is done with slot (it - 1) % STAGES (chunk it - 1)
                 ahead = it + STAGES - 1
                 _issue_chunk(k_desc, v_desc, s_desc, k_smem, v_smem, s_smem, bars, ahead, pg_next,
-                             tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_it, DIAG)
+                             tok + 16 * (STAGES - 1), kvh, nkv, PAGE, HEAD_MAJOR, ahead < n_it)
                 pg_next = gl.load(bt_row + (tok + 16 * STAGES) // PAGE, mask=ahead + 1 < n_it, other=0)
                 s_slot = s_smem.index(slot)
                 s, ok = _chunk_scores(k_smem.index(slot), s_slot, q, kbias, qsum, qk_scale, tok, lo, end,
@@ -690,8 +683,7 @@ def launch_decode_gl(query: torch.Tensor, kv_cache: LayerKVCache, seq_lens: torc
         HEAD_MAJOR=code_layout(kv_cache.key) == "head", MODE=mode,
         STAGES=GL_PAIR_STAGES[mode] if pair else GL_STAGES[mode],
         SPLIT_OUT=splits > 1, DYN_SPLIT=bool(dyn_split), SPLIT_MIN=GL_SPLIT_MIN, TRIGGER=bool(trigger),
-        PAIR=pair, MERGE=merge, MERGE_BLOCK=merge_block(splits, g, head_dim),
-        DIAG=int(os.environ.get("ANYBIT_GL_DIAG", "0")), num_warps=1)
+        PAIR=pair, MERGE=merge, MERGE_BLOCK=merge_block(splits, g, head_dim), num_warps=1)
 
 
 def merge_block(splits: int, group: int, head_dim: int) -> int:
