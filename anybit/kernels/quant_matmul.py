@@ -613,8 +613,12 @@ MMA_WIDE_PENDING_BITS = tuple(
 # the two (test_gpu_engine_merged_slices_generate_what_separate_slices_do, s28-14). OFF by default: with
 # W2 / W4 on, the engine test of pending against ordered sums at batch 40 (tests/kernels/test_decode_chain.py)
 # failed 1 run in 3 with a logprob 1.3 off, not a near-tie (s28-16/17), while every kernel reference test of
-# the form passed; not explained this session. Env ANYBIT_MMA_SQUARE_PENDING_BITS (comma list, e.g. "2,4";
-# empty: none).
+# the form passed. Narrowed in s29-4..9 (H100; docs/notes_quant.md "Session 29"): it fails in 13 of 13 pytest
+# runs, logprobs 0.2-0.8 off at the first differing step, only with PDL and CUDA graphs and the consumers'
+# early trigger all on, and only with the rule on for all three output widths of the model; it passes with
+# ANYBIT_PDL=0, with enforce_eager, with ANYBIT_PDL_EARLY=0, or with the rule on one or two widths; reading
+# the sums past L1 (.cg) did not fix it; the GEMV loads x only after its griddepcontrol.wait (offline SASS).
+# Env ANYBIT_MMA_SQUARE_PENDING_BITS (comma list, e.g. "2,4"; empty: none).
 MMA_SQUARE_PENDING_BITS = tuple(
     int(b) for b in os.environ.get("ANYBIT_MMA_SQUARE_PENDING_BITS", "").split(",") if b)
 MMA_SQUARE_PENDING_MAX = 4096 * 4096

@@ -116,10 +116,13 @@ def _agree(outs_a, outs_b, min_same: int = 4, tol: float = 0.1) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("kv_cache_dtype,prompts", [("auto", 1), ("int8", 1), ("auto", 3)])
+@pytest.mark.parametrize("kv_cache_dtype,prompts", [("auto", 1), ("int8", 1), ("auto", 3), ("auto", 24),
+                                                    ("auto", 40)])
 def test_gpu_engine_pending_sums_generate_what_ordered_sums_do(tmp_path, monkeypatch, kv_cache_dtype,
                                                               prompts):
-    """Decode of a bf16 W4 model at batch 1 (packed-half GEMVs) and 3 (mma.sync kernel): the GEMVs
+    """Decode of a bf16 W4 model at batch 1 (packed-half GEMVs), 3 (mma.sync kernel), 24 (its BLOCK_M 32
+    pending sums) and 40 (the shipped routes; with MMA_SQUARE_PENDING_BITS on, BLOCK_M 64 pending sums on
+    every weight, which fail this test in CUDA graphs with PDL, H100 s29-4..9): the GEMVs
     leave float32 PendingSums that the
     rotary, RMSNorm and SiLU kernels finish (ANYBIT_GEMV_ACC=1) or sum their splits in order (0).
     Every sum is consumed and zeroed. The float32 sums differ from the ordered ones only in the
@@ -146,7 +149,7 @@ def test_gpu_engine_pending_sums_generate_what_ordered_sums_do(tmp_path, monkeyp
         pending._ACCS.clear()
         llm = LLM(str(model), dtype="bfloat16", device="cuda", kv_cache_memory=64 << 20, progress=False,
                   kv_cache_dtype=kv_cache_dtype)
-        texts = ["def fibonacci(n):", "The quick brown fox", "import os\nimport sys"][:prompts]
+        texts = (["def fibonacci(n):", "The quick brown fox", "import os\nimport sys"] * 14)[:prompts]
         outs[acc] = [(r.token_ids, [d[t] for t, d in zip(r.token_ids, r.logprobs, strict=True)])
                      for r in (o.outputs[0] for o in llm.generate(texts, params))]
         used = {k[2] for k in pending._ACCS}
