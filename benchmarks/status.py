@@ -39,15 +39,10 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
     return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
-# s23-7: every width and M on the layer shapes, launcher's choice (M 17..1024: quant_gemm_rws for 1..8 bits,
-# except qkv / o_proj at M 17..32 on the mma.sync kernel; M 9..16 on qkv / o_proj: mma.sync at 2 programs per
-# SM; W8: mma.sync at M 2..8 (y up to 4 since s23-11) and at M = 1 where no split-K is needed); lm_head: W4
-# from s20-6 (rws), the other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the goal cells'
-# routes did not change)
-# s26-6 / s26-15: W3 / W5 / W6 on the layer shapes after merging their second slice (M = 1 on the mma.sync
-# kernel for 6144x4096, and for W6 writing y on the MLP shapes)
-# s28-2: every width and M on the layer shapes again at the routes of sessions 23-27 (replaces s23-7, s26-6
-# and s26-15 for those shapes; within 1-4% of them except W3 / W5 / W6 at M = 1, which have the s26 merges)
+# s28-2: every width and M on the layer shapes at the routes of sessions 23-27 (it replaced s23-7, s26-6 and
+# s26-15 for those shapes; within 1-4% of them except W3 / W5 / W6 at M = 1, which have the s26 merges);
+# lm_head: W4 from s20-6 (rws), the other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the
+# goal cells' routes did not change)
 QM = ("quant_matmul_s28_2", "quant_matmul_s20_6_lm_head", "quant_matmul_s21_5_lm_head",
       "quant_matmul_s16_lm_head")
 # s28-2: the s19-2 grid at the current code (CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, one working

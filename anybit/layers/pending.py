@@ -10,7 +10,8 @@ model dtype exactly where the GEMV would have, and stores zeros back, so the acc
 for the next GEMV. The order of the float32 additions is not fixed, so results can differ from
 run to run in the last bits of the float32 sum (``ANYBIT_GEMV_ACC=0`` keeps the ordered split-K
 sum). Only produced on CUDA by the packed-half GEMV (one row) and the mma.sync kernel (2-32 rows; 33-64
-on weights up to 4096 x 4096, quant_matmul's MMA_SQUARE_PENDING_BITS; short prefills too)
+on weights up to 4096 x 4096 only when quant_matmul's MMA_SQUARE_PENDING_BITS is set, off by default;
+short prefills too)
 (``quant_linear``), only when the caller asks
 (``Linear.forward(x, pending=True)``) and the consumer can take it; ``materialize()`` turns one
 into an ordinary tensor anywhere else.

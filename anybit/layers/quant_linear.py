@@ -120,8 +120,8 @@ class _PackedMethodBase(QuantMethod):
 
 def _pending_kernel(pw: PackedWeight, x2: torch.Tensor):
     """The kernel that adds this part's partials into an accumulator, as quant_matmul's "auto"
-    routes pending sums: the mma.sync kernel (``mma_chosen``, M 2..32, up to 64 on small weights) or
-    the packed-half GEMV (one row), else None."""
+    routes pending sums: the mma.sync kernel (``mma_chosen``, M 2..32; up to 64 on small weights with
+    MMA_SQUARE_PENDING_BITS, off by default) or the packed-half GEMV (one row), else None."""
     from anybit.kernels.quant_gemv_h2 import gemv_h2_applies, quant_gemv_h2
     from anybit.kernels.quant_matmul import mma_chosen, quant_gemv_mma
     if mma_chosen(pw, x2.shape[0], x2, pending=True):
