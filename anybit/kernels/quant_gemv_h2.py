@@ -30,6 +30,7 @@ import weakref
 
 import torch
 
+from anybit.kernels import split_k_sum as split_sum
 from anybit.kernels.pdl import pdl_enabled
 from anybit.quant.format import SLICES, PackedWeight
 
@@ -258,17 +259,20 @@ def _h2s_asm(bits: int, nv: int = 2) -> str:
 if triton is not None:
     @triton.jit
     def _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n, mask_n, stride_ym,
-                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr = False):
+                           SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr = False,
+                           DEFER: tl.constexpr = False):
         """Store one row's ``[BLOCK_N]`` float32 partial. ACC: added into the float32 accumulator
         ws_ptr (rows ``stride_ym`` apart; anybit/layers/pending.py) by a fire-and-forget float
         atomic; its reader zeroes it; summation order not fixed. Without split-K straight to y;
         with it to the ``[SPLIT_K, M, N]`` workspace, and the last split of the tile (counted in
         lock_ptr) adds the partials, 16 at a time in one 2-D load, writes y and resets the
-        counter."""
+        counter; with DEFER only to the workspace (split_k_sum.py adds them)."""
         if ACC:
             tl.atomic_add(ws_ptr + m * stride_ym + offs_n, out, mask=mask_n, sem="relaxed")
         elif SPLIT_K == 1:
             tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+        elif DEFER:
+            tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, out, mask=mask_n)
         else:
             tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, out, mask=mask_n)
             lock = lock_ptr + m * tl.num_programs(1) + pid_n
@@ -552,13 +556,14 @@ if triton is not None:
                               USE_ASM: tl.constexpr, WPT: tl.constexpr, XKIND: tl.constexpr,
                               PDL: tl.constexpr = False, STAGES: tl.constexpr = 1,
                               EVEN_N: tl.constexpr = False, ZFOLD: tl.constexpr = False,
-                              ACC: tl.constexpr = False):
+                              ACC: tl.constexpr = False, DEFER: tl.constexpr = False):
         """One row m, BLOCK_N columns, one K split, single-slice uniform W0 in {2, 4, 8}:
         ``y = sum_tiles s * (2^S * sum x (q - C) 2^-S - (z - C) * sum x)`` with the word dot of
         ``_word_dot_h2``. The tile's R = BLOCK_K / P word rows are loaded as WPT slabs of R / WPT
         rows (one PTX block takes one word of each slab); the next tile is loaded before the
         current one is used; g (scale group) is advanced by a counter, no division in the loop;
-        split-K partials are summed by the last program of a column tile. x: ``x_ptr`` (XKIND
+        split-K partials are summed by the last program of a column tile (DEFER: by split_k_sum.py's
+        kernel after this one). x: ``x_ptr`` (XKIND
         0/1: the same memory as int32 words, stride in words; 2: float32) or the prepared
         ``xq_ptr``/``xs_ptr`` (XKIND 3). PDL: the first weight tile is requested before waiting
         for the kernel that writes x (anybit/kernels/pdl.py). ZFOLD (integer zero points): s_ptr is
@@ -639,7 +644,7 @@ if triton is not None:
         if ZFOLD:
             out = out * XSCALE
         _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
-                           mask_n, stride_ym, SPLIT_K, BLOCK_N, ACC)
+                           mask_n, stride_ym, SPLIT_K, BLOCK_N, ACC, DEFER)
 
 
     # ---- two-slice widths (3 = 2+1, 5 = 4+1, 6 = 4+2), folded zero only: see _h2s_asm ------------
@@ -869,7 +874,8 @@ if triton is not None:
                                XSCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                SPLIT_K: tl.constexpr, ITERS: tl.constexpr, USE_ASM: tl.constexpr,
                                XKIND: tl.constexpr, NV: tl.constexpr = 2, PDL: tl.constexpr = False,
-                               EVEN_N: tl.constexpr = False, ACC: tl.constexpr = False):
+                               EVEN_N: tl.constexpr = False, ACC: tl.constexpr = False,
+                               DEFER: tl.constexpr = False):
         """Two-slice twin of ``_quant_gemv_h2_kernel`` (folded zero, register prefetch): one row m,
         BLOCK_N columns, one K split; ``y = 2^S sum_tiles s sum x (q - z) 2^-S`` (t_ptr: the
         ``gemv_table``). A tile's BLOCK_K / P1 slice-1 word rows are loaded as NV slabs
@@ -938,7 +944,7 @@ if triton is not None:
             tt = tl.where(tt == tpg, 0, tt)
         out = tl.sum(acc, axis=0) * XSCALE
         _store_row_split_k(out, y_ptr, ws_ptr, lock_ptr, m, pid_n, pid_k, M, N, offs_n,
-                           mask_n, stride_ym, SPLIT_K, BLOCK_N, ACC)
+                           mask_n, stride_ym, SPLIT_K, BLOCK_N, ACC, DEFER)
 
 H2_BITS = (2, 4, 8)  # launcher: widths that take the packed-half GEMV at M <= H2_MAX_M (CUDA)
 H2_MAX_M = 1
@@ -1092,7 +1098,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
                   use_asm: bool | None = None, words_per_asm: int | None = None, fuse_x: bool = True,
                   programs_per_sm: int | None = None, pdl: bool | None = None,
                   stages: int | None = None, zfold: bool | None = None,
-                  acc: torch.Tensor | None = None) -> torch.Tensor:
+                  acc: torch.Tensor | None = None, defer: bool | None = None) -> torch.Tensor:
     """Packed-half GEMV (uniform 2/4/8 bits; 3/5/6 bits with integer zero points through
     ``_quant_gemv_h2s_kernel``, ``words_per_asm`` then = slice-1 words per PTX block, 1 or 2, and
     only ``zfold``, ``fuse_x`` and ``stages`` 1): x ``[M, K]`` contiguous (perm applied)
@@ -1105,7 +1111,9 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     (None: where ``gemv_table`` exists, i.e. integer zero points): the zero point folded into the
     code conversion instead of an x-sum term. ``acc`` (float32 ``[M, N]``, zeroed; y may then be
     None): every program adds its partial into acc with a float atomic instead of the ordered
-    split-K sum into y (anybit/layers/pending.py); returns acc."""
+    split-K sum into y (anybit/layers/pending.py); returns acc. ``defer`` (split-K writing y): the
+    programs store their partials and ``split_k_sum`` adds them in a second kernel (None:
+    split_k_sum.SPLIT_SUM_KERNEL) instead of the tile's last program."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     two = bits in H2_SLICE_BITS  # two-slice widths: _quant_gemv_h2s_kernel (folded zero only)
@@ -1144,6 +1152,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     sz = packed.scales if table is None else table
     # acc: the ACC twin compiles to another register count (no split-K sum)
     occ_key = (bits, BN, BK, wpt, xkind, warps, bool(use_asm), stages, table is not None, nv, acc is not None)
+    deferred = False  # partials summed by split_k_sum's kernel (set below for a split-K call writing y)
     if split_k is None:
         per_sm = programs_per_sm or _RESIDENT.get(occ_key, H2_PROGRAMS_PER_SM)
         split_k = one_wave_split(tiles, k_tiles, per_sm * sms)
@@ -1157,7 +1166,8 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         ws, locks, y = acc, acc, acc
     elif split_k > 1:
         ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        locks = split_k_counters(x.device, tiles)
+        deferred = split_sum.SPLIT_SUM_KERNEL if defer is None else bool(defer)
+        locks = ws if deferred else split_k_counters(x.device, tiles)
     else:
         ws, locks = y, y
     if fuse_x:
@@ -1176,16 +1186,19 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         kernel = _quant_gemv_h2s_kernel[(M, num_n, split_k)](
             xin, packed.qweight, table, y, ws, locks, M, N, K, G, stride_x, packed.qweight.stride(0),
             table.stride(0), y.stride(0), per * BK, per, 0, bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k,
-            per if _INTERPRET else 0, bool(use_asm), xkind, nv, pdl, N % BN == 0, acc is not None,
+            per if _INTERPRET else 0, bool(use_asm), xkind, nv, pdl, N % BN == 0, acc is not None, deferred,
             num_warps=warps, num_stages=1, **({"launch_pdl": True} if pdl else {}))
     else:
         kernel = _quant_gemv_h2_kernel[(M, num_n, split_k)](
             xin, xq, xs, packed.qweight, sz, packed.zeros, y, ws, locks, M, N, K, G,
             stride_x, packed.qweight.stride(0), sz.stride(0), y.stride(0), per * BK, per, 0,
             bits, float(2 ** H2_SHIFT[bits]), BN, BK, split_k, per if _INTERPRET else 0, bool(use_asm), wpt,
-            xkind, pdl, stages, N % BN == 0, table is not None, acc is not None, num_warps=warps,
+            xkind, pdl, stages, N % BN == 0, table is not None, acc is not None, deferred,
+            num_warps=warps,
             num_stages=stages,
             **({"launch_pdl": True} if pdl else {}))
+    if deferred:
+        split_sum.split_k_sum(ws, y, pdl)
     regs = getattr(kernel, "n_regs", 0) if x.is_cuda else 0
     if regs and occ_key not in _RESIDENT:  # programs that fit on an SM at once, for the next split choice
         smem = max(1, getattr(kernel.metadata, "shared", 0) or 1)

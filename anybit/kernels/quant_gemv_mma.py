@@ -37,6 +37,7 @@ import weakref
 
 import torch
 
+from anybit.kernels import split_k_sum as split_sum
 from anybit.kernels.pdl import pdl_enabled
 from anybit.kernels.quant_gemm_h2 import _half2, _lock_buffer, _pair_layout
 from anybit.kernels.quant_gemm_wg import gluon
@@ -868,7 +869,7 @@ if gluon is not None:
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
                                CB: gl.constexpr = 0, XP: gl.constexpr = False, G2: gl.constexpr = False,
-                               HB: gl.constexpr = 0):
+                               HB: gl.constexpr = 0, DEFER: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -881,7 +882,8 @@ if gluon is not None:
         results): bit 0 reuses the first x tile for every tile (no x load in the loop), bit 1 stores
         the partials without the split-K sum, bit 2 loads the first tile's words for every tile (cache
         hits: the loop's own cost without the weight stream). ACC: every program adds its partial into the
-        float32 accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py).
+        float32 accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py). DEFER (with SPLIT): the
+        partials only stored, for split_k_sum.py's kernel to add.
 
         WB, WC (widths of a second and third slice, 0 = none; anybit/quant/format.py: 3 = 2+1, 5 = 4+1,
         6 = 4+2, 7 = 4+2+1): the code is ``q = q0 + 2^W0 qb + 2^(W0+WB) qc``, so ``s (q - z)`` = ``s ((q0
@@ -1125,7 +1127,7 @@ if gluon is not None:
         else:
             cols = off_n + _tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA)))
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
-                    SPLIT and DIAG & 2 == 0, SUM_LOADS=SUM_LOADS, ACC=ACC)
+                    SPLIT and DIAG & 2 == 0, SUM_LOADS=SUM_LOADS, ACC=ACC, DEFER=DEFER)
 
 
 _INT_ZEROS: dict = {}  # id(zeros) -> (weakref, version, bool)
@@ -1507,12 +1509,14 @@ def check_acc(acc: torch.Tensor, M: int, N: int) -> None:
                          f"{acc.dtype} {tuple(acc.shape)}")
 
 
-def split_k_buffers(split: int, M: int, N: int, tiles: int, y: torch.Tensor):
+def split_k_buffers(split: int, M: int, N: int, tiles: int, y: torch.Tensor, deferred: bool = False):
     """``(ws, locks)`` of a split-K launch: float32 partials ``[split, M, N]`` and the tiles' zeroed
-    counters (``_lock_buffer``), or ``(y, y)`` placeholders without split-K."""
+    counters (``_lock_buffer``; none when ``deferred``: split_k_sum adds the partials), or ``(y, y)``
+    placeholders without split-K."""
     if split == 1:
         return y, y
-    return torch.empty(split, M, N, dtype=torch.float32, device=y.device), _lock_buffer(y.device, tiles)
+    ws = torch.empty(split, M, N, dtype=torch.float32, device=y.device)
+    return ws, ws if deferred else _lock_buffer(y.device, tiles)
 
 
 def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_k: int | None = None,
@@ -1522,7 +1526,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    x_slots: int | None = None, x_whole: bool | None = None,
                    zero_words: int | None = None, unroll2: bool | None = None,
                    x_prefetch: bool | None = None, two_groups: bool | None = None,
-                   high_bits: bool | None = None) -> torch.Tensor:
+                   high_bits: bool | None = None, defer: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 64: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -1551,7 +1555,9 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ``two_groups``: groups of 64 on 128-K tiles (kernel ``G2``; None: ``g2_applies(packed, M)``).
     ``high_bits``: uniform W3 / W5 / W6 as their lowest slice's words joined with their codes' high bits, one
     conversion and one MMA chain (kernel ``HB``, ``MMA_HB_SLICES``; None: ``hb_default``); False: the second
-    slice as a chain of its own."""
+    slice as a chain of its own. ``defer`` (split-K writing y, no cluster): the programs store their partials
+    and ``split_k_sum`` adds them in a second kernel (None: split_k_sum.SPLIT_SUM_KERNEL) instead of each
+    tile's last program."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -1653,13 +1659,16 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
             num_ctas=split, **regs, **launch)
         return y
-    ws, locks = split_k_buffers(split, M, N, tiles, y)
+    deferred = split > 1 and not diag and (split_sum.SPLIT_SUM_KERNEL if defer is None else bool(defer))
+    ws, locks = split_k_buffers(split, M, N, tiles, y, deferred)
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, DEFER=deferred, num_warps=4, **regs, **launch)
     if cb:
         check_table_alone(kernel)
+    if deferred:
+        split_sum.split_k_sum(ws, y, pdl)
     return y
 
 

@@ -394,6 +394,27 @@ def test_sm90_accumulating_epilogue_is_fire_and_forget():
     assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) >= 16
 
 
+@pytest.mark.skipif(mm.gluon is None, reason="needs Gluon (Triton >= 3.5)")
+def test_sm90_deferred_epilogue_only_stores_its_partial():
+    """DEFER (split_k_sum's kernel adds the partials): each program stores its float32 partial and exits,
+    with no counter atomic, no fence and no reads of other programs' partials."""
+    if not os.path.exists(nvdisasm()):
+        pytest.skip("no nvdisasm in this Triton install")
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": "*bf16",
+            "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    base = dict(W0=4, BLOCK_M=8, BLOCK_K=128, SPLIT=True, PDL=True, CLUSTER=1, DIAG=0, ACC=False)
+    for defer in (False, True):
+        lines = sm90_sass_ptrs(mm._quant_gemv_mma_kernel, {**base, "DEFER": defer}, ptrs, {"num_warps": 4})
+        words = [s.split() for s in lines if s.strip() and not s.startswith("//")]
+        ops = [w[1] if w[0].startswith("@") else w[0] for w in words]  # predicated: "@P0 STG.E ..."
+        fenced = any(o.startswith("MEMBAR") for o in ops) and any(o.startswith("ATOM") for o in ops)
+        assert fenced != defer, defer
+        assert sum(o.startswith("STG") for o in ops) >= 8  # BLOCK_M 8 x 128 float32 over 128 threads
+        assert sum(o.startswith("HMMA.16816.F32.BF16") for o in ops) >= 16
+    assert not any(o.startswith(("ATOM", "RED", "MEMBAR", "BAR", "LDL", "STL")) for o in ops)
+    assert len(loop_bodies(lines)) == 2  # the K loop (and the exit's spin), no loop over the partials
+
+
 def _rtn(N, K, bits, group, seed=0):
     g = torch.Generator().manual_seed(seed)
     return rtn_quantize(torch.randn(N, K, generator=g), QuantSpec(bits, group, "uniform")).to("cuda")
@@ -503,6 +524,31 @@ def test_matches_reference(bits, M, group):
     m1_pending = m1_pending or (qm.MMA_MODE == "2" and bits in qm.MMA_M1_PENDING_DOWN_BITS and K >= 2 * N)
     routed = qm.MMA_MODE != "0" and qm.mma_routes(bits, M, pending=True)
     assert qm.mma_chosen(pw, M, x, pending=True) == (routed and (M > 1 or m1_pending) and M <= 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or mm.gluon is None, reason="needs CUDA sm_80+ and Gluon")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("M", [1, 5, 16, 32, 64])
+def test_deferred_split_sum_gives_the_last_program_bits(bits, M):
+    """defer=True (the partials added by split_k_sum's kernel after the GEMV, in split order) gives the
+    bits of the tile's last program summing them (also split order), into a column slice of a wider y,
+    with the launcher's split and a forced one."""
+    N, K = 384, 3072
+    if M > 32 and 1 in SLICES[bits]:
+        return
+    pw = _rtn(N, K, bits, 128, seed=M * 10 + bits)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
+    want = ref_quant_matmul(x.float(), pw)
+    for split in (None, 3, 6):
+        last = mm.quant_gemv_mma(x, pw, torch.empty(M, N, dtype=torch.bfloat16, device="cuda"), split_k=split,
+                                 defer=False)
+        wide = torch.full((M, N + 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+        got = mm.quant_gemv_mma(x, pw, wide[:, 64:64 + N], split_k=split, defer=True)
+        assert torch.equal(got, last), (split, (got.float() - last.float()).abs().max().item())
+        assert torch.isnan(wide[:, :64].float()).all() and torch.isnan(wide[:, 64 + N:].float()).all()
+        err = (last.float() - want).abs().max().item()
+        assert err <= 1e-2 * want.abs().max().item() + 1e-3, (split, err)
 
 
 @pytest.mark.gpu

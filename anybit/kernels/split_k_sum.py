@@ -1,0 +1,83 @@
+"""Split-K partials summed by a second kernel instead of the last program of each tile.
+
+A split-K GEMV writing y usually ends in its own programs: each stores its float32 partial, passes a
+fence and a counter atomic, and the tile's last program loads every partial, adds them and writes y
+(``_store_row_split_k`` in quant_gemv_h2.py, ``_store_tile`` in quant_gemm_wg.py). That is a fence,
+an atomic round trip and a dependent reload on the critical path of every call (docs/notes_quant.md,
+sessions 6, 11, 22, 27: 1-4 us per standalone call). With ``DEFER`` the GEMV's programs only store
+their partials ``ws [split, M, N]`` and exit; ``split_k_sum`` then adds them in split order and writes
+y. Launched with PDL after a PDL GEMV, its programs become resident while the GEMV runs and wait
+(``griddepcontrol.wait``) for the GEMV's grid to complete, so the hand-over is one grid completion
+instead of a fence and an atomic per program. The order of the additions is fixed (split 0, 1, ...),
+so results are the same every call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from anybit.kernels.pdl import pdl_enabled
+
+try:  # Triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+SUM_BLOCK_N = 128  # columns per program (one warp, four float32 per thread: 16-byte loads)
+# Whether the split-K launchers (quant_gemv_h2, quant_gemv_mma) end with this kernel by default, where they
+# would otherwise sum in the last program. Env ANYBIT_SPLIT_SUM=kernel / last.
+SPLIT_SUM_KERNEL = os.environ.get("ANYBIT_SPLIT_SUM", "last") == "kernel"
+
+
+def ref_split_k_sum(ws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y ``[M, N]`` (any float dtype, rows may be strided) = the float32 partials ``ws [split, M, N]``
+    added in split order (split 0 first), rounded to y's dtype once."""
+    tot = ws[0].float().clone()
+    for s in range(1, ws.shape[0]):
+        tot += ws[s].float()
+    y.copy_(tot.to(y.dtype))
+    return y
+
+
+if triton is not None:
+    @triton.jit
+    def _split_k_sum_kernel(ws_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                            PDL: tl.constexpr):
+        """Grid (cdiv(N, BLOCK_N), M): columns ``[BLOCK_N]`` of row m, ``sum_s ws[s, m, :]`` in split order
+        into y. PDL: the next kernel may launch at once (it waits for this grid before reading y); the
+        partials are read only after the GEMV's grid has completed."""
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < N
+        row = ws_ptr + m * N + offs
+        tot = tl.load(row, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT_K):
+            tot += tl.load(row + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + m * stride_ym + offs, tot.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def split_k_sum(ws: torch.Tensor, y: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
+    """y ``[M, N]`` (rows ``y.stride(0)`` apart, unit column stride) = ``ws [split, M, N]`` (float32,
+    contiguous) summed in split order, as ``ref_split_k_sum``. ``pdl``: launched as a programmatic
+    dependent of the kernel before it (None: where anybit/kernels/pdl.py enables it)."""
+    split, M, N = ws.shape
+    if ws.dtype != torch.float32 or not ws.is_contiguous():
+        raise ValueError(f"split_k_sum: ws must be a contiguous float32 [split, M, N] tensor, got {ws.dtype} "
+                         f"{tuple(ws.shape)}")
+    if y.shape != (M, N) or y.stride(1) != 1:
+        raise ValueError(f"split_k_sum: y must be [{M}, {N}] with contiguous rows, got {tuple(y.shape)} "
+                         f"strides {y.stride()}")
+    if triton is None or not (ws.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return ref_split_k_sum(ws, y)
+    pdl = pdl_enabled(ws.device, pdl)
+    _split_k_sum_kernel[(triton.cdiv(N, SUM_BLOCK_N), M)](
+        ws, y, M, N, y.stride(0), split, SUM_BLOCK_N, pdl, num_warps=1,
+        **({"launch_pdl": True} if pdl else {}))
+    return y
