@@ -14,6 +14,7 @@ so results are the same every call.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,7 +27,9 @@ try:  # Triton is optional on CPU-only installs
 except ImportError:  # pragma: no cover
     triton = None
 
-SUM_BLOCK_N = 128  # columns per program (one warp, four float32 per thread: 16-byte loads)
+# Threads per program and the most float32 partials a thread loads at once (split x values per thread).
+SUM_WARPS = 4
+SUM_MAX_LOADS = 64
 # Whether the split-K launchers (quant_gemv_h2, quant_gemv_mma) end with this kernel by default, where they
 # would otherwise sum in the last program. Env ANYBIT_SPLIT_SUM=kernel / last.
 SPLIT_SUM_KERNEL = os.environ.get("ANYBIT_SPLIT_SUM", "last") == "kernel"
@@ -42,31 +45,48 @@ def ref_split_k_sum(ws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@functools.lru_cache(maxsize=8)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sum_block(split: int) -> int:
+    """Outputs per program and pass: 4-16 per thread (16-byte loads), fewer the more splits there are, so
+    a thread holds at most SUM_MAX_LOADS partials in flight."""
+    per = max(4, min(16, SUM_MAX_LOADS // max(split, 1)))
+    return 32 * SUM_WARPS * (1 << (per.bit_length() - 1))
+
+
 if triton is not None:
     @triton.jit
-    def _split_k_sum_kernel(ws_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _split_k_sum_kernel(ws_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
                             PDL: tl.constexpr):
-        """Grid (cdiv(N, BLOCK_N), M): columns ``[BLOCK_N]`` of row m, ``sum_s ws[s, m, :]`` in split order
-        into y. PDL: the next kernel may launch at once (it waits for this grid before reading y); the
-        partials are read only after the GEMV's grid has completed."""
-        pid_n = tl.program_id(0)
-        m = tl.program_id(1)
+        """Grid (programs,): the ``M N`` outputs in blocks of BLOCK (flat index ``m N + n``), block i taken
+        by program ``i % programs``; each output ``sum_s ws[s, m, n]`` in split order into y. PDL: the next
+        kernel may launch at once (it waits for this grid before reading y); the partials are read only
+        after the GEMV's grid has completed."""
+        pid = tl.program_id(0)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = offs < N
-        row = ws_ptr + m * N + offs
-        tot = tl.load(row, mask=mask, other=0.0, cache_modifier=".cg")
-        for s in tl.static_range(1, SPLIT_K):
-            tot += tl.load(row + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(y_ptr + m * stride_ym + offs, tot.to(y_ptr.dtype.element_ty), mask=mask)
+        total = M * N
+        for start in range(pid * BLOCK, total, tl.num_programs(0) * BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < total
+            tot = tl.load(ws_ptr + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                tot += tl.load(ws_ptr + s * total + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            m = idx // N
+            tl.store(y_ptr + m * stride_ym + (idx - m * N), tot.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def split_k_sum(ws: torch.Tensor, y: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` (rows ``y.stride(0)`` apart, unit column stride) = ``ws [split, M, N]`` (float32,
     contiguous) summed in split order, as ``ref_split_k_sum``. ``pdl``: launched as a programmatic
-    dependent of the kernel before it (None: where anybit/kernels/pdl.py enables it)."""
+    dependent of the kernel before it (None: where anybit/kernels/pdl.py enables it). At most one
+    program per SM: with PDL they become resident while the GEMV still runs, and the next kernel
+    launches only once all of them have started, so a grid of thousands of small programs would keep
+    the next GEMV's programs from starting early (H100 s30-1)."""
     split, M, N = ws.shape
     if ws.dtype != torch.float32 or not ws.is_contiguous():
         raise ValueError(f"split_k_sum: ws must be a contiguous float32 [split, M, N] tensor, got {ws.dtype} "
@@ -77,7 +97,11 @@ def split_k_sum(ws: torch.Tensor, y: torch.Tensor, pdl: bool | None = None) -> t
     if triton is None or not (ws.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return ref_split_k_sum(ws, y)
     pdl = pdl_enabled(ws.device, pdl)
-    _split_k_sum_kernel[(triton.cdiv(N, SUM_BLOCK_N), M)](
-        ws, y, M, N, y.stride(0), split, SUM_BLOCK_N, pdl, num_warps=1,
-        **({"launch_pdl": True} if pdl else {}))
+    block = sum_block(split)
+    sms = 4  # the interpreter
+    if ws.is_cuda:
+        sms = _sms(ws.device.index if ws.device.index is not None else torch.cuda.current_device())
+    programs = min(triton.cdiv(M * N, block), sms)
+    _split_k_sum_kernel[(programs,)](ws, y, M, N, y.stride(0), split, block, pdl, num_warps=SUM_WARPS,
+                                     **({"launch_pdl": True} if pdl else {}))
     return y

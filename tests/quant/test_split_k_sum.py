@@ -12,9 +12,10 @@ CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
 
-@pytest.mark.parametrize("split, M, N", [(1, 1, 37), (2, 3, 300), (5, 1, 128), (16, 2, 129)])
+@pytest.mark.parametrize("split, M, N", [(1, 1, 37), (2, 3, 300), (5, 1, 128), (16, 2, 129), (16, 3, 1000)])
 def test_split_k_sum_adds_in_split_order_into_a_column_slice(split, M, N):
-    """Odd N (a partial 128-column block), a y that is a column slice of a wider buffer (row stride > N):
+    """Odd N (partial blocks; 3 x 1000 outputs in 512-output blocks: programs that take two), a y that is a
+    column slice of a wider buffer (row stride > N):
     the kernel's float32 result is the reference's bit for bit (split 0 + split 1 + ...), nothing outside
     the slice is written; bf16 y is that sum converted once."""
     g = torch.Generator().manual_seed(split * 100 + N)
