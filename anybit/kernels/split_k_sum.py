@@ -27,9 +27,13 @@ try:  # Triton is optional on CPU-only installs
 except ImportError:  # pragma: no cover
     triton = None
 
-# Threads per program and the most float32 partials a thread loads at once (split x values per thread).
-SUM_WARPS = 4
-SUM_MAX_LOADS = 64
+# One warp per program, four float32 outputs per thread (16-byte loads), at most SUM_PER_SM programs per SM
+# (then some take several blocks). H100 s30-1 / s30-2 (quant_matmul_defer_s30_*): at most one program per SM
+# (4 warps, up to 16 outputs per thread) made the deferred sum slower than these small programs in 26 of 54
+# cases at M 1-16 (e.g. 6144x4096 M 16 W2-W6 10.2-12.7 us against 14.1-16.1).
+SUM_WARPS = 1
+SUM_PER_THREAD = 4
+SUM_PER_SM = 16
 # Whether the split-K launchers (quant_gemv_h2, quant_gemv_mma) end with this kernel by default, where they
 # would otherwise sum in the last program. Env ANYBIT_SPLIT_SUM=kernel / last.
 SPLIT_SUM_KERNEL = os.environ.get("ANYBIT_SPLIT_SUM", "last") == "kernel"
@@ -50,11 +54,9 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def sum_block(split: int) -> int:
-    """Outputs per program and pass: 4-16 per thread (16-byte loads), fewer the more splits there are, so
-    a thread holds at most SUM_MAX_LOADS partials in flight."""
-    per = max(4, min(16, SUM_MAX_LOADS // max(split, 1)))
-    return 32 * SUM_WARPS * (1 << (per.bit_length() - 1))
+def sum_block() -> int:
+    """Outputs per program and pass."""
+    return 32 * SUM_WARPS * SUM_PER_THREAD
 
 
 if triton is not None:
@@ -83,10 +85,7 @@ if triton is not None:
 def split_k_sum(ws: torch.Tensor, y: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` (rows ``y.stride(0)`` apart, unit column stride) = ``ws [split, M, N]`` (float32,
     contiguous) summed in split order, as ``ref_split_k_sum``. ``pdl``: launched as a programmatic
-    dependent of the kernel before it (None: where anybit/kernels/pdl.py enables it). At most one
-    program per SM: with PDL they become resident while the GEMV still runs, and the next kernel
-    launches only once all of them have started, so a grid of thousands of small programs would keep
-    the next GEMV's programs from starting early (H100 s30-1)."""
+    dependent of the kernel before it (None: where anybit/kernels/pdl.py enables it)."""
     split, M, N = ws.shape
     if ws.dtype != torch.float32 or not ws.is_contiguous():
         raise ValueError(f"split_k_sum: ws must be a contiguous float32 [split, M, N] tensor, got {ws.dtype} "
@@ -97,11 +96,11 @@ def split_k_sum(ws: torch.Tensor, y: torch.Tensor, pdl: bool | None = None) -> t
     if triton is None or not (ws.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return ref_split_k_sum(ws, y)
     pdl = pdl_enabled(ws.device, pdl)
-    block = sum_block(split)
+    block = sum_block()
     sms = 4  # the interpreter
     if ws.is_cuda:
         sms = _sms(ws.device.index if ws.device.index is not None else torch.cuda.current_device())
-    programs = min(triton.cdiv(M * N, block), sms)
+    programs = min(triton.cdiv(M * N, block), SUM_PER_SM * sms)
     _split_k_sum_kernel[(programs,)](ws, y, M, N, y.stride(0), split, block, pdl, num_warps=SUM_WARPS,
                                      **({"launch_pdl": True} if pdl else {}))
     return y
