@@ -208,12 +208,12 @@ def run_variant(x, pw, kw, out=None):
     (cons_regs, max_regs), or (kw["direct_mma"]) the mma.sync kernel with its own (pdl,
     diag), or (kw["direct_tma"]) its TMA-ring variant with its own (ks, stages, pdl), which
     quant_matmul does not forward."""
-    if kw.get("defer"):  # the launcher's route with split_k_sum's second kernel as its split-K ending
-        before, split_k_sum.SPLIT_SUM_KERNEL = split_k_sum.SPLIT_SUM_KERNEL, True
+    if kw.get("split_sum"):  # the launcher's route with split_k_sum.SPLIT_SUM_MODE set ("kernel", "last")
+        before, split_k_sum.SPLIT_SUM_MODE = split_k_sum.SPLIT_SUM_MODE, kw["split_sum"]
         try:
-            return run_variant(x, pw, {k: v for k, v in kw.items() if k != "defer"}, out)
+            return run_variant(x, pw, {k: v for k, v in kw.items() if k != "split_sum"}, out)
         finally:
-            split_k_sum.SPLIT_SUM_KERNEL = before
+            split_k_sum.SPLIT_SUM_MODE = before
     if kw.get("pending"):
         kw = {k: v for k, v in kw.items() if k != "pending"}
         fn = quant_gemv_h2 if kw.pop("direct_h2", False) else quant_gemv_tma if kw.pop("direct_tma", False) \
@@ -335,9 +335,11 @@ def check_correctness_h2(log) -> list[dict]:
 
 
 def defer_variants(M, b):
-    """The launcher's choice with its split-K sum in each tile's last program (fence, counter atomic,
-    reload) against the same route with the partials added by split_k_sum's second kernel (PDL)."""
-    return [("anybit", {}), ("anybit_defer", dict(defer=True))]
+    """The launcher's choice (split_k_sum.defer_default) against its route with the split-K sum in each
+    tile's last program (fence, counter atomic, reload; "last") and with the partials always added by
+    split_k_sum's second kernel (PDL; "defer")."""
+    return [("anybit", {}), ("anybit_last", dict(split_sum="last")),
+            ("anybit_defer", dict(split_sum="kernel"))]
 
 
 def route_variants(M, b):

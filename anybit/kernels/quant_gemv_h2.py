@@ -1113,7 +1113,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
     None): every program adds its partial into acc with a float atomic instead of the ordered
     split-K sum into y (anybit/layers/pending.py); returns acc. ``defer`` (split-K writing y): the
     programs store their partials and ``split_k_sum`` adds them in a second kernel (None:
-    split_k_sum.SPLIT_SUM_KERNEL) instead of the tile's last program."""
+    split_k_sum.defer_default) instead of the tile's last program."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     two = bits in H2_SLICE_BITS  # two-slice widths: _quant_gemv_h2s_kernel (folded zero only)
@@ -1166,7 +1166,7 @@ def quant_gemv_h2(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, blo
         ws, locks, y = acc, acc, acc
     elif split_k > 1:
         ws = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
-        deferred = split_sum.SPLIT_SUM_KERNEL if defer is None else bool(defer)
+        deferred = split_sum.defer_default("h2", bits, M) if defer is None else bool(defer)
         locks = ws if deferred else split_k_counters(x.device, tiles)
     else:
         ws, locks = y, y

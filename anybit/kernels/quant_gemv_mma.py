@@ -1556,7 +1556,7 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     ``high_bits``: uniform W3 / W5 / W6 as their lowest slice's words joined with their codes' high bits, one
     conversion and one MMA chain (kernel ``HB``, ``MMA_HB_SLICES``; None: ``hb_default``); False: the second
     slice as a chain of its own. ``defer`` (split-K writing y, no cluster): the programs store their partials
-    and ``split_k_sum`` adds them in a second kernel (None: split_k_sum.SPLIT_SUM_KERNEL) instead of each
+    and ``split_k_sum`` adds them in a second kernel (None: split_k_sum.defer_default) instead of each
     tile's last program."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
@@ -1659,7 +1659,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
             per * BK, per, split, w0, bm, BK, False, pdl, split, diag, WB=wb, WC=wc, num_warps=4,
             num_ctas=split, **regs, **launch)
         return y
-    deferred = split > 1 and not diag and (split_sum.SPLIT_SUM_KERNEL if defer is None else bool(defer))
+    want_defer = split_sum.defer_default("mma", bits, M) if defer is None else bool(defer)
+    deferred = split > 1 and not diag and want_defer
     ws, locks = split_k_buffers(split, M, N, tiles, y, deferred)
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),

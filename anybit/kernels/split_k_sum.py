@@ -34,9 +34,28 @@ except ImportError:  # pragma: no cover
 SUM_WARPS = 1
 SUM_PER_THREAD = 4
 SUM_PER_SM = 16
-# Whether the split-K launchers (quant_gemv_h2, quant_gemv_mma) end with this kernel by default, where they
-# would otherwise sum in the last program. Env ANYBIT_SPLIT_SUM=kernel / last.
-SPLIT_SUM_KERNEL = os.environ.get("ANYBIT_SPLIT_SUM", "last") == "kernel"
+# Where the split-K launchers end with this kernel by default instead of each tile's last program
+# (``defer_default``): "auto" (the widths below), "kernel" (every split-K call writing y) or "last" (none).
+# Env ANYBIT_SPLIT_SUM.
+SPLIT_SUM_MODE = os.environ.get("ANYBIT_SPLIT_SUM", "auto")
+# auto: the mma.sync kernel at M 2..16 for these widths, the packed-half GEMV (M = 1) for these. H100 s30-1..3
+# (quant_matmul_defer_s30_*, us, last program / this kernel): M 4 W4 17.5 / 14.9 (4096x14336), 16.9 / 15.2
+# (14336x4096); M 16 W4 20.5 / 19.1. W2 lost (M 4 13.4 / 15.3, M 16 19.8 / 22.6): without the summing
+# epilogue its kernel compiles to 96 instead of 122 registers (128 instead of 221 at M 16) and its loop runs
+# slower (the pending-sum form, also without that epilogue, 14.4 us). At M = 1 only W8's GEMV gained
+# (4096x14336 26.7 / 25.5, 26.1 / 25.3); W3 / W5's GEMV were level or slower (W5 19.6 / 20.5).
+DEFER_MMA_BITS = (3, 4, 5, 6, 8)
+DEFER_H2_BITS = (8,)
+
+
+def defer_default(kernel: str, bits: int, M: int) -> bool:
+    """Whether a split-K call of ``kernel`` ("mma": quant_gemv_mma, "h2": quant_gemv_h2) writing y ends with
+    split_k_sum (SPLIT_SUM_MODE and the auto rule above)."""
+    if SPLIT_SUM_MODE in ("kernel", "last"):
+        return SPLIT_SUM_MODE == "kernel"
+    if kernel == "mma":
+        return bits in DEFER_MMA_BITS and 2 <= M <= 16
+    return bits in DEFER_H2_BITS
 
 
 def ref_split_k_sum(ws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
