@@ -10,7 +10,8 @@ of its own K range into f16 pairs (``cvt.rn.f16x2.f32``, one instruction per pai
 float32 sums (the zero term), so one launch does the whole product; ``fuse_x=False`` keeps the
 older separate preparation kernel for comparison. Split-K partials are added by the last program
 of a column tile in one 2-D load; its counter resets itself, so the persistent counters need no
-memset per call. On CUDA the word's math is inline PTX; elsewhere (interpreter) plain Triton
+memset per call. W8 (``split_k_sum.defer_default``) stores them only, and split_k_sum.py's second
+kernel adds them. On CUDA the word's math is inline PTX; elsewhere (interpreter) plain Triton
 computes the same function in float32. Shared launcher helpers (block-K choice, SM count,
 split-K row store) live here too. The torch reference is ``ref_quant_matmul`` in quant_matmul.py.
 
