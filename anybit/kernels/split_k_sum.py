@@ -38,13 +38,18 @@ SUM_PER_SM = 16
 # (``defer_default``): "auto" (the widths below), "kernel" (every split-K call writing y) or "last" (none).
 # Env ANYBIT_SPLIT_SUM.
 SPLIT_SUM_MODE = os.environ.get("ANYBIT_SPLIT_SUM", "auto")
-# auto: the mma.sync kernel at M 2..16 for these widths, the packed-half GEMV (M = 1) for these. H100 s30-1..3
-# (quant_matmul_defer_s30_*, us, last program / this kernel): M 4 W4 17.5 / 14.9 (4096x14336), 16.9 / 15.2
-# (14336x4096); M 16 W4 20.5 / 19.1. W2 lost (M 4 13.4 / 15.3, M 16 19.8 / 22.6): without the summing
-# epilogue its kernel compiles to 96 instead of 122 registers (128 instead of 221 at M 16) and its loop runs
-# slower (the pending-sum form, also without that epilogue, 14.4 us). At M = 1 only W8's GEMV gained
-# (4096x14336 26.7 / 25.5, 26.1 / 25.3); W3 / W5's GEMV were level or slower (W5 19.6 / 20.5).
-DEFER_MMA_BITS = (3, 4, 5, 6, 8)
+# auto: the mma.sync kernel for these (M range, widths), the packed-half GEMV (M = 1) for DEFER_H2_BITS. H100
+# s30-1..4 and s30-9 (quant_matmul_defer_s30_*, us, last program / this kernel):
+# - M 2..16: W4 M 4 17.5 / 14.9 (4096x14336), 16.9 / 15.2 (14336x4096); M 16 20.5 / 19.1. W2 lost there (M 4
+#   13.4 / 15.3, M 16 19.8 / 22.6): without the summing epilogue its kernel compiles to 96 instead of 122
+#   registers (128 instead of 221 at M 16) and its loop runs slower (the pending-sum form, also without that
+#   epilogue, 14.4 us).
+# - M 17..32 (BLOCK_M 32; qkv / o_proj, and merged W3 on every shape): W2 / W3 / W4 / W8 1.1-3.1 us faster
+#   (6144x4096 M 24 W3 17.2 / 14.3, 4096x4096 M 32 W8 18.9 / 15.8), W2 included.
+# - M = 1: the K-split (KS) kernel of W2 / W4, split 2 on 4096x14336 only: 0.4-0.9 / 0-0.7 us faster in four
+#   calls. The GEMV: only W8 gained on the MLP shapes (4096x14336 26.7 / 25.5, 26.1 / 25.3); W5 lost there
+#   (19.6 / 20.5), W3 was mixed.
+DEFER_MMA = ((1, 1, (2, 4)), (2, 16, (3, 4, 5, 6, 8)), (17, 32, (2, 3, 4, 8)))
 DEFER_H2_BITS = (8,)
 
 
@@ -54,7 +59,7 @@ def defer_default(kernel: str, bits: int, M: int) -> bool:
     if SPLIT_SUM_MODE in ("kernel", "last"):
         return SPLIT_SUM_MODE == "kernel"
     if kernel == "mma":
-        return bits in DEFER_MMA_BITS and 2 <= M <= 16
+        return any(lo <= M <= hi and bits in widths for lo, hi, widths in DEFER_MMA)
     return bits in DEFER_H2_BITS
 
 

@@ -78,15 +78,18 @@ def test_gemv_h2_deferred_sum_matches_the_last_program_sum(bits, split, N):
 
 
 def test_defer_default_rule(monkeypatch):
-    """auto: the mma.sync kernel at M 2..16 for DEFER_MMA_BITS, the GEMV for DEFER_H2_BITS; "kernel" / "last"
-    override it for every call."""
+    """auto: the mma.sync kernel for DEFER_MMA's (M range, widths), the GEMV for DEFER_H2_BITS; "kernel" /
+    "last" override it for every call."""
     import anybit.kernels.split_k_sum as sks
 
     monkeypatch.setattr(sks, "SPLIT_SUM_MODE", "auto")
     assert sks.defer_default("mma", 4, 4) and sks.defer_default("mma", 8, 16)
     assert sks.defer_default("mma", 3, 2)
-    assert not sks.defer_default("mma", 2, 4) and not sks.defer_default("mma", 4, 1)
-    assert not sks.defer_default("mma", 4, 32)
+    assert not sks.defer_default("mma", 2, 4) and not sks.defer_default("mma", 2, 16)
+    assert sks.defer_default("mma", 2, 1) and sks.defer_default("mma", 4, 1)
+    assert not sks.defer_default("mma", 3, 1)
+    assert sks.defer_default("mma", 2, 24) and sks.defer_default("mma", 4, 32)
+    assert not sks.defer_default("mma", 4, 33) and not sks.defer_default("mma", 4, 64)
     assert sks.defer_default("h2", 8, 1) and not sks.defer_default("h2", 3, 1)
     monkeypatch.setattr(sks, "SPLIT_SUM_MODE", "kernel")
     assert sks.defer_default("mma", 2, 1) and sks.defer_default("h2", 3, 1)
