@@ -22,8 +22,8 @@ Layout tricks (all bit relabelings, no data movement):
 One program = ``BLOCK_N`` (128) output columns x one K split, 4 warps (32 columns each); rows of
 x are the MMA's N side (BLOCK_M 8 or 16; rows >= M read as 0). The next tile's words and scale
 rows are loaded before the current one is converted. Split-K partials are summed by the tile's
-last program (quant_gemm_wg's epilogue) or, where ``split_k_sum.defer_default`` says so (W3-W8 at
-M 2..16), stored only and added by split_k_sum.py's second kernel.
+last program (quant_gemm_wg's epilogue) or, where ``split_k_sum.defer_default`` says so
+(``DEFER_MMA``: widths by M range), stored only and added by split_k_sum.py's second kernel.
 
 Testing as the other Gluon kernels: no ``TRITON_INTERPRET``; the CPU tests compile it for sm_90
 offline and check the loop (no shared memory, LDG.128, HMMA), the GPU tests compare with
