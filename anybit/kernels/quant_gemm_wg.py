@@ -160,14 +160,16 @@ if gluon is not None:
     @gluon.jit
     def _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, on, pid, pid_k,
                     SPLIT: gl.constexpr, SUM_LOADS: gl.constexpr = 8, ACC: gl.constexpr = False,
-                    DEFER: gl.constexpr = False):
+                    DEFER: gl.constexpr = False, defer_rt=0):
         """Epilogue of the tensor-core kernels: the float32 tile ``acc [BLOCK_N, BLOCK_M]`` (row r =
         output column ``on[r]``) to y; with SPLIT, to this split's partials in ws, and the tile's
         last program (``lock_ptr`` counter, reset to 0 by it) adds the partials in split order (the
         same bits every call), SUM_LOADS loads in flight at a time (registers: SUM_LOADS x the
         tile), into y. ACC: added into the float32 accumulator ws_ptr (rows ``stride_ym`` apart;
         anybit/layers/pending.py) by fire-and-forget float atomics; no order, no last program. DEFER
-        (with SPLIT): only this split's partials to ws (split_k_sum.py's kernel adds them)."""
+        (with SPLIT): only this split's partials to ws (split_k_sum.py's kernel adds them); ``defer_rt``
+        != 0 (a run-time value) does the same in a kernel compiled with the last-program sum, so the
+        loop keeps that compile's registers and schedule (quant_gemv_mma: s30-3's W2)."""
         MMA: gl.constexpr = acc.type.layout
         BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
@@ -180,18 +182,19 @@ if gluon is not None:
         elif SPLIT:
             part = om[None, :] * N + on[:, None]
             gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
-            gl.thread_barrier()
-            count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if count == split_k - 1:  # the last split of this tile adds the partials, in split order
-                tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)  # (deterministic: not its own first)
-                for sk0 in range(0, split_k, SUM_LOADS):
-                    for j in gl.static_range(SUM_LOADS):
-                        sk = sk0 + j
-                        tot += gl.load(ws_ptr + sk * M * N + part, mask=omask & (sk < split_k), other=0.0,
-                                       cache_modifier=".cg")
-                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
-                         mask=omask)
-                gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls
+            if defer_rt == 0:
+                gl.thread_barrier()
+                count = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+                if count == split_k - 1:  # the last split of this tile adds the partials, in split order
+                    tot = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)  # (deterministic: not its own first)
+                    for sk0 in range(0, split_k, SUM_LOADS):
+                        for j in gl.static_range(SUM_LOADS):
+                            sk = sk0 + j
+                            tot += gl.load(ws_ptr + sk * M * N + part, mask=omask & (sk < split_k), other=0.0,
+                                           cache_modifier=".cg")
+                    gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], tot.to(y_ptr.dtype.element_ty),
+                             mask=omask)
+                    gl.atomic_xchg(lock_ptr + pid, 0)  # counters stay zeroed between calls
         else:
             gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
                      mask=omask)

@@ -860,7 +860,7 @@ if gluon is not None:
         _cluster_barrier()  # no CTA leaves (its shared memory) before CTA 0 has read it
         return tot
 
-    @gluon.jit(do_not_specialize=["M", "n_iters", "split_k"])
+    @gluon.jit(do_not_specialize=["M", "n_iters", "split_k", "defer_sum"])
     def _quant_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, G, stride_xm,
                                stride_ym, k_per_split, n_iters, split_k, W0: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,
@@ -870,7 +870,7 @@ if gluon is not None:
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
                                CB: gl.constexpr = 0, XP: gl.constexpr = False, G2: gl.constexpr = False,
-                               HB: gl.constexpr = 0, DEFER: gl.constexpr = False):
+                               HB: gl.constexpr = 0, defer_sum=0):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -883,8 +883,11 @@ if gluon is not None:
         results): bit 0 reuses the first x tile for every tile (no x load in the loop), bit 1 stores
         the partials without the split-K sum, bit 2 loads the first tile's words for every tile (cache
         hits: the loop's own cost without the weight stream). ACC: every program adds its partial into the
-        float32 accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py). DEFER (with SPLIT): the
-        partials only stored, for split_k_sum.py's kernel to add.
+        float32 accumulator ws_ptr (``_store_tile``'s ACC; anybit/layers/pending.py). ``defer_sum`` != 0 (with
+        SPLIT; a run-time value, not specialized): the partials only stored, for split_k_sum.py's kernel to
+        add. At run time, so the kernel is the same compile as the last-program sum: as a constexpr, W2 at
+        BLOCK_M 8 compiled to 94 instead of 120 registers and a longer, slower loop (s30-3, offline sm_90: 316
+        against 309 instructions; M 4 15.3 against 13.4 us).
 
         WB, WC (widths of a second and third slice, 0 = none; anybit/quant/format.py: 3 = 2+1, 5 = 4+1,
         6 = 4+2, 7 = 4+2+1): the code is ``q = q0 + 2^W0 qb + 2^(W0+WB) qc``, so ``s (q - z)`` = ``s ((q0
@@ -1128,7 +1131,7 @@ if gluon is not None:
         else:
             cols = off_n + _tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA)))
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
-                    SPLIT and DIAG & 2 == 0, SUM_LOADS=SUM_LOADS, ACC=ACC, DEFER=DEFER)
+                    SPLIT and DIAG & 2 == 0, SUM_LOADS=SUM_LOADS, ACC=ACC, defer_rt=defer_sum)
 
 
 _INT_ZEROS: dict = {}  # id(zeros) -> (weakref, version, bool)
@@ -1666,7 +1669,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, DEFER=deferred, num_warps=4, **regs, **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, defer_sum=int(deferred), num_warps=4, **regs,
+        **launch)
     if cb:
         check_table_alone(kernel)
     if deferred:
