@@ -6,9 +6,10 @@ fence and a counter atomic, and the tile's last program loads every partial, add
 an atomic round trip and a dependent reload on the critical path of every call (docs/notes_quant.md,
 sessions 6, 11, 22, 27: 1-4 us per standalone call). Deferred (the h2 kernels' ``DEFER`` constexpr, the
 mma.sync kernel's run-time ``defer_sum``), the GEMV's programs only store their partials ``ws [split, M,
-N]`` and exit; ``split_k_sum`` then adds them in split order and writes y. Launched with PDL after a PDL GEMV, its programs become resident while the GEMV runs and wait
-(``griddepcontrol.wait``) for the GEMV's grid to complete, so the hand-over is one grid completion
-instead of a fence and an atomic per program. The order of the additions is fixed (split 0, 1, ...),
+N]`` and exit; ``split_k_sum`` then adds them in split order and writes y. Launched with PDL after a
+PDL GEMV, its programs become resident while the GEMV runs and wait (``griddepcontrol.wait``) for the
+GEMV's grid to complete, so the hand-over is one grid completion instead of a fence and an atomic per
+program. The order of the additions is fixed (split 0, 1, ...),
 so results are the same every call.
 """
 
