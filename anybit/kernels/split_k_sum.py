@@ -9,8 +9,7 @@ mma.sync kernel's run-time ``defer_sum``), the GEMV's programs only store their 
 N]`` and exit; ``split_k_sum`` then adds them in split order and writes y. Launched with PDL after a
 PDL GEMV, its programs become resident while the GEMV runs and wait (``griddepcontrol.wait``) for the
 GEMV's grid to complete, so the hand-over is one grid completion instead of a fence and an atomic per
-program. The order of the additions is fixed (split 0, 1, ...),
-so results are the same every call.
+program. The order of the additions is fixed (split 0, 1, ...), so results are the same every call.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ except ImportError:  # pragma: no cover
     triton = None
 
 # One warp per program, four float32 outputs per thread (16-byte loads), at most SUM_PER_SM programs per SM
-# (then some take several blocks). H100 s30-1 / s30-2 (quant_matmul_defer_s30_*): at most one program per SM
-# (4 warps, up to 16 outputs per thread) made the deferred sum slower than these small programs in 26 of 54
-# cases at M 1-16 (e.g. 6144x4096 M 16 W2-W6 10.2-12.7 us against 14.1-16.1).
+# (then some take several blocks). H100 s30-1 / s30-2 (quant_matmul_defer_s30_*, two calls): at most one
+# program per SM (4 warps, up to 16 outputs per thread) was slower than these small programs in 31 of 54 cases
+# at M 1-16, by more than 3% in 24 (6144x4096 M 16 W2-W6 13.5-16.1 us against 10.2-12.7).
 SUM_WARPS = 1
 SUM_PER_THREAD = 4
 SUM_PER_SM = 16
