@@ -41,7 +41,7 @@ SPLIT_SUM_MODE = os.environ.get("ANYBIT_SPLIT_SUM", "auto")
 # auto: the mma.sync kernel for these (M range, widths), the packed-half GEMV (M = 1) for DEFER_H2_BITS. H100
 # s30-1..11 (quant_matmul_defer_s30_*, us, last program / this kernel):
 # - M 2..16 (s30-11, the deferral a run-time argument of the kernel's one compile): W4 M 4 17.3 / 15.1
-#   (4096x14336), 17.1 / 15.3 (14336x4096), 10.5 / 8.7; M 16 20.9 / 18.2, 21.0 / 18.8, 12.9 / 9.9; W2 M 16
+#   (4096x14336), 17.1 / 15.3 (14336x4096), 10.5 / 8.5; M 16 20.9 / 18.2, 21.0 / 18.5, 12.9 / 9.9; W2 M 16
 #   20.1 / 16.5, 14.0 / 10.3. (With the deferral a constexpr, W2 lost: its kernel compiled to 94 instead of
 #   120 registers and a longer loop, M 4 13.4 / 15.3 us, s30-3.)
 # - M 17..32 (BLOCK_M 32; qkv / o_proj, and merged W3 on every shape): W2 / W3 / W4 / W8 1.1-3.1 us faster
