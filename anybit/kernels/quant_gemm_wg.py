@@ -160,16 +160,16 @@ if gluon is not None:
     @gluon.jit
     def _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, off_m, on, pid, pid_k,
                     SPLIT: gl.constexpr, SUM_LOADS: gl.constexpr = 8, ACC: gl.constexpr = False,
-                    DEFER: gl.constexpr = False, defer_rt=0):
+                    defer_rt=0):
         """Epilogue of the tensor-core kernels: the float32 tile ``acc [BLOCK_N, BLOCK_M]`` (row r =
         output column ``on[r]``) to y; with SPLIT, to this split's partials in ws, and the tile's
         last program (``lock_ptr`` counter, reset to 0 by it) adds the partials in split order (the
         same bits every call), SUM_LOADS loads in flight at a time (registers: SUM_LOADS x the
         tile), into y. ACC: added into the float32 accumulator ws_ptr (rows ``stride_ym`` apart;
-        anybit/layers/pending.py) by fire-and-forget float atomics; no order, no last program. DEFER
-        (with SPLIT): only this split's partials to ws (split_k_sum.py's kernel adds them); ``defer_rt``
-        != 0 (a run-time value) does the same in a kernel compiled with the last-program sum, so the
-        loop keeps that compile's registers and schedule (quant_gemv_mma: s30-3's W2)."""
+        anybit/layers/pending.py) by fire-and-forget float atomics; no order, no last program. ``defer_rt``
+        != 0 (a run-time value, with SPLIT): only this split's partials to ws, split_k_sum.py's kernel adds
+        them; the kernel is still compiled with the last-program sum, so its loop keeps that compile's
+        registers and schedule (as a constexpr, quant_gemv_mma's W2 lost both: s30-3)."""
         MMA: gl.constexpr = acc.type.layout
         BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
@@ -177,8 +177,6 @@ if gluon is not None:
         omask = (on < N)[:, None] & (om < M)[None, :]
         if ACC:
             gl.atomic_add(ws_ptr + om[None, :] * stride_ym + on[:, None], acc, mask=omask, sem="relaxed")
-        elif SPLIT and DEFER:
-            gl.store(ws_ptr + pid_k * M * N + om[None, :] * N + on[:, None], acc, mask=omask)
         elif SPLIT:
             part = om[None, :] * N + on[:, None]
             gl.store(ws_ptr + pid_k * M * N + part, acc, mask=omask)
