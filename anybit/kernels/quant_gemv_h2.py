@@ -272,22 +272,21 @@ if triton is not None:
             tl.atomic_add(ws_ptr + m * stride_ym + offs_n, out, mask=mask_n, sem="relaxed")
         elif SPLIT_K == 1:
             tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
-        elif DEFER:
-            tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, out, mask=mask_n)
         else:
             tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, out, mask=mask_n)
-            lock = lock_ptr + m * tl.num_programs(1) + pid_n
-            if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:  # last split of this tile
-                sk = tl.arange(0, 16)
-                tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for s0 in range(0, SPLIT_K, 16):
-                    rows = s0 + sk
-                    part = tl.load(ws_ptr + (rows[:, None] * M + m) * N + offs_n[None, :],
-                                   mask=(rows[:, None] < SPLIT_K) & mask_n[None, :], other=0.0,
-                                   cache_modifier=".cg")
-                    tot += tl.sum(part, axis=0)
-                tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
-                tl.atomic_xchg(lock, 0)  # counters stay zero between calls
+            if not DEFER:
+                lock = lock_ptr + m * tl.num_programs(1) + pid_n
+                if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:  # last split of this tile
+                    sk = tl.arange(0, 16)
+                    tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    for s0 in range(0, SPLIT_K, 16):
+                        rows = s0 + sk
+                        part = tl.load(ws_ptr + (rows[:, None] * M + m) * N + offs_n[None, :],
+                                       mask=(rows[:, None] < SPLIT_K) & mask_n[None, :], other=0.0,
+                                       cache_modifier=".cg")
+                        tot += tl.sum(part, axis=0)
+                    tl.store(y_ptr + m * stride_ym + offs_n, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+                    tl.atomic_xchg(lock, 0)  # counters stay zero between calls
 
     # ---- M = 1 path with packed half arithmetic (see the module docstring) ------------------------
     _ASM_H2_W2_1: tl.constexpr = tl.constexpr(_h2_asm(2, 1))

@@ -14,7 +14,6 @@ program. The order of the additions is fixed (split 0, 1, ...), so results are t
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -73,16 +72,6 @@ def ref_split_k_sum(ws: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@functools.lru_cache(maxsize=8)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sum_block() -> int:
-    """Outputs per program and pass."""
-    return 32 * SUM_WARPS * SUM_PER_THREAD
-
-
 if triton is not None:
     @triton.jit
     def _split_k_sum_kernel(ws_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
@@ -119,12 +108,11 @@ def split_k_sum(ws: torch.Tensor, y: torch.Tensor, pdl: bool | None = None) -> t
                          f"strides {y.stride()}")
     if triton is None or not (ws.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return ref_split_k_sum(ws, y)
+    from anybit.kernels.quant_gemv_h2 import _num_sms  # (quant_gemv_h2 imports this module)
+
     pdl = pdl_enabled(ws.device, pdl)
-    block = sum_block()
-    sms = 4  # the interpreter
-    if ws.is_cuda:
-        sms = _sms(ws.device.index if ws.device.index is not None else torch.cuda.current_device())
-    programs = min(triton.cdiv(M * N, block), SUM_PER_SM * sms)
+    block = 32 * SUM_WARPS * SUM_PER_THREAD  # outputs per program and pass
+    programs = min(triton.cdiv(M * N, block), SUM_PER_SM * _num_sms(ws.device))
     _split_k_sum_kernel[(programs,)](ws, y, M, N, y.stride(0), split, block, pdl, num_warps=SUM_WARPS,
                                      **({"launch_pdl": True} if pdl else {}))
     return y
