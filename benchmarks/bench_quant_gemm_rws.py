@@ -60,6 +60,10 @@ def correctness(log) -> list[dict]:
     pw = rtn_quantize(torch.randn(512, 1152), QuantSpec(4, 128, "uniform")).to("cuda")
     for M, kw in ((40, {}), (64, dict(programs=9)), (200, {})):
         cases.append((f"b4 g128 512x1152 M{M} four consumers", pw, M, dict(consumers=4, block_m=64, **kw)))
+    for kw in (dict(ping=True), dict(ping=True, programs=5), dict(ping=True, programs=7)):  # PING on
+        cases.append((f"b4 g128 512x1152 M300 {kw}", pw, 300, kw))
+    cases.append(("b4 g128 512x1152 M40 four consumers ping", pw, 40,
+                  dict(consumers=4, block_m=64, ping=True)))
     for b in (1, 2, 3, 5, 6, 7, 8):  # the other widths (ra_slices)
         pw = rtn_quantize(torch.randn(384, 1152), QuantSpec(b, 64, "uniform")).to("cuda")
         for M, kw in ((40, {}), (300, {}), (64, dict(programs=7))):
@@ -136,12 +140,30 @@ def ab_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     return out
 
 
+def ping_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The consumers issuing their MMAs in turn (the kernel's PING) against the default, at the launcher's
+    configuration and, where the tiles exceed one wave, at 128 programs (whole half tiles per program:
+    one piece each instead of two); at M 256 on N 6144 also BLOCK_M 256 over 96 programs (each tile in
+    two K halves)."""
+    out = [("anybit", {})]
+    for ping in (False, True):
+        tag = "_ping" if ping else ""
+        out.append((f"anybit_rws{tag}", dict(direct_rws=True, ping=ping)))
+        bm = rws_config(M, N)[0]
+        if -(-M // bm) * N // 128 > 132:
+            out.append((f"anybit_rws_p128{tag}", dict(direct_rws=True, ping=ping, programs=128)))
+        if M == 256 and N == 6144:
+            out.append((f"anybit_rws_bm256_p96{tag}",
+                        dict(direct_rws=True, ping=ping, block_m=256, programs=96)))
+    return out
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
 
 
-def ab(log, reps: int, ms: list[int], widths: tuple[int, ...] = (4,)) -> list[dict]:
+def ab(log, reps: int, ms: list[int], widths: tuple[int, ...] = (4,), variants=ab_variants) -> list[dict]:
     """Interleaved timing: for each case, every variant and cuBLAS once per round, ``reps`` rounds; the
     ratio to cuBLAS is taken within each round (next to each other in time), its median reported. In
     s20-1..3 the same configuration differed by up to 10% between sections of one run (drift), more than
@@ -153,7 +175,7 @@ def ab(log, reps: int, ms: list[int], widths: tuple[int, ...] = (4,)) -> list[di
         pws = [random_packed(N, K, bits) for _ in range(copies_for(N * K * bits // 8))]
         xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
         calls = {"cublas_bf16": [lambda x=xs[i % 8], w=w: F.linear(x, w) for i, w in enumerate(Ws)]}
-        for name, kw in ab_variants(N, K, M, bits):
+        for name, kw in variants(N, K, M, bits):
             calls[name] = [lambda x=xs[i % 8], p=p, kw=kw: run_variant(x, p, kw) for i, p in enumerate(pws)]
         times = {name: [] for name in calls}
         for _ in range(reps):
@@ -188,6 +210,9 @@ def main() -> int:
                     "this many rounds")
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
+    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "ping"],
+                    help="the A/B's candidates: the launcher's (ab_variants) or PING on / off "
+                    "(ping_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -225,7 +250,8 @@ def main() -> int:
 
     if args.ab:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
-                   tuple(int(b) for b in args.ab_bits.split(",")))
+                   tuple(int(b) for b in args.ab_bits.split(",")),
+                   ping_variants if args.ab_set == "ping" else ab_variants)
         dump()
         return 0
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]

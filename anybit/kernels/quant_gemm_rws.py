@@ -39,6 +39,8 @@ kernel for sm_90 offline (register-A HGMMA, no spills, no hazard); the GPU tests
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from anybit.kernels.quant_gemm_h2 import _lock_buffer, scale_table
@@ -49,6 +51,8 @@ from anybit.kernels.ra_slices import RS_BITS
 from anybit.quant.format import SLICES, PackedWeight
 
 HALF_N = 64  # weight rows per consumer warpgroup (one m64 block)
+# The consumers take turns issuing their MMAs (the kernel's PING, ``_take_turn``). Env ANYBIT_RWS_PING=0/1.
+RWS_PING = os.environ.get("ANYBIT_RWS_PING", "0") == "1"
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
@@ -213,11 +217,29 @@ if gluon is not None:
                 gl.atomic_xchg(lock_ptr + NC * tile + C, 0)  # counters stay zeroed between calls
 
     @gluon.jit
-    def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr, lock_ptr, M,
-                           N, stride_ym, k_tiles, total, num_m, C: gl.constexpr, NC: gl.constexpr,
-                           BITS: gl.constexpr):
+    def _take_turn(turn, idx, C: gl.constexpr, PING: gl.constexpr):
+        """PING: before issuing its MMA of ring tile ``idx``, consumer C waits until the previous consumer
+        (C - 1, or the last one for C 0) has issued its own (consumer 0's first wait passes at once). The
+        tensor cores then take the consumers' K tiles one after another, so each consumer's wait(0),
+        slot release and next issue fall inside another consumer's MMA instead of every consumer finishing
+        together and leaving the pipe idle (s20-10: tensor pipe 64% busy at M 1024, 17% of samples on
+        ``WARPGROUP.DEPBAR``)."""
+        if PING:
+            mbarrier.wait(turn.index(C), (idx & 1) ^ (1 if C == 0 else 0))
+
+    @gluon.jit
+    def _pass_turn(turn, C: gl.constexpr, NC: gl.constexpr, PING: gl.constexpr):
+        """PING: after issuing its MMA, consumer C lets the next one (C + 1 mod NC) issue."""
+        if PING:
+            mbarrier.arrive(turn.index((C + 1) % NC))
+
+    @gluon.jit
+    def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr, ws_ptr,
+                           lock_ptr, M, N, stride_ym, k_tiles, total, num_m, C: gl.constexpr,
+                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
-        range, piece by piece (``_segment``), each piece stored by ``_rws_store``."""
+        range, piece by piece (``_segment``), each piece stored by ``_rws_store``. PING: the consumers
+        issue their MMAs of each K tile in turn (``_take_turn``)."""
         BLOCK_M: gl.constexpr = x_smem.shape[1]
         STAGES: gl.constexpr = x_smem.shape[0]
         HN: gl.constexpr = w_smem.shape[2]
@@ -231,12 +253,16 @@ if gluon is not None:
             acc = gl.zeros([HN, BLOCK_M], gl.float32, MMA)
             a = _rws_convert(w_smem, w1_smem, w2_smem, t_smem, ready, it, C, NC, BITS, AL)
             for j in range(n - 1):
+                _take_turn(turn, it + j, C, PING)
                 acc = warpgroup_mma(a, x_smem.index((it + j) % STAGES).permute((1, 0)), acc, is_async=True)
+                _pass_turn(turn, C, NC, PING)
                 a_next = _rws_convert(w_smem, w1_smem, w2_smem, t_smem, ready, it + j + 1, C, NC, BITS, AL)
                 acc, a, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, a_next))
                 mbarrier.arrive(empty.index((it + j) % STAGES))  # x, words and table of that tile: read
                 a = a_next
+            _take_turn(turn, it + n - 1, C, PING)
             acc = warpgroup_mma(a, x_smem.index((it + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+            _pass_turn(turn, C, NC, PING)
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
             mbarrier.arrive(empty.index((it + n - 1) % STAGES))
             it += n
@@ -247,7 +273,8 @@ if gluon is not None:
     @gluon.jit(do_not_specialize=["M", "total"])
     def _quant_gemm_rws_kernel(x_desc, w_desc, w1_desc, w2_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
                                stride_ym, total, off1, off2, BITS: gl.constexpr, STAGES: gl.constexpr,
-                               NC: gl.constexpr, CONS_REGS: gl.constexpr, num_warps: gl.constexpr):
+                               NC: gl.constexpr, CONS_REGS: gl.constexpr, num_warps: gl.constexpr,
+                               PING: gl.constexpr = False):
         """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered
         M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
         K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0); qweight ``[BITS K / 32, N]`` int32 once
@@ -282,27 +309,36 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=NC)  # every consumer
+        turn = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
+        for c in gl.static_range(NC):
+            mbarrier.init(turn.index(c), count=1)
         # the tuples are written out: a tuple kept in a variable loses its constexprs (quant_gemm_ws)
         if NC == 2:
             gl.warp_specialize([
-                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
-                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS)),
-                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
-                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
+                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS,
+                                      PING)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
+                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS,
+                                      PING)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
                                        NC, NS))],
                 [4, 1], [CONS_REGS, LOAD_REGS])
         else:
             gl.warp_specialize([
-                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
-                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS)),
-                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
-                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS)),
-                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
-                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 2, NC, BITS)),
-                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, y_ptr, ws_ptr,
-                                      lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 3, NC, BITS)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
+                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS,
+                                      PING)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
+                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS,
+                                      PING)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
+                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 2, NC, BITS,
+                                      PING)),
+                (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
+                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 3, NC, BITS,
+                                      PING)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
                                        NC, NS))],
@@ -356,13 +392,15 @@ def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
-                   cons_regs: int | None = None, max_regs: int | None = None) -> torch.Tensor:
+                   cons_regs: int | None = None, max_regs: int | None = None,
+                   ping: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
     64 weight rows sharing the x tile; 4 needs BLOCK_M 64 (registers). ``max_regs``: the launch's register
     cap per thread, by default what fills the register file with one program per SM (12 warps x 168; 20
-    warps x 96 with four consumers, which then get 112 each)."""
+    warps x 96 with four consumers, which then get 112 each). ``ping``: the consumers issue their MMAs in
+    turn (the kernel's PING; None: ``RWS_PING``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
@@ -402,5 +440,5 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     t_desc = TensorDescriptor(table, [2 * (K // G), N], [N, 1], [1, HALF_N], flat)
     _quant_gemm_rws_kernel[(P,)](
         x_desc, *w_descs, t_desc, y, ws, locks, M, N, K, G, y.stride(0), total, *offs, bits, stages, nc,
-        cons_regs, num_warps=4, maxnreg=max_regs)
+        cons_regs, num_warps=4, maxnreg=max_regs, PING=RWS_PING if ping is None else bool(ping))
     return y
