@@ -60,10 +60,12 @@ def correctness(log) -> list[dict]:
     pw = rtn_quantize(torch.randn(512, 1152), QuantSpec(4, 128, "uniform")).to("cuda")
     for M, kw in ((40, {}), (64, dict(programs=9)), (200, {})):
         cases.append((f"b4 g128 512x1152 M{M} four consumers", pw, M, dict(consumers=4, block_m=64, **kw)))
-    for kw in (dict(ping=True), dict(ping=True, programs=5), dict(ping=True, programs=7)):  # PING on
+    for kw in (dict(ping=True), dict(ping=True, programs=5), dict(epi=True),  # PING / EPI on
+               dict(ping=True, epi=True, programs=5), dict(ping=True, epi=True, programs=7),
+               dict(ping=True, epi=True, block_m=256)):
         cases.append((f"b4 g128 512x1152 M300 {kw}", pw, 300, kw))
-    cases.append(("b4 g128 512x1152 M40 four consumers ping", pw, 40,
-                  dict(consumers=4, block_m=64, ping=True)))
+    cases.append(("b4 g128 512x1152 M40 four consumers ping epi", pw, 40,
+                  dict(consumers=4, block_m=64, ping=True, epi=True)))
     for b in (1, 2, 3, 5, 6, 7, 8):  # the other widths (ra_slices)
         pw = rtn_quantize(torch.randn(384, 1152), QuantSpec(b, 64, "uniform")).to("cuda")
         for M, kw in ((40, {}), (300, {}), (64, dict(programs=7))):
@@ -140,21 +142,23 @@ def ab_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     return out
 
 
-def ping_variants(N: int, K: int, M: int, bits: int = 4) -> list:
-    """The consumers issuing their MMAs in turn (the kernel's PING) against the default, at the launcher's
-    configuration and, where the tiles exceed one wave, at 128 programs (whole half tiles per program:
-    one piece each instead of two); at M 256 on N 6144 also BLOCK_M 256 over 96 programs (each tile in
-    two K halves)."""
+def epi_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The consumers' turns (the kernel's PING) and the TMA-store epilogue of whole tiles (EPI), on and off,
+    at the launcher's configuration; where the tiles exceed one wave also at 128 programs (a piece per
+    program pair) and at the largest P <= 132 that gives every program the same number of whole tiles
+    (no pieces)."""
     out = [("anybit", {})]
-    for ping in (False, True):
-        tag = "_ping" if ping else ""
-        out.append((f"anybit_rws{tag}", dict(direct_rws=True, ping=ping)))
-        bm = rws_config(M, N)[0]
-        if -(-M // bm) * N // 128 > 132:
-            out.append((f"anybit_rws_p128{tag}", dict(direct_rws=True, ping=ping, programs=128)))
-        if M == 256 and N == 6144:
-            out.append((f"anybit_rws_bm256_p96{tag}",
-                        dict(direct_rws=True, ping=ping, block_m=256, programs=96)))
+    for ping, epi in ((False, False), (True, False), (False, True), (True, True)):
+        tag = ("_ping" if ping else "") + ("_epi" if epi else "")
+        out.append((f"anybit_rws{tag or '_plain'}", dict(direct_rws=True, ping=ping, epi=epi)))
+    bm = rws_config(M, N)[0]
+    tiles = -(-M // bm) * N // 128
+    if tiles > 132:
+        even = max(p for p in range(1, 133) if tiles % p == 0)
+        for P in (128, even):
+            for epi in (False, True):
+                out.append((f"anybit_rws_p{P}_ping{'_epi' if epi else ''}",
+                            dict(direct_rws=True, ping=True, epi=epi, programs=P)))
     return out
 
 
@@ -210,9 +214,9 @@ def main() -> int:
                     "this many rounds")
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
-    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "ping"],
-                    help="the A/B's candidates: the launcher's (ab_variants) or PING on / off "
-                    "(ping_variants)")
+    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi"],
+                    help="the A/B's candidates: the launcher's (ab_variants) or PING / EPI on and off "
+                    "(epi_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -251,7 +255,7 @@ def main() -> int:
     if args.ab:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
-                   ping_variants if args.ab_set == "ping" else ab_variants)
+                   epi_variants if args.ab_set == "epi" else ab_variants)
         dump()
         return 0
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]

@@ -51,12 +51,34 @@ from anybit.kernels.ra_slices import RS_BITS
 from anybit.quant.format import SLICES, PackedWeight
 
 HALF_N = 64  # weight rows per consumer warpgroup (one m64 block)
-# The consumers take turns issuing their MMAs (the kernel's PING, ``_take_turn``). Env ANYBIT_RWS_PING=0/1.
-RWS_PING = os.environ.get("ANYBIT_RWS_PING", "0") == "1"
+# The consumers take turns issuing their MMAs (the kernel's PING, ``_take_turn``) at these BLOCK_M. Env
+# ANYBIT_RWS_PING=0/1: never / always.
+RWS_PING_BM = (256,)
+RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
+# Whole tiles leave through shared memory and a TMA store (the kernel's EPI) at these BLOCK_M, where y allows
+# it (bf16, 16-byte aligned rows). Env ANYBIT_RWS_EPI=0/1: never / always.
+RWS_EPI_BM = ()
+RWS_EPI = os.environ.get("ANYBIT_RWS_EPI", "auto")
+
+
+def rws_choice(env: str, bm: int, rule: tuple[int, ...], forced: bool | None) -> bool:
+    """A kernel option: ``forced`` if given, else the env setting ("0" / "1"), else whether BLOCK_M ``bm``
+    is in ``rule``."""
+    if forced is not None:
+        return bool(forced)
+    return env == "1" if env in ("0", "1") else bm in rule
+
+
+def tma_store_fits(y: torch.Tensor) -> bool:
+    """Whether y ``[M, N]`` can be a TMA store's destination: bf16, unit column stride, 16-byte aligned base
+    and rows."""
+    return (y.dtype == torch.bfloat16 and y.stride(1) == 1 and y.data_ptr() % 16 == 0
+            and (y.stride(0) * 2) % 16 == 0)
 
 if gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -183,14 +205,16 @@ if gluon is not None:
                      mask=(ym < M)[:, None] & (yn < N)[None, :])
 
     @gluon.jit
-    def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, off_m, off_n, tile, k_lo, n, k_tiles, total,
-                   C: gl.constexpr, NC: gl.constexpr):
+    def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, off_m, off_n, tile, k_lo, n,
+                   k_tiles, total, C: gl.constexpr, NC: gl.constexpr, EPI: gl.constexpr):
         """Half C of output tile ``tile`` (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
         r``), K tiles [k_lo, k_lo + n). A whole tile goes to y. A piece goes to this program's slot in
         ws (``2 p`` for the piece in the tile where its range starts, ``2 p + 1`` for the one where it
         ends; ``[2, BLOCK_M, 64]`` float32 each); the tile's last piece to arrive (counter
         ``lock[2 tile + C]``, reset by it) adds the pieces in program order (the same bits every call)
-        and writes y."""
+        and writes y. EPI (whole tiles): through this consumer's ``y_smem [BLOCK_M, 64]`` and a TMA store
+        (``y_desc``), left in flight until the consumer's next whole tile, instead of 2-byte stores from the
+        MMA layout (each thread's values lie along M, y's rows)."""
         MMA: gl.constexpr = acc.type.layout
         HN: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
@@ -198,9 +222,17 @@ if gluon is not None:
         ml = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         om = off_m + ml
         if (k_lo == 0) & (n == k_tiles):
-            omask = (on < N)[:, None] & (om < M)[None, :]
-            gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
-                     mask=omask)
+            if EPI:
+                tma.store_wait(0)  # the previous tile's store has read y_smem (issued by one thread)
+                gl.thread_barrier()
+                y_smem.store(gl.permute(acc.to(y_smem.dtype), (1, 0)))
+                fence_async_shared()
+                gl.thread_barrier()
+                tma.async_copy_shared_to_global(y_desc, [off_m, off_n + C * HN], y_smem)
+            else:
+                omask = (on < N)[:, None] & (om < M)[None, :]
+                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
+                         mask=omask)
         else:
             p = gl.program_id(0)
             P = gl.num_programs(0)
@@ -235,8 +267,8 @@ if gluon is not None:
 
     @gluon.jit
     def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr, ws_ptr,
-                           lock_ptr, M, N, stride_ym, k_tiles, total, num_m, C: gl.constexpr,
-                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr):
+                           lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, num_m, C: gl.constexpr,
+                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr, EPI: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
         range, piece by piece (``_segment``), each piece stored by ``_rws_store``. PING: the consumers
         issue their MMAs of each K tile in turn (``_take_turn``)."""
@@ -266,15 +298,19 @@ if gluon is not None:
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
             mbarrier.arrive(empty.index((it + n - 1) % STAGES))
             it += n
-            _rws_store(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, (tile % num_m) * BLOCK_M,
-                       (tile // num_m) * (NC * HN), tile, k_lo, n, k_tiles, total, C, NC)
+            _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem.index(C), M, N, stride_ym,
+                       (tile % num_m) * BLOCK_M, (tile // num_m) * (NC * HN), tile, k_lo, n, k_tiles, total,
+                       C, NC, EPI)
             cur += n
+        if EPI:
+            tma.store_wait(0)
 
     @gluon.jit(do_not_specialize=["M", "total"])
-    def _quant_gemm_rws_kernel(x_desc, w_desc, w1_desc, w2_desc, t_desc, y_ptr, ws_ptr, lock_ptr, M, N, K, G,
-                               stride_ym, total, off1, off2, BITS: gl.constexpr, STAGES: gl.constexpr,
-                               NC: gl.constexpr, CONS_REGS: gl.constexpr, num_warps: gl.constexpr,
-                               PING: gl.constexpr = False):
+    def _quant_gemm_rws_kernel(x_desc, w_desc, w1_desc, w2_desc, t_desc, y_desc, y_ptr, ws_ptr, lock_ptr,
+                               M, N, K, G, stride_ym, total, off1, off2, BITS: gl.constexpr,
+                               STAGES: gl.constexpr, NC: gl.constexpr, CONS_REGS: gl.constexpr,
+                               num_warps: gl.constexpr, PING: gl.constexpr = False,
+                               EPI: gl.constexpr = False):
         """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered
         M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
         K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0); qweight ``[BITS K / 32, N]`` int32 once
@@ -283,7 +319,8 @@ if gluon is not None:
         table ``[2 K / G, N]`` (block [1, 64]); y ``[M, N]`` (row stride stride_ym); ws ``[2 P, NC,
         BLOCK_M, 64]`` float32 pieces; lock ``NC tiles`` int32 counters, zero. NC consumer warpgroups (2
         or 4) of 64 weight rows: num_warps 4 (the default partition is consumer 0), the others run with
-        CONS_REGS registers per thread, the loader with 24."""
+        CONS_REGS registers per thread, the loader with 24. EPI: whole tiles leave through ``y_desc`` (y,
+        block [BLOCK_M, 64], bf16) from a shared buffer per consumer; PING: ``_take_turn``."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         HN: gl.constexpr = w_desc.block_type.shape[1]
@@ -309,6 +346,10 @@ if gluon is not None:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=NC)  # every consumer
+        if EPI:  # one whole-tile staging buffer per consumer
+            y_smem = gl.allocate_shared_memory(gl.bfloat16, [NC] + y_desc.block_type.shape, y_desc.layout)
+        else:
+            y_smem = x_smem
         turn = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
         for c in gl.static_range(NC):
             mbarrier.init(turn.index(c), count=1)
@@ -316,11 +357,11 @@ if gluon is not None:
         if NC == 2:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS,
-                                      PING)),
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      num_m, 0, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS,
-                                      PING)),
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      num_m, 1, NC, BITS, PING, EPI)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
                                        NC, NS))],
@@ -328,32 +369,34 @@ if gluon is not None:
         else:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 0, NC, BITS,
-                                      PING)),
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      num_m, 0, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 1, NC, BITS,
-                                      PING)),
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      num_m, 1, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 2, NC, BITS,
-                                      PING)),
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      num_m, 2, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, M, N, stride_ym, k_tiles, total, num_m, 3, NC, BITS,
-                                      PING)),
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      num_m, 3, NC, BITS, PING, EPI)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
                                        NC, NS))],
                 [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, LOAD_REGS])
 
 
-def rws_shared_bytes(bm: int, bk: int, stages: int, nc: int = 2, bits: int = 4) -> int:
+def rws_shared_bytes(bm: int, bk: int, stages: int, nc: int = 2, bits: int = 4, epi: bool = False) -> int:
     """Shared memory of one program: per stage the x tile, nc 64-row blocks of words (every slice), two
-    table rows per block and two barriers."""
-    return stages * (bm * bk * 2 + nc * HALF_N * bk * bits // 8 + 2 * nc * HALF_N * 4 + 16)
+    table rows per block and two barriers; a turn barrier per consumer; with ``epi`` a bf16 ``[bm, 64]``
+    staging buffer per consumer."""
+    ring = stages * (bm * bk * 2 + nc * HALF_N * bk * bits // 8 + 2 * nc * HALF_N * 4 + 16)
+    return ring + 8 * nc + (nc * bm * HALF_N * 2 if epi else 0)
 
 
-def rws_stages(bm: int, bk: int, nc: int = 2, bits: int = 4) -> int:
+def rws_stages(bm: int, bk: int, nc: int = 2, bits: int = 4, epi: bool = False) -> int:
     """The deepest ring (<= 6 stages, s20-13: deeper gained nothing) that fits 227 KB (2 if none does)."""
-    return next((n for n in range(6, 1, -1) if rws_shared_bytes(bm, bk, n, nc, bits) <= 227 * 1024), 2)
+    return next((n for n in range(6, 1, -1) if rws_shared_bytes(bm, bk, n, nc, bits, epi) <= 227 * 1024), 2)
 
 
 def rws_config(M: int, N: int = 0, sms: int = 132, bits: int = 4) -> tuple[int, int, int, int]:
@@ -393,14 +436,15 @@ def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
                    cons_regs: int | None = None, max_regs: int | None = None,
-                   ping: bool | None = None) -> torch.Tensor:
+                   ping: bool | None = None, epi: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
     64 weight rows sharing the x tile; 4 needs BLOCK_M 64 (registers). ``max_regs``: the launch's register
     cap per thread, by default what fills the register file with one program per SM (12 warps x 168; 20
     warps x 96 with four consumers, which then get 112 each). ``ping``: the consumers issue their MMAs in
-    turn (the kernel's PING; None: ``RWS_PING``)."""
+    turn (the kernel's PING; None: ``rws_choice`` with RWS_PING / RWS_PING_BM); ``epi``: whole tiles leave
+    through a TMA store (the kernel's EPI; None: RWS_EPI / RWS_EPI_BM; never where y does not allow it)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
@@ -411,8 +455,10 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     sms = _num_sms(x.device)
     bm, BK, _, regs = rws_config(M, N, sms, bits)
     BM = block_m or bm
-    stages = stages or rws_stages(BM, BK, nc, bits)
-    smem = rws_shared_bytes(BM, BK, stages, nc, bits)
+    ping = rws_choice(RWS_PING, BM, RWS_PING_BM, ping)
+    epi = rws_choice(RWS_EPI, BM, RWS_EPI_BM, epi) and tma_store_fits(y)
+    stages = stages or rws_stages(BM, BK, nc, bits, epi)
+    smem = rws_shared_bytes(BM, BK, stages, nc, bits, epi)
     if (BM not in (16, 32, 64, 128, 256) or stages < 2 or smem > 227 * 1024 or G % BK or K % BK
             or (nc == 4 and BM > 64)):
         raise ValueError(f"quant_gemm_rws: block_m {BM} must be a power of two in 16..256 (<= 64 with four "
@@ -438,7 +484,9 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     offs = [K * sum(SLICES[bits][:i]) // 32 for i in (1, 2)]  # first qweight row of slices 1 and 2
     w_descs += w_descs[:1] * (3 - len(w_descs))
     t_desc = TensorDescriptor(table, [2 * (K // G), N], [N, 1], [1, HALF_N], flat)
+    y_layout = gl.NVMMASharedLayout.get_default_for([BM, HALF_N], gl.bfloat16)
+    y_desc = TensorDescriptor(y, [M, N], [y.stride(0), 1], [BM, HALF_N], y_layout) if epi else x_desc
     _quant_gemm_rws_kernel[(P,)](
-        x_desc, *w_descs, t_desc, y, ws, locks, M, N, K, G, y.stride(0), total, *offs, bits, stages, nc,
-        cons_regs, num_warps=4, maxnreg=max_regs, PING=RWS_PING if ping is None else bool(ping))
+        x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, *offs, bits, stages,
+        nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi)
     return y

@@ -59,13 +59,13 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     ptr_types = options.pop("ptr_types", None)
     plain = options.pop("plain_triton", False)
     names = list(kernel.arg_names)
+    # constexpr parameters left out take their defaults (else they would compile as i32 run-time arguments,
+    # and a branch on one would keep both sides)
+    consts = dict(consts)
+    for p in kernel.params:
+        if p.is_constexpr and p.name not in consts and p.default is not inspect.Parameter.empty:
+            consts[p.name] = p.default
     if ptr_types:
-        # constexpr parameters left out take their defaults (else they would compile as i32 run-time
-        # arguments, and a branch on one would keep both sides)
-        consts = dict(consts)
-        for p in kernel.params:
-            if p.is_constexpr and p.name not in consts and p.default is not inspect.Parameter.empty:
-                consts[p.name] = p.default
         sig = {n: ptr_types.get(n, "i32") for n in names}
         for n, spec in ptr_types.items():  # "desc:int32:ROWSxCOLS:BROWSxBCOLS[:SWIZZLE]": a 2D TMA descriptor
             if spec.startswith("desc:"):
@@ -89,6 +89,7 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     x = torch.empty(64, 4096, dtype=torch.bfloat16)
     q = torch.empty(4096 * bits // 32, 1024, dtype=torch.int32)
     t = torch.empty(64, 1024, dtype=torch.int32)
+    y = torch.empty(64, 1024, dtype=torch.bfloat16)
     flat = gl.NVMMASharedLayout(0, 32, rank=2)
     # one word descriptor per slice (w_desc, w1_desc, w2_desc: kernels of sliced widths; the single-slice
     # kernels take w_desc of the whole width)
@@ -98,7 +99,9 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     descs = {"x_desc": TensorDescriptor(x, [64, 4096], [4096, 1], [bm, bk],
                                         gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)),
              "w_desc": wd[0], "w1_desc": wd[1], "w2_desc": wd[2],
-             "t_desc": TensorDescriptor(t, [64, 1024], [1024, 1], [1, bn], flat)}
+             "t_desc": TensorDescriptor(t, [64, 1024], [1024, 1], [1, bn], flat),
+             "y_desc": TensorDescriptor(y, [64, 1024], [1024, 1], [bm, bn],
+                                        gl.NVMMASharedLayout.get_default_for([bm, bn], gl.bfloat16))}
     sig = {n: mangle_type(d) for n, d in descs.items() if n in names}
     sig.update({"y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                 "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32",

@@ -171,6 +171,31 @@ def test_rws_variants_and_out_slice(kw):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("kw", [dict(block_m=256), dict(block_m=256, programs=3),
+                                dict(block_m=128, programs=5), dict(block_m=64),
+                                dict(block_m=64, consumers=4)])
+@pytest.mark.parametrize("col", [64, 65])
+def test_rws_turns_and_tma_epilogue_keep_the_bits(kw, col):
+    """The consumers taking turns (ping) and whole tiles leaving through a TMA store (epi), alone and
+    together, on whole tiles and stream-K pieces: the same bits as neither, into a column slice of a wider
+    output (at column 65 the rows are not 16-byte aligned, so epi falls back to the plain stores), and the
+    columns around the slice untouched."""
+    pw = _rtn(512, 1152 * 2, 128, seed=col)
+    M = 300
+    x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
+    ref = ref_quant_matmul(x.float(), pw)
+    base = rws.quant_gemm_rws(x, pw, torch.empty(M, 512, device="cuda", dtype=torch.bfloat16), ping=False,
+                              epi=False, **kw)
+    assert float((base.float() - ref).norm() / ref.norm()) < 1e-2
+    for ping, epi in ((True, False), (False, True), (True, True)):
+        wide = torch.zeros(M, 512 + 128, device="cuda", dtype=torch.bfloat16)
+        y = rws.quant_gemm_rws(x, pw, wide[:, col:col + 512], ping=ping, epi=epi, **kw)
+        assert torch.equal(y, base), (ping, epi)
+        assert wide[:, :col].abs().sum() == 0 and wide[:, col + 512:].abs().sum() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("M,kw", [(40, {}), (64, dict(programs=9)), (200, {}), (64, dict(block_m=32))])
 def test_rws_four_consumers(M, kw):
     """Four consumer warpgroups (256 weight rows per tile, BLOCK_M 64): against the reference, and bit-equal
