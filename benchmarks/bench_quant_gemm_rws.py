@@ -143,22 +143,18 @@ def ab_variants(N: int, K: int, M: int, bits: int = 4) -> list:
 
 
 def epi_variants(N: int, K: int, M: int, bits: int = 4) -> list:
-    """The consumers' turns (the kernel's PING) and the TMA-store epilogue of whole tiles (EPI), on and off,
-    at the launcher's configuration; where the tiles exceed one wave also at 128 programs (a piece per
-    program pair) and at the largest P <= 132 that gives every program the same number of whole tiles
-    (no pieces)."""
+    """The consumers' turns (the kernel's PING) and the TMA-store epilogue of whole tiles (EPI): neither, EPI
+    alone and both, at the launcher's configuration; where the tiles exceed one wave also at 128 programs
+    (whole half tiles per program: a piece per program pair instead of two per program)."""
     out = [("anybit", {})]
-    for ping, epi in ((False, False), (True, False), (False, True), (True, True)):
+    for ping, epi in ((False, False), (False, True), (True, True)):
         tag = ("_ping" if ping else "") + ("_epi" if epi else "")
         out.append((f"anybit_rws{tag or '_plain'}", dict(direct_rws=True, ping=ping, epi=epi)))
     bm = rws_config(M, N)[0]
-    tiles = -(-M // bm) * N // 128
-    if tiles > 132:
-        even = max(p for p in range(1, 133) if tiles % p == 0)
-        for P in (128, even):
-            for epi in (False, True):
-                out.append((f"anybit_rws_p{P}_ping{'_epi' if epi else ''}",
-                            dict(direct_rws=True, ping=True, epi=epi, programs=P)))
+    if -(-M // bm) * N // 128 > 132:
+        for ping in (False, True):
+            out.append((f"anybit_rws_p128{'_ping' if ping else ''}_epi",
+                        dict(direct_rws=True, ping=ping, epi=True, programs=128)))
     return out
 
 
@@ -167,13 +163,14 @@ AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidat
            "rounds of the round's cuBLAS time / the candidate's time")
 
 
-def ab(log, reps: int, ms: list[int], widths: tuple[int, ...] = (4,), variants=ab_variants) -> list[dict]:
+def ab(log, reps: int, ms: list[int], widths: tuple[int, ...] = (4,), variants=ab_variants,
+       shapes=SHAPES) -> list[dict]:
     """Interleaved timing: for each case, every variant and cuBLAS once per round, ``reps`` rounds; the
     ratio to cuBLAS is taken within each round (next to each other in time), its median reported. In
     s20-1..3 the same configuration differed by up to 10% between sections of one run (drift), more than
     the differences between variants."""
     rows = []
-    for bits, N, K, M in [(b, n, k, m) for b in widths for n, k in SHAPES for m in ms]:
+    for bits, N, K, M in [(b, n, k, m) for b in widths for n, k in shapes for m in ms]:
         R = copies_for(N * K * 2)
         Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(R)]
         pws = [random_packed(N, K, bits) for _ in range(copies_for(N * K * bits // 8))]
@@ -214,6 +211,7 @@ def main() -> int:
                     "this many rounds")
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
+    ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi"],
                     help="the A/B's candidates: the launcher's (ab_variants) or PING / EPI on and off "
                     "(epi_variants)")
@@ -255,7 +253,9 @@ def main() -> int:
     if args.ab:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
-                   epi_variants if args.ab_set == "epi" else ab_variants)
+                   epi_variants if args.ab_set == "epi" else ab_variants,
+                   [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
+                   if args.ab_shapes else SHAPES)
         dump()
         return 0
     sweep_ms = [int(m) for m in args.sweep_ms.split(",")]
