@@ -21,7 +21,15 @@ moment. Here the two warpgroups share nothing but the ring:
 
 Nothing makes the two warpgroups alternate, but nothing holds them together either: once one is
 behind, its conversion runs while the other's MMA occupies the tensor cores, as in a ping-pong
-schedule (s20-1: 1235 cycles per K tile at BLOCK_M 256, 4096x14336 M 1024 at 0.97x cuBLAS).
+schedule (s20-1: 1235 cycles per K tile at BLOCK_M 256, 4096x14336 M 1024 at 0.97x cuBLAS). PING (opt-in)
+makes them alternate explicitly: each consumer issues its K tile's MMAs only after the other has issued its
+own (``_take_turn``).
+
+Epilogue (session 31): at BLOCK_M 256 a whole tile's 64 x 256 accumulator per consumer went out as 128
+two-byte stores per thread (each thread's values lie along M, y's rows), and cost ~20% of the kernel at M
+1024. EPI writes it to a shared ``[BLOCK_M, 64]`` buffer per consumer and stores it with one TMA copy,
+waited for only before the consumer's next whole tile (s31-3 / s31-4: 4096x14336 M 1024 0.78-0.80x ->
+1.00-1.01x cuBLAS, 14336x4096 M 256 0.91 -> 1.13x).
 
 Stream-K: one program per SM (the ring takes ~222 KB of shared memory), and program p of P takes the
 tile-steps [p T / P, (p + 1) T / P) of the T = tiles x K tiles (tiles numbered M-block fastest). With
@@ -51,14 +59,22 @@ from anybit.kernels.ra_slices import RS_BITS
 from anybit.quant.format import SLICES, PackedWeight
 
 HALF_N = 64  # weight rows per consumer warpgroup (one m64 block)
-# The consumers take turns issuing their MMAs (the kernel's PING, ``_take_turn``) at these BLOCK_M. Env
-# ANYBIT_RWS_PING=0/1: never / always.
-RWS_PING_BM = (256,)
-RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
 # Whole tiles leave through shared memory and a TMA store (the kernel's EPI) at these BLOCK_M, where y allows
-# it (bf16, 16-byte aligned rows). Env ANYBIT_RWS_EPI=0/1: never / always.
-RWS_EPI_BM = ()
+# it (bf16, 16-byte aligned rows). Interleaved H100 A/B (quant_matmul_rws_epi_s31_3 / _s31_4, W4, us, EPI /
+# before): BLOCK_M 256 14336x4096 M 256 46.0 / 57.4 and 46.8 / 57.7, M 1024 181.8 / 217.3 and 185.0 / 223.6;
+# 4096x14336 M 1024 158.0 / 200.6 and 162.6 / 207.6; 6144x4096 M 1024 87.0 / 100.0 and 87.9 / 100.9; lm_head
+# M 256 380.2 / 490.1, M 1024 1637.7 / 1910.8. At BLOCK_M 128 it was level or 1-6% slower (M 128 on every
+# shape, M 256 on 4096x14336 and 6144x4096), and it costs the ring two of its six stages at 256. Env
+# ANYBIT_RWS_EPI=0/1: never / always.
+RWS_EPI_BM = (256,)
 RWS_EPI = os.environ.get("ANYBIT_RWS_EPI", "auto")
+# The consumers take turns issuing their MMAs (the kernel's PING, ``_take_turn``) at these BLOCK_M: none by
+# default. Without EPI it made BLOCK_M 256 faster (s31-2, us, PING / not: 4096x14336 M 1024 178.6 / 200.9,
+# 14336x4096 M 256 54.8 / 57.8) and BLOCK_M 64-128 slower (M 64 on every shape +2-5%, M 256 on 4096x14336 and
+# 6144x4096 +6-7%); with EPI it was level or slower everywhere (s31-3 / s31-4: 14336x4096 M 1024 192.3 /
+# 181.8 and 190.1 / 185.0). Env ANYBIT_RWS_PING=0/1: never / always.
+RWS_PING_BM = ()
+RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
 
 
 def rws_choice(env: str, bm: int, rule: tuple[int, ...], forced: bool | None) -> bool:

@@ -92,9 +92,10 @@ def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     if not os.path.exists(nvdisasm()):
         pytest.skip("no nvdisasm in this Triton install")
     bk = 64
-    stages = rws.rws_stages(bm, bk, nc, bits)
+    epi = bm in rws.RWS_EPI_BM  # the launcher's default: whole tiles through a TMA store at these BLOCK_M
+    stages = rws.rws_stages(bm, bk, nc, bits, epi)
     regs, maxreg = (240, 168) if nc == 2 else (112, 96)
-    consts = dict(BITS=bits, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4)
+    consts = dict(BITS=bits, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4, EPI=epi)
     lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, bits,
                       {"num_warps": 4, "maxnreg": maxreg})
     loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:nc]
@@ -110,6 +111,8 @@ def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     assert any(f"TRY_ALLOC.CTAPOOL UP0, {hex(regs)}" in s for s in lines)
     slices = len(SLICES[bits])  # x, then per block the words of each slice and two table rows
     assert sum("UTMALDG" in s for s in lines) >= 1 + (2 + slices) * nc
+    assert (sum("UTMASTG" in s for s in lines) >= nc) == epi  # one TMA store per consumer's whole tile
+    assert int(lines[-1].split()[-1]) <= 227 * 1024  # the kernel's shared memory (with EPI's buffers)
 
 
 @pytest.mark.gpu
