@@ -62,8 +62,7 @@ def correctness(log) -> list[dict]:
         cases.append((f"b4 g128 512x1152 M{M} four consumers", pw, M, dict(consumers=4, block_m=64, **kw)))
     for kw in (dict(ping=True), dict(ping=True, programs=5), dict(epi=True),  # PING / EPI on
                dict(ping=True, epi=True, programs=5), dict(ping=True, epi=True, programs=7),
-               dict(ping=True, epi=True, block_m=256), dict(n_fast=True, programs=5),
-               dict(n_fast=True, epi=True, block_m=256, programs=3)):
+               dict(ping=True, epi=True, block_m=256)):
         cases.append((f"b4 g128 512x1152 M300 {kw}", pw, 300, kw))
     cases.append(("b4 g128 512x1152 M40 four consumers ping epi", pw, 40,
                   dict(consumers=4, block_m=64, ping=True, epi=True)))
@@ -159,13 +158,6 @@ def epi_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     return out
 
 
-def order_variants(N: int, K: int, M: int, bits: int = 4) -> list:
-    """Stream-K's tile order: M-block fastest (the session-30 order) against N-block fastest (NFAST), at the
-    launcher's configuration and with EPI / PING as the launcher sets them."""
-    return [("anybit", {}), ("anybit_rws_mfast", dict(direct_rws=True, n_fast=False)),
-            ("anybit_rws_nfast", dict(direct_rws=True, n_fast=True))]
-
-
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -220,9 +212,9 @@ def main() -> int:
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
-    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi", "order"],
-                    help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
-                    "(epi_variants), or the stream-K tile order (order_variants)")
+    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi"],
+                    help="the A/B's candidates: the launcher's (ab_variants) or PING / EPI on and off "
+                    "(epi_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -261,7 +253,7 @@ def main() -> int:
     if args.ab:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
-                   {"epi": epi_variants, "order": order_variants}.get(args.ab_set, ab_variants),
+                   epi_variants if args.ab_set == "epi" else ab_variants,
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

@@ -75,13 +75,6 @@ RWS_EPI = os.environ.get("ANYBIT_RWS_EPI", "auto")
 # 181.8 and 190.1 / 185.0). Env ANYBIT_RWS_PING=0/1: never / always.
 RWS_PING_BM = ()
 RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
-# Stream-K over tiles numbered N-block fastest (the kernel's NFAST): programs p, p + P / num_m, ... then walk
-# the same N-blocks at the same K at the same time (one per M-block), so each weight tile is read once from
-# DRAM for all of them. M-block fastest, each program takes a weight tile's M-blocks one after the other, and
-# 132 programs keep ~34 MB of weights live in L2 (s31-7, Nsight Compute, 14336x4096 M 1024 stream-K: DRAM 30%
-# busy and L2 hits 84%, against 12% and 90% with whole tiles on 4096x14336). Env ANYBIT_RWS_NFAST=0/1/auto
-# (auto: launches with more tiles than programs).
-RWS_NFAST = os.environ.get("ANYBIT_RWS_NFAST", "0")
 
 
 def rws_choice(env: str, bm: int, rule: tuple[int, ...], forced: bool | None) -> bool:
@@ -133,18 +126,9 @@ if gluon is not None:
         return tile, k_lo, gl.minimum(k_tiles - k_lo, end - cur)
 
     @gluon.jit
-    def _tile_origin(tile, n_lead, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NFAST: gl.constexpr):
-        """(off_m, off_n) of output tile ``tile``: numbered N-block fastest with NFAST (``n_lead``: N-blocks
-        per row block), else M-block fastest (``n_lead``: M-blocks)."""
-        if NFAST:
-            return (tile // n_lead) * BLOCK_M, (tile % n_lead) * BLOCK_N
-        else:
-            return (tile % n_lead) * BLOCK_M, (tile // n_lead) * BLOCK_N
-
-    @gluon.jit
     def _rws_load_partition(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem,
-                            t_smem, ready, empty, G, K, k_tiles, total, n_lead, off1, off2, NC: gl.constexpr,
-                            NS: gl.constexpr, NFAST: gl.constexpr):
+                            t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2, NC: gl.constexpr,
+                            NS: gl.constexpr):
         """One warp: every K tile of this program's range, in order, into slot it % STAGES (x tile; per
         half c the words of slice 0 into w_smem[NC stage + c] (slices 1, 2 into w1_smem / w2_smem from
         qweight rows off1 / off2 on), the table rows into t_smem[2 (NC stage + c)] and [... + 1]) once
@@ -165,7 +149,8 @@ if gluon is not None:
         it = 0
         while cur < end:
             tile, k_lo, n = _segment(cur, end, k_tiles)
-            off_m, off_n = _tile_origin(tile, n_lead, BLOCK_M, NC * HN, NFAST)
+            off_m = (tile % num_m) * BLOCK_M
+            off_n = (tile // num_m) * (NC * HN)
             for j in range(n):
                 stage = it % STAGES
                 mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
@@ -298,9 +283,8 @@ if gluon is not None:
 
     @gluon.jit
     def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr, ws_ptr,
-                           lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, n_lead, C: gl.constexpr,
-                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr, EPI: gl.constexpr,
-                           NFAST: gl.constexpr):
+                           lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, num_m, C: gl.constexpr,
+                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr, EPI: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
         range, piece by piece (``_segment``), each piece stored by ``_rws_store``. PING: the consumers
         issue their MMAs of each K tile in turn (``_take_turn``)."""
@@ -330,9 +314,9 @@ if gluon is not None:
             acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
             mbarrier.arrive(empty.index((it + n - 1) % STAGES))
             it += n
-            off_m, off_n = _tile_origin(tile, n_lead, BLOCK_M, NC * HN, NFAST)
-            _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem.index(C), M, N, stride_ym, off_m, off_n,
-                       tile, k_lo, n, k_tiles, total, C, NC, EPI)
+            _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem.index(C), M, N, stride_ym,
+                       (tile % num_m) * BLOCK_M, (tile // num_m) * (NC * HN), tile, k_lo, n, k_tiles, total,
+                       C, NC, EPI)
             cur += n
         if EPI:
             tma.store_wait(0)
@@ -342,18 +326,17 @@ if gluon is not None:
                                M, N, K, G, stride_ym, total, off1, off2, BITS: gl.constexpr,
                                STAGES: gl.constexpr, NC: gl.constexpr, CONS_REGS: gl.constexpr,
                                num_warps: gl.constexpr, PING: gl.constexpr = False,
-                               EPI: gl.constexpr = False, NFAST: gl.constexpr = False):
+                               EPI: gl.constexpr = False):
         """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered
-        M-block fastest, or N-block fastest with NFAST): program p of P takes [p total / P, (p + 1) total /
-        P). Descriptors: x ``[M, K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0); qweight ``[BITS K
-        / 32, N]`` int32 once per slice (anybit.quant.format: slice i of width w_i, block [BLOCK_K w_i / 32,
-        64], its rows from 0 / off1 / off2; w1_desc / w2_desc are w_desc where the width has fewer slices);
-        the int32 half2 table ``[2 K / G, N]`` (block [1, 64]); y ``[M, N]`` (row stride stride_ym); ws ``[2
-        P, NC, BLOCK_M, 64]`` float32 pieces; lock ``NC tiles`` int32 counters, zero. NC consumer warpgroups
-        (2 or 4) of 64 weight rows: num_warps 4 (the default partition is consumer 0), the others run with
+        M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
+        K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0); qweight ``[BITS K / 32, N]`` int32 once
+        per slice (anybit.quant.format: slice i of width w_i, block [BLOCK_K w_i / 32, 64], its rows from
+        0 / off1 / off2; w1_desc / w2_desc are w_desc where the width has fewer slices); the int32 half2
+        table ``[2 K / G, N]`` (block [1, 64]); y ``[M, N]`` (row stride stride_ym); ws ``[2 P, NC,
+        BLOCK_M, 64]`` float32 pieces; lock ``NC tiles`` int32 counters, zero. NC consumer warpgroups (2
+        or 4) of 64 weight rows: num_warps 4 (the default partition is consumer 0), the others run with
         CONS_REGS registers per thread, the loader with 24. EPI: whole tiles leave through ``y_desc`` (y,
-        block [BLOCK_M, 64], bf16) from a shared buffer per consumer; PING: ``_take_turn``; NFAST: tiles
-        numbered N-block fastest (``_tile_origin``)."""
+        block [BLOCK_M, 64], bf16) from a shared buffer per consumer; PING: ``_take_turn``."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         HN: gl.constexpr = w_desc.block_type.shape[1]
@@ -362,10 +345,7 @@ if gluon is not None:
         gl.static_assert(w_desc.block_type.shape[0] * 32 == BLOCK_K * _width(BITS, 0), "slice 0's block")
         gl.static_assert(NC == 2 or NC == 4, "two or four consumers")
         k_tiles = K // BLOCK_K
-        if NFAST:
-            n_lead = N // (NC * HN)
-        else:
-            n_lead = gl.cdiv(M, BLOCK_M)
+        num_m = gl.cdiv(M, BLOCK_M)
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         w_smem = gl.allocate_shared_memory(gl.int32, [NC * STAGES] + w_desc.block_type.shape, w_desc.layout)
         w1_smem = w_smem
@@ -394,31 +374,31 @@ if gluon is not None:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      n_lead, 0, NC, BITS, PING, EPI, NFAST)),
+                                      num_m, 0, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      n_lead, 1, NC, BITS, PING, EPI, NFAST)),
+                                      num_m, 1, NC, BITS, PING, EPI)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
-                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, n_lead, off1,
-                                       off2, NC, NS, NFAST))],
+                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
+                                       NC, NS))],
                 [4, 1], [CONS_REGS, LOAD_REGS])
         else:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      n_lead, 0, NC, BITS, PING, EPI, NFAST)),
+                                      num_m, 0, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      n_lead, 1, NC, BITS, PING, EPI, NFAST)),
+                                      num_m, 1, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      n_lead, 2, NC, BITS, PING, EPI, NFAST)),
+                                      num_m, 2, NC, BITS, PING, EPI)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      n_lead, 3, NC, BITS, PING, EPI, NFAST)),
+                                      num_m, 3, NC, BITS, PING, EPI)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
-                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, n_lead, off1,
-                                       off2, NC, NS, NFAST))],
+                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
+                                       NC, NS))],
                 [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, LOAD_REGS])
 
 
@@ -472,8 +452,7 @@ def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
                    cons_regs: int | None = None, max_regs: int | None = None,
-                   ping: bool | None = None, epi: bool | None = None,
-                   n_fast: bool | None = None) -> torch.Tensor:
+                   ping: bool | None = None, epi: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
@@ -481,9 +460,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     cap per thread, by default what fills the register file with one program per SM (12 warps x 168; 20
     warps x 96 with four consumers, which then get 112 each). ``ping``: the consumers issue their MMAs in
     turn (the kernel's PING; None: ``rws_choice`` with RWS_PING / RWS_PING_BM); ``epi``: whole tiles leave
-    through a TMA store (the kernel's EPI; None: RWS_EPI / RWS_EPI_BM; never where y does not allow it);
-    ``n_fast``: tiles numbered N-block fastest (the kernel's NFAST; None: ``RWS_NFAST``, under "auto" where
-    there are more tiles than programs)."""
+    through a TMA store (the kernel's EPI; None: RWS_EPI / RWS_EPI_BM; never where y does not allow it)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
@@ -511,8 +488,6 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     total = tiles * k_tiles
     P = min(programs or rws_programs(M, N, K, BM, BK, sms, nc), total)  # P = tiles: whole
     pieces = any(p * total // P % k_tiles for p in range(1, P))  # a range starts inside a tile
-    if n_fast is None:
-        n_fast = RWS_NFAST == "1" or (RWS_NFAST == "auto" and tiles > P)
     ws = torch.empty(2 * P * nc * BM * HALF_N if pieces else 1, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
@@ -529,5 +504,5 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     y_desc = TensorDescriptor(y, [M, N], [y.stride(0), 1], [BM, HALF_N], y_layout) if epi else x_desc
     _quant_gemm_rws_kernel[(P,)](
         x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, *offs, bits, stages,
-        nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, NFAST=bool(n_fast))
+        nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi)
     return y

@@ -155,12 +155,11 @@ def test_rws_sliced_widths(bits, M, group, kw):
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("kw", [dict(programs=5), dict(programs=7), dict(block_m=256, stages=3),
                                 dict(block_m=64, stages=2, programs=13), dict(block_m=128, programs=132),
-                                dict(block_m=64, max_regs=80, cons_regs=104), dict(programs=5, n_fast=True),
-                                dict(block_m=64, programs=7, n_fast=True), dict(block_m=256, n_fast=True)])
+                                dict(block_m=64, max_regs=80, cons_regs=104)])
 def test_rws_variants_and_out_slice(kw):
     """Stream-K with pieces of 1-3 programs per tile (counters left at zero: a second call gives the same
-    bits), BLOCK_M 64-256, 2-3 stages, two programs per SM, tiles numbered N-block fastest; the output written
-    into a column slice of a wider tensor."""
+    bits), BLOCK_M 64-256, 2-3 stages, two programs per SM; the output written into a column slice of a
+    wider tensor."""
     pw = _rtn(384, 1152 * 2, 128, seed=7)
     M = 200
     x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
