@@ -40,9 +40,9 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 
 
 # s31-5: every width and M on the layer shapes at the routes of sessions 23-31 (rws's TMA-store epilogue at
-# BLOCK_M 256; it replaced s30-12, which had replaced s30-10 / s30-8 / s28-2, s23-7, s26-6 and s26-15 for those
-# shapes); lm_head: W4 from s31-6 (M 1-1024, the same code), the other widths at M >= 64 from s21-5 (rws), at
-# M <= 16 from s16-7 (the goal cells' routes did not change)
+# BLOCK_M 256; it replaced s30-12, which had replaced s30-10 / s30-8 / s28-2, s23-7, s26-6 and s26-15 for
+# those shapes); lm_head: W4 from s31-6 (M 1-1024, the same code), the other widths at M >= 64 from s21-5
+# (rws), at M <= 16 from s16-7 (the goal cells' routes did not change)
 QM = ("quant_matmul_s31_5", "quant_matmul_s31_6_lm_head", "quant_matmul_s21_5_lm_head",
       "quant_matmul_s16_lm_head")
 # s28-2: the s19-2 grid at the current code (CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, one working
