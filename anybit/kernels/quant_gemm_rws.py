@@ -63,7 +63,7 @@ HALF_N = 64  # weight rows per consumer warpgroup (one m64 block)
 # it (bf16, 16-byte aligned rows). Interleaved H100 A/B (quant_matmul_rws_epi_s31_3 / _s31_4, W4, us, EPI /
 # before): BLOCK_M 256 14336x4096 M 256 46.0 / 57.4 and 46.8 / 57.7, M 1024 181.8 / 217.3 and 185.0 / 223.6;
 # 4096x14336 M 1024 158.0 / 200.6 and 162.6 / 207.6; 6144x4096 M 1024 87.0 / 100.0 and 87.9 / 100.9; lm_head
-# M 256 380.2 / 490.1, M 1024 1637.7 / 1910.8. At BLOCK_M 128 it was level or 1-6% slower (M 128 on every
+# M 256 380.2 / 490.1, M 1024 1637.7 / 1910.8. At BLOCK_M 128 it was level or 2-6% slower (M 128 on every
 # shape, M 256 on 4096x14336 and 6144x4096), and it costs the ring two of its six stages at 256. Env
 # ANYBIT_RWS_EPI=0/1: never / always.
 RWS_EPI_BM = (256,)
@@ -364,8 +364,8 @@ if gluon is not None:
             mbarrier.init(empty.index(s), count=NC)  # every consumer
         if EPI:  # one whole-tile staging buffer per consumer
             y_smem = gl.allocate_shared_memory(gl.bfloat16, [NC] + y_desc.block_type.shape, y_desc.layout)
-        else:
-            y_smem = x_smem
+        else:  # unused; w_smem has >= NC entries, so every consumer's index C stays in range
+            y_smem = w_smem
         turn = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
         for c in gl.static_range(NC):
             mbarrier.init(turn.index(c), count=1)
