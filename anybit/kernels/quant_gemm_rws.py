@@ -71,7 +71,7 @@ RWS_EPI = os.environ.get("ANYBIT_RWS_EPI", "auto")
 # The consumers take turns issuing their MMAs (the kernel's PING, ``_take_turn``) at these BLOCK_M: none by
 # default. Without EPI it made BLOCK_M 256 faster (s31-2, us, PING / not: 4096x14336 M 1024 178.6 / 200.9,
 # 14336x4096 M 256 54.8 / 57.8) and BLOCK_M 64-128 slower (M 64 on every shape +2-5%, M 256 on 4096x14336 and
-# 6144x4096 +6-7%); with EPI it was level or slower everywhere (s31-3 / s31-4: 14336x4096 M 1024 192.3 /
+# 6144x4096 +6-8%); with EPI it was level or slower everywhere (s31-3 / s31-4: 14336x4096 M 1024 192.3 /
 # 181.8 and 190.1 / 185.0). Env ANYBIT_RWS_PING=0/1: never / always.
 RWS_PING_BM = ()
 RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
