@@ -64,6 +64,9 @@ def correctness(log) -> list[dict]:
                dict(ping=True, epi=True, programs=5), dict(ping=True, epi=True, programs=7),
                dict(ping=True, epi=True, block_m=256)):
         cases.append((f"b4 g128 512x1152 M300 {kw}", pw, 300, kw))
+    for kw in (dict(duo=True, programs=5), dict(duo=True, epi=True, block_m=256, programs=3),
+               dict(duo=False, programs=5)):  # DUO: two pieces per tile, added in registers
+        cases.append((f"b4 g128 512x1152 M300 {kw}", pw, 300, kw))
     cases.append(("b4 g128 512x1152 M40 four consumers ping epi", pw, 40,
                   dict(consumers=4, block_m=64, ping=True, epi=True)))
     for b in (1, 2, 3, 5, 6, 7, 8):  # the other widths (ra_slices)
@@ -158,6 +161,13 @@ def epi_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     return out
 
 
+def duo_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """Stream-K tiles in two pieces added in registers by the second (the kernel's DUO) against both pieces
+    stored and summed by the last (no DUO), at the launcher's configuration."""
+    return [("anybit", {}), ("anybit_rws_duo", dict(direct_rws=True, duo=True)),
+            ("anybit_rws_noduo", dict(direct_rws=True, duo=False))]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -212,9 +222,9 @@ def main() -> int:
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
-    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi"],
-                    help="the A/B's candidates: the launcher's (ab_variants) or PING / EPI on and off "
-                    "(epi_variants)")
+    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi", "duo"],
+                    help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
+                    "(epi_variants) or DUO on and off (duo_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -253,7 +263,7 @@ def main() -> int:
     if args.ab:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
-                   epi_variants if args.ab_set == "epi" else ab_variants,
+                   dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

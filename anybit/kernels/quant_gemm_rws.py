@@ -75,6 +75,10 @@ RWS_EPI = os.environ.get("ANYBIT_RWS_EPI", "auto")
 # 181.8 and 190.1 / 185.0). Env ANYBIT_RWS_PING=0/1: never / always.
 RWS_PING_BM = ()
 RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
+# Stream-K tiles in two pieces: the second to finish adds the first's piece to its accumulator in registers
+# and writes the tile like a whole one (the kernel's DUO), instead of both storing float32 pieces and the last
+# reloading both. Env ANYBIT_RWS_DUO=0: never.
+RWS_DUO = os.environ.get("ANYBIT_RWS_DUO", "1")
 
 
 def rws_choice(env: str, bm: int, rule: tuple[int, ...], forced: bool | None) -> bool:
@@ -212,7 +216,7 @@ if gluon is not None:
             for q0 in range(first, last + 1, FIX_PIECES):  # loads in flight at once, added in order
                 for u in gl.static_range(FIX_PIECES):
                     q = q0 + u
-                    q_slot = 2 * q + ((q * total // P) // k_tiles != tile).to(gl.int32)
+                    q_slot = _piece_slot(q, tile, k_tiles, total, P)
                     tot += gl.load(ws_ptr + q_slot * (NC * BLOCK_M * HN) + rows, mask=q <= last, other=0.0,
                                    cache_modifier=".cg")
             ym = off_m + r0 + fm
@@ -221,48 +225,101 @@ if gluon is not None:
                      mask=(ym < M)[:, None] & (yn < N)[None, :])
 
     @gluon.jit
+    def _rws_tile_out(acc, y_ptr, y_desc, y_smem, M, N, stride_ym, off_m, off_n, C: gl.constexpr,
+                      EPI: gl.constexpr):
+        """Half C of a finished output tile (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
+        r``) to y. EPI: through this consumer's ``y_smem [BLOCK_M, 64]`` and a TMA store (``y_desc``), left in
+        flight until the consumer's next tile, instead of 2-byte stores from the MMA layout (each thread's
+        values lie along M, y's rows)."""
+        if EPI:
+            tma.store_wait(0)  # the previous tile's store has read y_smem (issued by one thread)
+            gl.thread_barrier()
+            y_smem.store(gl.permute(acc.to(y_smem.dtype), (1, 0)))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(y_desc, [off_m, off_n + C * acc.shape[0]], y_smem)
+        else:
+            MMA: gl.constexpr = acc.type.layout
+            on = off_n + C * acc.shape[0] + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, MMA))
+            om = off_m + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, MMA))
+            omask = (on < N)[:, None] & (om < M)[None, :]
+            gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=omask)
+
+    @gluon.jit
+    def _acc_flat(acc):
+        """The wgmma accumulator ``[64, BM]`` as ``[64 BM]`` in register order (no data movement): thread t =
+        32 w + 4 r + q holds rows 16 w + 8 i + r and columns 8 j + 2 q + e, at flat index (2 j + i) 256 + 2 t
+        + e, so a warp's stores and loads of it are 256 contiguous bytes (8 per thread)."""
+        BM: gl.constexpr = acc.shape[1]
+        x = gl.permute(gl.reshape(acc, [4, 2, 8, BM // 8, 4, 2]), (3, 1, 0, 2, 4, 5))  # (j, i, w, r, q, e)
+        return gl.reshape(x, [acc.shape[0] * BM])
+
+    @gluon.jit
+    def _acc_unflat(flat, HN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr):
+        """``_acc_flat``'s inverse: ``[HN, BM]`` in layout MMA."""
+        x = gl.permute(gl.reshape(flat, [BM // 8, 2, 4, 8, 4, 2]), (2, 1, 3, 0, 4, 5))  # (w, i, r, j, q, e)
+        return gl.convert_layout(gl.reshape(x, [HN, BM]), MMA)
+
+    @gluon.jit
+    def _piece_slot(q, tile, k_tiles, total, P):
+        """Program q's ws slot for its piece of ``tile``: 2 q where q's range starts (inside the tile),
+        2 q + 1 where it ends."""
+        return 2 * q + ((q * total // P) // k_tiles != tile).to(gl.int32)
+
+    @gluon.jit
     def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, off_m, off_n, tile, k_lo, n,
-                   k_tiles, total, C: gl.constexpr, NC: gl.constexpr, EPI: gl.constexpr):
+                   k_tiles, total, C: gl.constexpr, NC: gl.constexpr, EPI: gl.constexpr, DUO: gl.constexpr):
         """Half C of output tile ``tile`` (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
-        r``), K tiles [k_lo, k_lo + n). A whole tile goes to y. A piece goes to this program's slot in
-        ws (``2 p`` for the piece in the tile where its range starts, ``2 p + 1`` for the one where it
-        ends; ``[2, BLOCK_M, 64]`` float32 each); the tile's last piece to arrive (counter
-        ``lock[2 tile + C]``, reset by it) adds the pieces in program order (the same bits every call)
-        and writes y. EPI (whole tiles): through this consumer's ``y_smem [BLOCK_M, 64]`` and a TMA store
-        (``y_desc``), left in flight until the consumer's next whole tile, instead of 2-byte stores from the
-        MMA layout (each thread's values lie along M, y's rows)."""
+        r``), K tiles [k_lo, k_lo + n). A whole tile goes to y (``_rws_tile_out``). A piece: the tile's
+        pieces come from programs first..last, counted on ``lock[NC tile + C]`` (reset by the last).
+
+        - DUO (every tile in at most two pieces): the first to arrive stores its piece to its slot in ws
+          in register order (``_acc_flat``) and flags it (+4 on the counter); the second waits for the
+          flag, adds that piece to its own in registers and writes the tile like a whole one. a + b = b +
+          a in float32, so the bits do not depend on which program arrives first.
+        - Otherwise every piece goes to its slot (``_piece_slot``; ``[2 P, NC, BLOCK_M, 64]`` float32) and
+          the last to arrive adds them in program order (the same bits every call) and writes y."""
         MMA: gl.constexpr = acc.type.layout
         HN: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
-        on = off_n + C * HN + gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
-        ml = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        om = off_m + ml
         if (k_lo == 0) & (n == k_tiles):
-            if EPI:
-                tma.store_wait(0)  # the previous tile's store has read y_smem (issued by one thread)
-                gl.thread_barrier()
-                y_smem.store(gl.permute(acc.to(y_smem.dtype), (1, 0)))
-                fence_async_shared()
-                gl.thread_barrier()
-                tma.async_copy_shared_to_global(y_desc, [off_m, off_n + C * HN], y_smem)
-            else:
-                omask = (on < N)[:, None] & (om < M)[None, :]
-                gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty),
-                         mask=omask)
+            _rws_tile_out(acc, y_ptr, y_desc, y_smem, M, N, stride_ym, off_m, off_n, C, EPI)
         else:
             p = gl.program_id(0)
             P = gl.num_programs(0)
-            slot = 2 * p + ((p * total // P) // k_tiles != tile).to(gl.int32)  # first piece of the range: 2 p
-            nl = gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
-            gl.store(ws_ptr + ((slot * NC + C) * BLOCK_M + ml[None, :]) * HN + nl[:, None], acc)
-            gl.thread_barrier()
-            count = gl.atomic_add(lock_ptr + NC * tile + C, 1, sem="acq_rel")
             first = ((tile * k_tiles + 1) * P - 1) // total  # programs whose ranges meet this tile
             last = (((tile + 1) * k_tiles) * P - 1) // total
-            if count == last - first:
-                _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, P,
-                           BLOCK_M, HN, C, NC)
-                gl.atomic_xchg(lock_ptr + NC * tile + C, 0)  # counters stay zeroed between calls
+            lock = lock_ptr + NC * tile + C
+            if DUO:
+                flat = _acc_flat(acc)
+                offs = gl.arange(0, HN * BLOCK_M, layout=flat.type.layout)
+                seen = gl.atomic_add(lock, 1, sem="acq_rel")
+                if seen == 0:  # first: leave the piece, then flag it
+                    mine = _piece_slot(p, tile, k_tiles, total, P)
+                    gl.store(ws_ptr + (mine * NC + C) * (BLOCK_M * HN) + offs, flat)
+                    gl.thread_barrier()
+                    gl.atomic_add(lock, 4, sem="release")
+                else:
+                    while seen < 4:  # the first has counted itself but not yet flagged its piece
+                        seen = gl.atomic_add(lock, 0, sem="acquire")
+                    other = first + last - p
+                    flat += gl.load(ws_ptr + (_piece_slot(other, tile, k_tiles, total, P) * NC + C)
+                                    * (BLOCK_M * HN) + offs, cache_modifier=".cg")
+                    _rws_tile_out(_acc_unflat(flat, HN, BLOCK_M, MMA), y_ptr, y_desc, y_smem, M, N, stride_ym,
+                                  off_m, off_n, C, EPI)
+                    gl.atomic_xchg(lock, 0)  # counters stay zeroed between calls
+            else:
+                ml = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+                nl = gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
+                slot = _piece_slot(p, tile, k_tiles, total, P)
+                gl.store(ws_ptr + ((slot * NC + C) * BLOCK_M + ml[None, :]) * HN + nl[:, None], acc)
+                gl.thread_barrier()
+                count = gl.atomic_add(lock, 1, sem="acq_rel")
+                if count == last - first:
+                    _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles,
+                               total, P, BLOCK_M, HN, C, NC)
+                    gl.atomic_xchg(lock, 0)  # counters stay zeroed between calls
 
     @gluon.jit
     def _take_turn(turn, idx, C: gl.constexpr, PING: gl.constexpr):
@@ -284,7 +341,8 @@ if gluon is not None:
     @gluon.jit
     def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr, ws_ptr,
                            lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, num_m, C: gl.constexpr,
-                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr, EPI: gl.constexpr):
+                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr, EPI: gl.constexpr,
+                           DUO: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
         range, piece by piece (``_segment``), each piece stored by ``_rws_store``. PING: the consumers
         issue their MMAs of each K tile in turn (``_take_turn``)."""
@@ -316,7 +374,7 @@ if gluon is not None:
             it += n
             _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem.index(C), M, N, stride_ym,
                        (tile % num_m) * BLOCK_M, (tile // num_m) * (NC * HN), tile, k_lo, n, k_tiles, total,
-                       C, NC, EPI)
+                       C, NC, EPI, DUO)
             cur += n
         if EPI:
             tma.store_wait(0)
@@ -326,7 +384,7 @@ if gluon is not None:
                                M, N, K, G, stride_ym, total, off1, off2, BITS: gl.constexpr,
                                STAGES: gl.constexpr, NC: gl.constexpr, CONS_REGS: gl.constexpr,
                                num_warps: gl.constexpr, PING: gl.constexpr = False,
-                               EPI: gl.constexpr = False):
+                               EPI: gl.constexpr = False, DUO: gl.constexpr = False):
         """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered
         M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
         K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0); qweight ``[BITS K / 32, N]`` int32 once
@@ -336,7 +394,8 @@ if gluon is not None:
         BLOCK_M, 64]`` float32 pieces; lock ``NC tiles`` int32 counters, zero. NC consumer warpgroups (2
         or 4) of 64 weight rows: num_warps 4 (the default partition is consumer 0), the others run with
         CONS_REGS registers per thread, the loader with 24. EPI: whole tiles leave through ``y_desc`` (y,
-        block [BLOCK_M, 64], bf16) from a shared buffer per consumer; PING: ``_take_turn``."""
+        block [BLOCK_M, 64], bf16) from a shared buffer per consumer; PING: ``_take_turn``; DUO (every tile in
+        at most two pieces): the second piece of a tile adds the first in registers (``_rws_store``)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         HN: gl.constexpr = w_desc.block_type.shape[1]
@@ -374,10 +433,10 @@ if gluon is not None:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      num_m, 0, NC, BITS, PING, EPI)),
+                                      num_m, 0, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      num_m, 1, NC, BITS, PING, EPI)),
+                                      num_m, 1, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
                                        NC, NS))],
@@ -386,16 +445,16 @@ if gluon is not None:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      num_m, 0, NC, BITS, PING, EPI)),
+                                      num_m, 0, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      num_m, 1, NC, BITS, PING, EPI)),
+                                      num_m, 1, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      num_m, 2, NC, BITS, PING, EPI)),
+                                      num_m, 2, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
-                                      num_m, 3, NC, BITS, PING, EPI)),
+                                      num_m, 3, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
                                        NC, NS))],
@@ -452,7 +511,8 @@ def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
 def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, block_m: int | None = None,
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
                    cons_regs: int | None = None, max_regs: int | None = None,
-                   ping: bool | None = None, epi: bool | None = None) -> torch.Tensor:
+                   ping: bool | None = None, epi: bool | None = None,
+                   duo: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
@@ -460,7 +520,9 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     cap per thread, by default what fills the register file with one program per SM (12 warps x 168; 20
     warps x 96 with four consumers, which then get 112 each). ``ping``: the consumers issue their MMAs in
     turn (the kernel's PING; None: ``rws_choice`` with RWS_PING / RWS_PING_BM); ``epi``: whole tiles leave
-    through a TMA store (the kernel's EPI; None: RWS_EPI / RWS_EPI_BM; never where y does not allow it)."""
+    through a TMA store (the kernel's EPI; None: RWS_EPI / RWS_EPI_BM; never where y does not allow it);
+    ``duo``: where every tile has at most two pieces, the second adds the first in registers (the kernel's
+    DUO; None: RWS_DUO)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
@@ -488,6 +550,8 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     total = tiles * k_tiles
     P = min(programs or rws_programs(M, N, K, BM, BK, sms, nc), total)  # P = tiles: whole
     pieces = any(p * total // P % k_tiles for p in range(1, P))  # a range starts inside a tile
+    # ranges of >= k_tiles tile-steps: no range lies inside one tile, so a tile has at most two pieces
+    duo = pieces and total // P >= k_tiles and (RWS_DUO != "0" if duo is None else duo)
     ws = torch.empty(2 * P * nc * BM * HALF_N if pieces else 1, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
@@ -504,5 +568,5 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     y_desc = TensorDescriptor(y, [M, N], [y.stride(0), 1], [BM, HALF_N], y_layout) if epi else x_desc
     _quant_gemm_rws_kernel[(P,)](
         x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, *offs, bits, stages,
-        nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi)
+        nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=duo)
     return y

@@ -78,6 +78,10 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P):
         for q in range(first, last + 1):  # the slot the fix-up reads for program q is the one q wrote
             q_slot = 2 * q + int((q * total // P) // k_tiles != tile)
             assert any(p == q and slot == q_slot for _, _, p, slot in parts)
+        if total // P >= k_tiles:  # the launcher's DUO condition: <= two pieces, the other first + last - p
+            assert last - first <= 1
+            for _, _, p, _ in parts:
+                assert first + last - p in (first, last) and (last == first or first + last - p != p)
 
 
 @pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
@@ -95,7 +99,7 @@ def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     epi = bm in rws.RWS_EPI_BM  # the launcher's default: whole tiles through a TMA store at these BLOCK_M
     stages = rws.rws_stages(bm, bk, nc, bits, epi)
     regs, maxreg = (240, 168) if nc == 2 else (112, 96)
-    consts = dict(BITS=bits, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4, EPI=epi)
+    consts = dict(BITS=bits, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4, EPI=epi, DUO=bm >= 128)
     lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, bits,
                       {"num_warps": 4, "maxnreg": maxreg})
     loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:nc]
@@ -113,6 +117,10 @@ def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     assert sum("UTMALDG" in s for s in lines) >= 1 + (2 + slices) * nc
     assert (sum("UTMASTG" in s for s in lines) >= nc) == epi  # one TMA store per consumer's whole tile
     assert int(lines[-1].split()[-1]) <= 227 * 1024  # the kernel's shared memory (with EPI's buffers)
+    if bm >= 128:  # DUO: a piece leaves / returns in register order (8 bytes per thread); no spills
+        assert not any(("STL" in s or "LDL" in s) for s in lines)  # anywhere, DUO's sum included
+        assert sum(s.split()[0].startswith("STG.E.64") for s in lines) >= nc * 64 * bm // 256
+        assert sum(s.split()[0].startswith("LDG.E.64") for s in lines) >= nc * 64 * bm // 256
 
 
 @pytest.mark.gpu
@@ -179,8 +187,9 @@ def test_rws_variants_and_out_slice(kw):
                                 dict(block_m=64, consumers=4)])
 @pytest.mark.parametrize("col", [64, 65])
 def test_rws_turns_and_tma_epilogue_keep_the_bits(kw, col):
-    """The consumers taking turns (ping) and whole tiles leaving through a TMA store (epi), alone and
-    together, on whole tiles and stream-K pieces: the same bits as neither, into a column slice of a wider
+    """The consumers taking turns (ping), whole tiles leaving through a TMA store (epi) and two-piece tiles
+    summed in registers (duo; programs 3 at BLOCK_M 256 and 5 at 128 have ranges >= k_tiles), alone and
+    together, on whole tiles and stream-K pieces: the same bits as none, into a column slice of a wider
     output (at column 65 the rows are not 16-byte aligned, so epi falls back to the plain stores), and the
     columns around the slice untouched."""
     pw = _rtn(512, 1152 * 2, 128, seed=col)
@@ -188,12 +197,13 @@ def test_rws_turns_and_tma_epilogue_keep_the_bits(kw, col):
     x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
     ref = ref_quant_matmul(x.float(), pw)
     base = rws.quant_gemm_rws(x, pw, torch.empty(M, 512, device="cuda", dtype=torch.bfloat16), ping=False,
-                              epi=False, **kw)
+                              epi=False, duo=False, **kw)
     assert float((base.float() - ref).norm() / ref.norm()) < 1e-2
-    for ping, epi in ((True, False), (False, True), (True, True)):
+    for ping, epi, duo in ((True, False, False), (False, True, False), (True, True, False),
+                           (False, False, True), (False, True, True)):
         wide = torch.zeros(M, 512 + 128, device="cuda", dtype=torch.bfloat16)
-        y = rws.quant_gemm_rws(x, pw, wide[:, col:col + 512], ping=ping, epi=epi, **kw)
-        assert torch.equal(y, base), (ping, epi)
+        y = rws.quant_gemm_rws(x, pw, wide[:, col:col + 512], ping=ping, epi=epi, duo=duo, **kw)
+        assert torch.equal(y, base), (ping, epi, duo)
         assert wide[:, :col].abs().sum() == 0 and wide[:, col + 512:].abs().sum() == 0
 
 
