@@ -168,6 +168,17 @@ def duo_variants(N: int, K: int, M: int, bits: int = 4) -> list:
             ("anybit_rws_noduo", dict(direct_rws=True, duo=False))]
 
 
+def programs_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The program count at the launcher's BLOCK_M: whole tiles with 1..8 tiles per program (where the tiles
+    divide evenly and fit one wave), stream-K over 132, 128 and 66 programs (pieces; DUO where ranges >=
+    K tiles)."""
+    bm = rws_config(M, N)[0]
+    tiles = -(-M // bm) * N // 128
+    counts = [tiles // k for k in range(1, 9) if tiles % k == 0 and tiles // k <= 132]
+    return [("anybit", {})] + [(f"anybit_rws_p{P}", dict(direct_rws=True, programs=P))
+                               for P in sorted(set(counts + [132, 128, 66]), reverse=True)]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -222,9 +233,9 @@ def main() -> int:
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
-    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi", "duo"],
+    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi", "duo", "programs"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
-                    "(epi_variants) or DUO on and off (duo_variants)")
+                    "(epi_variants), DUO on and off (duo_variants) or program counts (programs_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -263,7 +274,8 @@ def main() -> int:
     if args.ab:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
-                   dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants)[args.ab_set],
+                   dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
+                        programs=programs_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()
