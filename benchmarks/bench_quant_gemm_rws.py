@@ -179,6 +179,19 @@ def programs_variants(N: int, K: int, M: int, bits: int = 4) -> list:
                                for P in sorted(set(counts + [132, 128, 66]), reverse=True)]
 
 
+def dp_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """Whole-tile waves before the stream-K part (``dp_waves``): none (the launcher's default), every whole
+    wave, all but one, at the launcher's configuration."""
+    bm = rws_config(M, N)[0]
+    tiles = -(-M // bm) * N // 128
+    P = rws_programs(M, N, K, bm, 64, 132)
+    out = [("anybit", {}), ("anybit_rws_dp0", dict(direct_rws=True, dp_waves=0))]
+    for w in sorted({tiles // P, tiles // P - 1} - {0}, reverse=True):
+        if tiles > P and w > 0:
+            out.append((f"anybit_rws_dp{w}", dict(direct_rws=True, dp_waves=w)))
+    return out
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -233,9 +246,10 @@ def main() -> int:
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
-    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi", "duo", "programs"],
+    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi", "duo", "programs", "dp"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
-                    "(epi_variants), DUO on and off (duo_variants) or program counts (programs_variants)")
+                    "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants) or "
+                    "whole-tile waves (dp_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -275,7 +289,7 @@ def main() -> int:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
-                        programs=programs_variants)[args.ab_set],
+                        programs=programs_variants, dp=dp_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

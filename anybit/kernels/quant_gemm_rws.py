@@ -79,6 +79,8 @@ RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
 # and writes the tile like a whole one (the kernel's DUO), instead of both storing float32 pieces and the last
 # reloading both. Env ANYBIT_RWS_DUO=0: never.
 RWS_DUO = os.environ.get("ANYBIT_RWS_DUO", "1")
+# Whole waves of tiles before the stream-K part (``rws_dp_waves``); env ANYBIT_RWS_DP=0 / all / keep1.
+RWS_DP = os.environ.get("ANYBIT_RWS_DP", "0")
 
 
 def rws_choice(env: str, bm: int, rule: tuple[int, ...], forced: bool | None) -> bool:
@@ -115,24 +117,35 @@ if gluon is not None:
     FIX_PIECES: gl.constexpr = gl.constexpr(4)
 
     @gluon.jit
-    def _program_range(total):
-        """This program's tile-steps [p total / P, (p + 1) total / P) (whole tiles when P = tiles)."""
+    def _program_range(total, base):
+        """This program's local tile-steps [0, L): first its ``base / P`` data-parallel ones (whole tiles p, p
+        + P, p + 2 P, ..., every program on the same K tile at the same time), then its stream-K range [base
+        + p rem / P, base + (p + 1) rem / P) of the rem = total - base left (base 0: stream-K only; P =
+        tiles: whole tiles)."""
         p = gl.program_id(0)
         P = gl.num_programs(0)
-        return p * total // P, (p + 1) * total // P
+        rem = total - base
+        return 0, base // P + (p + 1) * rem // P - p * rem // P
 
     @gluon.jit
-    def _segment(cur, end, k_tiles):
-        """The piece of this program's tile-step range [cur, end) that lies in one output tile: (tile,
-        first K tile, number of K tiles)."""
-        tile = cur // k_tiles
-        k_lo = cur - tile * k_tiles
-        return tile, k_lo, gl.minimum(k_tiles - k_lo, end - cur)
+    def _segment(cur, end, k_tiles, total, base):
+        """The piece of this program's local range [cur, end) (``_program_range``) that lies in one output
+        tile: (tile, first K tile, number of K tiles)."""
+        p = gl.program_id(0)
+        P = gl.num_programs(0)
+        dp = base // P
+        g = base + p * (total - base) // P + cur - dp  # the global tile-step, in the stream-K part
+        tile = g // k_tiles
+        k_lo = g - tile * k_tiles
+        n = gl.minimum(k_tiles - k_lo, end - cur)
+        in_dp = cur < dp
+        return (gl.where(in_dp, (cur // k_tiles) * P + p, tile), gl.where(in_dp, 0, k_lo),
+                gl.where(in_dp, k_tiles, n))
 
     @gluon.jit
     def _rws_load_partition(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem,
-                            t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2, NC: gl.constexpr,
-                            NS: gl.constexpr):
+                            t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1, off2,
+                            NC: gl.constexpr, NS: gl.constexpr):
         """One warp: every K tile of this program's range, in order, into slot it % STAGES (x tile; per
         half c the words of slice 0 into w_smem[NC stage + c] (slices 1, 2 into w1_smem / w2_smem from
         qweight rows off1 / off2 on), the table rows into t_smem[2 (NC stage + c)] and [... + 1]) once
@@ -149,10 +162,10 @@ if gluon is not None:
                                 + 2 * NC * t_desc.block_type.nbytes)
         R0: gl.constexpr = w_desc.block_type.shape[0]
         KG = K // G
-        cur, end = _program_range(total)
+        cur, end = _program_range(total, base)
         it = 0
         while cur < end:
-            tile, k_lo, n = _segment(cur, end, k_tiles)
+            tile, k_lo, n = _segment(cur, end, k_tiles, total, base)
             off_m = (tile % num_m) * BLOCK_M
             off_n = (tile // num_m) * (NC * HN)
             for j in range(n):
@@ -202,7 +215,7 @@ if gluon is not None:
         return convert_slices(w0, w1, w2, s2, c2, BITS, AL)
 
     @gluon.jit(noinline=True)
-    def _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, P,
+    def _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles, total, base, P,
                    BLOCK_M: gl.constexpr, HN: gl.constexpr, C: gl.constexpr, NC: gl.constexpr):
         """Sum half C of tile ``tile``'s pieces (programs first..last, in order) into y. Not inlined: its
         offsets, hoisted out of the consumer's K loop, made that loop spill at BLOCK_M 256."""
@@ -216,7 +229,7 @@ if gluon is not None:
             for q0 in range(first, last + 1, FIX_PIECES):  # loads in flight at once, added in order
                 for u in gl.static_range(FIX_PIECES):
                     q = q0 + u
-                    q_slot = _piece_slot(q, tile, k_tiles, total, P)
+                    q_slot = _piece_slot(q, tile, k_tiles, total, base, P)
                     tot += gl.load(ws_ptr + q_slot * (NC * BLOCK_M * HN) + rows, mask=q <= last, other=0.0,
                                    cache_modifier=".cg")
             ym = off_m + r0 + fm
@@ -262,14 +275,15 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(x, [HN, BM]), MMA)
 
     @gluon.jit
-    def _piece_slot(q, tile, k_tiles, total, P):
+    def _piece_slot(q, tile, k_tiles, total, base, P):
         """Program q's ws slot for its piece of ``tile``: 2 q where q's range starts (inside the tile),
         2 q + 1 where it ends."""
-        return 2 * q + ((q * total // P) // k_tiles != tile).to(gl.int32)
+        return 2 * q + ((base + q * (total - base) // P) // k_tiles != tile).to(gl.int32)
 
     @gluon.jit
     def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, off_m, off_n, tile, k_lo, n,
-                   k_tiles, total, C: gl.constexpr, NC: gl.constexpr, EPI: gl.constexpr, DUO: gl.constexpr):
+                   k_tiles, total, base, C: gl.constexpr, NC: gl.constexpr, EPI: gl.constexpr,
+                   DUO: gl.constexpr):
         """Half C of output tile ``tile`` (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
         r``), K tiles [k_lo, k_lo + n). A whole tile goes to y (``_rws_tile_out``). A piece: the tile's
         pieces come from programs first..last, counted on ``lock[NC tile + C]`` (reset by the last).
@@ -288,15 +302,16 @@ if gluon is not None:
         else:
             p = gl.program_id(0)
             P = gl.num_programs(0)
-            first = ((tile * k_tiles + 1) * P - 1) // total  # programs whose ranges meet this tile
-            last = (((tile + 1) * k_tiles) * P - 1) // total
+            rem = total - base  # programs whose stream-K ranges meet this tile:
+            first = ((tile * k_tiles - base + 1) * P - 1) // rem
+            last = (((tile + 1) * k_tiles - base) * P - 1) // rem
             lock = lock_ptr + NC * tile + C
             if DUO:
                 flat = _acc_flat(acc)
                 offs = gl.arange(0, HN * BLOCK_M, layout=flat.type.layout)
                 seen = gl.atomic_add(lock, 1, sem="acq_rel")
                 if seen == 0:  # first: leave the piece, then flag it
-                    mine = _piece_slot(p, tile, k_tiles, total, P)
+                    mine = _piece_slot(p, tile, k_tiles, total, base, P)
                     gl.store(ws_ptr + (mine * NC + C) * (BLOCK_M * HN) + offs, flat)
                     gl.thread_barrier()
                     gl.atomic_add(lock, 4, sem="release")
@@ -304,7 +319,7 @@ if gluon is not None:
                     while seen < 4:  # the first has counted itself but not yet flagged its piece
                         seen = gl.atomic_add(lock, 0, sem="acquire")
                     other = first + last - p
-                    flat += gl.load(ws_ptr + (_piece_slot(other, tile, k_tiles, total, P) * NC + C)
+                    flat += gl.load(ws_ptr + (_piece_slot(other, tile, k_tiles, total, base, P) * NC + C)
                                     * (BLOCK_M * HN) + offs, cache_modifier=".cg")
                     _rws_tile_out(_acc_unflat(flat, HN, BLOCK_M, MMA), y_ptr, y_desc, y_smem, M, N, stride_ym,
                                   off_m, off_n, C, EPI)
@@ -312,13 +327,13 @@ if gluon is not None:
             else:
                 ml = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
                 nl = gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
-                slot = _piece_slot(p, tile, k_tiles, total, P)
+                slot = _piece_slot(p, tile, k_tiles, total, base, P)
                 gl.store(ws_ptr + ((slot * NC + C) * BLOCK_M + ml[None, :]) * HN + nl[:, None], acc)
                 gl.thread_barrier()
                 count = gl.atomic_add(lock, 1, sem="acq_rel")
                 if count == last - first:
                     _rws_fixup(y_ptr, ws_ptr, M, N, stride_ym, off_m, off_n, tile, first, last, k_tiles,
-                               total, P, BLOCK_M, HN, C, NC)
+                               total, base, P, BLOCK_M, HN, C, NC)
                     gl.atomic_xchg(lock, 0)  # counters stay zeroed between calls
 
     @gluon.jit
@@ -340,9 +355,9 @@ if gluon is not None:
 
     @gluon.jit
     def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr, ws_ptr,
-                           lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, num_m, C: gl.constexpr,
-                           NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr, EPI: gl.constexpr,
-                           DUO: gl.constexpr):
+                           lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base, num_m,
+                           C: gl.constexpr, NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr,
+                           EPI: gl.constexpr, DUO: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
         range, piece by piece (``_segment``), each piece stored by ``_rws_store``. PING: the consumers
         issue their MMAs of each K tile in turn (``_take_turn``)."""
@@ -352,10 +367,10 @@ if gluon is not None:
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         AL: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
-        cur, end = _program_range(total)
+        cur, end = _program_range(total, base)
         it = 0
         while cur < end:
-            tile, k_lo, n = _segment(cur, end, k_tiles)
+            tile, k_lo, n = _segment(cur, end, k_tiles, total, base)
             acc = gl.zeros([HN, BLOCK_M], gl.float32, MMA)
             a = _rws_convert(w_smem, w1_smem, w2_smem, t_smem, ready, it, C, NC, BITS, AL)
             for j in range(n - 1):
@@ -374,19 +389,21 @@ if gluon is not None:
             it += n
             _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem.index(C), M, N, stride_ym,
                        (tile % num_m) * BLOCK_M, (tile // num_m) * (NC * HN), tile, k_lo, n, k_tiles, total,
-                       C, NC, EPI, DUO)
+                       base, C, NC, EPI, DUO)
             cur += n
         if EPI:
             tma.store_wait(0)
 
-    @gluon.jit(do_not_specialize=["M", "total"])
+    @gluon.jit(do_not_specialize=["M", "total", "base"])
     def _quant_gemm_rws_kernel(x_desc, w_desc, w1_desc, w2_desc, t_desc, y_desc, y_ptr, ws_ptr, lock_ptr,
-                               M, N, K, G, stride_ym, total, off1, off2, BITS: gl.constexpr,
+                               M, N, K, G, stride_ym, total, base, off1, off2, BITS: gl.constexpr,
                                STAGES: gl.constexpr, NC: gl.constexpr, CONS_REGS: gl.constexpr,
                                num_warps: gl.constexpr, PING: gl.constexpr = False,
                                EPI: gl.constexpr = False, DUO: gl.constexpr = False):
-        """Stream-K over ``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered
-        M-block fastest): program p of P takes [p total / P, (p + 1) total / P). Descriptors: x ``[M,
+        """``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered M-block fastest):
+        the first ``base`` (base / (P K tiles) waves of whole tiles) data-parallel, tile w P + p of wave w to
+        program p, the rest stream-K, program p of P taking [base + p rem / P, base + (p + 1) rem / P) of the
+        rem = total - base (``_program_range``). Descriptors: x ``[M,
         K]`` bf16 (block [BLOCK_M, BLOCK_K]; rows >= M read as 0); qweight ``[BITS K / 32, N]`` int32 once
         per slice (anybit.quant.format: slice i of width w_i, block [BLOCK_K w_i / 32, 64], its rows from
         0 / off1 / off2; w1_desc / w2_desc are w_desc where the width has fewer slices); the int32 half2
@@ -432,32 +449,32 @@ if gluon is not None:
         if NC == 2:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
                                       num_m, 0, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
                                       num_m, 1, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
-                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
-                                       NC, NS))],
+                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1,
+                                       off2, NC, NS))],
                 [4, 1], [CONS_REGS, LOAD_REGS])
         else:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
                                       num_m, 0, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
                                       num_m, 1, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
                                       num_m, 2, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
-                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total,
+                                      ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
                                       num_m, 3, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
-                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, num_m, off1, off2,
-                                       NC, NS))],
+                                       w2_smem, t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1,
+                                       off2, NC, NS))],
                 [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, LOAD_REGS])
 
 
@@ -502,6 +519,15 @@ def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2
     return max(1, min(sms, tiles * (K // bk) // 4))
 
 
+def rws_dp_waves(tiles: int, programs: int) -> int:
+    """Waves of whole tiles run data-parallel before the stream-K part (RWS_DP: "0" none, "all" every
+    whole wave, "keep1" all but one, which stream-K takes with the remainder)."""
+    full = tiles // programs
+    if RWS_DP == "all" or full <= 1:
+        return full if RWS_DP == "all" else 0
+    return full - 1 if RWS_DP == "keep1" else 0
+
+
 def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:
     """Whether this kernel can run the call: quant_gemm_wg's conditions (Hopper, bf16 x, uniform, N / K /
     group multiples of 64, TMA alignment) for any width in RS_BITS (1..8 bits)."""
@@ -512,7 +538,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
                    cons_regs: int | None = None, max_regs: int | None = None,
                    ping: bool | None = None, epi: bool | None = None,
-                   duo: bool | None = None) -> torch.Tensor:
+                   duo: bool | None = None, dp_waves: int | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
@@ -522,7 +548,8 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     turn (the kernel's PING; None: ``rws_choice`` with RWS_PING / RWS_PING_BM); ``epi``: whole tiles leave
     through a TMA store (the kernel's EPI; None: RWS_EPI / RWS_EPI_BM; never where y does not allow it);
     ``duo``: where every tile has at most two pieces, the second adds the first in registers (the kernel's
-    DUO; None: RWS_DUO)."""
+    DUO; None: RWS_DUO); ``dp_waves``: waves of whole tiles (every program on the same K tile) before the
+    stream-K part (None: ``rws_dp_waves``)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
@@ -549,9 +576,14 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     tiles, k_tiles = -(-M // BM) * (N // (nc * HALF_N)), K // BK
     total = tiles * k_tiles
     P = min(programs or rws_programs(M, N, K, BM, BK, sms, nc), total)  # P = tiles: whole
-    pieces = any(p * total // P % k_tiles for p in range(1, P))  # a range starts inside a tile
+    waves = rws_dp_waves(tiles, P) if dp_waves is None else dp_waves
+    if not 0 <= waves * P <= tiles:
+        raise ValueError(f"quant_gemm_rws: dp_waves {waves} x {P} programs must be 0..{tiles} tiles")
+    base = waves * P * k_tiles  # the data-parallel tile-steps; the stream-K part: the rem after them
+    rem = total - base
+    pieces = any(p * rem // P % k_tiles for p in range(1, P))  # a stream-K range starts inside a tile
     # ranges of >= k_tiles tile-steps: no range lies inside one tile, so a tile has at most two pieces
-    duo = pieces and total // P >= k_tiles and (RWS_DUO != "0" if duo is None else duo)
+    duo = pieces and rem // P >= k_tiles and (RWS_DUO != "0" if duo is None else duo)
     ws = torch.empty(2 * P * nc * BM * HALF_N if pieces else 1, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
@@ -567,6 +599,6 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     y_layout = gl.NVMMASharedLayout.get_default_for([BM, HALF_N], gl.bfloat16)
     y_desc = TensorDescriptor(y, [M, N], [y.stride(0), 1], [BM, HALF_N], y_layout) if epi else x_desc
     _quant_gemm_rws_kernel[(P,)](
-        x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, *offs, bits, stages,
-        nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=duo)
+        x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, base, *offs, bits,
+        stages, nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=duo)
     return y

@@ -105,7 +105,7 @@ def _compile_here(kernel, consts: dict, bm: int, bn: int, bk: int, bits: int, op
     sig = {n: mangle_type(d) for n, d in descs.items() if n in names}
     sig.update({"y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                 "G": "i32", "stride_ym": "i32", "k_per_split": "i32", "n_iters": "i32", "split_k": "i32",
-                "total": "i32", "off1": "i32", "off2": "i32"})
+                "total": "i32", "base": "i32", "off1": "i32", "off2": "i32"})
     sig.update({c: "constexpr" for c in consts})
     sig = {n: sig[n] for n in names}
     aligned = ("y_ptr", "ws_ptr", "lock_ptr", "N", "K", "G", "stride_ym", "k_per_split")

@@ -40,29 +40,38 @@ def test_launcher_config_and_applicability():
         rws.quant_gemm_rws(x, pw, torch.empty(16, 128, dtype=torch.bfloat16))
 
 
-def _pieces(total: int, k_tiles: int, P: int):
-    """Stream-K bookkeeping of the kernel in Python: each program's pieces (tile, k_lo, n), the slot
-    each piece is stored in, and the kernel's formulas for the first and last program of a tile."""
+def _pieces(total: int, k_tiles: int, P: int, base: int = 0):
+    """The kernel's work split in Python (``_program_range``, ``_segment``, ``_piece_slot``): each program's
+    pieces (tile, k_lo, n) in order, and the slot each piece is stored in."""
     pieces = []
+    rem, dp = total - base, base // P
     for p in range(P):
-        cur, end = p * total // P, (p + 1) * total // P
+        cur, end = 0, dp + (p + 1) * rem // P - p * rem // P
         while cur < end:
-            tile, k_lo = divmod(cur, k_tiles)
+            g = base + p * rem // P + cur - dp
+            tile, k_lo = divmod(g, k_tiles)
             n = min(k_tiles - k_lo, end - cur)
-            slot = 2 * p + int((p * total // P) // k_tiles != tile)
+            if cur < dp:
+                tile, k_lo, n = (cur // k_tiles) * P + p, 0, k_tiles
+            slot = 2 * p + int((base + p * rem // P) // k_tiles != tile)
             pieces.append((p, tile, k_lo, n, slot))
             cur += n
     return pieces
 
 
-@pytest.mark.parametrize("tiles,k_tiles,P", [(448, 64, 132), (32, 224, 132), (3, 18, 13), (5, 7, 5),
-                                             (1, 4, 1), (96, 64, 132), (4008, 64, 132)])
-def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P):
-    """Every tile-step is computed by exactly one piece; a tile's pieces come from programs first..last
-    of the kernel's formulas, in order; no two pieces share a slot; a tile in one piece is stored
-    directly (no slot)."""
+@pytest.mark.parametrize("tiles,k_tiles,P,waves", [(448, 64, 132, 0), (32, 224, 132, 0), (3, 18, 13, 0),
+                                                   (5, 7, 5, 0), (1, 4, 1, 0), (96, 64, 132, 0),
+                                                   (4008, 64, 132, 0), (448, 64, 132, 3), (448, 64, 132, 2),
+                                                   (192, 64, 132, 1), (4008, 64, 132, 29), (30, 7, 4, 7),
+                                                   (30, 7, 4, 6), (8, 5, 4, 2)])
+def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P, waves):
+    """Every tile-step is computed by exactly one piece; the first ``waves`` waves are whole tiles w P + p
+    of program p; a stream-K tile's pieces come from programs first..last of the kernel's formulas, in
+    order; no two pieces share a slot; a tile in one piece is stored directly (no slot)."""
     total = tiles * k_tiles
-    pieces = _pieces(total, k_tiles, P)
+    base = waves * P * k_tiles
+    rem = total - base
+    pieces = _pieces(total, k_tiles, P, base)
     seen = {}
     for p, tile, k_lo, n, slot in pieces:
         seen.setdefault(tile, []).append((k_lo, n, p, slot))
@@ -72,16 +81,27 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P):
         parts = sorted(seen[tile])
         assert [k for k, n, *_ in parts] == [sum(n for _, n, *_ in parts[:i]) for i in range(len(parts))]
         assert sum(n for _, n, *_ in parts) == k_tiles
-        first = ((tile * k_tiles + 1) * P - 1) // total
-        last = (((tile + 1) * k_tiles) * P - 1) // total
+        if tile < waves * P:
+            assert parts == [(0, k_tiles, tile % P, parts[0][3])]
+            continue
+        first = ((tile * k_tiles - base + 1) * P - 1) // rem
+        last = (((tile + 1) * k_tiles - base) * P - 1) // rem
         assert [p for _, _, p, _ in parts] == list(range(first, last + 1))
         for q in range(first, last + 1):  # the slot the fix-up reads for program q is the one q wrote
-            q_slot = 2 * q + int((q * total // P) // k_tiles != tile)
+            q_slot = 2 * q + int((base + q * rem // P) // k_tiles != tile)
             assert any(p == q and slot == q_slot for _, _, p, slot in parts)
-        if total // P >= k_tiles:  # the launcher's DUO condition: <= two pieces, the other first + last - p
+        if rem // P >= k_tiles:  # the launcher's DUO condition: <= two pieces, the other first + last - p
             assert last - first <= 1
             for _, _, p, _ in parts:
                 assert first + last - p in (first, last) and (last == first or first + last - p != p)
+
+
+def test_dp_waves_rule(monkeypatch):
+    """rws_dp_waves: none by default ("0"), every whole wave ("all"), all but one ("keep1"); never with less
+    than two waves except "all"."""
+    for env, want in (("0", (0, 0, 0)), ("all", (3, 1, 0)), ("keep1", (2, 0, 0))):
+        monkeypatch.setattr(rws, "RWS_DP", env)
+        assert (rws.rws_dp_waves(448, 132), rws.rws_dp_waves(192, 132), rws.rws_dp_waves(96, 132)) == want
 
 
 @pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
@@ -163,11 +183,14 @@ def test_rws_sliced_widths(bits, M, group, kw):
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("kw", [dict(programs=5), dict(programs=7), dict(block_m=256, stages=3),
                                 dict(block_m=64, stages=2, programs=13), dict(block_m=128, programs=132),
-                                dict(block_m=64, max_regs=80, cons_regs=104)])
+                                dict(block_m=64, max_regs=80, cons_regs=104),
+                                dict(block_m=64, programs=5, dp_waves=1),
+                                dict(block_m=64, programs=5, dp_waves=2)])
 def test_rws_variants_and_out_slice(kw):
     """Stream-K with pieces of 1-3 programs per tile (counters left at zero: a second call gives the same
-    bits), BLOCK_M 64-256, 2-3 stages, two programs per SM; the output written into a column slice of a
-    wider tensor."""
+    bits), BLOCK_M 64-256, 2-3 stages, two programs per SM, whole-tile waves before the stream-K part (12
+    tiles of 36 K tiles on 5 programs: one wave leaves ranges of 50 tile-steps, DUO; two leave 14, three
+    pieces per tile); the output written into a column slice of a wider tensor."""
     pw = _rtn(384, 1152 * 2, 128, seed=7)
     M = 200
     x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
