@@ -192,6 +192,17 @@ def dp_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     return out
 
 
+def tile_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """BLOCK_M 128 and 256 with 132 and 128 programs, two programs per tile (halves) and one (whole), where
+    those fit one wave."""
+    out = [("anybit", {})]
+    for bm in (128, 256):
+        tiles = -(-M // bm) * N // 128
+        for P in sorted({132, 128} | {c for c in (2 * tiles, tiles) if c <= 132}, reverse=True):
+            out.append((f"anybit_rws_bm{bm}_p{P}", dict(direct_rws=True, block_m=bm, programs=P)))
+    return out
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -246,10 +257,11 @@ def main() -> int:
     ap.add_argument("--ab-ms", default="64,256,1024")
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
-    ap.add_argument("--ab-set", default="launcher", choices=["launcher", "epi", "duo", "programs", "dp"],
+    ap.add_argument("--ab-set", default="launcher",
+                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
                     "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants) or "
-                    "whole-tile waves (dp_variants)")
+                    "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -289,7 +301,7 @@ def main() -> int:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
-                        programs=programs_variants, dp=dp_variants)[args.ab_set],
+                        programs=programs_variants, dp=dp_variants, tiles=tile_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

@@ -47,6 +47,7 @@ kernel for sm_90 offline (register-A HGMMA, no spills, no hazard); the GPU tests
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -77,10 +78,16 @@ RWS_PING_BM = ()
 RWS_PING = os.environ.get("ANYBIT_RWS_PING", "auto")
 # Stream-K tiles in two pieces: the second to finish adds the first's piece to its accumulator in registers
 # and writes the tile like a whole one (the kernel's DUO), instead of both storing float32 pieces and the last
-# reloading both. Env ANYBIT_RWS_DUO=0: never.
+# reloading both; where no tile has more than two pieces (``rws_max_pieces``). Interleaved H100 A/B
+# (quant_matmul_rws_duo_s32_1, M 1024, us, DUO / not): W4 14336x4096 189.2 / 188.8, 6144x4096 85.8 / 88.5;
+# W2 178.9 / 186.2 and 82.0 / 88.9. Env ANYBIT_RWS_DUO=0: never.
 RWS_DUO = os.environ.get("ANYBIT_RWS_DUO", "1")
-# Whole waves of tiles before the stream-K part (``rws_dp_waves``); env ANYBIT_RWS_DP=0 / all / keep1.
-RWS_DP = os.environ.get("ANYBIT_RWS_DP", "0")
+# Whole waves of tiles before the stream-K part (``rws_dp_waves``): all but one ("keep1"), so the stream-K
+# part spans one to two waves. Interleaved H100 A/B (quant_matmul_rws_dp_s32_3, W4 M 1024, us, waves: time):
+# 14336x4096 (448 tiles, 3.4 waves) 0: 180.7, 2: 173.4, 3: 183.6; 6144x4096 (192) 0: 82.6, 1: 85.0; lm_head
+# (4008) 0: 1684.0, 29: 1603.7, 30: 1601.3. Short stream-K ranges (25-29 tile-steps after every whole wave)
+# lost more in their pieces than the whole waves gained. Env ANYBIT_RWS_DP=0 / all / keep1.
+RWS_DP = os.environ.get("ANYBIT_RWS_DP", "keep1")
 
 
 def rws_choice(env: str, bm: int, rule: tuple[int, ...], forced: bool | None) -> bool:
@@ -519,6 +526,19 @@ def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2
     return max(1, min(sms, tiles * (K // bk) // 4))
 
 
+@functools.lru_cache(maxsize=256)
+def rws_max_pieces(tiles: int, k_tiles: int, programs: int, base: int = 0) -> int:
+    """The most pieces of any stream-K tile (programs first..last of the kernel's formulas) when ``programs``
+    split the tile-steps after the first ``base``. Ranges of >= k_tiles steps give at most two; shorter ones
+    may too (e.g. 2 P = tiles: halves)."""
+    total = tiles * k_tiles
+    rem, P = total - base, programs
+    if rem <= 0:
+        return 1
+    return max((((t + 1) * k_tiles - base) * P - 1) // rem - ((t * k_tiles - base + 1) * P - 1) // rem + 1
+               for t in range(base // k_tiles, tiles))
+
+
 def rws_dp_waves(tiles: int, programs: int) -> int:
     """Waves of whole tiles run data-parallel before the stream-K part (RWS_DP: "0" none, "all" every
     whole wave, "keep1" all but one, which stream-K takes with the remainder)."""
@@ -582,8 +602,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     base = waves * P * k_tiles  # the data-parallel tile-steps; the stream-K part: the rem after them
     rem = total - base
     pieces = any(p * rem // P % k_tiles for p in range(1, P))  # a stream-K range starts inside a tile
-    # ranges of >= k_tiles tile-steps: no range lies inside one tile, so a tile has at most two pieces
-    duo = pieces and rem // P >= k_tiles and (RWS_DUO != "0" if duo is None else duo)
+    duo = pieces and rws_max_pieces(tiles, k_tiles, P, base) <= 2 and (RWS_DUO != "0" if duo is None else duo)
     ws = torch.empty(2 * P * nc * BM * HALF_N if pieces else 1, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)

@@ -63,7 +63,8 @@ def _pieces(total: int, k_tiles: int, P: int, base: int = 0):
                                                    (5, 7, 5, 0), (1, 4, 1, 0), (96, 64, 132, 0),
                                                    (4008, 64, 132, 0), (448, 64, 132, 3), (448, 64, 132, 2),
                                                    (192, 64, 132, 1), (4008, 64, 132, 29), (30, 7, 4, 7),
-                                                   (30, 7, 4, 6), (8, 5, 4, 2)])
+                                                   (30, 7, 4, 6), (8, 5, 4, 2), (48, 64, 96, 0),
+                                                   (96, 64, 128, 0), (48, 64, 132, 0)])
 def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P, waves):
     """Every tile-step is computed by exactly one piece; the first ``waves`` waves are whole tiles w P + p
     of program p; a stream-K tile's pieces come from programs first..last of the kernel's formulas, in
@@ -90,15 +91,20 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P, waves):
         for q in range(first, last + 1):  # the slot the fix-up reads for program q is the one q wrote
             q_slot = 2 * q + int((base + q * rem // P) // k_tiles != tile)
             assert any(p == q and slot == q_slot for _, _, p, slot in parts)
-        if rem // P >= k_tiles:  # the launcher's DUO condition: <= two pieces, the other first + last - p
+        assert last - first + 1 <= rws.rws_max_pieces(tiles, k_tiles, P, base)
+        if rem // P >= k_tiles:  # ranges of >= K tiles: at most two pieces
             assert last - first <= 1
+        if rws.rws_max_pieces(tiles, k_tiles, P, base) <= 2:  # DUO: the other piece is first + last - p's
             for _, _, p, _ in parts:
                 assert first + last - p in (first, last) and (last == first or first + last - p != p)
+    assert rws.rws_max_pieces(tiles, k_tiles, P, base) == max(
+        [len(v) for t, v in seen.items() if t >= waves * P] or [1])
 
 
 def test_dp_waves_rule(monkeypatch):
-    """rws_dp_waves: none by default ("0"), every whole wave ("all"), all but one ("keep1"); never with less
+    """rws_dp_waves: none ("0"), every whole wave ("all"), all but one ("keep1", the default); never with less
     than two waves except "all"."""
+    assert rws.RWS_DP in ("0", "all", "keep1")
     for env, want in (("0", (0, 0, 0)), ("all", (3, 1, 0)), ("keep1", (2, 0, 0))):
         monkeypatch.setattr(rws, "RWS_DP", env)
         assert (rws.rws_dp_waves(448, 132), rws.rws_dp_waves(192, 132), rws.rws_dp_waves(96, 132)) == want
