@@ -203,6 +203,18 @@ def tile_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     return out
 
 
+def even_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The launcher against its choice before session 32's equal parts (``rws_even_split``): BLOCK_M 128 where
+    256 has < 3/4 of a wave of tiles, stream-K over min(132, tile-steps / 4) programs where not one wave."""
+    bm = 64 if M <= 64 else 128 if M <= 128 else 256
+    if bm == 256 and 4 * (-(-M // 256) * N // 128) < 3 * 132:
+        bm = 128
+    tiles = -(-M // bm) * N // 128
+    P = tiles if 3 * 132 <= 4 * tiles <= 4 * 132 else max(1, min(132, tiles * (K // 64) // 4))
+    return [("anybit", {}), ("anybit_rws", dict(direct_rws=True)),
+            (f"anybit_rws_before_bm{bm}_p{P}", dict(direct_rws=True, block_m=bm, programs=P))]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -258,10 +270,11 @@ def main() -> int:
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher",
-                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles"],
+                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
-                    "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants) or "
-                    "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants)")
+                    "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants), "
+                    "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants) or the launcher "
+                    "before equal parts (even_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -301,7 +314,8 @@ def main() -> int:
         rows += ab(log, args.ab, [int(m) for m in args.ab_ms.split(",")],
                    tuple(int(b) for b in args.ab_bits.split(",")),
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
-                        programs=programs_variants, dp=dp_variants, tiles=tile_variants)[args.ab_set],
+                        programs=programs_variants, dp=dp_variants, tiles=tile_variants,
+                        even=even_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

@@ -88,6 +88,9 @@ RWS_DUO = os.environ.get("ANYBIT_RWS_DUO", "1")
 # (4008) 0: 1684.0, 29: 1603.7, 30: 1601.3. Short stream-K ranges (25-29 tile-steps after every whole wave)
 # lost more in their pieces than the whole waves gained. Env ANYBIT_RWS_DP=0 / all / keep1.
 RWS_DP = os.environ.get("ANYBIT_RWS_DP", "keep1")
+# At most half a wave of tiles: each split into equal parts, one program per part (``rws_even_split``),
+# instead of stream-K over every SM. Env ANYBIT_RWS_EVEN=0: never.
+RWS_EVEN = os.environ.get("ANYBIT_RWS_EVEN", "1") != "0"
 
 
 def rws_choice(env: str, bm: int, rule: tuple[int, ...], forced: bool | None) -> bool:
@@ -498,31 +501,43 @@ def rws_stages(bm: int, bk: int, nc: int = 2, bits: int = 4, epi: bool = False) 
     return next((n for n in range(6, 1, -1) if rws_shared_bytes(bm, bk, n, nc, bits, epi) <= 227 * 1024), 2)
 
 
+def rws_even_split(M: int, N: int, bm: int, sms: int, nc: int = 2) -> bool:
+    """Whether the tiles at BLOCK_M ``bm`` are few enough (<= half a wave) to split each into the same number
+    of equal parts, one program per part (RWS_EVEN)."""
+    return RWS_EVEN and 2 * (-(-M // bm) * (N // (nc * HALF_N))) <= sms
+
+
 def rws_config(M: int, N: int = 0, sms: int = 132, bits: int = 4) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, stages, consumer registers). BLOCK_M: 64 up to M 64, 128 up to 128; above, 256
-    when its tiles (N / 128 per row block) keep 3/4 of the SMs busy, else 128. BLOCK_K 64, the most
-    stages (<= 6) that fit, 240 registers for the worker consumer (the default one gets what the
-    launch's maxnreg leaves: also 240; at 232 / 248 the worker's K loop spilled 3 registers at BLOCK_M
-    256, offline sm_90 SASS). Fitted to the interleaved H100 A/B of s20-4 (quant_matmul_rws_ab_s20_4,
-    x cuBLAS): M 256 on 4096x14336 (32 tiles at 256) 0.98 at 128 against 0.93; 6144x4096 (48) 0.78
-    against 0.70; 14336x4096 (112) 0.92 at 256 against 0.81. Per K tile a program takes ~740 / 950 /
-    1235 cycles at 64 / 128 / 256 (s20-1)."""
+    when its tiles (N / 128 per row block) keep 3/4 of the SMs busy, or are few enough for equal parts
+    (``rws_even_split``) and 256 pads M no more than 128 does; else 128. BLOCK_K 64, the most stages (<= 6)
+    that fit, 240 registers for the worker consumer (the default one gets what the launch's maxnreg leaves:
+    also 240; at 232 / 248 the worker's K loop spilled 3 registers at BLOCK_M 256, offline sm_90 SASS).
+    Fitted to the interleaved H100 A/Bs of s20-4 (quant_matmul_rws_ab_s20_4, x cuBLAS): 14336x4096 M 256
+    (112 tiles) 0.92 at 256 against 0.81; and s32-4 (quant_matmul_rws_tiles_s32_4, M 256, us): 4096x14336 (32
+    tiles at 256) 52.7 at 256 in quarters against 60.6 at 128 over 132 programs, 6144x4096 (48) 30.2 at 256
+    in halves against 32.6. Per K tile a program takes ~740 / 950 / 1235 cycles at 64 / 128 / 256 (s20-1)."""
     bm = 64 if M <= 64 else 128 if M <= 128 else 256
-    if bm == 256 and N and 3 * sms > 4 * (-(-M // 256) * (N // (2 * HALF_N))):
+    few = N and 3 * sms > 4 * (-(-M // 256) * (N // (2 * HALF_N)))  # < 3/4 of a wave at 256
+    if bm == 256 and few and not (rws_even_split(M, N, 256, sms) and -(-M // 256) * 2 == -(-M // 128)):
         bm = 128
     return bm, 64, rws_stages(bm, 64, 2, bits), 240
 
 
 def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2) -> int:
-    """Programs: one per tile (whole tiles, no pieces) when the tiles fill one wave to at least 3/4;
-    else stream-K over one program per SM (fewer when that would leave < 4 K tiles each). Interleaved
-    H100 A/B of s20-4, x cuBLAS, whole / stream-K: one wave 85-97% full 14336x4096 M 64 1.67 / 1.57, M 256
-    0.92 / 0.78, 4096x14336 M 1024 0.82 / 0.75; few tiles 4096x14336 M 64 (32) 0.60 / 1.66, 6144x4096 M 64
-    (48) 0.83 / 1.28; more than one wave 14336x4096 M 1024 (448) 0.71 / 0.76, 6144x4096 M 1024 (192) 0.65 /
-    0.76."""
+    """Programs: one per tile (whole tiles, no pieces) when the tiles fill one wave to at least 3/4; with at
+    most half a wave of tiles (``rws_even_split``), each tile in the same number of equal parts (>= 4 K
+    tiles each); else stream-K over one program per SM (fewer when that would leave < 4 K tiles each).
+    Interleaved H100 A/B of s20-4, x cuBLAS, whole / stream-K: one wave 85-97% full 14336x4096 M 64 1.67 /
+    1.57, M 256 0.92 / 0.78, 4096x14336 M 1024 0.82 / 0.75; few tiles 4096x14336 M 64 (32) 0.60 / 1.66,
+    6144x4096 M 64 (48) 0.83 / 1.28; more than one wave 14336x4096 M 1024 (448) 0.71 / 0.76, 6144x4096 M 1024
+    (192) 0.65 / 0.76. Equal parts against stream-K over 132 (s32-4, M 256, us): 4096x14336 at 256 52.7 /
+    60.6 (quarters), at 128 58.5 / 60.6 (halves); 6144x4096 at 256 30.2 / 34.8 (halves)."""
     tiles = -(-M // bm) * (N // (nc * HALF_N))
     if 3 * sms <= 4 * tiles <= 4 * sms:
         return tiles
+    if rws_even_split(M, N, bm, sms, nc):
+        return tiles * max(1, min(sms // tiles, K // bk // 4))
     return max(1, min(sms, tiles * (K // bk) // 4))
 
 

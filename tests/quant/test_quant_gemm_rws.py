@@ -23,7 +23,10 @@ def test_launcher_config_and_applicability():
     ms = (2, 64, 100, 128, 200, 256, 300)
     assert [rws.rws_config(M)[0] for M in ms] == [64, 64, 128, 128, 256, 256, 256]
     assert rws.rws_config(256, 14336, 132)[0] == 256  # 112 tiles of 256 rows: 85% of the SMs
-    assert rws.rws_config(256, 4096, 132)[0] == 128  # 32 tiles of 256 rows would leave most SMs idle
+    assert rws.rws_config(256, 4096, 132)[0] == 256  # 32 tiles of 256 rows: each in 4 equal parts
+    assert rws.rws_config(256, 6144, 132)[0] == 256  # 48 tiles: halves
+    assert rws.rws_config(300, 4096, 132)[0] == 128  # 256 would pad 300 rows to 512, 128 to 384
+    assert rws.rws_config(256, 10240, 132)[0] == 128  # 80 tiles: more than half a wave, less than 3/4
     assert rws.rws_config(1024, 6144, 132)[0] == 256
     for M in (64, 128, 256, 1024):
         bm, bk, st, _ = rws.rws_config(M)
@@ -32,7 +35,10 @@ def test_launcher_config_and_applicability():
     assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 132  # 448 tiles = 3.4 waves: stream-K
     assert rws.rws_programs(64, 14336, 4096, 64, 64, 132) == 112  # whole tiles: one wave, 85% full
     assert rws.rws_programs(1024, 4096, 14336, 256, 64, 132) == 128
-    assert rws.rws_programs(256, 4096, 14336, 256, 64, 132) == 132  # 32 tiles: stream-K over every SM
+    assert rws.rws_programs(256, 4096, 14336, 256, 64, 132) == 128  # 32 tiles: quarters
+    assert rws.rws_programs(256, 6144, 4096, 256, 64, 132) == 96  # 48 tiles: halves
+    assert rws.rws_programs(256, 10240, 4096, 256, 64, 132) == 132  # 80 tiles: stream-K over every SM
+    assert rws.rws_programs(64, 256, 512, 64, 64, 132) == 4  # 2 tiles of 8 K tiles: halves (>= 4 K tiles)
     assert rws.rws_programs(2, 128, 256, 64, 64, 132) == 1  # one tile
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     pw = rtn_quantize(torch.randn(128, 256), QuantSpec(4, 128, "uniform"))
