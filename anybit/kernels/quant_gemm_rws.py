@@ -502,9 +502,14 @@ def rws_stages(bm: int, bk: int, nc: int = 2, bits: int = 4, epi: bool = False) 
 
 
 def rws_even_split(M: int, N: int, bm: int, sms: int, nc: int = 2) -> bool:
-    """Whether the tiles at BLOCK_M ``bm`` are few enough (<= half a wave) to split each into the same number
-    of equal parts, one program per part (RWS_EVEN)."""
-    return RWS_EVEN and 2 * (-(-M // bm) * (N // (nc * HALF_N))) <= sms
+    """Whether to split each tile at BLOCK_M ``bm`` into the same number of equal parts, one program per
+    part (RWS_EVEN): at most half a wave of tiles, and at BLOCK_M < 256 the parts fill >= 7/8 of the SMs.
+    H100 s32-5 (quant_matmul_rws_even_s32_5, us, equal parts / stream-K over 132): 4096x14336 and 4096x4096
+    (32 tiles, quarters on 128 SMs) M 64 28.8 / 30.8 and 13.5 / 15.6, M 128 35.7 / 39.2 and 17.5 / 20.7;
+    6144x4096 (48 tiles, halves on 96 SMs) M 64 18.9 / 17.8, M 128 24.2 / 22.7, but at BLOCK_M 256 (M 256)
+    30.4 / 32.7."""
+    tiles = -(-M // bm) * (N // (nc * HALF_N))
+    return RWS_EVEN and 2 * tiles <= sms and (bm >= 256 or 8 * tiles * (sms // tiles) >= 7 * sms)
 
 
 def rws_config(M: int, N: int = 0, sms: int = 132, bits: int = 4) -> tuple[int, int, int, int]:

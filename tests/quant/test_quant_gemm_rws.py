@@ -38,6 +38,8 @@ def test_launcher_config_and_applicability():
     assert rws.rws_programs(256, 4096, 14336, 256, 64, 132) == 128  # 32 tiles: quarters
     assert rws.rws_programs(256, 6144, 4096, 256, 64, 132) == 96  # 48 tiles: halves
     assert rws.rws_programs(256, 10240, 4096, 256, 64, 132) == 132  # 80 tiles: stream-K over every SM
+    assert rws.rws_programs(64, 4096, 4096, 64, 64, 132) == 128  # 32 tiles at 64: quarters on 128 SMs
+    assert rws.rws_programs(64, 6144, 4096, 64, 64, 132) == 132  # 48 at 64: halves would leave 36 SMs idle
     assert rws.rws_programs(64, 256, 512, 64, 64, 132) == 4  # 2 tiles of 8 K tiles: halves (>= 4 K tiles)
     assert rws.rws_programs(2, 128, 256, 64, 64, 132) == 1  # one tile
     x = torch.randn(16, 256, dtype=torch.bfloat16)
