@@ -29,7 +29,7 @@ class Goal:
 
 def _qm(bits: int, ms: tuple[int, ...]) -> Callable[[str, dict], bool]:
     """The launcher's rows at this width and these M; from the s16 lm_head file only what the newer lm_head
-    files do not cover (W4: s31-6; the other widths at M >= 64: s21-5)."""
+    files do not cover (W4: s32-7; the other widths at M >= 64: s21-5)."""
     return lambda f, r: (r["method"] == "anybit" and r["bits"] == bits and r["M"] in ms
                          and not (f == "quant_matmul_s16_lm_head" and (bits == 4 or r["M"] >= 64)))
 
@@ -39,11 +39,11 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
     return lambda f, r: r["variant"] == variant and r["batch"] in (32, 64) and r["context"] >= 4096
 
 
-# s31-5: every width and M on the layer shapes at the routes of sessions 23-31 (rws's TMA-store epilogue at
-# BLOCK_M 256; it replaced s30-12, which had replaced s30-10 / s30-8 / s28-2, s23-7, s26-6 and s26-15 for
-# those shapes); lm_head: W4 from s31-6 (M 1-1024, the same code), the other widths at M >= 64 from s21-5
-# (rws), at M <= 16 from s16-7 (the goal cells' routes did not change)
-QM = ("quant_matmul_s31_5", "quant_matmul_s31_6_lm_head", "quant_matmul_s21_5_lm_head",
+# s32-6: every width and M on the layer shapes at the routes of sessions 23-32 (rws with DUO, whole-tile waves
+# and equal parts; it replaced s31-5, which had replaced s30-12, s30-10 / s30-8 / s28-2, s23-7, s26-6 and
+# s26-15 for those shapes); lm_head: W4 from s32-7 (M 1-1024, the same code), the other widths at M >= 64 from
+# s21-5 (rws), at M <= 16 from s16-7 (the goal cells' routes did not change)
+QM = ("quant_matmul_s32_6", "quant_matmul_s32_7_lm_head", "quant_matmul_s21_5_lm_head",
       "quant_matmul_s16_lm_head")
 # s28-2: the s19-2 grid at the current code (CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, one working
 # split writing out)
