@@ -215,6 +215,19 @@ def even_variants(N: int, K: int, M: int, bits: int = 4) -> list:
             (f"anybit_rws_before_bm{bm}_p{P}", dict(direct_rws=True, block_m=bm, programs=P))]
 
 
+def parts_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The launcher (whole waves, then one equal part of the tiles left per program, where such a program
+    count exists) against s32-3's rule (132 programs, all whole waves but one, stream-K for the rest) and
+    stream-K alone over the launcher's program count."""
+    bm = rws_config(M, N)[0]
+    tiles = -(-M // bm) * N // 128
+    P = rws_programs(M, N, K, bm, 64, 132)
+    keep1 = tiles // 132 - 1 if tiles // 132 > 1 else 0
+    return [("anybit", {}),
+            (f"anybit_rws_p132_dp{keep1}", dict(direct_rws=True, programs=132, dp_waves=keep1)),
+            (f"anybit_rws_p{P}_dp0", dict(direct_rws=True, programs=P, dp_waves=0))]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -270,11 +283,11 @@ def main() -> int:
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher",
-                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even"],
+                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
                     "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants), "
                     "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants) or the launcher "
-                    "before equal parts (even_variants)")
+                    "before equal parts (even_variants) or whole waves + equal parts (parts_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -315,7 +328,7 @@ def main() -> int:
                    tuple(int(b) for b in args.ab_bits.split(",")),
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
                         programs=programs_variants, dp=dp_variants, tiles=tile_variants,
-                        even=even_variants)[args.ab_set],
+                        even=even_variants, parts=parts_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

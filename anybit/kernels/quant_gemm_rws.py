@@ -543,6 +543,10 @@ def rws_programs(M: int, N: int, K: int, bm: int, bk: int, sms: int, nc: int = 2
         return tiles
     if rws_even_split(M, N, bm, sms, nc):
         return tiles * max(1, min(sms // tiles, K // bk // 4))
+    for P in range(sms, (7 * sms + 7) // 8 - 1, -1):  # whole waves, then one equal part per program
+        parts = rws_parts_after_waves(tiles, P)
+        if parts and K // bk >= 4 * parts:
+            return P
     return max(1, min(sms, tiles * (K // bk) // 4))
 
 
@@ -559,13 +563,22 @@ def rws_max_pieces(tiles: int, k_tiles: int, programs: int, base: int = 0) -> in
                for t in range(base // k_tiles, tiles))
 
 
+def rws_parts_after_waves(tiles: int, programs: int) -> int:
+    """How many equal parts each tile left after the whole waves splits into when those parts give every
+    program one (tiles % programs divides programs at least twice), else 0."""
+    left = tiles % programs
+    return programs // left if RWS_EVEN and tiles > programs and left and programs % left == 0 and \
+        programs // left >= 2 else 0
+
+
 def rws_dp_waves(tiles: int, programs: int) -> int:
-    """Waves of whole tiles run data-parallel before the stream-K part (RWS_DP: "0" none, "all" every
-    whole wave, "keep1" all but one, which stream-K takes with the remainder)."""
+    """Waves of whole tiles run data-parallel before the stream-K part: every whole wave where the tiles left
+    split into one equal part per program (``rws_parts_after_waves``), else by RWS_DP: "0" none, "all" every
+    whole wave, "keep1" all but one, which stream-K takes with the remainder."""
     full = tiles // programs
-    if RWS_DP == "all" or full <= 1:
-        return full if RWS_DP == "all" else 0
-    return full - 1 if RWS_DP == "keep1" else 0
+    if rws_parts_after_waves(tiles, programs) or RWS_DP == "all":
+        return full
+    return full - 1 if RWS_DP == "keep1" and full > 1 else 0
 
 
 def rws_applies(packed: PackedWeight, M: int, x: torch.Tensor) -> bool:

@@ -32,7 +32,9 @@ def test_launcher_config_and_applicability():
         bm, bk, st, _ = rws.rws_config(M)
         assert rws.rws_shared_bytes(bm, bk, st) <= 227 * 1024
         assert st == 6 or rws.rws_shared_bytes(bm, bk, st + 1) > 227 * 1024
-    assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 132  # 448 tiles = 3.4 waves: stream-K
+    assert rws.rws_programs(1024, 14336, 4096, 256, 64, 132) == 128  # 448 tiles: 3 waves of 128, then halves
+    assert rws.rws_programs(1024, 6144, 4096, 256, 64, 132) == 128  # 192 tiles: a wave of 128, then halves
+    assert rws.rws_programs(1024, 128256, 4096, 256, 64, 132) == 132  # 4008 tiles: no such split: stream-K
     assert rws.rws_programs(64, 14336, 4096, 64, 64, 132) == 112  # whole tiles: one wave, 85% full
     assert rws.rws_programs(1024, 4096, 14336, 256, 64, 132) == 128
     assert rws.rws_programs(256, 4096, 14336, 256, 64, 132) == 128  # 32 tiles: quarters
@@ -72,7 +74,8 @@ def _pieces(total: int, k_tiles: int, P: int, base: int = 0):
                                                    (4008, 64, 132, 0), (448, 64, 132, 3), (448, 64, 132, 2),
                                                    (192, 64, 132, 1), (4008, 64, 132, 29), (30, 7, 4, 7),
                                                    (30, 7, 4, 6), (8, 5, 4, 2), (48, 64, 96, 0),
-                                                   (96, 64, 128, 0), (48, 64, 132, 0)])
+                                                   (96, 64, 128, 0), (48, 64, 132, 0), (448, 64, 128, 3),
+                                                   (192, 64, 128, 1)])
 def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P, waves):
     """Every tile-step is computed by exactly one piece; the first ``waves`` waves are whole tiles w P + p
     of program p; a stream-K tile's pieces come from programs first..last of the kernel's formulas, in
@@ -111,11 +114,16 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P, waves):
 
 def test_dp_waves_rule(monkeypatch):
     """rws_dp_waves: none ("0"), every whole wave ("all"), all but one ("keep1", the default); never with less
-    than two waves except "all"."""
+    than two waves except "all"; every wave where the tiles left give each program one equal part."""
     assert rws.RWS_DP in ("0", "all", "keep1")
     for env, want in (("0", (0, 0, 0)), ("all", (3, 1, 0)), ("keep1", (2, 0, 0))):
         monkeypatch.setattr(rws, "RWS_DP", env)
         assert (rws.rws_dp_waves(448, 132), rws.rws_dp_waves(192, 132), rws.rws_dp_waves(96, 132)) == want
+        # the tiles left after the whole waves split into one equal part per program: every wave, any RWS_DP
+        assert (rws.rws_dp_waves(448, 128), rws.rws_dp_waves(192, 128), rws.rws_dp_waves(4008, 132)) == (
+            3, 1, {"0": 0, "all": 30, "keep1": 29}[env])
+    cases = ((448, 128), (192, 128), (448, 132), (96, 128))
+    assert [rws.rws_parts_after_waves(t, P) for t, P in cases] == [2, 2, 0, 0]
 
 
 @pytest.mark.skipif(rws.gluon is None, reason="needs Gluon (Triton >= 3.5)")
@@ -266,15 +274,18 @@ def test_rws_four_consumers(M, kw):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 def test_rws_random_codes_real_shape():
-    """4096 x 14336 with uniformly random codes (W4 at M 64 and 1024, W3 at M 64, W6 at M 1024; BLOCK_M 256
-    and stream-K over 132 programs at 1024), against the float32 dequantization."""
+    """Layer shapes with uniformly random codes against the float32 dequantization: 4096 x 14336 (W4 at M 64
+    and 1024, W3 at M 64, W6 at M 1024, W8 at M 256: quarters at 64, whole tiles at 1024) and 6144 x 4096 (W4
+    and W2 at M 1024: a wave of 128 whole tiles, then each of the 64 left in halves, summed by DUO)."""
     from anybit.quant.format import dequantize
     from benchmarks.bench_quant_matmul import random_packed
-    for bits, ms in ((4, (64, 1024)), (3, (64,)), (6, (1024,)), (8, (256,))):
-        pw = random_packed(4096, 14336, bits)
+    mlp, qkv = (4096, 14336), (6144, 4096)
+    for bits, ms, (N, K) in ((4, (64, 1024), mlp), (3, (64,), mlp), (6, (1024,), mlp), (8, (256,), mlp),
+                             (4, (1024,), qkv), (2, (1024,), qkv)):
+        pw = random_packed(N, K, bits)
         wd = dequantize(pw, torch.float32)
         for M in ms:
-            x = torch.randn(M, 14336, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             y = quant_matmul(x, pw, path="rws")
             ref = x.float() @ wd.t()
             assert float((y.float() - ref).norm() / ref.norm()) < 1e-2, (bits, M)
