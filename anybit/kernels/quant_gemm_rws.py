@@ -40,6 +40,14 @@ ring running on across them. A whole tile is stored to y; a piece is stored as f
 program's slot (2 p where its range starts, 2 p + 1 where it ends) and the tile's last piece to
 arrive adds all pieces in program order (fixed order: the same bits every call) and writes y.
 
+Session 32 (docs/notes_quant.md): where no tile has more than two pieces the second adds the first's
+piece to its accumulator in registers and writes the tile like a whole one (DUO). The work can start
+with waves of whole tiles, every program on the same K tile (``base`` tile-steps; ``rws_dp_waves``),
+stream-K taking the rest; with few tiles, or with a program count whose waves leave one equal part per
+program, the launcher splits tiles into equal parts (``rws_even_split``, ``rws_parts_after_waves``).
+Stream-K steps ran 15-25% slower than whole-tile steps (s32-2), so the launcher keeps ranges long and
+cut at tile halves or quarters.
+
 Testing as quant_gemm_ra: Gluon does not run under ``TRITON_INTERPRET``; the CPU tests compile the
 kernel for sm_90 offline (register-A HGMMA, no spills, no hazard); the GPU tests compare with
 ``ref_quant_matmul`` and with quant_gemm_ra.
