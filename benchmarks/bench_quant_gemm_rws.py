@@ -228,6 +228,14 @@ def parts_variants(N: int, K: int, M: int, bits: int = 4) -> list:
             (f"anybit_rws_p{P}_dp0", dict(direct_rws=True, programs=P, dp_waves=0))]
 
 
+def knob_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The launcher's configuration with one kernel option flipped: EPI off (a deeper ring at BLOCK_M 256),
+    PING on, DUO off."""
+    return [("anybit", {}), ("anybit_rws_noepi", dict(direct_rws=True, epi=False)),
+            ("anybit_rws_ping", dict(direct_rws=True, ping=True)),
+            ("anybit_rws_noduo", dict(direct_rws=True, duo=False))]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -283,11 +291,12 @@ def main() -> int:
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher",
-                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts"],
+                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts", "knobs"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
                     "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants), "
                     "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants) or the launcher "
-                    "before equal parts (even_variants) or whole waves + equal parts (parts_variants)")
+                    "before equal parts (even_variants), whole waves + equal parts (parts_variants) or one "
+                    "option flipped (knob_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -328,7 +337,7 @@ def main() -> int:
                    tuple(int(b) for b in args.ab_bits.split(",")),
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
                         programs=programs_variants, dp=dp_variants, tiles=tile_variants,
-                        even=even_variants, parts=parts_variants)[args.ab_set],
+                        even=even_variants, parts=parts_variants, knobs=knob_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()
