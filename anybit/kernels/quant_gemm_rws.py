@@ -641,9 +641,9 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     if not 0 <= waves * P <= tiles:
         raise ValueError(f"quant_gemm_rws: dp_waves {waves} x {P} programs must be 0..{tiles} tiles")
     base = waves * P * k_tiles  # the data-parallel tile-steps; the stream-K part: the rem after them
-    rem = total - base
-    pieces = any(p * rem // P % k_tiles for p in range(1, P))  # a stream-K range starts inside a tile
-    duo = pieces and rws_max_pieces(tiles, k_tiles, P, base) <= 2 and (RWS_DUO != "0" if duo is None else duo)
+    most = rws_max_pieces(tiles, k_tiles, P, base)  # 1: every tile whole (cached: the call's hot path)
+    pieces = most > 1
+    duo = most == 2 and (RWS_DUO != "0" if duo is None else duo)
     ws = torch.empty(2 * P * nc * BM * HALF_N if pieces else 1, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
