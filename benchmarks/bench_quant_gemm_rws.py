@@ -73,10 +73,18 @@ def correctness(log) -> list[dict]:
         pw = rtn_quantize(torch.randn(384, 1152), QuantSpec(b, 64, "uniform")).to("cuda")
         for M, kw in ((40, {}), (300, {}), (64, dict(programs=7))):
             cases.append((f"b{b} g64 384x1152 M{M} {kw}", pw, M, kw))
+    pw = rtn_quantize(torch.randn(384, 1152), QuantSpec(4, 128, "uniform")).to("cuda")
+    for M, kw in ((16, dict(block_m=16, programs=5)), (64, dict(programs=7)),
+                  (300, dict(block_m=128, programs=5)), (300, {})):  # 128-wide K tiles
+        cases.append((f"b4 g128 384x1152 M{M} bk128 {kw}", pw, M, dict(block_k=128, **kw)))
+    for M, kw in ((64, dict(programs=7)), (300, {}), (40, {})):  # launched plainly (the default is PDL)
+        cases.append((f"b4 g128 384x1152 M{M} no pdl {kw}", pw, M, dict(pdl=False, **kw)))
     for b in (4, 3, 6):
         pw = random_packed(4096, 14336, b)
         for M in (64, 256, 1024):
             cases.append((f"b{b} random 4096x14336 M{M}", pw, M, {}))
+        for M, bm in ((16, 16), (64, 64), (256, 128)):
+            cases.append((f"b{b} random 4096x14336 M{M} bm{bm} bk128", pw, M, dict(block_m=bm, block_k=128)))
     rows = check_cases(cases, lambda x, pw, out, kw: qm.quant_gemm_rws(x, pw, out, **kw), log, 1e-2)
     pw = random_packed(4096, 14336, 4)
     for M in (64, 256):  # whole tiles (one program per tile) and ra without split-K: the same bits
@@ -236,6 +244,25 @@ def knob_variants(N: int, K: int, M: int, bits: int = 4) -> list:
             ("anybit_rws_noduo", dict(direct_rws=True, duo=False))]
 
 
+def bk_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """K per ring tile 64 (the launcher's) against 128, at the launcher's BLOCK_M (16 / 32 below M 33, where
+    the launcher does not take this kernel for W4), and at M 256 also BLOCK_M 128."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else rws_config(M, N)[0]
+    out = [("anybit", {})]
+    for b in sorted({bm} | ({128} if M == 256 else set())):
+        for bk in (64, 128):
+            out.append((f"anybit_rws_bm{b}_bk{bk}", dict(direct_rws=True, block_m=b, block_k=bk)))
+    return out
+
+
+def pdl_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The launcher (a programmatic dependent launch where pdl.py enables it) against the same configuration
+    launched plainly, and with 128-wide K tiles."""
+    return [("anybit", {}), ("anybit_rws_nopdl", dict(direct_rws=True, pdl=False)),
+            ("anybit_rws_pdl", dict(direct_rws=True, pdl=True)),
+            ("anybit_rws_pdl_bk128", dict(direct_rws=True, pdl=True, block_k=128))]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -291,12 +318,14 @@ def main() -> int:
     ap.add_argument("--ab-bits", default="4", help="widths of the A/B, comma list (1..7)")
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher",
-                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts", "knobs"],
+                    choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts", "knobs",
+                             "bk", "pdl"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
                     "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants), "
                     "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants) or the launcher "
-                    "before equal parts (even_variants), whole waves + equal parts (parts_variants) or one "
-                    "option flipped (knob_variants)")
+                    "before equal parts (even_variants), whole waves + equal parts (parts_variants), one "
+                    "option flipped (knob_variants), K 64 / 128 per ring tile (bk_variants) or PDL on / off "
+                    "(pdl_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -337,7 +366,8 @@ def main() -> int:
                    tuple(int(b) for b in args.ab_bits.split(",")),
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
                         programs=programs_variants, dp=dp_variants, tiles=tile_variants,
-                        even=even_variants, parts=parts_variants, knobs=knob_variants)[args.ab_set],
+                        even=even_variants, parts=parts_variants, knobs=knob_variants,
+                        bk=bk_variants, pdl=pdl_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

@@ -60,6 +60,7 @@ import os
 
 import torch
 
+from anybit.kernels.pdl import pdl_enabled
 from anybit.kernels.quant_gemm_h2 import _lock_buffer, scale_table
 from anybit.kernels.quant_gemm_ra import gluon
 from anybit.kernels.quant_gemm_wg import wg_applies
@@ -126,6 +127,7 @@ if gluon is not None:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from anybit.kernels.quant_gemv_mma import _gdc_launch_dependents, _gdc_wait
     from anybit.kernels.ra_slices import _quad_layout, _width, convert_slices
 
     LOAD_REGS: gl.constexpr = gl.constexpr(24)  # the loader warp: scalar TMA coordinates only
@@ -161,25 +163,69 @@ if gluon is not None:
                 gl.where(in_dp, k_tiles, n))
 
     @gluon.jit
+    def _rws_issue(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem, t_smem, bar,
+                   stage, off_m, off_n, k0, KG, G, off1, off2, NC: gl.constexpr, NS: gl.constexpr,
+                   WORDS: gl.constexpr, REST: gl.constexpr):
+        """The TMA copies of one ring tile into slot ``stage`` on ``bar``: WORDS the words of every slice of
+        each 64-row half, REST the x tile and the table rows."""
+        HN: gl.constexpr = w_desc.block_type.shape[1]
+        R0: gl.constexpr = w_desc.block_type.shape[0]
+        R1: gl.constexpr = w1_desc.block_type.shape[0]
+        R2: gl.constexpr = w2_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        kb = k0 // BLOCK_K
+        g = k0 // G
+        if REST:
+            tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_smem.index(stage))
+        for c in gl.static_range(NC):
+            n0 = off_n + c * HN
+            j = NC * stage + c
+            if WORDS:
+                tma.async_copy_global_to_shared(w_desc, [kb * R0, n0], bar, w_smem.index(j))
+                if NS > 1:
+                    tma.async_copy_global_to_shared(w1_desc, [off1 + kb * R1, n0], bar, w1_smem.index(j))
+                if NS > 2:
+                    tma.async_copy_global_to_shared(w2_desc, [off2 + kb * R2, n0], bar, w2_smem.index(j))
+            if REST:
+                tma.async_copy_global_to_shared(t_desc, [g, n0], bar, t_smem.index(2 * j))
+                tma.async_copy_global_to_shared(t_desc, [KG + g, n0], bar, t_smem.index(2 * j + 1))
+
+    @gluon.jit
     def _rws_load_partition(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem,
                             t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1, off2,
-                            NC: gl.constexpr, NS: gl.constexpr):
+                            NC: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr):
         """One warp: every K tile of this program's range, in order, into slot it % STAGES (x tile; per
         half c the words of slice 0 into w_smem[NC stage + c] (slices 1, 2 into w1_smem / w2_smem from
         qweight rows off1 / off2 on), the table rows into t_smem[2 (NC stage + c)] and [... + 1]) once
-        every consumer released the slot's previous tile."""
+        every consumer released the slot's previous tile. PDL: the words of the first STAGES tiles are
+        requested before ``griddepcontrol.wait`` (weights are never written by a kernel; x, which the
+        previous kernel may write, and the tables, which a captured graph may compute just before, after
+        it)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         STAGES: gl.constexpr = x_smem.shape[0]
         HN: gl.constexpr = w_desc.block_type.shape[1]
-        R1: gl.constexpr = w1_desc.block_type.shape[0]
-        R2: gl.constexpr = w2_desc.block_type.shape[0]
         nbytes: gl.constexpr = (x_desc.block_type.nbytes + NC * w_desc.block_type.nbytes
                                 + (NC * w1_desc.block_type.nbytes if NS > 1 else 0)
                                 + (NC * w2_desc.block_type.nbytes if NS > 2 else 0)
                                 + 2 * NC * t_desc.block_type.nbytes)
-        R0: gl.constexpr = w_desc.block_type.shape[0]
         KG = K // G
+        if PDL:  # the first pass over the ring: expect the whole tile, request its words
+            cur, end = _program_range(total, base)
+            it = 0
+            while (cur < end) & (it < STAGES):
+                tile, k_lo, n = _segment(cur, end, k_tiles, total, base)
+                n = gl.minimum(n, STAGES - it)
+                for j in range(n):
+                    bar = ready.index(it)
+                    mbarrier.expect(bar, nbytes)
+                    _rws_issue(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem,
+                               t_smem, bar, it, (tile % num_m) * BLOCK_M, (tile // num_m) * (NC * HN),
+                               (k_lo + j) * BLOCK_K, KG, G, off1, off2, NC, NS, True, False)
+                    it += 1
+                cur += n
+            _gdc_launch_dependents()
+            _gdc_wait()
         cur, end = _program_range(total, base)
         it = 0
         while cur < end:
@@ -188,25 +234,16 @@ if gluon is not None:
             off_n = (tile // num_m) * (NC * HN)
             for j in range(n):
                 stage = it % STAGES
-                mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(stage)
-                mbarrier.expect(bar, nbytes)
                 k0 = (k_lo + j) * BLOCK_K
-                g = k0 // G
-                tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_smem.index(stage))
-                for c in gl.static_range(NC):
-                    n0 = off_n + c * HN
-                    kb = k0 // BLOCK_K
-                    tma.async_copy_global_to_shared(w_desc, [kb * R0, n0], bar, w_smem.index(NC * stage + c))
-                    if NS > 1:
-                        tma.async_copy_global_to_shared(w1_desc, [off1 + kb * R1, n0], bar,
-                                                        w1_smem.index(NC * stage + c))
-                    if NS > 2:
-                        tma.async_copy_global_to_shared(w2_desc, [off2 + kb * R2, n0], bar,
-                                                        w2_smem.index(NC * stage + c))
-                    tma.async_copy_global_to_shared(t_desc, [g, n0], bar, t_smem.index(2 * (NC * stage + c)))
-                    tma.async_copy_global_to_shared(t_desc, [KG + g, n0], bar,
-                                                    t_smem.index(2 * (NC * stage + c) + 1))
+                if PDL and it < STAGES:  # expected and its words requested before the wait
+                    _rws_issue(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem,
+                               t_smem, bar, stage, off_m, off_n, k0, KG, G, off1, off2, NC, NS, False, True)
+                else:
+                    mbarrier.wait(empty.index(stage), ((it // STAGES) & 1) ^ 1)
+                    mbarrier.expect(bar, nbytes)
+                    _rws_issue(x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem, w2_smem,
+                               t_smem, bar, stage, off_m, off_n, k0, KG, G, off1, off2, NC, NS, True, True)
                 it += 1
             cur += n
 
@@ -417,7 +454,8 @@ if gluon is not None:
                                M, N, K, G, stride_ym, total, base, off1, off2, BITS: gl.constexpr,
                                STAGES: gl.constexpr, NC: gl.constexpr, CONS_REGS: gl.constexpr,
                                num_warps: gl.constexpr, PING: gl.constexpr = False,
-                               EPI: gl.constexpr = False, DUO: gl.constexpr = False):
+                               EPI: gl.constexpr = False, DUO: gl.constexpr = False,
+                               PDL: gl.constexpr = False):
         """``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered M-block fastest):
         the first ``base`` (base / (P K tiles) waves of whole tiles) data-parallel, tile w P + p of wave w to
         program p, the rest stream-K, program p of P taking [base + p rem / P, base + (p + 1) rem / P) of the
@@ -430,7 +468,8 @@ if gluon is not None:
         or 4) of 64 weight rows: num_warps 4 (the default partition is consumer 0), the others run with
         CONS_REGS registers per thread, the loader with 24. EPI: whole tiles leave through ``y_desc`` (y,
         block [BLOCK_M, 64], bf16) from a shared buffer per consumer; PING: ``_take_turn``; DUO (every tile in
-        at most two pieces): the second piece of a tile adds the first in registers (``_rws_store``)."""
+        at most two pieces): the second piece of a tile adds the first in registers (``_rws_store``); PDL: a
+        programmatic dependent launch (anybit/kernels/pdl.py; the loader's wait, ``_rws_load_partition``)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         HN: gl.constexpr = w_desc.block_type.shape[1]
@@ -474,7 +513,7 @@ if gluon is not None:
                                       num_m, 1, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1,
-                                       off2, NC, NS))],
+                                       off2, NC, NS, PDL))],
                 [4, 1], [CONS_REGS, LOAD_REGS])
         else:
             gl.warp_specialize([
@@ -492,7 +531,7 @@ if gluon is not None:
                                       num_m, 3, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1,
-                                       off2, NC, NS))],
+                                       off2, NC, NS, PDL))],
                 [4, 4, 4, 1], [CONS_REGS, CONS_REGS, CONS_REGS, LOAD_REGS])
 
 
@@ -599,7 +638,8 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    stages: int | None = None, programs: int | None = None, consumers: int = 2,
                    cons_regs: int | None = None, max_regs: int | None = None,
                    ping: bool | None = None, epi: bool | None = None,
-                   duo: bool | None = None, dp_waves: int | None = None) -> torch.Tensor:
+                   duo: bool | None = None, dp_waves: int | None = None,
+                   block_k: int | None = None, pdl: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
@@ -610,26 +650,30 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     through a TMA store (the kernel's EPI; None: RWS_EPI / RWS_EPI_BM; never where y does not allow it);
     ``duo``: where every tile has at most two pieces, the second adds the first in registers (the kernel's
     DUO; None: RWS_DUO); ``dp_waves``: waves of whole tiles (every program on the same K tile) before the
-    stream-K part (None: ``rws_dp_waves``)."""
+    stream-K part (None: ``rws_dp_waves``); ``block_k``: K per ring tile, 64 or 128 (a multiple of it must be
+    the group size; None: ``rws_config``); ``pdl``: launched as a programmatic dependent launch, the words of
+    the first ring tiles requested before the wait (None: where anybit/kernels/pdl.py enables it)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
+    pdl = pdl_enabled(x.device, pdl)
     if not rws_applies(packed, M, x) or nc not in (2, 4) or N % (nc * HALF_N):
         raise ValueError(f"quant_gemm_rws: needs Hopper, bf16 x and a uniform 1..8-bit weight with N a "
                          f"multiple of 64 x consumers (2 or 4) and K, group multiples of 64 (got {x.dtype} "
                          f"x, {packed.fmt} {bits}-bit, N {N}, K {K}, G {G}, consumers {nc})")
     sms = _num_sms(x.device)
-    bm, BK, _, regs = rws_config(M, N, sms, bits)
-    BM = block_m or bm
+    bm, bk, _, regs = rws_config(M, N, sms, bits)
+    BM, BK = block_m or bm, block_k or bk
     ping = rws_choice(RWS_PING, BM, RWS_PING_BM, ping)
     epi = rws_choice(RWS_EPI, BM, RWS_EPI_BM, epi) and tma_store_fits(y)
     stages = stages or rws_stages(BM, BK, nc, bits, epi)
     smem = rws_shared_bytes(BM, BK, stages, nc, bits, epi)
-    if (BM not in (16, 32, 64, 128, 256) or stages < 2 or smem > 227 * 1024 or G % BK or K % BK
-            or (nc == 4 and BM > 64)):
+    if (BM not in (16, 32, 64, 128, 256) or BK not in (64, 128) or stages < 2 or smem > 227 * 1024 or G % BK
+            or K % BK or (nc == 4 and BM > 64)):
         raise ValueError(f"quant_gemm_rws: block_m {BM} must be a power of two in 16..256 (<= 64 with four "
-                         f"consumers), stages >= 2 (got {stages}), shared memory <= 227 KB (got {smem} "
-                         f"bytes), K {K} and the group size {G} multiples of {BK}")
+                         f"consumers), block_k 64 or 128 (got {BK}), stages >= 2 (got {stages}), shared "
+                         f"memory <= 227 KB (got {smem} bytes), K {K} and the group size {G} "
+                         f"multiples of block_k")
     if max_regs is None:
         max_regs = 168 if nc == 2 else 96
     if cons_regs is None:
@@ -660,5 +704,6 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     y_desc = TensorDescriptor(y, [M, N], [y.stride(0), 1], [BM, HALF_N], y_layout) if epi else x_desc
     _quant_gemm_rws_kernel[(P,)](
         x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, base, *offs, bits,
-        stages, nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=duo)
+        stages, nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=duo, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}))
     return y

@@ -207,12 +207,15 @@ def test_rws_sliced_widths(bits, M, group, kw):
                                 dict(block_m=64, stages=2, programs=13), dict(block_m=128, programs=132),
                                 dict(block_m=64, max_regs=80, cons_regs=104),
                                 dict(block_m=64, programs=5, dp_waves=1),
-                                dict(block_m=64, programs=5, dp_waves=2)])
+                                dict(block_m=64, programs=5, dp_waves=2), dict(block_k=128),
+                                dict(block_k=128, block_m=16, programs=5), dict(block_k=128, pdl=False),
+                                dict(pdl=False, programs=7)])
 def test_rws_variants_and_out_slice(kw):
     """Stream-K with pieces of 1-3 programs per tile (counters left at zero: a second call gives the same
-    bits), BLOCK_M 64-256, 2-3 stages, two programs per SM, whole-tile waves before the stream-K part (12
+    bits), BLOCK_M 16-256, 2-3 stages, two programs per SM, whole-tile waves before the stream-K part (12
     tiles of 36 K tiles on 5 programs: one wave leaves ranges of 50 tile-steps, DUO; two leave 14, three
-    pieces per tile); the output written into a column slice of a wider tensor."""
+    pieces per tile), 128-wide K tiles, a plain launch (the default is PDL); the output written into a column
+    slice of a wider tensor."""
     pw = _rtn(384, 1152 * 2, 128, seed=7)
     M = 200
     x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
@@ -250,6 +253,38 @@ def test_rws_turns_and_tma_epilogue_keep_the_bits(kw, col):
         y = rws.quant_gemm_rws(x, pw, wide[:, col:col + 512], ping=ping, epi=epi, duo=duo, **kw)
         assert torch.equal(y, base), (ping, epi, duo)
         assert wide[:, :col].abs().sum() == 0 and wide[:, col + 512:].abs().sum() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("kw", [dict(programs=7), dict(programs=5, block_m=256), {}])
+def test_rws_pdl_chain_in_a_graph(kw):
+    """Four dependent calls (each x the previous call's y; the stream-K counters and pieces reused from call
+    to call) as programmatic dependent launches captured in a CUDA graph, each requesting its first words
+    before its wait: the same bits as plain launches run eagerly, on every replay."""
+    pw = _rtn(1152, 1152, 128, seed=11)
+    M = 200
+    x0 = torch.randn(M, 1152, device="cuda", dtype=torch.bfloat16) * 0.1
+
+    def chain(outs, pdl):
+        x = x0
+        for y in outs:
+            x = rws.quant_gemm_rws(x, pw, y, pdl=pdl, **kw)
+        return outs
+
+    plain = chain([torch.empty(M, 1152, device="cuda", dtype=torch.bfloat16) for _ in range(4)], False)
+    assert all(torch.isfinite(y.float()).all() for y in plain)
+    outs = [torch.empty(M, 1152, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    chain(outs, True)  # compiled and the scale table cached outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain(outs, True)
+    for _ in range(3):
+        for y in outs:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(outs, plain))
 
 
 @pytest.mark.gpu
