@@ -77,6 +77,9 @@ def correctness(log) -> list[dict]:
     for M, kw in ((16, dict(block_m=16, programs=5)), (64, dict(programs=7)),
                   (300, dict(block_m=128, programs=5)), (300, {})):  # 128-wide K tiles
         cases.append((f"b4 g128 384x1152 M{M} bk128 {kw}", pw, M, dict(block_k=128, **kw)))
+    for M, kw in ((300, dict(block_m=256, programs=12)), (300, dict(block_m=256, programs=12, swap=False)),
+                  (300, dict(block_m=128, programs=6, dp_waves=1))):  # halves: DUO with fixed roles
+        cases.append((f"b4 g128 384x1152 M{M} {kw}", pw, M, kw))
     for M, kw in ((64, dict(programs=7)), (300, {}), (40, {})):  # launched plainly (the default is PDL)
         cases.append((f"b4 g128 384x1152 M{M} no pdl {kw}", pw, M, dict(pdl=False, **kw)))
     for b in (4, 3, 6):
@@ -263,6 +266,13 @@ def pdl_variants(N: int, K: int, M: int, bits: int = 4) -> list:
             ("anybit_rws_pdl_bk128", dict(direct_rws=True, pdl=True, block_k=128))]
 
 
+def swap_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The launcher (DUO with fixed roles where every program's stream-K range is one half tile: ``rws_swap``)
+    against DUO by arrival order at the same configuration."""
+    return [("anybit", {}), ("anybit_rws_noswap", dict(direct_rws=True, swap=False)),
+            ("anybit_rws_swap", dict(direct_rws=True, swap=True))]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -319,13 +329,13 @@ def main() -> int:
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher",
                     choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts", "knobs",
-                             "bk", "pdl"],
+                             "bk", "pdl", "swap"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
                     "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants), "
                     "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants) or the launcher "
                     "before equal parts (even_variants), whole waves + equal parts (parts_variants), one "
-                    "option flipped (knob_variants), K 64 / 128 per ring tile (bk_variants) or PDL on / off "
-                    "(pdl_variants)")
+                    "option flipped (knob_variants), K 64 / 128 per ring tile (bk_variants), PDL on / off "
+                    "(pdl_variants) or DUO's fixed roles on / off (swap_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -367,7 +377,7 @@ def main() -> int:
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
                         programs=programs_variants, dp=dp_variants, tiles=tile_variants,
                         even=even_variants, parts=parts_variants, knobs=knob_variants,
-                        bk=bk_variants, pdl=pdl_variants)[args.ab_set],
+                        bk=bk_variants, pdl=pdl_variants, swap=swap_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

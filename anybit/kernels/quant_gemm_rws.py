@@ -346,7 +346,11 @@ if gluon is not None:
         - DUO (every tile in at most two pieces): the first to arrive stores its piece to its slot in ws
           in register order (``_acc_flat``) and flags it (+4 on the counter); the second waits for the
           flag, adds that piece to its own in registers and writes the tile like a whole one. a + b = b +
-          a in float32, so the bits do not depend on which program arrives first.
+          a in float32, so the bits do not depend on which program arrives first. DUO 2 (the launcher's
+          ``rws_swap``: every piece is its program's whole stream-K range, so both end together): the roles
+          are fixed instead, program first owning the even consumers' halves and last the odd ones, so each
+          program stores one half and loads one rather than one program storing both and the other loading
+          both.
         - Otherwise every piece goes to its slot (``_piece_slot``; ``[2 P, NC, BLOCK_M, 64]`` float32) and
           the last to arrive adds them in program order (the same bits every call) and writes y."""
         MMA: gl.constexpr = acc.type.layout
@@ -364,14 +368,21 @@ if gluon is not None:
             if DUO:
                 flat = _acc_flat(acc)
                 offs = gl.arange(0, HN * BLOCK_M, layout=flat.type.layout)
-                seen = gl.atomic_add(lock, 1, sem="acq_rel")
-                if seen == 0:  # first: leave the piece, then flag it
+                if DUO == 2:  # fixed roles: half C belongs to program first for even C, last for odd C
+                    if C % 2 == 0:
+                        seen = (p != first).to(gl.int32)
+                    else:
+                        seen = (p != last).to(gl.int32)
+                else:
+                    seen = gl.atomic_add(lock, 1, sem="acq_rel")
+                if seen == 0:  # first (DUO 2: the giver): leave the piece, then flag it
                     mine = _piece_slot(p, tile, k_tiles, total, base, P)
                     gl.store(ws_ptr + (mine * NC + C) * (BLOCK_M * HN) + offs, flat)
                     gl.thread_barrier()
                     gl.atomic_add(lock, 4, sem="release")
                 else:
-                    while seen < 4:  # the first has counted itself but not yet flagged its piece
+                    seen = gl.atomic_add(lock, 0, sem="acquire")
+                    while seen < 4:  # the first has not yet flagged its piece
                         seen = gl.atomic_add(lock, 0, sem="acquire")
                     other = first + last - p
                     flat += gl.load(ws_ptr + (_piece_slot(other, tile, k_tiles, total, base, P) * NC + C)
@@ -454,7 +465,7 @@ if gluon is not None:
                                M, N, K, G, stride_ym, total, base, off1, off2, BITS: gl.constexpr,
                                STAGES: gl.constexpr, NC: gl.constexpr, CONS_REGS: gl.constexpr,
                                num_warps: gl.constexpr, PING: gl.constexpr = False,
-                               EPI: gl.constexpr = False, DUO: gl.constexpr = False,
+                               EPI: gl.constexpr = False, DUO: gl.constexpr = 0,
                                PDL: gl.constexpr = False):
         """``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered M-block fastest):
         the first ``base`` (base / (P K tiles) waves of whole tiles) data-parallel, tile w P + p of wave w to
@@ -468,8 +479,9 @@ if gluon is not None:
         or 4) of 64 weight rows: num_warps 4 (the default partition is consumer 0), the others run with
         CONS_REGS registers per thread, the loader with 24. EPI: whole tiles leave through ``y_desc`` (y,
         block [BLOCK_M, 64], bf16) from a shared buffer per consumer; PING: ``_take_turn``; DUO (every tile in
-        at most two pieces): the second piece of a tile adds the first in registers (``_rws_store``); PDL: a
-        programmatic dependent launch (anybit/kernels/pdl.py; the loader's wait, ``_rws_load_partition``)."""
+        at most two pieces; 1: by arrival, 2: fixed roles): the second piece of a tile adds the first in
+        registers (``_rws_store``); PDL: a programmatic dependent launch (anybit/kernels/pdl.py; the loader's
+        wait, ``_rws_load_partition``)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         HN: gl.constexpr = w_desc.block_type.shape[1]
@@ -610,6 +622,19 @@ def rws_max_pieces(tiles: int, k_tiles: int, programs: int, base: int = 0) -> in
                for t in range(base // k_tiles, tiles))
 
 
+# DUO with fixed roles (``rws_swap``, the kernel's DUO 2). Env ANYBIT_RWS_SWAP=0: never.
+RWS_SWAP = os.environ.get("ANYBIT_RWS_SWAP", "1") != "0"
+
+
+def rws_swap(tiles: int, k_tiles: int, programs: int, base: int, sms: int) -> bool:
+    """Whether two-piece tiles may swap halves with fixed roles (RWS_SWAP): every program's stream-K range is
+    one half of a tile (so both programs of a tile reach its pieces together, at the end of their ranges), and
+    every program is resident at once (<= one per SM: an owner spins until its giver has stored)."""
+    rem = tiles * k_tiles - base
+    return (RWS_SWAP and programs <= sms and rem > 0 and rem % programs == 0
+            and 2 * (rem // programs) == k_tiles)
+
+
 def rws_parts_after_waves(tiles: int, programs: int) -> int:
     """How many equal parts each tile left after the whole waves splits into when those parts give every
     program one (tiles % programs divides programs at least twice), else 0."""
@@ -639,7 +664,8 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    cons_regs: int | None = None, max_regs: int | None = None,
                    ping: bool | None = None, epi: bool | None = None,
                    duo: bool | None = None, dp_waves: int | None = None,
-                   block_k: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+                   block_k: int | None = None, pdl: bool | None = None,
+                   swap: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
@@ -652,7 +678,9 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     DUO; None: RWS_DUO); ``dp_waves``: waves of whole tiles (every program on the same K tile) before the
     stream-K part (None: ``rws_dp_waves``); ``block_k``: K per ring tile, 64 or 128 (a multiple of it must be
     the group size; None: ``rws_config``); ``pdl``: launched as a programmatic dependent launch, the words of
-    the first ring tiles requested before the wait (None: where anybit/kernels/pdl.py enables it)."""
+    the first ring tiles requested before the wait (None: where anybit/kernels/pdl.py enables it); ``swap``:
+    DUO with fixed roles, each program of a two-piece tile storing one consumer's half and adding the other's
+    (the kernel's DUO 2; None: ``rws_swap``; ignored without DUO)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
@@ -688,6 +716,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     most = rws_max_pieces(tiles, k_tiles, P, base)  # 1: every tile whole (cached: the call's hot path)
     pieces = most > 1
     duo = most == 2 and (RWS_DUO != "0" if duo is None else duo)
+    swap = duo and rws_swap(tiles, k_tiles, P, base, sms) if swap is None else duo and swap
     ws = torch.empty(2 * P * nc * BM * HALF_N if pieces else 1, dtype=torch.float32, device=x.device)
     locks = _lock_buffer(x.device, nc * tiles)
     table = scale_table(packed, True).view(2 * (K // G), N)
@@ -704,6 +733,6 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     y_desc = TensorDescriptor(y, [M, N], [y.stride(0), 1], [BM, HALF_N], y_layout) if epi else x_desc
     _quant_gemm_rws_kernel[(P,)](
         x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, base, *offs, bits,
-        stages, nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=duo, PDL=pdl,
-        **({"launch_pdl": True} if pdl else {}))
+        stages, nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=2 if swap else int(duo),
+        PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return y

@@ -110,6 +110,23 @@ def test_stream_k_pieces_cover_each_tile_once(tiles, k_tiles, P, waves):
                 assert first + last - p in (first, last) and (last == first or first + last - p != p)
     assert rws.rws_max_pieces(tiles, k_tiles, P, base) == max(
         [len(v) for t, v in seen.items() if t >= waves * P] or [1])
+    if rws.rws_swap(tiles, k_tiles, P, base, 132):  # fixed roles: each program's stream-K range is one half
+        halves = [(p, k_lo, n) for p, tile, k_lo, n, _ in pieces if tile >= waves * P]
+        assert len(halves) == P and all(n * 2 == k_tiles for _, _, n in halves)
+        assert sorted(p for p, _, _ in halves) == list(range(P))
+        assert all(len(v) == 2 for t, v in seen.items() if t >= waves * P)
+
+
+def test_swap_rule(monkeypatch):
+    """rws_swap: two-piece tiles take fixed roles only where every program's stream-K range is one half tile
+    (halves of few tiles; a wave of whole tiles then halves), every program is resident (<= the SMs) and
+    RWS_SWAP is on."""
+    cases = ((48, 64, 96, 0), (192, 64, 128, 64 * 128), (448, 64, 128, 3 * 64 * 128), (32, 64, 128, 0),
+             (48, 64, 132, 0), (192, 64, 128, 0), (12, 36, 24, 0), (200, 64, 200, 0))
+    assert [rws.rws_swap(t, k, P, b, 132) for t, k, P, b in cases] == [True, True, True, False, False, False,
+                                                                       True, False]
+    monkeypatch.setattr(rws, "RWS_SWAP", False)
+    assert not rws.rws_swap(48, 64, 96, 0, 132)
 
 
 def test_dp_waves_rule(monkeypatch):
@@ -232,14 +249,16 @@ def test_rws_variants_and_out_slice(kw):
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("kw", [dict(block_m=256), dict(block_m=256, programs=3),
                                 dict(block_m=128, programs=5), dict(block_m=64),
-                                dict(block_m=64, consumers=4)])
+                                dict(block_m=64, consumers=4), dict(block_m=256, programs=16),
+                                dict(block_m=128, programs=24), dict(block_m=128, programs=8, dp_waves=1)])
 @pytest.mark.parametrize("col", [64, 65])
 def test_rws_turns_and_tma_epilogue_keep_the_bits(kw, col):
     """The consumers taking turns (ping), whole tiles leaving through a TMA store (epi) and two-piece tiles
-    summed in registers (duo; programs 3 at BLOCK_M 256 and 5 at 128 have ranges >= k_tiles), alone and
-    together, on whole tiles and stream-K pieces: the same bits as none, into a column slice of a wider
-    output (at column 65 the rows are not 16-byte aligned, so epi falls back to the plain stores), and the
-    columns around the slice untouched."""
+    summed in registers (duo; programs 3 at BLOCK_M 256 and 5 at 128 have ranges >= k_tiles; 16 at 256, 24 at
+    128 and a wave of 8 then 8 halves split every tile in halves, where duo's roles are fixed, swap, unless
+    turned off), alone and together, on whole tiles and stream-K pieces: the same bits as none, into a column
+    slice of a wider output (at column 65 the rows are not 16-byte aligned, so epi falls back to the plain
+    stores), and the columns around the slice untouched."""
     pw = _rtn(512, 1152 * 2, 128, seed=col)
     M = 300
     x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
@@ -247,11 +266,12 @@ def test_rws_turns_and_tma_epilogue_keep_the_bits(kw, col):
     base = rws.quant_gemm_rws(x, pw, torch.empty(M, 512, device="cuda", dtype=torch.bfloat16), ping=False,
                               epi=False, duo=False, **kw)
     assert float((base.float() - ref).norm() / ref.norm()) < 1e-2
-    for ping, epi, duo in ((True, False, False), (False, True, False), (True, True, False),
-                           (False, False, True), (False, True, True)):
+    for ping, epi, duo, swap in ((True, False, False, None), (False, True, False, None),
+                                 (True, True, False, None), (False, False, True, None),
+                                 (False, True, True, None), (False, True, True, False)):
         wide = torch.zeros(M, 512 + 128, device="cuda", dtype=torch.bfloat16)
-        y = rws.quant_gemm_rws(x, pw, wide[:, col:col + 512], ping=ping, epi=epi, duo=duo, **kw)
-        assert torch.equal(y, base), (ping, epi, duo)
+        y = rws.quant_gemm_rws(x, pw, wide[:, col:col + 512], ping=ping, epi=epi, duo=duo, swap=swap, **kw)
+        assert torch.equal(y, base), (ping, epi, duo, swap)
         assert wide[:, :col].abs().sum() == 0 and wide[:, col + 512:].abs().sum() == 0
 
 
