@@ -273,6 +273,13 @@ def swap_variants(N: int, K: int, M: int, bits: int = 4) -> list:
             ("anybit_rws_swap", dict(direct_rws=True, swap=True))]
 
 
+def consumer_variants(N: int, K: int, M: int, bits: int = 4) -> list:
+    """The launcher (two consumer warpgroups) against four (256 weight rows per tile, BLOCK_M 64), at the
+    launcher's program count for that tile and over one program per SM."""
+    return [("anybit", {}), ("anybit_rws_nc4", dict(direct_rws=True, consumers=4, block_m=64)),
+            ("anybit_rws_nc4_p132", dict(direct_rws=True, consumers=4, block_m=64, programs=132))]
+
+
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -329,13 +336,14 @@ def main() -> int:
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher",
                     choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts", "knobs",
-                             "bk", "pdl", "swap"],
+                             "bk", "pdl", "swap", "consumers"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
                     "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants), "
                     "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants) or the launcher "
                     "before equal parts (even_variants), whole waves + equal parts (parts_variants), one "
                     "option flipped (knob_variants), K 64 / 128 per ring tile (bk_variants), PDL on / off "
-                    "(pdl_variants) or DUO's fixed roles on / off (swap_variants)")
+                    "(pdl_variants), DUO's fixed roles on / off (swap_variants) or four consumers "
+                    "(consumer_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -377,7 +385,8 @@ def main() -> int:
                    dict(launcher=ab_variants, epi=epi_variants, duo=duo_variants,
                         programs=programs_variants, dp=dp_variants, tiles=tile_variants,
                         even=even_variants, parts=parts_variants, knobs=knob_variants,
-                        bk=bk_variants, pdl=pdl_variants, swap=swap_variants)[args.ab_set],
+                        bk=bk_variants, pdl=pdl_variants, swap=swap_variants,
+                        consumers=consumer_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

@@ -40,10 +40,10 @@ def _decode(variant: str) -> Callable[[str, dict], bool]:
 
 
 # s33-4: every width and M on the layer shapes at the routes of sessions 23-33 (rws with DUO, whole-tile
-# waves and equal parts, PDL and DUO's fixed roles; it replaced s32-9, which had replaced s32-6, s31-5, s30-12,
-# s30-10 / s30-8 / s28-2, s23-7, s26-6 and s26-15 for those shapes); lm_head: W4 (M 1-1024, the same
-# routes: s32-8's rule finds no program count for its 4008 tiles) from s33-5 (the same code as s33-4), the other
-# widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the goal cells' routes did not change)
+# waves and equal parts, PDL and DUO's fixed roles; it replaced s32-9, which had replaced s32-6, s31-5,
+# s30-12, s30-10 / s30-8 / s28-2, s23-7, s26-6 and s26-15 for those shapes); lm_head: W4 (M 1-1024, the same
+# routes: s32-8's rule finds no program count for its 4008 tiles) from s33-5 (the same code as s33-4), the
+# other widths at M >= 64 from s21-5 (rws), at M <= 16 from s16-7 (the goal cells' routes did not change)
 QM = ("quant_matmul_s33_4", "quant_matmul_s33_5_lm_head", "quant_matmul_s21_5_lm_head",
       "quant_matmul_s16_lm_head")
 # s28-2: the s19-2 grid at the current code (CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, one working
