@@ -49,7 +49,10 @@ QM = ("quant_matmul_s33_4", "quant_matmul_s33_5_lm_head", "quant_matmul_s21_5_lm
 # s28-2: the s19-2 grid at the current code (CUDA graphs, f16 scales, GL_PAIR, in-kernel merge, one working
 # split writing out)
 DECODE = ("attention_decode_graph_s28_2",)
-E2E = ("e2e_w4_bf16_batches_s27_16",)  # s27-16: bf16 ("auto" = Triton backend) and W4 in one call
+# s27-16 and s33-7: bf16 ("auto" = Triton backend) and W4 in one call each, on two H100s; s33-12 ran s27-16's
+# code and session 33's on the s33-7 machine in one call: the same figures (bf16 169.3 both), so the bf16
+# difference between the two files is the machine
+E2E = ("e2e_w4_bf16_batches_s27_16", "e2e_w4_bf16_batches_s33_7")
 SPEEDUP = lambda r: r["speedup"]  # noqa: E731
 SHAPE = lambda r: f"{r['shape']} M{r['M']}"  # noqa: E731
 
