@@ -181,11 +181,12 @@ def duo_variants(N: int, K: int, M: int, bits: int = 4) -> list:
 
 def programs_variants(N: int, K: int, M: int, bits: int = 4) -> list:
     """The program count at the launcher's BLOCK_M: whole tiles with 1..8 tiles per program (where the tiles
-    divide evenly and fit one wave), stream-K over 132, 128 and 66 programs (pieces; DUO where ranges >=
-    K tiles)."""
+    divide evenly and fit one wave), each tile in 2-4 equal parts (where they fit one wave), stream-K over
+    132, 128 and 66 programs (pieces; DUO where ranges >= K tiles)."""
     bm = rws_config(M, N)[0]
     tiles = -(-M // bm) * N // 128
     counts = [tiles // k for k in range(1, 9) if tiles % k == 0 and tiles // k <= 132]
+    counts += [k * tiles for k in (2, 3, 4) if k * tiles <= 132]  # equal parts: halves, thirds, quarters
     return [("anybit", {})] + [(f"anybit_rws_p{P}", dict(direct_rws=True, programs=P))
                                for P in sorted(set(counts + [132, 128, 66]), reverse=True)]
 
