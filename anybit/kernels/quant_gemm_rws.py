@@ -52,7 +52,8 @@ Session 33: the kernel is a programmatic dependent launch (the loader requests t
 tiles before ``griddepcontrol.wait``, x and the tables after it; s33-2: -1.4 to -2.1 us per call at M 32-64
 and on 6144x4096 M 256). Where every stream-K range is one half tile, DUO's roles are fixed (``rws_swap``):
 each program of a tile stores one consumer's piece and adds the other's, instead of one storing both (s33-3:
-6144x4096 M 256 29.0 -> 27.6 us). 128-wide K tiles (``block_k=128``) are opt-in: 1-3% at M 64, slower above.
+6144x4096 M 256 29.0 -> 27.6 us). 128-wide K tiles (``block_k=128``) are opt-in: 1-3% faster at M 64 as plain
+launches (s33-1), 1-5% slower with PDL (s33-2), 11-19% slower at M >= 256.
 
 Testing as quant_gemm_ra: Gluon does not run under ``TRITON_INTERPRET``; the CPU tests compile the
 kernel for sm_90 offline (register-A HGMMA, no spills, no hazard); the GPU tests compare with
