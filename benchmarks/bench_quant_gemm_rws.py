@@ -80,9 +80,6 @@ def correctness(log) -> list[dict]:
     for M, kw in ((300, dict(block_m=256, programs=12)), (300, dict(block_m=256, programs=12, swap=False)),
                   (300, dict(block_m=128, programs=6, dp_waves=1))):  # halves: DUO with fixed roles
         cases.append((f"b4 g128 384x1152 M{M} {kw}", pw, M, kw))
-    for M, kw in ((64, dict(programs=7, flat=False)), (16, dict(block_m=16, programs=11, flat=False)),
-                  (100, dict(block_m=128, programs=5, duo=False))):  # pieces: MMA layout / register order
-        cases.append((f"b4 g128 384x1152 M{M} {kw}", pw, M, kw))
     for M, kw in ((64, dict(programs=7)), (300, {}), (40, {})):  # launched plainly (the default is PDL)
         cases.append((f"b4 g128 384x1152 M{M} no pdl {kw}", pw, M, dict(pdl=False, **kw)))
     for b in (4, 3, 6):
@@ -284,13 +281,6 @@ def consumer_variants(N: int, K: int, M: int, bits: int = 4) -> list:
             ("anybit_rws_nc4_p132", dict(direct_rws=True, consumers=4, block_m=64, programs=132))]
 
 
-def flat_variants(N: int, K: int, M: int, bits: int = 4) -> list:
-    """The launcher (tiles of > 2 pieces stored and summed in register order at BLOCK_M <= 128: FLAT) against
-    the MMA-layout pieces and ``_rws_fixup`` at the same configuration."""
-    return [("anybit", {}), ("anybit_rws_noflat", dict(direct_rws=True, flat=False)),
-            ("anybit_rws_flat", dict(direct_rws=True, flat=True))]
-
-
 AB_NOTE = ("--ab rows (section 'ab'): each round times cuBLAS and every candidate once, back to back; "
            "time_us = median over rounds (time_min_us / time_max_us their range), speedup = median over "
            "rounds of the round's cuBLAS time / the candidate's time")
@@ -347,14 +337,14 @@ def main() -> int:
     ap.add_argument("--ab-shapes", default="", help="NxK comma list (default: the three layer shapes)")
     ap.add_argument("--ab-set", default="launcher",
                     choices=["launcher", "epi", "duo", "programs", "dp", "tiles", "even", "parts", "knobs",
-                             "bk", "pdl", "swap", "consumers", "flat"],
+                             "bk", "pdl", "swap", "consumers"],
                     help="the A/B's candidates: the launcher's (ab_variants), PING / EPI on and off "
                     "(epi_variants), DUO on and off (duo_variants), program counts (programs_variants), "
                     "whole-tile waves (dp_variants), BLOCK_M x programs (tile_variants) or the launcher "
                     "before equal parts (even_variants), whole waves + equal parts (parts_variants), one "
                     "option flipped (knob_variants), K 64 / 128 per ring tile (bk_variants), PDL on / off "
-                    "(pdl_variants), DUO's fixed roles on / off (swap_variants), four consumers "
-                    "(consumer_variants) or pieces in register order on / off (flat_variants)")
+                    "(pdl_variants), DUO's fixed roles on / off (swap_variants) or four consumers "
+                    "(consumer_variants)")
     args = ap.parse_args()
     t0 = time.time()
     logs: list[str] = []
@@ -397,7 +387,7 @@ def main() -> int:
                         programs=programs_variants, dp=dp_variants, tiles=tile_variants,
                         even=even_variants, parts=parts_variants, knobs=knob_variants,
                         bk=bk_variants, pdl=pdl_variants, swap=swap_variants,
-                        consumers=consumer_variants, flat=flat_variants)[args.ab_set],
+                        consumers=consumer_variants)[args.ab_set],
                    [tuple(int(v) for v in sh.split("x")) for sh in args.ab_shapes.split(",")]
                    if args.ab_shapes else SHAPES)
         dump()

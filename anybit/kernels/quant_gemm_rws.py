@@ -300,22 +300,6 @@ if gluon is not None:
                      mask=(ym < M)[:, None] & (yn < N)[None, :])
 
     @gluon.jit
-    def _rws_fixup_flat(ws_ptr, offs, tile, first, last, k_tiles, total, base, P, BLOCK_M: gl.constexpr,
-                        C: gl.constexpr, NC: gl.constexpr):
-        """Half C of tile ``tile``'s pieces (programs first..last, stored in register order by
-        ``_rws_store``'s FLAT at ``offs``, ``[64 BLOCK_M]``) added in program order from zero: 8-byte loads,
-        ``256 // BLOCK_M`` pieces in flight below BLOCK_M 128 (<= 128 float32 registers per thread)."""
-        PF: gl.constexpr = 256 // BLOCK_M if BLOCK_M <= 64 else 1
-        tot = (offs * 0).to(gl.float32)  # zeros in offs' layout (gl.zeros takes no linear layout here)
-        for q0 in range(first, last + 1, PF):
-            for u in gl.static_range(PF):
-                q = gl.minimum(q0 + u, last)  # past the last piece: reload it, add zero (a scalar select)
-                q_slot = _piece_slot(q, tile, k_tiles, total, base, P)
-                piece = gl.load(ws_ptr + (q_slot * NC + C) * offs.shape[0] + offs, cache_modifier=".cg")
-                tot += gl.where(q0 + u <= last, piece, 0.0)
-        return tot
-
-    @gluon.jit
     def _rws_tile_out(acc, y_ptr, y_desc, y_smem, M, N, stride_ym, off_m, off_n, C: gl.constexpr,
                       EPI: gl.constexpr):
         """Half C of a finished output tile (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
@@ -361,7 +345,7 @@ if gluon is not None:
     @gluon.jit
     def _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, off_m, off_n, tile, k_lo, n,
                    k_tiles, total, base, C: gl.constexpr, NC: gl.constexpr, EPI: gl.constexpr,
-                   DUO: gl.constexpr, FLAT: gl.constexpr):
+                   DUO: gl.constexpr):
         """Half C of output tile ``tile`` (``acc [64, BLOCK_M]``: rows = output columns ``off_n + 64 C +
         r``), K tiles [k_lo, k_lo + n). A whole tile goes to y (``_rws_tile_out``). A piece: the tile's
         pieces come from programs first..last, counted on ``lock[NC tile + C]`` (reset by the last).
@@ -413,19 +397,6 @@ if gluon is not None:
                     _rws_tile_out(_acc_unflat(flat, HN, BLOCK_M, MMA), y_ptr, y_desc, y_smem, M, N, stride_ym,
                                   off_m, off_n, C, EPI)
                     gl.atomic_xchg(lock, 0)  # counters stay zeroed between calls
-            elif FLAT:  # every piece in register order; the last adds them (in program order) like DUO
-                flat = _acc_flat(acc)
-                offs = gl.arange(0, HN * BLOCK_M, layout=flat.type.layout)
-                slot = _piece_slot(p, tile, k_tiles, total, base, P)
-                gl.store(ws_ptr + (slot * NC + C) * (BLOCK_M * HN) + offs, flat)
-                gl.thread_barrier()
-                count = gl.atomic_add(lock, 1, sem="acq_rel")
-                if count == last - first:
-                    tot = _rws_fixup_flat(ws_ptr, offs, tile, first, last, k_tiles, total, base, P, BLOCK_M,
-                                          C, NC)
-                    _rws_tile_out(_acc_unflat(tot, HN, BLOCK_M, MMA), y_ptr, y_desc, y_smem, M, N, stride_ym,
-                                  off_m, off_n, C, EPI)
-                    gl.atomic_xchg(lock, 0)  # counters stay zeroed between calls
             else:
                 ml = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
                 nl = gl.arange(0, HN, layout=gl.SliceLayout(1, MMA))
@@ -459,7 +430,7 @@ if gluon is not None:
     def _rws_mma_partition(x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr, ws_ptr,
                            lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base, num_m,
                            C: gl.constexpr, NC: gl.constexpr, BITS: gl.constexpr, PING: gl.constexpr,
-                           EPI: gl.constexpr, DUO: gl.constexpr, FLAT: gl.constexpr):
+                           EPI: gl.constexpr, DUO: gl.constexpr):
         """Consumer warpgroup C: weight rows ``64 C + [0, 64)`` of each output tile in this program's
         range, piece by piece (``_segment``), each piece stored by ``_rws_store``. PING: the consumers
         issue their MMAs of each K tile in turn (``_take_turn``)."""
@@ -491,7 +462,7 @@ if gluon is not None:
             it += n
             _rws_store(acc, y_ptr, ws_ptr, lock_ptr, y_desc, y_smem.index(C), M, N, stride_ym,
                        (tile % num_m) * BLOCK_M, (tile // num_m) * (NC * HN), tile, k_lo, n, k_tiles, total,
-                       base, C, NC, EPI, DUO, FLAT)
+                       base, C, NC, EPI, DUO)
             cur += n
         if EPI:
             tma.store_wait(0)
@@ -502,7 +473,7 @@ if gluon is not None:
                                STAGES: gl.constexpr, NC: gl.constexpr, CONS_REGS: gl.constexpr,
                                num_warps: gl.constexpr, PING: gl.constexpr = False,
                                EPI: gl.constexpr = False, DUO: gl.constexpr = 0,
-                               PDL: gl.constexpr = False, FLAT: gl.constexpr = False):
+                               PDL: gl.constexpr = False):
         """``total`` = tiles x K tiles tile-steps (tiles ``[BLOCK_M, 64 NC]`` of y, numbered M-block fastest):
         the first ``base`` (base / (P K tiles) waves of whole tiles) data-parallel, tile w P + p of wave w to
         program p, the rest stream-K, program p of P taking [base + p rem / P, base + (p + 1) rem / P) of the
@@ -555,10 +526,10 @@ if gluon is not None:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
-                                      num_m, 0, NC, BITS, PING, EPI, DUO, FLAT)),
+                                      num_m, 0, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
-                                      num_m, 1, NC, BITS, PING, EPI, DUO, FLAT)),
+                                      num_m, 1, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1,
                                        off2, NC, NS, PDL))],
@@ -567,16 +538,16 @@ if gluon is not None:
             gl.warp_specialize([
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
-                                      num_m, 0, NC, BITS, PING, EPI, DUO, FLAT)),
+                                      num_m, 0, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
-                                      num_m, 1, NC, BITS, PING, EPI, DUO, FLAT)),
+                                      num_m, 1, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
-                                      num_m, 2, NC, BITS, PING, EPI, DUO, FLAT)),
+                                      num_m, 2, NC, BITS, PING, EPI, DUO)),
                 (_rws_mma_partition, (x_smem, w_smem, w1_smem, w2_smem, t_smem, ready, empty, turn, y_ptr,
                                       ws_ptr, lock_ptr, y_desc, y_smem, M, N, stride_ym, k_tiles, total, base,
-                                      num_m, 3, NC, BITS, PING, EPI, DUO, FLAT)),
+                                      num_m, 3, NC, BITS, PING, EPI, DUO)),
                 (_rws_load_partition, (x_desc, w_desc, w1_desc, w2_desc, t_desc, x_smem, w_smem, w1_smem,
                                        w2_smem, t_smem, ready, empty, G, K, k_tiles, total, base, num_m, off1,
                                        off2, NC, NS, PDL))],
@@ -658,12 +629,6 @@ def rws_max_pieces(tiles: int, k_tiles: int, programs: int, base: int = 0) -> in
                for t in range(base // k_tiles, tiles))
 
 
-# Tiles of more than two pieces (no DUO) at BLOCK_M <= 128: every piece stored in register order (8-byte
-# stores) and the last program adds them in program order, 8-byte loads, like DUO (the kernel's FLAT), instead
-# of the MMA layout's 4-byte stores and a [64, 64] reload per pass (``_rws_fixup``). The same bits. At BLOCK_M
-# 256, and with four consumers (112 registers), the flat sum spilled (offline sm_90), so the old fix-up stays
-# there. Env ANYBIT_RWS_FLAT=0: never.
-RWS_FLAT = os.environ.get("ANYBIT_RWS_FLAT", "1") != "0"
 # DUO with fixed roles (``rws_swap``, the kernel's DUO 2). Env ANYBIT_RWS_SWAP=0: never.
 RWS_SWAP = os.environ.get("ANYBIT_RWS_SWAP", "1") != "0"
 
@@ -707,7 +672,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    ping: bool | None = None, epi: bool | None = None,
                    duo: bool | None = None, dp_waves: int | None = None,
                    block_k: int | None = None, pdl: bool | None = None,
-                   swap: bool | None = None, flat: bool | None = None) -> torch.Tensor:
+                   swap: bool | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, contiguous, perm applied) @ dequant(W)^T on Hopper, uniform 1..8
     bits, N a multiple of 64 x consumers; at W4 the same weights (bf16, rounded once) as quant_gemm_ra.
     Keywords override ``rws_config`` / ``rws_programs`` (benchmarks). ``consumers``: 2 or 4 warpgroups of
@@ -722,9 +687,7 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     the group size; None: ``rws_config``); ``pdl``: launched as a programmatic dependent launch, the words of
     the first ring tiles requested before the wait (None: where anybit/kernels/pdl.py enables it); ``swap``:
     DUO with fixed roles, each program of a two-piece tile storing one consumer's half and adding the other's
-    (the kernel's DUO 2; None: ``rws_swap``; ignored without DUO); ``flat``: pieces of tiles in more than two
-    stored and summed in register order (the kernel's FLAT; None: RWS_FLAT; two consumers at BLOCK_M <= 128
-    only)."""
+    (the kernel's DUO 2; None: ``rws_swap``; ignored without DUO)."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     nc = consumers
@@ -775,9 +738,8 @@ def quant_gemm_rws(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     t_desc = TensorDescriptor(table, [2 * (K // G), N], [N, 1], [1, HALF_N], flat)
     y_layout = gl.NVMMASharedLayout.get_default_for([BM, HALF_N], gl.bfloat16)
     y_desc = TensorDescriptor(y, [M, N], [y.stride(0), 1], [BM, HALF_N], y_layout) if epi else x_desc
-    flat = (RWS_FLAT if flat is None else flat) and BM <= 128 and nc == 2
     _quant_gemm_rws_kernel[(P,)](
         x_desc, *w_descs, t_desc, y_desc, y, ws, locks, M, N, K, G, y.stride(0), total, base, *offs, bits,
         stages, nc, cons_regs, num_warps=4, maxnreg=max_regs, PING=ping, EPI=epi, DUO=2 if swap else int(duo),
-        PDL=pdl, FLAT=flat, **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     return y

@@ -158,8 +158,7 @@ def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     epi = bm in rws.RWS_EPI_BM  # the launcher's default: whole tiles through a TMA store at these BLOCK_M
     stages = rws.rws_stages(bm, bk, nc, bits, epi)
     regs, maxreg = (240, 168) if nc == 2 else (112, 96)
-    consts = dict(BITS=bits, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4, EPI=epi, DUO=bm >= 128,
-                  FLAT=bm <= 128 and nc == 2)  # the launcher's defaults (FLAT: > 2 pieces, register order)
+    consts = dict(BITS=bits, STAGES=stages, NC=nc, CONS_REGS=regs, num_warps=4, EPI=epi, DUO=bm >= 128)
     lines = sm90_sass(rws._quant_gemm_rws_kernel, consts, bm, rws.HALF_N, bk, bits,
                       {"num_warps": 4, "maxnreg": maxreg})
     loops = sorted((b for b in loop_bodies(lines) if any("HGMMA" in s for s in b)), key=len)[:nc]
@@ -177,10 +176,6 @@ def test_sm90_consumers_feed_wgmma_from_registers(bits, bm, nc):
     assert sum("UTMALDG" in s for s in lines) >= 1 + (2 + slices) * nc
     assert (sum("UTMASTG" in s for s in lines) >= nc) == epi  # one TMA store per consumer's whole tile
     assert int(lines[-1].split()[-1]) <= 227 * 1024  # the kernel's shared memory (with EPI's buffers)
-    if bm <= 128 and nc == 2:  # FLAT: pieces leave in register order, the last adds them back (8-byte)
-        assert sum(s.split()[0].startswith("STG.E.64") for s in lines) >= nc * 64 * bm // 256
-        assert sum(s.split()[0].startswith("LDG.E.64") for s in lines) >= nc * 64 * bm // 256
-        assert not any(("STL" in s or "LDL" in s) for s in lines)
     if bm >= 128:  # DUO: a piece leaves / returns in register order (8 bytes per thread); no spills
         assert not any(("STL" in s or "LDL" in s) for s in lines)  # anywhere, DUO's sum included
         assert sum(s.split()[0].startswith("STG.E.64") for s in lines) >= nc * 64 * bm // 256
@@ -278,26 +273,6 @@ def test_rws_turns_and_tma_epilogue_keep_the_bits(kw, col):
         y = rws.quant_gemm_rws(x, pw, wide[:, col:col + 512], ping=ping, epi=epi, duo=duo, swap=swap, **kw)
         assert torch.equal(y, base), (ping, epi, duo, swap)
         assert wide[:, :col].abs().sum() == 0 and wide[:, col + 512:].abs().sum() == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("M,kw", [(200, dict(programs=7)), (200, dict(programs=13, block_m=64)),
-                                  (100, dict(programs=5, block_m=128)), (16, dict(programs=11, block_m=16)),
-                                  (30, dict(programs=9, block_m=32)), (64, dict(programs=5, dp_waves=1))])
-def test_rws_flat_pieces_keep_the_bits(M, kw):
-    """Tiles in 2-5 stream-K pieces without DUO, stored and summed in register order (flat, the default at
-    BLOCK_M <= 128) or in the MMA layout (flat=False): the same bits (both add the pieces in program order
-    from zero), against the reference, twice (the counters left at zero)."""
-    pw = _rtn(384, 1152 * 2, 128, seed=M)
-    x = torch.randn(M, 1152 * 2, device="cuda", dtype=torch.bfloat16)
-    ref = ref_quant_matmul(x.float(), pw)
-    old = rws.quant_gemm_rws(x, pw, torch.empty(M, 384, device="cuda", dtype=torch.bfloat16), flat=False,
-                             duo=False, **kw)
-    assert float((old.float() - ref).norm() / ref.norm()) < 1e-2
-    for _ in range(2):
-        new = rws.quant_gemm_rws(x, pw, torch.empty_like(old), flat=True, duo=False, **kw)
-        assert torch.equal(new, old)
 
 
 @pytest.mark.gpu
