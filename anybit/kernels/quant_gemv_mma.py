@@ -811,6 +811,19 @@ if gluon is not None:
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
 
+    @gluon.jit
+    def _stamp(ts_ptr, slot: gl.constexpr):
+        """Timeline (benchmarks/bench_gemv_timeline.py): the global timer (ns) into ``ts_ptr[program, slot]``
+        (8 int64 per program, program = pid0 + pid1 * grid0); slot 7 also gets the SM id at slot 0's call."""
+        t = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                      pack=1)
+        row = ts_ptr + (gl.program_id(0) + gl.program_id(1) * gl.num_programs(0)) * 8
+        gl.store(row + slot, t)
+        if slot == 0:
+            sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False,
+                                           pack=1)
+            gl.store(row + 7, sm.to(gl.int64))
+
     @gluon.constexpr_function
     def _partial_smem_layout(cluster):
         """Row-major, unswizzled: element (r, c) of a ``[BN, BM]`` float32 tile at byte 4 (r BM + c)."""
@@ -870,7 +883,7 @@ if gluon is not None:
                                SUM_LOADS: gl.constexpr = 8, XS: gl.constexpr = 0, XW: gl.constexpr = 0,
                                ZW: gl.constexpr = 0, U2: gl.constexpr = False, SA: gl.constexpr = False,
                                CB: gl.constexpr = 0, XP: gl.constexpr = False, G2: gl.constexpr = False,
-                               HB: gl.constexpr = 0, defer_sum=0):
+                               HB: gl.constexpr = 0, defer_sum=0, ts_ptr=None, TS: gl.constexpr = False):
         """Tile ``[BLOCK_M, 128]`` of y for one K split of ``k_per_split`` (= n_iters tiles of
         BLOCK_K; BLOCK_K divides G or G divides... one group per tile). x ``[M, K]`` bf16 (row stride
         stride_xm), words ``[K / P, N]`` int32, scales / zeros ``[K / G, N]`` f16 (integer zeros),
@@ -929,7 +942,10 @@ if gluon is not None:
         (``_tile_g2``). HB > 0 (uniform W3 / W5 / W6 as W0 2 / 4 / 4, WB 0; HB the next slice's width): each
         tile's W0-bit words come joined with their codes' high bits from the next slice, as for CB 2, and are
         converted together (``_mma_hb_asm``): one MMA chain and one x operand (the W0-bit slice's) instead of
-        a slice each."""
+        a slice each. TS (benchmarks only): ``_stamp`` writes the global timer at entry (slot 0), after the
+        PDL wait (1), once x is in shared memory (2), after the loop (3) and after the stores (4)."""
+        if TS:
+            _stamp(ts_ptr, 0)
         if CB == 2:  # the table first: it must sit at shared offset 0 (3-bit codes)
             _fill_byte_table(z_ptr, True)
             base = _table_base(3)
@@ -996,6 +1012,8 @@ if gluon is not None:
         if PDL:
             _gdc_launch_dependents()
             _gdc_wait()
+        if TS:
+            _stamp(ts_ptr, 1)
         if XS > 0:  # the first XS - 1 x tiles into the ring (past the end: zero-filled, no read)
             xr_ptrs, xr_mask = _x_tile_ptrs(x_ptr, stride_xm, M, _x_copy_layout(BLOCK_K, BLOCK_M, CLUSTER),
                                             BLOCK_K, BLOCK_M, KS, MR)
@@ -1017,6 +1035,8 @@ if gluon is not None:
             async_copy.commit_group()
             async_copy.wait_group(0)
             gl.thread_barrier()
+        if TS:
+            _stamp(ts_ptr, 2)
         x_all_arg = x_all if XW > 0 else x_ptr
         if DIAG & 1:
             xb = _x_operand(x_ptrs + k_start, x_mask, BL, WX)
@@ -1111,6 +1131,8 @@ if gluon is not None:
                     acc += part * _group_scale(sr, W0)[:, None]
                 w, z, s = w1, z1, s1
                 w1, z1, s1 = w2, z2, s2
+        if TS:
+            _stamp(ts_ptr, 3)
         if XS > 0:  # no copy may land in the ring after the loop (the epilogue may reuse its memory)
             async_copy.wait_group(0)
         if CB:  # the table's reads (inline PTX, unseen by the compiler, which counts the table dead after its
@@ -1132,6 +1154,8 @@ if gluon is not None:
             cols = off_n + _tile_col(gl.arange(0, 128, layout=gl.SliceLayout(1, MMA)))
         _store_tile(acc, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, split_k, 0, cols, pid, pid_k,
                     SPLIT and DIAG & 2 == 0, SUM_LOADS=SUM_LOADS, ACC=ACC, defer_rt=defer_sum)
+        if TS:
+            _stamp(ts_ptr, 4)
 
 
 _INT_ZEROS: dict = {}  # id(zeros) -> (weakref, version, bool)
@@ -1530,7 +1554,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
                    x_slots: int | None = None, x_whole: bool | None = None,
                    zero_words: int | None = None, unroll2: bool | None = None,
                    x_prefetch: bool | None = None, two_groups: bool | None = None,
-                   high_bits: bool | None = None, defer: bool | None = None) -> torch.Tensor:
+                   high_bits: bool | None = None, defer: bool | None = None,
+                   timeline: torch.Tensor | None = None) -> torch.Tensor:
     """y ``[M, N]`` = x ``[M, K]`` (bf16, perm applied) @ dequant(W)^T for M <= 64: exact integer
     weights ``q - z`` on the tensor cores, float32 scaling per group. Keywords override
     ``mma_config`` (benchmarks; ``ks``: the K split inside a program, ``ks_fits``); ``pdl``:
@@ -1561,7 +1586,8 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     conversion and one MMA chain (kernel ``HB``, ``MMA_HB_SLICES``; None: ``hb_default``); False: the second
     slice as a chain of its own. ``defer`` (split-K writing y, no cluster): the programs store their partials
     and ``split_k_sum`` adds them in a second kernel (None: split_k_sum.defer_default) instead of each
-    tile's last program."""
+    tile's last program. ``timeline`` (benchmarks only; the y-writing launch, no cluster): an int64 tensor
+    of 8 per program (grid order) that receives the kernel's TS stamps."""
     M, K = x.shape
     N, G, bits = packed.out_features, packed.group_size, packed.bits
     if not mma_applies(packed, M, x):
@@ -1666,11 +1692,14 @@ def quant_gemv_mma(x: torch.Tensor, packed: PackedWeight, y: torch.Tensor, *, bl
     want_defer = split_sum.defer_default("mma", bits, M) if defer is None else bool(defer)
     deferred = split > 1 and not diag and want_defer
     ws, locks = split_k_buffers(split, M, N, tiles, y, deferred)
+    if timeline is not None and (timeline.dtype != torch.int64 or timeline.numel() < 8 * tiles * split):
+        raise ValueError(f"quant_gemv_mma: timeline must be int64 with >= {8 * tiles * split} elements "
+                         f"(8 per program), got {timeline.dtype} {timeline.numel()}")
     kernel = _quant_gemv_mma_kernel[(tiles, split)](
         x, packed.qweight, packed.scales, zeros, y, ws, locks, M, N, K, G, x.stride(0), y.stride(0),
         per * SK, per, split, w0, bm, BK, split > 1, pdl, 1, diag, WB=wb, WC=wc, KS=ks, MR=mr, XS=xs, XW=xw,
-        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, defer_sum=int(deferred), num_warps=4, **regs,
-        **launch)
+        ZW=zw, U2=u2, SA=bm > 16, CB=cbk, XP=xp, G2=g2, HB=hbw, defer_sum=int(deferred), ts_ptr=timeline,
+        TS=timeline is not None, num_warps=4, **regs, **launch)
     if cb:
         check_table_alone(kernel)
     if deferred:

@@ -1,0 +1,150 @@
+"""Benchmark (diagnostic): where the time of back-to-back M = 1 quant GEMVs goes, from in-kernel timestamps.
+
+The M = 1 matrix (bench_quant_matmul.py) times a CUDA graph of R calls over R weight copies. Our kernels
+there take ~3-4 us per call more than a kernel that only reads the same bytes (bench_stream_floor.py, s22-3).
+This script runs the mma.sync GEMV (quant_gemv_mma) the same way with its TS stamps on: every program writes
+the global timer at entry, after the PDL wait, once x is in shared memory, after its K loop and after its
+stores, plus its SM id. Per call (the graph's calls 1..R-1) the stamps are taken relative to the end of the
+previous call's last program, so they say how long a call's programs wait, load x, loop and store, how many
+start before the previous call has ended, and how long the last programs trail the median.
+
+    python benchmarks/bench_gemv_timeline.py --out $OUT/gemv_timeline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from anybit.kernels.quant_gemv_mma import mma_config, quant_gemv_mma  # noqa: E402
+from benchmarks.bench_quant_matmul import graph_time_us, random_packed  # noqa: E402
+
+CASES = [(6144, 4096, 4), (14336, 4096, 4), (4096, 14336, 4), (6144, 4096, 3), (14336, 4096, 3),
+         (6144, 4096, 5), (14336, 4096, 5), (6144, 4096, 6), (6144, 4096, 8)]
+# s34-1 also ran max_registers=96 (the default grid) and x_whole=False on the W4 shapes and W2; s34-2 a
+# variant that waited for the whole x slice in the first iteration, after its weight loads (slower, not kept)
+VARIANTS = {"default": {}, "nopdl": {"pdl": False}}
+COPIES = 8
+MAX_PROGRAMS = 8192
+SLOTS = ("start", "waited", "x_ready", "loop_done", "end")
+
+
+def packed_bytes(N: int, K: int, bits: int, G: int = 128) -> int:
+    """Words + f16 scales + f16 zeros."""
+    return N * K * bits // 8 + 2 * 2 * N * (K // G)
+
+
+def call_summary(stamps: torch.Tensor) -> dict:
+    """stamps ``[R, MAX_PROGRAMS, 8]`` int64 (0 where no program) -> medians over calls 1..R-1 of each
+    phase, in us relative to the previous call's last ``end``."""
+    per_call = []
+    prev_end = None
+    for c in range(stamps.shape[0]):
+        rows = stamps[c][stamps[c, :, 0] > 0].double()
+        if prev_end is not None:
+            rel = (rows[:, :5] - prev_end) / 1e3
+            q = {}
+            for i, name in enumerate(SLOTS):
+                col = rel[:, i].sort().values
+                q[name] = (col[0].item(), col[len(col) // 2].item(), col[-1].item())
+            sm = rows[:, 7].long()
+            per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
+            per_call.append(dict(
+                programs=len(rows), period_us=q["end"][2], early=(rel[:, 0] < 0).float().mean().item(),
+                per_sm_max=int(per_sm.max()), per_sm_min=int(per_sm[per_sm > 0].min()),
+                wait_to_loop_us=statistics.median((rel[:, 3] - rel[:, 1]).tolist()),
+                x_us=statistics.median((rel[:, 2] - rel[:, 1]).tolist()),
+                loop_us=statistics.median((rel[:, 3] - rel[:, 2]).tolist()),
+                store_us=statistics.median((rel[:, 4] - rel[:, 3]).tolist()),
+                **{f"{n}_{k}": v for n, t in q.items() for k, v in zip(("min", "p50", "max"), t)}))
+        prev_end = rows[:, 4].max()
+    keys = per_call[0].keys()
+    return {k: statistics.median(pc[k] for pc in per_call) for k in keys}
+
+
+def timer_step_ns(stamps: torch.Tensor) -> float:
+    """The smallest positive difference between sorted stamps (the timer's update step)."""
+    v = stamps[..., :5][stamps[..., :5] > 0].sort().values
+    d = v[1:] - v[:-1]
+    return float(d[d > 0].min().item())
+
+
+def run_case(N: int, K: int, bits: int, log) -> list[dict]:
+    torch.manual_seed(0)
+    pws = [random_packed(N, K, bits) for _ in range(COPIES)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    ref = quant_gemv_mma(x, pws[0], torch.empty_like(y)).float()
+    mb = packed_bytes(N, K, bits) / 1e6
+    _, _, split, ks = mma_config(1, N, K, 128, torch.cuda.get_device_properties(0).multi_processor_count)
+    rows = []
+    plain = {name: [] for name in VARIANTS}
+    for _ in range(2):  # interleaved: A B A B
+        for name, kw in VARIANTS.items():
+            calls = [lambda pw=pw, kw=kw: quant_gemv_mma(x, pw, y, **kw) for pw in pws]
+            plain[name].append(graph_time_us(calls))
+    for name, kw in VARIANTS.items():
+        if "max_registers" in kw:
+            kw = dict(kw, ks=ks, split_k=split)
+        try:
+            out = quant_gemv_mma(x, pws[0], torch.empty_like(y), **kw).float()
+        except ValueError as e:  # a variant the shape does not allow
+            log(f"{N}x{K} W{bits} {name}: skipped ({e})")
+            continue
+        err = (out - ref).abs().max().item()
+        stamps = torch.zeros(COPIES, MAX_PROGRAMS, 8, dtype=torch.int64, device="cuda")
+        timed = graph_time_us([lambda pw=pw, kw=kw, ts=stamps[i]: quant_gemv_mma(x, pw, y, timeline=ts, **kw)
+                               for i, pw in enumerate(pws)])
+        s = stamps.cpu()
+        summary = call_summary(s)
+        row = dict(shape=f"{N}x{K}", bits=bits, M=1, variant=name, MB=round(mb, 2), time_us=min(plain[name]),
+                   time_runs_us=plain[name],
+                   time_ts_us=timed, floor_us=mb / 2.68, max_diff_vs_default=err,
+                   timer_step_ns=timer_step_ns(s), **summary)
+        rows.append(row)
+        t_plain = min(plain[name])
+        log(f"{N}x{K} W{bits} {name:8s} t {t_plain:6.2f} ts {timed:6.2f} floor {mb / 2.68:5.2f} | "
+            f"P {summary['programs']} sm {summary['per_sm_min']}-{summary['per_sm_max']} early "
+            f"{summary['early']:.2f} | start {summary['start_p50']:+.2f}/{summary['start_max']:+.2f} waited "
+            f"{summary['waited_min']:+.2f}/{summary['waited_p50']:+.2f} x {summary['x_us']:.2f} loop "
+            f"{summary['loop_us']:.2f} [{summary['loop_done_min']:+.2f} {summary['loop_done_p50']:+.2f} "
+            f"{summary['loop_done_max']:+.2f}] end {summary['end_p50']:+.2f}/{summary['end_max']:+.2f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/gemv_timeline.json")
+    args = ap.parse_args()
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    rows = []
+    for N, K, bits in CASES:
+        rows += run_case(N, K, bits, log)
+    result = dict(
+        benchmark="gemv_timeline", device=torch.cuda.get_device_name(),
+        versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
+        date=datetime.datetime.now(datetime.UTC).isoformat(),
+        columns=list(rows[0].keys()), rows=rows,
+        notes=["stamps relative to the previous call's last program end, us; medians over calls 1..R-1 of a "
+               f"graph of R = {COPIES} calls (distinct weights); time_us: the plain graph (no stamps), "
+               "time_ts_us: with stamps; floor_us: bytes / 2.68 TB/s (s22-3's read floor)"])
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
