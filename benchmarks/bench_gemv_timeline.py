@@ -14,6 +14,7 @@ start before the previous call has ended, and how long the last programs trail t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import anybit.kernels.quant_gemv_mma as mm  # noqa: E402
 from anybit.kernels.quant_gemv_mma import mma_config, quant_gemv_mma  # noqa: E402
 from benchmarks.bench_quant_matmul import graph_time_us, random_packed  # noqa: E402
 
@@ -32,6 +34,10 @@ CASES = [(6144, 4096, 4), (14336, 4096, 4), (4096, 14336, 4), (6144, 4096, 3), (
 # s34-1 also ran max_registers=96 (the default grid) and x_whole=False on the W4 shapes and W2; s34-2 a
 # variant that waited for the whole x slice in the first iteration, after its weight loads (slower, not kept)
 VARIANTS = {"default": {}, "nopdl": {"pdl": False}}
+# --smem3: the whole-x buffer compiled for 32 tiles (64 KB of shared memory at BLOCK_M 8), so at most 3
+# programs fit per SM and PDL cannot place 4 (s34-1: 1-4 per SM); for grids of <= 3 per SM (6144x4096)
+SMEM3 = {"default": {}, "smem3": {"_x_whole_tiles": (32,)}}
+SMEM3_CASES = [(6144, 4096, b) for b in (4, 3, 5, 6, 8)]
 COPIES = 8
 MAX_PROGRAMS = 8192
 SLOTS = ("start", "waited", "x_ready", "loop_done", "end")
@@ -77,7 +83,44 @@ def timer_step_ns(stamps: torch.Tensor) -> float:
     return float(d[d > 0].min().item())
 
 
-def run_case(N: int, K: int, bits: int, log) -> list[dict]:
+@contextlib.contextmanager
+def patched(kw: dict):
+    """kw without its ``_x_whole_tiles`` entry, which replaces ``MMA_X_WHOLE_TILES`` inside the block."""
+    tiles = kw.get("_x_whole_tiles")
+    saved = mm.MMA_X_WHOLE_TILES
+    if tiles:
+        mm.MMA_X_WHOLE_TILES = tiles
+    try:
+        yield {k: v for k, v in kw.items() if k != "_x_whole_tiles"}
+    finally:
+        mm.MMA_X_WHOLE_TILES = saved
+
+
+def stamped_row(shape: str, bits: int, name: str, kw: dict, pws, x, y, ref, mb: float, plain: list,
+                log) -> dict | None:
+    """One variant's stamped graph and its summary row (None where the variant does not apply)."""
+    try:
+        out = quant_gemv_mma(x, pws[0], torch.empty_like(y), **kw).float()
+    except ValueError as e:
+        log(f"{shape} W{bits} {name}: skipped ({e})")
+        return None
+    stamps = torch.zeros(COPIES, MAX_PROGRAMS, 8, dtype=torch.int64, device="cuda")
+    timed = graph_time_us([lambda pw=pw, ts=stamps[i]: quant_gemv_mma(x, pw, y, timeline=ts, **kw)
+                           for i, pw in enumerate(pws)])
+    s = stamps.cpu()
+    q = call_summary(s)
+    phases = (f"start {q['start_p50']:+.2f}/{q['start_max']:+.2f} waited {q['waited_min']:+.2f}/"
+              f"{q['waited_p50']:+.2f} x {q['x_us']:.2f} loop {q['loop_us']:.2f} [{q['loop_done_min']:+.2f} "
+              f"{q['loop_done_p50']:+.2f} {q['loop_done_max']:+.2f}] end {q['end_p50']:+.2f}/"
+              f"{q['end_max']:+.2f}")
+    log(f"{shape} W{bits} {name:8s} t {min(plain):6.2f} ts {timed:6.2f} floor {mb / 2.68:5.2f} | "
+        f"P {q['programs']} sm {q['per_sm_min']}-{q['per_sm_max']} early {q['early']:.2f} | {phases}")
+    return dict(shape=shape, bits=bits, M=1, variant=name, MB=round(mb, 2), time_us=min(plain),
+                time_runs_us=plain, time_ts_us=timed, floor_us=mb / 2.68,
+                max_diff_vs_default=(out - ref).abs().max().item(), timer_step_ns=timer_step_ns(s), **q)
+
+
+def run_case(N: int, K: int, bits: int, log, variants: dict) -> list[dict]:
     torch.manual_seed(0)
     pws = [random_packed(N, K, bits) for _ in range(COPIES)]
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
@@ -86,43 +129,26 @@ def run_case(N: int, K: int, bits: int, log) -> list[dict]:
     mb = packed_bytes(N, K, bits) / 1e6
     _, _, split, ks = mma_config(1, N, K, 128, torch.cuda.get_device_properties(0).multi_processor_count)
     rows = []
-    plain = {name: [] for name in VARIANTS}
+    variants = {name: dict(kw, ks=ks, split_k=split) if "max_registers" in kw else kw  # the default grid
+                for name, kw in variants.items()}
+    plain = {name: [] for name in variants}
     for _ in range(2):  # interleaved: A B A B
-        for name, kw in VARIANTS.items():
-            calls = [lambda pw=pw, kw=kw: quant_gemv_mma(x, pw, y, **kw) for pw in pws]
-            plain[name].append(graph_time_us(calls))
-    for name, kw in VARIANTS.items():
-        if "max_registers" in kw:
-            kw = dict(kw, ks=ks, split_k=split)
-        try:
-            out = quant_gemv_mma(x, pws[0], torch.empty_like(y), **kw).float()
-        except ValueError as e:  # a variant the shape does not allow
-            log(f"{N}x{K} W{bits} {name}: skipped ({e})")
-            continue
-        err = (out - ref).abs().max().item()
-        stamps = torch.zeros(COPIES, MAX_PROGRAMS, 8, dtype=torch.int64, device="cuda")
-        timed = graph_time_us([lambda pw=pw, kw=kw, ts=stamps[i]: quant_gemv_mma(x, pw, y, timeline=ts, **kw)
-                               for i, pw in enumerate(pws)])
-        s = stamps.cpu()
-        summary = call_summary(s)
-        row = dict(shape=f"{N}x{K}", bits=bits, M=1, variant=name, MB=round(mb, 2), time_us=min(plain[name]),
-                   time_runs_us=plain[name],
-                   time_ts_us=timed, floor_us=mb / 2.68, max_diff_vs_default=err,
-                   timer_step_ns=timer_step_ns(s), **summary)
-        rows.append(row)
-        t_plain = min(plain[name])
-        log(f"{N}x{K} W{bits} {name:8s} t {t_plain:6.2f} ts {timed:6.2f} floor {mb / 2.68:5.2f} | "
-            f"P {summary['programs']} sm {summary['per_sm_min']}-{summary['per_sm_max']} early "
-            f"{summary['early']:.2f} | start {summary['start_p50']:+.2f}/{summary['start_max']:+.2f} waited "
-            f"{summary['waited_min']:+.2f}/{summary['waited_p50']:+.2f} x {summary['x_us']:.2f} loop "
-            f"{summary['loop_us']:.2f} [{summary['loop_done_min']:+.2f} {summary['loop_done_p50']:+.2f} "
-            f"{summary['loop_done_max']:+.2f}] end {summary['end_p50']:+.2f}/{summary['end_max']:+.2f}")
+        for name, kw0 in variants.items():
+            with patched(kw0) as kw:
+                calls = [lambda pw=pw, kw=kw: quant_gemv_mma(x, pw, y, **kw) for pw in pws]
+                plain[name].append(graph_time_us(calls))
+    for name, kw0 in variants.items():
+        with patched(kw0) as kw:
+            row = stamped_row(f"{N}x{K}", bits, name, kw, pws, x, y, ref, mb, plain[name], log)
+        if row:
+            rows.append(row)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gemv_timeline.json")
+    ap.add_argument("--smem3", action="store_true", help="SMEM3 on SMEM3_CASES instead of VARIANTS on CASES")
     args = ap.parse_args()
     lines = []
 
@@ -131,8 +157,9 @@ def main() -> None:
         lines.append(msg)
 
     rows = []
-    for N, K, bits in CASES:
-        rows += run_case(N, K, bits, log)
+    cases, variants = (SMEM3_CASES, SMEM3) if args.smem3 else (CASES, VARIANTS)
+    for N, K, bits in cases:
+        rows += run_case(N, K, bits, log, variants)
     result = dict(
         benchmark="gemv_timeline", device=torch.cuda.get_device_name(),
         versions=dict(torch=torch.__version__, triton=__import__("triton").__version__),
