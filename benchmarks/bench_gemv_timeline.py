@@ -34,10 +34,13 @@ CASES = [(6144, 4096, 4), (14336, 4096, 4), (4096, 14336, 4), (6144, 4096, 3), (
 # s34-1 also ran max_registers=96 (the default grid) and x_whole=False on the W4 shapes and W2; s34-2 a
 # variant that waited for the whole x slice in the first iteration, after its weight loads (slower, not kept)
 VARIANTS = {"default": {}, "nopdl": {"pdl": False}}
-# --smem3: the whole-x buffer compiled for 32 tiles (64 KB of shared memory at BLOCK_M 8), so at most 3
+# --set smem3: the whole-x buffer compiled for 32 tiles (64 KB of shared memory at BLOCK_M 8), so at most 3
 # programs fit per SM and PDL cannot place 4 (s34-1: 1-4 per SM); for grids of <= 3 per SM (6144x4096)
 SMEM3 = {"default": {}, "smem3": {"_x_whole_tiles": (32,)}}
 SMEM3_CASES = [(6144, 4096, b) for b in (4, 3, 5, 6, 8)]
+# s34-4 ran a variant with three tiles in flight (the kernel's PF3, removed: 152 registers at W4 BLOCK_M 8
+# KS 8, 3 programs per SM; slower or level everywhere)
+SETS = {"main": (CASES, VARIANTS), "smem3": (SMEM3_CASES, SMEM3)}
 COPIES = 8
 MAX_PROGRAMS = 8192
 SLOTS = ("start", "waited", "x_ready", "loop_done", "end")
@@ -148,7 +151,7 @@ def run_case(N: int, K: int, bits: int, log, variants: dict) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gemv_timeline.json")
-    ap.add_argument("--smem3", action="store_true", help="SMEM3 on SMEM3_CASES instead of VARIANTS on CASES")
+    ap.add_argument("--set", choices=sorted(SETS), default="main", help="cases and variants (SETS)")
     args = ap.parse_args()
     lines = []
 
@@ -157,7 +160,7 @@ def main() -> None:
         lines.append(msg)
 
     rows = []
-    cases, variants = (SMEM3_CASES, SMEM3) if args.smem3 else (CASES, VARIANTS)
+    cases, variants = SETS[args.set]
     for N, K, bits in cases:
         rows += run_case(N, K, bits, log, variants)
     result = dict(
