@@ -40,7 +40,13 @@ SMEM3 = {"default": {}, "smem3": {"_x_whole_tiles": (32,)}}
 SMEM3_CASES = [(6144, 4096, b) for b in (4, 3, 5, 6, 8)]
 # s34-4 ran a variant with three tiles in flight (the kernel's PF3, removed: 152 registers at W4 BLOCK_M 8
 # KS 8, 3 programs per SM; slower or level everywhere)
-SETS = {"main": (CASES, VARIANTS), "smem3": (SMEM3_CASES, SMEM3)}
+# --set half: half the programs (the K split inside a program halved, ks / 2), so two calls' grids fit the 4
+# slots per SM at once and every program of the next call can start before the previous call ends (s34-1:
+# calls of 384-512 programs on 528 slots, the rest start as the previous call's programs leave)
+HALF = {"default": {}, "half": {"_ks_half": True}}
+HALF_CASES = [(6144, 4096, 4), (6144, 4096, 2), (6144, 4096, 3), (6144, 4096, 5), (6144, 4096, 8),
+              (14336, 4096, 4), (14336, 4096, 2), (4096, 14336, 4), (4096, 14336, 2)]
+SETS = {"main": (CASES, VARIANTS), "smem3": (SMEM3_CASES, SMEM3), "half": (HALF_CASES, HALF)}
 COPIES = 8
 MAX_PROGRAMS = 8192
 SLOTS = ("start", "waited", "x_ready", "loop_done", "end")
@@ -134,6 +140,8 @@ def run_case(N: int, K: int, bits: int, log, variants: dict) -> list[dict]:
     rows = []
     variants = {name: dict(kw, ks=ks, split_k=split) if "max_registers" in kw else kw  # the default grid
                 for name, kw in variants.items()}
+    variants = {name: {k: v for k, v in kw.items() if k != "_ks_half"} | ({"ks": ks // 2, "split_k": split}
+                if kw.get("_ks_half") else {}) for name, kw in variants.items()}
     plain = {name: [] for name in variants}
     for _ in range(2):  # interleaved: A B A B
         for name, kw0 in variants.items():
