@@ -72,7 +72,7 @@ def call_summary(stamps: torch.Tensor) -> dict:
                 q[name] = (col[0].item(), col[len(col) // 2].item(), col[-1].item())
             sm = rows[:, 7].long()
             per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
-            per_call.append(dict(
+            per_call.append(dict(**last_programs(rel, per_sm[sm].double(), torch.arange(len(rows)).double()),
                 programs=len(rows), period_us=q["end"][2], early=(rel[:, 0] < 0).float().mean().item(),
                 per_sm_max=int(per_sm.max()), per_sm_min=int(per_sm[per_sm > 0].min()),
                 wait_to_loop_us=statistics.median((rel[:, 3] - rel[:, 1]).tolist()),
@@ -83,6 +83,26 @@ def call_summary(stamps: torch.Tensor) -> dict:
         prev_end = rows[:, 4].max()
     keys = per_call[0].keys()
     return {k: statistics.median(pc[k] for pc in per_call) for k in keys}
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation (0 where either is constant)."""
+    a, b = a - a.mean(), b - b.mean()
+    den = (a.square().sum() * b.square().sum()).sqrt()
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def last_programs(rel: torch.Tensor, sm_load: torch.Tensor, order: torch.Tensor) -> dict:
+    """Who ends last: the correlation of each program's end with its start, with the programs on its SM and
+    with its grid position, and, for the last tenth by end, the share that were in the last quarter by start
+    and their mean SM load against everyone's (rel ``[programs, 5]`` us; sm_load, order ``[programs]``)."""
+    end, start = rel[:, 4], rel[:, 0]
+    n = max(1, len(end) // 10)
+    last = end.argsort()[-n:]
+    late = start >= start.quantile(0.75)
+    return dict(corr_end_start=_corr(end, start), corr_end_smload=_corr(end, sm_load),
+                corr_end_pid=_corr(end, order), last_late_start=late[last].float().mean().item(),
+                last_smload=sm_load[last].mean().item(), mean_smload=sm_load.mean().item())
 
 
 def timer_step_ns(stamps: torch.Tensor) -> float:
@@ -123,7 +143,10 @@ def stamped_row(shape: str, bits: int, name: str, kw: dict, pws, x, y, ref, mb: 
               f"{q['loop_done_p50']:+.2f} {q['loop_done_max']:+.2f}] end {q['end_p50']:+.2f}/"
               f"{q['end_max']:+.2f}")
     log(f"{shape} W{bits} {name:8s} t {min(plain):6.2f} ts {timed:6.2f} floor {mb / 2.68:5.2f} | "
-        f"P {q['programs']} sm {q['per_sm_min']}-{q['per_sm_max']} early {q['early']:.2f} | {phases}")
+        f"P {q['programs']} sm {q['per_sm_min']}-{q['per_sm_max']} early {q['early']:.2f} | {phases} | "
+        f"corr end~start {q['corr_end_start']:+.2f} ~smload {q['corr_end_smload']:+.2f} ~pid "
+        f"{q['corr_end_pid']:+.2f} last10%: late-start {q['last_late_start']:.2f} smload "
+        f"{q['last_smload']:.2f}/{q['mean_smload']:.2f}")
     return dict(shape=shape, bits=bits, M=1, variant=name, MB=round(mb, 2), time_us=min(plain),
                 time_runs_us=plain, time_ts_us=timed, floor_us=mb / 2.68,
                 max_diff_vs_default=(out - ref).abs().max().item(), timer_step_ns=timer_step_ns(s), **q)

@@ -43,6 +43,9 @@ def test_call_summary_phases_relative_to_the_previous_call():
     assert q["end_max"] == q["period_us"] == pytest.approx(10.0)
     assert (q["per_sm_min"], q["per_sm_max"]) == (3, 4)
     assert timer_step_ns(_stamps(2, 10)) == 10.0
+    # here the later a program starts, the later it ends: the last tenth are late starters
+    assert q["corr_end_start"] == pytest.approx(1.0) and q["last_late_start"] == 1.0
+    assert q["last_smload"] == 4.0 and q["mean_smload"] == pytest.approx(3.4)
 
 
 def test_call_summary_counts_programs_that_start_early():
