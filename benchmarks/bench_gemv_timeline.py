@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import anybit.kernels.quant_gemv_mma as mm  # noqa: E402
 from anybit.kernels.quant_gemv_mma import mma_config, quant_gemv_mma  # noqa: E402
 from benchmarks.bench_quant_matmul import graph_time_us, random_packed  # noqa: E402
+from benchmarks.bench_stream_floor import packed_bytes  # noqa: E402
 
 CASES = [(6144, 4096, 4), (14336, 4096, 4), (4096, 14336, 4), (6144, 4096, 3), (14336, 4096, 3),
          (6144, 4096, 5), (14336, 4096, 5), (6144, 4096, 6), (6144, 4096, 8)]
@@ -50,11 +51,6 @@ SETS = {"main": (CASES, VARIANTS), "smem3": (SMEM3_CASES, SMEM3), "half": (HALF_
 COPIES = 8
 MAX_PROGRAMS = 8192
 SLOTS = ("start", "waited", "x_ready", "loop_done", "end")
-
-
-def packed_bytes(N: int, K: int, bits: int, G: int = 128) -> int:
-    """Words + f16 scales + f16 zeros."""
-    return N * K * bits // 8 + 2 * 2 * N * (K // G)
 
 
 def call_summary(stamps: torch.Tensor) -> dict:
@@ -113,14 +109,16 @@ def timer_step_ns(stamps: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def patched(kw: dict):
-    """kw without its ``_x_whole_tiles`` entry, which replaces ``MMA_X_WHOLE_TILES`` inside the block."""
+def patched(kw: dict, ks: int, split: int):
+    """The launcher keywords of a variant: ``_x_whole_tiles`` replaces ``MMA_X_WHOLE_TILES`` inside the block,
+    ``_ks_half`` becomes half the default K split inside a program (``ks``) at the default ``split``."""
     tiles = kw.get("_x_whole_tiles")
     saved = mm.MMA_X_WHOLE_TILES
     if tiles:
         mm.MMA_X_WHOLE_TILES = tiles
     try:
-        yield {k: v for k, v in kw.items() if k != "_x_whole_tiles"}
+        yield {k: v for k, v in kw.items() if not k.startswith("_")} | (
+            {"ks": ks // 2, "split_k": split} if kw.get("_ks_half") else {})
     finally:
         mm.MMA_X_WHOLE_TILES = saved
 
@@ -161,18 +159,14 @@ def run_case(N: int, K: int, bits: int, log, variants: dict) -> list[dict]:
     mb = packed_bytes(N, K, bits) / 1e6
     _, _, split, ks = mma_config(1, N, K, 128, torch.cuda.get_device_properties(0).multi_processor_count)
     rows = []
-    variants = {name: dict(kw, ks=ks, split_k=split) if "max_registers" in kw else kw  # the default grid
-                for name, kw in variants.items()}
-    variants = {name: {k: v for k, v in kw.items() if k != "_ks_half"} | ({"ks": ks // 2, "split_k": split}
-                if kw.get("_ks_half") else {}) for name, kw in variants.items()}
     plain = {name: [] for name in variants}
     for _ in range(2):  # interleaved: A B A B
         for name, kw0 in variants.items():
-            with patched(kw0) as kw:
+            with patched(kw0, ks, split) as kw:
                 calls = [lambda pw=pw, kw=kw: quant_gemv_mma(x, pw, y, **kw) for pw in pws]
                 plain[name].append(graph_time_us(calls))
     for name, kw0 in variants.items():
-        with patched(kw0) as kw:
+        with patched(kw0, ks, split) as kw:
             row = stamped_row(f"{N}x{K}", bits, name, kw, pws, x, y, ref, mb, plain[name], log)
         if row:
             rows.append(row)
@@ -184,11 +178,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/gemv_timeline.json")
     ap.add_argument("--set", choices=sorted(SETS), default="main", help="cases and variants (SETS)")
     args = ap.parse_args()
-    lines = []
-
     def log(msg):
         print(msg, flush=True)
-        lines.append(msg)
 
     rows = []
     cases, variants = SETS[args.set]
@@ -200,7 +191,8 @@ def main() -> None:
         date=datetime.datetime.now(datetime.UTC).isoformat(),
         columns=list(rows[0].keys()), rows=rows,
         notes=["stamps relative to the previous call's last program end, us; medians over calls 1..R-1 of a "
-               f"graph of R = {COPIES} calls (distinct weights); time_us: the plain graph (no stamps), "
+               f"graph of R = {COPIES} calls (distinct weights); time_us: the plain graph (no stamps; the "
+               "lower of two interleaved runs, both in time_runs_us), "
                "time_ts_us: with stamps; floor_us: bytes / 2.68 TB/s (s22-3's read floor)"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
